@@ -1,0 +1,109 @@
+// Strided views: an engine's own tensors are used in place, whatever their
+// layout. A KV view is always indexed (batch, head, token, dim); the strides say
+// how that maps to memory, so HND and NHD tensors are both just views.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "config.hpp"
+#include "error.hpp"
+
+namespace pyramidinfer {
+
+template <class T, int Rank>
+struct TensorView {
+  static_assert(Rank >= 1 && Rank <= 4, "TensorView supports rank 1 to 4");
+  using value_type = T;
+  static constexpr int rank = Rank;
+
+  T* data = nullptr;
+  std::array<std::int64_t, Rank> shape{};
+  std::array<std::int64_t, Rank> stride{};  // in elements; 0 broadcasts an axis
+
+  template <class... I>
+  PYRAMIDINFER_HOST_DEVICE T& operator()(I... idx) const {
+    static_assert(sizeof...(I) == Rank, "TensorView: wrong number of indices");
+    const std::int64_t i[] = {std::int64_t(idx)...};
+    std::int64_t off = 0;
+    for (int a = 0; a < Rank; ++a) off += i[a] * stride[a];
+    return data[off];
+  }
+
+  PYRAMIDINFER_HOST_DEVICE std::int64_t size(int axis) const { return shape[axis]; }
+
+  PYRAMIDINFER_HOST_DEVICE std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (int a = 0; a < Rank; ++a) n *= shape[a];
+    return n;
+  }
+
+  /// Implicit conversion to a read-only view.
+  operator TensorView<const T, Rank>() const { return {data, shape, stride}; }
+};
+
+template <class T>
+using KVView = TensorView<T, 4>;  ///< (batch, head, token, dim)
+
+/// Contiguous row-major view of the given shape.
+template <class T, class... S>
+TensorView<T, int(sizeof...(S))> make_contiguous(T* data, S... sizes) {
+  TensorView<T, int(sizeof...(S))> v;
+  v.data = data;
+  v.shape = {std::int64_t(sizes)...};
+  std::int64_t s = 1;
+  for (int a = int(sizeof...(S)) - 1; a >= 0; --a) {
+    v.stride[a] = s;
+    s *= v.shape[a];
+  }
+  return v;
+}
+
+/// A [batch, heads, tokens, dim] tensor ("HND"): viewed as is.
+template <class T>
+KVView<T> make_hnd(T* data, std::int64_t batch, std::int64_t heads, std::int64_t tokens,
+                   std::int64_t dim) {
+  return make_contiguous(data, batch, heads, tokens, dim);
+}
+
+/// A [batch, tokens, heads, dim] tensor ("NHD"), viewed as (batch, head, token, dim).
+template <class T>
+KVView<T> make_nhd(T* data, std::int64_t batch, std::int64_t tokens, std::int64_t heads,
+                   std::int64_t dim) {
+  KVView<T> v;
+  v.data = data;
+  v.shape = {batch, heads, tokens, dim};
+  v.stride = {tokens * heads * dim, dim, heads * dim, 1};
+  return v;
+}
+
+namespace detail {
+
+/// Rejects views with negative sizes or strides or a null pointer over a
+/// non-empty extent. `shape_min` is the least size every axis must have.
+template <class T, int Rank>
+void check_view(const TensorView<T, Rank>& v, const char* function, const char* name,
+                std::int64_t shape_min = 1) {
+  for (int a = 0; a < Rank; ++a) {
+    if (v.shape[a] < shape_min)
+      throw_arg_error(function, name, "shape[" + std::to_string(a) + "]=" + std::to_string(v.shape[a]),
+                      "must be >= " + std::to_string(shape_min));
+    if (v.stride[a] < 0)
+      throw_arg_error(function, name, "stride[" + std::to_string(a) + "]=" + std::to_string(v.stride[a]),
+                      "must be >= 0");
+  }
+  if (v.data == nullptr && v.numel() > 0) throw_arg_error(function, name, "nullptr", "must point to data");
+}
+
+/// Rejects a view whose axis `axis` is not exactly `expected` long.
+template <class T, int Rank>
+void check_dim(const TensorView<T, Rank>& v, int axis, std::int64_t expected, const char* function,
+               const char* name) {
+  if (v.shape[axis] != expected)
+    throw_arg_error(function, name, "shape[" + std::to_string(axis) + "]=" + std::to_string(v.shape[axis]),
+                    "must equal " + std::to_string(expected));
+}
+
+}  // namespace detail
+}  // namespace pyramidinfer

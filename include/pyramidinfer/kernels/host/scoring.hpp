@@ -1,0 +1,205 @@
+// Host reference scoring kernels: the definition of correct for the CUDA twins.
+//
+// All of them write one fp32 score per scored slot into a ScoreView (b, g, j).
+// With Granularity::shared, g = 0 and the score is averaged over every query
+// head; with per_kv_head, g is the KV head and the average runs over its group.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "../../policy/granularity.hpp"
+#include "../problem.hpp"
+
+namespace pyramidinfer {
+namespace host {
+
+/// Weight of window row r of w (oldest 1.0, newest `distance_weight`), in the
+/// float32 arithmetic torch.linspace uses, so the reference mode agrees.
+inline float distance_row_weight(int r, int w, float distance_weight) {
+  if (w <= 1) return 1.0f;
+  const float step = (distance_weight - 1.0f) / float(w - 1);
+  return r < w / 2 ? 1.0f + step * float(r) : distance_weight - step * float(w - 1 - r);
+}
+
+namespace detail {
+
+template <class T>
+void check_score_problem(const ScoreProblem<T>& p, Granularity g, const ScoreView& out, const char* fn) {
+  using pyramidinfer::detail::check_view;
+  using pyramidinfer::detail::throw_arg_error;
+  check_view(p.keys, fn, "keys");
+  check_view(p.kv_len, fn, "kv_len");
+  check_view(p.score_begin, fn, "score_begin");
+  check_view(p.score_count, fn, "score_count");
+  pyramidinfer::detail::check_dim(p.kv_len, 0, p.batch(), fn, "kv_len");
+  pyramidinfer::detail::check_dim(p.kv_len, 1, p.kv_heads(), fn, "kv_len");
+  const int groups = g == Granularity::shared ? 1 : p.kv_heads();
+  check_view(out, fn, "scores", 0);
+  pyramidinfer::detail::check_dim(out, 0, p.batch(), fn, "scores");
+  pyramidinfer::detail::check_dim(out, 1, groups, fn, "scores");
+  if (p.window_len == nullptr) throw_arg_error(fn, "window_len", "nullptr", "must point to [batch] lengths");
+  for (int b = 0; b < p.batch(); ++b) {
+    for (int h = 0; h < p.kv_heads(); ++h) {
+      const int n = p.kv_len(b, h), w = p.window_len[b];
+      const int begin = p.score_begin(b, h), count = p.score_count(b, h);
+      if (n < 1 || n > p.keys.shape[2])
+        throw_arg_error(fn, "kv_len", n, "must be in [1, " + std::to_string(p.keys.shape[2]) + "]");
+      if (w < 1 || w > n) throw_arg_error(fn, "window_len", w, "must be in [1, kv_len = " + std::to_string(n) + "]");
+      if (begin < 0 || count < 0 || begin + count > n - w)
+        throw_arg_error(fn, "score_begin + score_count", std::to_string(begin) + " + " + std::to_string(count),
+                        "must lie in [0, kv_len - window_len = " + std::to_string(n - w) + "]");
+      if (count > out.shape[2])
+        throw_arg_error(fn, "scores.shape[2]", out.shape[2], "must be >= score_count = " + std::to_string(count));
+    }
+  }
+}
+
+template <class T>
+float dot_scaled(const ScoreProblem<T>& p, int b, int qh, int ring, int kvh, int slot) {
+  float acc = 0.f;
+  for (int i = 0; i < p.head_dim(); ++i)
+    acc += to_float(p.queries(b, qh, ring, i)) * to_float(p.keys(b, kvh, slot, i));
+  return acc * p.scale;
+}
+
+/// log(sum_j exp(s_j)) over slots [0, last], computed stably.
+template <class T>
+float row_lse(const ScoreProblem<T>& p, int b, int qh, int ring, int kvh, int last) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j <= last; ++j) m = std::max(m, dot_scaled(p, b, qh, ring, kvh, j));
+  double sum = 0.0;
+  for (int j = 0; j <= last; ++j) sum += std::exp(double(dot_scaled(p, b, qh, ring, kvh, j) - m));
+  return m + float(std::log(sum));
+}
+
+}  // namespace detail
+
+/// Recent-window attention scores (the paper's RAC) recomputed from the
+/// window's queries: weight of slot j =
+///   mean over heads, mean over window rows r of  row_weight(r) * softmax_r(j),
+/// softmax_r over the slots query r saw. Never materialises a [w, n] matrix.
+/// With `p.lse` given the row statistics are taken from it (FlashAttention's
+/// LSE, or stale rows kept from when the query ran: the reference's decode).
+template <class T>
+void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float distance_weight, ScoreView out) {
+  const char* fn = "host::window_attention_scores";
+  detail::check_score_problem(p, g, out, fn);
+  if (p.queries.data == nullptr || p.ring_start == nullptr)
+    pyramidinfer::detail::throw_arg_error(fn, "queries", "nullptr", "must hold the window's queries");
+  if (p.q_heads() % p.kv_heads() != 0)
+    pyramidinfer::detail::throw_arg_error(fn, "queries.shape[1]", p.q_heads(), "must be a multiple of kv_heads");
+  const int group = p.q_heads() / p.kv_heads(), cap = p.ring_capacity();
+  for (int b = 0; b < p.batch(); ++b) {
+    const int w = p.window_len[b];
+    if (w > cap) pyramidinfer::detail::throw_arg_error(fn, "window_len", w, "must be <= ring capacity");
+    for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
+      const int n = p.kv_len(b, kvh), begin = p.score_begin(b, kvh), count = p.score_count(b, kvh);
+      std::vector<double> acc(count, 0.0);
+      for (int qh = kvh * group; qh < (kvh + 1) * group; ++qh) {
+        for (int r = 0; r < w; ++r) {
+          const int ring = (p.ring_start[b] + r) % cap;
+          const float lse = p.lse.data ? p.lse(b, qh, ring) : detail::row_lse(p, b, qh, ring, kvh, n - w + r);
+          const float wr = distance_row_weight(r, w, distance_weight);
+          for (int j = 0; j < count; ++j)
+            acc[j] += double(wr) * std::exp(double(detail::dot_scaled(p, b, qh, ring, kvh, begin + j) - lse));
+        }
+      }
+      const int gi = g == Granularity::shared ? 0 : kvh;
+      const double denom = double(w) * (g == Granularity::shared ? p.q_heads() : group);
+      for (int j = 0; j < count; ++j) {
+        const float v = float(acc[j] / denom);
+        out(b, gi, j) = (g == Granularity::shared && kvh > 0) ? out(b, gi, j) + v : v;
+      }
+    }
+  }
+}
+
+/// Log-sum-exp of window rows [row_begin, window_len[b]) of sequence b over the
+/// slots each sees now, written to lse_out(b, q_head, ring_slot). The
+/// compressor stores these so later scoring reuses the rows' own statistics.
+template <class T>
+void window_query_lse(const ScoreProblem<T>& p, int b, int row_begin, TensorView<float, 3> lse_out) {
+  const int group = p.q_heads() / p.kv_heads(), cap = p.ring_capacity(), w = p.window_len[b];
+  for (int qh = 0; qh < p.q_heads(); ++qh) {
+    const int kvh = qh / group, n = p.kv_len(b, kvh);
+    for (int r = row_begin; r < w; ++r) {
+      const int ring = (p.ring_start[b] + r) % cap;
+      lse_out(b, qh, ring) = detail::row_lse(p, b, qh, ring, kvh, n - w + r);
+    }
+  }
+}
+
+/// The same scores from attention weights an eager engine already has:
+/// attn (b, q_head, row, slot) holds softmax rows; the window is its last
+/// window_len[b] rows, and row r's key slots are indexed as in the cache.
+inline void attention_weight_scores(TensorView<const float, 4> attn, const std::int32_t* window_len,
+                                    const std::int32_t* score_begin, const std::int32_t* score_count,
+                                    int kv_heads, Granularity g, float distance_weight, ScoreView out) {
+  const char* fn = "host::attention_weight_scores";
+  pyramidinfer::detail::check_view(attn, fn, "attn");
+  const int batch = int(attn.shape[0]), heads = int(attn.shape[1]), rows = int(attn.shape[2]);
+  if (kv_heads < 1 || heads % kv_heads != 0)
+    pyramidinfer::detail::throw_arg_error(fn, "kv_heads", kv_heads, "must divide attn.shape[1]");
+  const int group = heads / kv_heads;
+  pyramidinfer::detail::check_dim(out, 0, batch, fn, "scores");
+  pyramidinfer::detail::check_dim(out, 1, g == Granularity::shared ? 1 : kv_heads, fn, "scores");
+  for (int b = 0; b < batch; ++b) {
+    const int w = window_len[b], begin = score_begin[b], count = score_count[b];
+    if (w < 1 || w > rows) pyramidinfer::detail::throw_arg_error(fn, "window_len", w, "must be in [1, rows]");
+    if (begin < 0 || count < 0 || begin + count > attn.shape[3] || count > out.shape[2])
+      pyramidinfer::detail::throw_arg_error(fn, "score_count", count, "is out of range");
+  }
+  for (int b = 0; b < batch; ++b) {
+    const int w = window_len[b];
+    for (int kvh = 0; kvh < (g == Granularity::shared ? 1 : kv_heads); ++kvh) {
+      const int h0 = g == Granularity::shared ? 0 : kvh * group;
+      const int h1 = g == Granularity::shared ? heads : h0 + group;
+      for (int j = 0; j < score_count[b]; ++j) {
+        double acc = 0.0;
+        for (int h = h0; h < h1; ++h)
+          for (int r = 0; r < w; ++r)
+            acc += double(distance_row_weight(r, w, distance_weight)) * attn(b, h, rows - w + r, score_begin[b] + j);
+        out(b, kvh, j) = float(acc / (double(w) * (h1 - h0)));
+      }
+    }
+  }
+}
+
+/// Key-norm scores: tokens with small keys draw attention (Devoto et al.
+/// 2024), so score = -||k||, averaged over the heads that share the selection.
+template <class T>
+void key_norm_scores(const ScoreProblem<T>& p, Granularity g, ScoreView out) {
+  detail::check_score_problem(p, g, out, "host::key_norm_scores");
+  for (int b = 0; b < p.batch(); ++b)
+    for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
+      const int gi = g == Granularity::shared ? 0 : kvh;
+      const float share = g == Granularity::shared ? 1.0f / p.kv_heads() : 1.0f;
+      for (int j = 0; j < p.score_count(b, kvh); ++j) {
+        double ss = 0.0;
+        for (int i = 0; i < p.head_dim(); ++i) {
+          const double x = to_float(p.keys(b, kvh, p.score_begin(b, kvh) + j, i));
+          ss += x * x;
+        }
+        const float v = -float(std::sqrt(ss)) * share;
+        out(b, gi, j) = (g == Granularity::shared && kvh > 0) ? out(b, gi, j) + v : v;
+      }
+    }
+}
+
+/// Position-only scores (StreamingLLM): the more recent, the better.
+template <class T>
+void position_scores(const ScoreProblem<T>& p, Granularity g, ScoreView out) {
+  detail::check_score_problem(p, g, out, "host::position_scores");
+  pyramidinfer::detail::check_view(p.positions, "host::position_scores", "positions");
+  for (int b = 0; b < p.batch(); ++b)
+    for (int kvh = 0; kvh < (g == Granularity::shared ? 1 : p.kv_heads()); ++kvh)
+      for (int j = 0; j < p.score_count(b, kvh); ++j)
+        out(b, kvh, j) = float(p.positions(b, kvh, p.score_begin(b, kvh) + j));
+}
+
+}  // namespace host
+}  // namespace pyramidinfer

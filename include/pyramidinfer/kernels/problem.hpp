@@ -1,0 +1,46 @@
+// Problem descriptors shared by the host reference kernels and their CUDA
+// twins: plain views, so the same description runs on either backend.
+#pragma once
+
+#include <cstdint>
+
+#include "../core/dtype.hpp"
+#include "../core/view.hpp"
+
+namespace pyramidinfer {
+
+/// Everything a scoring policy may look at, for one layer of a batch.
+///
+/// Slots are a head's cached tokens in original order. The last
+/// `window_len[b]` slots of every head are the recent window; the window's
+/// queries are kept in a ring (axis 2 of `queries`), oldest at `ring_start[b]`.
+/// Window query r (0 = oldest) sits at slot kv_len - window_len + r and sees
+/// slots [0, that slot] (causal).
+template <class T>
+struct ScoreProblem {
+  KVView<const T> keys;                            ///< (b, kv_head, slot, d)
+  TensorView<const std::int32_t, 3> positions;     ///< (b, kv_head, slot) original positions; head stride 0 when shared
+  TensorView<const std::int32_t, 2> kv_len;        ///< (b, kv_head) valid slots
+  TensorView<const T, 4> queries;                  ///< (b, q_head, ring_slot, d) window queries after RoPE
+  /// (b, q_head, ring_slot): natural-log sum of exp(scale * q.k) over the
+  /// slots each window query saw when it was computed. data == nullptr: the
+  /// kernel computes it over the current keys.
+  TensorView<const float, 3> lse;
+  const std::int32_t* ring_start = nullptr;        ///< [b]
+  const std::int32_t* window_len = nullptr;        ///< [b]
+  TensorView<const std::int32_t, 2> score_begin;   ///< (b, kv_head) first slot to score
+  TensorView<const std::int32_t, 2> score_count;   ///< (b, kv_head) slots to score, all before the window
+  float scale = 0.f;                               ///< softmax scale, usually 1/sqrt(d)
+
+  int batch() const { return int(keys.shape[0]); }
+  int kv_heads() const { return int(keys.shape[1]); }
+  int q_heads() const { return int(queries.shape[1]); }
+  int head_dim() const { return int(keys.shape[3]); }
+  int ring_capacity() const { return int(queries.shape[2]); }
+};
+
+/// Scores out: (b, g, j) with g = 0 when shared, the KV head otherwise, and
+/// j in [0, score_count) relative to score_begin.
+using ScoreView = TensorView<float, 3>;
+
+}  // namespace pyramidinfer

@@ -1,0 +1,75 @@
+// Scoring policies: how important each cached token is.
+//
+// Requirement (checked by is_scoring_v): a copyable struct with
+//     template <class T>
+//     void score(const ScoreProblem<T>& problem, Granularity g, ScoreView out) const;
+// writing one fp32 score per scored slot (see kernels/problem.hpp). Higher
+// means more important. It runs on the host; a policy that also offers
+//     template <class T>
+//     void score(const ScoreProblem<T>&, Granularity, ScoreView, cudaStream_t) const;
+// runs on the CUDA backend too. `needs_queries` says whether the compressor
+// must keep the window's queries (a ring of them per layer) for this policy.
+#pragma once
+
+#include <type_traits>
+#include <utility>
+
+#include "../kernels/host/scoring.hpp"
+
+namespace pyramidinfer {
+
+/// The paper's recent attention consistency: head- and window-averaged softmax
+/// weights of the recent window's queries, the newest weighted `distance_weight`
+/// times the oldest.
+struct RecentWindowScoring {
+  static constexpr bool needs_queries = true;
+  float distance_weight = 1.2f;
+
+  template <class T>
+  void score(const ScoreProblem<T>& p, Granularity g, ScoreView out) const {
+    host::window_attention_scores(p, g, distance_weight, out);
+  }
+};
+
+/// H2O-style accumulated attention: the unweighted attention mass each token
+/// receives from the queries the compressor holds (size the window, or the
+/// ring, to choose how far back it accumulates).
+struct AccumulatedAttentionScoring {
+  static constexpr bool needs_queries = true;
+
+  template <class T>
+  void score(const ScoreProblem<T>& p, Granularity g, ScoreView out) const {
+    host::window_attention_scores(p, g, 1.0f, out);
+  }
+};
+
+/// Needs no queries at all: a small key norm predicts high attention.
+struct KeyNormScoring {
+  static constexpr bool needs_queries = false;
+
+  template <class T>
+  void score(const ScoreProblem<T>& p, Granularity g, ScoreView out) const {
+    host::key_norm_scores(p, g, out);
+  }
+};
+
+/// StreamingLLM: attention sinks plus the most recent tokens.
+struct PositionScoring {
+  static constexpr bool needs_queries = false;
+
+  template <class T>
+  void score(const ScoreProblem<T>& p, Granularity g, ScoreView out) const {
+    host::position_scores(p, g, out);
+  }
+};
+
+template <class S, class = void>
+struct is_scoring : std::false_type {};
+template <class S>
+struct is_scoring<S, std::void_t<decltype(std::declval<const S&>().score(
+                         std::declval<const ScoreProblem<float>&>(), Granularity::shared, ScoreView{})),
+                     decltype(bool(S::needs_queries))>> : std::true_type {};
+template <class S>
+inline constexpr bool is_scoring_v = is_scoring<S>::value;
+
+}  // namespace pyramidinfer

@@ -1,0 +1,70 @@
+// Selection policies: how many and which context tokens survive.
+//
+// Requirement (checked by is_selection_v): a copyable struct with
+//     Granularity granularity;   int sinks;
+//     int max_keep(int context, double ratio) const;   // score-free upper bound
+//     int keep_count(const float* scores, int context, double ratio) const;
+// keep_count <= max_keep <= context. The first `sinks` context tokens and the
+// recent window are always kept; which others survive is the top of the
+// scores (host::topk_indices), so a policy only decides how many.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+#include <utility>
+
+#include "../kernels/host/select.hpp"
+#include "granularity.hpp"
+
+namespace pyramidinfer {
+
+/// The paper's rule: keep floor(context * ratio) by score, unless that is at
+/// or below `min_context`, in which case keep all (and never compress a
+/// context of `min_context` tokens or fewer).
+struct TopKSelection {
+  int sinks = 4;
+  int min_context = 64;
+  Granularity granularity = Granularity::shared;
+
+  int max_keep(int context, double ratio) const {
+    PYRAMIDINFER_REQUIRE(context >= 0, "TopKSelection::max_keep", "context", context, "must be >= 0");
+    PYRAMIDINFER_REQUIRE(ratio > 0.0 && ratio <= 1.0, "TopKSelection::max_keep", "ratio", ratio, "must be in (0, 1]");
+    if (context <= min_context || ratio >= 1.0) return context;
+    const int k = int(context * ratio);
+    return k > min_context ? k : context;
+  }
+  int keep_count(const float*, int context, double ratio) const { return max_keep(context, ratio); }
+};
+
+/// Keeps the fewest best tokens whose scores reach `mass` of the context's
+/// total, never more than TopKSelection would (so the schedule still bounds
+/// the memory), never fewer than min(min_context, context).
+struct TopPSelection {
+  double mass = 0.9;
+  int sinks = 4;
+  int min_context = 64;
+  Granularity granularity = Granularity::shared;
+
+  int max_keep(int context, double ratio) const { return TopKSelection{sinks, min_context}.max_keep(context, ratio); }
+  int keep_count(const float* scores, int context, double ratio) const {
+    const int cap = max_keep(context, ratio);
+    if (cap == context) return context;
+    const int forced = std::min(sinks, context);
+    const int k = forced + host::topp_count(scores, context, mass, forced);
+    return std::min(cap, std::max(k, std::min(min_context, context)));
+  }
+};
+
+template <class S, class = void>
+struct is_selection : std::false_type {};
+template <class S>
+struct is_selection<
+    S, std::enable_if_t<std::is_same<decltype(S::granularity), Granularity>::value &&
+                        std::is_convertible<decltype(S::sinks), int>::value &&
+                        std::is_convertible<decltype(std::declval<const S&>().max_keep(1, 1.0)), int>::value &&
+                        std::is_convertible<decltype(std::declval<const S&>().keep_count(nullptr, 1, 1.0)), int>::value>>
+    : std::true_type {};
+template <class S>
+inline constexpr bool is_selection_v = is_selection<S>::value;
+
+}  // namespace pyramidinfer
