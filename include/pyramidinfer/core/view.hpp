@@ -3,14 +3,22 @@
 // how that maps to memory, so HND and NHD tensors are both just views.
 #pragma once
 
-#include <array>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "config.hpp"
 #include "error.hpp"
 
 namespace pyramidinfer {
+
+/// A fixed-size index array usable in device code (std::array is not).
+template <int N>
+struct Extents {
+  std::int64_t v[N];
+  PYRAMIDINFER_HOST_DEVICE std::int64_t& operator[](int i) { return v[i]; }
+  PYRAMIDINFER_HOST_DEVICE const std::int64_t& operator[](int i) const { return v[i]; }
+};
 
 template <class T, int Rank>
 struct TensorView {
@@ -19,8 +27,8 @@ struct TensorView {
   static constexpr int rank = Rank;
 
   T* data = nullptr;
-  std::array<std::int64_t, Rank> shape{};
-  std::array<std::int64_t, Rank> stride{};  // in elements; 0 broadcasts an axis
+  Extents<Rank> shape{};
+  Extents<Rank> stride{};  // in elements; 0 broadcasts an axis
 
   template <class... I>
   PYRAMIDINFER_HOST_DEVICE T& operator()(I... idx) const {
@@ -39,8 +47,11 @@ struct TensorView {
     return n;
   }
 
-  /// Implicit conversion to a read-only view.
-  operator TensorView<const T, Rank>() const { return {data, shape, stride}; }
+  /// Implicit conversion to a read-only view (only a mutable view has one).
+  template <class U = T, class = std::enable_if_t<!std::is_const<U>::value>>
+  operator TensorView<const U, Rank>() const {
+    return {data, shape, stride};
+  }
 };
 
 template <class T>

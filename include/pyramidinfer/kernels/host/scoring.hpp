@@ -58,21 +58,48 @@ void check_score_problem(const ScoreProblem<T>& p, Granularity g, const ScoreVie
   }
 }
 
+/// Keys of one (sequence, KV head) as contiguous fp32 rows, so the inner loops
+/// run over plain arrays whatever the view's layout and element type.
 template <class T>
-float dot_scaled(const ScoreProblem<T>& p, int b, int qh, int ring, int kvh, int slot) {
-  float acc = 0.f;
-  for (int i = 0; i < p.head_dim(); ++i)
-    acc += to_float(p.queries(b, qh, ring, i)) * to_float(p.keys(b, kvh, slot, i));
-  return acc * p.scale;
+std::vector<float> load_keys(const ScoreProblem<T>& p, int b, int kvh, int n) {
+  const int d = p.head_dim();
+  std::vector<float> k(std::size_t(n) * d);
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < d; ++i) k[std::size_t(j) * d + i] = to_float(p.keys(b, kvh, j, i));
+  return k;
 }
 
-/// log(sum_j exp(s_j)) over slots [0, last], computed stably.
 template <class T>
-float row_lse(const ScoreProblem<T>& p, int b, int qh, int ring, int kvh, int last) {
+std::vector<float> load_query(const ScoreProblem<T>& p, int b, int qh, int ring) {
+  std::vector<float> q(std::size_t(p.head_dim()));
+  for (int i = 0; i < p.head_dim(); ++i) q[std::size_t(i)] = to_float(p.queries(b, qh, ring, i));
+  return q;
+}
+
+/// scale * q.k_j for j in [0, count) into out.
+inline void scaled_logits(const float* q, const float* keys, int count, int d, float scale, float* out) {
+  for (int j = 0; j < count; ++j) {
+    const float* k = keys + std::size_t(j) * d;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;  // independent sums let the compiler vectorise
+    int i = 0;
+    for (; i + 4 <= d; i += 4) {
+      a0 += q[i] * k[i];
+      a1 += q[i + 1] * k[i + 1];
+      a2 += q[i + 2] * k[i + 2];
+      a3 += q[i + 3] * k[i + 3];
+    }
+    for (; i < d; ++i) a0 += q[i] * k[i];
+    out[j] = ((a0 + a1) + (a2 + a3)) * scale;
+  }
+}
+
+/// log(sum_j exp(s_j)) over logits[0, count), computed stably.
+inline float logsumexp(const float* logits, int count) {
   float m = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j <= last; ++j) m = std::max(m, dot_scaled(p, b, qh, ring, kvh, j));
+  for (int j = 0; j < count; ++j) m = std::max(m, logits[j]);
+  if (!std::isfinite(m)) return m;
   double sum = 0.0;
-  for (int j = 0; j <= last; ++j) sum += std::exp(double(dot_scaled(p, b, qh, ring, kvh, j) - m));
+  for (int j = 0; j < count; ++j) sum += std::exp(double(logits[j] - m));
   return m + float(std::log(sum));
 }
 
@@ -92,26 +119,32 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
     pyramidinfer::detail::throw_arg_error(fn, "queries", "nullptr", "must hold the window's queries");
   if (p.q_heads() % p.kv_heads() != 0)
     pyramidinfer::detail::throw_arg_error(fn, "queries.shape[1]", p.q_heads(), "must be a multiple of kv_heads");
-  const int group = p.q_heads() / p.kv_heads(), cap = p.ring_capacity();
+  const int group = p.q_heads() / p.kv_heads(), cap = p.ring_capacity(), d = p.head_dim();
   for (int b = 0; b < p.batch(); ++b) {
     const int w = p.window_len[b];
     if (w > cap) pyramidinfer::detail::throw_arg_error(fn, "window_len", w, "must be <= ring capacity");
     for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
       const int n = p.kv_len(b, kvh), begin = p.score_begin(b, kvh), count = p.score_count(b, kvh);
-      std::vector<double> acc(count, 0.0);
+      // Without given statistics every row needs all the slots it saw.
+      const int needed = p.lse.data ? begin + count : n;
+      const std::vector<float> keys = detail::load_keys(p, b, kvh, needed);
+      std::vector<float> logits(std::size_t(std::max(needed, 1)));
+      std::vector<double> acc(std::size_t(count), 0.0);
       for (int qh = kvh * group; qh < (kvh + 1) * group; ++qh) {
         for (int r = 0; r < w; ++r) {
           const int ring = (p.ring_start[b] + r) % cap;
-          const float lse = p.lse.data ? p.lse(b, qh, ring) : detail::row_lse(p, b, qh, ring, kvh, n - w + r);
-          const float wr = distance_row_weight(r, w, distance_weight);
-          for (int j = 0; j < count; ++j)
-            acc[j] += double(wr) * std::exp(double(detail::dot_scaled(p, b, qh, ring, kvh, begin + j) - lse));
+          const std::vector<float> q = detail::load_query(p, b, qh, ring);
+          const int seen = p.lse.data ? begin + count : n - w + r + 1;
+          detail::scaled_logits(q.data(), keys.data(), seen, d, p.scale, logits.data());
+          const float lse = p.lse.data ? p.lse(b, qh, ring) : detail::logsumexp(logits.data(), seen);
+          const double wr = distance_row_weight(r, w, distance_weight);
+          for (int j = 0; j < count; ++j) acc[std::size_t(j)] += wr * std::exp(double(logits[std::size_t(begin + j)] - lse));
         }
       }
       const int gi = g == Granularity::shared ? 0 : kvh;
       const double denom = double(w) * (g == Granularity::shared ? p.q_heads() : group);
       for (int j = 0; j < count; ++j) {
-        const float v = float(acc[j] / denom);
+        const float v = float(acc[std::size_t(j)] / denom);
         out(b, gi, j) = (g == Granularity::shared && kvh > 0) ? out(b, gi, j) + v : v;
       }
     }
@@ -124,12 +157,18 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
 template <class T>
 void window_query_lse(const ScoreProblem<T>& p, int b, int row_begin, TensorView<float, 3> lse_out) {
   const int group = p.q_heads() / p.kv_heads(), cap = p.ring_capacity(), w = p.window_len[b];
-  for (int qh = 0; qh < p.q_heads(); ++qh) {
-    const int kvh = qh / group, n = p.kv_len(b, kvh);
-    for (int r = row_begin; r < w; ++r) {
-      const int ring = (p.ring_start[b] + r) % cap;
-      lse_out(b, qh, ring) = detail::row_lse(p, b, qh, ring, kvh, n - w + r);
-    }
+  for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
+    const int n = p.kv_len(b, kvh);
+    const std::vector<float> keys = detail::load_keys(p, b, kvh, n);
+    std::vector<float> logits(static_cast<std::size_t>(n));
+    for (int qh = kvh * group; qh < (kvh + 1) * group; ++qh)
+      for (int r = row_begin; r < w; ++r) {
+        const int ring = (p.ring_start[b] + r) % cap;
+        const std::vector<float> q = detail::load_query(p, b, qh, ring);
+        const int seen = n - w + r + 1;
+        detail::scaled_logits(q.data(), keys.data(), seen, p.head_dim(), p.scale, logits.data());
+        lse_out(b, qh, ring) = detail::logsumexp(logits.data(), seen);
+      }
   }
 }
 

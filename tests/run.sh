@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds and runs every test that this machine can run: the README's test
+# command, and what CI runs. Installs its own dependencies (Debian, as root).
+#   1. host build with g++ (no CUDA needed): unit tests, examples, model tests
+#   2. every CUDA translation unit compiled with nvcc (when nvcc exists); the
+#      GPU tests run when a GPU is present and say SKIPPED otherwise
+#   3. install + a consumer project using find_package(pyramidinfer)
+#   4. the host tests again under AddressSanitizer + UndefinedBehaviorSanitizer
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${PYRAMIDINFER_BUILD_DIR:-$root/build-ci}"
+jobs="$(nproc)"
+cd "$root"
+
+need=()
+for pkg in catch2 cmake g++ libopenblas-dev unzip; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+[ -x examples/fetch_model.sh ] && bash examples/fetch_model.sh
+
+echo "== 1. host build and tests (g++)"
+cmake -S . -B "$build/host" -DCMAKE_BUILD_TYPE=Release -DPYRAMIDINFER_ENABLE_CUDA=OFF >/dev/null
+cmake --build "$build/host" -j "$jobs"
+(cd "$build/host" && ctest --output-on-failure)
+"$build/host/examples/quickstart/quickstart" 1024 16
+
+if command -v nvcc >/dev/null 2>&1; then
+  echo "== 2. CUDA translation units (nvcc, sm_80 + sm_90)"
+  cmake -S . -B "$build/cuda" -DCMAKE_BUILD_TYPE=Release -DPYRAMIDINFER_ENABLE_CUDA=ON \
+    -DPYRAMIDINFER_BUILD_BENCHMARKS=ON -DCMAKE_CUDA_ARCHITECTURES="80;90" >/dev/null
+  cmake --build "$build/cuda" -j "$jobs"
+  (cd "$build/cuda" && ctest --output-on-failure -L cuda)
+else
+  echo "== 2. SKIPPED: nvcc not found, CUDA translation units not compiled"
+fi
+
+echo "== 3. install and consume with find_package"
+cmake --install "$build/host" --prefix "$build/prefix" >/dev/null
+cmake -S tests/consumer -B "$build/consumer" -DCMAKE_PREFIX_PATH="$build/prefix" >/dev/null
+cmake --build "$build/consumer" -j "$jobs"
+"$build/consumer/consumer"
+
+echo "== 4. host tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+cmake -S . -B "$build/asan" -DCMAKE_BUILD_TYPE=Debug -DPYRAMIDINFER_ENABLE_CUDA=OFF \
+  -DPYRAMIDINFER_BUILD_EXAMPLES=OFF -DCMAKE_CXX_FLAGS="$san -O1" >/dev/null
+cmake --build "$build/asan" -j "$jobs"
+(cd "$build/asan" && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure)
+echo "== all test stages passed"
