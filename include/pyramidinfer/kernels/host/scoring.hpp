@@ -69,27 +69,31 @@ std::vector<float> load_keys(const ScoreProblem<T>& p, int b, int kvh, int n) {
   return k;
 }
 
-template <class T>
-std::vector<float> load_query(const ScoreProblem<T>& p, int b, int qh, int ring) {
-  std::vector<float> q(std::size_t(p.head_dim()));
-  for (int i = 0; i < p.head_dim(); ++i) q[std::size_t(i)] = to_float(p.queries(b, qh, ring, i));
-  return q;
-}
+constexpr int kRowTile = 8;  ///< window rows scored together: each key is read once per tile
 
-/// scale * q.k_j for j in [0, count) into out.
-inline void scaled_logits(const float* q, const float* keys, int count, int d, float scale, float* out) {
+/// Logits of window rows [r0, r0 + rows) (rows <= kRowTile) of query head qh
+/// against slots [0, count): out[t * count + j] = scale * q_{r0+t} . k_j.
+/// The queries are transposed so the innermost loop runs across the tile's
+/// rows with a fixed trip count, which compilers turn into one vector FMA.
+template <class T>
+void tile_logits(const ScoreProblem<T>& p, int b, int qh, int r0, int rows, const std::vector<float>& keys,
+                 int count, std::vector<float>& out) {
+  const int d = p.head_dim(), cap = p.ring_capacity();
+  std::vector<float> qt(std::size_t(d) * kRowTile, 0.f);
+  for (int t = 0; t < rows; ++t) {
+    const int ring = (p.ring_start[b] + r0 + t) % cap;
+    for (int i = 0; i < d; ++i) qt[std::size_t(i) * kRowTile + t] = to_float(p.queries(b, qh, ring, i));
+  }
+  out.resize(std::size_t(kRowTile) * std::max(count, 1));
   for (int j = 0; j < count; ++j) {
-    const float* k = keys + std::size_t(j) * d;
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;  // independent sums let the compiler vectorise
-    int i = 0;
-    for (; i + 4 <= d; i += 4) {
-      a0 += q[i] * k[i];
-      a1 += q[i + 1] * k[i + 1];
-      a2 += q[i + 2] * k[i + 2];
-      a3 += q[i + 3] * k[i + 3];
+    const float* k = keys.data() + std::size_t(j) * d;
+    float acc[kRowTile] = {};
+    for (int i = 0; i < d; ++i) {
+      const float kv = k[i];
+      const float* q = &qt[std::size_t(i) * kRowTile];
+      for (int t = 0; t < kRowTile; ++t) acc[t] += q[t] * kv;
     }
-    for (; i < d; ++i) a0 += q[i] * k[i];
-    out[j] = ((a0 + a1) + (a2 + a3)) * scale;
+    for (int t = 0; t < rows; ++t) out[std::size_t(t) * count + j] = acc[t] * p.scale;
   }
 }
 
@@ -99,7 +103,7 @@ inline float logsumexp(const float* logits, int count) {
   for (int j = 0; j < count; ++j) m = std::max(m, logits[j]);
   if (!std::isfinite(m)) return m;
   double sum = 0.0;
-  for (int j = 0; j < count; ++j) sum += std::exp(double(logits[j] - m));
+  for (int j = 0; j < count; ++j) sum += double(std::exp(logits[j] - m));
   return m + float(std::log(sum));
 }
 
@@ -119,7 +123,7 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
     pyramidinfer::detail::throw_arg_error(fn, "queries", "nullptr", "must hold the window's queries");
   if (p.q_heads() % p.kv_heads() != 0)
     pyramidinfer::detail::throw_arg_error(fn, "queries.shape[1]", p.q_heads(), "must be a multiple of kv_heads");
-  const int group = p.q_heads() / p.kv_heads(), cap = p.ring_capacity(), d = p.head_dim();
+  const int group = p.q_heads() / p.kv_heads(), cap = p.ring_capacity();
   for (int b = 0; b < p.batch(); ++b) {
     const int w = p.window_len[b];
     if (w > cap) pyramidinfer::detail::throw_arg_error(fn, "window_len", w, "must be <= ring capacity");
@@ -128,17 +132,19 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
       // Without given statistics every row needs all the slots it saw.
       const int needed = p.lse.data ? begin + count : n;
       const std::vector<float> keys = detail::load_keys(p, b, kvh, needed);
-      std::vector<float> logits(std::size_t(std::max(needed, 1)));
+      std::vector<float> logits;
       std::vector<double> acc(std::size_t(count), 0.0);
       for (int qh = kvh * group; qh < (kvh + 1) * group; ++qh) {
-        for (int r = 0; r < w; ++r) {
-          const int ring = (p.ring_start[b] + r) % cap;
-          const std::vector<float> q = detail::load_query(p, b, qh, ring);
-          const int seen = p.lse.data ? begin + count : n - w + r + 1;
-          detail::scaled_logits(q.data(), keys.data(), seen, d, p.scale, logits.data());
-          const float lse = p.lse.data ? p.lse(b, qh, ring) : detail::logsumexp(logits.data(), seen);
-          const double wr = distance_row_weight(r, w, distance_weight);
-          for (int j = 0; j < count; ++j) acc[std::size_t(j)] += wr * std::exp(double(logits[std::size_t(begin + j)] - lse));
+        for (int r0 = 0; r0 < w; r0 += detail::kRowTile) {
+          const int rows = std::min(detail::kRowTile, w - r0);
+          detail::tile_logits(p, b, qh, r0, rows, keys, needed, logits);
+          for (int t = 0; t < rows; ++t) {
+            const int r = r0 + t, ring = (p.ring_start[b] + r) % cap;
+            const float* row = logits.data() + std::size_t(t) * needed;
+            const float lse = p.lse.data ? p.lse(b, qh, ring) : detail::logsumexp(row, n - w + r + 1);
+            const double wr = distance_row_weight(r, w, distance_weight);
+            for (int j = 0; j < count; ++j) acc[std::size_t(j)] += wr * double(std::exp(row[begin + j] - lse));
+          }
         }
       }
       const int gi = g == Granularity::shared ? 0 : kvh;
@@ -160,14 +166,15 @@ void window_query_lse(const ScoreProblem<T>& p, int b, int row_begin, TensorView
   for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
     const int n = p.kv_len(b, kvh);
     const std::vector<float> keys = detail::load_keys(p, b, kvh, n);
-    std::vector<float> logits(static_cast<std::size_t>(n));
+    std::vector<float> logits;
     for (int qh = kvh * group; qh < (kvh + 1) * group; ++qh)
-      for (int r = row_begin; r < w; ++r) {
-        const int ring = (p.ring_start[b] + r) % cap;
-        const std::vector<float> q = detail::load_query(p, b, qh, ring);
-        const int seen = n - w + r + 1;
-        detail::scaled_logits(q.data(), keys.data(), seen, p.head_dim(), p.scale, logits.data());
-        lse_out(b, qh, ring) = detail::logsumexp(logits.data(), seen);
+      for (int r0 = row_begin; r0 < w; r0 += detail::kRowTile) {
+        const int rows = std::min(detail::kRowTile, w - r0);
+        detail::tile_logits(p, b, qh, r0, rows, keys, n, logits);
+        for (int t = 0; t < rows; ++t) {
+          const int r = r0 + t;
+          lse_out(b, qh, (p.ring_start[b] + r) % cap) = detail::logsumexp(logits.data() + std::size_t(t) * n, n - w + r + 1);
+        }
       }
   }
 }
