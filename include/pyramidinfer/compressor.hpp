@@ -39,6 +39,7 @@ struct CompressorConfig {
   double recent_ratio = 0.2;  ///< window = 1 + floor(recent_ratio * prompt_len)
   float softmax_scale = 0.f;  ///< 0: 1/sqrt(head_dim)
   bool compress_decode = true;
+  PrefillMode prefill_mode = PrefillMode::drop_tokens;  ///< PyramidInfer; layer_local for SnapKV-style baselines
 };
 
 template <class Scoring = RecentWindowScoring, class Selection = TopKSelection, class Schedule = CosineSchedule,
@@ -82,7 +83,7 @@ class PyramidCompressor {
   /// `decode_steps` appended tokens.
   MemoryPlan plan(const std::vector<int>& prompt_lens, int decode_steps, DType dtype) const {
     return plan_memory(model_shape(dtype), prompt_lens, decode_steps, cfg_.recent_ratio, selection_, schedule_,
-                       decode_, cfg_.compress_decode);
+                       decode_, cfg_.compress_decode, cfg_.prefill_mode);
   }
 
   /// Starts a batch: one prompt length per sequence. Clears `cache`.
@@ -177,7 +178,9 @@ class PyramidCompressor {
     push_window(layer, b, window_q, window_lse);
     const double ratio = schedule_.keep_ratio(layer, cfg_.num_layers);
     std::vector<std::vector<std::int32_t>> kept_slots = select_context(layer, cache, b, ratio);
-    next_tokens(layer, cache, b, kept_slots);
+    if (cfg_.prefill_mode == PrefillMode::drop_tokens) next_tokens(layer, cache, b, kept_slots);
+    else keep_in_layer(layer, cache, b, kept_slots);
+    start_decode(layer, cache, b);
     return s.next_index;
   }
 
@@ -439,8 +442,30 @@ class PyramidCompressor {
     s.next_index.clear();
     for (std::int32_t p : all) s.next_index.push_back(index_of(s.tokens, p));
     s.tokens = std::move(all);
-    // Decode starts from here for this layer: the reference counts the
-    // prompt's window minus its newest token as already compressed.
+  }
+
+  /// Layer-local mode: the layer's own cache keeps the selection and the
+  /// window; every token goes on to the next layer.
+  template <class T>
+  void keep_in_layer(int layer, KVCache<T, HostBackend>& cache, int b,
+                     const std::vector<std::vector<std::int32_t>>& kept_slots) {
+    Seq& s = seqs_[std::size_t(b)];
+    for (int h = 0; h < head_sets(); ++h) {
+      const int n = cache.length(layer, b, h);
+      std::vector<std::int32_t> kept = kept_slots[std::size_t(h)];
+      for (int slot = n - s.window; slot < n; ++slot) kept.push_back(slot);
+      cache.compact(layer, b, kept.data(), int(kept.size()), per_head() ? h : -1);
+      s.head_tokens[std::size_t(h)] = s.tokens;
+    }
+    s.next_index.resize(s.tokens.size());
+    for (std::size_t i = 0; i < s.tokens.size(); ++i) s.next_index[i] = std::int32_t(i);
+  }
+
+  /// Decode starts from here for this layer: the reference counts the
+  /// prompt's window minus its newest token as already compressed.
+  template <class T>
+  void start_decode(int layer, const KVCache<T, HostBackend>& cache, int b) {
+    Seq& s = seqs_[std::size_t(b)];
     if (s.decode_boundary.size() != std::size_t(cfg_.num_layers))
       s.decode_boundary.assign(std::size_t(cfg_.num_layers), std::vector<int>(std::size_t(head_sets()), 0));
     for (int h = 0; h < head_sets(); ++h)

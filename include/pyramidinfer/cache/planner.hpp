@@ -66,22 +66,35 @@ inline int window_length(int prompt_len, double recent_ratio) {
 /// once `segment` tokens lie between it and the window they shrink to the
 /// schedule's count.
 struct LayerTrace {
-  std::vector<int> prefill_len;   ///< |T_l|: slots layer l holds after prefill
+  std::vector<int> prefill_len;   ///< slots layer l holds after prefill (|T_l| when tokens drop)
   std::vector<int> capacity;      ///< most slots layer l ever holds
+};
+
+/// How prefill uses a layer's selection.
+enum class PrefillMode {
+  /// PyramidInfer: the kept tokens are the only ones the next layer computes,
+  /// and each layer's cache holds the tokens it computed (T_l).
+  drop_tokens,
+  /// Layer-local (SnapKV, H2O, StreamingLLM): every layer computes every
+  /// token, and each layer's cache keeps only what its own scores select.
+  layer_local,
 };
 
 template <class Selection, class Schedule, class Decode>
 LayerTrace trace_layers(int num_layers, int prompt_len, int decode_steps, double recent_ratio,
-                        const Selection& sel, const Schedule& sched, const Decode& decode, bool compress_decode) {
+                        const Selection& sel, const Schedule& sched, const Decode& decode, bool compress_decode,
+                        PrefillMode mode = PrefillMode::drop_tokens) {
   PYRAMIDINFER_REQUIRE(num_layers > 0, "trace_layers", "num_layers", num_layers, "must be > 0");
   PYRAMIDINFER_REQUIRE(decode_steps >= 0, "trace_layers", "decode_steps", decode_steps, "must be >= 0");
   const int w = window_length(prompt_len, recent_ratio);
   LayerTrace t;
   int context = prompt_len - w;
   for (int l = 0; l < num_layers; ++l) {
-    const int len = context + w;
-    t.prefill_len.push_back(len);
-    int peak = len, cur = len, boundary = len - 1;
+    const double ratio = sched.keep_ratio(l, num_layers);
+    const int written = context + w;  // what prefill_store writes
+    const int held = mode == PrefillMode::drop_tokens ? written : sel.max_keep(context, ratio) + w;
+    t.prefill_len.push_back(held);
+    int peak = written, cur = held, boundary = held - 1;
     const int keep = decode.keep_count(l, num_layers);
     for (int s = 0; s < decode_steps; ++s) {
       peak = std::max(peak, ++cur);
@@ -91,7 +104,7 @@ LayerTrace trace_layers(int num_layers, int prompt_len, int decode_steps, double
       }
     }
     t.capacity.push_back(peak);
-    context = sel.max_keep(context, sched.keep_ratio(l, num_layers));
+    if (mode == PrefillMode::drop_tokens) context = sel.max_keep(context, ratio);
   }
   return t;
 }
@@ -118,7 +131,7 @@ inline void check_model(const ModelShape& m, const char* fn) {
 template <class Selection, class Schedule, class Decode>
 MemoryPlan plan_memory(const ModelShape& model, const std::vector<int>& prompt_lens, int decode_steps,
                        double recent_ratio, const Selection& sel, const Schedule& sched, const Decode& decode,
-                       bool compress_decode = true) {
+                       bool compress_decode = true, PrefillMode mode = PrefillMode::drop_tokens) {
   const char* fn = "plan_memory";
   detail::check_model(model, fn);
   PYRAMIDINFER_REQUIRE(!prompt_lens.empty(), fn, "prompt_lens.size()", 0, "must be > 0");
@@ -130,7 +143,7 @@ MemoryPlan plan_memory(const ModelShape& model, const std::vector<int>& prompt_l
     PYRAMIDINFER_REQUIRE(prompt_lens[b] > 0, fn, ("prompt_lens[" + std::to_string(b) + "]").c_str(), prompt_lens[b],
                          "must be > 0");
     const LayerTrace t =
-        trace_layers(model.num_layers, prompt_lens[b], decode_steps, recent_ratio, sel, sched, decode, compress_decode);
+        trace_layers(model.num_layers, prompt_lens[b], decode_steps, recent_ratio, sel, sched, decode, compress_decode, mode);
     for (int l = 0; l < model.num_layers; ++l) {
       p.shape.capacity[std::size_t(l)] = std::max(p.shape.capacity[std::size_t(l)], t.capacity[std::size_t(l)]);
       full.capacity[std::size_t(l)] = std::max(full.capacity[std::size_t(l)], prompt_lens[b] + decode_steps);
@@ -146,9 +159,10 @@ MemoryPlan plan_memory(const ModelShape& model, const std::vector<int>& prompt_l
 /// The largest batch of `prompt_len`-token prompts whose cache fits `budget_bytes`.
 template <class Selection, class Schedule, class Decode>
 int max_batch(const ModelShape& model, int prompt_len, int decode_steps, double recent_ratio, const Selection& sel,
-              const Schedule& sched, const Decode& decode, std::size_t budget_bytes, bool compress_decode = true) {
+              const Schedule& sched, const Decode& decode, std::size_t budget_bytes, bool compress_decode = true,
+              PrefillMode mode = PrefillMode::drop_tokens) {
   const MemoryPlan one =
-      plan_memory(model, {prompt_len}, decode_steps, recent_ratio, sel, sched, decode, compress_decode);
+      plan_memory(model, {prompt_len}, decode_steps, recent_ratio, sel, sched, decode, compress_decode, mode);
   // Every byte of the plan scales with the batch, so the answer is a division.
   return int(budget_bytes / one.total_bytes);
 }

@@ -1,0 +1,364 @@
+// CUDA data movement: order-preserving gather / compaction of cached K/V rows
+// and the gather of hidden states (twins of kernels/host/compact.hpp).
+//
+// All wrappers only enqueue work on `stream`: they allocate nothing and never
+// synchronise. Index lists live in device memory, so the caller guarantees
+// what host::check_ascending would check: kept(b, h, 0..count) strictly
+// ascending and inside [0, current length), and count(b, h) <= capacity.
+// Out-of-range counts are clamped to the view's extent (never an
+// out-of-bounds access), but the result is then unspecified.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "../../core/cuda_check.cuh"
+#include "../../core/view.hpp"
+#include "../../core/workspace.hpp"
+
+namespace pyramidinfer {
+namespace cuda {
+namespace detail {
+
+using pyramidinfer::detail::ceil_div;
+using pyramidinfer::detail::is_aligned;
+
+/// Rows of an (b, h, token, d) view as raw vectors of type V.
+template <class V>
+struct RowLayout {
+  char* base;
+  std::int64_t s0, s1, s2;  // byte strides of batch, head, token
+  int vecs;                 // V-vectors per row
+  std::int64_t v_stride;    // byte stride between vectors (sizeof(V) when contiguous)
+  __device__ V* at(int b, int h, std::int64_t t, int v) const {
+    return reinterpret_cast<V*>(base + b * s0 + h * s1 + t * s2 + v * v_stride);
+  }
+};
+
+template <class V, class T>
+RowLayout<V> row_layout(const KVView<T>& x) {
+  RowLayout<V> r;
+  r.base = reinterpret_cast<char*>(const_cast<std::remove_const_t<T>*>(x.data));
+  r.s0 = x.stride[0] * std::int64_t(sizeof(T));
+  r.s1 = x.stride[1] * std::int64_t(sizeof(T));
+  r.s2 = x.stride[2] * std::int64_t(sizeof(T));
+  r.vecs = int(x.shape[3] * std::int64_t(sizeof(T)) / std::int64_t(sizeof(V)));
+  r.v_stride = sizeof(V) == sizeof(T) ? x.stride[3] * std::int64_t(sizeof(T)) : std::int64_t(sizeof(V));
+  return r;
+}
+
+/// True when rows of x can move as 16-byte vectors.
+template <class T>
+bool rows_vectorizable(const KVView<T>& x) {
+  const std::int64_t rb = x.shape[3] * std::int64_t(sizeof(T));
+  if (x.shape[3] > 1 && x.stride[3] != 1) return false;
+  if (rb % 16 != 0 || !is_aligned(x.data, 16)) return false;
+  for (int a = 0; a < 3; ++a)
+    if ((x.stride[a] * std::int64_t(sizeof(T))) % 16 != 0) return false;
+  return true;
+}
+
+struct IndexRows {
+  const std::int32_t* kept;
+  std::int64_t k0, k1, k2;  // element strides of kept (b, h, i)
+  const std::int32_t* count;
+  std::int64_t c0, c1;
+  int count_const;  // used when count == nullptr
+  __device__ int n(int b, int h, int cap) const {
+    int c = count ? count[b * c0 + h * c1] : count_const;
+    return c < 0 ? 0 : (c > cap ? cap : c);
+  }
+  __device__ int idx(int b, int h, std::int64_t i) const { return kept[b * k0 + h * k1 + i * k2]; }
+};
+
+constexpr int kGatherThreads = 256;
+constexpr int kGatherVecsPerThread = 4;
+
+/// dst(b, h, i) = src(b, h, kept(b, h, i)) for i < count(b, h). grid.y = b * heads + h.
+template <class V>
+__global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(RowLayout<V> src, RowLayout<V> dst,
+                                                                     IndexRows ix, int heads, int src_rows,
+                                                                     int dst_rows) {
+  const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+  const int cnt = ix.n(b, h, dst_rows);
+  const std::int64_t total = std::int64_t(cnt) * src.vecs;
+  const std::int64_t base = std::int64_t(blockIdx.x) * kGatherThreads * kGatherVecsPerThread + threadIdx.x;
+  if (base - threadIdx.x >= total) return;
+  V buf[kGatherVecsPerThread];
+#pragma unroll
+  for (int u = 0; u < kGatherVecsPerThread; ++u) {
+    const std::int64_t e = base + std::int64_t(u) * kGatherThreads;
+    if (e < total) {
+      const int i = int(e / src.vecs), v = int(e % src.vecs);
+      int s = ix.idx(b, h, i);
+      s = s < 0 ? 0 : (s >= src_rows ? src_rows - 1 : s);
+      buf[u] = *src.at(b, h, s, v);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kGatherVecsPerThread; ++u) {
+    const std::int64_t e = base + std::int64_t(u) * kGatherThreads;
+    if (e < total) *dst.at(b, h, e / src.vecs, int(e % src.vecs)) = buf[u];
+  }
+}
+
+// ---- in-place compaction -------------------------------------------------
+
+constexpr int kCompactThreads = 256;
+constexpr int kCompactStageBytes = 48 * 1024;
+
+template <class V>
+struct CompactArgs {
+  RowLayout<V> k, v;
+  std::int32_t* pos;  // may be null
+  std::int64_t p0, p1, p2;
+  std::int32_t* len;  // may be null
+  std::int64_t l0, l1;
+  int pos_heads;  // 1: positions/lengths shared by all heads (only head 0 moves them)
+  IndexRows ix;
+  int batch, heads, capacity, chunk_rows, max_chunks;
+  int* ticket;  // workspace: [0] ticket counter, then flags[b*heads+h][chunk]
+};
+
+/// Persistent in-place compaction. Tickets are taken in order (chunk-major),
+/// so every chunk a block may wait for is already held by a running block.
+/// A chunk stages its source rows in shared memory, publishes "read done",
+/// waits until every earlier chunk that reads rows inside its destination
+/// range has published, then writes. Kept indices ascending => kept[i] >= i,
+/// so only earlier chunks can read a chunk's destination rows.
+template <class V>
+__global__ void __launch_bounds__(kCompactThreads) compact_inplace_kernel(CompactArgs<V> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  V* sk = reinterpret_cast<V*>(smem_raw);
+  V* sv = sk + std::size_t(a.chunk_rows) * a.k.vecs;
+  std::int32_t* sp = reinterpret_cast<std::int32_t*>(sv + std::size_t(a.chunk_rows) * a.k.vecs);
+  __shared__ int s_ticket, s_lo;
+  int* flags = a.ticket + 1;
+  const int bh_total = a.batch * a.heads;
+  const int tickets = bh_total * a.max_chunks;
+  for (;;) {
+    if (threadIdx.x == 0) s_ticket = atomicAdd(a.ticket, 1);
+    __syncthreads();
+    const int t = s_ticket;
+    __syncthreads();
+    if (t >= tickets) break;
+    const int c = t / bh_total, bh = t % bh_total, b = bh / a.heads, h = bh % a.heads;
+    const int cnt = a.ix.n(b, h, a.capacity);
+    const int row0 = c * a.chunk_rows;
+    if (c == 0 && a.len && (a.pos_heads > 1 || h == 0)) {
+      // Lengths are not read by this kernel; count must not alias len.
+      if (threadIdx.x == 0) a.len[b * a.l0 + h * a.l1] = cnt;
+    }
+    if (row0 >= cnt) continue;
+    const int rows = min(a.chunk_rows, cnt - row0);
+    int* flag = flags + std::size_t(bh) * a.max_chunks + c;
+    const bool identity = a.ix.idx(b, h, row0 + rows - 1) == row0 + rows - 1;
+    if (identity) {
+      if (threadIdx.x == 0) {
+        __threadfence();
+        atomicExch(flag, 1);
+      }
+      continue;
+    }
+    const bool move_pos = a.pos && (a.pos_heads > 1 || h == 0);
+    const int nv = rows * a.k.vecs;
+    for (int e = threadIdx.x; e < nv; e += blockDim.x) {
+      const int i = e / a.k.vecs, v = e % a.k.vecs;
+      const int s = a.ix.idx(b, h, row0 + i);
+      sk[e] = *a.k.at(b, h, s, v);
+      sv[e] = *a.v.at(b, h, s, v);
+    }
+    if (move_pos)
+      for (int i = threadIdx.x; i < rows; i += blockDim.x)
+        sp[i] = a.pos[b * a.p0 + h * a.p1 + std::int64_t(a.ix.idx(b, h, row0 + i)) * a.p2];
+    if (threadIdx.x == 0) {
+      // First destination index whose source is >= row0 (lower bound in [0, row0]).
+      int lo = 0, hi = row0;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (a.ix.idx(b, h, mid) < row0) lo = mid + 1;
+        else hi = mid;
+      }
+      s_lo = lo / a.chunk_rows;
+    }
+    __syncthreads();  // all sources staged (values landed in shared memory)
+    if (threadIdx.x == 0) {
+      __threadfence();
+      atomicExch(flag, 1);
+      const volatile int* vf = flags + std::size_t(bh) * a.max_chunks;
+      for (int cc = s_lo; cc < c; ++cc)
+        while (vf[cc] == 0) {
+        }
+      __threadfence();
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < nv; e += blockDim.x) {
+      const int i = e / a.k.vecs, v = e % a.k.vecs;
+      *a.k.at(b, h, row0 + i, v) = sk[e];
+      *a.v.at(b, h, row0 + i, v) = sv[e];
+    }
+    if (move_pos)
+      for (int i = threadIdx.x; i < rows; i += blockDim.x) a.pos[b * a.p0 + h * a.p1 + std::int64_t(row0 + i) * a.p2] = sp[i];
+    __syncthreads();
+  }
+}
+
+inline int sm_count() {
+  int dev = 0, n = 0;
+  PYRAMIDINFER_CUDA_CHECK(cudaGetDevice(&dev));
+  PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n;
+}
+
+template <class T>
+int compact_chunk_rows(int head_dim) {
+  const int row_bytes = head_dim * int(sizeof(T));
+  return std::max(1, std::min(128, (kCompactStageBytes - 128 * 4) / (2 * row_bytes)));
+}
+
+inline IndexRows index_rows(TensorView<const std::int32_t, 3> kept, TensorView<const std::int32_t, 2> count,
+                            int count_const = 0) {
+  return {kept.data, kept.stride[0], kept.stride[1], kept.stride[2], count.data, count.stride[0], count.stride[1],
+          count_const};
+}
+
+}  // namespace detail
+
+/// Out-of-place gather: dst(b, h, i, :) = src(b, h, kept(b, h, i), :) for
+/// i < count(b, h). kept/count live in device memory; give them head stride 0
+/// to share one list across heads. dst must not overlap src.
+template <class T>
+void gather_kv_rows(KVView<const T> src, TensorView<const std::int32_t, 3> kept,
+                    TensorView<const std::int32_t, 2> count, KVView<T> dst, cudaStream_t stream) {
+  const char* fn = "cuda::gather_kv_rows";
+  using pyramidinfer::detail::check_dim;
+  using pyramidinfer::detail::check_view;
+  check_view(src, fn, "src", 0);
+  check_view(dst, fn, "dst", 0);
+  check_dim(dst, 0, src.shape[0], fn, "dst");
+  check_dim(dst, 1, src.shape[1], fn, "dst");
+  check_dim(dst, 3, src.shape[3], fn, "dst");
+  PYRAMIDINFER_REQUIRE(kept.data != nullptr, fn, "kept", "nullptr", "must point to device indices");
+  PYRAMIDINFER_REQUIRE(count.data != nullptr, fn, "count", "nullptr", "must point to device counts");
+  PYRAMIDINFER_REQUIRE(src.shape[0] <= 65535 * 1 && src.shape[0] * src.shape[1] <= 65535, fn, "src.shape[0]*shape[1]",
+                       src.shape[0] * src.shape[1], "must be <= 65535");
+  const int heads = int(src.shape[1]), bh = int(src.shape[0] * src.shape[1]);
+  const int dst_rows = int(dst.shape[2]), src_rows = int(src.shape[2]);
+  if (bh == 0 || dst_rows == 0 || src.shape[3] == 0 || src_rows == 0) return;
+  const auto ix = detail::index_rows(kept, count);
+  auto launch = [&](auto vec_tag) {
+    using V = decltype(vec_tag);
+    auto s = detail::row_layout<V>(src);
+    auto d = detail::row_layout<V>(KVView<const T>(dst));
+    const std::int64_t per_block = detail::kGatherThreads * detail::kGatherVecsPerThread;
+    const dim3 grid(unsigned(detail::ceil_div(std::int64_t(dst_rows) * s.vecs, per_block)), unsigned(bh));
+    detail::gather_rows_kernel<V><<<grid, detail::kGatherThreads, 0, stream>>>(s, d, ix, heads, src_rows, dst_rows);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("gather_rows_kernel");
+  };
+  if (detail::rows_vectorizable(src) && detail::rows_vectorizable(KVView<const T>(dst))) launch(uint4{});
+  else launch(T{});
+}
+
+/// dst[i, :] = src[idx[i], :] for i < count (twin of host::gather_rows). idx is
+/// in device memory (ascending, in range: caller guarantees); count on the host.
+template <class T>
+void gather_rows(TensorView<const T, 2> src, const std::int32_t* idx, int count, TensorView<T, 2> dst,
+                 cudaStream_t stream) {
+  const char* fn = "cuda::gather_rows";
+  pyramidinfer::detail::check_view(src, fn, "src", 0);
+  pyramidinfer::detail::check_view(dst, fn, "dst", 0);
+  PYRAMIDINFER_REQUIRE(count >= 0 && count <= src.shape[0], fn, "count", count,
+                       "must be in [0, src.shape[0] = " + std::to_string(src.shape[0]) + "]");
+  PYRAMIDINFER_REQUIRE(idx != nullptr || count == 0, fn, "idx", "nullptr", "must point to count device indices");
+  PYRAMIDINFER_REQUIRE(dst.shape[0] >= count, fn, "dst.shape[0]", dst.shape[0], "must be >= count");
+  pyramidinfer::detail::check_dim(dst, 1, src.shape[1], fn, "dst");
+  if (count == 0 || src.shape[1] == 0) return;
+  KVView<const T> s{src.data, {1, 1, src.shape[0], src.shape[1]}, {0, 0, src.stride[0], src.stride[1]}};
+  KVView<T> d{dst.data, {1, 1, count, dst.shape[1]}, {0, 0, dst.stride[0], dst.stride[1]}};
+  const auto ix = detail::index_rows({idx, {1, 1, count}, {0, 0, 1}}, {nullptr, {1, 1}, {0, 0}}, count);
+  auto launch = [&](auto vec_tag) {
+    using V = decltype(vec_tag);
+    auto sl = detail::row_layout<V>(s);
+    auto dl = detail::row_layout<V>(KVView<const T>(d));
+    const std::int64_t per_block = detail::kGatherThreads * detail::kGatherVecsPerThread;
+    const dim3 grid(unsigned(detail::ceil_div(std::int64_t(count) * sl.vecs, per_block)), 1u);
+    detail::gather_rows_kernel<V><<<grid, detail::kGatherThreads, 0, stream>>>(sl, dl, ix, 1, int(src.shape[0]), count);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("gather_rows_kernel");
+  };
+  if (detail::rows_vectorizable(s) && detail::rows_vectorizable(KVView<const T>(d))) launch(uint4{});
+  else launch(T{});
+}
+
+/// Scratch bytes for compact_kv_inplace over (batch, heads, capacity).
+template <class T>
+std::size_t compact_kv_inplace_workspace_bytes(int batch, int heads, int capacity, int head_dim) {
+  const int chunks = std::max(1, detail::ceil_div(capacity, detail::compact_chunk_rows<T>(head_dim)));
+  return align_up(sizeof(int) * (1 + std::size_t(batch) * heads * chunks));
+}
+
+/// In-place, order-preserving compaction of K and V (and, when pos.data is
+/// set, the per-slot positions; when len.data is set, len(b, h) = count(b, h)):
+/// row kept(b, h, i) moves to row i. Views whose head stride is 0 (positions,
+/// lengths, kept, count in shared mode) are moved once, by head 0. Fully
+/// parallel across sequences, heads and chunks of rows; safe because each
+/// chunk waits only for earlier chunks that read its destination rows.
+/// Caller guarantees (device data): kept ascending and < the current length;
+/// count must not alias len. `workspace` is zeroed here by cudaMemsetAsync.
+template <class T>
+void compact_kv_inplace(KVView<T> k, KVView<T> v, TensorView<std::int32_t, 3> pos, TensorView<std::int32_t, 2> len,
+                        TensorView<const std::int32_t, 3> kept, TensorView<const std::int32_t, 2> count,
+                        void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+  const char* fn = "cuda::compact_kv_inplace";
+  using pyramidinfer::detail::check_dim;
+  using pyramidinfer::detail::check_view;
+  check_view(k, fn, "k", 0);
+  check_view(v, fn, "v", 0);
+  for (int a = 0; a < 4; ++a) check_dim(v, a, k.shape[a], fn, "v");
+  PYRAMIDINFER_REQUIRE(kept.data != nullptr, fn, "kept", "nullptr", "must point to device indices");
+  PYRAMIDINFER_REQUIRE(count.data != nullptr, fn, "count", "nullptr", "must point to device counts");
+  PYRAMIDINFER_REQUIRE(count.data != len.data, fn, "count", "== len", "must not alias len");
+  if (pos.data) check_dim(pos, 2, k.shape[2], fn, "pos");
+  const int batch = int(k.shape[0]), heads = int(k.shape[1]), cap = int(k.shape[2]), d = int(k.shape[3]);
+  const std::size_t need = compact_kv_inplace_workspace_bytes<T>(batch, heads, cap, d);
+  PYRAMIDINFER_REQUIRE(workspace != nullptr && workspace_bytes >= need, fn, "workspace_bytes", workspace_bytes,
+                       "must be >= " + std::to_string(need) + " (and workspace non-null)");
+  if (batch * heads == 0 || cap == 0 || d == 0) return;
+  const int chunk = detail::compact_chunk_rows<T>(d);
+  const int max_chunks = std::max(1, detail::ceil_div(cap, chunk));
+  PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(workspace, 0, need, stream));
+  const int pos_heads = (pos.data && pos.stride[1] == 0) || (!pos.data && len.data && len.stride[1] == 0) ? 1 : heads;
+  auto launch = [&](auto vec_tag) {
+    using V = decltype(vec_tag);
+    detail::CompactArgs<V> a;
+    a.k = detail::row_layout<V>(KVView<const T>(k));
+    a.v = detail::row_layout<V>(KVView<const T>(v));
+    a.pos = pos.data;
+    a.p0 = pos.stride[0];
+    a.p1 = pos.stride[1];
+    a.p2 = pos.stride[2];
+    a.len = len.data;
+    a.l0 = len.stride[0];
+    a.l1 = len.stride[1];
+    a.pos_heads = pos_heads;
+    a.ix = detail::index_rows(kept, count);
+    a.batch = batch;
+    a.heads = heads;
+    a.capacity = cap;
+    a.chunk_rows = chunk;
+    a.max_chunks = max_chunks;
+    a.ticket = static_cast<int*>(workspace);
+    const std::size_t smem = 2 * std::size_t(chunk) * a.k.vecs * sizeof(V) + std::size_t(chunk) * 4;
+    const int tickets = batch * heads * max_chunks;
+    const int grid = std::max(1, std::min(tickets, detail::sm_count() * 4));
+    detail::compact_inplace_kernel<V><<<grid, detail::kCompactThreads, smem, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("compact_inplace_kernel");
+  };
+  if (detail::rows_vectorizable(KVView<const T>(k)) && detail::rows_vectorizable(KVView<const T>(v))) launch(uint4{});
+  else launch(T{});
+}
+
+}  // namespace cuda
+}  // namespace pyramidinfer

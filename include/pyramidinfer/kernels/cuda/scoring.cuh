@@ -1,0 +1,677 @@
+// CUDA scoring kernels: twins of host::window_attention_scores,
+// host::window_query_lse and host::attention_weight_scores.
+//
+// Window scoring never writes a [window, n] matrix: per sequence and KV head
+//   pass 1 (only when p.lse.data == nullptr): each window query's causal
+//          log-sum-exp over the keys it sees (online max / sum, FlashAttention
+//          style without the PV product), into the workspace;
+//   pass 2: for a tile of keys, stream every window query of the group,
+//          S = q.k on tensor cores, accumulate w_r * exp(scale*S - lse) into
+//          one fp32 per key in registers.
+// f16/bf16 with head_dim 64 or 128, last dims contiguous and 16-byte aligned
+// rows take mma.sync.m16n8k16 kernels (fp32 accumulation); everything else
+// takes a CUDA-core fallback with the same math.
+//
+// The per-sequence arrays of the ScoreProblem (kv_len, window_len, ring_start,
+// score_begin, score_count, lse) are read on the device, so the caller
+// guarantees what host::detail::check_score_problem would check on them:
+// 1 <= kv_len <= keys.shape[2]; 1 <= window_len <= min(kv_len, ring capacity);
+// 0 <= ring_start < ring capacity; score_begin >= 0 and score_begin +
+// score_count <= kv_len - window_len; score_count <= scores.shape[2]; in
+// Granularity::shared every KV head of a sequence has the same score_count
+// (head 0's is used). Kernels clamp these so that nothing is read or written
+// out of bounds, but results for violating inputs are unspecified.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <string>
+
+#include "../../core/cuda_check.cuh"
+#include "../../core/dtype.hpp"
+#include "../../core/view.hpp"
+#include "../../core/workspace.hpp"
+#include "../../policy/granularity.hpp"
+#include "../problem.hpp"
+
+namespace pyramidinfer {
+namespace cuda {
+namespace detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+/// host::distance_row_weight, bit for bit (no FMA contraction).
+__device__ __forceinline__ float distance_row_weight(int r, int w, float dw) {
+  if (w <= 1) return 1.0f;
+  const float step = __fdiv_rn(__fsub_rn(dw, 1.0f), float(w - 1));
+  return r < w / 2 ? __fadd_rn(1.0f, __fmul_rn(step, float(r))) : __fsub_rn(dw, __fmul_rn(step, float(w - 1 - r)));
+}
+
+template <class T>
+struct ScoreArgs {
+  const T* keys;
+  std::int64_t k0, k1, k2, k3;
+  const T* q;
+  std::int64_t q0, q1, q2, q3;
+  const float* lse;  // natural-log LSE (b, q_head, ring); given or from pass 1
+  std::int64_t l0, l1, l2;
+  float* lse_out;  // pass 1 output
+  std::int64_t lo0, lo1, lo2;
+  const std::int32_t* kv_len;
+  std::int64_t n0, n1;
+  const std::int32_t* ring_start;
+  const std::int32_t* window_len;
+  const std::int32_t* begin;
+  std::int64_t b0, b1;
+  const std::int32_t* count;
+  std::int64_t c0, c1;
+  float* out;
+  std::int64_t o0, o1, o2;
+  float scale, distance_weight;
+  int batch, kv_heads, q_heads, group, cap, d, slots, out_len;
+  int row_begin;  // pass 1: first window row to compute
+  bool shared;
+
+  __device__ int n(int b, int h) const {
+    const int v = kv_len[b * n0 + h * n1];
+    return v < 1 ? 1 : (v > slots ? slots : v);
+  }
+  __device__ int w(int b, int h) const {
+    int v = window_len[b];
+    const int nn = n(b, h);
+    v = v > cap ? cap : v;
+    v = v > nn ? nn : v;
+    return v < 1 ? 1 : v;
+  }
+  __device__ int ring(int b, int r) const {
+    int s = ring_start[b] % cap;
+    s = s < 0 ? s + cap : s;
+    return (s + r) % cap;
+  }
+  __device__ int sbegin(int b, int h) const {
+    const int v = begin[b * b0 + h * b1];
+    return v < 0 ? 0 : v;
+  }
+  __device__ int scount(int b, int h) const {
+    int c = count[b * c0 + h * c1];
+    const int room = n(b, h) - sbegin(b, h);
+    c = c > room ? room : c;
+    c = c > out_len ? out_len : c;
+    return c < 0 ? 0 : c;
+  }
+};
+
+// ---- tensor-core helpers ---------------------------------------------------
+
+template <class T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                         std::uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<half_t>(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                                 std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<bfloat16_t>(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                                     std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;  // 0: zero-fill
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ std::uint32_t ld32(const void* p) { return *reinterpret_cast<const std::uint32_t*>(p); }
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMT = 2;                    // 16-row m-tiles per warp
+constexpr int kRowsPerBlock = kMmaWarps * kMT * 16;  // 128
+constexpr int kNT = 4;                    // 8-column n-tiles per streamed tile
+constexpr int kTileCols = kNT * 8;        // 32
+
+/// Loads a warp's A fragments: rows row0 + mt*16 + {g, g+8}; `row_ptr(i)`
+/// returns the address of row i or nullptr (zeros).
+template <int D, class RowPtr>
+__device__ __forceinline__ void load_a_frags(std::uint32_t (&a)[kMT][D / 16][4], int row0, RowPtr row_ptr) {
+  const int lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    const std::uint16_t* r0 = row_ptr(row0 + mt * 16 + g);
+    const std::uint16_t* r1 = row_ptr(row0 + mt * 16 + g + 8);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int c = ks * 16 + tg * 2;
+      a[mt][ks][0] = r0 ? ld32(r0 + c) : 0u;
+      a[mt][ks][1] = r1 ? ld32(r1 + c) : 0u;
+      a[mt][ks][2] = r0 ? ld32(r0 + c + 8) : 0u;
+      a[mt][ks][3] = r1 ? ld32(r1 + c + 8) : 0u;
+    }
+  }
+}
+
+/// acc[mt][nt] = A (warp rows) x tile^T, tile rows in shared memory [32][D + 8].
+template <class T, int D>
+__device__ __forceinline__ void mma_tile(float (&acc)[kMT][kNT][4], const std::uint32_t (&a)[kMT][D / 16][4],
+                                         const std::uint16_t* tile) {
+  const int lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      const std::uint16_t* r = tile + (nt * 8 + g) * (D + 8) + ks * 16 + tg * 2;
+      const std::uint32_t b0 = ld32(r), b1 = ld32(r + 8);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) mma16816<T>(acc[mt][nt], a[mt][ks], b0, b1);
+    }
+  }
+}
+
+/// Pass 1 on tensor cores: rows = window queries (r, qi) flattened r*group+qi,
+/// streamed over tiles of 32 keys. grid (row tiles, kv_heads, batch).
+template <class T, int D>
+__global__ void __launch_bounds__(kMmaThreads) lse_mma_kernel(ScoreArgs<T> a) {
+  __shared__ __align__(16) std::uint16_t ks_tile[2][kTileCols * (D + 8)];
+  const int b = blockIdx.z, kvh = blockIdx.y;
+  const int n = a.n(b, kvh), w = a.w(b, kvh);
+  const int rb = a.row_begin < 0 ? 0 : a.row_begin;
+  const int rows = (w - rb) * a.group;
+  const int block_row0 = blockIdx.x * kRowsPerBlock;
+  if (rows <= 0 || block_row0 >= rows) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
+  const std::uint16_t* kbase = reinterpret_cast<const std::uint16_t*>(a.keys + b * a.k0 + kvh * a.k1);
+  std::uint32_t af[kMT][D / 16][4];
+  load_a_frags<D>(af, block_row0 + warp * kMT * 16, [&](int row) -> const std::uint16_t* {
+    if (row >= rows) return nullptr;
+    const int r = rb + row / a.group, qh = kvh * a.group + row % a.group;
+    return reinterpret_cast<const std::uint16_t*>(a.q + b * a.q0 + qh * a.q1 + std::int64_t(a.ring(b, r)) * a.q2);
+  });
+  // Causal limit of each of this thread's 4 rows; block's largest limit.
+  int limit[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = block_row0 + warp * kMT * 16 + mt * 16 + g + hf * 8;
+      limit[mt][hf] = row < rows ? n - w + rb + row / a.group : -1;
+    }
+  const int last_row = min(rows, block_row0 + kRowsPerBlock) - 1;
+  const int block_limit = n - w + rb + last_row / a.group;  // inclusive
+  const int tiles = block_limit / kTileCols + 1;
+  const float sl2 = a.scale * kLog2e;
+  float m[kMT][2], l[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) m[mt][hf] = -INFINITY, l[mt][hf] = 0.f;
+
+  constexpr int kChunks = D * 2 / 16;  // 16-byte chunks per row
+  auto load_tile = [&](int t, int buf) {
+    for (int e = threadIdx.x; e < kTileCols * kChunks; e += kMmaThreads) {
+      const int r = e / kChunks, c = e % kChunks, key = t * kTileCols + r;
+      const bool ok = key <= block_limit;
+      const std::uint16_t* src = kbase + std::int64_t(ok ? key : 0) * a.k2 + c * 8;
+      cp_async16(&ks_tile[buf][r * (D + 8) + c * 8], src, ok);
+    }
+    cp_async_commit();
+  };
+  load_tile(0, 0);
+  for (int t = 0; t < tiles; ++t) {
+    if (t + 1 < tiles) {
+      load_tile(t + 1, (t + 1) & 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    float acc[kMT][kNT][4];
+    mma_tile<T, D>(acc, af, ks_tile[t & 1]);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float v[kNT * 2];
+        float tmax = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int key = t * kTileCols + nt * 8 + tg * 2 + e;
+            const float s = key <= limit[mt][hf] ? acc[mt][nt][hf * 2 + e] * sl2 : -INFINITY;
+            v[nt * 2 + e] = s;
+            tmax = fmaxf(tmax, s);
+          }
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        const float mnew = fmaxf(m[mt][hf], tmax);
+        if (mnew != -INFINITY) {
+          float sum = l[mt][hf] * exp2f(m[mt][hf] - mnew);
+#pragma unroll
+          for (int i = 0; i < kNT * 2; ++i) sum += exp2f(v[i] - mnew);
+          l[mt][hf] = sum;
+          m[mt][hf] = mnew;
+        }
+      }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float s = l[mt][hf];
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      const int row = block_row0 + warp * kMT * 16 + mt * 16 + g + hf * 8;
+      if (tg == 0 && row < rows) {
+        const int r = rb + row / a.group, qh = kvh * a.group + row % a.group;
+        a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(a.ring(b, r)) * a.lo2] = (m[mt][hf] + log2f(s)) / kLog2e;
+      }
+    }
+}
+
+/// Pass 2 on tensor cores: a block owns 128 keys (A fragments in registers)
+/// and streams every window query of the group (all groups when shared).
+/// grid (key tiles, shared ? 1 : kv_heads, batch).
+template <class T, int D>
+__global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(ScoreArgs<T> a) {
+  __shared__ __align__(16) std::uint16_t qs_tile[2][kTileCols * (D + 8)];
+  __shared__ float s_lse2[2][kTileCols], s_wr[2][kTileCols];
+  const int b = blockIdx.z;
+  const int h_first = a.shared ? 0 : blockIdx.y, h_last = a.shared ? a.kv_heads : blockIdx.y + 1;
+  const int count = a.scount(b, h_first);
+  const int key0 = blockIdx.x * kRowsPerBlock;
+  if (key0 >= count) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
+  const float sl2 = a.scale * kLog2e;
+  float part[kMT][2] = {};
+  constexpr int kChunks = D * 2 / 16;
+  for (int kvh = h_first; kvh < h_last; ++kvh) {
+    const int w = a.w(b, kvh), begin = a.sbegin(b, kvh);
+    const std::uint16_t* kbase = reinterpret_cast<const std::uint16_t*>(a.keys + b * a.k0 + kvh * a.k1);
+    std::uint32_t af[kMT][D / 16][4];
+    load_a_frags<D>(af, key0 + warp * kMT * 16, [&](int j) -> const std::uint16_t* {
+      return j < count ? kbase + std::int64_t(begin + j) * a.k2 : nullptr;
+    });
+    const int rows = w * a.group;
+    const int tiles = (rows + kTileCols - 1) / kTileCols;
+    const float inv = 1.0f / (float(w) * float(a.shared ? a.q_heads : a.group));
+    auto load_tile = [&](int t, int buf) {
+      for (int e = threadIdx.x; e < kTileCols * kChunks; e += kMmaThreads) {
+        const int rr = e / kChunks, c = e % kChunks, row = t * kTileCols + rr;
+        const bool ok = row < rows;
+        const int r = ok ? row / a.group : 0, qh = kvh * a.group + (ok ? row % a.group : 0);
+        const std::uint16_t* src = reinterpret_cast<const std::uint16_t*>(
+                                       a.q + b * a.q0 + qh * a.q1 + std::int64_t(a.ring(b, r)) * a.q2) +
+                                   c * 8;
+        cp_async16(&qs_tile[buf][rr * (D + 8) + c * 8], src, ok);
+      }
+      if (threadIdx.x < kTileCols) {
+        const int row = t * kTileCols + threadIdx.x;
+        float lse2 = 0.f, wr = 0.f;
+        if (row < rows) {
+          const int r = row / a.group, qh = kvh * a.group + row % a.group;
+          lse2 = a.lse[b * a.l0 + qh * a.l1 + std::int64_t(a.ring(b, r)) * a.l2] * kLog2e;
+          wr = distance_row_weight(r, w, a.distance_weight);
+        }
+        s_lse2[buf][threadIdx.x] = lse2;
+        s_wr[buf][threadIdx.x] = wr;
+      }
+      cp_async_commit();
+    };
+    float hp[kMT][2] = {};
+    load_tile(0, 0);
+    for (int t = 0; t < tiles; ++t) {
+      if (t + 1 < tiles) {
+        load_tile(t + 1, (t + 1) & 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      float acc[kMT][kNT][4];
+      mma_tile<T, D>(acc, af, qs_tile[t & 1]);
+      const float* lse2 = s_lse2[t & 1];
+      const float* wr = s_wr[t & 1];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = nt * 8 + tg * 2 + e;
+          const float cl = lse2[col], cw = wr[col];
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) hp[mt][hf] += cw * exp2f(fmaf(acc[mt][nt][hf * 2 + e], sl2, -cl));
+        }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) part[mt][hf] += hp[mt][hf] * inv;
+  }
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float s = part[mt][hf];
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      const int j = key0 + warp * kMT * 16 + mt * 16 + g + hf * 8;
+      if (tg == 0 && j < count) a.out[b * a.o0 + (a.shared ? 0 : blockIdx.y) * a.o1 + std::int64_t(j) * a.o2] = s;
+    }
+}
+
+// ---- CUDA-core fallbacks (any type, any head_dim, any strides) -------------
+
+template <class T>
+__device__ __forceinline__ float dot_row(const ScoreArgs<T>& a, const T* q, const T* k) {
+  float acc = 0.f;
+  for (int i = 0; i < a.d; ++i) acc = fmaf(to_float(q[i * a.q3]), to_float(k[i * a.k3]), acc);
+  return acc;
+}
+
+/// One warp per window row (b, q_head, r); grid (ceil(cap / 4), q_heads, batch).
+template <class T>
+__global__ void __launch_bounds__(128) lse_fallback_kernel(ScoreArgs<T> a) {
+  const int b = blockIdx.z, qh = blockIdx.y, kvh = qh / a.group;
+  const int r = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n = a.n(b, kvh), w = a.w(b, kvh);
+  const int rb = a.row_begin < 0 ? 0 : a.row_begin;
+  if (r < rb || r >= w) return;
+  const int ring = a.ring(b, r), last = n - w + r;
+  const T* q = a.q + b * a.q0 + qh * a.q1 + std::int64_t(ring) * a.q2;
+  const T* kb = a.keys + b * a.k0 + kvh * a.k1;
+  float m = -INFINITY, l = 0.f;
+  for (int j = lane; j <= last; j += 32) {
+    const float s = dot_row(a, q, kb + std::int64_t(j) * a.k2) * a.scale;
+    const float mn = fmaxf(m, s);
+    l = (mn == -INFINITY ? 0.f : l * expf(m - mn)) + expf(s - mn);
+    m = mn;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+    const float mn = fmaxf(m, m2);
+    if (mn != -INFINITY) {
+      l = l * expf(m - mn) + l2 * expf(m2 - mn);
+      m = mn;
+    }
+  }
+  if (lane == 0) a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(ring) * a.lo2] = m + logf(l);
+}
+
+/// One thread per scored key; grid (ceil(slots / 128), shared ? 1 : kv_heads, batch).
+template <class T>
+__global__ void __launch_bounds__(128) score_fallback_kernel(ScoreArgs<T> a) {
+  const int b = blockIdx.z;
+  const int h_first = a.shared ? 0 : blockIdx.y, h_last = a.shared ? a.kv_heads : blockIdx.y + 1;
+  const int count = a.scount(b, h_first);
+  const int j = blockIdx.x * 128 + threadIdx.x;
+  if (blockIdx.x * 128 >= count) return;
+  float total = 0.f;
+  for (int kvh = h_first; kvh < h_last; ++kvh) {
+    const int w = a.w(b, kvh), begin = a.sbegin(b, kvh);
+    const T* k = a.keys + b * a.k0 + kvh * a.k1 + std::int64_t(j < count ? begin + j : begin) * a.k2;
+    float acc = 0.f;
+    for (int qh = kvh * a.group; qh < (kvh + 1) * a.group; ++qh)
+      for (int r = 0; r < w; ++r) {
+        const int ring = a.ring(b, r);
+        const T* q = a.q + b * a.q0 + qh * a.q1 + std::int64_t(ring) * a.q2;
+        const float lse = a.lse[b * a.l0 + qh * a.l1 + std::int64_t(ring) * a.l2];
+        acc += distance_row_weight(r, w, a.distance_weight) * expf(dot_row(a, q, k) * a.scale - lse);
+      }
+    total += acc / (float(w) * float(a.shared ? a.q_heads : a.group));
+  }
+  if (j < count) a.out[b * a.o0 + (a.shared ? 0 : blockIdx.y) * a.o1 + std::int64_t(j) * a.o2] = total;
+}
+
+/// Weighted mean of given softmax rows; one thread per scored key.
+/// grid (ceil(max count / 256), groups, batch).
+__global__ void __launch_bounds__(256) attention_weight_kernel(TensorView<const float, 4> attn,
+                                                               const std::int32_t* window_len,
+                                                               const std::int32_t* score_begin,
+                                                               const std::int32_t* score_count, int group,
+                                                               bool shared, float dw, ScoreView out) {
+  const int b = blockIdx.z, gi = blockIdx.y;
+  const int rows = int(attn.shape[2]);
+  int w = window_len[b];
+  w = w < 1 ? 1 : (w > rows ? rows : w);
+  const int begin = max(0, score_begin[b]);
+  int count = score_count[b];
+  count = min(count, int(min(attn.shape[3] - begin, out.shape[2])));
+  const int j = blockIdx.x * 256 + threadIdx.x;
+  if (j >= count) return;
+  const int h0 = shared ? 0 : gi * group, h1 = shared ? int(attn.shape[1]) : h0 + group;
+  float acc = 0.f;
+  for (int h = h0; h < h1; ++h)
+    for (int r = 0; r < w; ++r) acc = fmaf(distance_row_weight(r, w, dw), attn(b, h, rows - w + r, begin + j), acc);
+  out(b, gi, j) = acc / (float(w) * float(h1 - h0));
+}
+
+template <class T>
+ScoreArgs<T> make_args(const ScoreProblem<T>& p, Granularity g, float distance_weight, ScoreView out) {
+  ScoreArgs<T> a{};
+  a.keys = p.keys.data;
+  a.k0 = p.keys.stride[0], a.k1 = p.keys.stride[1], a.k2 = p.keys.stride[2], a.k3 = p.keys.stride[3];
+  a.q = p.queries.data;
+  a.q0 = p.queries.stride[0], a.q1 = p.queries.stride[1], a.q2 = p.queries.stride[2], a.q3 = p.queries.stride[3];
+  a.lse = p.lse.data;
+  a.l0 = p.lse.stride[0], a.l1 = p.lse.stride[1], a.l2 = p.lse.stride[2];
+  a.kv_len = p.kv_len.data;
+  a.n0 = p.kv_len.stride[0], a.n1 = p.kv_len.stride[1];
+  a.ring_start = p.ring_start;
+  a.window_len = p.window_len;
+  a.begin = p.score_begin.data;
+  a.b0 = p.score_begin.stride[0], a.b1 = p.score_begin.stride[1];
+  a.count = p.score_count.data;
+  a.c0 = p.score_count.stride[0], a.c1 = p.score_count.stride[1];
+  a.out = out.data;
+  a.o0 = out.stride[0], a.o1 = out.stride[1], a.o2 = out.stride[2];
+  a.scale = p.scale;
+  a.distance_weight = distance_weight;
+  a.batch = p.batch();
+  a.kv_heads = p.kv_heads();
+  a.q_heads = p.q_heads();
+  a.group = p.q_heads() / p.kv_heads();
+  a.cap = p.ring_capacity();
+  a.d = p.head_dim();
+  a.slots = int(p.keys.shape[2]);
+  a.out_len = int(out.shape[2]);
+  a.shared = g == Granularity::shared;
+  return a;
+}
+
+template <class T, int Rank>
+bool mma_view_ok(const TensorView<const T, Rank>& v) {
+  if (v.stride[Rank - 1] != 1 || !pyramidinfer::detail::is_aligned(v.data, 16)) return false;
+  for (int i = 0; i < Rank - 1; ++i)
+    if (v.stride[i] % 8 != 0) return false;
+  return true;
+}
+
+/// Whether the tensor-core path serves this problem (and which head_dim).
+template <class T>
+bool use_mma(const ScoreProblem<T>& p) {
+  if (std::is_same<T, float>::value) return false;
+  if (p.head_dim() != 64 && p.head_dim() != 128) return false;
+  return mma_view_ok(p.keys) && mma_view_ok(p.queries);
+}
+
+using MmaHeadDims = pyramidinfer::detail::IntList<64, 128>;
+
+template <class T>
+void check_problem(const ScoreProblem<T>& p, const char* fn) {
+  using pyramidinfer::detail::check_dim;
+  using pyramidinfer::detail::check_view;
+  check_view(p.keys, fn, "keys");
+  check_view(p.queries, fn, "queries");
+  check_view(p.kv_len, fn, "kv_len");
+  check_view(p.score_begin, fn, "score_begin");
+  check_view(p.score_count, fn, "score_count");
+  check_dim(p.kv_len, 0, p.batch(), fn, "kv_len");
+  check_dim(p.kv_len, 1, p.kv_heads(), fn, "kv_len");
+  check_dim(p.score_begin, 0, p.batch(), fn, "score_begin");
+  check_dim(p.score_begin, 1, p.kv_heads(), fn, "score_begin");
+  check_dim(p.score_count, 0, p.batch(), fn, "score_count");
+  check_dim(p.score_count, 1, p.kv_heads(), fn, "score_count");
+  check_dim(p.queries, 0, p.batch(), fn, "queries");
+  check_dim(p.queries, 3, p.head_dim(), fn, "queries");
+  PYRAMIDINFER_REQUIRE(p.ring_start != nullptr, fn, "ring_start", "nullptr", "must point to [batch] device ints");
+  PYRAMIDINFER_REQUIRE(p.window_len != nullptr, fn, "window_len", "nullptr", "must point to [batch] device ints");
+  PYRAMIDINFER_REQUIRE(p.q_heads() % p.kv_heads() == 0, fn, "queries.shape[1]", p.q_heads(),
+                       "must be a multiple of kv_heads = " + std::to_string(p.kv_heads()));
+  PYRAMIDINFER_REQUIRE(p.batch() <= 65535 && p.kv_heads() <= 65535 && p.q_heads() <= 65535, fn, "keys.shape",
+                       std::to_string(p.batch()) + "x" + std::to_string(p.kv_heads()), "must be <= 65535 per axis");
+  PYRAMIDINFER_REQUIRE(std::isfinite(p.scale), fn, "scale", p.scale, "must be finite");
+  if (p.lse.data) {
+    check_dim(p.lse, 0, p.batch(), fn, "lse");
+    check_dim(p.lse, 1, p.q_heads(), fn, "lse");
+    check_dim(p.lse, 2, p.ring_capacity(), fn, "lse");
+  }
+}
+
+template <class T>
+void launch_lse(ScoreArgs<T> a, const ScoreProblem<T>& p, cudaStream_t stream) {
+  const bool done = use_mma(p) && pyramidinfer::detail::dispatch_int(p.head_dim(), MmaHeadDims{}, [&](auto dc) {
+                      constexpr int D = decltype(dc)::value;
+                      if constexpr (!std::is_same<T, float>::value) {
+                        const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(
+                                            std::int64_t(a.cap) * a.group, kRowsPerBlock)),
+                                        unsigned(a.kv_heads), unsigned(a.batch));
+                        lse_mma_kernel<T, D><<<grid, kMmaThreads, 0, stream>>>(a);
+                        PYRAMIDINFER_CUDA_CHECK_LAUNCH("lse_mma_kernel");
+                      }
+                    });
+  if (!done) {
+    const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(a.cap, 4)), unsigned(a.q_heads), unsigned(a.batch));
+    lse_fallback_kernel<T><<<grid, 128, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("lse_fallback_kernel");
+  }
+}
+
+}  // namespace detail
+
+/// Scratch bytes for window_attention_scores: the pass-1 LSE buffer
+/// (batch x q_heads x ring capacity floats) when p.lse.data is null, else 0.
+template <class T>
+std::size_t window_attention_scores_workspace_bytes(const ScoreProblem<T>& p) {
+  if (p.lse.data) return 0;
+  return align_up(sizeof(float) * std::size_t(p.batch()) * std::size_t(p.q_heads()) * std::size_t(p.ring_capacity()));
+}
+
+/// Twin of host::window_attention_scores. All views are device memory.
+template <class T>
+void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float distance_weight, ScoreView out,
+                             void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+  const char* fn = "cuda::window_attention_scores";
+  detail::check_problem(p, fn);
+  pyramidinfer::detail::check_view(out, fn, "scores", 0);
+  pyramidinfer::detail::check_dim(out, 0, p.batch(), fn, "scores");
+  pyramidinfer::detail::check_dim(out, 1, g == Granularity::shared ? 1 : p.kv_heads(), fn, "scores");
+  PYRAMIDINFER_REQUIRE(std::isfinite(distance_weight), fn, "distance_weight", distance_weight, "must be finite");
+  const std::size_t need = window_attention_scores_workspace_bytes(p);
+  PYRAMIDINFER_REQUIRE(workspace_bytes >= need && (need == 0 || workspace != nullptr), fn, "workspace_bytes",
+                       workspace_bytes, "must be >= " + std::to_string(need) + " (and workspace non-null)");
+  if (out.shape[2] == 0) return;
+  auto a = detail::make_args(p, g, distance_weight, out);
+  if (!p.lse.data) {
+    float* lse = static_cast<float*>(workspace);
+    a.lse_out = lse;
+    a.lo2 = 1, a.lo1 = p.ring_capacity(), a.lo0 = std::int64_t(p.q_heads()) * p.ring_capacity();
+    a.row_begin = 0;
+    detail::launch_lse(a, p, stream);
+    a.lse = lse;
+    a.l0 = a.lo0, a.l1 = a.lo1, a.l2 = a.lo2;
+  }
+  const unsigned groups = g == Granularity::shared ? 1u : unsigned(p.kv_heads());
+  const bool done =
+      detail::use_mma(p) && pyramidinfer::detail::dispatch_int(p.head_dim(), detail::MmaHeadDims{}, [&](auto dc) {
+        constexpr int D = decltype(dc)::value;
+        if constexpr (!std::is_same<T, float>::value) {
+          const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(std::min<std::int64_t>(out.shape[2], p.keys.shape[2]),
+                                                                  detail::kRowsPerBlock)),
+                          groups, unsigned(p.batch()));
+          detail::score_mma_kernel<T, D><<<grid, detail::kMmaThreads, 0, stream>>>(a);
+          PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_mma_kernel");
+        }
+      });
+  if (!done) {
+    const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(std::min<std::int64_t>(out.shape[2], p.keys.shape[2]), 128)),
+                    groups, unsigned(p.batch()));
+    detail::score_fallback_kernel<T><<<grid, 128, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_fallback_kernel");
+  }
+}
+
+/// Twin of host::window_query_lse for every sequence at once: rows
+/// [row_begin, window_len[b]) of every query head, written to
+/// lse_out(b, q_head, ring_slot) (natural log). p.lse is ignored.
+template <class T>
+void window_query_lse(const ScoreProblem<T>& p, int row_begin, TensorView<float, 3> lse_out, cudaStream_t stream) {
+  const char* fn = "cuda::window_query_lse";
+  detail::check_problem(p, fn);
+  PYRAMIDINFER_REQUIRE(row_begin >= 0, fn, "row_begin", row_begin, "must be >= 0");
+  pyramidinfer::detail::check_view(lse_out, fn, "lse_out");
+  pyramidinfer::detail::check_dim(lse_out, 0, p.batch(), fn, "lse_out");
+  pyramidinfer::detail::check_dim(lse_out, 1, p.q_heads(), fn, "lse_out");
+  pyramidinfer::detail::check_dim(lse_out, 2, p.ring_capacity(), fn, "lse_out");
+  ScoreView dummy{nullptr, {p.batch(), 1, 0}, {0, 0, 0}};
+  auto a = detail::make_args(p, Granularity::per_kv_head, 1.0f, dummy);
+  a.lse_out = lse_out.data;
+  a.lo0 = lse_out.stride[0], a.lo1 = lse_out.stride[1], a.lo2 = lse_out.stride[2];
+  a.row_begin = row_begin;
+  detail::launch_lse(a, p, stream);
+}
+
+/// Twin of host::attention_weight_scores: attn (b, q_head, row, slot) fp32
+/// softmax rows; window_len, score_begin, score_count are [batch] device
+/// arrays (caller guarantees 1 <= window_len <= rows, score_begin +
+/// score_count <= attn.shape[3], score_count <= scores.shape[2]).
+inline void attention_weight_scores(TensorView<const float, 4> attn, const std::int32_t* window_len,
+                                    const std::int32_t* score_begin, const std::int32_t* score_count, int kv_heads,
+                                    Granularity g, float distance_weight, ScoreView out, cudaStream_t stream) {
+  const char* fn = "cuda::attention_weight_scores";
+  pyramidinfer::detail::check_view(attn, fn, "attn");
+  PYRAMIDINFER_REQUIRE(kv_heads >= 1 && attn.shape[1] % kv_heads == 0, fn, "kv_heads", kv_heads,
+                       "must divide attn.shape[1]");
+  PYRAMIDINFER_REQUIRE(window_len && score_begin && score_count, fn, "window_len/score_begin/score_count", "nullptr",
+                       "must point to [batch] device ints");
+  pyramidinfer::detail::check_view(out, fn, "scores", 0);
+  pyramidinfer::detail::check_dim(out, 0, attn.shape[0], fn, "scores");
+  const int groups = g == Granularity::shared ? 1 : kv_heads;
+  pyramidinfer::detail::check_dim(out, 1, groups, fn, "scores");
+  if (out.shape[2] == 0) return;
+  const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(std::min(out.shape[2], attn.shape[3]), 256)), unsigned(groups),
+                  unsigned(attn.shape[0]));
+  detail::attention_weight_kernel<<<grid, 256, 0, stream>>>(attn, window_len, score_begin, score_count,
+                                                            int(attn.shape[1]) / kv_heads,
+                                                            g == Granularity::shared, distance_weight, out);
+  PYRAMIDINFER_CUDA_CHECK_LAUNCH("attention_weight_kernel");
+}
+
+}  // namespace cuda
+}  // namespace pyramidinfer
