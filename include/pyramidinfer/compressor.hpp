@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cache/kv_cache.hpp"
@@ -86,6 +87,12 @@ class PyramidCompressor {
                        decode_, cfg_.compress_decode, cfg_.prefill_mode);
   }
 
+  /// Slots each layer holds after prefill and at most, for one prompt.
+  LayerTrace trace(int prompt_len, int decode_steps) const {
+    return trace_layers(cfg_.num_layers, prompt_len, decode_steps, cfg_.recent_ratio, selection_, schedule_, decode_,
+                        cfg_.compress_decode, cfg_.prefill_mode);
+  }
+
   /// Starts a batch: one prompt length per sequence. Clears `cache`.
   template <class T>
   void begin(KVCache<T, HostBackend>& cache, const std::vector<int>& prompt_lens) {
@@ -133,10 +140,24 @@ class PyramidCompressor {
     const int n = int(s.tokens.size());
     detail::check_dim(k, 0, cfg_.kv_heads, fn, "k");
     detail::check_dim(v, 0, cfg_.kv_heads, fn, "v");
-    PYRAMIDINFER_REQUIRE(k.shape[1] == n && v.shape[1] == n, fn, "k.shape[1]", k.shape[1],
+    PYRAMIDINFER_REQUIRE(k.shape[1] == n, fn, "k.shape[1]", k.shape[1],
                          "must equal the current token count " + std::to_string(n));
+    PYRAMIDINFER_REQUIRE(v.shape[1] == n, fn, "v.shape[1]", v.shape[1],
+                         "must equal the current token count " + std::to_string(n));
+    // Validate everything before the first append: per-head mode appends
+    // token by token, and a throw half way would leave a partial layer.
+    detail::check_view(k, fn, "k", 0);
+    detail::check_view(v, fn, "v", 0);
+    detail::check_dim(k, 2, cfg_.head_dim, fn, "k");
+    detail::check_dim(v, 2, cfg_.head_dim, fn, "v");
     for (int h = 0; h < cfg_.kv_heads; ++h)
       PYRAMIDINFER_REQUIRE(cache.length(layer, b, h) == 0, fn, "layer", layer, "was already stored for this sequence");
+    for (int h = 0; h < head_sets(); ++h) {
+      const int count = per_head() ? int(s.head_tokens[std::size_t(h)].size()) : n;
+      PYRAMIDINFER_REQUIRE(count <= cache.capacity(layer), fn, "count", count,
+                           "overflows layer " + std::to_string(layer) + " capacity " +
+                               std::to_string(cache.capacity(layer)));
+    }
     if (!per_head()) {
       cache.append(layer, b, k, v, s.tokens.data(), n);
       return;
@@ -197,12 +218,17 @@ class PyramidCompressor {
     PYRAMIDINFER_REQUIRE(!seqs_.empty(), fn, "state", "no batch", "needs begin() and a prefill first");
     PYRAMIDINFER_REQUIRE(pos != nullptr, fn, "pos", "nullptr", "must hold one position per sequence");
     const int B = batch();
-    for (auto* x : {&k, &v}) {
-      detail::check_view(*x, fn, "k/v");
-      detail::check_dim(*x, 0, B, fn, "k/v");
-      detail::check_dim(*x, 1, cfg_.kv_heads, fn, "k/v");
-      detail::check_dim(*x, 2, 1, fn, "k/v");
-      detail::check_dim(*x, 3, cfg_.head_dim, fn, "k/v");
+    for (const auto& x : {std::make_pair(&k, "k"), std::make_pair(&v, "v")}) {
+      detail::check_view(*x.first, fn, x.second);
+      detail::check_dim(*x.first, 0, B, fn, x.second);
+      detail::check_dim(*x.first, 1, cfg_.kv_heads, fn, x.second);
+      detail::check_dim(*x.first, 2, 1, fn, x.second);
+      detail::check_dim(*x.first, 3, cfg_.head_dim, fn, x.second);
+    }
+    if (lse.data) {  // read as lse(b, q_head) for every sequence and head
+      detail::check_view(lse, fn, "lse");
+      detail::check_dim(lse, 0, B, fn, "lse");
+      detail::check_dim(lse, 1, cfg_.num_heads, fn, "lse");
     }
     if (Scoring::needs_queries) {
       detail::check_view(q, fn, "q");

@@ -1,0 +1,98 @@
+// policies.hpp - the named cache policies the example tools offer, as
+// pyramidinfer compressor types, and the search that gives each policy a KV
+// budget (so policies are compared at the same memory).
+#pragma once
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <pyramidinfer/pyramidinfer.hpp>
+
+#include "llama/model.hpp"
+
+namespace pyramidinfer::llama {
+
+struct PolicyOptions {
+  std::string name = "pyramid";
+  /// pyramid*: the cosine schedule's final ratio r. Layer-local policies: the
+  /// share of the context every layer keeps.
+  double ratio = 0.9;
+  double recent_ratio = 0.2;
+  int sinks = 4;
+  int min_context = 64;
+  float distance_weight = 1.2f;
+  bool compress_decode = true;
+};
+
+inline const std::vector<std::string>& policy_names() {
+  static const std::vector<std::string> names = {"full", "pyramid", "pyramid-perhead", "streaming", "h2o", "snapkv"};
+  return names;
+}
+
+inline std::string policy_help() {
+  return "full (no compression), pyramid (PyramidInfer, the paper's defaults), pyramid-perhead (per KV head), "
+         "streaming (sinks + recent), h2o (accumulated attention), snapkv (window attention, per KV head, per layer)";
+}
+
+/// Calls f(compressor) with the compressor type and settings `o` names.
+template <class F>
+void with_policy(const LlamaConfig& c, const PolicyOptions& o, F&& f) {
+  CompressorConfig cfg{int(c.n_layers), int(c.n_heads), int(c.n_kv_heads), int(c.head_dim), o.recent_ratio};
+  cfg.compress_decode = o.compress_decode;
+  const TopKSelection shared{o.sinks, o.min_context, Granularity::shared};
+  const TopKSelection per_head{o.sinks, o.min_context, Granularity::per_kv_head};
+  // Layer-local baselines keep the same share of every segment in decode.
+  const DecodeSchedule<UniformSchedule> flat{16, 1.0, UniformSchedule{o.ratio}};
+  if (o.name == "pyramid") {
+    f(PyramidCompressor<RecentWindowScoring, TopKSelection, CosineSchedule>(cfg, {o.distance_weight}, shared,
+                                                                             CosineSchedule{o.ratio}));
+  } else if (o.name == "pyramid-perhead") {
+    f(PyramidCompressor<RecentWindowScoring, TopKSelection, CosineSchedule>(cfg, {o.distance_weight}, per_head,
+                                                                             CosineSchedule{o.ratio}));
+  } else if (o.name == "full") {
+    cfg.compress_decode = false;
+    f(PyramidCompressor<PositionScoring, TopKSelection, UniformSchedule>(cfg, {}, shared, UniformSchedule{1.0}));
+  } else {
+    cfg.prefill_mode = PrefillMode::layer_local;
+    if (o.name == "streaming")
+      f(PyramidCompressor<PositionScoring, TopKSelection, UniformSchedule, DecodeSchedule<UniformSchedule>>(
+          cfg, {}, shared, UniformSchedule{o.ratio}, flat));
+    else if (o.name == "h2o")
+      f(PyramidCompressor<AccumulatedAttentionScoring, TopKSelection, UniformSchedule,
+                          DecodeSchedule<UniformSchedule>>(cfg, {}, shared, UniformSchedule{o.ratio}, flat));
+    else if (o.name == "snapkv")
+      f(PyramidCompressor<RecentWindowScoring, TopKSelection, UniformSchedule, DecodeSchedule<UniformSchedule>>(
+          cfg, {1.0f}, per_head, UniformSchedule{o.ratio}, flat));
+    else
+      throw std::invalid_argument("unknown policy '" + o.name + "'; one of: " + policy_help());
+  }
+}
+
+/// Share of a full cache's slots the policy holds right after prefilling a
+/// `prompt_len`-token prompt (what budgets are matched on).
+inline double prefill_kv_fraction(const LlamaConfig& c, const PolicyOptions& o, int prompt_len) {
+  double fraction = 1.0;
+  with_policy(c, o, [&](const auto& pc) {
+    const LayerTrace t = pc.trace(prompt_len, 0);
+    double held = 0;
+    for (int n : t.prefill_len) held += n;
+    fraction = held / (double(prompt_len) * double(t.prefill_len.size()));
+  });
+  return fraction;
+}
+
+/// The ratio that makes policy `o` hold `target` of a full cache after
+/// prefill (bisection on the planner; the fraction grows with the ratio).
+inline double ratio_for_fraction(const LlamaConfig& c, PolicyOptions o, int prompt_len, double target) {
+  if (o.name == "full") return 1.0;
+  double lo = 1e-3, hi = 1.0;
+  for (int it = 0; it < 40; ++it) {
+    o.ratio = 0.5 * (lo + hi);
+    (prefill_kv_fraction(c, o, prompt_len) < target ? lo : hi) = o.ratio;
+  }
+  return hi;
+}
+
+}  // namespace pyramidinfer::llama

@@ -1,0 +1,125 @@
+// pyramid-generate: prompt in, text out (streamed), with a pyramid KV cache.
+//
+//   pyramid-generate [--model PATH] [--policy NAME] [--ratio R] [--recent-ratio R]
+//                    [--max-tokens N] [--device cpu] [--raw] PROMPT...
+//
+// Prints the continuation as it is generated, then tokens/s and the KV bytes
+// per layer against a full cache. The model defaults to $PYRAMIDINFER_MODEL,
+// then models/SmolLM2-135M-Instruct.Q4_1.gguf (examples/fetch_model.sh).
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+
+#include "generate/pyramid_engine.hpp"
+#include "generate/policies.hpp"
+#include "llama/generate.hpp"
+#include "llama/tokenizer.hpp"
+
+namespace {
+
+using namespace pyramidinfer;
+using namespace pyramidinfer::llama;
+using Clock = std::chrono::steady_clock;
+
+struct Options {
+  std::string model = std::getenv("PYRAMIDINFER_MODEL") ? std::getenv("PYRAMIDINFER_MODEL")
+                                                        : std::string(PYRAMIDINFER_REPO_ROOT) +
+                                                              "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  PolicyOptions policy;
+  int max_tokens = 96;
+  std::string device = "cpu";
+  bool raw = false;
+  std::string prompt;
+};
+
+[[noreturn]] void usage(const std::string& why) {
+  std::cerr << "pyramid-generate: " << why << "\n"
+            << "usage: pyramid-generate [--model PATH] [--policy NAME] [--ratio R] [--recent-ratio R]\n"
+            << "                        [--max-tokens N] [--device cpu] [--raw] PROMPT...\n"
+            << "policies: " << policy_help() << "\n";
+  std::exit(2);
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const auto value = [&]() -> std::string {
+      if (i + 1 >= argc) usage("missing value after " + a);
+      return argv[++i];
+    };
+    if (a == "--model") o.model = value();
+    else if (a == "--policy") o.policy.name = value();
+    else if (a == "--ratio") o.policy.ratio = std::stod(value());
+    else if (a == "--recent-ratio") o.policy.recent_ratio = std::stod(value());
+    else if (a == "--max-tokens") o.max_tokens = std::stoi(value());
+    else if (a == "--device") o.device = value();
+    else if (a == "--raw") o.raw = true;
+    else if (a == "--help" || a == "-h") usage("help");
+    else o.prompt += (o.prompt.empty() ? "" : " ") + a;
+  }
+  if (o.prompt.empty())
+    o.prompt = "Explain in three sentences why the sky is blue, as you would to a curious child.";
+  if (o.device != "cpu") usage("--device " + o.device + ": this build runs on cpu only");
+  if (o.max_tokens < 1) usage("--max-tokens must be >= 1");
+  return o;
+}
+
+template <class Compressor>
+void run(const Model& model, const Tokenizer& tok, const Options& o, Compressor pc) {
+  const std::string text = o.raw ? o.prompt : tok.apply_chat_template({{"user", o.prompt}}, true);
+  const std::vector<std::int32_t> prompt = tok.encode(text);
+  const std::int32_t stop = o.raw ? tok.eos_id() : tok.token_id("<|im_end|>");
+  PyramidEngine<Compressor> engine(model, std::move(pc));
+
+  const auto t0 = Clock::now();
+  Matrix logits = engine.prefill({prompt}, o.max_tokens);
+  const double prefill_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  const auto t1 = Clock::now();
+  int generated = 0;
+  for (; generated < o.max_tokens; ++generated) {
+    const std::int32_t next = argmax(logits.row(0), logits.cols);
+    if (next == stop) break;
+    std::cout << tok.token_text(next) << std::flush;
+    if (generated + 1 < o.max_tokens) logits = engine.decode({next});
+  }
+  const double decode_s = std::chrono::duration<double>(Clock::now() - t1).count();
+  std::cout << "\n";
+
+  std::fprintf(stderr, "\npolicy %s: prompt %zu tokens, prefill %.2f s (%.0f tok/s); %d generated, %.1f tok/s\n",
+               o.policy.name.c_str(), prompt.size(), prefill_s, prompt.size() / prefill_s, generated,
+               generated > 1 ? (generated - 1) / decode_s : 0.0);
+  std::fprintf(stderr, "compression (scoring + selection + compaction): %.3f s\n", engine.compression_seconds());
+  const KVCache<float>& cache = engine.cache();
+  const std::size_t full_layer = engine.plan().full_bytes / std::size_t(cache.num_layers());
+  std::fprintf(stderr, "KV bytes per layer (allocated | held now) against a full cache of %zu:\n", full_layer);
+  std::size_t held_total = 0;
+  for (int l = 0; l < cache.num_layers(); ++l) {
+    const std::size_t held = cache.shape().layer_bytes(l) / std::size_t(cache.capacity(l)) *
+                             std::size_t(cache.length(l, 0));
+    held_total += held;
+    std::fprintf(stderr, "  layer %2d %9zu | %9zu  %s\n", l, cache.shape().layer_bytes(l), held,
+                 std::string(std::size_t(40.0 * cache.shape().layer_bytes(l) / full_layer + 0.5), '#').c_str());
+  }
+  std::fprintf(stderr, "total allocated %zu bytes = %.1f%% of full (%zu); held now %.1f%%\n", cache.bytes(),
+               100.0 * engine.plan().ratio_to_full, engine.plan().full_bytes,
+               100.0 * double(held_total) / double(engine.plan().full_bytes));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Options o = parse(argc, argv);
+    const GgufFile file = GgufFile::open(o.model);
+    const Tokenizer tok = Tokenizer::from_gguf(file);
+    const Model model = Model::from_gguf(file);
+    with_policy(model.config(), o.policy, [&](auto pc) { run(model, tok, o, std::move(pc)); });
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "pyramid-generate: " << e.what() << "\n";
+    return 1;
+  }
+}
