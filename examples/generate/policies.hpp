@@ -83,16 +83,19 @@ inline double prefill_kv_fraction(const LlamaConfig& c, const PolicyOptions& o, 
   return fraction;
 }
 
-/// The ratio that makes policy `o` hold `target` of a full cache after
-/// prefill (bisection on the planner; the fraction grows with the ratio).
+/// The ratio that makes policy `o` hold about `target` of a full cache after
+/// prefill. The fraction is not monotone in the ratio (a layer whose count
+/// falls to min_context keeps everything), so this scans a grid and takes the
+/// ratio whose fraction is nearest the target, preferring the smaller ratio.
 inline double ratio_for_fraction(const LlamaConfig& c, PolicyOptions o, int prompt_len, double target) {
   if (o.name == "full") return 1.0;
-  double lo = 1e-3, hi = 1.0;
-  for (int it = 0; it < 40; ++it) {
-    o.ratio = 0.5 * (lo + hi);
-    (prefill_kv_fraction(c, o, prompt_len) < target ? lo : hi) = o.ratio;
+  double best = 1.0, best_gap = 2.0;
+  for (int i = 1; i <= 400; ++i) {
+    o.ratio = i / 400.0;
+    const double gap = std::abs(prefill_kv_fraction(c, o, prompt_len) - target);
+    if (gap < best_gap - 1e-9) best = o.ratio, best_gap = gap;
   }
-  return hi;
+  return best;
 }
 
 }  // namespace pyramidinfer::llama

@@ -1,0 +1,227 @@
+// pyramid-eval: does the model keep its quality with a compressed cache?
+//
+// For each policy and KV budget (the share of a full cache's slots held after
+// prefill, matched across policies through the planner):
+//  - continuation perplexity: prefill n tokens of real text with compression,
+//    then teacher-force the next m tokens through the decode path, scoring each;
+//  - passkey retrieval: a 5-digit key hidden at some depth of real text, asked
+//    for at the end, answered greedily.
+// Progress goes to stderr; results to <out>.csv and <out>.json.
+//
+//   pyramid-eval [--model PATH] [--text FILE] [--prefill N] [--continue M]
+//                [--passages P] [--passkey-trials K] [--policies a,b,...]
+//                [--fractions 1,0.7,...] [--out PREFIX]
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "generate/policies.hpp"
+#include "generate/pyramid_engine.hpp"
+#include "llama/generate.hpp"
+#include "llama/tokenizer.hpp"
+
+namespace {
+
+using namespace pyramidinfer;
+using namespace pyramidinfer::llama;
+
+struct Options {
+  std::string model = std::getenv("PYRAMIDINFER_MODEL") ? std::getenv("PYRAMIDINFER_MODEL")
+                                                        : std::string(PYRAMIDINFER_REPO_ROOT) +
+                                                              "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  std::string text = std::string(PYRAMIDINFER_REPO_ROOT) + "/examples/data/moby_dick_ch1-3.txt";
+  int prefill = 1024, cont = 64, passages = 2, passkey_trials = 3;
+  std::vector<std::string> policies = policy_names();
+  std::vector<double> fractions = {1.0, 0.7, 0.5, 0.3};
+  std::string out = "pyramid_eval";
+};
+
+struct Row {
+  std::string policy, budget;
+  double ratio = 1, kv_prefill = 1, kv_end = 1, nll = 0, ppl = 0, passkey = 0, seconds = 0, compress_seconds = 0;
+};
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) out.push_back(item);
+  return out;
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (i + 1 >= argc) throw std::invalid_argument("missing value after " + a);
+    const std::string v = argv[++i];
+    if (a == "--model") o.model = v;
+    else if (a == "--text") o.text = v;
+    else if (a == "--prefill") o.prefill = std::stoi(v);
+    else if (a == "--continue") o.cont = std::stoi(v);
+    else if (a == "--passages") o.passages = std::stoi(v);
+    else if (a == "--passkey-trials") o.passkey_trials = std::stoi(v);
+    else if (a == "--policies") o.policies = split(v);
+    else if (a == "--fractions") {
+      o.fractions.clear();
+      for (const auto& f : split(v)) o.fractions.push_back(std::stod(f));
+    } else if (a == "--out") o.out = v;
+    else throw std::invalid_argument("unknown option " + a);
+  }
+  if (o.prefill < 16 || o.cont < 1 || o.passages < 0 || o.passkey_trials < 0)
+    throw std::invalid_argument("--prefill >= 16, --continue >= 1, --passages and --passkey-trials >= 0");
+  return o;
+}
+
+double token_nll(const float* logits, std::size_t vocab, std::int32_t target) {
+  float m = logits[0];
+  for (std::size_t i = 1; i < vocab; ++i) m = std::max(m, logits[i]);
+  double sum = 0;
+  for (std::size_t i = 0; i < vocab; ++i) sum += std::exp(double(logits[i] - m));
+  return -(double(logits[target] - m) - std::log(sum));
+}
+
+/// Sum of NLLs of tokens[n, n + m) given tokens[0, n), teacher-forced.
+template <class Compressor>
+double continuation_nll(PyramidEngine<Compressor>& engine, const std::vector<std::int32_t>& tokens, int n, int m,
+                        double& kv_prefill, double& kv_end, std::size_t full_slots_prefill) {
+  Matrix logits = engine.prefill({std::vector<std::int32_t>(tokens.begin(), tokens.begin() + n)}, m);
+  kv_prefill = double(engine.slots_held()) / double(full_slots_prefill);
+  double nll = 0;
+  for (int t = 0; t < m; ++t) {
+    nll += token_nll(logits.row(0), logits.cols, tokens[std::size_t(n + t)]);
+    if (t + 1 < m) logits = engine.decode({tokens[std::size_t(n + t)]});
+  }
+  kv_end = double(engine.slots_held()) / double(full_slots_prefill / std::size_t(n) * std::size_t(n + m - 1));
+  return nll;
+}
+
+/// A passkey prompt of about n tokens: filler text with the key at `depth`.
+std::vector<std::int32_t> passkey_prompt(const Tokenizer& tok, const std::vector<std::int32_t>& filler, int n,
+                                         double depth, const std::string& key) {
+  const std::vector<std::int32_t> needle =
+      tok.encode(" The pass key is " + key + ". Remember it. " + key + " is the pass key. ", false);
+  const std::vector<std::int32_t> question = tok.encode("\nWhat is the pass key? The pass key is", false);
+  const int body = n - int(needle.size() + question.size());
+  std::vector<std::int32_t> out(filler.begin(), filler.begin() + body);
+  out.insert(out.begin() + int(depth * body), needle.begin(), needle.end());
+  out.insert(out.end(), question.begin(), question.end());
+  return out;
+}
+
+template <class Compressor>
+bool passkey_found(PyramidEngine<Compressor>& engine, const Tokenizer& tok, const std::vector<std::int32_t>& prompt,
+                   const std::string& key) {
+  Matrix logits = engine.prefill({prompt}, 8);
+  std::vector<std::int32_t> answer;
+  for (int t = 0; t < 8; ++t) {
+    answer.push_back(argmax(logits.row(0), logits.cols));
+    if (t + 1 < 8) logits = engine.decode({answer.back()});
+  }
+  return tok.decode(answer).find(key) != std::string::npos;
+}
+
+Row evaluate(const Model& model, const Tokenizer& tok, const std::vector<std::int32_t>& text, const Options& o,
+             const PolicyOptions& policy, const std::string& budget) {
+  Row row{policy.name, budget, policy.ratio};
+  const auto t0 = std::chrono::steady_clock::now();
+  const LlamaConfig& c = model.config();
+  const std::size_t full_slots = std::size_t(c.n_layers) * c.n_kv_heads * std::size_t(o.prefill);
+  std::mt19937 rng(1234);  // the same keys and depths for every policy
+  with_policy(c, policy, [&](auto pc) {
+    PyramidEngine<decltype(pc)> engine(model, pc);
+    double nll = 0, kvp = 0, kve = 0;
+    const std::size_t stride = (text.size() - std::size_t(o.prefill + o.cont)) / std::size_t(std::max(o.passages, 1));
+    for (int p = 0; p < o.passages; ++p) {
+      const std::vector<std::int32_t> passage(text.begin() + std::ptrdiff_t(p * stride),
+                                              text.begin() + std::ptrdiff_t(p * stride + o.prefill + o.cont));
+      nll += continuation_nll(engine, passage, o.prefill, o.cont, kvp, kve, full_slots);
+      row.kv_prefill = kvp;
+      row.kv_end = kve;
+      std::fprintf(stderr, "  %s %s passage %d/%d: ppl so far %.3f\n", policy.name.c_str(), budget.c_str(), p + 1,
+                   o.passages, std::exp(nll / ((p + 1) * o.cont)));
+    }
+    row.nll = o.passages ? nll / (o.passages * o.cont) : 0;
+    row.ppl = std::exp(row.nll);
+    int found = 0;
+    for (int k = 0; k < o.passkey_trials; ++k) {
+      const std::string key = std::to_string(10000 + rng() % 90000);
+      const double depth = 0.1 + 0.8 * double(k) / std::max(o.passkey_trials - 1, 1);
+      found += passkey_found(engine, tok, passkey_prompt(tok, text, o.prefill, depth, key), key);
+    }
+    row.passkey = o.passkey_trials ? double(found) / o.passkey_trials : 0;
+    row.compress_seconds = engine.compression_seconds();
+  });
+  row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "%-16s %-8s ratio %.4f  kv %.3f (end %.3f)  ppl %.4f  passkey %.2f  (%.1f s)\n",
+               row.policy.c_str(), row.budget.c_str(), row.ratio, row.kv_prefill, row.kv_end, row.ppl, row.passkey,
+               row.seconds);
+  return row;
+}
+
+void write_results(const std::vector<Row>& rows, const Options& o) {
+  std::ofstream csv(o.out + ".csv"), json(o.out + ".json");
+  csv << "policy,budget,ratio,kv_fraction_prefill,kv_fraction_end,nll,perplexity,passkey_accuracy,seconds,"
+         "compression_seconds\n";
+  json << "{\"prefill\": " << o.prefill << ", \"continue\": " << o.cont << ", \"passages\": " << o.passages
+       << ", \"passkey_trials\": " << o.passkey_trials << ", \"rows\": [\n";
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    const Row& r = rows[i];
+    csv << r.policy << "," << r.budget << "," << r.ratio << "," << r.kv_prefill << "," << r.kv_end << "," << r.nll
+        << "," << r.ppl << "," << r.passkey << "," << r.seconds << "," << r.compress_seconds << "\n";
+    json << "  {\"policy\": \"" << r.policy << "\", \"budget\": \"" << r.budget << "\", \"ratio\": " << r.ratio
+         << ", \"kv_fraction_prefill\": " << r.kv_prefill << ", \"kv_fraction_end\": " << r.kv_end
+         << ", \"nll\": " << r.nll << ", \"perplexity\": " << r.ppl << ", \"passkey_accuracy\": " << r.passkey
+         << ", \"seconds\": " << r.seconds << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
+  }
+  json << "]}\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Options o = parse(argc, argv);
+    const GgufFile file = GgufFile::open(o.model);
+    const Tokenizer tok = Tokenizer::from_gguf(file);
+    const Model model = Model::from_gguf(file);
+    std::ifstream in(o.text);
+    if (!in) throw std::runtime_error("cannot read --text " + o.text);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::vector<std::int32_t> ids = tok.encode(text, false);
+    if (int(ids.size()) < o.prefill + o.cont + 1)
+      throw std::invalid_argument("--text has " + std::to_string(ids.size()) + " tokens; need > prefill + continue");
+    std::fprintf(stderr, "text: %zu tokens; prefill %d, continue %d\n", ids.size(), o.prefill, o.cont);
+
+    std::vector<Row> rows;
+    for (const std::string& name : o.policies) {
+      PolicyOptions p;
+      p.name = name;
+      if (name == "full") {
+        p.ratio = 1.0;
+        rows.push_back(evaluate(model, tok, ids, o, p, "1.00"));
+        continue;
+      }
+      if (name == "pyramid") rows.push_back(evaluate(model, tok, ids, o, p, "paper"));  // the paper's defaults
+      for (double f : o.fractions) {
+        if (f >= 1.0) continue;  // the full cache is its own row
+        p.ratio = ratio_for_fraction(model.config(), p, o.prefill, f);
+        char budget[16];
+        std::snprintf(budget, sizeof budget, "%.2f", f);
+        rows.push_back(evaluate(model, tok, ids, o, p, budget));
+      }
+    }
+    write_results(rows, o);
+    std::fprintf(stderr, "wrote %s.csv and %s.json\n", o.out.c_str(), o.out.c_str());
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "pyramid-eval: " << e.what() << "\n";
+    return 1;
+  }
+}
