@@ -84,7 +84,7 @@ struct EvictState {
   int batch, ph, kv_heads, segment, keep, cap;
 };
 
-__global__ void evict_trigger_kernel(EvictState s) {
+static __global__ void evict_trigger_kernel(EvictState s) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= s.batch * s.kv_heads) return;
   const int b = i / s.kv_heads, h = i % s.kv_heads, p = s.ph > 1 ? h : 0;
@@ -102,7 +102,7 @@ __global__ void evict_trigger_kernel(EvictState s) {
 
 /// kept = [0, c) + (c + pick) + [c + seg, n) when fired, identity otherwise.
 /// grid (ceil(cap / 256), ph, batch).
-__global__ void evict_kept_kernel(EvictState s) {
+static __global__ void evict_kept_kernel(EvictState s) {
   const int b = blockIdx.z, p = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
   const int row = b * s.ph + p;
   const int n = s.len[b * s.len0 + p * s.len1];
@@ -117,7 +117,7 @@ __global__ void evict_kept_kernel(EvictState s) {
   if (blockIdx.x == 0 && threadIdx.x == 0) s.new_count[row] = cnt;
 }
 
-__global__ void evict_bound_kernel(EvictState s) {
+static __global__ void evict_bound_kernel(EvictState s) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < s.batch * s.ph && s.fired[i]) s.bound[i] += s.keep;
 }

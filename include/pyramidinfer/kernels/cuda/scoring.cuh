@@ -451,7 +451,7 @@ __global__ void __launch_bounds__(128) score_fallback_kernel(ScoreArgs<T> a) {
 
 /// Weighted mean of given softmax rows; one thread per scored key.
 /// grid (ceil(max count / 256), groups, batch).
-__global__ void __launch_bounds__(256) attention_weight_kernel(TensorView<const float, 4> attn,
+static __global__ void __launch_bounds__(256) attention_weight_kernel(TensorView<const float, 4> attn,
                                                                const std::int32_t* window_len,
                                                                const std::int32_t* score_begin,
                                                                const std::int32_t* score_count, int group,
@@ -558,6 +558,7 @@ template <class T>
 void launch_lse(ScoreArgs<T> a, const ScoreProblem<T>& p, cudaStream_t stream) {
   const bool done = use_mma(p) && pyramidinfer::detail::dispatch_int(p.head_dim(), MmaHeadDims{}, [&](auto dc) {
                       constexpr int D = decltype(dc)::value;
+                      static_assert(D % 16 == 0, "head_dim");
                       if constexpr (!std::is_same<T, float>::value) {
                         const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(
                                             std::int64_t(a.cap) * a.group, kRowsPerBlock)),
@@ -611,6 +612,7 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
   const bool done =
       detail::use_mma(p) && pyramidinfer::detail::dispatch_int(p.head_dim(), detail::MmaHeadDims{}, [&](auto dc) {
         constexpr int D = decltype(dc)::value;
+                      static_assert(D % 16 == 0, "head_dim");
         if constexpr (!std::is_same<T, float>::value) {
           const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(std::min<std::int64_t>(out.shape[2], p.keys.shape[2]),
                                                                   detail::kRowsPerBlock)),

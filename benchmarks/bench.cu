@@ -1,0 +1,246 @@
+// Benchmark driver: device ceilings (copy bandwidth, cuBLAS fp16 GEMM) and the
+// pyramidinfer CUDA kernels on LLaMA-2-13B and Llama-3-8B shapes, one process.
+// Prints one CSV line per measurement:  ours,<case>,<median ms>,<floor ms>,<note>
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <pyramidinfer/pyramidinfer_cuda.cuh>
+
+namespace pi = pyramidinfer;
+namespace pcu = pyramidinfer::cuda;
+#define CK PYRAMIDINFER_CUDA_CHECK
+
+static double g_bw = 0, g_flops = 0;  // bytes/s (read+write), FLOP/s
+
+template <class T>
+struct Buf {
+  T* p = nullptr;
+  size_t n;
+  explicit Buf(size_t n_) : n(n_) { CK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T))); }
+  ~Buf() { cudaFree(p); }
+};
+
+static float median_ms(const std::function<void()>& f, int reps, cudaStream_t s) {
+  f();  // warm-up
+  CK(cudaStreamSynchronize(s));
+  std::vector<float> t;
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < reps; ++i) {
+    CK(cudaEventRecord(a, s));
+    f();
+    CK(cudaEventRecord(b, s));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+__global__ void fill_rand(unsigned short* x, size_t n, unsigned seed, float sd) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    unsigned h = unsigned(i) * 2654435761u ^ seed;
+    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
+    const float u = (h & 0xffffff) / 16777216.0f - 0.5f;
+    x[i] = __half_as_ushort(__float2half(u * sd));
+  }
+}
+__global__ void fill_randf(float* x, size_t n, unsigned seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    unsigned h = unsigned(i) * 2654435761u ^ seed;
+    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
+    x[i] = (h & 0xffffff) / 16777216.0f;
+  }
+}
+template <class T>
+void frand(Buf<T>& b, float sd = 2.0f) {
+  if constexpr (std::is_same<T, float>::value) fill_randf<<<1024, 256>>>(b.p, b.n, unsigned(rand()));
+  else fill_rand<<<1024, 256>>>(reinterpret_cast<unsigned short*>(b.p), b.n, unsigned(rand()), sd);
+  CK(cudaGetLastError());
+}
+
+static void report(const std::string& name, float ms, double floor_ms, const std::string& note = "") {
+  std::printf("ours,%s,%.4f,%.4f,%s\n", name.c_str(), ms, floor_ms, note.c_str());
+  std::fflush(stdout);
+}
+
+static void ceilings(cudaStream_t s) {
+  const size_t bytes = size_t(2) << 30;
+  Buf<char> a(bytes), b(bytes);
+  CK(cudaMemset(a.p, 1, bytes));
+  float ms = median_ms([&] { CK(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s)); }, 10, s);
+  g_bw = 2.0 * bytes / (ms * 1e-3);
+  report("copy_d2d_2GiB", ms, 0, "bandwidth_GBps=" + std::to_string(g_bw / 1e9));
+  const int N = 8192;
+  Buf<pi::half_t> A(size_t(N) * N), B(size_t(N) * N), C(size_t(N) * N);
+  frand(A); frand(B);
+  cublasHandle_t h;
+  cublasCreate(&h);
+  cublasSetStream(h, s);
+  const float one = 1, zero = 0;
+  ms = median_ms([&] {
+    cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, N, N, N, &one, A.p, CUDA_R_16F, N, B.p, CUDA_R_16F, N, &zero, C.p,
+                 CUDA_R_16F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  }, 10, s);
+  g_flops = 2.0 * N * N * double(N) / (ms * 1e-3);
+  report("cublas_fp16_gemm_8192", ms, 0, "TFLOPs=" + std::to_string(g_flops / 1e12));
+  cublasDestroy(h);
+}
+
+// Scoring: B sequences, Hq query heads, Hkv kv heads, n keys, window 20%.
+static void bench_scoring(const char* tag, int B, int Hq, int Hkv, int n, int d, bool given_lse, int reps,
+                          cudaStream_t s) {
+  const int w = 1 + int(0.2 * n), cap = w;
+  Buf<pi::half_t> K(size_t(B) * Hkv * n * d), Q(size_t(B) * Hq * cap * d);
+  frand(K); frand(Q);
+  Buf<float> lse(size_t(B) * Hq * cap);
+  std::vector<int> hlen(size_t(B) * Hkv, n), hzero(B, 0), hw(B, w), hbeg(size_t(B) * Hkv, 0), hcnt(size_t(B) * Hkv, n - w);
+  Buf<int> len(hlen.size()), ring(B), win(B), beg(hbeg.size()), cnt(hcnt.size());
+  CK(cudaMemcpy(len.p, hlen.data(), hlen.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(ring.p, hzero.data(), B * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(win.p, hw.data(), B * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(beg.p, hbeg.data(), hbeg.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(cnt.p, hcnt.data(), hcnt.size() * 4, cudaMemcpyHostToDevice));
+  pi::ScoreProblem<pi::half_t> p;
+  p.keys = pi::make_hnd<const pi::half_t>(K.p, B, Hkv, n, d);
+  p.kv_len = pi::make_contiguous<const int>(len.p, B, Hkv);
+  p.queries = pi::make_contiguous<const pi::half_t>(Q.p, B, Hq, cap, d);
+  p.ring_start = ring.p;
+  p.window_len = win.p;
+  p.score_begin = pi::make_contiguous<const int>(beg.p, B, Hkv);
+  p.score_count = pi::make_contiguous<const int>(cnt.p, B, Hkv);
+  p.scale = 1.0f / std::sqrt(float(d));
+  const pi::Granularity g = Hkv == Hq ? pi::Granularity::shared : pi::Granularity::per_kv_head;
+  const int groups = g == pi::Granularity::shared ? 1 : Hkv;
+  Buf<float> out(size_t(B) * groups * n);
+  if (given_lse) {
+    pcu::window_query_lse(p, 0, pi::make_contiguous(lse.p, B, Hq, cap), s);
+    p.lse = pi::make_contiguous<const float>(lse.p, B, Hq, cap);
+  }
+  const size_t wsb = pcu::window_attention_scores_workspace_bytes(p);
+  Buf<char> ws(wsb);
+  const float ms = median_ms([&] {
+    pcu::window_attention_scores(p, g, 2.0f, pi::make_contiguous(out.p, B, groups, n), ws.p, wsb, s);
+  }, reps, s);
+  // FLOPs: scoring pass over (n - w) keys; LSE pass causal over ~n - w/2 keys.
+  double fl = 2.0 * B * Hq * double(w) * (n - w) * d;
+  if (!given_lse) fl += 2.0 * B * Hq * double(w) * (n - w / 2.0) * d;
+  const double bytes = 2.0 * (K.n + Q.n) + 4.0 * B * groups * (n - w);
+  const double floor_ms = std::max(fl / g_flops, bytes / g_bw) * 1e3;
+  report(std::string("score_") + tag + (given_lse ? "_lse_given" : "_lse_computed"), ms, floor_ms,
+         "TFLOPs=" + std::to_string(fl / (ms * 1e-3) / 1e12));
+}
+
+static void bench_topk(const char* tag, int rows, int n, int k, cudaStream_t s) {
+  Buf<float> sc(size_t(rows) * n);
+  frand(sc);
+  std::vector<int> hn(rows, n), hk(rows, k);
+  Buf<int> dn(rows), dk(rows), out(size_t(rows) * k);
+  CK(cudaMemcpy(dn.p, hn.data(), rows * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dk.p, hk.data(), rows * 4, cudaMemcpyHostToDevice));
+  const float ms = median_ms([&] {
+    pcu::topk_indices(pi::make_contiguous<const float>(sc.p, rows, 1, n), pi::make_contiguous<const int>(dn.p, rows, 1),
+                      pi::make_contiguous<const int>(dk.p, rows, 1), 4, pi::make_contiguous(out.p, rows, 1, k), s);
+  }, 20, s);
+  const double bytes = 4.0 * rows * n + 4.0 * rows * k;
+  report(std::string("topk_") + tag, ms, bytes / g_bw * 1e3);
+}
+
+static void bench_compact(const char* tag, int B, int H, int n, int d, int keep, cudaStream_t s) {
+  const size_t elems = size_t(B) * H * n * d;
+  Buf<pi::half_t> K(elems), V(elems), K2(elems), V2(elems);
+  frand(K); frand(V);
+  std::mt19937 rng(7);
+  std::vector<int> kept(size_t(B) * H * n), cnt(size_t(B) * H, keep);
+  for (int r = 0; r < B * H; ++r) {
+    std::vector<int> all(n);
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin() + 4, all.end(), rng);  // 4 sinks
+    std::sort(all.begin(), all.begin() + keep);
+    std::copy(all.begin(), all.begin() + keep, kept.begin() + size_t(r) * n);
+  }
+  Buf<int> dk(kept.size()), dc(cnt.size()), dcnt2(cnt.size());
+  CK(cudaMemcpy(dk.p, kept.data(), kept.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dc.p, cnt.data(), cnt.size() * 4, cudaMemcpyHostToDevice));
+  auto kv = pi::make_contiguous<const int>(dk.p, B, H, n);
+  auto cv = pi::make_contiguous<const int>(dc.p, B, H);
+  const double bytes = 2.0 * 2.0 * double(B) * H * keep * d * 2;  // K and V, read + write
+  float ms = median_ms([&] {
+    pcu::gather_kv_rows<pi::half_t>(pi::make_hnd<const pi::half_t>(K.p, B, H, n, d), kv, cv,
+                                    pi::make_hnd(K2.p, B, H, n, d), s);
+    pcu::gather_kv_rows<pi::half_t>(pi::make_hnd<const pi::half_t>(V.p, B, H, n, d), kv, cv,
+                                    pi::make_hnd(V2.p, B, H, n, d), s);
+  }, 20, s);
+  report(std::string("compact_gather_") + tag, ms, bytes / g_bw * 1e3,
+         "frac_copy_bw=" + std::to_string(bytes / g_bw * 1e3 / ms));
+  // In place: the same kept lists applied to a fresh copy each time (copy
+  // timed separately and subtracted).
+  const size_t wsb = pcu::compact_kv_inplace_workspace_bytes<pi::half_t>(B, H, n, d);
+  Buf<char> ws(wsb);
+  auto reset = [&] {
+    CK(cudaMemcpyAsync(K2.p, K.p, elems * 2, cudaMemcpyDeviceToDevice, s));
+    CK(cudaMemcpyAsync(V2.p, V.p, elems * 2, cudaMemcpyDeviceToDevice, s));
+  };
+  const float reset_ms = median_ms(reset, 20, s);
+  ms = median_ms([&] {
+    reset();
+    pcu::compact_kv_inplace<pi::half_t>(pi::make_hnd(K2.p, B, H, n, d), pi::make_hnd(V2.p, B, H, n, d), {}, {}, kv, cv,
+                                        ws.p, wsb, s);
+  }, 20, s) - reset_ms;
+  report(std::string("compact_inplace_") + tag, ms, bytes / g_bw * 1e3,
+         "frac_copy_bw=" + std::to_string(bytes / g_bw * 1e3 / ms));
+}
+
+int main(int argc, char** argv) {
+  int dev = 0;
+  if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {
+    std::printf("SKIPPED: no CUDA device\n");
+    return 0;
+  }
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  cudaDeviceProp prop{};
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device,%s,sm_%d%d,%d SMs\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  ceilings(s);
+  // LLaMA-2-13B: 40 heads, d 128, batch 32.
+  for (int n : {512, 4096}) {
+    const std::string t = "l2_13b_b32_n" + std::to_string(n);
+    bench_scoring(t.c_str(), 32, 40, 40, n, 128, true, n > 1000 ? 3 : 10, s);
+    bench_scoring(t.c_str(), 32, 40, 40, n, 128, false, n > 1000 ? 3 : 10, s);
+    const int ctx = n - (1 + int(0.2 * n));
+    bench_topk((t + "_shared").c_str(), 32, ctx, ctx / 2, s);
+    bench_topk((t + "_perhead").c_str(), 32 * 40, ctx, ctx / 2, s);
+    bench_compact(t.c_str(), 32, 40, n, 128, n / 2, s);
+  }
+  // Llama-3-8B: 32 q / 8 kv heads, d 128.
+  for (int n : {32768, 131072}) {
+    for (int B : {1, 4}) {
+      const std::string t = "l3_8b_b" + std::to_string(B) + "_n" + std::to_string(n);
+      const int ctx = n - (1 + int(0.2 * n));
+      bench_topk((t + "_shared").c_str(), B, ctx, ctx / 2, s);
+      bench_topk((t + "_perhead").c_str(), B * 8, ctx, ctx / 2, s);
+      bench_compact(t.c_str(), B, 8, n, 128, n / 2, s);
+    }
+  }
+  if (!quick) bench_scoring("l3_8b_b1_n32768", 1, 32, 8, 32768, 128, true, 1, s);
+  CK(cudaStreamDestroy(s));
+  return 0;
+}

@@ -1,0 +1,473 @@
+// CUDA kernels against the host reference kernels, on fresh random inputs.
+#include "test_util.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+using namespace pyramidinfer;
+using test::DeviceBuffer;
+namespace pcu = pyramidinfer::cuda;
+
+// ---------------------------------------------------------------- top-k ----
+
+namespace {
+
+void run_topk_case(const std::vector<int>& lens, int max_n, int groups, int forced, bool ties, bool nans,
+                   cudaStream_t stream) {
+  const int batch = int(lens.size()) / groups;
+  std::vector<float> s(std::size_t(batch) * groups * std::max(max_n, 1), std::numeric_limits<float>::quiet_NaN());
+  std::vector<std::int32_t> n(lens.begin(), lens.end()), k(lens.size());
+  int max_k = 1;
+  for (std::size_t r = 0; r < lens.size(); ++r) {
+    const int len = lens[r];
+    const int kk = len == 0 ? 0 : (test::rand_int(0, 3) == 0 ? len : test::rand_int(0, len));
+    k[r] = kk;
+    max_k = std::max(max_k, kk);
+    for (int j = 0; j < len; ++j) {
+      float v = test::rand_normal();
+      if (ties) v = std::round(v * 4.f) / 4.f;
+      if (nans) {
+        const int c = test::rand_int(0, 40);
+        if (c == 0) v = std::numeric_limits<float>::quiet_NaN();
+        if (c == 1) v = -std::numeric_limits<float>::infinity();
+        if (c == 2) v = std::numeric_limits<float>::infinity();
+        if (c == 3) v = -0.0f;
+        if (c == 4) v = 0.0f;
+      }
+      s[r * std::size_t(std::max(max_n, 1)) + j] = v;
+    }
+  }
+  DeviceBuffer<float> ds(s);
+  DeviceBuffer<std::int32_t> dn(n), dk(k);
+  DeviceBuffer<std::int32_t> dout(std::size_t(batch) * groups * max_k);
+  pcu::topk_indices(make_contiguous<const float>(ds.ptr, batch, groups, std::max(max_n, 1)),
+                     make_contiguous<const std::int32_t>(dn.ptr, batch, groups),
+                     make_contiguous<const std::int32_t>(dk.ptr, batch, groups), forced,
+                     make_contiguous(dout.ptr, batch, groups, max_k), stream);
+  PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const auto out = dout.download();
+  for (std::size_t r = 0; r < lens.size(); ++r) {
+    std::vector<std::int32_t> ref(std::size_t(std::max(k[r], 1)));
+    host::topk_indices(s.data() + r * std::size_t(std::max(max_n, 1)), n[r], k[r], forced, ref.data());
+    for (int i = 0; i < max_k; ++i) {
+      const std::int32_t got = out[r * max_k + i];
+      if (i < k[r]) {
+        if (got != ref[std::size_t(i)]) {
+          INFO("row " << r << " n " << n[r] << " k " << k[r] << " forced " << forced << " slot " << i);
+          REQUIRE(got == ref[std::size_t(i)]);
+        }
+      } else if (!test::is_poison(got)) {
+        INFO("row " << r << " wrote past k at " << i);
+        REQUIRE(test::is_poison(got));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("topk_indices matches host::topk_indices on ragged rows", "[cuda][topk]") {
+  test::Stream st;
+  for (int rep = 0; rep < 6; ++rep) {
+    const int groups = test::rand_int(1, 3), batch = test::rand_int(1, 6);
+    const int max_n = rep < 3 ? test::rand_int(64, 4096) : test::rand_int(4097, 20000);
+    std::vector<int> lens(std::size_t(batch * groups));
+    for (auto& l : lens) {
+      const int c = test::rand_int(0, 5);
+      l = c == 0 ? 0 : c == 1 ? 1 : c == 2 ? max_n : test::rand_int(0, max_n);
+    }
+    const int forced = test::rand_int(0, 2) == 0 ? 0 : test::rand_int(0, 8);
+    run_topk_case(lens, max_n, groups, forced, rep % 2 == 0, rep % 3 != 2, st.s);
+  }
+}
+
+TEST_CASE("topk_indices: all ties, all NaN, k = n, 128K rows", "[cuda][topk][big]") {
+  test::Stream st;
+  // Heavy ties (few distinct values) and NaN everywhere.
+  run_topk_case({300, 1, 0, 4096}, 4096, 1, 4, true, true, st.s);
+  {
+    const int n = 5000;
+    std::vector<float> s(n, std::numeric_limits<float>::quiet_NaN());
+    for (int j = 0; j < n; j += 7) s[std::size_t(j)] = 1.0f;
+    DeviceBuffer<float> ds(s);
+    const std::vector<std::int32_t> nv{n}, kv{2000};
+    DeviceBuffer<std::int32_t> dn(nv);
+    DeviceBuffer<std::int32_t> dk(kv);
+    DeviceBuffer<std::int32_t> dout(2000);
+    pcu::topk_indices(make_contiguous<const float>(ds.ptr, 1, 1, n), make_contiguous<const std::int32_t>(dn.ptr, 1, 1),
+                       make_contiguous<const std::int32_t>(dk.ptr, 1, 1), 3, make_contiguous(dout.ptr, 1, 1, 2000),
+                       st.s);
+    st.sync();
+    std::vector<std::int32_t> ref(2000);
+    host::topk_indices(s.data(), n, 2000, 3, ref.data());
+    REQUIRE(dout.download() == ref);
+  }
+  std::vector<int> big{131072, 131072 - test::rand_int(0, 1000)};
+  run_topk_case(big, 131072, 1, 4, false, false, st.s);
+  run_topk_case(big, 131072, 2, 0, true, true, st.s);
+}
+
+TEST_CASE("topk_indices rejects bad arguments before launching", "[cuda][topk][args]") {
+  DeviceBuffer<float> s(16);
+  DeviceBuffer<std::int32_t> n(1), k(1), out(16);
+  REQUIRE_THROWS_AS(pcu::topk_indices(make_contiguous<const float>(s.ptr, 1, 1, 16),
+                                       make_contiguous<const std::int32_t>(n.ptr, 1, 1),
+                                       make_contiguous<const std::int32_t>(k.ptr, 1, 1), -1,
+                                       make_contiguous(out.ptr, 1, 1, 16), nullptr),
+                    Error);
+  REQUIRE_THROWS_WITH(pcu::topk_indices(make_contiguous<const float>(s.ptr, 1, 1, 16),
+                                         make_contiguous<const std::int32_t>(nullptr, 1, 1),
+                                         make_contiguous<const std::int32_t>(k.ptr, 1, 1), 0,
+                                         make_contiguous(out.ptr, 1, 1, 16), nullptr),
+                      Catch::Contains("'n'"));
+}
+
+// ----------------------------------------------------------- compaction ----
+
+namespace {
+
+std::vector<std::int32_t> random_kept(int n, int count) {
+  std::vector<std::int32_t> all(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) all[std::size_t(i)] = i;
+  std::shuffle(all.begin(), all.end(), test::rng());
+  all.resize(std::size_t(count));
+  std::sort(all.begin(), all.end());
+  return all;
+}
+
+template <class T>
+void run_compact_case(int batch, int heads, int cap, int d, bool shared, bool nhd, cudaStream_t stream) {
+  const std::size_t elems = std::size_t(batch) * heads * cap * d;
+  std::vector<T> k(elems), v(elems);
+  for (auto& x : k) x = test::rand_value<T>();
+  for (auto& x : v) x = test::rand_value<T>();
+  const int ph = shared ? 1 : heads;
+  std::vector<std::int32_t> pos(std::size_t(batch) * ph * cap);
+  for (auto& p : pos) p = test::rand_int(0, 1 << 20);
+  std::vector<std::int32_t> len(std::size_t(batch) * ph), cnt(std::size_t(batch) * ph);
+  std::vector<std::int32_t> kept(std::size_t(batch) * ph * cap, -7);
+  for (int r = 0; r < batch * ph; ++r) {
+    const int n = test::rand_int(0, 4) == 0 ? cap : test::rand_int(0, cap);
+    const int c = test::rand_int(0, 3) == 0 ? n : test::rand_int(0, n);
+    len[std::size_t(r)] = n;
+    cnt[std::size_t(r)] = c;
+    std::vector<std::int32_t> kk;
+    if (test::rand_int(0, 4) == 0) {  // mostly identity with a tail moved
+      for (int i = 0; i < c; ++i) kk.push_back(i);
+      if (c > 0 && c < n) kk.back() = n - 1;
+    } else {
+      kk = random_kept(n, c);
+    }
+    std::copy(kk.begin(), kk.end(), kept.begin() + std::ptrdiff_t(r) * cap);
+  }
+  DeviceBuffer<T> dk(k), dv(v);
+  DeviceBuffer<std::int32_t> dpos(pos), dlen(len), dcnt(cnt), dkept(kept);
+  auto view = [&](T* p) { return nhd ? make_nhd(p, batch, cap, heads, d) : make_hnd(p, batch, heads, cap, d); };
+  auto hk = view(k.data()), hv = view(v.data());
+  TensorView<std::int32_t, 3> hpos = make_contiguous(pos.data(), batch, ph, cap);
+  TensorView<std::int32_t, 2> hlen = make_contiguous(len.data(), batch, ph);
+  auto kept_v = make_contiguous<const std::int32_t>(dkept.ptr, batch, ph, cap);
+  auto cnt_v = make_contiguous<const std::int32_t>(dcnt.ptr, batch, ph);
+  auto dpos_v = make_contiguous(dpos.ptr, batch, ph, cap);
+  auto dlen_v = make_contiguous(dlen.ptr, batch, ph);
+  if (shared) {
+    kept_v.shape[1] = heads, kept_v.stride[1] = 0;
+    cnt_v.shape[1] = heads, cnt_v.stride[1] = 0;
+    dpos_v.shape[1] = heads, dpos_v.stride[1] = 0;
+    dlen_v.shape[1] = heads, dlen_v.stride[1] = 0;
+  }
+  const std::size_t ws_bytes = pcu::compact_kv_inplace_workspace_bytes<T>(batch, heads, cap, d);
+  DeviceBuffer<unsigned char> ws(ws_bytes);
+  pcu::compact_kv_inplace<T>(view(dk.ptr), view(dv.ptr), dpos_v, dlen_v, kept_v, cnt_v, ws.ptr, ws_bytes, stream);
+  PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h) {
+      const int r = b * ph + (shared ? 0 : h);
+      const std::int32_t* kk = kept.data() + std::size_t(r) * cap;
+      host::compact_rows(hk, b, h, kk, cnt[std::size_t(r)], len[std::size_t(r)]);
+      host::compact_rows(hv, b, h, kk, cnt[std::size_t(r)], len[std::size_t(r)]);
+      if (!shared || h == 0) host::compact_positions(hpos, b, shared ? 0 : h, kk, cnt[std::size_t(r)]);
+    }
+  for (int r = 0; r < batch * ph; ++r) hlen.data[r] = cnt[std::size_t(r)];
+  const auto gk = dk.download(), gv = dv.download();
+  REQUIRE(std::memcmp(gk.data(), k.data(), elems * sizeof(T)) == 0);
+  REQUIRE(std::memcmp(gv.data(), v.data(), elems * sizeof(T)) == 0);
+  REQUIRE(dpos.download() == pos);
+  REQUIRE(dlen.download() == len);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("compact_kv_inplace matches host::compact_rows", "[cuda][compact]", half_t, bfloat16_t, float) {
+  test::Stream st;
+  for (int rep = 0; rep < 4; ++rep) {
+    const int d = rep == 3 ? 24 : (rep % 2 ? 64 : 128);
+    run_compact_case<TestType>(test::rand_int(1, 3), test::rand_int(1, 4), test::rand_int(1, 3000), d, rep % 2 == 0,
+                               rep == 2, st.s);
+  }
+  run_compact_case<TestType>(1, 2, 1, 128, false, false, st.s);
+  run_compact_case<TestType>(2, 1, 20000, 128, true, false, st.s);
+}
+
+TEMPLATE_TEST_CASE("gather_kv_rows and gather_rows match the host gather", "[cuda][compact]", half_t, bfloat16_t,
+                   float) {
+  test::Stream st;
+  const int batch = test::rand_int(1, 3), heads = test::rand_int(1, 4), n = test::rand_int(1, 2000);
+  const int d = test::rand_int(0, 1) ? 128 : 40;
+  std::vector<TestType> src(std::size_t(batch) * heads * n * d);
+  for (auto& x : src) x = test::rand_value<TestType>();
+  std::vector<std::int32_t> cnt(std::size_t(batch) * heads), kept(std::size_t(batch) * heads * n);
+  for (int r = 0; r < batch * heads; ++r) {
+    cnt[std::size_t(r)] = test::rand_int(0, n);
+    const auto kk = random_kept(n, cnt[std::size_t(r)]);
+    std::copy(kk.begin(), kk.end(), kept.begin() + std::ptrdiff_t(r) * n);
+  }
+  DeviceBuffer<TestType> dsrc(src), ddst(src.size());
+  DeviceBuffer<std::int32_t> dkept(kept), dcnt(cnt);
+  const bool nhd = test::rand_int(0, 1) == 1;
+  auto view = [&](TestType* p) { return nhd ? make_nhd(p, batch, n, heads, d) : make_hnd(p, batch, heads, n, d); };
+  pcu::gather_kv_rows<TestType>(view(dsrc.ptr), make_contiguous<const std::int32_t>(dkept.ptr, batch, heads, n),
+                                 make_contiguous<const std::int32_t>(dcnt.ptr, batch, heads), view(ddst.ptr), st.s);
+  st.sync();
+  const auto got = ddst.download();
+  auto hs = view(src.data());
+  auto hg = view(const_cast<TestType*>(got.data()));
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h) {
+      const int r = b * heads + h;
+      for (int i = 0; i < n; ++i)
+        for (int e = 0; e < d; ++e) {
+          if (i < cnt[std::size_t(r)]) {
+            REQUIRE(std::memcmp(&hg(b, h, i, e), &hs(b, h, kept[std::size_t(r) * n + i], e), sizeof(TestType)) == 0);
+          } else {
+            REQUIRE(test::is_poison(hg(b, h, i, e)));
+          }
+        }
+    }
+  // Hidden states [tokens, hidden].
+  const int tokens = test::rand_int(1, 3000), hidden = test::rand_int(0, 1) ? 512 : 77;
+  std::vector<TestType> hsrc(std::size_t(tokens) * hidden);
+  for (auto& x : hsrc) x = test::rand_value<TestType>();
+  const int count = test::rand_int(0, tokens);
+  const auto idx = random_kept(tokens, count);
+  DeviceBuffer<TestType> dh(hsrc), dd(std::size_t(count + 3) * hidden);
+  DeviceBuffer<std::int32_t> didx(std::max<std::size_t>(1, idx.size()));
+  if (count) didx.upload(idx);
+  pcu::gather_rows<TestType>(make_contiguous<const TestType>(dh.ptr, tokens, hidden), didx.ptr, count,
+                              make_contiguous(dd.ptr, count + 3, hidden), st.s);
+  st.sync();
+  std::vector<TestType> ref(std::size_t(count + 3) * hidden);
+  std::memset(ref.data(), 0xFF, ref.size() * sizeof(TestType));
+  host::gather_rows<TestType>(make_contiguous<const TestType>(hsrc.data(), tokens, hidden), idx.data(), count,
+                              make_contiguous(ref.data(), count + 3, hidden));
+  const auto gd = dd.download();
+  REQUIRE(std::memcmp(gd.data(), ref.data(), ref.size() * sizeof(TestType)) == 0);
+  REQUIRE_THROWS_AS(pcu::gather_rows<TestType>(make_contiguous<const TestType>(dh.ptr, tokens, hidden), didx.ptr,
+                                                tokens + 1, make_contiguous(dd.ptr, count + 3, hidden), st.s),
+                    Error);
+}
+
+// -------------------------------------------------------------- scoring ----
+
+namespace {
+
+template <class T>
+struct ScoreCase {
+  int batch, kvh, group, d, cap, slots;
+  bool nhd, with_lse;
+  Granularity g;
+  std::vector<T> keys, q;
+  std::vector<float> lse;
+  std::vector<std::int32_t> len, ring, win, begin, count;
+  ScoreProblem<T> host_problem() {
+    ScoreProblem<T> p;
+    p.keys = nhd ? make_nhd<const T>(keys.data(), batch, slots, kvh, d) : make_hnd<const T>(keys.data(), batch, kvh, slots, d);
+    p.kv_len = make_contiguous<const std::int32_t>(len.data(), batch, kvh);
+    p.queries = make_contiguous<const T>(q.data(), batch, kvh * group, cap, d);
+    p.lse = with_lse ? make_contiguous<const float>(lse.data(), batch, kvh * group, cap) : TensorView<const float, 3>{};
+    p.ring_start = ring.data();
+    p.window_len = win.data();
+    p.score_begin = make_contiguous<const std::int32_t>(begin.data(), batch, kvh);
+    p.score_count = make_contiguous<const std::int32_t>(count.data(), batch, kvh);
+    p.scale = 1.0f / std::sqrt(float(d));
+    return p;
+  }
+};
+
+template <class T>
+ScoreCase<T> make_score_case(int d, Granularity g, bool nhd, bool with_lse, int max_slots) {
+  ScoreCase<T> c;
+  c.batch = test::rand_int(1, 3);
+  c.kvh = test::rand_int(1, 3);
+  c.group = test::rand_int(1, 4);
+  c.d = d;
+  c.g = g;
+  c.nhd = nhd;
+  c.with_lse = with_lse;
+  c.slots = test::rand_int(8, max_slots);
+  c.cap = test::rand_int(1, std::min(300, c.slots));
+  c.keys.resize(std::size_t(c.batch) * c.kvh * c.slots * d);
+  for (auto& x : c.keys) x = pyramidinfer::from_float<T>(test::rand_normal() * 1.5f);
+  c.q.resize(std::size_t(c.batch) * c.kvh * c.group * c.cap * d);
+  for (auto& x : c.q) x = pyramidinfer::from_float<T>(test::rand_normal() * 1.5f);
+  for (int b = 0; b < c.batch; ++b) {
+    const int w = test::rand_int(1, c.cap);
+    c.win.push_back(w);
+    c.ring.push_back(test::rand_int(0, c.cap - 1));
+    const int nshared = test::rand_int(w, c.slots);
+    for (int h = 0; h < c.kvh; ++h) {
+      const int n = g == Granularity::shared ? nshared : test::rand_int(w, c.slots);
+      c.len.push_back(n);
+      const int room = n - w;
+      const int cnt = g == Granularity::shared && h > 0 ? c.count[std::size_t(b * c.kvh)] : test::rand_int(0, room);
+      const int beg = g == Granularity::shared && h > 0 ? c.begin[std::size_t(b * c.kvh)] : test::rand_int(0, room - cnt);
+      c.begin.push_back(beg);
+      c.count.push_back(cnt);
+    }
+  }
+  if (with_lse) {
+    // Stale statistics: the exact LSE shifted a little (what decode keeps).
+    c.lse.assign(std::size_t(c.batch) * c.kvh * c.group * c.cap, 0.f);
+    auto p = c.host_problem();
+    p.lse = {};
+    auto lv = make_contiguous(c.lse.data(), c.batch, c.kvh * c.group, c.cap);
+    for (int b = 0; b < c.batch; ++b) host::window_query_lse(p, b, 0, lv);
+    for (auto& x : c.lse) x += 0.1f * test::rand_normal();
+  }
+  return c;
+}
+
+template <class T>
+void run_score_case(ScoreCase<T>& c, cudaStream_t stream) {
+  DeviceBuffer<T> dk(c.keys), dq(c.q);
+  DeviceBuffer<float> dl(std::max<std::size_t>(1, c.lse.size()));
+  if (c.with_lse) dl.upload(c.lse);
+  DeviceBuffer<std::int32_t> dlen(c.len), dring(c.ring), dwin(c.win), dbeg(c.begin), dcnt(c.count);
+  auto hp = c.host_problem();
+  ScoreProblem<T> p = hp;
+  p.keys.data = dk.ptr;
+  p.queries.data = dq.ptr;
+  if (c.with_lse) p.lse.data = dl.ptr;
+  p.kv_len.data = dlen.ptr;
+  p.ring_start = dring.ptr;
+  p.window_len = dwin.ptr;
+  p.score_begin.data = dbeg.ptr;
+  p.score_count.data = dcnt.ptr;
+  const int groups = c.g == Granularity::shared ? 1 : c.kvh;
+  const int out_len = c.slots + 2;
+  DeviceBuffer<float> dout(std::size_t(c.batch) * groups * out_len);
+  const float dw = float(test::rand_int(1, 8));
+  const std::size_t wsb = pcu::window_attention_scores_workspace_bytes(p);
+  DeviceBuffer<unsigned char> ws(std::max<std::size_t>(wsb, 1));
+  pcu::window_attention_scores<T>(p, c.g, dw, make_contiguous(dout.ptr, c.batch, groups, out_len), ws.ptr, wsb, stream);
+  PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<float> ref(std::size_t(c.batch) * groups * out_len, std::numeric_limits<float>::quiet_NaN());
+  host::window_attention_scores(hp, c.g, dw, make_contiguous(ref.data(), c.batch, groups, out_len));
+  const auto got = dout.download();
+  for (int b = 0; b < c.batch; ++b)
+    for (int gi = 0; gi < groups; ++gi) {
+      const int cnt = c.count[std::size_t(b * c.kvh + gi)];
+      double maxref = 0;
+      for (int j = 0; j < cnt; ++j) maxref = std::max(maxref, double(std::fabs(ref[(std::size_t(b) * groups + gi) * out_len + j])));
+      for (int j = 0; j < out_len; ++j) {
+        const std::size_t i = (std::size_t(b) * groups + gi) * out_len + j;
+        if (j < cnt) {
+          INFO("b " << b << " g " << gi << " j " << j << " of " << cnt << " got " << got[i] << " ref " << ref[i]);
+          REQUIRE(std::isfinite(got[i]));
+          REQUIRE(std::fabs(got[i] - ref[i]) <= 2e-3 * maxref + 1e-4 * std::fabs(ref[i]) + 1e-30);
+        } else {
+          REQUIRE(test::is_poison(got[i]));
+        }
+      }
+    }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("window_attention_scores matches the host reference", "[cuda][scoring]", half_t, bfloat16_t, float) {
+  test::Stream st;
+  for (int d : {64, 128, 40}) {
+    for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
+      for (int variant = 0; variant < 2; ++variant) {
+        auto c = make_score_case<TestType>(d, g, variant == 1, test::rand_int(0, 1) == 1, d == 40 ? 300 : 700);
+        INFO("d " << d << " g " << granularity_name(g) << " nhd " << c.nhd << " lse " << c.with_lse << " B " << c.batch
+                  << " kvh " << c.kvh << " group " << c.group << " slots " << c.slots << " cap " << c.cap);
+        run_score_case(c, st.s);
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("window_query_lse matches host::window_query_lse", "[cuda][scoring]", half_t, bfloat16_t, float) {
+  test::Stream st;
+  for (int d : {128, 64, 24}) {
+    auto c = make_score_case<TestType>(d, Granularity::per_kv_head, d == 64, false, 900);
+    auto hp = c.host_problem();
+    DeviceBuffer<TestType> dk(c.keys), dq(c.q);
+    DeviceBuffer<std::int32_t> dlen(c.len), dring(c.ring), dwin(c.win), dbeg(c.begin), dcnt(c.count);
+    ScoreProblem<TestType> p = hp;
+    p.keys.data = dk.ptr, p.queries.data = dq.ptr, p.kv_len.data = dlen.ptr, p.ring_start = dring.ptr;
+    p.window_len = dwin.ptr, p.score_begin.data = dbeg.ptr, p.score_count.data = dcnt.ptr;
+    const int hq = c.kvh * c.group;
+    DeviceBuffer<float> dl(std::size_t(c.batch) * hq * c.cap);
+    const int row_begin = test::rand_int(0, 2);
+    pcu::window_query_lse<TestType>(p, row_begin, make_contiguous(dl.ptr, c.batch, hq, c.cap), st.s);
+    st.sync();
+    std::vector<float> ref(dl.n);
+    std::memset(ref.data(), 0xFF, ref.size() * 4);
+    for (int b = 0; b < c.batch; ++b)
+      if (row_begin < c.win[std::size_t(b)])
+        host::window_query_lse(hp, b, row_begin, make_contiguous(ref.data(), c.batch, hq, c.cap));
+    const auto got = dl.download();
+    for (std::size_t i = 0; i < ref.size(); ++i) {
+      if (test::is_poison(ref[i])) {
+        REQUIRE(test::is_poison(got[i]));
+      } else {
+        INFO("i " << i << " got " << got[i] << " ref " << ref[i]);
+        REQUIRE(std::fabs(got[i] - ref[i]) <= 1e-3f * std::max(1.0f, std::fabs(ref[i])));
+      }
+    }
+  }
+}
+
+TEST_CASE("attention_weight_scores matches the host reference", "[cuda][scoring]") {
+  test::Stream st;
+  for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
+    const int batch = test::rand_int(1, 3), kvh = test::rand_int(1, 3), heads = kvh * test::rand_int(1, 3);
+    const int rows = test::rand_int(1, 60), n = test::rand_int(rows, 500);
+    std::vector<float> attn(std::size_t(batch) * heads * rows * n);
+    for (auto& x : attn) x = std::fabs(test::rand_normal());
+    std::vector<std::int32_t> win, beg, cnt;
+    for (int b = 0; b < batch; ++b) {
+      win.push_back(test::rand_int(1, rows));
+      cnt.push_back(test::rand_int(0, n));
+      beg.push_back(test::rand_int(0, n - cnt.back()));
+    }
+    const int groups = g == Granularity::shared ? 1 : kvh;
+    DeviceBuffer<float> da(attn), dout(std::size_t(batch) * groups * n);
+    DeviceBuffer<std::int32_t> dw(win), db(beg), dc(cnt);
+    pcu::attention_weight_scores(make_contiguous<const float>(da.ptr, batch, heads, rows, n), dw.ptr, db.ptr, dc.ptr,
+                                  kvh, g, 3.0f, make_contiguous(dout.ptr, batch, groups, n), st.s);
+    st.sync();
+    std::vector<float> ref(dout.n);
+    host::attention_weight_scores(make_contiguous<const float>(attn.data(), batch, heads, rows, n), win.data(),
+                                  beg.data(), cnt.data(), kvh, g, 3.0f, make_contiguous(ref.data(), batch, groups, n));
+    const auto got = dout.download();
+    for (int b = 0; b < batch; ++b)
+      for (int gi = 0; gi < groups; ++gi)
+        for (int j = 0; j < n; ++j) {
+          const std::size_t i = (std::size_t(b) * groups + gi) * n + j;
+          if (j < cnt[std::size_t(b)]) REQUIRE(std::fabs(got[i] - ref[i]) <= 1e-5f * std::max(1.0f, std::fabs(ref[i])));
+          else REQUIRE(test::is_poison(got[i]));
+        }
+  }
+}
+
+TEST_CASE("scoring rejects bad arguments before launching", "[cuda][scoring][args]") {
+  ScoreProblem<half_t> p;
+  DeviceBuffer<float> out(4);
+  REQUIRE_THROWS_AS(pcu::window_attention_scores(p, Granularity::shared, 1.f, make_contiguous(out.ptr, 1, 1, 4),
+                                                  nullptr, 0, nullptr),
+                    Error);
+}

@@ -1,0 +1,81 @@
+// Shared helpers for the CUDA tests: RAII device buffers, seeded RNG, poison.
+#pragma once
+
+#include <catch2/catch.hpp>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <pyramidinfer/pyramidinfer_cuda.cuh>
+
+namespace test {
+
+inline std::mt19937& rng() {
+  static std::mt19937 g = [] {
+    const unsigned seed = std::random_device{}();
+    std::printf("pyramidinfer CUDA tests: seed %u\n", seed);
+    return std::mt19937(seed);
+  }();
+  return g;
+}
+inline int rand_int(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng()); }
+inline float rand_normal() { return std::normal_distribution<float>(0.f, 1.f)(rng()); }
+
+template <class T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  std::size_t n = 0;
+  explicit DeviceBuffer(std::size_t count) : n(count) {
+    PYRAMIDINFER_CUDA_CHECK(cudaMalloc(&ptr, std::max<std::size_t>(1, n) * sizeof(T)));
+    poison();
+  }
+  DeviceBuffer(const std::vector<T>& h) : DeviceBuffer(h.size()) { upload(h); }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  void upload(const std::vector<T>& h) {
+    PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(n);
+    PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+  void poison() { PYRAMIDINFER_CUDA_CHECK(cudaMemset(ptr, 0xFF, std::max<std::size_t>(1, n) * sizeof(T))); }
+};
+
+template <class T>
+bool is_poison(const T& x) {
+  unsigned char b[sizeof(T)];
+  std::memcpy(b, &x, sizeof(T));
+  for (unsigned char c : b)
+    if (c != 0xFF) return false;
+  return true;
+}
+
+template <class T>
+T rand_value() {
+  return pyramidinfer::from_float<T>(rand_normal());
+}
+
+struct Stream {
+  cudaStream_t s{};
+  Stream() { PYRAMIDINFER_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s); }
+  void sync() { PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(s)); }
+};
+
+/// Retargets a host view's data pointer at the same offset inside a device buffer.
+template <class T, class U, int R>
+pyramidinfer::TensorView<U, R> on_device(const pyramidinfer::TensorView<T, R>& v, U* dev) {
+  pyramidinfer::TensorView<U, R> d;
+  d.data = dev;
+  d.shape = v.shape;
+  d.stride = v.stride;
+  return d;
+}
+
+}  // namespace test

@@ -1,0 +1,213 @@
+// Reference mode: the authors' PyramidInfer selection, reimplemented here as
+// literally as possible and independently of the library (double precision,
+// full causal attention matrices, stored attention rows during generation),
+// compared with PyramidCompressor position set by position set.
+//
+// Simplification: every layer's q/k/v of a token are drawn per original token
+// up front, so a token's q/k at a layer do not depend on which tokens survived
+// (in a real model the hidden states would change; the selection logic, which
+// is what is tested here, does not care).
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "helpers.hpp"
+
+namespace {
+
+constexpr double kPi = 3.14159265358979323846;
+
+// torch.linspace(start, end, steps) in float32: both halves measured from their end.
+std::vector<float> linspace_f32(float start, float end, int steps) {
+  std::vector<float> out(static_cast<std::size_t>(steps));
+  if (steps == 1) {
+    out[0] = start;
+    return out;
+  }
+  const float step = (end - start) / float(steps - 1);
+  for (int i = 0; i < steps; ++i)
+    out[std::size_t(i)] = i < steps / 2 ? start + float(i) * step : end - float(steps - 1 - i) * step;
+  return out;
+}
+
+// Indices of the `k` largest scores (ties: lower index), ascending.
+std::vector<int> topk_set(const std::vector<double>& s, int k) {
+  std::vector<int> idx(s.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return s[std::size_t(a)] > s[std::size_t(b)]; });
+  idx.resize(std::size_t(k));
+  std::sort(idx.begin(), idx.end());
+  return idx;
+}
+
+struct Reference {
+  const pit::TokenData& D;
+  int L, H, Hkv, d, n, R, W;
+  double scale;
+  std::vector<std::vector<int>> T;                  // T[l]: tokens layer l computes (and caches)
+  std::vector<std::vector<int>> P;                  // decode: cache positions per layer
+  std::vector<std::vector<std::vector<double>>> rows;  // decode: stored window rows per layer
+  std::vector<int> past_len;
+  bool full_matrix = true;  // false: only the window rows (the rest is never read)
+
+  Reference(const pit::TokenData& data, int n_)
+      : D(data), L(data.layers), H(data.heads), Hkv(data.kv_heads), d(data.dim), n(n_),
+        R(int(n_ * 0.2)), W(1 + int(n_ * 0.2)), scale(1.0 / std::sqrt(double(data.dim))) {}
+
+  // Head-averaged causal softmax row of query token `qt` over key tokens `keys`
+  // (the query sees the first `visible` of them); repeat_kv for GQA.
+  std::vector<double> attn_row(int l, int qt, const std::vector<int>& keys, int visible) const {
+    std::vector<double> row(keys.size(), 0.0);
+    const int group = H / Hkv;
+    for (int h = 0; h < H; ++h) {
+      std::vector<double> z(static_cast<std::size_t>(visible));
+      double mx = -1e300;
+      for (int j = 0; j < visible; ++j) {
+        double acc = 0;
+        for (int i = 0; i < d; ++i) acc += double(D.qa(l, qt, h)[i]) * double(D.ka(l, keys[std::size_t(j)], h / group)[i]);
+        z[std::size_t(j)] = acc * scale;
+        mx = std::max(mx, z[std::size_t(j)]);
+      }
+      double sum = 0;
+      for (auto& x : z) sum += std::exp(x - mx);
+      for (int j = 0; j < visible; ++j) row[std::size_t(j)] += std::exp(z[std::size_t(j)] - mx) / sum / H;
+    }
+    return row;
+  }
+
+  void prefill() {
+    std::vector<int> cur(static_cast<std::size_t>(n));
+    std::iota(cur.begin(), cur.end(), 0);
+    const int min_ctx = std::min(64, n - 1 - R);
+    const std::vector<float> lin = linspace_f32(1.0f, 1.2f, W);
+    for (int l = 0; l < L; ++l) {
+      T.push_back(cur);
+      const int m = int(cur.size());
+      // Full causal attention matrix over T_l, mean over heads.
+      std::vector<std::vector<double>> A;
+      // (Rows above the window are never read; full_matrix = false skips them to stay fast.)
+      for (int i = 0; i < m; ++i)
+        A.push_back(full_matrix || i >= m - W ? attn_row(l, cur[std::size_t(i)], cur, i + 1)
+                                              : std::vector<double>(static_cast<std::size_t>(m), 0.0));
+      std::vector<std::vector<double>> win(A.end() - W, A.end());
+      rows.push_back(win);
+      const int ctx = m - W;
+      const double ratio = (1 - 0.9) * (std::cos(kPi * l / L) + 1) / 2 + 0.9;
+      std::vector<int> keep(static_cast<std::size_t>(ctx));
+      std::iota(keep.begin(), keep.end(), 0);
+      if (ctx > min_ctx && ratio < 1) {
+        std::vector<double> score(static_cast<std::size_t>(ctx), 0.0);
+        for (int r = 0; r < W; ++r)
+          for (int j = 0; j < ctx; ++j) score[std::size_t(j)] += win[std::size_t(r)][std::size_t(j)] * double(lin[std::size_t(r)]);
+        for (auto& s : score) s /= W;
+        const double mx = *std::max_element(score.begin(), score.end());
+        for (int j = 0; j < 4 && j < ctx; ++j) score[std::size_t(j)] = mx;
+        const int t = int(ctx * ratio);
+        const int topk = t > min_ctx ? t : ctx;
+        keep = topk_set(score, topk);
+      }
+      std::vector<int> next;
+      for (int j : keep) next.push_back(cur[std::size_t(j)]);
+      for (int j = ctx; j < m; ++j) next.push_back(cur[std::size_t(j)]);
+      cur = next;
+    }
+    T.push_back(cur);
+    P.assign(T.begin(), T.begin() + L);
+    for (int l = 0; l < L; ++l) past_len.push_back(int(T[std::size_t(l)].size()));
+  }
+
+  // One generated token at layer l; returns whether the layer compressed.
+  bool decode(int l, int token) {
+    auto& pos = P[std::size_t(l)];
+    auto& rw = rows[std::size_t(l)];
+    pos.push_back(token);
+    for (auto& r : rw) r.push_back(0.0);  // older rows: zero for the new column
+    rw.push_back(attn_row(l, token, pos, int(pos.size())));
+    if (int(rw.size()) > W) rw.erase(rw.begin());
+    const int len = int(pos.size());
+    if (len - R - past_len[std::size_t(l)] < 16) return false;
+    const double gen_ratio = (1 - 0.1) * (std::cos(kPi * l / L) + 1) / 2 + 0.1;
+    const int topk = std::max(int(16 * 0.9 * gen_ratio), 1);
+    const int start = len - W - 16;
+    const std::vector<float> lin = linspace_f32(1.0f, 1.2f, W);
+    std::vector<double> score(16, 0.0);
+    for (int r = 0; r < W; ++r)
+      for (int j = 0; j < 16; ++j) score[std::size_t(j)] += rw[std::size_t(r)][std::size_t(start + j)] * double(lin[std::size_t(r)]);
+    for (auto& s : score) s /= W;
+    const std::vector<int> keep = topk_set(score, topk);
+    std::vector<int> cols;
+    for (int j = 0; j < start; ++j) cols.push_back(j);
+    for (int j : keep) cols.push_back(start + j);
+    for (int j = start + 16; j < len; ++j) cols.push_back(j);
+    std::vector<int> np;
+    for (int c : cols) np.push_back(pos[std::size_t(c)]);
+    pos = np;
+    for (auto& r : rw) {
+      std::vector<double> nr;
+      for (int c : cols) nr.push_back(r[std::size_t(c)]);
+      r = nr;
+    }
+    past_len[std::size_t(l)] = int(pos.size()) - R;
+    return true;
+  }
+};
+
+std::vector<int> as_int(const std::vector<std::int32_t>& v) { return std::vector<int>(v.begin(), v.end()); }
+
+void run_reference_case(int L, int H, int Hkv, int n, int steps, std::uint32_t seed, bool full_matrix) {
+  using namespace pyramidinfer;
+  const int d = 16;
+  INFO("L " << L << " H " << H << " Hkv " << Hkv << " n " << n << " seed " << seed);
+  pit::TokenData D(L, H, Hkv, d, n + steps, seed, 8, 1.5f);
+  Reference ref(D, n);
+  ref.full_matrix = full_matrix;
+  ref.prefill();
+
+  CompressorConfig cfg{L, H, Hkv, d};
+  PyramidCompressor<> comp(cfg);
+  KVCache<float> cache(comp.plan({n}, steps, DType::f32).shape);
+  comp.begin(cache, {n});
+  int compressed_layers = 0;
+  for (int l = 0; l < L; ++l) {
+    const auto T = pit::prefill_layer(comp, cache, 0, l, D);
+    INFO("prefill layer " << l);
+    REQUIRE(as_int(T) == ref.T[std::size_t(l)]);
+    REQUIRE(as_int(pit::cache_positions(cache, l, 0)) == ref.T[std::size_t(l)]);
+    REQUIRE(as_int(comp.tokens(0)) == ref.T[std::size_t(l) + 1]);
+    compressed_layers += ref.T[std::size_t(l) + 1].size() < ref.T[std::size_t(l)].size() ? 1 : 0;
+  }
+  CHECK(compressed_layers >= L / 2);  // the schedule really compressed
+  int fires = 0;
+  for (int s = 0; s < steps; ++s)
+    for (int l = 0; l < L; ++l) {
+      const bool rf = ref.decode(l, n + s);
+      const int lf = pit::decode_layer(comp, cache, l, D, {n + s}, {n + s});
+      INFO("decode step " << s << " layer " << l);
+      REQUIRE(lf == (rf ? 1 : 0));
+      REQUIRE(as_int(pit::cache_positions(cache, l, 0)) == ref.P[std::size_t(l)]);
+      fires += lf;
+    }
+  if (steps > 0) CHECK(fires >= L);  // generation-stage compression happened
+}
+
+}  // namespace
+
+TEST_CASE("Reference mode: MHA (H = Hkv = 4), prefill and generation", "[reference]") {
+  run_reference_case(8, 4, 4, 300, 110, 1001, true);
+}
+
+TEST_CASE("Reference mode: GQA (H = 8, Hkv = 2) repeats KV heads", "[reference]") {
+  run_reference_case(12, 8, 2, 360, 110, 2002, false);
+}
+
+TEST_CASE("Reference mode: short prompt, long generation, many decode compressions", "[reference]") {
+  run_reference_case(10, 8, 2, 120, 150, 3003, true);
+}
+
+TEST_CASE("Reference mode: long prompts, prefill only", "[reference]") {
+  run_reference_case(8, 4, 4, 700, 0, 4004, false);
+  run_reference_case(8, 8, 2, 410, 0, 5005, false);
+}

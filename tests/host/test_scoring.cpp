@@ -1,0 +1,237 @@
+// Scoring kernels on tiny hand-computed problems, and view-layout invariance.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "helpers.hpp"
+
+using namespace pyramidinfer;
+
+namespace {
+
+/// One sequence, owning its buffers. keys: [kv_head][slot][d] (HND).
+struct Tiny {
+  int Hkv, H, n, d, w, cap;
+  std::vector<float> keys, queries, lse;
+  std::vector<std::int32_t> pos, len, begin, count;
+  std::int32_t ring_start = 0, window = 0;
+  bool nhd = false;
+  std::vector<float> keys_nhd;
+
+  Tiny(int Hkv_, int H_, int n_, int d_, int w_, int cap_ = -1)
+      : Hkv(Hkv_), H(H_), n(n_), d(d_), w(w_), cap(cap_ < 0 ? w_ : cap_),
+        keys(std::size_t(Hkv_) * n_ * d_), queries(std::size_t(H_) * cap * d_), lse(std::size_t(H_) * cap),
+        pos(std::size_t(n_)), len(std::size_t(Hkv_), n_), begin(std::size_t(Hkv_), 0),
+        count(std::size_t(Hkv_), n_ - w_) {
+    window = w;
+    for (int i = 0; i < n; ++i) pos[std::size_t(i)] = i;
+  }
+  float& key(int h, int s, int i) { return keys[(std::size_t(h) * n + s) * d + i]; }
+  float& query(int h, int slot, int i) { return queries[(std::size_t(h) * cap + slot) * d + i]; }
+
+  ScoreProblem<float> problem(bool with_lse = false) {
+    ScoreProblem<float> p;
+    if (nhd) {
+      keys_nhd.assign(keys.size(), 0.f);
+      for (int h = 0; h < Hkv; ++h)
+        for (int s = 0; s < n; ++s)
+          for (int i = 0; i < d; ++i) keys_nhd[(std::size_t(s) * Hkv + h) * d + i] = key(h, s, i);
+      p.keys = make_nhd<const float>(keys_nhd.data(), 1, n, Hkv, d);
+    } else {
+      p.keys = make_hnd<const float>(keys.data(), 1, Hkv, n, d);
+    }
+    p.positions = {pos.data(), {1, Hkv, n}, {n, 0, 1}};
+    p.kv_len = make_contiguous<const std::int32_t>(len.data(), 1, Hkv);
+    p.queries = make_contiguous<const float>(queries.data(), 1, H, cap, d);
+    if (with_lse) p.lse = make_contiguous<const float>(lse.data(), 1, H, cap);
+    p.ring_start = &ring_start;
+    p.window_len = &window;
+    p.score_begin = make_contiguous<const std::int32_t>(begin.data(), 1, Hkv);
+    p.score_count = make_contiguous<const std::int32_t>(count.data(), 1, Hkv);
+    p.scale = 1.0f;
+    return p;
+  }
+};
+
+std::vector<float> run_window(Tiny& t, Granularity g, float dw, bool with_lse = false) {
+  const int groups = g == Granularity::shared ? 1 : t.Hkv;
+  std::vector<float> out(std::size_t(groups) * std::size_t(std::max(1, t.n - t.w)), -99.f);
+  host::window_attention_scores(t.problem(with_lse), g, dw,
+                                make_contiguous(out.data(), 1, groups, std::max(1, t.n - t.w)));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("distance_row_weight follows torch.linspace float32 arithmetic", "[scoring]") {
+  // w = 1: a single row weighs 1 whatever the distance weight.
+  CHECK(host::distance_row_weight(0, 1, 1.2f) == 1.0f);
+  CHECK(host::distance_row_weight(0, 1, 7.0f) == 1.0f);
+  // w = 5: linspace(1.0, 1.2, 5) = 1, 1.05, 1.1, 1.15, 1.2 with torch's
+  // two-sided evaluation: start + i*step for i < 2, end - (4-i)*step after.
+  const float step = (1.2f - 1.0f) / 4.0f;
+  const float expect[5] = {1.0f, 1.0f + step, 1.2f - 2.0f * step, 1.2f - step, 1.2f};
+  for (int r = 0; r < 5; ++r) CHECK(host::distance_row_weight(r, 5, 1.2f) == expect[r]);
+  CHECK(host::distance_row_weight(4, 5, 1.2f) == 1.2f);  // end point exact
+  CHECK(host::distance_row_weight(2, 5, 1.2f) == Approx(1.1).epsilon(1e-6));
+  CHECK(host::distance_row_weight(1, 5, 1.2f) == Approx(1.05).epsilon(1e-6));
+  // w = 2: exactly the two end points.
+  CHECK(host::distance_row_weight(0, 2, 1.2f) == 1.0f);
+  CHECK(host::distance_row_weight(1, 2, 1.2f) == 1.2f);
+  // distance 1: all ones.
+  for (int r = 0; r < 7; ++r) CHECK(host::distance_row_weight(r, 7, 1.0f) == 1.0f);
+}
+
+TEST_CASE("window_attention_scores on 2 and 3 keys with known softmax values", "[scoring]") {
+  SECTION("2 keys, window of 1: softmax(0, ln 3) = (1/4, 3/4)") {
+    Tiny t(1, 1, 2, 1, 1);
+    t.key(0, 0, 0) = 0.f;
+    t.key(0, 1, 0) = std::log(3.f);
+    t.query(0, 0, 0) = 1.f;
+    CHECK(run_window(t, Granularity::shared, 1.2f)[0] == Approx(0.25).epsilon(1e-6));
+    t.query(0, 0, 0) = 0.f;  // uniform
+    CHECK(run_window(t, Granularity::shared, 1.2f)[0] == Approx(0.5).epsilon(1e-6));
+  }
+  SECTION("3 keys, window of 2, distance weights 1 and 1.2") {
+    Tiny t(1, 1, 3, 1, 2);
+    t.key(0, 0, 0) = 0.f;
+    t.key(0, 1, 0) = std::log(2.f);
+    t.key(0, 2, 0) = std::log(3.f);
+    t.query(0, 0, 0) = 1.f;
+    t.query(0, 1, 0) = 1.f;
+    // row 0 (slot 1) sees (1, 2): 1/3; row 1 sees (1, 2, 3): 1/6
+    CHECK(run_window(t, Granularity::shared, 1.2f)[0] == Approx((1.0 / 3 + 1.2 / 6) / 2).epsilon(1e-6));
+    CHECK(run_window(t, Granularity::shared, 1.0f)[0] == Approx(0.25).epsilon(1e-6));
+    // Row order: row 0 q = 1, row 1 q = 0 (uniform 1/3)
+    t.query(0, 1, 0) = 0.f;
+    CHECK(run_window(t, Granularity::shared, 1.2f)[0] == Approx((1.0 / 3 + 1.2 / 3) / 2).epsilon(1e-6));
+    // The ring may start anywhere: physical slot 2 holds row 0, slot 0 row 1.
+    Tiny r(1, 1, 3, 1, 2, 3);
+    r.key(0, 1, 0) = std::log(2.f);
+    r.key(0, 2, 0) = std::log(3.f);
+    r.ring_start = 2;
+    r.query(0, 2, 0) = 0.f;  // oldest row: uniform over 2 slots -> 1/2
+    r.query(0, 0, 0) = 1.f;  // newest: 1/6
+    CHECK(run_window(r, Granularity::shared, 1.2f)[0] == Approx((0.5 + 1.2 / 6) / 2).epsilon(1e-6));
+    // With stored LSEs the kernel uses them instead of recomputing.
+    r.lse[2] = std::log(4.f);  // exp(0 - ln 4) = 1/4
+    r.lse[0] = std::log(10.f);  // exp(1*0 - ln 10) = 1/10
+    CHECK(run_window(r, Granularity::shared, 1.2f, true)[0] == Approx((0.25 + 1.2 * 0.1) / 2).epsilon(1e-6));
+  }
+  SECTION("heads: GQA mean over query heads, per_kv_head keeps groups apart") {
+    // kv head 0 keys (0, ln2, ln3); kv head 1 keys all 0 (uniform for any query).
+    Tiny t(2, 4, 3, 1, 2);
+    t.key(0, 1, 0) = std::log(2.f);
+    t.key(0, 2, 0) = std::log(3.f);
+    for (int r = 0; r < 2; ++r) {
+      t.query(0, r, 0) = 1.f;  // group 0: (1/3, 1/6)
+      t.query(1, r, 0) = 0.f;  // group 0: uniform (1/2, 1/3)
+      t.query(2, r, 0) = 5.f;  // group 1: uniform whatever q
+      t.query(3, r, 0) = -1.f;
+    }
+    const double h0 = (1.0 / 3 + 1.2 / 6) / 2, h1 = (0.5 + 1.2 / 3) / 2, uni = (0.5 + 1.2 / 3) / 2;
+    const auto per = run_window(t, Granularity::per_kv_head, 1.2f);
+    CHECK(per[0] == Approx((h0 + h1) / 2).epsilon(1e-6));
+    CHECK(per[1] == Approx(uni).epsilon(1e-6));
+    const auto shared = run_window(t, Granularity::shared, 1.2f);
+    CHECK(shared[0] == Approx((h0 + h1 + 2 * uni) / 4).epsilon(1e-6));
+  }
+}
+
+TEST_CASE("key_norm_scores and position_scores", "[scoring]") {
+  Tiny t(2, 2, 4, 2, 1);
+  // slot s of kv head 0: (3s, 4s) -> norm 5s; kv head 1: (0, s) -> s
+  for (int s = 0; s < 4; ++s) {
+    t.key(0, s, 0) = 3.f * s;
+    t.key(0, s, 1) = 4.f * s;
+    t.key(1, s, 1) = float(s);
+  }
+  t.begin = {1, 1};
+  t.count = {2, 2};
+  std::vector<float> out(4, -99.f);
+  host::key_norm_scores(t.problem(), Granularity::per_kv_head, make_contiguous(out.data(), 1, 2, 2));
+  CHECK(out == std::vector<float>{-5.f, -10.f, -1.f, -2.f});
+  std::vector<float> sh(2, -99.f);
+  host::key_norm_scores(t.problem(), Granularity::shared, make_contiguous(sh.data(), 1, 1, 2));
+  CHECK(sh[0] == Approx(-3.0));
+  CHECK(sh[1] == Approx(-6.0));
+
+  t.pos = {7, 11, 13, 20};
+  host::position_scores(t.problem(), Granularity::shared, make_contiguous(sh.data(), 1, 1, 2));
+  CHECK(sh == std::vector<float>{11.f, 13.f});
+  t.begin = {0, 0};
+  t.count = {3, 3};
+  std::vector<float> three(3);
+  host::position_scores(t.problem(), Granularity::shared, make_contiguous(three.data(), 1, 1, 3));
+  CHECK(three == std::vector<float>{7.f, 11.f, 13.f});
+}
+
+TEST_CASE("attention_weight_scores equals window_attention_scores fed the softmax rows", "[scoring]") {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  const int Hkv = 2, H = 4, n = 40, d = 8, w = 9;
+  Tiny t(Hkv, H, n, d, w);
+  for (auto& x : t.keys) x = nd(rng);
+  for (auto& x : t.queries) x = nd(rng);
+  const int group = H / Hkv;
+  // attn (1, H, w rows, n): softmax of the window rows, causal.
+  std::vector<float> attn(std::size_t(H) * w * n, 0.f);
+  for (int h = 0; h < H; ++h)
+    for (int r = 0; r < w; ++r) {
+      const int last = n - w + r;
+      std::vector<double> z(std::size_t(last + 1));
+      double mx = -1e300, sum = 0;
+      for (int j = 0; j <= last; ++j) {
+        double acc = 0;
+        for (int i = 0; i < d; ++i) acc += double(t.query(h, r, i)) * t.key(h / group, j, i);
+        z[std::size_t(j)] = acc;
+        mx = std::max(mx, acc);
+      }
+      for (auto& x : z) sum += std::exp(x - mx);
+      for (int j = 0; j <= last; ++j)
+        attn[(std::size_t(h) * w + r) * n + j] = float(std::exp(z[std::size_t(j)] - mx) / sum);
+    }
+  for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
+    const int groups = g == Granularity::shared ? 1 : Hkv;
+    const auto ref = run_window(t, g, 1.2f);
+    std::vector<float> got(std::size_t(groups) * (n - w), -99.f);
+    const std::int32_t wl = w, sb = 0, sc = n - w;
+    host::attention_weight_scores(make_contiguous<const float>(attn.data(), 1, H, w, n), &wl, &sb, &sc, Hkv, g,
+                                  1.2f, make_contiguous(got.data(), 1, groups, n - w));
+    for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == Approx(ref[i]).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("HND and NHD key views give identical scores", "[scoring][view]") {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  Tiny t(2, 6, 33, 4, 5, 7);
+  for (auto& x : t.keys) x = nd(rng);
+  for (auto& x : t.queries) x = nd(rng);
+  t.ring_start = 4;
+  t.begin = {2, 2};
+  t.count = {20, 20};
+  for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
+    const auto a = run_window(t, g, 1.2f);
+    std::vector<float> ka(4 * 28), kb(4 * 28);
+    const int groups = g == Granularity::shared ? 1 : 2;
+    host::key_norm_scores(t.problem(), g, make_contiguous(ka.data(), 1, groups, 28));
+    t.nhd = true;
+    const auto b = run_window(t, g, 1.2f);
+    host::key_norm_scores(t.problem(), g, make_contiguous(kb.data(), 1, groups, 28));
+    t.nhd = false;
+    CHECK(a == b);  // bit for bit
+    CHECK(ka == kb);
+    CHECK(a[0] != -99.f);
+  }
+  // Views themselves address the same elements.
+  std::vector<float> x(2 * 3 * 4 * 5);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(i);
+  const auto nhd = make_nhd(x.data(), 2, 3, 4, 5);  // [b][token][head][d]
+  CHECK(nhd(1, 2, 0, 3) == x[((1 * 3 + 0) * 4 + 2) * 5 + 3]);
+  CHECK(nhd(0, 3, 2, 4) == x[((0 * 3 + 2) * 4 + 3) * 5 + 4]);
+  const auto hnd = make_hnd(x.data(), 2, 3, 4, 5);
+  CHECK(hnd(1, 2, 3, 4) == x[((1 * 3 + 2) * 4 + 3) * 5 + 4]);
+}
