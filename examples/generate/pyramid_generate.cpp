@@ -9,6 +9,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <iostream>
 #include <string>
 
@@ -33,6 +35,16 @@ struct Options {
   bool raw = false;
   std::string prompt;
 };
+
+/// With no prompt given: a question about the opening of Moby-Dick, long
+/// enough (about 600 tokens) that prefill compresses.
+std::string default_prompt() {
+  std::ifstream in(std::string(PYRAMIDINFER_REPO_ROOT) + "/examples/data/moby_dick_ch1-3.txt");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  text = text.substr(0, 2600);
+  return "Here is the opening of a novel:\n\n" + text.substr(0, text.rfind('.') + 1) +
+         "\n\nWhat name does the narrator ask to be called by, and where does he go when he feels gloomy?";
+}
 
 [[noreturn]] void usage(const std::string& why) {
   std::cerr << "pyramid-generate: " << why << "\n"
@@ -60,8 +72,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--help" || a == "-h") usage("help");
     else o.prompt += (o.prompt.empty() ? "" : " ") + a;
   }
-  if (o.prompt.empty())
-    o.prompt = "Explain in three sentences why the sky is blue, as you would to a curious child.";
+  if (o.prompt.empty()) o.prompt = default_prompt();
   if (o.device != "cpu") usage("--device " + o.device + ": this build runs on cpu only");
   if (o.max_tokens < 1) usage("--max-tokens must be >= 1");
   return o;
