@@ -1,0 +1,306 @@
+// model.hpp - Llama-architecture model loaded from GGUF (weights dequantised
+// to fp32) with a CPU forward pass split into per-layer steps, so that an
+// engine can drive it layer by layer and own the KV cache:
+//
+//   Matrix h = model.embed(ids);                       // [T, dim]
+//   for each layer l:
+//       LayerQkv qkv = model.layer_qkv(l, h, positions);  // RoPE'd Q, K and V
+//       ... store qkv.k / qkv.v in the KV cache ...
+//       model.layer_attend_and_finish(l, h, qkv.q, positions, cache_view(l));
+//       ... optionally keep only some rows of h (and their positions) ...
+//   Matrix logits = model.logits(h);
+//
+// Every per-layer call takes the hidden rows together with their ORIGINAL
+// positions, so the rows may be any gathered subset of the sequence.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "llama/gguf.hpp"
+#include "llama/kv_cache.hpp"
+#include "llama/tensor_ops.hpp"
+
+namespace pyramidinfer::llama {
+
+struct LlamaConfig {
+    std::size_t n_layers = 0;        // llama.block_count
+    std::size_t dim = 0;             // llama.embedding_length
+    std::size_t ffn_dim = 0;         // llama.feed_forward_length
+    std::size_t n_heads = 0;         // llama.attention.head_count
+    std::size_t n_kv_heads = 0;      // llama.attention.head_count_kv
+    std::size_t head_dim = 0;        // dim / n_heads
+    std::size_t rope_dims = 0;       // llama.rope.dimension_count (default head_dim)
+    std::size_t vocab_size = 0;      // llama.vocab_size or the tokenizer's token count
+    std::size_t context_length = 0;  // llama.context_length
+    float rope_base = 10000.0f;      // llama.rope.freq_base
+    float rms_eps = 1e-5f;           // llama.attention.layer_norm_rms_epsilon
+
+    // Reads and sanity-checks the llama.* keys (bounds keep a corrupted file
+    // from requesting absurd allocations before the tensor shapes are seen).
+    static LlamaConfig from_gguf(const GgufFile& file) {
+        const GgufValue* arch = file.find("general.architecture");
+        if (!arch || arch->type != GgufType::String || arch->as_string() != "llama") {
+            throw FormatError("model: general.architecture must be \"llama\"");
+        }
+        LlamaConfig c;
+        c.n_layers = size_key(file, "llama.block_count", 1, 1024);
+        c.dim = size_key(file, "llama.embedding_length", 1, 1 << 16);
+        c.ffn_dim = size_key(file, "llama.feed_forward_length", 1, 1 << 18);
+        c.n_heads = size_key(file, "llama.attention.head_count", 1, 1024);
+        c.n_kv_heads = file.find("llama.attention.head_count_kv")
+                           ? size_key(file, "llama.attention.head_count_kv", 1, c.n_heads)
+                           : c.n_heads;
+        c.context_length = size_key(file, "llama.context_length", 1, 1 << 24);
+        if (c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0) {
+            throw FormatError("model: embedding_length " + std::to_string(c.dim) + ", head_count " +
+                              std::to_string(c.n_heads) + " and head_count_kv " + std::to_string(c.n_kv_heads) +
+                              " do not divide evenly");
+        }
+        c.head_dim = c.dim / c.n_heads;
+        c.rope_dims = file.find("llama.rope.dimension_count")
+                          ? size_key(file, "llama.rope.dimension_count", 2, c.head_dim)
+                          : c.head_dim;
+        if (c.rope_dims % 2 != 0) throw FormatError("model: llama.rope.dimension_count must be even");
+        if (file.find("llama.vocab_size")) {
+            c.vocab_size = size_key(file, "llama.vocab_size", 1, 1 << 22);
+        } else {
+            const GgufValue& tokens = file.at("tokenizer.ggml.tokens");
+            c.vocab_size = tokens.strings.size();
+        }
+        if (file.find("llama.rope.freq_base")) c.rope_base = float_key(file, "llama.rope.freq_base");
+        c.rms_eps = float_key(file, "llama.attention.layer_norm_rms_epsilon");
+        return c;
+    }
+
+private:
+    static std::size_t size_key(const GgufFile& file, const std::string& key, std::size_t lo, std::size_t hi) {
+        const GgufValue& v = file.at(key);
+        if (v.is_array() || v.ints.size() != 1 || v.ints[0] < static_cast<std::int64_t>(lo) ||
+            v.ints[0] > static_cast<std::int64_t>(hi)) {
+            throw FormatError("model: " + key + " must be an integer in [" + std::to_string(lo) + ", " +
+                              std::to_string(hi) + "]" +
+                              (v.ints.size() == 1 ? ", got " + std::to_string(v.ints[0]) : std::string()));
+        }
+        return static_cast<std::size_t>(v.ints[0]);
+    }
+
+    static float float_key(const GgufFile& file, const std::string& key) {
+        const GgufValue& v = file.at(key);
+        const double x = v.is_array() || v.size() != 1 || !v.strings.empty() ? -1.0 : v.as_float();
+        if (!(x > 0.0) || !std::isfinite(x)) {
+            throw FormatError("model: " + key + " must be a positive finite number, got " + std::to_string(x));
+        }
+        return static_cast<float>(x);
+    }
+};
+
+// Q (after RoPE), K (after RoPE) and V of the current tokens of one layer.
+struct LayerQkv {
+    Matrix q;  // [T, n_heads * head_dim]
+    Matrix k;  // [T, n_kv_heads * head_dim]
+    Matrix v;  // [T, n_kv_heads * head_dim]
+};
+
+// Softmax attention weights of one layer call, [n_heads][T][kv.length]
+// (element (h, t, s) at (h * T + t) * n_keys + s). Engines that rank cached
+// tokens by attention (as PyramidInfer does) can request them.
+struct AttentionProbs {
+    std::size_t n_heads = 0, n_queries = 0, n_keys = 0;
+    std::vector<float> data;
+};
+
+class Model {
+public:
+    static Model load(const std::string& path) { return from_gguf(GgufFile::open(path)); }
+
+    static Model from_gguf(const GgufFile& file) {
+        Model m;
+        m.config_ = LlamaConfig::from_gguf(file);
+        const LlamaConfig& c = m.config_;
+        m.token_embedding_ = load_matrix(file, "token_embd.weight", c.vocab_size, c.dim);
+        m.output_norm_ = load_vector(file, "output_norm.weight", c.dim);
+        if (file.find_tensor("output.weight")) m.output_ = load_matrix(file, "output.weight", c.vocab_size, c.dim);
+        const std::size_t kv_dim = c.n_kv_heads * c.head_dim;
+        for (std::size_t l = 0; l < c.n_layers; ++l) {
+            const std::string p = "blk." + std::to_string(l) + ".";
+            LayerWeights w;
+            w.attn_norm = load_vector(file, p + "attn_norm.weight", c.dim);
+            w.wq = load_matrix(file, p + "attn_q.weight", c.dim, c.dim);
+            w.wk = load_matrix(file, p + "attn_k.weight", kv_dim, c.dim);
+            w.wv = load_matrix(file, p + "attn_v.weight", kv_dim, c.dim);
+            w.wo = load_matrix(file, p + "attn_output.weight", c.dim, c.dim);
+            w.ffn_norm = load_vector(file, p + "ffn_norm.weight", c.dim);
+            w.w_gate = load_matrix(file, p + "ffn_gate.weight", c.ffn_dim, c.dim);
+            w.w_up = load_matrix(file, p + "ffn_up.weight", c.ffn_dim, c.dim);
+            w.w_down = load_matrix(file, p + "ffn_down.weight", c.dim, c.ffn_dim);
+            m.layers_.push_back(std::move(w));
+        }
+        return m;
+    }
+
+    const LlamaConfig& config() const { return config_; }
+
+    // Token embeddings, [ids.size(), dim].
+    Matrix embed(const std::vector<std::int32_t>& ids) const {
+        Matrix h(ids.size(), config_.dim);
+        for (std::size_t t = 0; t < ids.size(); ++t) {
+            if (ids[t] < 0 || static_cast<std::size_t>(ids[t]) >= config_.vocab_size) {
+                throw std::out_of_range("Model::embed: token id " + std::to_string(ids[t]));
+            }
+            const float* src = token_embedding_.data() + static_cast<std::size_t>(ids[t]) * config_.dim;
+            std::copy(src, src + config_.dim, h.row(t));
+        }
+        return h;
+    }
+
+    // Attention-norm, Q/K/V projections and RoPE at `positions` for the rows
+    // of `hidden` ([T, dim], the residual stream entering `layer`).
+    LayerQkv layer_qkv(std::size_t layer, const Matrix& hidden, const std::vector<std::int32_t>& positions) const {
+        check_rows(hidden, positions, "layer_qkv");
+        const LayerWeights& w = layers_.at(layer);
+        const LlamaConfig& c = config_;
+        const Matrix x = rms_norm(hidden, w.attn_norm, c.rms_eps);
+        LayerQkv out{linear(x, w.wq, c.dim), linear(x, w.wk, c.n_kv_heads * c.head_dim),
+                     linear(x, w.wv, c.n_kv_heads * c.head_dim)};
+        apply_rope(out.q, c.n_heads, c.head_dim, c.rope_dims, positions, c.rope_base);
+        apply_rope(out.k, c.n_kv_heads, c.head_dim, c.rope_dims, positions, c.rope_base);
+        return out;
+    }
+
+    // Attends the queries `q` (from layer_qkv, at original `positions`) over
+    // the KV store `kv` - which must already contain these tokens' own K/V if
+    // they should see themselves - then adds the output projection and the
+    // SwiGLU MLP to `hidden` in place. A query at position p sees exactly the
+    // slots whose position is <= p. If `probs` is given it receives the
+    // attention weights.
+    void layer_attend_and_finish(std::size_t layer, Matrix& hidden, const Matrix& q,
+                                 const std::vector<std::int32_t>& positions, const KvView& kv,
+                                 AttentionProbs* probs = nullptr) const {
+        check_rows(hidden, positions, "layer_attend_and_finish");
+        if (q.rows != hidden.rows || q.cols != config_.n_heads * config_.head_dim) {
+            throw std::invalid_argument("Model::layer_attend_and_finish: q must be [T, n_heads * head_dim]");
+        }
+        if (kv.length > kv.capacity || (kv.length > 0 && (!kv.k || !kv.v || !kv.positions))) {
+            throw std::invalid_argument("Model::layer_attend_and_finish: invalid KvView");
+        }
+        const LayerWeights& w = layers_.at(layer);
+        const Matrix attn = attend(q, positions, kv, probs);
+        // hidden += attn * Wo^T  (beta = 1 accumulates into the residual)
+        matmul_transposed(attn.data.data(), attn.rows, attn.cols, attn.cols, w.wo.data(), config_.dim,
+                          hidden.data.data(), hidden.cols, 1.0f);
+        const Matrix x = rms_norm(hidden, w.ffn_norm, config_.rms_eps);
+        Matrix gate = linear(x, w.w_gate, config_.ffn_dim);
+        swiglu(gate, linear(x, w.w_up, config_.ffn_dim));
+        matmul_transposed(gate.data.data(), gate.rows, gate.cols, gate.cols, w.w_down.data(), config_.dim,
+                          hidden.data.data(), hidden.cols, 1.0f);
+    }
+
+    // Final RMSNorm and output projection: [T, vocab_size] logits.
+    Matrix logits(const Matrix& hidden) const {
+        const Matrix x = rms_norm(hidden, output_norm_, config_.rms_eps);
+        return linear(x, output_.empty() ? token_embedding_ : output_, config_.vocab_size);
+    }
+
+    // Runs all layers over `ids` at `positions`, appending their K/V to
+    // `cache`; returns the final hidden states (feed them to logits()).
+    Matrix forward(const std::vector<std::int32_t>& ids, const std::vector<std::int32_t>& positions,
+                   FullKvCache& cache) const {
+        Matrix hidden = embed(ids);
+        for (std::size_t l = 0; l < config_.n_layers; ++l) {
+            LayerQkv qkv = layer_qkv(l, hidden, positions);
+            cache.append(l, qkv.k, qkv.v, positions);
+            layer_attend_and_finish(l, hidden, qkv.q, positions, cache.view(l));
+        }
+        return hidden;
+    }
+
+    FullKvCache make_full_cache(std::size_t capacity) const {
+        return FullKvCache(config_.n_layers, config_.n_kv_heads, config_.head_dim, capacity);
+    }
+
+private:
+    struct LayerWeights {
+        std::vector<float> attn_norm, wq, wk, wv, wo;  // W* are [out x in]
+        std::vector<float> ffn_norm, w_gate, w_up, w_down;
+    };
+
+    static void check_shape(const GgufTensorInfo& info, const std::vector<std::int64_t>& dims) {
+        if (info.dims != dims) {
+            std::string want, got;
+            for (auto d : dims) want += std::to_string(d) + " ";
+            for (auto d : info.dims) got += std::to_string(d) + " ";
+            throw FormatError("model: tensor '" + detail::printable(info.name) + "' has dims [ " + got + "], expected [ " + want + "]");
+        }
+    }
+
+    // A [rows x cols] weight is stored in GGUF with dims {cols, rows}.
+    static std::vector<float> load_matrix(const GgufFile& file, const std::string& name, std::size_t rows,
+                                          std::size_t cols) {
+        const GgufTensorInfo& info = file.tensor(name);
+        check_shape(info, {static_cast<std::int64_t>(cols), static_cast<std::int64_t>(rows)});
+        return file.tensor_as_float(info);
+    }
+
+    static std::vector<float> load_vector(const GgufFile& file, const std::string& name, std::size_t n) {
+        const GgufTensorInfo& info = file.tensor(name);
+        check_shape(info, {static_cast<std::int64_t>(n)});
+        return file.tensor_as_float(info);
+    }
+
+    void check_rows(const Matrix& hidden, const std::vector<std::int32_t>& positions, const char* who) const {
+        if (hidden.cols != config_.dim || hidden.rows != positions.size()) {
+            throw std::invalid_argument(std::string("Model::") + who + ": hidden is [" + std::to_string(hidden.rows) +
+                                        " x " + std::to_string(hidden.cols) + "], positions has " +
+                                        std::to_string(positions.size()) + " entries, dim is " +
+                                        std::to_string(config_.dim));
+        }
+    }
+
+    // Grouped-query attention: query head h reads KV head h / (n_heads / n_kv_heads).
+    // Per head: scores = Q_h K_g^T / sqrt(d), mask by position, softmax, * V_g.
+    Matrix attend(const Matrix& q, const std::vector<std::int32_t>& positions, const KvView& kv,
+                  AttentionProbs* probs) const {
+        const LlamaConfig& c = config_;
+        const std::size_t T = q.rows, L = kv.length, d = c.head_dim;
+        const std::size_t group = c.n_heads / c.n_kv_heads;
+        const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+        Matrix out(T, c.n_heads * d);
+        std::vector<float> scores(T * L);
+        if (probs) *probs = AttentionProbs{c.n_heads, T, L, std::vector<float>(c.n_heads * T * L)};
+        if (L == 0) return out;
+        for (std::size_t h = 0; h < c.n_heads; ++h) {
+            const std::size_t g = h / group;
+            const float* k = kv.k + g * kv.capacity * d;
+            const float* v = kv.v + g * kv.capacity * d;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T), static_cast<int>(L),
+                        static_cast<int>(d), scale, q.data.data() + h * d, static_cast<int>(q.cols), k,
+                        static_cast<int>(d), 0.0f, scores.data(), static_cast<int>(L));
+            for (std::size_t t = 0; t < T; ++t) {
+                float* row = scores.data() + t * L;
+                for (std::size_t s = 0; s < L; ++s) {
+                    if (kv.positions[s] > positions[t]) row[s] = -std::numeric_limits<float>::infinity();
+                }
+                softmax_row(row, L);
+            }
+            if (probs) std::copy(scores.begin(), scores.end(), probs->data.begin() + static_cast<std::ptrdiff_t>(h * T * L));
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(T), static_cast<int>(d),
+                        static_cast<int>(L), 1.0f, scores.data(), static_cast<int>(L), v, static_cast<int>(d), 0.0f,
+                        out.data.data() + h * d, static_cast<int>(out.cols));
+        }
+        return out;
+    }
+
+    LlamaConfig config_;
+    std::vector<float> token_embedding_;  // [vocab x dim]
+    std::vector<float> output_;           // [vocab x dim]; empty when tied to the embeddings
+    std::vector<float> output_norm_;
+    std::vector<LayerWeights> layers_;
+};
+
+}  // namespace pyramidinfer::llama
