@@ -116,13 +116,19 @@ class PyramidEngine {
     std::copy(h.row(0), h.row(0) + c.dim, hidden.row(std::size_t(b)));
   }
 
-  /// The model's view of sequence b's slots in layer l (shared selection: one
-  /// length and one position per slot for every head).
+  /// The model's view of sequence b's slots in layer l. With per-KV-head
+  /// selection every head has its own slots, positions and length.
   KvView view(int l, int b) const {
     const auto keys = cache_->keys(l), values = cache_->values(l);
     const auto pos = cache_->positions(l);
-    return KvView{&keys(b, 0, 0, 0), &values(b, 0, 0, 0), &pos(b, 0, 0), std::size_t(cache_->capacity(l)),
-                  std::size_t(cache_->length(l, b))};
+    const auto len = cache_->lengths(l);
+    KvView v{&keys(b, 0, 0, 0), &values(b, 0, 0, 0), &pos(b, 0, 0), std::size_t(cache_->capacity(l)), 0};
+    for (int h = 0; h < cache_->shape().kv_heads; ++h) v.length = std::max(v.length, std::size_t(len(b, h)));
+    if (cache_->shape().granularity == Granularity::per_kv_head) {
+      v.positions_head_stride = std::size_t(pos.stride[1]);
+      v.head_lengths = &len(b, 0);
+    }
+    return v;
   }
 
   template <class F>

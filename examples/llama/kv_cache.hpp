@@ -24,7 +24,12 @@ struct KvView {
     const float* v = nullptr;             // [n_kv_heads, capacity, head_dim]
     const std::int32_t* positions = nullptr;  // [length] original token positions
     std::size_t capacity = 0;
-    std::size_t length = 0;
+    std::size_t length = 0;  // with head_lengths: the longest head
+    // Caches that select per KV head (pyramidinfer's per_kv_head mode) give
+    // each head its own slots: positions of head g start at
+    // positions + g * positions_head_stride, and it holds head_lengths[g].
+    std::size_t positions_head_stride = 0;
+    const std::int32_t* head_lengths = nullptr;
 };
 
 // Copies rows of k/v ([T, n_kv_heads * head_dim], as returned by

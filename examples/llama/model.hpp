@@ -186,7 +186,10 @@ public:
         if (q.rows != hidden.rows || q.cols != config_.n_heads * config_.head_dim) {
             throw std::invalid_argument("Model::layer_attend_and_finish: q must be [T, n_heads * head_dim]");
         }
-        if (kv.length > kv.capacity || (kv.length > 0 && (!kv.k || !kv.v || !kv.positions))) {
+        bool heads_ok = true;
+        for (std::size_t g = 0; kv.head_lengths && g < config_.n_kv_heads; ++g)
+            heads_ok = heads_ok && kv.head_lengths[g] >= 0 && static_cast<std::size_t>(kv.head_lengths[g]) <= kv.length;
+        if (!heads_ok || kv.length > kv.capacity || (kv.length > 0 && (!kv.k || !kv.v || !kv.positions))) {
             throw std::invalid_argument("Model::layer_attend_and_finish: invalid KvView");
         }
         const LayerWeights& w = layers_.at(layer);
@@ -278,19 +281,22 @@ private:
             const std::size_t g = h / group;
             const float* k = kv.k + g * kv.capacity * d;
             const float* v = kv.v + g * kv.capacity * d;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T), static_cast<int>(L),
+            const std::int32_t* slot_pos = kv.positions + g * kv.positions_head_stride;
+            const std::size_t Lg = kv.head_lengths ? static_cast<std::size_t>(kv.head_lengths[g]) : L;
+            if (Lg == 0) continue;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T), static_cast<int>(Lg),
                         static_cast<int>(d), scale, q.data.data() + h * d, static_cast<int>(q.cols), k,
-                        static_cast<int>(d), 0.0f, scores.data(), static_cast<int>(L));
+                        static_cast<int>(d), 0.0f, scores.data(), static_cast<int>(Lg));
             for (std::size_t t = 0; t < T; ++t) {
-                float* row = scores.data() + t * L;
-                for (std::size_t s = 0; s < L; ++s) {
-                    if (kv.positions[s] > positions[t]) row[s] = -std::numeric_limits<float>::infinity();
+                float* row = scores.data() + t * Lg;
+                for (std::size_t s = 0; s < Lg; ++s) {
+                    if (slot_pos[s] > positions[t]) row[s] = -std::numeric_limits<float>::infinity();
                 }
-                softmax_row(row, L);
+                softmax_row(row, Lg);
+                if (probs) std::copy(row, row + Lg, probs->data.begin() + static_cast<std::ptrdiff_t>((h * T + t) * L));
             }
-            if (probs) std::copy(scores.begin(), scores.end(), probs->data.begin() + static_cast<std::ptrdiff_t>(h * T * L));
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(T), static_cast<int>(d),
-                        static_cast<int>(L), 1.0f, scores.data(), static_cast<int>(L), v, static_cast<int>(d), 0.0f,
+                        static_cast<int>(Lg), 1.0f, scores.data(), static_cast<int>(Lg), v, static_cast<int>(d), 0.0f,
                         out.data.data() + h * d, static_cast<int>(out.cols));
         }
         return out;
