@@ -18,6 +18,7 @@
 #include "../core/view.hpp"
 #include "../core/workspace.hpp"
 #include "../kernels/host/compact.hpp"
+#include "arena.hpp"
 #include "planner.hpp"
 
 namespace pyramidinfer {
@@ -29,65 +30,27 @@ class KVCache;
 template <class T>
 class KVCache<T, HostBackend> {
  public:
-  explicit KVCache(const CacheShape& shape) : shape_(shape) {
-    const char* fn = "KVCache";
-    PYRAMIDINFER_REQUIRE(shape.num_layers > 0, fn, "shape.num_layers", shape.num_layers, "must be > 0");
-    PYRAMIDINFER_REQUIRE(shape.batch > 0, fn, "shape.batch", shape.batch, "must be > 0");
-    PYRAMIDINFER_REQUIRE(shape.kv_heads > 0, fn, "shape.kv_heads", shape.kv_heads, "must be > 0");
-    PYRAMIDINFER_REQUIRE(shape.head_dim > 0, fn, "shape.head_dim", shape.head_dim, "must be > 0");
-    PYRAMIDINFER_REQUIRE(shape.dtype == DTypeOf<T>::value, fn, "shape.dtype", dtype_name(shape.dtype),
-                         std::string("must match the element type ") + dtype_name(DTypeOf<T>::value));
-    PYRAMIDINFER_REQUIRE(shape.capacity.size() == std::size_t(shape.num_layers), fn, "shape.capacity.size()",
-                         shape.capacity.size(), "must equal num_layers");
-    for (int c : shape.capacity) PYRAMIDINFER_REQUIRE(c > 0, fn, "shape.capacity[l]", c, "must be > 0");
-    // Lay the layers out once; each piece is 256-byte aligned, and the sum of
-    // the unpadded pieces is exactly what the planner reports.
-    for (int l = 0; l < shape.num_layers; ++l) {
-      layers_.push_back({offset_, 0, 0, 0});
-      offset_ += align_up(kv_elems(l) * sizeof(T));
-      layers_[l].v = offset_;
-      offset_ += align_up(kv_elems(l) * sizeof(T));
-      layers_[l].pos = offset_;
-      offset_ += align_up(pos_elems(l) * sizeof(std::int32_t));
-      layers_[l].len = offset_;
-      offset_ += align_up(len_elems() * sizeof(std::int32_t));
-    }
-    arena_.reset(new unsigned char[offset_]);
+  explicit KVCache(const CacheShape& shape)
+      : shape_(shape), layout_(shape, DTypeOf<T>::value, "KVCache"), arena_(new unsigned char[layout_.bytes()]) {
     clear();
   }
 
   const CacheShape& shape() const { return shape_; }
   int num_layers() const { return shape_.num_layers; }
-  int capacity(int layer) const { return shape_.capacity[std::size_t(check_layer(layer))]; }
+  int capacity(int layer) const { return layout_.capacity(layer); }
 
   /// Bytes of K, V, positions and lengths: equal to the plan's total_bytes.
   std::size_t bytes() const { return shape_.total_bytes(); }
   /// Bytes the arena occupies, alignment padding included.
-  std::size_t arena_bytes() const { return offset_; }
+  std::size_t arena_bytes() const { return layout_.bytes(); }
 
   /// Views for the engine's attention kernel: (b, kv_head, slot, d).
-  KVView<T> keys(int layer) const { return kv_view(layers_[std::size_t(check_layer(layer))].k, layer); }
-  KVView<T> values(int layer) const { return kv_view(layers_[std::size_t(check_layer(layer))].v, layer); }
+  KVView<T> keys(int layer) const { return layout_.template keys<T>(arena_.get(), layer); }
+  KVView<T> values(int layer) const { return layout_.template values<T>(arena_.get(), layer); }
   /// (b, kv_head, slot); the head stride is 0 when selection is shared.
-  TensorView<std::int32_t, 3> positions(int layer) const {
-    auto v = make_contiguous(ptr<std::int32_t>(layers_[std::size_t(check_layer(layer))].pos), shape_.batch,
-                             shape_.position_heads(), capacity(layer));
-    if (shape_.position_heads() == 1) {
-      v.shape[1] = shape_.kv_heads;
-      v.stride[1] = 0;
-    }
-    return v;
-  }
+  TensorView<std::int32_t, 3> positions(int layer) const { return layout_.positions(arena_.get(), layer); }
   /// (b, kv_head); the head stride is 0 when selection is shared.
-  TensorView<std::int32_t, 2> lengths(int layer) const {
-    auto v = make_contiguous(ptr<std::int32_t>(layers_[std::size_t(check_layer(layer))].len), shape_.batch,
-                             shape_.position_heads());
-    if (shape_.position_heads() == 1) {
-      v.shape[1] = shape_.kv_heads;
-      v.stride[1] = 0;
-    }
-    return v;
-  }
+  TensorView<std::int32_t, 2> lengths(int layer) const { return layout_.lengths(arena_.get(), layer); }
   int length(int layer, int b, int head = 0) const {
     check_seq(b, head, "KVCache::length");
     return lengths(layer)(b, head);
@@ -96,7 +59,7 @@ class KVCache<T, HostBackend> {
   /// Empties every layer of every sequence.
   void clear() {
     for (int l = 0; l < shape_.num_layers; ++l)
-      std::memset(ptr<unsigned char>(layers_[std::size_t(l)].len), 0, len_elems() * sizeof(std::int32_t));
+      std::memset(arena_.get() + layout_.lengths_offset(l), 0, layout_.lengths_bytes());
   }
   /// Empties one sequence (so a finished sequence's slot can be reused).
   void clear(int b) {
@@ -163,31 +126,7 @@ class KVCache<T, HostBackend> {
   }
 
  private:
-  struct LayerOffsets {
-    std::size_t k, v, pos, len;
-  };
-
-  std::size_t kv_elems(int l) const {
-    return std::size_t(shape_.batch) * shape_.kv_heads * std::size_t(shape_.capacity[std::size_t(l)]) *
-           shape_.head_dim;
-  }
-  std::size_t pos_elems(int l) const {
-    return std::size_t(shape_.batch) * shape_.position_heads() * std::size_t(shape_.capacity[std::size_t(l)]);
-  }
-  std::size_t len_elems() const { return std::size_t(shape_.batch) * shape_.position_heads(); }
-
-  template <class U>
-  U* ptr(std::size_t off) const {
-    return reinterpret_cast<U*>(arena_.get() + off);
-  }
-  KVView<T> kv_view(std::size_t off, int layer) const {
-    return make_hnd(ptr<T>(off), shape_.batch, shape_.kv_heads, capacity(layer), shape_.head_dim);
-  }
-  int check_layer(int layer) const {
-    PYRAMIDINFER_REQUIRE(layer >= 0 && layer < shape_.num_layers, "KVCache", "layer", layer,
-                         "must be in [0, " + std::to_string(shape_.num_layers) + ")");
-    return layer;
-  }
+  int check_layer(int layer) const { return layout_.check_layer(layer); }
   void check_seq(int b, int head, const char* fn) const {
     PYRAMIDINFER_REQUIRE(b >= 0 && b < shape_.batch, fn, "b", b, "must be in [0, " + std::to_string(shape_.batch) + ")");
     PYRAMIDINFER_REQUIRE(head >= 0 && head < shape_.kv_heads, fn, "head", head,
@@ -201,8 +140,7 @@ class KVCache<T, HostBackend> {
   }
 
   CacheShape shape_;
-  std::vector<LayerOffsets> layers_;
-  std::size_t offset_ = 0;
+  ArenaLayout layout_;
   std::unique_ptr<unsigned char[]> arena_;
 };
 
