@@ -358,8 +358,10 @@ class PyramidCompressor {
     const int slot = (r.start + r.count) % ring_capacity_;
     if (r.count == w) r.start = (r.start + 1) % ring_capacity_;
     else ++r.count;
-    // A query with a computed LSE never follows a pending one.
-    r.pending = lse.data ? 0 : std::min(r.pending + 1, r.count);
+    // Pending rows are always the newest ones. A query whose LSE the engine
+    // gives joins them if some are pending (recomputing it gives the same
+    // value: nothing was evicted since it ran), so the suffix stays intact.
+    r.pending = (lse.data && r.pending == 0) ? 0 : std::min(r.pending + 1, r.count);
     for (int qh = 0; qh < cfg_.num_heads; ++qh) {
       if (Scoring::needs_queries)
         for (int d = 0; d < cfg_.head_dim; ++d) ring_q(layer, b, qh, slot)[d] = to_float(q(b, qh, 0, d));
