@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include <pyramidinfer/pyramidinfer.hpp>
 
 namespace {
@@ -75,6 +77,7 @@ int main(int argc, char** argv) {
     KVCache<half_t> cache(plan.shape);
     compressor.begin(cache, {prompt_len});
     SyntheticModel model(layers);
+    const bool progress = isatty(2);  // a progress line only on a terminal
 
     std::vector<int> kept;
     for (int l = 0; l < layers; ++l) {
@@ -97,9 +100,9 @@ int main(int argc, char** argv) {
       compressor.prefill_store(l, cache, 0, kv, kv);  // values do not matter for selection
       kept.push_back(cache.length(l, 0));
       compressor.prefill_select(l, cache, 0, make_contiguous<const half_t>(q.data(), kHeads, w, kHeadDim));
-      std::fprintf(stderr, "\rprefill layer %d/%d", l + 1, layers);
+      if (progress) std::fprintf(stderr, "\rprefill layer %d/%d", l + 1, layers);
     }
-    std::fprintf(stderr, "\r%40s\r", "");
+    if (progress) std::fprintf(stderr, "\r%40s\r", "");
     print_pyramid(kept, prompt_len);
 
     int pivotal_prompt = 0, pivotal_kept = 0;
