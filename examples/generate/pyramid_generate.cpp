@@ -1,7 +1,10 @@
 // pyramid-generate: prompt in, text out (streamed), with a pyramid KV cache.
 //
 //   pyramid-generate [--model PATH] [--policy NAME] [--ratio R] [--recent-ratio R]
-//                    [--max-tokens N] [--device cpu] [--raw] PROMPT...
+//                    [--max-tokens N] [--device cpu|cuda] [--raw] PROMPT...
+//
+// --device cuda (CUDA builds only) runs examples/llama_cuda's fp16 forward on
+// the GPU with the policies full and pyramid.
 //
 // Prints the continuation as it is generated, then tokens/s and the KV bytes
 // per layer against a full cache. The model defaults to $PYRAMIDINFER_MODEL,
@@ -18,6 +21,9 @@
 #include "generate/policies.hpp"
 #include "llama/generate.hpp"
 #include "llama/tokenizer.hpp"
+#ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
+#include "llama_cuda/cuda_generate.hpp"
+#endif
 
 namespace {
 
@@ -49,7 +55,7 @@ std::string default_prompt() {
 [[noreturn]] void usage(const std::string& why) {
   std::cerr << "pyramid-generate: " << why << "\n"
             << "usage: pyramid-generate [--model PATH] [--policy NAME] [--ratio R] [--recent-ratio R]\n"
-            << "                        [--max-tokens N] [--device cpu] [--raw] PROMPT...\n"
+            << "                        [--max-tokens N] [--device cpu|cuda] [--raw] PROMPT...\n"
             << "policies: " << policy_help() << "\n";
   std::exit(2);
 }
@@ -73,7 +79,11 @@ Options parse(int argc, char** argv) {
     else o.prompt += (o.prompt.empty() ? "" : " ") + a;
   }
   if (o.prompt.empty()) o.prompt = default_prompt();
-  if (o.device != "cpu") usage("--device " + o.device + ": this build runs on cpu only");
+#ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
+  if (o.device != "cpu" && o.device != "cuda") usage("--device " + o.device + ": cpu or cuda");
+#else
+  if (o.device != "cpu") usage("--device " + o.device + ": this build runs on cpu only (configure with CUDA for cuda)");
+#endif
   if (o.max_tokens < 1) usage("--max-tokens must be >= 1");
   return o;
 }
@@ -119,6 +129,34 @@ void run(const Model& model, const Tokenizer& tok, const Options& o, Compressor 
                100.0 * double(held_total) / double(engine.plan().full_bytes));
 }
 
+#ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
+void run_cuda(const Tokenizer& tok, const Options& o) {
+  llama_cuda::GenerateRequest r;
+  r.model_path = o.model;
+  const std::string text = o.raw ? o.prompt : tok.apply_chat_template({{"user", o.prompt}}, true);
+  r.prompt = tok.encode(text);
+  r.stop = o.raw ? tok.eos_id() : tok.token_id("<|im_end|>");
+  r.max_tokens = o.max_tokens;
+  r.policy = o.policy.name;
+  r.ratio = o.policy.ratio;
+  r.recent_ratio = o.policy.recent_ratio;
+  const llama_cuda::GenerateResult g =
+      llama_cuda::generate(r, [&](std::int32_t t) { std::cout << tok.token_text(t) << std::flush; });
+  std::cout << "\n";
+  std::fprintf(stderr, "\n%s, policy %s: prompt %zu tokens, prefill %.3f s (%.0f tok/s); %d generated, %.1f tok/s\n",
+               g.device.c_str(), r.policy.c_str(), r.prompt.size(), g.prefill_s, r.prompt.size() / g.prefill_s,
+               g.generated, g.generated > 1 ? (g.generated - 1) / g.decode_s : 0.0);
+  const std::size_t full_layer = g.full_bytes / g.layer_bytes.size();
+  std::fprintf(stderr, "KV bytes per layer (allocated, fp16 | slots held now / capacity) against a full cache of %zu:\n",
+               full_layer);
+  for (std::size_t l = 0; l < g.layer_bytes.size(); ++l)
+    std::fprintf(stderr, "  layer %2zu %9zu | %5d / %5d  %s\n", l, g.layer_bytes[l], g.layer_len[l], g.layer_cap[l],
+                 std::string(std::size_t(40.0 * g.layer_bytes[l] / full_layer + 0.5), '#').c_str());
+  std::fprintf(stderr, "total allocated %zu bytes = %.1f%% of full (%zu)\n", g.total_bytes, 100.0 * g.ratio_to_full,
+               g.full_bytes);
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -126,6 +164,12 @@ int main(int argc, char** argv) {
     const Options o = parse(argc, argv);
     const GgufFile file = GgufFile::open(o.model);
     const Tokenizer tok = Tokenizer::from_gguf(file);
+#ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
+    if (o.device == "cuda") {
+      run_cuda(tok, o);
+      return 0;
+    }
+#endif
     const Model model = Model::from_gguf(file);
     with_policy(model.config(), o.policy, [&](auto pc) { run(model, tok, o, std::move(pc)); });
     return 0;
