@@ -22,6 +22,8 @@ namespace pcu = pyramidinfer::cuda;
 #define CK PYRAMIDINFER_CUDA_CHECK
 
 static double g_bw = 0, g_flops = 0;  // bytes/s (read+write), FLOP/s
+static const char* g_filter = nullptr;  // run only cases whose name contains this
+static bool wanted(const std::string& name) { return !g_filter || name.find(g_filter) != std::string::npos; }
 
 template <class T>
 struct Buf {
@@ -68,11 +70,26 @@ __global__ void fill_randf(float* x, size_t n, unsigned seed) {
     x[i] = (h & 0xffffff) / 16777216.0f;
   }
 }
+// Inputs are a fixed hash of (element index, seed), reproduced bit for bit by
+// benchmarks/torch_peer.py (hash_fill), so both sides time the same tensors.
 template <class T>
-void frand(Buf<T>& b, float sd = 2.0f) {
-  if constexpr (std::is_same<T, float>::value) fill_randf<<<1024, 256>>>(b.p, b.n, unsigned(rand()));
-  else fill_rand<<<1024, 256>>>(reinterpret_cast<unsigned short*>(b.p), b.n, unsigned(rand()), sd);
+void frand(Buf<T>& b, unsigned seed, float sd = 2.0f) {
+  if constexpr (std::is_same<T, float>::value) fill_randf<<<1024, 256>>>(b.p, b.n, seed);
+  else fill_rand<<<1024, 256>>>(reinterpret_cast<unsigned short*>(b.p), b.n, seed, sd);
   CK(cudaGetLastError());
+}
+static unsigned host_hash(unsigned i, unsigned seed) {
+  unsigned h = i * 2654435761u ^ seed;
+  h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
+  return h;
+}
+template <class T>
+static double checksum(const T* d, size_t n) {
+  std::vector<T> h(n);
+  CK(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+  double s = 0;
+  for (const T& x : h) s += double(x);
+  return s;
 }
 
 static void report(const std::string& name, float ms, double floor_ms, const std::string& note = "") {
@@ -89,7 +106,7 @@ static void ceilings(cudaStream_t s) {
   report("copy_d2d_2GiB", ms, 0, "bandwidth_GBps=" + std::to_string(g_bw / 1e9));
   const int N = 8192;
   Buf<pi::half_t> A(size_t(N) * N), B(size_t(N) * N), C(size_t(N) * N);
-  frand(A); frand(B);
+  frand(A, 1); frand(B, 2);
   cublasHandle_t h;
   cublasCreate(&h);
   cublasSetStream(h, s);
@@ -106,9 +123,10 @@ static void ceilings(cudaStream_t s) {
 // Scoring: B sequences, Hq query heads, Hkv kv heads, n keys, window 20%.
 static void bench_scoring(const char* tag, int B, int Hq, int Hkv, int n, int d, bool given_lse, int reps,
                           cudaStream_t s) {
+  if (!wanted(std::string("score_") + tag + (given_lse ? "_lse_given" : "_lse_computed"))) return;
   const int w = 1 + int(0.2 * n), cap = w;
   Buf<pi::half_t> K(size_t(B) * Hkv * n * d), Q(size_t(B) * Hq * cap * d);
-  frand(K); frand(Q);
+  frand(K, 11); frand(Q, 12);
   Buf<float> lse(size_t(B) * Hq * cap);
   std::vector<int> hlen(size_t(B) * Hkv, n), hzero(B, 0), hw(B, w), hbeg(size_t(B) * Hkv, 0), hcnt(size_t(B) * Hkv, n - w);
   Buf<int> len(hlen.size()), ring(B), win(B), beg(hbeg.size()), cnt(hcnt.size());
@@ -133,48 +151,61 @@ static void bench_scoring(const char* tag, int B, int Hq, int Hkv, int n, int d,
     pcu::window_query_lse(p, 0, pi::make_contiguous(lse.p, B, Hq, cap), s);
     p.lse = pi::make_contiguous<const float>(lse.p, B, Hq, cap);
   }
-  const size_t wsb = pcu::window_attention_scores_workspace_bytes(p);
+  const size_t wsb = pcu::window_attention_scores_workspace_bytes(p, g);
   Buf<char> ws(wsb);
   const float ms = median_ms([&] {
     pcu::window_attention_scores(p, g, 2.0f, pi::make_contiguous(out.p, B, groups, n), ws.p, wsb, s);
   }, reps, s);
+  double cs = 0;  // sum of all scores (the peer prints the same sum)
+  {
+    std::vector<float> h(out.n);
+    CK(cudaMemcpy(h.data(), out.p, out.n * 4, cudaMemcpyDeviceToHost));
+    for (int bb = 0; bb < B; ++bb)
+      for (int gg = 0; gg < groups; ++gg)
+        for (int j = 0; j < n - w; ++j) cs += h[(size_t(bb) * groups + gg) * n + j];
+  }
   // FLOPs: scoring pass over (n - w) keys; LSE pass causal over ~n - w/2 keys.
   double fl = 2.0 * B * Hq * double(w) * (n - w) * d;
   if (!given_lse) fl += 2.0 * B * Hq * double(w) * (n - w / 2.0) * d;
   const double bytes = 2.0 * (K.n + Q.n) + 4.0 * B * groups * (n - w);
   const double floor_ms = std::max(fl / g_flops, bytes / g_bw) * 1e3;
   report(std::string("score_") + tag + (given_lse ? "_lse_given" : "_lse_computed"), ms, floor_ms,
-         "TFLOPs=" + std::to_string(fl / (ms * 1e-3) / 1e12));
+         "TFLOPs=" + std::to_string(fl / (ms * 1e-3) / 1e12) + " frac_floor=" + std::to_string(floor_ms / ms) +
+             " sum=" + std::to_string(cs));
 }
 
 static void bench_topk(const char* tag, int rows, int n, int k, cudaStream_t s) {
+  if (!wanted(std::string("topk_") + tag)) return;
   Buf<float> sc(size_t(rows) * n);
-  frand(sc);
+  frand(sc, 21);
   std::vector<int> hn(rows, n), hk(rows, k);
   Buf<int> dn(rows), dk(rows), out(size_t(rows) * k);
   CK(cudaMemcpy(dn.p, hn.data(), rows * 4, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dk.p, hk.data(), rows * 4, cudaMemcpyHostToDevice));
+  const size_t wsb = pcu::topk_indices_workspace_bytes(rows, n);
+  Buf<char> ws(wsb);
   const float ms = median_ms([&] {
     pcu::topk_indices(pi::make_contiguous<const float>(sc.p, rows, 1, n), pi::make_contiguous<const int>(dn.p, rows, 1),
-                      pi::make_contiguous<const int>(dk.p, rows, 1), 4, pi::make_contiguous(out.p, rows, 1, k), s);
+                      pi::make_contiguous<const int>(dk.p, rows, 1), 4, pi::make_contiguous(out.p, rows, 1, k), ws.p,
+                      wsb, s);
   }, 20, s);
   const double bytes = 4.0 * rows * n + 4.0 * rows * k;
-  report(std::string("topk_") + tag, ms, bytes / g_bw * 1e3);
+  const double idx_sum = checksum(out.p, out.n);  // the peer prints the same sum (forced sinks aside, see peer)
+  report(std::string("topk_") + tag, ms, bytes / g_bw * 1e3,
+         std::string(wsb ? "multiblock" : "oneblock") + " idx_sum=" + std::to_string((long long)idx_sum));
 }
 
 static void bench_compact(const char* tag, int B, int H, int n, int d, int keep, cudaStream_t s) {
+  if (!wanted(std::string("compact_gather_") + tag) && !wanted(std::string("compact_inplace_") + tag)) return;
   const size_t elems = size_t(B) * H * n * d;
   Buf<pi::half_t> K(elems), V(elems), K2(elems), V2(elems);
-  frand(K); frand(V);
-  std::mt19937 rng(7);
+  frand(K, 11); frand(V, 13);
+  // kept(r, i) = 2i + (hash & 1): one of every pair of rows, ascending (the
+  // peer builds the same lists).
   std::vector<int> kept(size_t(B) * H * n), cnt(size_t(B) * H, keep);
-  for (int r = 0; r < B * H; ++r) {
-    std::vector<int> all(n);
-    std::iota(all.begin(), all.end(), 0);
-    std::shuffle(all.begin() + 4, all.end(), rng);  // 4 sinks
-    std::sort(all.begin(), all.begin() + keep);
-    std::copy(all.begin(), all.begin() + keep, kept.begin() + size_t(r) * n);
-  }
+  for (int r = 0; r < B * H; ++r)
+    for (int i = 0; i < keep; ++i)
+      kept[size_t(r) * n + i] = 2 * i + int(host_hash(unsigned(size_t(r) * keep + i), 31u) & 1u);
   Buf<int> dk(kept.size()), dc(cnt.size()), dcnt2(cnt.size());
   CK(cudaMemcpy(dk.p, kept.data(), kept.size() * 4, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dc.p, cnt.data(), cnt.size() * 4, cudaMemcpyHostToDevice));
@@ -182,10 +213,9 @@ static void bench_compact(const char* tag, int B, int H, int n, int d, int keep,
   auto cv = pi::make_contiguous<const int>(dc.p, B, H);
   const double bytes = 2.0 * 2.0 * double(B) * H * keep * d * 2;  // K and V, read + write
   float ms = median_ms([&] {
-    pcu::gather_kv_rows<pi::half_t>(pi::make_hnd<const pi::half_t>(K.p, B, H, n, d), kv, cv,
-                                    pi::make_hnd(K2.p, B, H, n, d), s);
-    pcu::gather_kv_rows<pi::half_t>(pi::make_hnd<const pi::half_t>(V.p, B, H, n, d), kv, cv,
-                                    pi::make_hnd(V2.p, B, H, n, d), s);
+    pcu::gather_kv_rows<pi::half_t>(pi::make_hnd<const pi::half_t>(K.p, B, H, n, d),
+                                    pi::make_hnd<const pi::half_t>(V.p, B, H, n, d), kv, cv,
+                                    pi::make_hnd(K2.p, B, H, n, d), pi::make_hnd(V2.p, B, H, n, d), s);
   }, 20, s);
   report(std::string("compact_gather_") + tag, ms, bytes / g_bw * 1e3,
          "frac_copy_bw=" + std::to_string(bytes / g_bw * 1e3 / ms));
@@ -213,7 +243,12 @@ int main(int argc, char** argv) {
     std::printf("SKIPPED: no CUDA device\n");
     return 0;
   }
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  // Usage: pyramidinfer_bench [--quick] [case-substring]
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+    else g_filter = argv[i];
+  }
   cudaDeviceProp prop{};
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device,%s,sm_%d%d,%d SMs\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);

@@ -1,11 +1,37 @@
 """PyTorch peer for the pyramidinfer CUDA benchmarks: the same shapes done
-the eager way. Prints `peer,<case>,<median ms>` lines (case names match
-bench.cu)."""
+the eager way, on the SAME tensors as benchmarks/bench.cu: every input is
+the same fixed hash of (element index, seed) that bench.cu's fill kernels
+use (hash_fill below reproduces it bit for bit), and the compaction index
+lists use the same formula. Prints `peer,<case>,<median ms>,<note>` lines
+(case names match bench.cu); notes carry the same checksums bench.cu prints
+(sum of scores, sum of kept indices) so the two can be compared."""
 import sys
 import torch
 
 dev = "cuda"
 quick = "--quick" in sys.argv
+M32 = 0xFFFFFFFF
+
+
+def hash_u32(i, seed):
+    h = ((i * 2654435761) & M32) ^ seed
+    h = h ^ (h >> 13)
+    h = (h * 0x5BD1E995) & M32
+    return h ^ (h >> 15)
+
+
+def hash_fill(shape, seed, dtype, sd=2.0):
+    """bench.cu fill_rand (fp16: (u - 0.5) * sd) / fill_randf (fp32: u)."""
+    n = 1
+    for s in shape:
+        n *= s
+    out = torch.empty(n, device=dev, dtype=dtype)
+    step = 1 << 26
+    for a in range(0, n, step):
+        i = torch.arange(a, min(n, a + step), device=dev, dtype=torch.int64)
+        u = (hash_u32(i, seed) & 0xFFFFFF).to(torch.float32) / 16777216.0
+        out[a:a + i.numel()] = u if dtype == torch.float32 else ((u - 0.5) * sd).to(dtype)
+    return out.view(*shape)
 
 
 def median_ms(f, reps):
@@ -23,14 +49,14 @@ def median_ms(f, reps):
     return ts[len(ts) // 2]
 
 
-def report(name, ms):
-    print(f"peer,{name},{ms:.4f}", flush=True)
+def report(name, ms, note=""):
+    print(f"peer,{name},{ms:.4f},{note}", flush=True)
 
 
 def bench_scoring(tag, B, Hq, Hkv, n, d, reps, chunk):
     w = 1 + int(0.2 * n)
-    K = torch.randn(B, Hkv, n, d, device=dev, dtype=torch.float16)
-    Q = torch.randn(B, Hq, w, d, device=dev, dtype=torch.float16)
+    K = hash_fill((B, Hkv, n, d), 11, torch.float16)
+    Q = hash_fill((B, Hq, w, d), 12, torch.float16)
     g = Hq // Hkv
     scale = d ** -0.5
     rows = torch.arange(w, device=dev)
@@ -51,24 +77,30 @@ def bench_scoring(tag, B, Hq, Hkv, n, d, reps, chunk):
         return torch.cat(outs)
 
     ms = median_ms(run, reps)
-    report(f"score_{tag}_lse_given", ms)
-    report(f"score_{tag}_lse_computed", ms)
+    note = f"sum={run().double().sum().item():.6f}"
+    report(f"score_{tag}_lse_given", ms, note)
+    report(f"score_{tag}_lse_computed", ms, note)
+    del K, Q
 
 
 def bench_topk(tag, rows, n, k):
-    s = torch.rand(rows, n, device=dev)
+    s = hash_fill((rows, n), 21, torch.float32)
+    forced = 4  # bench.cu keeps 4 sinks, then the best k - 4 of the rest
+    sinks = torch.arange(forced, device=dev, dtype=torch.int64).expand(rows, forced)
 
     def run():
-        idx = torch.topk(s, k, dim=-1).indices
-        return torch.sort(idx, dim=-1).values
+        idx = torch.topk(s[:, forced:], k - forced, dim=-1).indices + forced
+        return torch.cat([sinks, torch.sort(idx, dim=-1).values], dim=1)
 
-    report(f"topk_{tag}", median_ms(run, 20))
+    ms = median_ms(run, 20)
+    report(f"topk_{tag}", ms, f"idx_sum={int(run().sum().item())}")
 
 
 def bench_compact(tag, B, H, n, d, keep):
-    K = torch.randn(B, H, n, d, device=dev, dtype=torch.float16)
-    V = torch.randn(B, H, n, d, device=dev, dtype=torch.float16)
-    idx = torch.sort(torch.rand(B, H, n, device=dev).topk(keep, dim=-1).indices, dim=-1).values
+    K = hash_fill((B, H, n, d), 11, torch.float16)
+    V = hash_fill((B, H, n, d), 13, torch.float16)
+    i = torch.arange(B * H * keep, device=dev, dtype=torch.int64)
+    idx = (2 * (i % keep) + (hash_u32(i, 31) & 1)).view(B, H, keep)
     gi = idx[..., None].expand(B, H, keep, d)
 
     def run():
@@ -77,6 +109,7 @@ def bench_compact(tag, B, H, n, d, keep):
     ms = median_ms(run, 20)
     report(f"compact_gather_{tag}", ms)
     report(f"compact_inplace_{tag}", ms)
+    del K, V
 
 
 for n in (512, 4096):

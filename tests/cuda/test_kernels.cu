@@ -14,7 +14,7 @@ namespace pcu = pyramidinfer::cuda;
 namespace {
 
 void run_topk_case(const std::vector<int>& lens, int max_n, int groups, int forced, bool ties, bool nans,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, bool use_ws = false) {
   const int batch = int(lens.size()) / groups;
   std::vector<float> s(std::size_t(batch) * groups * std::max(max_n, 1), std::numeric_limits<float>::quiet_NaN());
   std::vector<std::int32_t> n(lens.begin(), lens.end()), k(lens.size());
@@ -41,10 +41,21 @@ void run_topk_case(const std::vector<int>& lens, int max_n, int groups, int forc
   DeviceBuffer<float> ds(s);
   DeviceBuffer<std::int32_t> dn(n), dk(k);
   DeviceBuffer<std::int32_t> dout(std::size_t(batch) * groups * max_k);
-  pcu::topk_indices(make_contiguous<const float>(ds.ptr, batch, groups, std::max(max_n, 1)),
-                     make_contiguous<const std::int32_t>(dn.ptr, batch, groups),
-                     make_contiguous<const std::int32_t>(dk.ptr, batch, groups), forced,
-                     make_contiguous(dout.ptr, batch, groups, max_k), stream);
+  if (use_ws) {
+    const std::size_t wsb = pcu::topk_indices_workspace_bytes(batch * groups, std::max(max_n, 1));
+    if (max_n >= 16384 && batch * groups <= 16) REQUIRE(wsb > 0);  // really takes the multi-block path
+    DeviceBuffer<unsigned char> ws(std::max<std::size_t>(wsb, 1));  // poisoned: the path must not rely on contents
+    pcu::topk_indices(make_contiguous<const float>(ds.ptr, batch, groups, std::max(max_n, 1)),
+                      make_contiguous<const std::int32_t>(dn.ptr, batch, groups),
+                      make_contiguous<const std::int32_t>(dk.ptr, batch, groups), forced,
+                      make_contiguous(dout.ptr, batch, groups, max_k), wsb ? ws.ptr : nullptr, wsb, stream);
+    PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+  } else {
+    pcu::topk_indices(make_contiguous<const float>(ds.ptr, batch, groups, std::max(max_n, 1)),
+                      make_contiguous<const std::int32_t>(dn.ptr, batch, groups),
+                      make_contiguous<const std::int32_t>(dk.ptr, batch, groups), forced,
+                      make_contiguous(dout.ptr, batch, groups, max_k), stream);
+  }
   PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
   const auto out = dout.download();
   for (std::size_t r = 0; r < lens.size(); ++r) {
@@ -106,6 +117,37 @@ TEST_CASE("topk_indices: all ties, all NaN, k = n, 128K rows", "[cuda][topk][big
   std::vector<int> big{131072, 131072 - test::rand_int(0, 1000)};
   run_topk_case(big, 131072, 1, 4, false, false, st.s);
   run_topk_case(big, 131072, 2, 0, true, true, st.s);
+}
+
+TEST_CASE("topk_indices multi-block path (workspace overload) matches the host on long rows",
+          "[cuda][topk][multiblock]") {
+  test::Stream st;
+  for (int rep = 0; rep < 6; ++rep) {
+    const int groups = test::rand_int(1, 3), batch = test::rand_int(1, 3);
+    const int max_n = test::rand_int(16384, 40000);
+    std::vector<int> lens(std::size_t(batch * groups));
+    for (auto& l : lens) {
+      const int c = test::rand_int(0, 6);
+      l = c == 0 ? 0 : c == 1 ? 1 : c == 2 ? test::rand_int(2, 3000) : c == 3 ? max_n : test::rand_int(0, max_n);
+    }
+    const int forced = rep == 5 ? 5000 : (test::rand_int(0, 2) == 0 ? 0 : test::rand_int(0, 8));
+    INFO("rep " << rep << " max_n " << max_n << " forced " << forced);
+    run_topk_case(lens, max_n, groups, forced, rep % 2 == 0, rep % 3 != 2, st.s, true);
+  }
+  // Few distinct values (ties straddling the threshold), NaN/+-inf/+-0 mixed in.
+  run_topk_case({40000, 39999, 17000, 0}, 40000, 2, 4, true, true, st.s, true);
+  // Short rows in a long view: the multi-block path must still match.
+  run_topk_case({100, 7, 1}, 20000, 1, 2, false, true, st.s, true);
+  // Short views: the workspace overload falls back to one block per row (no scratch).
+  REQUIRE(pcu::topk_indices_workspace_bytes(4, 4096) == 0);
+  run_topk_case({4096, 300}, 4096, 1, 3, true, true, st.s, true);
+}
+
+TEST_CASE("topk_indices multi-block path on 128K rows", "[cuda][topk][multiblock][big]") {
+  test::Stream st;
+  std::vector<int> big{131072, 131072 - test::rand_int(0, 1000)};
+  run_topk_case(big, 131072, 1, 4, false, false, st.s, true);
+  run_topk_case(big, 131072, 2, 0, true, true, st.s, true);
 }
 
 TEST_CASE("topk_indices rejects bad arguments before launching", "[cuda][topk][args]") {
@@ -245,6 +287,35 @@ TEMPLATE_TEST_CASE("gather_kv_rows and gather_rows match the host gather", "[cud
           }
         }
     }
+  {
+    // Fused K/V overload (one launch) on the same lists: K = src, V = src
+    // shifted by one element; both must equal the host gather.
+    std::vector<TestType> src_v(src.size());
+    for (std::size_t i = 0; i < src.size(); ++i) src_v[i] = src[(i + 1) % src.size()];
+    DeviceBuffer<TestType> dsrc_v(src_v), dk2(src.size()), dv2(src.size());
+    pcu::gather_kv_rows<TestType>(view(dsrc.ptr), view(dsrc_v.ptr),
+                                  make_contiguous<const std::int32_t>(dkept.ptr, batch, heads, n),
+                                  make_contiguous<const std::int32_t>(dcnt.ptr, batch, heads), view(dk2.ptr),
+                                  view(dv2.ptr), st.s);
+    st.sync();
+    const auto gk = dk2.download(), gv = dv2.download();
+    REQUIRE(std::memcmp(gk.data(), got.data(), got.size() * sizeof(TestType)) == 0);
+    auto hsv = view(src_v.data());
+    auto hgv = view(const_cast<TestType*>(gv.data()));
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < heads; ++h) {
+        const int r = b * heads + h;
+        for (int i = 0; i < n; ++i)
+          for (int e = 0; e < d; ++e) {
+            if (i < cnt[std::size_t(r)]) {
+              REQUIRE(std::memcmp(&hgv(b, h, i, e), &hsv(b, h, kept[std::size_t(r) * n + i], e), sizeof(TestType)) ==
+                      0);
+            } else {
+              REQUIRE(test::is_poison(hgv(b, h, i, e)));
+            }
+          }
+      }
+  }
   // Hidden states [tokens, hidden].
   const int tokens = test::rand_int(1, 3000), hidden = test::rand_int(0, 1) ? 512 : 77;
   std::vector<TestType> hsrc(std::size_t(tokens) * hidden);
@@ -339,7 +410,7 @@ ScoreCase<T> make_score_case(int d, Granularity g, bool nhd, bool with_lse, int 
 }
 
 template <class T>
-void run_score_case(ScoreCase<T>& c, cudaStream_t stream) {
+void run_score_case(ScoreCase<T>& c, cudaStream_t stream, bool split_ws = false) {
   DeviceBuffer<T> dk(c.keys), dq(c.q);
   DeviceBuffer<float> dl(std::max<std::size_t>(1, c.lse.size()));
   if (c.with_lse) dl.upload(c.lse);
@@ -358,7 +429,10 @@ void run_score_case(ScoreCase<T>& c, cudaStream_t stream) {
   const int out_len = c.slots + 2;
   DeviceBuffer<float> dout(std::size_t(c.batch) * groups * out_len);
   const float dw = float(test::rand_int(1, 8));
-  const std::size_t wsb = pcu::window_attention_scores_workspace_bytes(p);
+  // split_ws: the granularity-aware size (shared granularity then runs every
+  // KV head in its own blocks and reduces the per-head partials).
+  const std::size_t wsb =
+      split_ws ? pcu::window_attention_scores_workspace_bytes(p, c.g) : pcu::window_attention_scores_workspace_bytes(p);
   DeviceBuffer<unsigned char> ws(std::max<std::size_t>(wsb, 1));
   pcu::window_attention_scores<T>(p, c.g, dw, make_contiguous(dout.ptr, c.batch, groups, out_len), ws.ptr, wsb, stream);
   PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -391,9 +465,11 @@ TEMPLATE_TEST_CASE("window_attention_scores matches the host reference", "[cuda]
     for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
       for (int variant = 0; variant < 2; ++variant) {
         auto c = make_score_case<TestType>(d, g, variant == 1, test::rand_int(0, 1) == 1, d == 40 ? 300 : 700);
+        const bool split = test::rand_int(0, 1) == 1;
         INFO("d " << d << " g " << granularity_name(g) << " nhd " << c.nhd << " lse " << c.with_lse << " B " << c.batch
-                  << " kvh " << c.kvh << " group " << c.group << " slots " << c.slots << " cap " << c.cap);
-        run_score_case(c, st.s);
+                  << " kvh " << c.kvh << " group " << c.group << " slots " << c.slots << " cap " << c.cap
+                  << " split_ws " << split);
+        run_score_case(c, st.s, split);
       }
     }
   }

@@ -341,7 +341,7 @@ class KVCache<T, CudaBackend> {
       cuda::topk_indices(make_contiguous<const float>(w.scores, B, ph, e.segment),
                          make_contiguous<const std::int32_t>(w.topk_n, B, ph),
                          make_contiguous<const std::int32_t>(w.topk_k, B, ph), 0,
-                         make_contiguous(w.pick, B, ph, e.keep), stream);
+                         make_contiguous(w.pick, B, ph, e.keep), w.topk_ws, w.topk_ws_bytes, stream);
     cuda::detail::evict_kept_kernel<<<dim3(unsigned((cap + 255) / 256), unsigned(ph), unsigned(B)), 256, 0, stream>>>(s);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("evict_kept_kernel");
     compact(layer, make_contiguous<const std::int32_t>(w.kept, B, ph, cap),
@@ -361,6 +361,8 @@ class KVCache<T, CudaBackend> {
     std::size_t score_ws_bytes;
     void* compact_ws;
     std::size_t compact_ws_bytes;
+    void* topk_ws;
+    std::size_t topk_ws_bytes;
     std::size_t bytes;
   };
 
@@ -383,10 +385,12 @@ class KVCache<T, CudaBackend> {
     p.keys = keys(layer);
     p.queries = e.queries;
     p.lse = e.lse;
-    w.score_ws_bytes = e.lse.data ? 0 : cuda::window_attention_scores_workspace_bytes(p);
+    w.score_ws_bytes = cuda::window_attention_scores_workspace_bytes(p, shape_.granularity);
     w.score_ws = c.take<unsigned char>(w.score_ws_bytes);
     w.compact_ws_bytes = compact_workspace_bytes(layer);
     w.compact_ws = c.take<unsigned char>(w.compact_ws_bytes);
+    w.topk_ws_bytes = cuda::topk_indices_workspace_bytes(int(B * ph), std::max(e.segment, 1));
+    w.topk_ws = c.take<unsigned char>(w.topk_ws_bytes);
     w.bytes = c.bytes();
     return w;
   }

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "../../core/cuda_check.cuh"
 #include "../../core/view.hpp"
@@ -75,33 +76,91 @@ struct IndexRows {
 };
 
 constexpr int kGatherThreads = 256;
-constexpr int kGatherVecsPerThread = 4;
+constexpr int kGatherVecsPerThread = 8;
 
-/// dst(b, h, i) = src(b, h, kept(b, h, i)) for i < count(b, h). grid.y = b * heads + h.
+/// e / vecs and e % vecs with a shift when vecs is a power of two.
+struct VecDiv {
+  int vecs, shift;  // shift < 0: divide
+  __device__ __forceinline__ void split(unsigned e, unsigned& row, unsigned& v) const {
+    if (shift >= 0) {
+      row = e >> shift;
+      v = e & unsigned(vecs - 1);
+    } else {
+      row = e / unsigned(vecs);
+      v = e - row * unsigned(vecs);
+    }
+  }
+};
+inline VecDiv vec_div(int vecs) {
+  int sh = -1;
+  if (vecs > 0 && (vecs & (vecs - 1)) == 0) {
+    sh = 0;
+    while ((1 << sh) < vecs) ++sh;
+  }
+  return {vecs, sh};
+}
+
 template <class V>
-__global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(RowLayout<V> src, RowLayout<V> dst,
+__device__ __forceinline__ V ld_stream(const V* p) {
+  if constexpr (std::is_same<V, uint4>::value) return __ldcs(p);
+  else return *p;
+}
+template <class V>
+__device__ __forceinline__ void st_stream(V* p, const V& x) {
+  if constexpr (std::is_same<V, uint4>::value) __stcs(p, x);
+  else *p = x;
+}
+
+template <class V>
+struct GatherPair {
+  RowLayout<V> src, dst;
+};
+
+/// dst(b, h, i) = src(b, h, kept(b, h, i)) for i < count(b, h).
+/// grid (element tiles, b * heads, tensors): blockIdx.z picks the tensor pair
+/// (K then V for the fused overload).
+template <class V>
+__global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(GatherPair<V> p0, GatherPair<V> p1,
                                                                      IndexRows ix, int heads, int src_rows,
-                                                                     int dst_rows) {
+                                                                     int dst_rows, VecDiv vd) {
+  const bool second = blockIdx.z != 0;
+  GatherPair<V> p;  // field-wise select keeps the parameters out of local memory
+  p.src.base = second ? p1.src.base : p0.src.base;
+  p.dst.base = second ? p1.dst.base : p0.dst.base;
+  p.src.s0 = second ? p1.src.s0 : p0.src.s0;
+  p.src.s1 = second ? p1.src.s1 : p0.src.s1;
+  p.src.s2 = second ? p1.src.s2 : p0.src.s2;
+  p.src.v_stride = second ? p1.src.v_stride : p0.src.v_stride;
+  p.dst.s0 = second ? p1.dst.s0 : p0.dst.s0;
+  p.dst.s1 = second ? p1.dst.s1 : p0.dst.s1;
+  p.dst.s2 = second ? p1.dst.s2 : p0.dst.s2;
+  p.dst.v_stride = second ? p1.dst.v_stride : p0.dst.v_stride;
+  p.src.vecs = p.dst.vecs = vd.vecs;
   const int b = blockIdx.y / heads, h = blockIdx.y % heads;
   const int cnt = ix.n(b, h, dst_rows);
-  const std::int64_t total = std::int64_t(cnt) * src.vecs;
-  const std::int64_t base = std::int64_t(blockIdx.x) * kGatherThreads * kGatherVecsPerThread + threadIdx.x;
+  const unsigned total = unsigned(cnt) * unsigned(vd.vecs);
+  const unsigned base = blockIdx.x * unsigned(kGatherThreads * kGatherVecsPerThread) + threadIdx.x;
   if (base - threadIdx.x >= total) return;
   V buf[kGatherVecsPerThread];
 #pragma unroll
   for (int u = 0; u < kGatherVecsPerThread; ++u) {
-    const std::int64_t e = base + std::int64_t(u) * kGatherThreads;
+    const unsigned e = base + unsigned(u) * kGatherThreads;
     if (e < total) {
-      const int i = int(e / src.vecs), v = int(e % src.vecs);
-      int s = ix.idx(b, h, i);
+      unsigned i, v;
+      vd.split(e, i, v);
+      int s = __ldg(ix.kept + b * ix.k0 + h * ix.k1 + std::int64_t(i) * ix.k2);
       s = s < 0 ? 0 : (s >= src_rows ? src_rows - 1 : s);
-      buf[u] = *src.at(b, h, s, v);
+      buf[u] = ld_stream(p.src.at(b, h, s, int(v)));
     }
   }
 #pragma unroll
   for (int u = 0; u < kGatherVecsPerThread; ++u) {
-    const std::int64_t e = base + std::int64_t(u) * kGatherThreads;
-    if (e < total) *dst.at(b, h, e / src.vecs, int(e % src.vecs)) = buf[u];
+    const unsigned e = base + unsigned(u) * kGatherThreads;
+    if (e < total) {
+      unsigned i, v;
+      vd.split(e, i, v);
+      st_stream(p.dst.at(b, h, std::int64_t(i), int(v)), buf[u]);
+    }
   }
 }
 
@@ -121,7 +180,13 @@ struct CompactArgs {
   IndexRows ix;
   int batch, heads, capacity, chunk_rows, max_chunks;
   int* ticket;  // workspace: [0] ticket counter, then flags[b*heads+h][chunk]
+  VecDiv vd;    // over k.vecs
 };
+
+__device__ __forceinline__ void compact_cp_async16(void* smem, const void* gmem) {
+  const unsigned sa = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
+}
 
 /// Persistent in-place compaction. Tickets are taken in order (chunk-major),
 /// so every chunk a block may wait for is already held by a running block.
@@ -135,7 +200,7 @@ __global__ void __launch_bounds__(kCompactThreads) compact_inplace_kernel(Compac
   V* sk = reinterpret_cast<V*>(smem_raw);
   V* sv = sk + std::size_t(a.chunk_rows) * a.k.vecs;
   std::int32_t* sp = reinterpret_cast<std::int32_t*>(sv + std::size_t(a.chunk_rows) * a.k.vecs);
-  __shared__ int s_ticket, s_lo;
+  __shared__ int s_ticket;
   int* flags = a.ticket + 1;
   const int bh_total = a.batch * a.heads;
   const int tickets = bh_total * a.max_chunks;
@@ -165,40 +230,48 @@ __global__ void __launch_bounds__(kCompactThreads) compact_inplace_kernel(Compac
     }
     const bool move_pos = a.pos && (a.pos_heads > 1 || h == 0);
     const int nv = rows * a.k.vecs;
+    // Stage the chunk's source rows: with 16-byte vectors every copy is issued
+    // asynchronously before any is waited for (all loads in flight at once).
     for (int e = threadIdx.x; e < nv; e += blockDim.x) {
-      const int i = e / a.k.vecs, v = e % a.k.vecs;
-      const int s = a.ix.idx(b, h, row0 + i);
-      sk[e] = *a.k.at(b, h, s, v);
-      sv[e] = *a.v.at(b, h, s, v);
+      unsigned i, v;
+      a.vd.split(unsigned(e), i, v);
+      const int s = a.ix.idx(b, h, row0 + int(i));
+      if constexpr (std::is_same<V, uint4>::value) {
+        compact_cp_async16(&sk[e], a.k.at(b, h, s, int(v)));
+        compact_cp_async16(&sv[e], a.v.at(b, h, s, int(v)));
+      } else {
+        sk[e] = *a.k.at(b, h, s, int(v));
+        sv[e] = *a.v.at(b, h, s, int(v));
+      }
     }
     if (move_pos)
       for (int i = threadIdx.x; i < rows; i += blockDim.x)
         sp[i] = a.pos[b * a.p0 + h * a.p1 + std::int64_t(a.ix.idx(b, h, row0 + i)) * a.p2];
-    if (threadIdx.x == 0) {
-      // First destination index whose source is >= row0 (lower bound in [0, row0]).
-      int lo = 0, hi = row0;
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (a.ix.idx(b, h, mid) < row0) lo = mid + 1;
-        else hi = mid;
-      }
-      s_lo = lo / a.chunk_rows;
-    }
+    if constexpr (std::is_same<V, uint4>::value) asm volatile("cp.async.wait_all;\n" ::: "memory");
     __syncthreads();  // all sources staged (values landed in shared memory)
     if (threadIdx.x == 0) {
       __threadfence();
       atomicExch(flag, 1);
+    }
+    // Wait for every earlier chunk that reads a row of [row0, row0 + rows):
+    // chunk cc < c does iff its last source kept[(cc + 1) * chunk - 1] >= row0
+    // (ascending lists). Checked in parallel, one chunk per thread.
+    {
       const volatile int* vf = flags + std::size_t(bh) * a.max_chunks;
-      for (int cc = s_lo; cc < c; ++cc)
-        while (vf[cc] == 0) {
+      for (int cc = threadIdx.x; cc < c; cc += blockDim.x) {
+        if (a.ix.idx(b, h, (cc + 1) * a.chunk_rows - 1) >= row0) {
+          while (vf[cc] == 0) {
+          }
         }
+      }
       __threadfence();
     }
     __syncthreads();
     for (int e = threadIdx.x; e < nv; e += blockDim.x) {
-      const int i = e / a.k.vecs, v = e % a.k.vecs;
-      *a.k.at(b, h, row0 + i, v) = sk[e];
-      *a.v.at(b, h, row0 + i, v) = sv[e];
+      unsigned i, v;
+      a.vd.split(unsigned(e), i, v);
+      *a.k.at(b, h, row0 + int(i), int(v)) = sk[e];
+      *a.v.at(b, h, row0 + int(i), int(v)) = sv[e];
     }
     if (move_pos)
       for (int i = threadIdx.x; i < rows; i += blockDim.x) a.pos[b * a.p0 + h * a.p1 + std::int64_t(row0 + i) * a.p2] = sp[i];
@@ -227,13 +300,10 @@ inline IndexRows index_rows(TensorView<const std::int32_t, 3> kept, TensorView<c
 
 }  // namespace detail
 
-/// Out-of-place gather: dst(b, h, i, :) = src(b, h, kept(b, h, i), :) for
-/// i < count(b, h). kept/count live in device memory; give them head stride 0
-/// to share one list across heads. dst must not overlap src.
+namespace detail {
 template <class T>
-void gather_kv_rows(KVView<const T> src, TensorView<const std::int32_t, 3> kept,
-                    TensorView<const std::int32_t, 2> count, KVView<T> dst, cudaStream_t stream) {
-  const char* fn = "cuda::gather_kv_rows";
+void gather_check(const KVView<const T>& src, const KVView<T>& dst, TensorView<const std::int32_t, 3> kept,
+                  TensorView<const std::int32_t, 2> count, const char* fn) {
   using pyramidinfer::detail::check_dim;
   using pyramidinfer::detail::check_view;
   check_view(src, fn, "src", 0);
@@ -243,23 +313,63 @@ void gather_kv_rows(KVView<const T> src, TensorView<const std::int32_t, 3> kept,
   check_dim(dst, 3, src.shape[3], fn, "dst");
   PYRAMIDINFER_REQUIRE(kept.data != nullptr, fn, "kept", "nullptr", "must point to device indices");
   PYRAMIDINFER_REQUIRE(count.data != nullptr, fn, "count", "nullptr", "must point to device counts");
-  PYRAMIDINFER_REQUIRE(src.shape[0] <= 65535 * 1 && src.shape[0] * src.shape[1] <= 65535, fn, "src.shape[0]*shape[1]",
-                       src.shape[0] * src.shape[1], "must be <= 65535");
-  const int heads = int(src.shape[1]), bh = int(src.shape[0] * src.shape[1]);
-  const int dst_rows = int(dst.shape[2]), src_rows = int(src.shape[2]);
-  if (bh == 0 || dst_rows == 0 || src.shape[3] == 0 || src_rows == 0) return;
-  const auto ix = detail::index_rows(kept, count);
+  PYRAMIDINFER_REQUIRE(src.shape[0] * src.shape[1] <= 65535, fn, "src.shape[0]*shape[1]", src.shape[0] * src.shape[1],
+                       "must be <= 65535");
+  PYRAMIDINFER_REQUIRE(dst.shape[2] * dst.shape[3] < (std::int64_t(1) << 31), fn, "dst.shape[2]*shape[3]",
+                       dst.shape[2] * dst.shape[3], "must be < 2^31");
+}
+
+/// One launch for up to two (src, dst) pairs sharing shape and index lists.
+template <class T>
+void gather_launch(const KVView<const T>* src, const KVView<T>* dst, int pairs, const IndexRows& ix,
+                   cudaStream_t stream) {
+  const int heads = int(src[0].shape[1]), bh = int(src[0].shape[0] * src[0].shape[1]);
+  const int dst_rows = int(dst[0].shape[2]), src_rows = int(src[0].shape[2]);
+  if (bh == 0 || dst_rows == 0 || src[0].shape[3] == 0 || src_rows == 0) return;
+  bool vec = true;
+  for (int i = 0; i < pairs; ++i) vec = vec && rows_vectorizable(src[i]) && rows_vectorizable(KVView<const T>(dst[i]));
   auto launch = [&](auto vec_tag) {
     using V = decltype(vec_tag);
-    auto s = detail::row_layout<V>(src);
-    auto d = detail::row_layout<V>(KVView<const T>(dst));
-    const std::int64_t per_block = detail::kGatherThreads * detail::kGatherVecsPerThread;
-    const dim3 grid(unsigned(detail::ceil_div(std::int64_t(dst_rows) * s.vecs, per_block)), unsigned(bh));
-    detail::gather_rows_kernel<V><<<grid, detail::kGatherThreads, 0, stream>>>(s, d, ix, heads, src_rows, dst_rows);
+    GatherPair<V> p[2];
+    for (int i = 0; i < pairs; ++i) p[i] = {row_layout<V>(src[i]), row_layout<V>(KVView<const T>(dst[i]))};
+    if (pairs == 1) p[1] = p[0];
+    const std::int64_t per_block = kGatherThreads * kGatherVecsPerThread;
+    const dim3 grid(unsigned(ceil_div(std::int64_t(dst_rows) * p[0].src.vecs, per_block)), unsigned(bh),
+                    unsigned(pairs));
+    gather_rows_kernel<V><<<grid, kGatherThreads, 0, stream>>>(p[0], p[1], ix, heads, src_rows, dst_rows,
+                                                               vec_div(p[0].src.vecs));
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("gather_rows_kernel");
   };
-  if (detail::rows_vectorizable(src) && detail::rows_vectorizable(KVView<const T>(dst))) launch(uint4{});
+  if (vec) launch(uint4{});
   else launch(T{});
+}
+}  // namespace detail
+
+/// Out-of-place gather: dst(b, h, i, :) = src(b, h, kept(b, h, i), :) for
+/// i < count(b, h). kept/count live in device memory; give them head stride 0
+/// to share one list across heads. dst must not overlap src.
+template <class T>
+void gather_kv_rows(KVView<const T> src, TensorView<const std::int32_t, 3> kept,
+                    TensorView<const std::int32_t, 2> count, KVView<T> dst, cudaStream_t stream) {
+  detail::gather_check(src, dst, kept, count, "cuda::gather_kv_rows");
+  detail::gather_launch<T>(&src, &dst, 1, detail::index_rows(kept, count), stream);
+}
+
+/// Fused K and V gather (one launch): the two-tensor form of the overload
+/// above, same index lists. K and V views must have the same shape.
+template <class T>
+void gather_kv_rows(KVView<const T> src_k, KVView<const T> src_v, TensorView<const std::int32_t, 3> kept,
+                    TensorView<const std::int32_t, 2> count, KVView<T> dst_k, KVView<T> dst_v, cudaStream_t stream) {
+  const char* fn = "cuda::gather_kv_rows";
+  detail::gather_check(src_k, dst_k, kept, count, fn);
+  detail::gather_check(src_v, dst_v, kept, count, fn);
+  for (int a = 0; a < 4; ++a) {
+    pyramidinfer::detail::check_dim(src_v, a, src_k.shape[a], fn, "src_v");
+    pyramidinfer::detail::check_dim(dst_v, a, dst_k.shape[a], fn, "dst_v");
+  }
+  const KVView<const T> s[2] = {src_k, src_v};
+  const KVView<T> d[2] = {dst_k, dst_v};
+  detail::gather_launch<T>(s, d, 2, detail::index_rows(kept, count), stream);
 }
 
 /// dst[i, :] = src[idx[i], :] for i < count (twin of host::gather_rows). idx is
@@ -279,17 +389,9 @@ void gather_rows(TensorView<const T, 2> src, const std::int32_t* idx, int count,
   KVView<const T> s{src.data, {1, 1, src.shape[0], src.shape[1]}, {0, 0, src.stride[0], src.stride[1]}};
   KVView<T> d{dst.data, {1, 1, count, dst.shape[1]}, {0, 0, dst.stride[0], dst.stride[1]}};
   const auto ix = detail::index_rows({idx, {1, 1, count}, {0, 0, 1}}, {nullptr, {1, 1}, {0, 0}}, count);
-  auto launch = [&](auto vec_tag) {
-    using V = decltype(vec_tag);
-    auto sl = detail::row_layout<V>(s);
-    auto dl = detail::row_layout<V>(KVView<const T>(d));
-    const std::int64_t per_block = detail::kGatherThreads * detail::kGatherVecsPerThread;
-    const dim3 grid(unsigned(detail::ceil_div(std::int64_t(count) * sl.vecs, per_block)), 1u);
-    detail::gather_rows_kernel<V><<<grid, detail::kGatherThreads, 0, stream>>>(sl, dl, ix, 1, int(src.shape[0]), count);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("gather_rows_kernel");
-  };
-  if (detail::rows_vectorizable(s) && detail::rows_vectorizable(KVView<const T>(d))) launch(uint4{});
-  else launch(T{});
+  PYRAMIDINFER_REQUIRE(std::int64_t(count) * src.shape[1] < (std::int64_t(1) << 31), fn, "count*shape[1]",
+                       std::int64_t(count) * src.shape[1], "must be < 2^31");
+  detail::gather_launch<T>(&s, &d, 1, ix, stream);
 }
 
 /// Scratch bytes for compact_kv_inplace over (batch, heads, capacity).
@@ -350,6 +452,7 @@ void compact_kv_inplace(KVView<T> k, KVView<T> v, TensorView<std::int32_t, 3> po
     a.chunk_rows = chunk;
     a.max_chunks = max_chunks;
     a.ticket = static_cast<int*>(workspace);
+    a.vd = detail::vec_div(a.k.vecs);
     const std::size_t smem = 2 * std::size_t(chunk) * a.k.vecs * sizeof(V) + std::size_t(chunk) * 4;
     const int tickets = batch * heads * max_chunks;
     const int grid = std::max(1, std::min(tickets, detail::sm_count() * 4));

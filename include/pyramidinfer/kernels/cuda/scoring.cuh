@@ -74,6 +74,8 @@ struct ScoreArgs {
   int batch, kv_heads, q_heads, group, cap, d, slots, out_len;
   int row_begin;  // pass 1: first window row to compute
   bool shared;
+  float* partial;   // shared granularity, split mode: [batch][kv_heads][partial_len]
+  int partial_len;
 
   __device__ int n(int b, int h) const {
     const int v = kv_len[b * n0 + h * n1];
@@ -179,16 +181,35 @@ __device__ __forceinline__ void mma_tile(float (&acc)[kMT][kNT][4], const std::u
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+  // ldmatrix.x4: lanes 8q..8q+7 address the rows of matrix q = (n-tile
+  // nt + q / 2, k half q % 2); the 4 results are b0/b1 of n-tiles nt, nt + 1.
+  const int q = lane / 8, r8 = lane % 8;
+  const unsigned tile_s = unsigned(__cvta_generic_to_shared(tile)) +
+                          unsigned(((q / 2) * 8 + r8) * (D + 8) + (q % 2) * 8) * 2u;
+  (void)g;
+  (void)tg;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      const std::uint16_t* r = tile + (nt * 8 + g) * (D + 8) + ks * 16 + tg * 2;
-      const std::uint32_t b0 = ld32(r), b1 = ld32(r + 8);
+    for (int nt = 0; nt < kNT; nt += 2) {
+      std::uint32_t b[4];
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                   : "r"(tile_s + unsigned((nt * 8 * (D + 8) + ks * 16) * 2)));
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) mma16816<T>(acc[mt][nt], a[mt][ks], b0, b1);
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma16816<T>(acc[mt][nt], a[mt][ks], b[0], b[1]);
+        mma16816<T>(acc[mt][nt + 1], a[mt][ks], b[2], b[3]);
+      }
     }
   }
+}
+
+/// 2^x on the MUFU unit (flush-to-zero: results below 2^-126 become 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 /// Pass 1 on tensor cores: rows = window queries (r, qi) flattened r*group+qi,
@@ -269,9 +290,9 @@ __global__ void __launch_bounds__(kMmaThreads) lse_mma_kernel(ScoreArgs<T> a) {
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
         const float mnew = fmaxf(m[mt][hf], tmax);
         if (mnew != -INFINITY) {
-          float sum = l[mt][hf] * exp2f(m[mt][hf] - mnew);
+          float sum = l[mt][hf] * fast_exp2(m[mt][hf] - mnew);
 #pragma unroll
-          for (int i = 0; i < kNT * 2; ++i) sum += exp2f(v[i] - mnew);
+          for (int i = 0; i < kNT * 2; ++i) sum += fast_exp2(v[i] - mnew);
           l[mt][hf] = sum;
           m[mt][hf] = mnew;
         }
@@ -301,8 +322,11 @@ __global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(ScoreArgs<T> a) 
   __shared__ __align__(16) std::uint16_t qs_tile[2][kTileCols * (D + 8)];
   __shared__ float s_lse2[2][kTileCols], s_wr[2][kTileCols];
   const int b = blockIdx.z;
-  const int h_first = a.shared ? 0 : blockIdx.y, h_last = a.shared ? a.kv_heads : blockIdx.y + 1;
-  const int count = a.scount(b, h_first);
+  // Shared granularity with a partial buffer: one KV head per block (grid.y),
+  // summed in head order by score_reduce_kernel.
+  const bool split = a.partial != nullptr;
+  const int h_first = a.shared && !split ? 0 : blockIdx.y, h_last = a.shared && !split ? a.kv_heads : blockIdx.y + 1;
+  const int count = a.scount(b, a.shared ? 0 : h_first);
   const int key0 = blockIdx.x * kRowsPerBlock;
   if (key0 >= count) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
@@ -365,7 +389,7 @@ __global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(ScoreArgs<T> a) 
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-            for (int hf = 0; hf < 2; ++hf) hp[mt][hf] += cw * exp2f(fmaf(acc[mt][nt][hf * 2 + e], sl2, -cl));
+            for (int hf = 0; hf < 2; ++hf) hp[mt][hf] = fmaf(cw, fast_exp2(fmaf(acc[mt][nt][hf * 2 + e], sl2, -cl)), hp[mt][hf]);
         }
       __syncthreads();
     }
@@ -382,8 +406,25 @@ __global__ void __launch_bounds__(kMmaThreads) score_mma_kernel(ScoreArgs<T> a) 
       s += __shfl_xor_sync(0xffffffffu, s, 1);
       s += __shfl_xor_sync(0xffffffffu, s, 2);
       const int j = key0 + warp * kMT * 16 + mt * 16 + g + hf * 8;
-      if (tg == 0 && j < count) a.out[b * a.o0 + (a.shared ? 0 : blockIdx.y) * a.o1 + std::int64_t(j) * a.o2] = s;
+      if (tg == 0 && j < count) {
+        if (split) a.partial[(std::size_t(b) * a.kv_heads + blockIdx.y) * a.partial_len + j] = s;
+        else a.out[b * a.o0 + (a.shared ? 0 : blockIdx.y) * a.o1 + std::int64_t(j) * a.o2] = s;
+      }
     }
+}
+
+/// out(b, 0, j) = sum over KV heads, in head order, of the per-head partials.
+/// grid (ceil(partial_len / 256), 1, batch).
+template <class T>
+__global__ void __launch_bounds__(256) score_reduce_kernel(ScoreArgs<T> a) {
+  const int b = blockIdx.z;
+  const int count = a.scount(b, 0);
+  const int j = blockIdx.x * 256 + threadIdx.x;
+  if (j >= count) return;
+  const float* p = a.partial + std::size_t(b) * a.kv_heads * a.partial_len + j;
+  float s = 0.f;
+  for (int h = 0; h < a.kv_heads; ++h) s += p[std::size_t(h) * a.partial_len];
+  a.out[b * a.o0 + std::int64_t(j) * a.o2] = s;
 }
 
 // ---- CUDA-core fallbacks (any type, any head_dim, any strides) -------------
@@ -584,6 +625,24 @@ std::size_t window_attention_scores_workspace_bytes(const ScoreProblem<T>& p) {
   return align_up(sizeof(float) * std::size_t(p.batch()) * std::size_t(p.q_heads()) * std::size_t(p.ring_capacity()));
 }
 
+namespace detail {
+template <class T>
+std::size_t score_partial_bytes(const ScoreProblem<T>& p, Granularity g) {
+  if (g != Granularity::shared || p.kv_heads() <= 1 || !use_mma(p)) return 0;
+  return align_up(sizeof(float) * std::size_t(p.batch()) * std::size_t(p.kv_heads()) * std::size_t(p.keys.shape[2]));
+}
+}  // namespace detail
+
+/// Scratch bytes for window_attention_scores with granularity g: the above,
+/// plus (shared granularity on the tensor-core path) a per-KV-head partial
+/// buffer (batch x kv_heads x keys.shape[2] floats) that lets every KV head
+/// run in its own thread blocks. Passing only the smaller size stays valid
+/// (KV heads then run one after another inside each block).
+template <class T>
+std::size_t window_attention_scores_workspace_bytes(const ScoreProblem<T>& p, Granularity g) {
+  return window_attention_scores_workspace_bytes(p) + detail::score_partial_bytes(p, g);
+}
+
 /// Twin of host::window_attention_scores. All views are device memory.
 template <class T>
 void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float distance_weight, ScoreView out,
@@ -599,6 +658,11 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
                        workspace_bytes, "must be >= " + std::to_string(need) + " (and workspace non-null)");
   if (out.shape[2] == 0) return;
   auto a = detail::make_args(p, g, distance_weight, out);
+  const std::size_t partial_bytes = detail::score_partial_bytes(p, g);
+  if (partial_bytes > 0 && workspace_bytes >= need + partial_bytes) {
+    a.partial = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + need);
+    a.partial_len = int(p.keys.shape[2]);
+  }
   if (!p.lse.data) {
     float* lse = static_cast<float*>(workspace);
     a.lse_out = lse;
@@ -614,11 +678,16 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
         constexpr int D = decltype(dc)::value;
                       static_assert(D % 16 == 0, "head_dim");
         if constexpr (!std::is_same<T, float>::value) {
-          const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(std::min<std::int64_t>(out.shape[2], p.keys.shape[2]),
-                                                                  detail::kRowsPerBlock)),
-                          groups, unsigned(p.batch()));
+          const std::int64_t keys = std::min<std::int64_t>(out.shape[2], p.keys.shape[2]);
+          const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(keys, detail::kRowsPerBlock)),
+                          a.partial ? unsigned(p.kv_heads()) : groups, unsigned(p.batch()));
           detail::score_mma_kernel<T, D><<<grid, detail::kMmaThreads, 0, stream>>>(a);
           PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_mma_kernel");
+          if (a.partial) {
+            const dim3 rgrid(unsigned(pyramidinfer::detail::ceil_div(keys, 256)), 1u, unsigned(p.batch()));
+            detail::score_reduce_kernel<T><<<rgrid, 256, 0, stream>>>(a);
+            PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_reduce_kernel");
+          }
         }
       });
   if (!done) {
