@@ -815,7 +815,7 @@ class CudaPyramidCompressor {
       p.keys = make_contiguous<const T>(static_cast<const T*>(nullptr), 1, int(H), max_cap, int(d));
       p.queries = make_contiguous<const T>(static_cast<const T*>(nullptr), 1, int(QH), int(R), int(d));
       p.lse = make_contiguous<const float>(reinterpret_cast<const float*>(kWorkspaceAlignment), 1, int(QH), int(R));
-      m.score_ws_bytes = cuda::window_attention_scores_workspace_bytes(p);
+      m.score_ws_bytes = cuda::window_attention_scores_workspace_bytes(p, selection_.granularity);
     }
     m.score_ws = c.take<unsigned char>(m.score_ws_bytes);
     m.topk_ws_bytes = cuda::topk_indices_workspace_bytes(int(ph), int(P));

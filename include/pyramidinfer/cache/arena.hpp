@@ -18,6 +18,7 @@ namespace pyramidinfer {
 
 class ArenaLayout {
  public:
+  ArenaLayout() = default;  ///< empty (a moved-from container's)
   /// Validates `shape` for elements of type `element`; `fn` names the caller in errors.
   ArenaLayout(const CacheShape& shape, DType element, const char* fn) : shape_(shape) {
     PYRAMIDINFER_REQUIRE(shape.num_layers > 0, fn, "shape.num_layers", shape.num_layers, "must be > 0");

@@ -20,6 +20,7 @@
 #include "../kernels/cuda/compact.cuh"
 #include "../kernels/cuda/scoring.cuh"
 #include "../kernels/cuda/select.cuh"
+#include "arena.hpp"
 #include "kv_cache.hpp"
 
 namespace pyramidinfer {
@@ -143,32 +144,13 @@ struct DecodeEvictArgs {
 template <class T>
 class KVCache<T, CudaBackend> {
  public:
-  explicit KVCache(const CacheShape& shape) : shape_(shape) {
-    const char* fn = "KVCache<CudaBackend>";
-    PYRAMIDINFER_REQUIRE(shape.num_layers > 0, fn, "shape.num_layers", shape.num_layers, "must be > 0");
-    PYRAMIDINFER_REQUIRE(shape.batch > 0, fn, "shape.batch", shape.batch, "must be > 0");
-    PYRAMIDINFER_REQUIRE(shape.kv_heads > 0, fn, "shape.kv_heads", shape.kv_heads, "must be > 0");
-    PYRAMIDINFER_REQUIRE(shape.head_dim > 0, fn, "shape.head_dim", shape.head_dim, "must be > 0");
-    PYRAMIDINFER_REQUIRE(shape.dtype == DTypeOf<T>::value, fn, "shape.dtype", dtype_name(shape.dtype),
-                         std::string("must match the element type ") + dtype_name(DTypeOf<T>::value));
-    PYRAMIDINFER_REQUIRE(shape.capacity.size() == std::size_t(shape.num_layers), fn, "shape.capacity.size()",
-                         shape.capacity.size(), "must equal num_layers");
-    for (int c : shape.capacity) PYRAMIDINFER_REQUIRE(c > 0, fn, "shape.capacity[l]", c, "must be > 0");
-    for (int l = 0; l < shape.num_layers; ++l) {
-      layers_.push_back({offset_, 0, 0, 0});
-      offset_ += align_up(kv_elems(l) * sizeof(T));
-      layers_[std::size_t(l)].v = offset_;
-      offset_ += align_up(kv_elems(l) * sizeof(T));
-      layers_[std::size_t(l)].pos = offset_;
-      offset_ += align_up(pos_elems(l) * sizeof(std::int32_t));
-      layers_[std::size_t(l)].len = offset_;
-      offset_ += align_up(len_elems() * sizeof(std::int32_t));
-    }
-    status_off_ = offset_;
+  explicit KVCache(const CacheShape& shape)
+      : shape_(shape), layout_(shape, DTypeOf<T>::value, "KVCache<CudaBackend>") {
+    // One allocation: the layout's arena plus one aligned word of overflow status.
     void* p = nullptr;
-    PYRAMIDINFER_CUDA_CHECK(cudaMalloc(&p, offset_ + kWorkspaceAlignment));
+    PYRAMIDINFER_CUDA_CHECK(cudaMalloc(&p, layout_.bytes() + kWorkspaceAlignment));
     arena_ = static_cast<unsigned char*>(p);
-    PYRAMIDINFER_CUDA_CHECK(cudaMemset(arena_, 0, offset_ + kWorkspaceAlignment));
+    PYRAMIDINFER_CUDA_CHECK(cudaMemset(arena_, 0, layout_.bytes() + kWorkspaceAlignment));
   }
   ~KVCache() {
     if (arena_) cudaFree(arena_);
@@ -183,26 +165,17 @@ class KVCache<T, CudaBackend> {
 
   const CacheShape& shape() const { return shape_; }
   int num_layers() const { return shape_.num_layers; }
-  int capacity(int layer) const { return shape_.capacity[std::size_t(check_layer(layer))]; }
+  int capacity(int layer) const { return layout_.capacity(layer); }
   std::size_t bytes() const { return shape_.total_bytes(); }
-  std::size_t arena_bytes() const { return offset_; }
+  std::size_t arena_bytes() const { return layout_.bytes(); }
   /// Device base of the arena (layer offsets equal the host container's).
   void* arena() const { return arena_; }
 
-  KVView<T> keys(int layer) const { return kv_view(layers_[std::size_t(check_layer(layer))].k, layer); }
-  KVView<T> values(int layer) const { return kv_view(layers_[std::size_t(check_layer(layer))].v, layer); }
-  TensorView<std::int32_t, 3> positions(int layer) const {
-    auto v = make_contiguous(ptr<std::int32_t>(layers_[std::size_t(check_layer(layer))].pos), shape_.batch,
-                             shape_.position_heads(), capacity(layer));
-    if (shape_.position_heads() == 1) v.shape[1] = shape_.kv_heads, v.stride[1] = 0;
-    return v;
-  }
-  TensorView<std::int32_t, 2> lengths(int layer) const {
-    auto v = make_contiguous(ptr<std::int32_t>(layers_[std::size_t(check_layer(layer))].len), shape_.batch,
-                             shape_.position_heads());
-    if (shape_.position_heads() == 1) v.shape[1] = shape_.kv_heads, v.stride[1] = 0;
-    return v;
-  }
+  /// Device views, laid out exactly as the host container's.
+  KVView<T> keys(int layer) const { return layout_.template keys<T>(arena_, layer); }
+  KVView<T> values(int layer) const { return layout_.template values<T>(arena_, layer); }
+  TensorView<std::int32_t, 3> positions(int layer) const { return layout_.positions(arena_, layer); }
+  TensorView<std::int32_t, 2> lengths(int layer) const { return layout_.lengths(arena_, layer); }
 
   /// Reads one length back (synchronous copy: for tests and debugging, not the step).
   int length(int layer, int b, int head = 0) const {
@@ -215,8 +188,8 @@ class KVCache<T, CudaBackend> {
   /// Empties every layer of every sequence (enqueued).
   void clear(cudaStream_t stream) {
     for (int l = 0; l < shape_.num_layers; ++l)
-      PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(ptr<unsigned char>(layers_[std::size_t(l)].len), 0,
-                                              len_elems() * sizeof(std::int32_t), stream));
+      PYRAMIDINFER_CUDA_CHECK(
+          cudaMemsetAsync(arena_ + layout_.lengths_offset(l), 0, layout_.lengths_bytes(), stream));
   }
   /// Empties sequence b (enqueued).
   void clear(int b, cudaStream_t stream) {
@@ -351,9 +324,6 @@ class KVCache<T, CudaBackend> {
   }
 
  private:
-  struct LayerOffsets {
-    std::size_t k, v, pos, len;
-  };
   struct EvictLayout {
     std::int32_t *begin, *count, *topk_n, *topk_k, *fired, *pick, *kept, *new_count;
     float* scores;
@@ -397,32 +367,11 @@ class KVCache<T, CudaBackend> {
 
   void swap(KVCache& o) noexcept {
     std::swap(shape_, o.shape_);
-    std::swap(layers_, o.layers_);
-    std::swap(offset_, o.offset_);
-    std::swap(status_off_, o.status_off_);
+    std::swap(layout_, o.layout_);
     std::swap(arena_, o.arena_);
   }
-  std::size_t kv_elems(int l) const {
-    return std::size_t(shape_.batch) * shape_.kv_heads * std::size_t(shape_.capacity[std::size_t(l)]) *
-           shape_.head_dim;
-  }
-  std::size_t pos_elems(int l) const {
-    return std::size_t(shape_.batch) * shape_.position_heads() * std::size_t(shape_.capacity[std::size_t(l)]);
-  }
-  std::size_t len_elems() const { return std::size_t(shape_.batch) * shape_.position_heads(); }
-  template <class U>
-  U* ptr(std::size_t off) const {
-    return reinterpret_cast<U*>(arena_ + off);
-  }
-  int* status_ptr() const { return ptr<int>(status_off_); }
-  KVView<T> kv_view(std::size_t off, int layer) const {
-    return make_hnd(ptr<T>(off), shape_.batch, shape_.kv_heads, capacity(layer), shape_.head_dim);
-  }
-  int check_layer(int layer) const {
-    PYRAMIDINFER_REQUIRE(layer >= 0 && layer < shape_.num_layers, "KVCache", "layer", layer,
-                         "must be in [0, " + std::to_string(shape_.num_layers) + ")");
-    return layer;
-  }
+  int* status_ptr() const { return reinterpret_cast<int*>(arena_ + layout_.bytes()); }
+  int check_layer(int layer) const { return layout_.check_layer(layer); }
   void check_seq(int b, int head, const char* fn) const {
     PYRAMIDINFER_REQUIRE(b >= 0 && b < shape_.batch, fn, "b", b, "must be in [0, " + std::to_string(shape_.batch) + ")");
     PYRAMIDINFER_REQUIRE(head >= 0 && head < shape_.kv_heads, fn, "head", head,
@@ -430,8 +379,7 @@ class KVCache<T, CudaBackend> {
   }
 
   CacheShape shape_;
-  std::vector<LayerOffsets> layers_;
-  std::size_t offset_ = 0, status_off_ = 0;
+  ArenaLayout layout_;
   unsigned char* arena_ = nullptr;
 };
 

@@ -599,7 +599,7 @@ template <class T>
 void launch_lse(ScoreArgs<T> a, const ScoreProblem<T>& p, cudaStream_t stream) {
   const bool done = use_mma(p) && pyramidinfer::detail::dispatch_int(p.head_dim(), MmaHeadDims{}, [&](auto dc) {
                       constexpr int D = decltype(dc)::value;
-                      static_assert(D % 16 == 0, "head_dim");
+        static_assert(D % 16 == 0, "head_dim");
                       if constexpr (!std::is_same<T, float>::value) {
                         const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(
                                             std::int64_t(a.cap) * a.group, kRowsPerBlock)),
@@ -676,7 +676,7 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
   const bool done =
       detail::use_mma(p) && pyramidinfer::detail::dispatch_int(p.head_dim(), detail::MmaHeadDims{}, [&](auto dc) {
         constexpr int D = decltype(dc)::value;
-                      static_assert(D % 16 == 0, "head_dim");
+        static_assert(D % 16 == 0, "head_dim");
         if constexpr (!std::is_same<T, float>::value) {
           const std::int64_t keys = std::min<std::int64_t>(out.shape[2], p.keys.shape[2]);
           const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(keys, detail::kRowsPerBlock)),
