@@ -627,6 +627,8 @@ class CudaPyramidCompressor {
     seq(b);
     int v = 0;
     const std::size_t i = (std::size_t(layer) * batch_ + b) * head_sets() + (per_head() ? head : 0);
+    // Waits for all streams: the work may sit on a non-blocking stream.
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
     PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(&v, m_.bound + i, sizeof(int), cudaMemcpyDeviceToHost));
     return v;
   }

@@ -152,6 +152,7 @@ void run_case(const Case& c, Scoring scoring) {
       const int n = int(toks.size()), w = hcomp.window(b);
       REQUIRE(dcomp.token_count(b) == n);
       std::vector<std::int32_t> dt(static_cast<std::size_t>(n));
+      st.sync();  // the stream is non-blocking: a plain cudaMemcpy would not wait for it
       PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(dt.data(), dcomp.tokens(b), n * 4, cudaMemcpyDeviceToHost));
       REQUIRE(dt == toks);
       std::vector<T> k(std::size_t(H) * n * d), v(k.size()), q(std::size_t(QH) * w * d);

@@ -181,6 +181,8 @@ class KVCache<T, CudaBackend> {
   int length(int layer, int b, int head = 0) const {
     check_seq(b, head, "KVCache::length");
     int v = 0;
+    // Waits for all streams: the work may sit on a non-blocking stream.
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
     PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(&v, &lengths(layer)(b, head), sizeof(int), cudaMemcpyDeviceToHost));
     return v;
   }
