@@ -143,6 +143,118 @@ TEST_CASE("topk_indices multi-block path (workspace overload) matches the host o
   run_topk_case({4096, 300}, 4096, 1, 3, true, true, st.s, true);
 }
 
+namespace {
+
+// Explicit rows (one per (b, g) with groups = 1) through the workspace overload;
+// output beyond k must stay poisoned.
+void run_topk_rows(const std::vector<std::vector<float>>& rows, const std::vector<int>& ks, int forced,
+                   cudaStream_t stream) {
+  const int R = int(rows.size());
+  int max_n = 1, max_k = 1;
+  for (const auto& r : rows) max_n = std::max(max_n, int(r.size()));
+  for (int k : ks) max_k = std::max(max_k, k);
+  std::vector<float> s(std::size_t(R) * max_n, std::numeric_limits<float>::quiet_NaN());
+  std::vector<std::int32_t> n(static_cast<std::size_t>(R)), k(ks.begin(), ks.end());
+  for (int r = 0; r < R; ++r) {
+    n[std::size_t(r)] = int(rows[std::size_t(r)].size());
+    std::copy(rows[std::size_t(r)].begin(), rows[std::size_t(r)].end(), s.begin() + std::ptrdiff_t(r) * max_n);
+  }
+  DeviceBuffer<float> ds(s);
+  DeviceBuffer<std::int32_t> dn(n), dk(k), dout(std::size_t(R) * max_k);
+  const std::size_t wsb = pcu::topk_indices_workspace_bytes(R, max_n);
+  DeviceBuffer<unsigned char> ws(std::max<std::size_t>(wsb, 1));
+  pcu::topk_indices(make_contiguous<const float>(ds.ptr, R, 1, max_n), make_contiguous<const std::int32_t>(dn.ptr, R, 1),
+                    make_contiguous<const std::int32_t>(dk.ptr, R, 1), forced, make_contiguous(dout.ptr, R, 1, max_k),
+                    wsb ? ws.ptr : nullptr, wsb, stream);
+  PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const auto out = dout.download();
+  for (int r = 0; r < R; ++r) {
+    std::vector<std::int32_t> ref(std::size_t(std::max(k[std::size_t(r)], 1)));
+    host::topk_indices(s.data() + std::size_t(r) * max_n, n[std::size_t(r)], k[std::size_t(r)], forced, ref.data());
+    for (int i = 0; i < max_k; ++i) {
+      const std::int32_t got = out[std::size_t(r) * max_k + i];
+      if (i < k[std::size_t(r)]) {
+        if (got != ref[std::size_t(i)]) {
+          INFO("row " << r << " n " << n[std::size_t(r)] << " k " << k[std::size_t(r)] << " slot " << i);
+          REQUIRE(got == ref[std::size_t(i)]);
+        }
+      } else if (!test::is_poison(got)) {
+        INFO("row " << r << " wrote past k at " << i);
+        REQUIRE(test::is_poison(got));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("topk_indices multi-block: 11-bit digits, many rows, adversarial keys", "[cuda][topk][multiblock]") {
+  test::Stream st;
+  // 17..48 rows of 16K..30K: multi-block now (one block per row before).
+  {
+    const int rows = test::rand_int(17, 48), max_n = test::rand_int(16384, 30000);
+    REQUIRE(pcu::topk_indices_workspace_bytes(rows, max_n) > 0);
+    std::vector<int> lens(static_cast<std::size_t>(rows));
+    for (auto& l : lens) l = test::rand_int(0, 3) == 0 ? test::rand_int(0, max_n) : max_n;
+    run_topk_case(lens, max_n, 1, 4, false, false, st.s, true);
+    run_topk_case(lens, max_n, 1, 0, true, true, st.s, true);
+  }
+  const int n = 40000;
+  std::vector<std::vector<float>> rows;
+  std::vector<int> ks;
+  // All equal: every pass lands in one bin, `need` = t.
+  rows.emplace_back(std::size_t(n), 1.0f);
+  ks.push_back(12345);
+  // All NaN.
+  rows.emplace_back(std::size_t(n), std::numeric_limits<float>::quiet_NaN());
+  ks.push_back(777);
+  // Keys that share their top 22 bits and differ only in the last 10 (pass 2
+  // decides), with duplicates straddling the threshold.
+  {
+    std::vector<float> r(static_cast<std::size_t>(n));
+    for (auto& x : r) {
+      std::uint32_t u = 0x3f800000u + std::uint32_t(test::rand_int(0, 1023));
+      std::memcpy(&x, &u, 4);
+    }
+    rows.push_back(r);
+    ks.push_back(n / 2 + 3);
+  }
+  // Keys that differ only in the middle digit, plus +-0, +-inf.
+  {
+    std::vector<float> r(static_cast<std::size_t>(n));
+    for (auto& x : r) {
+      const int c = test::rand_int(0, 20);
+      if (c == 0) x = 0.0f;
+      else if (c == 1) x = -0.0f;
+      else if (c == 2) x = -std::numeric_limits<float>::infinity();
+      else if (c == 3) x = std::numeric_limits<float>::infinity();
+      else {
+        std::uint32_t u = 0xbf800000u + (std::uint32_t(test::rand_int(0, 2047)) << 10);
+        std::memcpy(&x, &u, 4);
+      }
+    }
+    rows.push_back(r);
+    ks.push_back(test::rand_int(1, n - 1));
+  }
+  // k = 1, k = n - 1, k = n, tiny and empty rows in a long view.
+  {
+    std::vector<float> r(static_cast<std::size_t>(n));
+    for (auto& x : r) x = test::rand_normal();
+    rows.push_back(r);
+    ks.push_back(1);
+    rows.push_back(r);
+    ks.push_back(n - 1);
+    rows.push_back(r);
+    ks.push_back(n);
+    rows.emplace_back(std::vector<float>(5, 2.0f));
+    ks.push_back(3);
+    rows.emplace_back();
+    ks.push_back(0);
+  }
+  run_topk_rows(rows, ks, 0, st.s);
+  run_topk_rows(rows, ks, 3, st.s);
+}
+
 TEST_CASE("topk_indices multi-block path on 128K rows", "[cuda][topk][multiblock][big]") {
   test::Stream st;
   std::vector<int> big{131072, 131072 - test::rand_int(0, 1000)};
@@ -250,6 +362,15 @@ TEMPLATE_TEST_CASE("compact_kv_inplace matches host::compact_rows", "[cuda][comp
   }
   run_compact_case<TestType>(1, 2, 1, 128, false, false, st.s);
   run_compact_case<TestType>(2, 1, 20000, 128, true, false, st.s);
+  // Many tiles per (b, h), per-head lists.
+  run_compact_case<TestType>(1, 3, 30000, 64, false, false, st.s);
+  // More (b, h) than resident blocks: the register-staged kernel.
+  run_compact_case<TestType>(2, 300, 100, 64, false, false, st.s);
+  run_compact_case<TestType>(4, 150, 80, 128, true, false, st.s);
+  // Rows that are not a multiple of 16 bytes (element-wise path for 2-byte types).
+  run_compact_case<TestType>(2, 2, 1500, 20, false, test::rand_int(0, 1) == 1, st.s);
+  // Rows of more than 1024 16-byte vectors (shared-memory staged path).
+  run_compact_case<TestType>(1, 2, 40, (16384 + 256) / int(sizeof(TestType)), false, false, st.s);
 }
 
 TEMPLATE_TEST_CASE("gather_kv_rows and gather_rows match the host gather", "[cuda][compact]", half_t, bfloat16_t,

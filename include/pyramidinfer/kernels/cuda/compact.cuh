@@ -279,6 +279,146 @@ __global__ void __launch_bounds__(kCompactThreads) compact_inplace_kernel(Compac
   }
 }
 
+// Register-staged in-place compaction (16-byte rows of at most 1024 vectors):
+// the same tile/flag protocol as compact_inplace_kernel, but laid out like the
+// out-of-place gather. A tile is kIpRows(vecs) destination rows of K and V;
+// every thread holds kIpVecs K and kIpVecs V vectors in registers (32 KiB of
+// sources in flight per block, no shared-memory staging, 4+ blocks per SM).
+// Used only when there are at least as many (b, h) as resident blocks (see
+// compact_kv_inplace). Per tile: take a ticket (chunk-major, so every tile
+// waited for is held by a block that already runs), load the kept indices and the sources, check in
+// parallel (while the loads fly) that every earlier tile reading one of our
+// destination rows has published "read done", join a barrier whose predicate
+// consumes every loaded value (so all loads of the block have returned),
+// publish "read done", store. Publishing waits only for earlier tiles, so the
+// smallest unpublished ticket always progresses: no deadlock, whatever the
+// residency.
+constexpr int kIpThreads = 256;
+constexpr int kIpVecs = 4;  // per tensor per thread
+constexpr int kIpTileVecs = kIpThreads * kIpVecs;  // vectors of one tensor per tile
+
+__host__ __device__ inline int ip_tile_rows(int vecs) { return vecs >= 1 && vecs <= kIpTileVecs ? kIpTileVecs / vecs : 0; }
+
+struct IpArgs {
+  RowLayout<uint4> k, v;
+  std::int32_t* pos;  // may be null
+  std::int64_t p0, p1, p2;
+  std::int32_t* len;  // may be null
+  std::int64_t l0, l1;
+  int pos_heads;
+  IndexRows ix;
+  int batch, heads, capacity, tile_rows, max_tiles;
+  int* ticket;  // [0] ticket counter, then flags[b*heads+h][tile]
+  VecDiv vd;
+};
+
+static __global__ void __launch_bounds__(kIpThreads, 4) compact_inplace_reg_kernel(IpArgs a) {
+  __shared__ int s_ticket, s_limit;
+  __shared__ std::int32_t s_idx[kIpTileVecs];  // tile rows <= kIpTileVecs
+  __shared__ std::int32_t s_pos[kIpTileVecs];
+  int* flags = a.ticket + 1;
+  const int bh_total = a.batch * a.heads;
+  // Tickets past the largest count do nothing: stop there.
+  {
+    int mx = 0;
+    for (int bh = threadIdx.x; bh < bh_total; bh += kIpThreads) mx = max(mx, a.ix.n(bh / a.heads, bh % a.heads, a.capacity));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (threadIdx.x == 0) s_limit = 0;
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) atomicMax(&s_limit, mx);
+    __syncthreads();
+  }
+  // At least one tile per (b, h): tile 0 also writes len.
+  const int tickets = bh_total * max(1, (s_limit + a.tile_rows - 1) / a.tile_rows);
+  const int R = a.tile_rows, nvec = a.k.vecs;
+  for (;;) {
+    if (threadIdx.x == 0) s_ticket = atomicAdd(a.ticket, 1);
+    __syncthreads();
+    const int t = s_ticket;
+    if (t >= tickets) break;
+    const int c = t / bh_total, bh = t % bh_total, b = bh / a.heads, h = bh % a.heads;
+    const int cnt = a.ix.n(b, h, a.capacity);
+    const int row0 = c * R;
+    if (c == 0 && a.len && (a.pos_heads > 1 || h == 0)) {
+      if (threadIdx.x == 0) a.len[b * a.l0 + h * a.l1] = cnt;
+    }
+    if (row0 >= cnt) {
+      __syncthreads();  // s_ticket is rewritten next round
+      continue;
+    }
+    const int rows = min(R, cnt - row0);
+    int* flag = flags + std::size_t(bh) * a.max_tiles + c;
+    const bool identity = a.ix.idx(b, h, row0 + rows - 1) == row0 + rows - 1;  // uniform
+    if (identity) {
+      if (threadIdx.x == 0) {
+        __threadfence();
+        atomicExch(flag, 1);
+      }
+      __syncthreads();
+      continue;
+    }
+    for (int i = threadIdx.x; i < rows; i += kIpThreads) s_idx[i] = a.ix.idx(b, h, row0 + i);
+    __syncthreads();
+    const bool move_pos = a.pos && (a.pos_heads > 1 || h == 0);
+    const int nv = rows * nvec;
+    // 16-byte vectors of a row are contiguous (rows_vectorizable).
+    const char* kb = a.k.base + b * a.k.s0 + h * a.k.s1;
+    const char* vb = a.v.base + b * a.v.s0 + h * a.v.s1;
+    uint4 bk[kIpVecs], bv[kIpVecs];
+#pragma unroll
+    for (int u = 0; u < kIpVecs; ++u) {
+      const int e = u * kIpThreads + threadIdx.x;
+      if (e < nv) {
+        unsigned i, v;
+        a.vd.split(unsigned(e), i, v);
+        const std::int64_t s = s_idx[i];
+        bk[u] = __ldcs(reinterpret_cast<const uint4*>(kb + s * a.k.s2) + v);
+        bv[u] = __ldcs(reinterpret_cast<const uint4*>(vb + s * a.v.s2) + v);
+      }
+    }
+    if (move_pos)  // staged through shared memory (a store needs the loaded value)
+      for (int i = threadIdx.x; i < rows; i += kIpThreads) s_pos[i] = a.pos[b * a.p0 + h * a.p1 + std::int64_t(s_idx[i]) * a.p2];
+    // Earlier tiles that read a row of [row0, row0 + rows): tile cc < c does
+    // iff its last source kept[(cc + 1) * R - 1] >= row0 (ascending lists).
+    {
+      const volatile int* vf = flags + std::size_t(bh) * a.max_tiles;
+      for (int cc = c - 1 - int(threadIdx.x); cc >= 0; cc -= kIpThreads) {
+        if (a.ix.idx(b, h, std::int64_t(cc + 1) * R - 1) < row0) break;  // and so do all before it
+        while (vf[cc] == 0) {
+        }
+      }
+      __threadfence();  // acquire side of the waits, before the barrier and our stores
+    }
+    // Consume every loaded value before the barrier: all loads have returned.
+    unsigned acc = 0;
+#pragma unroll
+    for (int u = 0; u < kIpVecs; ++u)
+      if (u * kIpThreads + int(threadIdx.x) < nv) acc |= bk[u].x | bv[u].x;
+    const int any = __syncthreads_or(acc == 0x9e3779b9u);
+    if (threadIdx.x == 0) {
+      __threadfence();
+      atomicExch(flag, 1 + (any ? 1 : 0));  // nonzero either way
+    }
+    char* kd = a.k.base + b * a.k.s0 + h * a.k.s1;
+    char* vd = a.v.base + b * a.v.s0 + h * a.v.s1;
+#pragma unroll
+    for (int u = 0; u < kIpVecs; ++u) {
+      const int e = u * kIpThreads + threadIdx.x;
+      if (e < nv) {
+        unsigned i, v;
+        a.vd.split(unsigned(e), i, v);
+        const std::int64_t r = row0 + int(i);
+        __stcs(reinterpret_cast<uint4*>(kd + r * a.k.s2) + v, bk[u]);
+        __stcs(reinterpret_cast<uint4*>(vd + r * a.v.s2) + v, bv[u]);
+      }
+    }
+    if (move_pos)
+      for (int i = threadIdx.x; i < rows; i += kIpThreads) a.pos[b * a.p0 + h * a.p1 + std::int64_t(row0 + i) * a.p2] = s_pos[i];
+    __syncthreads();  // s_idx and s_ticket are rewritten next round
+  }
+}
+
 inline int sm_count() {
   int dev = 0, n = 0;
   PYRAMIDINFER_CUDA_CHECK(cudaGetDevice(&dev));
@@ -397,7 +537,10 @@ void gather_rows(TensorView<const T, 2> src, const std::int32_t* idx, int count,
 /// Scratch bytes for compact_kv_inplace over (batch, heads, capacity).
 template <class T>
 std::size_t compact_kv_inplace_workspace_bytes(int batch, int heads, int capacity, int head_dim) {
-  const int chunks = std::max(1, detail::ceil_div(capacity, detail::compact_chunk_rows<T>(head_dim)));
+  int chunks = std::max(1, detail::ceil_div(capacity, detail::compact_chunk_rows<T>(head_dim)));
+  const std::int64_t rb = std::int64_t(head_dim) * std::int64_t(sizeof(T));
+  const int tile = rb % 16 == 0 ? detail::ip_tile_rows(int(rb / 16)) : 0;
+  if (tile > 0) chunks = std::max(chunks, detail::ceil_div(capacity, tile));
   return align_up(sizeof(int) * (1 + std::size_t(batch) * heads * chunks));
 }
 
@@ -459,8 +602,50 @@ void compact_kv_inplace(KVView<T> k, KVView<T> v, TensorView<std::int32_t, 3> po
     detail::compact_inplace_kernel<V><<<grid, detail::kCompactThreads, smem, stream>>>(a);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("compact_inplace_kernel");
   };
-  if (detail::rows_vectorizable(KVView<const T>(k)) && detail::rows_vectorizable(KVView<const T>(v))) launch(uint4{});
-  else launch(T{});
+  const bool vec = detail::rows_vectorizable(KVView<const T>(k)) && detail::rows_vectorizable(KVView<const T>(v));
+  const int tile = vec ? detail::ip_tile_rows(int(std::int64_t(d) * std::int64_t(sizeof(T)) / 16)) : 0;
+  int reg_grid = 0;
+  if (tile > 0) {
+    int per_sm = 0;
+    PYRAMIDINFER_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, detail::compact_inplace_reg_kernel,
+                                                                        detail::kIpThreads, 0));
+    reg_grid = detail::sm_count() * std::max(1, per_sm);
+  }
+  // The register-staged kernel publishes "read done" only after its own
+  // dependency wait, so consecutive tiles of one (b, h) that run at the same
+  // time wait in a chain. Measured on H200 (benchmarks/RESULTS.md): faster
+  // than the shared-memory kernel with >= one resident block per (b, h)
+  // (32 x 40 heads: 70 -> 76% and 75 -> 83% of copy bandwidth), 3-8x slower
+  // with 8 or 32 (b, h) over 32K-128K rows. Use it only in the first regime.
+  if (tile > 0 && batch * heads >= reg_grid) {
+    detail::IpArgs a;
+    a.k = detail::row_layout<uint4>(KVView<const T>(k));
+    a.v = detail::row_layout<uint4>(KVView<const T>(v));
+    a.pos = pos.data;
+    a.p0 = pos.stride[0];
+    a.p1 = pos.stride[1];
+    a.p2 = pos.stride[2];
+    a.len = len.data;
+    a.l0 = len.stride[0];
+    a.l1 = len.stride[1];
+    a.pos_heads = pos_heads;
+    a.ix = detail::index_rows(kept, count);
+    a.batch = batch;
+    a.heads = heads;
+    a.capacity = cap;
+    a.tile_rows = tile;
+    a.max_tiles = std::max(1, detail::ceil_div(cap, tile));
+    a.ticket = static_cast<int*>(workspace);
+    a.vd = detail::vec_div(a.k.vecs);
+    const int tickets = batch * heads * a.max_tiles;
+    const int grid = std::max(1, std::min(tickets, reg_grid));
+    detail::compact_inplace_reg_kernel<<<grid, detail::kIpThreads, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("compact_inplace_reg_kernel");
+  } else if (vec) {
+    launch(uint4{});
+  } else {
+    launch(T{});
+  }
 }
 
 }  // namespace cuda

@@ -163,43 +163,69 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(TopkArgs a) {
 // ---- multi-block path for long rows ---------------------------------------
 //
 // A row of n scores is cut into chunks of kMbChunk slots (after the forced
-// prefix); grid (chunks, rows) for every kernel:
-//   memset   : zero the per-row global histograms (4 passes x 256 bins);
-//   hist p   : (p = 0..3) every block re-derives the digits of passes < p
-//              from the global histograms (cheap: 256 bins each), then adds
-//              its chunk's digit-p histogram of the still-matching keys;
-//   count    : every block derives T and `need`, and writes its chunk's
-//              (count of key > T, count of key == T);
-//   write    : every block sums the counts of the chunks before it (the
-//              chunk's first output position), then an in-chunk block scan
-//              places its kept slots: the output stays ascending.
+// prefix). Radix select with digits of 11, 11 and 10 bits (3 passes), then one
+// order-preserving write pass; 5 stream-ordered operations in all:
+//   memset : zero the per-row histogram, the per-row pass counters, the
+//            write-pass ticket and the per-chunk publication words;
+//   hist p : (p = 0..2, grid (chunks, rows)) every block reads the row's
+//            (prefix, mask, remaining) after pass p - 1 from the workspace and
+//            adds its chunk's digit-p histogram of the still-matching keys to
+//            the row's global histogram; the last block of the row to finish
+//            (counter + __threadfence, the classic "last block" pattern) picks
+//            the digit with one block scan, writes the row state for pass p
+//            and zeroes the histogram for pass p + 1;
+//   write  : 1-D grid; a block takes a ticket (row-major order of chunks), so
+//            every chunk it waits for is held by a block that already runs.
+//            It counts (key > T, key == T) in its chunk, publishes that pair
+//            (one 64-bit word with a flag bit), sums the published pairs of
+//            the chunks before it in its row (decoupled look-back: publishing
+//            never waits, so no deadlock), then an in-chunk block scan places
+//            its kept slots: the output stays ascending.
 // Same keys, same threshold and the same index tie-break as the one-block
 // kernel, so results are identical.
 constexpr int kMbThreads = 256;
-constexpr int kMbItems = 4;
-constexpr int kMbChunk = kMbThreads * kMbItems;  // 1024 slots per block
+constexpr int kMbItems = 8;
+constexpr int kMbChunk = kMbThreads * kMbItems;  // 2048 slots per block
+constexpr int kMbBins = 2048;                    // 11-bit digits
 constexpr int kMbMinLen = 16384;                 // rows at least this long go multi-block
 constexpr int kMbMaxRows = 512;                  // beyond this many rows one block per row fills the GPU
+constexpr unsigned long long kMbFlag = 1ull << 63;
 
 inline bool topk_use_multiblock(long long rows, long long max_n) {
-  // Measured on H200 (benchmarks/RESULTS.md): at 32 rows of 26K one block
-  // per row was still faster; from 64K slots, or with <= 16 rows, splitting wins.
-  return rows >= 1 && rows <= kMbMaxRows && max_n >= kMbMinLen && (rows <= 16 || max_n >= 65536);
+  return rows >= 1 && rows <= kMbMaxRows && max_n >= kMbMinLen;
 }
 
+__host__ __device__ __forceinline__ int topk_mb_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+__host__ __device__ __forceinline__ std::uint32_t topk_mb_dmask(int pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
+
+struct TopkMbWs {
+  std::uint32_t* hist;      // [rows][kMbBins]          (zeroed)
+  std::uint32_t* done;      // [rows][4] pass counters  (zeroed)
+  std::uint32_t* ticket;    // [1] write-pass ticket    (zeroed)
+  unsigned long long* pub;  // [rows][chunks]           (zeroed)
+  uint4* state;             // [rows][3] (prefix, mask, remaining) after each pass
+};
+
 struct TopkMbLayout {
-  int chunks;            // per row
-  std::size_t hist_off;  // uint32 [rows][4][256]
-  std::size_t cnt_off;   // uint2 [rows][chunks]
-  std::size_t bytes;
+  int chunks;  // per row
+  std::size_t done_off, ticket_off, pub_off, zero_bytes, state_off, bytes;
   static TopkMbLayout make(long long rows, long long max_n) {
     TopkMbLayout l{};
+    auto up = [](std::size_t x) { return (x + 255) / 256 * 256; };
     l.chunks = int((max_n + kMbChunk - 1) / kMbChunk);
-    l.hist_off = 0;
-    const std::size_t hist_bytes = std::size_t(rows) * 4 * 256 * sizeof(std::uint32_t);
-    l.cnt_off = (hist_bytes + 255) / 256 * 256;
-    l.bytes = (l.cnt_off + std::size_t(rows) * std::size_t(l.chunks) * 2 * sizeof(std::uint32_t) + 255) / 256 * 256;
+    l.done_off = up(std::size_t(rows) * kMbBins * sizeof(std::uint32_t));
+    l.ticket_off = up(l.done_off + std::size_t(rows) * 4 * sizeof(std::uint32_t));
+    l.pub_off = l.ticket_off + 256;
+    l.zero_bytes = l.pub_off + std::size_t(rows) * std::size_t(l.chunks) * sizeof(unsigned long long);
+    l.state_off = up(l.zero_bytes);
+    l.bytes = up(l.state_off + std::size_t(rows) * 3 * sizeof(uint4));
     return l;
+  }
+  TopkMbWs carve(void* base) const {
+    auto* p = static_cast<unsigned char*>(base);
+    return {reinterpret_cast<std::uint32_t*>(p), reinterpret_cast<std::uint32_t*>(p + done_off),
+            reinterpret_cast<std::uint32_t*>(p + ticket_off), reinterpret_cast<unsigned long long*>(p + pub_off),
+            reinterpret_cast<uint4*>(p + state_off)};
   }
 };
 
@@ -227,158 +253,108 @@ __device__ __forceinline__ TopkRow topk_row(const TopkArgs& a, int r) {
   return x;
 }
 
-/// Whole block: digits of passes [0, passes) from the row's global histograms.
-/// Returns (prefix, mask, remaining) in all threads.
-__device__ __forceinline__ void topk_mb_replay(const std::uint32_t* hist, int passes, std::uint32_t t,
-                                               std::uint32_t& prefix, std::uint32_t& mask,
-                                               std::uint32_t& remaining) {
-  __shared__ std::uint32_t s_state[3];
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    std::uint32_t pf = 0, mk = 0, rem = t;
-    for (int p = 0; p < passes; ++p) {
-      const std::uint32_t* h = hist + p * 256;
-      std::uint32_t c[8], mine = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        c[i] = h[255 - 8 * lane - i];
-        mine += c[i];
-      }
-      std::uint32_t incl = mine;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const std::uint32_t y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
-      std::uint32_t run = incl - mine, digit = 0, r2 = 0;
-      const bool hit = run < rem && rem <= incl;
-      if (hit) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (digit == 0 && r2 == 0 && run + c[i] >= rem) {
-            digit = 255u - 8u * lane - i;
-            r2 = rem - run;
-          }
-          run += c[i];
-        }
-      }
-      const unsigned ball = __ballot_sync(0xffffffffu, hit);
-      const int src = ball ? __ffs(ball) - 1 : 0;
-      digit = __shfl_sync(0xffffffffu, digit, src);
-      r2 = __shfl_sync(0xffffffffu, r2, src);
-      const int shift = 24 - 8 * p;
-      pf |= digit << shift;
-      mk |= 255u << shift;
-      rem = r2;
-    }
-    if (lane == 0) {
-      s_state[0] = pf;
-      s_state[1] = mk;
-      s_state[2] = rem;
-    }
-  }
-  __syncthreads();
-  prefix = s_state[0];
-  mask = s_state[1];
-  remaining = s_state[2];
-}
-
-static __global__ void __launch_bounds__(kMbThreads) topk_mb_hist_kernel(TopkArgs a, std::uint32_t* hist_all, int pass) {
-  __shared__ std::uint32_t h[256];
-  const TopkRow x = topk_row(a, blockIdx.y);
+static __global__ void __launch_bounds__(kMbThreads) topk_mb_hist_kernel(TopkArgs a, TopkMbWs w, int pass) {
+  using Scan = cub::BlockScan<std::uint32_t, kMbThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ std::uint32_t h[kMbBins];
+  __shared__ int s_last;
+  const int r = int(blockIdx.y);
+  const TopkRow x = topk_row(a, r);
   if (x.t == 0 || x.t == x.m) return;
   const int begin = x.forced + int(blockIdx.x) * kMbChunk;
   if (begin >= x.n) return;
-  std::uint32_t* hist = hist_all + std::size_t(blockIdx.y) * 1024;
-  std::uint32_t prefix = 0, mask = 0, rem = 0;
-  if (pass > 0) topk_mb_replay(hist, pass, std::uint32_t(x.t), prefix, mask, rem);
-  for (int i = threadIdx.x; i < 256; i += kMbThreads) h[i] = 0;
-  __syncthreads();
-  const int shift = 24 - 8 * pass;
+  std::uint32_t prefix = 0, mask = 0, rem = std::uint32_t(x.t);
+  if (pass > 0) {
+    const uint4 st = w.state[std::size_t(r) * 3 + (pass - 1)];
+    prefix = st.x;
+    mask = st.y;
+    rem = st.z;
+  }
+  for (int i = threadIdx.x; i < kMbBins; i += kMbThreads) h[i] = 0;
+  const int shift = topk_mb_shift(pass);
+  const std::uint32_t dmask = topk_mb_dmask(pass);
   float v[kMbItems];
 #pragma unroll
   for (int u = 0; u < kMbItems; ++u) {
     const int j = begin + u * kMbThreads + threadIdx.x;
     v[u] = j < x.n ? x.row[std::int64_t(j) * a.s2] : 0.f;
   }
+  __syncthreads();
 #pragma unroll
   for (int u = 0; u < kMbItems; ++u) {
     const int j = begin + u * kMbThreads + threadIdx.x;
     const std::uint32_t key = rank_key(v[u]);
     const bool hit = j < x.n && (key & mask) == prefix;
-    const unsigned bin = hit ? (key >> shift) & 255u : 256u;
-    const unsigned peers = __match_any_sync(0xffffffffu, bin);  // warp-aggregated
-    if (hit && __ffs(peers) - 1 == int(threadIdx.x % 32)) atomicAdd(&h[bin], unsigned(__popc(peers)));
+    if (__any_sync(0xffffffffu, hit)) {  // warp-uniform: every lane joins the match
+      const std::uint32_t bin = hit ? (key >> shift) & dmask : 0xffffffffu;
+      const unsigned peers = __match_any_sync(0xffffffffu, bin);  // warp-aggregated
+      if (hit && __ffs(peers) - 1 == int(threadIdx.x % 32)) atomicAdd(&h[bin], unsigned(__popc(peers)));
+    }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < 256; i += kMbThreads)
-    if (h[i]) atomicAdd(&hist[pass * 256 + i], h[i]);
-}
-
-static __global__ void __launch_bounds__(kMbThreads) topk_mb_count_kernel(TopkArgs a, const std::uint32_t* hist_all,
-                                                                   uint2* counts, int chunks) {
-  __shared__ unsigned int s_gt, s_eq;
-  const TopkRow x = topk_row(a, blockIdx.y);
-  if (x.t == 0 || x.t == x.m) return;
-  const int begin = x.forced + int(blockIdx.x) * kMbChunk;
-  if (begin >= x.n) return;
-  std::uint32_t T = 0, mask = 0, need = 0;
-  topk_mb_replay(hist_all + std::size_t(blockIdx.y) * 1024, 4, std::uint32_t(x.t), T, mask, need);
-  if (threadIdx.x == 0) s_gt = 0, s_eq = 0;
+  std::uint32_t* gh = w.hist + std::size_t(r) * kMbBins;
+  for (int i = threadIdx.x; i < kMbBins; i += kMbThreads)
+    if (h[i]) atomicAdd(&gh[i], h[i]);
+  __threadfence();
   __syncthreads();
-  unsigned int gt = 0, eq = 0;
+  if (threadIdx.x == 0) {
+    const unsigned blocks = unsigned((x.m + kMbChunk - 1) / kMbChunk);
+    s_last = atomicAdd(&w.done[std::size_t(r) * 4 + pass], 1u) == blocks - 1u;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // Last block of the row: the whole row's histogram is complete. Thread i
+  // owns bins 2047 - 8i - u (u = 0..7): descending digits across the block.
+  std::uint32_t c[8], mine = 0;
 #pragma unroll
-  for (int u = 0; u < kMbItems; ++u) {
-    const int j = begin + u * kMbThreads + threadIdx.x;
-    if (j < x.n) {
-      const std::uint32_t key = rank_key(x.row[std::int64_t(j) * a.s2]);
-      gt += key > T;
-      eq += key == T;
+  for (int u = 0; u < 8; ++u) {
+    c[u] = __ldcg(gh + (kMbBins - 1 - 8 * int(threadIdx.x) - u));
+    mine += c[u];
+  }
+  std::uint32_t excl;
+  Scan(scan_storage).ExclusiveSum(mine, excl);
+  if (excl < rem && rem <= excl + mine) {  // exactly one thread
+    std::uint32_t run = excl;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (run < rem && run + c[u] >= rem) {
+        const std::uint32_t digit = std::uint32_t(kMbBins - 1 - 8 * int(threadIdx.x) - u);
+        w.state[std::size_t(r) * 3 + pass] = make_uint4(prefix | (digit << shift), mask | (dmask << shift), rem - run, 0u);
+      }
+      run += c[u];
     }
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    gt += __shfl_xor_sync(0xffffffffu, gt, o);
-    eq += __shfl_xor_sync(0xffffffffu, eq, o);
-  }
-  if (threadIdx.x % 32 == 0) {
-    atomicAdd(&s_gt, gt);
-    atomicAdd(&s_eq, eq);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) counts[std::size_t(blockIdx.y) * chunks + blockIdx.x] = make_uint2(s_gt, s_eq);
+  for (int u = 0; u < 8; ++u) gh[kMbBins - 1 - 8 * int(threadIdx.x) - u] = 0;  // own bins: ready for pass + 1
 }
 
-static __global__ void __launch_bounds__(kMbThreads) topk_mb_write_kernel(TopkArgs a, const std::uint32_t* hist_all,
-                                                                   const uint2* counts, int chunks) {
+static __global__ void __launch_bounds__(kMbThreads) topk_mb_write_kernel(TopkArgs a, TopkMbWs w, int chunks) {
   using Scan = cub::BlockScan<unsigned long long, kMbThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ unsigned long long s_base;
-  const TopkRow x = topk_row(a, blockIdx.y);
-  if (blockIdx.x == 0)
+  __shared__ unsigned s_ticket;
+  if (threadIdx.x == 0) {
+    s_ticket = atomicAdd(w.ticket, 1u);
+    s_base = 0ull;
+  }
+  __syncthreads();
+  const unsigned tk = s_ticket;
+  const int r = int(tk / unsigned(chunks)), c = int(tk % unsigned(chunks));
+  const TopkRow x = topk_row(a, r);
+  if (c == 0)
     for (int i = threadIdx.x; i < x.forced; i += kMbThreads) x.out[std::int64_t(i) * a.o2] = i;
   if (x.t == 0) return;
-  const int begin = x.forced + int(blockIdx.x) * kMbChunk;
+  const int begin = x.forced + c * kMbChunk;
   if (begin >= x.n) return;
   if (x.t == x.m) {
     for (int i = threadIdx.x; i < kMbChunk && begin + i < x.n; i += kMbThreads)
       x.out[std::int64_t(begin + i) * a.o2] = begin + i;
     return;
   }
-  std::uint32_t T = 0, mask = 0, need = 0;
-  topk_mb_replay(hist_all + std::size_t(blockIdx.y) * 1024, 4, std::uint32_t(x.t), T, mask, need);
-  // (count > T, count == T) over the chunks before this one.
-  if (threadIdx.x == 0) s_base = 0ull;
-  __syncthreads();
-  unsigned long long pre = 0;
-  const uint2* rc = counts + std::size_t(blockIdx.y) * chunks;
-  for (int c = threadIdx.x; c < int(blockIdx.x); c += kMbThreads) {
-    const uint2 v = rc[c];
-    pre += (static_cast<unsigned long long>(v.x) << 32) + v.y;
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) pre += __shfl_xor_sync(0xffffffffu, pre, o);
-  if (threadIdx.x % 32 == 0 && pre) atomicAdd(&s_base, pre);
+  const uint4 st = w.state[std::size_t(r) * 3 + 2];
+  const std::uint32_t T = st.x;
+  const unsigned int need = st.z;  // how many of the keys == T (lowest index first)
   bool gt[kMbItems], eq[kMbItems];
   unsigned long long local = 0;
 #pragma unroll
@@ -389,8 +365,22 @@ static __global__ void __launch_bounds__(kMbThreads) topk_mb_write_kernel(TopkAr
     eq[u] = j < x.n && key == T;
     local += (gt[u] ? (1ull << 32) : 0ull) + (eq[u] ? 1ull : 0ull);
   }
-  unsigned long long excl;
-  Scan(scan_storage).ExclusiveSum(local, excl);  // has a barrier: s_base is complete after it
+  unsigned long long excl, agg;
+  Scan(scan_storage).ExclusiveSum(local, excl, agg);
+  unsigned long long* rp = w.pub + std::size_t(r) * chunks;
+  if (threadIdx.x == 0) atomicExch(rp + c, agg | kMbFlag);  // publish first: never waits
+  // (count > T, count == T) over the chunks before this one (all held by running blocks).
+  unsigned long long pre = 0;
+  for (int cc = threadIdx.x; cc < c; cc += kMbThreads) {
+    const volatile unsigned long long* p = rp + cc;
+    unsigned long long val;
+    while (((val = *p) & kMbFlag) == 0ull) {
+    }
+    pre += val & ~kMbFlag;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) pre += __shfl_xor_sync(0xffffffffu, pre, o);
+  if (threadIdx.x % 32 == 0 && pre) atomicAdd(&s_base, pre);
   __syncthreads();
   unsigned long long run = s_base + excl;
 #pragma unroll
@@ -462,8 +452,9 @@ inline void topk_indices(TensorView<const float, 3> scores, TensorView<const std
 
 /// Same, with scratch of topk_indices_workspace_bytes(rows, scores.shape[2])
 /// bytes (rows = shape[0] * shape[1]): when that is > 0, each long row is split
-/// across many thread blocks (7 stream-ordered launches, one cudaMemsetAsync
-/// of the workspace included). Identical results to the overload above.
+/// across many thread blocks (5 stream-ordered operations: one cudaMemsetAsync
+/// of the workspace, 3 histogram passes, one write pass). Identical results to
+/// the overload above.
 inline void topk_indices(TensorView<const float, 3> scores, TensorView<const std::int32_t, 2> n,
                          TensorView<const std::int32_t, 2> k, int forced_prefix, TensorView<std::int32_t, 3> out,
                          void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
@@ -479,18 +470,14 @@ inline void topk_indices(TensorView<const float, 3> scores, TensorView<const std
     return;
   }
   const auto l = detail::TopkMbLayout::make(rows, scores.shape[2]);
-  auto* base = static_cast<unsigned char*>(workspace);
-  auto* hist = reinterpret_cast<std::uint32_t*>(base + l.hist_off);
-  auto* counts = reinterpret_cast<uint2*>(base + l.cnt_off);
-  PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(hist, 0, std::size_t(rows) * 1024 * sizeof(std::uint32_t), stream));
+  const detail::TopkMbWs w = l.carve(workspace);
+  PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(workspace, 0, l.zero_bytes, stream));
   const dim3 grid(unsigned(l.chunks), unsigned(rows));
-  for (int pass = 0; pass < 4; ++pass) {
-    detail::topk_mb_hist_kernel<<<grid, detail::kMbThreads, 0, stream>>>(a, hist, pass);
+  for (int pass = 0; pass < 3; ++pass) {
+    detail::topk_mb_hist_kernel<<<grid, detail::kMbThreads, 0, stream>>>(a, w, pass);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("topk_mb_hist_kernel");
   }
-  detail::topk_mb_count_kernel<<<grid, detail::kMbThreads, 0, stream>>>(a, hist, counts, l.chunks);
-  PYRAMIDINFER_CUDA_CHECK_LAUNCH("topk_mb_count_kernel");
-  detail::topk_mb_write_kernel<<<grid, detail::kMbThreads, 0, stream>>>(a, hist, counts, l.chunks);
+  detail::topk_mb_write_kernel<<<unsigned(l.chunks) * unsigned(rows), detail::kMbThreads, 0, stream>>>(a, w, l.chunks);
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("topk_mb_write_kernel");
 }
 
