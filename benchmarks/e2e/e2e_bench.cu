@@ -2,13 +2,20 @@
 // on models of LLaMA shapes with RANDOM fp16 weights (throughput and memory
 // only; the tokens mean nothing). One JSON line per run on stdout.
 //
-//   e2e-bench SHAPE POLICY BATCH PROMPT GEN [--comp-share]
+//   e2e-bench SHAPE POLICY BATCH PROMPT GEN [--comp-share] [--device-trigger]
 //     SHAPE  llama2-7b | llama2-13b | llama3-8b
-//     POLICY full | pyramid (paper defaults) | pyramid45 (planner-picked cosine
-//            final ratio, with decode compression, so the plan keeps <= 45% of the KV)
-//     BATCH  a number, or "fit": the largest batch whose weights + plan + work
-//            buffers fit in 80% of the card
+//     POLICY full | pyramid (paper defaults) | pyramid45 (the settings the
+//            planner found to keep <= 45% of the KV at 512 + 256: 10% window,
+//            min_context 16, cosine final ratio 0.3, decode keeps
+//            floor(16 * 0.5 * cosine_0.1(l)) of every 16; the same numbers as
+//            examples/generate/policies.hpp's Pyramid45)
+//     BATCH  a number, or "fit": the largest batch whose weights + work
+//            buffers + plan + compressor arena fit in 80% of the card
+//     --comp-share      a third run with CUDA events around the compression calls
+//     --device-trigger  CudaPyramidCompressor's device trigger mode (the chain
+//                       launches every step) instead of the host-tracked default
 #include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -65,6 +72,9 @@ void run(const char* shape, const char* policy, const CudaModel& model, Engine& 
   once(pf, dc);
   e.check();
   const std::size_t peak = used_bytes();
+  const long long launches = e.compressor().evict_launches();
+  std::fprintf(stderr, "%s %s b%d: eviction chain launched %lld times in %d decode steps x %d layers (%s trigger)\n",
+               shape, policy, batch, launches, gen - 1, s.n_layers, decode_trigger_name(e.compressor().decode_trigger()));
   double comp_pf = -1, comp_dc = -1, pf2 = 0, dc2 = 0;
   if (comp_share) {  // a third run with events around every compression call (adds syncs)
     e.set_time_compression(true);
@@ -81,14 +91,19 @@ void run(const char* shape, const char* policy, const CudaModel& model, Engine& 
   for (int l = 0; l < plan.shape.num_layers; ++l)
     per_layer += (l ? "," : "") + std::to_string(plan.shape.layer_bytes(l));
   const double steps = gen - 1;
+  char date[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%MZ", std::gmtime(&now));
   std::printf(
       "{\"engine\":\"ours\",\"shape\":\"%s\",\"policy\":\"%s\",\"final_ratio\":%.4f,\"batch\":%d,\"prompt\":%d,\"gen\":%d,"
       "\"kv_bytes\":%zu,\"kv_full_bytes\":%zu,\"kv_ratio\":%.4f,\"weight_bytes\":%zu,\"peak_device_bytes\":%zu,"
       "\"prefill_s\":%.4f,\"decode_ms_step\":%.3f,\"gen_tok_s\":%.1f,\"total_tok_s\":%.1f,"
-      "\"comp_share_prefill\":%.4f,\"comp_share_decode\":%.4f,\"device\":\"%s\",\"kv_layer_bytes\":[%s]}\n",
+      "\"comp_share_prefill\":%.4f,\"comp_share_decode\":%.4f,\"trigger\":\"%s\",\"evict_launches\":%lld,"
+      "\"device\":\"%s\",\"date\":\"%s\",\"kv_layer_bytes\":[%s]}\n",
       shape, policy, final_ratio, batch, prompt, gen, plan.total_bytes, plan.full_bytes, plan.ratio_to_full,
       model.weight_bytes(), peak, pf, dc / steps * 1e3, batch * double(gen) / (pf + dc),
-      batch * double(prompt + gen) / (pf + dc), comp_pf, comp_dc, prop.name, per_layer.c_str());
+      batch * double(prompt + gen) / (pf + dc), comp_pf, comp_dc, decode_trigger_name(e.compressor().decode_trigger()),
+      launches, prop.name, date, per_layer.c_str());
   std::fflush(stdout);
 }
 
@@ -100,7 +115,12 @@ int main(int argc, char** argv) {
   try {
     const std::string shape = argv[1], policy = argv[2], batch_arg = argv[3];
     const int prompt = std::atoi(argv[4]), gen = std::atoi(argv[5]);
-    const bool comp = argc > 6 && std::strcmp(argv[6], "--comp-share") == 0;
+    bool comp = false, device_trigger = false;
+    for (int i = 6; i < argc; ++i) {
+      if (std::strcmp(argv[i], "--comp-share") == 0) comp = true;
+      else if (std::strcmp(argv[i], "--device-trigger") == 0) device_trigger = true;
+      else throw std::runtime_error(std::string("unknown flag ") + argv[i]);
+    }
     const LlamaShape s = shape_of(shape);
     const CudaModel model = CudaModel::random(s, 42);
     auto go = [&](auto& e, double r) {
@@ -109,39 +129,38 @@ int main(int argc, char** argv) {
         std::size_t f = 0, t = 0;
         cudaMemGetInfo(&f, &t);
         const MemoryPlan one = e.plan_for({prompt}, gen);
-        // work buffers per sequence of the prefill + decode (rows, fp32 + fp16), generous
-        const std::size_t budget = std::size_t(0.8 * double(t)), fixed = model.weight_bytes() + (std::size_t(3) << 30);
-        const std::size_t per = one.total_bytes + std::size_t(s.vocab) * 4 + std::size_t(s.dim) * 64;
+        // 80% of the card: weights + prefill work buffers (one chunk) + 1 GiB (cuBLAS, CUDA context) fixed;
+        // per sequence the planned KV bytes + the compressor arena + decode buffers
+        const std::size_t budget = std::size_t(0.8 * double(t));
+        const std::size_t fixed = model.weight_bytes() + e.work_bytes(std::max(EngineOptions{}.prefill_chunk_rows, prompt)) +
+                                  (std::size_t(1) << 30);
+        const std::size_t per = one.total_bytes + e.extra_bytes_per_sequence(prompt);
         batch = budget > fixed ? int((budget - fixed) / per) : 0;
-        std::fprintf(stderr, "fit: budget %zu, weights %zu, %zu KV bytes per sequence -> batch %d\n", budget,
-                     model.weight_bytes(), one.total_bytes, batch);
+        std::fprintf(stderr, "fit: budget %zu, fixed %zu, %zu KV + %zu other bytes per sequence -> batch %d\n", budget,
+                     fixed, one.total_bytes, per - one.total_bytes, batch);
       } else {
         batch = std::atoi(batch_arg.c_str());
       }
       run(shape.c_str(), policy.c_str(), model, e, batch, prompt, gen, comp, r);
     };
+    EngineOptions base;
+    if (device_trigger) base.decode_trigger = DecodeTrigger::device;
     if (policy == "full") {
-      EngineOptions o;
+      EngineOptions o = base;
       o.compress_decode = false, o.compress_prefill = false;
       CudaEngine<UniformSchedule> e(model, o, UniformSchedule{1.0});
       go(e, 1.0);
     } else if (policy == "pyramid") {
-      CudaEngine<CosineSchedule> e(model, EngineOptions{}, CosineSchedule{0.9});
+      CudaEngine<CosineSchedule> e(model, base, CosineSchedule{0.9});
       go(e, 0.9);
     } else if (policy == "pyramid45") {
-      // The planner picks the largest cosine final ratio whose plan keeps <= 45% of a full cache.
-      double pick = 0.05;
-      for (int i = 90; i >= 5; --i) {
-        const double r = i / 100.0;
-        CompressorConfig c{s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim, 0.2};
-        PyramidCompressor<RecentWindowScoring, TopKSelection, CosineSchedule> pc(c, {}, {}, CosineSchedule{r});
-        if (pc.plan({prompt}, gen, DType::f16).ratio_to_full <= 0.45) {
-          pick = r;
-          break;
-        }
-      }
-      CudaEngine<CosineSchedule> e(model, EngineOptions{}, CosineSchedule{pick});
-      go(e, pick);
+      // Planner-found (see the top); the plan's ratio is printed in kv_ratio.
+      EngineOptions o = base;
+      o.recent_ratio = 0.1;
+      o.selection.min_context = 16;
+      CudaEngine<CosineSchedule> e(model, o, CosineSchedule{0.3},
+                                   DecodeSchedule<CosineSchedule>{16, 0.5, CosineSchedule{0.1}});
+      go(e, 0.3);
     } else {
       throw std::runtime_error("policy must be full, pyramid or pyramid45");
     }

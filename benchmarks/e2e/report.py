@@ -16,6 +16,8 @@ print("| engine | shape | policy | batch | prompt+gen | KV alloc GiB (ratio) | p
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     pol = r["policy"] + (f" (r={r['final_ratio']:.2f})" if r["engine"] == "ours" and r["policy"] != "full" else "")
+    if r.get("trigger") == "device" and r["policy"] != "full":
+        pol += ", device trigger"
     ratio = f" ({r['kv_ratio']:.3f})" if "kv_ratio" in r else ""
     cs = r.get("comp_share_prefill", -1)
     share = f"{100*cs:.1f}% / {100*r['comp_share_decode']:.1f}%" if cs is not None and cs >= 0 else ""
@@ -25,10 +27,11 @@ for r in rows:
 
 # tokens/s vs batch, llama2-7b 512+256
 fig, ax = plt.subplots(figsize=(6, 4))
-for key, label in [(("ours", "full"), "ours, full cache"), (("ours", "pyramid45"), "ours, pyramid <=45%-target (r=0.05)"),
-                   (("ours", "pyramid"), "ours, pyramid (paper defaults)"), (("hf-sdpa", "full"), "HF transformers sdpa")]:
+for key, label in [(("ours", "full"), "ours, full cache"), (("ours", "pyramid45"), "ours, pyramid45 (plan <= 45% KV)"),
+                   (("ours", "pyramid"), "ours, pyramid (paper defaults)"), (("hf-sdpa", "full"), "HF transformers sdpa"),
+                   (("hf-eager", "full"), "HF transformers eager")]:
     pts = sorted((r["batch"], r["total_tok_s"]) for r in rows if (r["engine"], r["policy"]) == key
-                 and r["shape"] == "llama2-7b" and r["prompt"] == 512)
+                 and r["shape"] == "llama2-7b" and r["prompt"] == 512 and r.get("trigger", "host") != "device")
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
 ax.set_xscale("log", base=2)
@@ -42,7 +45,7 @@ fig.savefig(sys.argv[2] + "_toks_vs_batch.png", dpi=120)
 fig, ax = plt.subplots(figsize=(6, 4))
 for pol in ["full", "pyramid", "pyramid45"]:
     r = next((r for r in rows if r["engine"] == "ours" and r["policy"] == pol and r["shape"] == "llama2-7b"
-              and r["batch"] == 32), None)
+              and r["batch"] == 32 and r.get("trigger", "host") != "device"), None)
     if r:
         ax.plot(range(len(r["kv_layer_bytes"])), [b / (1 << 20) for b in r["kv_layer_bytes"]], label=pol)
 ax.set_xlabel("layer")

@@ -27,14 +27,27 @@ struct PolicyOptions {
 };
 
 inline const std::vector<std::string>& policy_names() {
-  static const std::vector<std::string> names = {"full", "pyramid", "pyramid-perhead", "streaming", "h2o", "snapkv"};
+  static const std::vector<std::string> names = {"full",      "pyramid", "pyramid45", "pyramid-perhead",
+                                                 "streaming", "h2o",     "snapkv"};
   return names;
 }
 
 inline std::string policy_help() {
-  return "full (no compression), pyramid (PyramidInfer, the paper's defaults), pyramid-perhead (per KV head), "
+  return "full (no compression), pyramid (PyramidInfer, the paper's defaults), pyramid45 (PyramidInfer with the "
+         "fixed settings whose plan keeps <= 45% of a full cache at 512 + 256 tokens), pyramid-perhead (per KV head), "
          "streaming (sinks + recent), h2o (accumulated attention), snapkv (window attention, per KV head, per layer)";
 }
+
+/// pyramid45: the settings the planner found to keep <= 45% of a full cache at
+/// 512 prompt + 256 generated tokens (LLaMA-2-7B shape: plan ratio 0.4457;
+/// benchmarks/e2e/e2e_bench.cu uses the same numbers): a 10% recent window,
+/// min_context 16, cosine final ratio 0.3 in prefill, and in decode keep
+/// floor(16 * 0.5 * cosine_0.1(l)) of every 16 tokens. Fixed: the policy's
+/// `ratio` option does not apply to it.
+struct Pyramid45 {
+  static constexpr double recent_ratio = 0.1, final_ratio = 0.3, gen_ratio = 0.5, decode_final_ratio = 0.1;
+  static constexpr int min_context = 16;
+};
 
 /// Calls f(compressor) with the compressor type and settings `o` names.
 template <class F>
@@ -48,6 +61,13 @@ void with_policy(const LlamaConfig& c, const PolicyOptions& o, F&& f) {
   if (o.name == "pyramid") {
     f(PyramidCompressor<RecentWindowScoring, TopKSelection, CosineSchedule>(cfg, {o.distance_weight}, shared,
                                                                              CosineSchedule{o.ratio}));
+  } else if (o.name == "pyramid45") {
+    CompressorConfig c45 = cfg;
+    c45.recent_ratio = Pyramid45::recent_ratio;
+    const TopKSelection sel45{o.sinks, Pyramid45::min_context, Granularity::shared};
+    const DecodeSchedule<CosineSchedule> dec45{16, Pyramid45::gen_ratio, CosineSchedule{Pyramid45::decode_final_ratio}};
+    f(PyramidCompressor<RecentWindowScoring, TopKSelection, CosineSchedule>(
+        c45, {o.distance_weight}, sel45, CosineSchedule{Pyramid45::final_ratio}, dec45));
   } else if (o.name == "pyramid-perhead") {
     f(PyramidCompressor<RecentWindowScoring, TopKSelection, CosineSchedule>(cfg, {o.distance_weight}, per_head,
                                                                              CosineSchedule{o.ratio}));

@@ -209,6 +209,11 @@ int main(int argc, char** argv) {
         continue;
       }
       if (name == "pyramid") rows.push_back(evaluate(model, tok, ids, o, p, "paper"));  // the paper's defaults
+      if (name == "pyramid45") {  // fixed settings (policies.hpp): no budget sweep
+        p.ratio = Pyramid45::final_ratio;
+        rows.push_back(evaluate(model, tok, ids, o, p, "plan45"));
+        continue;
+      }
       for (double f : o.fractions) {
         if (f >= 1.0) continue;  // the full cache is its own row
         p.ratio = ratio_for_fraction(model.config(), p, o.prefill, f);

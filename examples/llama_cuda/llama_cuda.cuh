@@ -1,20 +1,24 @@
 // llama_cuda.cuh - a CUDA Llama forward (fp16 weights, fp32 accumulation and
 // residual stream) whose KV cache is pyramidinfer's KVCache<half_t,
-// CudaBackend>, with token-dropping pyramid prefill and on-device decode
-// compression. Twin of examples/generate/pyramid_engine.hpp (CPU).
+// CudaBackend>, orchestrated by the library's CudaPyramidCompressor
+// (token-dropping pyramid prefill, on-device decode compression with the
+// host-tracked trigger). Twin of examples/generate/pyramid_engine.hpp (CPU).
 //
 //   CudaModel model = CudaModel::from_gguf(GgufFile::open(path));   // or CudaModel::random(shape, seed)
 //   CudaEngine<CosineSchedule> engine(model, EngineOptions{...}, CosineSchedule{0.9});
 //   engine.prefill(prompts, max_new_tokens);      // ragged batch, logits of each prompt's last token
 //   engine.decode(tokens);                        // one step for the whole batch, no host sync
 //
-// Prefill runs per sequence (ragged: no padding). After layer l only the
-// tokens the selection keeps (T_{l+1}) are gathered on the device and go on.
-// Decode appends one token per sequence to every layer, attends over
-// [B, Hkv, cap_l, d] with per-sequence lengths and original positions (GQA),
-// stores the query and the log-sum-exp of its softmax row in a ring (the
-// recent window), and calls KVCache::decode_evict (trigger, scoring, top-k,
-// compaction on the device).
+// Prefill is batched across sequences (ragged: rows of all sequences of a
+// chunk are concatenated, no padding; chunks bound the work buffers): one set
+// of GEMMs per layer for the chunk, per-sequence prefill_store, one attention
+// launch over the cache (causal by original position) that also writes every
+// row's log-sum-exp, then per sequence prefill_select (handed the window rows'
+// LSE, so no separate LSE pass) and gather_next: only T_{l+1} goes on.
+// Decode appends one token per sequence to every layer (decode_append),
+// attends over [B, Hkv, cap_l, d] with per-sequence lengths and original
+// positions (GQA), hands the softmax LSE to decode_set_lse, and calls
+// decode_compress, which launches nothing on steps where no layer fires.
 #pragma once
 
 #include <cublas_v2.h>
@@ -206,6 +210,7 @@ struct AttnArgs {
   int lse_row0;  // prefill mode when >= 0
   const std::int32_t* ring_start;
   const std::int32_t* window;
+  float* lse_rows;  // optional [rows, H]: every row's LSE (scaled logits), for CudaPyramidCompressor
 };
 
 template <int D>
@@ -273,6 +278,7 @@ static __global__ void __launch_bounds__(128) attention_kernel(AttnArgs a) {
     else slot = (a.ring_start[seq] + a.window[seq] - 1) % a.R;
     if (slot >= 0) a.lse_ring[(std::int64_t(seq) * a.H + h) * a.R + slot] = M + logf(L);
   }
+  if (a.lse_rows && lane == 0) a.lse_rows[std::int64_t(row) * a.H + h] = M + logf(L);
 }
 
 template <int D>
@@ -303,6 +309,7 @@ static __global__ void combine_kernel(AttnArgs a) {
     else slot = (a.ring_start[seq] + a.window[seq] - 1) % a.R;
     if (slot >= 0) a.lse_ring[(std::int64_t(seq) * a.H + h) * a.R + slot] = M + logf(L);
   }
+  if (a.lse_rows && lane == 0) a.lse_rows[std::int64_t(row) * a.H + h] = M + logf(L);
 }
 
 /// Prefill: window queries rows [n - w, n) of q [n, H d] -> ring (b, h, r, d), r = row - (n - w).
@@ -328,6 +335,12 @@ static __global__ void advance_kernel(std::int32_t* ring_start, int R, std::int3
   if (b >= B) return;
   if (advance_ring) ring_start[b] = (ring_start[b] + 1) % R;
   (void)positions;
+}
+
+/// qseq[off[b] .. off[b + 1]) = b. grid (batch).
+static __global__ void row_seq_kernel(const std::int32_t* off, std::int32_t* qseq) {
+  const int b = blockIdx.x;
+  for (int r = off[b] + threadIdx.x; r < off[b + 1]; r += blockDim.x) qseq[r] = b;
 }
 
 static __global__ void inc_kernel(std::int32_t* x, int n) {
@@ -471,29 +484,55 @@ struct EngineOptions {
   float distance_weight = 1.2f;        // RecentWindowScoring
   bool compress_decode = true;
   bool compress_prefill = true;        // false: every layer keeps T_0 (full cache)
-  bool time_compression = false;       // CUDA events around every compression call (adds syncs per step)
+  bool time_compression = false;       // CUDA events around every compression call (no extra syncs)
+  DecodeTrigger decode_trigger = DecodeTrigger::host;  // CudaPyramidCompressor's trigger mode
+  int prefill_chunk_rows = 16384;      // batched prefill: sequences per chunk up to this many rows
 };
 
-/// The engine: one model, one batch at a time.
+/// A pinned host buffer (cudaMallocHost; prefill-time uploads stay asynchronous).
+template <class T>
+class PinnedBuf {
+ public:
+  PinnedBuf() = default;
+  ~PinnedBuf() {
+    if (p_) cudaFreeHost(p_);
+  }
+  PinnedBuf(const PinnedBuf&) = delete;
+  PinnedBuf& operator=(const PinnedBuf&) = delete;
+  void resize(std::size_t n) {
+    if (n <= n_) return;
+    if (p_) LC_CUDA(cudaFreeHost(p_));
+    p_ = nullptr;
+    void* q = nullptr;
+    LC_CUDA(cudaMallocHost(&q, std::max<std::size_t>(n, 1) * sizeof(T)));
+    p_ = static_cast<T*>(q), n_ = n;
+  }
+  T* get() const { return p_; }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+/// The engine: one model, one batch at a time, orchestrated by CudaPyramidCompressor.
 template <class Schedule = CosineSchedule, class Decode = DecodeSchedule<CosineSchedule>>
 class CudaEngine {
-  using Compressor = PyramidCompressor<RecentWindowScoring, TopKSelection, Schedule, Decode>;
+  using Compressor = CudaPyramidCompressor<RecentWindowScoring, TopKSelection, Schedule, Decode>;
 
  public:
   CudaEngine(const CudaModel& model, EngineOptions opt, Schedule schedule = {}, Decode decode = {})
-      : m_(model), opt_(opt), schedule_(schedule), decode_(decode), pc_(make_cfg(model.shape(), opt), {opt.distance_weight},
-                                                                        opt.selection, schedule, decode) {
+      : m_(model), opt_(opt), pc_(make_cfg(model.shape(), opt), RecentWindowScoring{opt.distance_weight},
+                                  opt.selection, schedule, decode) {
+    pc_.set_decode_trigger(opt.decode_trigger);
     LC_CUBLAS(cublasCreate(&blas_));
     LC_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     LC_CUBLAS(cublasSetStream(blas_, stream_));
-    LC_CUDA(cudaEventCreate(&ev0_));
-    LC_CUDA(cudaEventCreate(&ev1_));
   }
   ~CudaEngine() {
+    cudaStreamSynchronize(stream_);
+    for (auto& e : events_) cudaEventDestroy(e);
     cublasDestroy(blas_);
     cudaStreamDestroy(stream_);
-    cudaEventDestroy(ev0_);
-    cudaEventDestroy(ev1_);
   }
   CudaEngine(const CudaEngine&) = delete;
   CudaEngine& operator=(const CudaEngine&) = delete;
@@ -501,99 +540,158 @@ class CudaEngine {
   cudaStream_t stream() const { return stream_; }
   const MemoryPlan& plan() const { return plan_; }
   const KVCache<half_t, CudaBackend>& cache() const { return *cache_; }
-  /// Milliseconds inside compression calls (scoring, top-k, gather / eviction) when time_compression is on.
-  double compression_ms() const { return comp_ms_; }
+  const Compressor& compressor() const { return pc_; }
+  /// Milliseconds inside compression calls (prefill: prefill_select + gather_next;
+  /// decode: decode_compress) when time_compression is on. Synchronises.
+  double compression_ms() {
+    flush_events();
+    return comp_ms_;
+  }
   /// The part of compression_ms() spent in the last prefill.
   double prefill_compression_ms() const { return comp_prefill_ms_; }
-  void reset_compression_ms() { comp_ms_ = comp_prefill_ms_ = 0; }
-  void set_time_compression(bool on) { opt_.time_compression = on; }
+  void reset_compression_ms() {
+    flush_events();
+    comp_ms_ = comp_prefill_ms_ = 0;
+  }
+  void set_time_compression(bool on) {
+    opt_.time_compression = on;
+    if (on && events_.empty()) {
+      events_.resize(4096);
+      for (auto& e : events_) LC_CUDA(cudaEventCreate(&e));
+    }
+  }
 
   /// The plan a batch of these prompt lengths would get (no allocation).
   MemoryPlan plan_for(const std::vector<int>& lens, int max_new) const { return pc_.plan(lens, max_new, DType::f16); }
+  /// Device bytes per sequence besides the KV cache (compressor arena, decode buffers), an upper bound.
+  std::size_t extra_bytes_per_sequence(int prompt_len) const {
+    const LlamaShape& s = m_.shape();
+    return pc_.arena_bytes_per_sequence(prompt_len, 2) + std::size_t(s.vocab) * 4 +
+           std::size_t(s.n_heads) * 64 * (s.head_dim + 2) * 4 + std::size_t(s.dim) * 64;
+  }
+  /// Device bytes of the prefill work buffers for `rows` rows.
+  std::size_t work_bytes(int rows) const {
+    const LlamaShape& s = m_.shape();
+    const std::size_t r = std::size_t(rows), qkv = std::size_t(s.n_heads + 2 * s.n_kv_heads) * s.head_dim;
+    return r * (8 * std::size_t(s.dim) + 2 * std::max(s.dim, s.ffn_dim) + 4 * std::max(qkv, 2 * std::size_t(s.ffn_dim)) +
+                2 * qkv + 2 * std::size_t(s.n_heads) * s.head_dim + 4 * std::size_t(s.n_heads) + 16);
+  }
 
-  /// Prefills a ragged batch; returns the logits of each prompt's last token, [B x vocab] on the host.
+  /// Prefills a ragged batch; returns the logits of each prompt's last token, [B x vocab] on the host
+  /// (want_logits; the device copy stays in device_logits() either way).
   std::vector<float> prefill(const std::vector<std::vector<std::int32_t>>& prompts, int max_new_tokens,
                              bool want_logits = true) {
     const LlamaShape& s = m_.shape();
-    const int B = int(prompts.size());
+    const int B = int(prompts.size()), L = s.n_layers, H = s.n_heads, Hkv = s.n_kv_heads, d = s.head_dim;
+    if (B <= 0) throw std::invalid_argument("CudaEngine::prefill: empty batch");
     std::vector<int> lens;
-    int max_len = 0;
-    for (const auto& p : prompts) lens.push_back(int(p.size())), max_len = std::max(max_len, int(p.size()));
+    for (const auto& p : prompts) lens.push_back(int(p.size()));
     plan_ = pc_.plan(lens, max_new_tokens, DType::f16);
+    LC_CUDA(cudaStreamSynchronize(stream_));
     cache_.reset();
     cache_ = std::make_unique<KVCache<half_t, CudaBackend>>(plan_.shape);
-    cache_->clear(stream_);
+    pc_.begin(*cache_, lens, stream_);
     B_ = B;
-    // windows and the query ring
-    std::vector<std::int32_t> win(static_cast<std::size_t>(B)), zeros(static_cast<std::size_t>(B), 0), ones(static_cast<std::size_t>(B), 1);
-    R_ = 1;
-    for (int b = 0; b < B; ++b) {
-      const int wb = window_length(lens[std::size_t(b)], opt_.recent_ratio);
-      win[std::size_t(b)] = wb;
-      R_ = std::max(R_, wb);
+    // chunks of sequences, each <= prefill_chunk_rows rows (one sequence at least)
+    std::vector<int> chunk_begin{0};
+    int max_rows = 0;
+    for (int b = 0, rows = 0; b < B; ++b) {
+      if (rows > 0 && rows + lens[std::size_t(b)] > opt_.prefill_chunk_rows) chunk_begin.push_back(b), rows = 0;
+      rows += lens[std::size_t(b)];
+      max_rows = std::max(max_rows, rows);
     }
-    window_.upload(win.data(), std::size_t(B), stream_);
-    ring_start_.upload(zeros.data(), std::size_t(B), stream_);
-    ones_.upload(ones.data(), std::size_t(B), stream_);
-    const bool ring = opt_.compress_decode;
-    const std::size_t ring_elems = std::size_t(B) * s.n_heads * std::size_t(R_);
-    ring_q_.resize(std::size_t(s.n_layers) * ring_elems * s.head_dim);
-    ring_lse_.resize(std::size_t(s.n_layers) * ring_elems);
-    bound_.resize(std::size_t(s.n_layers) * B);
-    std::vector<std::int32_t> bound_host(std::size_t(s.n_layers) * B, 0);
-    // work buffers for the longest prompt
-    reserve_rows(std::max(max_len, B));
-    next_pos_host_ = std::vector<std::int32_t>(lens.begin(), lens.end());
-    std::vector<float> logits(want_logits ? std::size_t(B) * s.vocab : 0);
-    DBuf<std::int32_t>& ids = ids_;
-    for (int b = 0; b < B; ++b) {
-      const int n0 = lens[std::size_t(b)], w = win[std::size_t(b)];
-      ids.upload(prompts[std::size_t(b)].data(), std::size_t(n0), stream_);
-      std::vector<std::int32_t> p0(static_cast<std::size_t>(n0));
-      for (int i = 0; i < n0; ++i) p0[std::size_t(i)] = i;
-      pos_.upload(p0.data(), std::size_t(n0), stream_);
-      kernels::embed_kernel<<<n0, 256, 0, stream_>>>(m_.embedding(), ids.get(), s.dim, h_.get());
-      int n = n0;
-      for (int l = 0; l < s.n_layers; ++l) {
-        layer_qkv(l, n, pos_.get());
-        // store T_l into layer l's cache
-        auto K = cache_->keys(l);
-        kernels::store_prefill_kernel<<<dim3(unsigned(n), unsigned(s.n_kv_heads)), 128, 0, stream_>>>(
-            k_.get(), v_.get(), pos_.get(), n, s.n_kv_heads, s.head_dim, reinterpret_cast<__half*>(K.data),
-            reinterpret_cast<__half*>(cache_->values(l).data), cache_->positions(l).data, cache_->lengths(l).data,
-            K.shape[2], b);
-        // attention for T_l (LSE of the window rows into the ring)
-        attention(l, n, pos_.get(), nullptr, b, (ring || opt_.compress_prefill) ? n - w : -1);
-        layer_finish(l, n);
-        bound_host[std::size_t(l) * B + b] = n - 1;
-        if (ring || opt_.compress_prefill) {
-          kernels::ring_fill_prefill_kernel<<<dim3(unsigned(w), unsigned(s.n_heads)), 128, 0, stream_>>>(
-              q_.get(), n, w, s.n_heads, s.head_dim, R_, b, ring_q(l));
+    chunk_begin.push_back(B);
+    reserve_rows(std::max(max_rows, B));
+    lse_rows_.resize(std::size_t(std::max(max_rows, B)) * H);
+    // pinned staging: ids of a chunk, (B + 1) offsets per layer per chunk, B last-row indices
+    const std::size_t n_chunks = chunk_begin.size() - 1;
+    pinned_.resize(std::size_t(max_rows) + n_chunks * std::size_t(L) * (B + 1) + std::size_t(B));
+    offs_dev_.resize(n_chunks * std::size_t(L) * (B + 1));
+    last_rows_.resize(std::size_t(B));
+    xl_.resize(std::size_t(B) * s.dim);
+    std::int32_t* last_host = pinned_.get() + max_rows + n_chunks * std::size_t(L) * (B + 1);
+    const bool compress = opt_.compress_prefill;
+    const auto hv = [&](float* base, int row0, int n) {
+      return TensorView<const float, 2>{base + std::size_t(row0) * s.dim, {n, s.dim}, {s.dim, 1}};
+    };
+    for (std::size_t c = 0; c < n_chunks; ++c) {
+      const int b0 = chunk_begin[c], b1 = chunk_begin[c + 1], nb = b1 - b0;
+      if (c > 0) LC_CUDA(cudaStreamSynchronize(stream_));  // the pinned ids are reused
+      int rows = 0;
+      for (int b = b0; b < b1; ++b) {
+        std::copy(prompts[std::size_t(b)].begin(), prompts[std::size_t(b)].end(), pinned_.get() + rows);
+        rows += lens[std::size_t(b)];
+      }
+      LC_CUDA(cudaMemcpyAsync(ids_.get(), pinned_.get(), sizeof(std::int32_t) * rows, cudaMemcpyHostToDevice, stream_));
+      kernels::embed_kernel<<<rows, 256, 0, stream_>>>(m_.embedding(), ids_.get(), s.dim, h_.get());
+      std::vector<int> off(static_cast<std::size_t>(nb + 1));
+      for (int l = 0; l < L; ++l) {
+        off[0] = 0;
+        for (int i = 0; i < nb; ++i) off[std::size_t(i + 1)] = off[std::size_t(i)] + pc_.token_count(b0 + i);
+        rows = off[std::size_t(nb)];
+        std::int32_t* ho = pinned_.get() + max_rows + (c * L + std::size_t(l)) * (B + 1);
+        std::int32_t* dof = offs_dev_.get() + (c * L + std::size_t(l)) * (B + 1);
+        std::copy(off.begin(), off.end(), ho);
+        LC_CUDA(cudaMemcpyAsync(dof, ho, sizeof(std::int32_t) * (nb + 1), cudaMemcpyHostToDevice, stream_));
+        kernels::row_seq_kernel<<<nb, 128, 0, stream_>>>(dof, qseq_.get());
+        // qseq holds the chunk-local sequence; the cache wants the global one: shift by b0 in attention
+        for (int i = 0; i < nb; ++i)
+          LC_CUDA(cudaMemcpyAsync(pos_.get() + off[std::size_t(i)], pc_.tokens(b0 + i),
+                                  sizeof(std::int32_t) * pc_.token_count(b0 + i), cudaMemcpyDeviceToDevice, stream_));
+        layer_qkv(l, rows, pos_.get());
+        for (int i = 0; i < nb; ++i) {
+          const int n = off[std::size_t(i + 1)] - off[std::size_t(i)];
+          const std::int64_t kvd = std::int64_t(Hkv) * d;
+          const TensorView<const half_t, 3> kv{reinterpret_cast<const half_t*>(k_.get()) + off[std::size_t(i)] * kvd,
+                                               {Hkv, n, d}, {d, kvd, 1}};
+          const TensorView<const half_t, 3> vv{reinterpret_cast<const half_t*>(v_.get()) + off[std::size_t(i)] * kvd,
+                                               {Hkv, n, d}, {d, kvd, 1}};
+          pc_.prefill_store(l, *cache_, b0 + i, kv, vv, stream_);
         }
-        if (l + 1 == s.n_layers || !opt_.compress_prefill) continue;
-        const int ctx = n - w;
-        const int k = opt_.selection.keep_count(nullptr, ctx, schedule_.keep_ratio(l, s.n_layers));
-        if (k == ctx) continue;
-        timed([&] { select_and_gather(l, b, n, w, ctx, k); });
-        n = k + w;
+        attention(l, rows, pos_.get(), qseq_.get(), b0, lse_rows_.get());
+        layer_finish(l, rows);
+        if (!compress) continue;
+        timed([&] {
+          int noff = 0;
+          for (int i = 0; i < nb; ++i) {
+            const int b = b0 + i, n = off[std::size_t(i + 1)] - off[std::size_t(i)], w = pc_.window(b);
+            const int r0 = off[std::size_t(i)] + n - w;
+            const TensorView<const half_t, 3> wq{reinterpret_cast<const half_t*>(q_.get()) + std::int64_t(r0) * H * d,
+                                                 {H, w, d}, {d, std::int64_t(H) * d, 1}};
+            const TensorView<const float, 2> wl{lse_rows_.get() + std::int64_t(r0) * H, {H, w}, {1, H}};
+            const DevicePrefillSelection sel = pc_.prefill_select(l, *cache_, b, wq, wl, stream_);
+            if (l + 1 < L) {
+              pc_.gather_next(b, hv(h_.get(), off[std::size_t(i)], n),
+                              TensorView<float, 2>{h2_.get() + std::size_t(noff) * s.dim, {sel.count, s.dim}, {s.dim, 1}},
+                              stream_);
+              noff += sel.count;
+            }
+          }
+        });
+        if (l + 1 < L) std::swap(h_, h2_);
       }
-      if (want_logits) {
-        // logits of the last row
-        final_logits(1, n - 1);
-        LC_CUDA(cudaMemcpyAsync(logits.data() + std::size_t(b) * s.vocab, logits_.get(), sizeof(float) * s.vocab,
-                                cudaMemcpyDeviceToHost, stream_));
-      }
+      // each sequence's last row (always kept: it is in the window) -> final norm and logits
+      for (int i = 0; i < nb; ++i) last_host[b0 + i] = off[std::size_t(i + 1)] - 1;
+      LC_CUDA(cudaMemcpyAsync(last_rows_.get() + b0, last_host + b0, sizeof(std::int32_t) * nb, cudaMemcpyHostToDevice,
+                              stream_));
+      kernels::rmsnorm_kernel<<<nb, 256, 0, stream_>>>(h_.get(), m_.output_norm(), s.dim, s.rms_eps,
+                                                       xl_.get() + std::size_t(b0) * s.dim, last_rows_.get() + b0);
     }
-    bound_.upload(bound_host.data(), bound_host.size(), stream_);
-    comp_prefill_ms_ = comp_ms_;
-    if (ring) {  // size the eviction workspace once (no allocation in the decode loop)
-      std::size_t need = 0;
-      for (int l = 0; l < s.n_layers; ++l) need = std::max(need, cache_->decode_evict_workspace_bytes(l, evict_args(l)));
-      evict_ws_.resize(need);
-      part_.resize(std::size_t(B) * s.n_heads * 64 * (s.head_dim + 2));
+    gemm(xl_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
+    // decode buffers, sized once (no allocation in the decode loop)
+    part_.resize(std::size_t(B) * H * 64 * (d + 2));
+    dlse_.resize(std::size_t(B) * H);
+    std::vector<std::int32_t> next_pos(lens.begin(), lens.end());
+    dpos_.upload(next_pos.data(), std::size_t(B), stream_);
+    std::vector<float> logits;
+    if (want_logits) {
+      logits.resize(std::size_t(B) * s.vocab);
+      LC_CUDA(cudaMemcpyAsync(logits.data(), logits_.get(), logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                              stream_));
     }
-    dpos_.upload(next_pos_host_.data(), std::size_t(B), stream_);
     LC_CUDA(cudaStreamSynchronize(stream_));
+    flush_events();
+    comp_prefill_ms_ = comp_ms_;
     return logits;
   }
 
@@ -613,29 +711,28 @@ class CudaEngine {
   /// Greedy next tokens of the last logits into `ids` (device), for host-free decode loops.
   void argmax_to(std::int32_t* ids);
 
-  /// One decode step on device token ids [B] (no host sync unless time_compression).
+  /// One decode step on device token ids [B] (no host sync, no allocation).
   void decode_device(const std::int32_t* ids) {
     const LlamaShape& s = m_.shape();
-    const int B = B_;
+    const int B = B_, H = s.n_heads, Hkv = s.n_kv_heads, d = s.head_dim;
     kernels::embed_kernel<<<B, 256, 0, stream_>>>(m_.embedding(), ids, s.dim, h_.get());
+    const std::int64_t kvd = std::int64_t(Hkv) * d, qd = std::int64_t(H) * d;
+    const KVView<const half_t> kv{reinterpret_cast<const half_t*>(k_.get()), {B, Hkv, 1, d}, {kvd, d, d, 1}};
+    const KVView<const half_t> vv{reinterpret_cast<const half_t*>(v_.get()), {B, Hkv, 1, d}, {kvd, d, d, 1}};
+    const KVView<const half_t> qv{reinterpret_cast<const half_t*>(q_.get()), {B, H, 1, d}, {qd, d, d, 1}};
+    const TensorView<const float, 2> lv{dlse_.get(), {B, H}, {H, 1}};
     const bool ring = opt_.compress_decode;
-    if (ring) kernels::advance_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(ring_start_.get(), R_, nullptr, B, 1);
     for (int l = 0; l < s.n_layers; ++l) {
       layer_qkv(l, B, dpos_.get());
-      const std::int64_t kvd = std::int64_t(s.n_kv_heads) * s.head_dim;
-      const KVView<const half_t> kv{reinterpret_cast<const half_t*>(k_.get()), {B, s.n_kv_heads, 1, s.head_dim}, {kvd, s.head_dim, s.head_dim, 1}};
-      const KVView<const half_t> vv{reinterpret_cast<const half_t*>(v_.get()), {B, s.n_kv_heads, 1, s.head_dim}, {kvd, s.head_dim, s.head_dim, 1}};
-      const TensorView<const std::int32_t, 2> pv{dpos_.get(), {B, 1}, {1, 1}};
-      cache_->append(l, kv, vv, pv, ones_.get(), stream_);
-      if (ring)
-        kernels::ring_push_kernel<<<dim3(unsigned(B), unsigned(s.n_heads)), 128, 0, stream_>>>(
-            q_.get(), s.n_heads, s.head_dim, R_, ring_start_.get(), window_.get(), ring_q(l));
-      attention(l, B, dpos_.get(), nullptr, -1, ring ? -2 : -1);
+      pc_.decode_append(l, *cache_, kv, vv, dpos_.get(), qv, TensorView<const float, 2>{}, stream_);
+      attention(l, B, dpos_.get(), nullptr, 0, ring ? dlse_.get() : nullptr);
+      if (ring) pc_.decode_set_lse(l, lv, stream_);
       layer_finish(l, B);
-      if (ring) timed([&] { evict(l); });
+      if (ring) timed([&] { pc_.decode_compress(l, *cache_, stream_); });
     }
     kernels::inc_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dpos_.get(), B);
-    final_logits(B, -1);
+    kernels::rmsnorm_kernel<<<B, 256, 0, stream_>>>(h_.get(), m_.output_norm(), s.dim, s.rms_eps, x_.get(), nullptr);
+    gemm(x_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
   }
 
   const float* device_logits() const { return logits_.get(); }
@@ -651,15 +748,6 @@ class CudaEngine {
     return c;
   }
 
-  __half* ring_q(int l) const {
-    const LlamaShape& s = m_.shape();
-    return ring_q_.get() + std::size_t(l) * B_ * s.n_heads * std::size_t(R_) * s.head_dim;
-  }
-  float* ring_lse(int l) const {
-    const LlamaShape& s = m_.shape();
-    return ring_lse_.get() + std::size_t(l) * B_ * s.n_heads * std::size_t(R_);
-  }
-
   void reserve_rows(int rows) {
     const LlamaShape& s = m_.shape();
     const std::size_t r = std::size_t(rows);
@@ -668,9 +756,8 @@ class CudaEngine {
     qkv_.resize(r * std::max(qkv, 2 * std::size_t(s.ffn_dim)));
     q_.resize(r * s.n_heads * s.head_dim), k_.resize(r * s.n_kv_heads * s.head_dim), v_.resize(r * s.n_kv_heads * s.head_dim);
     att_.resize(r * s.n_heads * s.head_dim);
-    pos_.resize(r), pos2_.resize(r), ids_.resize(r);
+    pos_.resize(r), ids_.resize(r), qseq_.resize(r);
     logits_.resize(std::size_t(std::max(B_, 1)) * s.vocab);
-    scores_.resize(r), topk_.resize(r), sel_.resize(4 * std::size_t(s.n_kv_heads) + 4);
   }
 
   /// y[rows, out] (+)= x[rows, in] W^T ; x fp16, W fp16 [out x in], y fp32.
@@ -690,34 +777,34 @@ class CudaEngine {
                                                        s.rope_dims, s.rope_base, q_.get(), k_.get(), v_.get());
   }
 
-  /// Attention of n query rows over layer l. seq0 >= 0: all rows of sequence seq0 (prefill); -1: row = sequence.
-  /// lse_mode: >= 0 prefill window start row; -2 decode ring slot; -1 none.
-  void attention(int l, int n, const std::int32_t* qpos, const std::int32_t* qseq, int seq0, int lse_mode) {
+  /// Attention of n query rows over layer l, causal by original position.
+  /// qseq != nullptr (prefill): row r belongs to sequence seq_base + qseq[r]; nullptr (decode): row == sequence.
+  /// lse_rows: every row's log-sum-exp [n, H] (or nullptr).
+  void attention(int l, int n, const std::int32_t* qpos, const std::int32_t* qseq, int seq_base, float* lse_rows) {
     const LlamaShape& s = m_.shape();
     const auto K = cache_->keys(l);
+    const std::int64_t cap = K.shape[2];
     kernels::AttnArgs a{};
-    a.q = q_.get(), a.qpos = qpos, a.qseq = qseq, a.seq0 = seq0;
-    a.ck = reinterpret_cast<const __half*>(K.data), a.cv = reinterpret_cast<const __half*>(cache_->values(l).data);
-    a.cpos = cache_->positions(l).data, a.clen = cache_->lengths(l).data, a.cap = K.shape[2];
+    a.q = q_.get(), a.qpos = qpos, a.qseq = qseq, a.seq0 = -1;
+    // a chunk's sequences start at seq_base: shift the cache views instead of the indices
+    a.ck = reinterpret_cast<const __half*>(K.data) + std::int64_t(seq_base) * K.stride[0];
+    a.cv = reinterpret_cast<const __half*>(cache_->values(l).data) + std::int64_t(seq_base) * K.stride[0];
+    a.cpos = cache_->positions(l).data + std::int64_t(seq_base) * cache_->positions(l).stride[0];
+    a.clen = cache_->lengths(l).data + std::int64_t(seq_base) * cache_->lengths(l).stride[0];
+    a.cap = cap;
     a.H = s.n_heads, a.Hkv = s.n_kv_heads, a.d = s.head_dim;
     a.scale = 1.f / std::sqrt(float(s.head_dim));
     a.out = att_.get();
-    a.R = R_, a.ring_start = ring_start_.get(), a.window = window_.get();
-    a.lse_ring = lse_mode == -1 ? nullptr : ring_lse(l);
-    a.lse_row0 = lse_mode >= 0 ? lse_mode : -1;
+    a.lse_ring = nullptr, a.lse_rows = lse_rows;
     // splits over the key axis when few rows (decode)
     int splits = 1;
-    const int cap = int(K.shape[2]);
-    if (seq0 < 0) {
+    if (!qseq) {
       const int blocks = n * s.n_heads;
-      splits = std::max(1, std::min(cap / 256, (264 + blocks - 1) / blocks * 2));
+      splits = std::max(1, std::min(int(cap) / 256, (264 + blocks - 1) / blocks * 2));
       splits = std::min(splits, 64);
     }
-    a.splits = splits, a.split_len = (cap + splits - 1) / splits;
-    if (splits > 1) {
-      part_.resize(std::size_t(n) * s.n_heads * splits * (s.head_dim + 2));
-      a.part = part_.get();
-    }
+    a.splits = splits, a.split_len = int((cap + splits - 1) / splits);
+    if (splits > 1) a.part = part_.get();  // sized at prefill for 64 splits
     const dim3 grid(unsigned(n), unsigned(s.n_heads), unsigned(splits));
     auto go = [&](auto dc) {
       constexpr int D = decltype(dc)::value;
@@ -743,105 +830,42 @@ class CudaEngine {
     gemm(x_.get(), n, s.ffn_dim, w.wdown.get(), s.dim, h_.get(), 1.f);
   }
 
-  /// rows: number of rows; single_row >= 0: only that row of h_ (prefill).
-  void final_logits(int rows, int single_row) {
-    const LlamaShape& s = m_.shape();
-    if (single_row >= 0) {
-      pos2_.upload(&single_row, 1, stream_);  // row map
-      kernels::rmsnorm_kernel<<<1, 256, 0, stream_>>>(h_.get(), m_.output_norm(), s.dim, s.rms_eps, x_.get(), pos2_.get());
-    } else {
-      kernels::rmsnorm_kernel<<<rows, 256, 0, stream_>>>(h_.get(), m_.output_norm(), s.dim, s.rms_eps, x_.get(), nullptr);
-    }
-    gemm(x_.get(), rows, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
-  }
-
-  /// Scores T_l's context of sequence b with the window's queries, keeps k, gathers T_{l+1}.
-  void select_and_gather(int l, int b, int n, int w, int ctx, int k) {
-    const LlamaShape& s = m_.shape();
-    const int Hkv = s.n_kv_heads;
-    std::vector<std::int32_t> sel(static_cast<std::size_t>(2 * Hkv + 3));
-    for (int h = 0; h < Hkv; ++h) sel[std::size_t(h)] = 0, sel[std::size_t(Hkv + h)] = ctx;
-    sel[std::size_t(2 * Hkv)] = ctx, sel[std::size_t(2 * Hkv + 1)] = k, sel[std::size_t(2 * Hkv + 2)] = 0;
-    sel_.upload(sel.data(), sel.size(), stream_);
-    const auto keys = cache_->keys(l);
-    const auto pos = cache_->positions(l);
-    const auto len = cache_->lengths(l);
-    ScoreProblem<half_t> p;
-    p.keys = {&keys(b, 0, 0, 0), {1, keys.shape[1], keys.shape[2], keys.shape[3]}, keys.stride};
-    p.positions = {&pos(b, 0, 0), {1, pos.shape[1], pos.shape[2]}, pos.stride};
-    p.kv_len = {&len(b, 0), {1, len.shape[1]}, len.stride};
-    const std::int64_t R = R_, d = s.head_dim, H = s.n_heads;
-    p.queries = {reinterpret_cast<const half_t*>(ring_q(l)) + std::int64_t(b) * H * R * d, {1, H, R, d}, {H * R * d, R * d, d, 1}};
-    p.lse = {ring_lse(l) + std::int64_t(b) * H * R, {1, H, R}, {H * R, R, 1}};
-    p.ring_start = sel_.get() + 2 * Hkv + 2;  // 0
-    p.window_len = window_.get() + b;
-    p.score_begin = {sel_.get(), {1, Hkv}, {Hkv, 1}};
-    p.score_count = {sel_.get() + Hkv, {1, Hkv}, {Hkv, 1}};
-    p.scale = 1.f / std::sqrt(float(s.head_dim));
-    cuda::window_attention_scores<half_t>(p, Granularity::shared, opt_.distance_weight,
-                                          make_contiguous(scores_.get(), 1, 1, ctx), nullptr, 0, stream_);
-    cuda::topk_indices(make_contiguous<const float>(scores_.get(), 1, 1, ctx),
-                       make_contiguous<const std::int32_t>(sel_.get() + 2 * Hkv, 1, 1),
-                       make_contiguous<const std::int32_t>(sel_.get() + 2 * Hkv + 1, 1, 1), opt_.selection.sinks,
-                       make_contiguous(topk_.get(), 1, 1, k), stream_);
-    kernels::gather_next_kernel<<<unsigned(k + w), 256, 0, stream_>>>(h_.get(), pos_.get(), topk_.get(), k, ctx, s.dim,
-                                                                      h2_.get(), pos2_.get());
-    std::swap(h_, h2_);
-    std::swap(pos_, pos2_);
-  }
-
-  DecodeEvictArgs<half_t> evict_args(int l) const {
-    const LlamaShape& s = m_.shape();
-    const std::int64_t R = R_, d = s.head_dim, H = s.n_heads, B = B_;
-    DecodeEvictArgs<half_t> e;
-    e.queries = {reinterpret_cast<const half_t*>(ring_q(l)), {B, H, R, d}, {H * R * d, R * d, d, 1}};
-    e.lse = {ring_lse(l), {B, H, R}, {H * R, R, 1}};
-    e.ring_start = ring_start_.get();
-    e.window_len = window_.get();
-    e.bound = bound_.get() + std::size_t(l) * B_;
-    e.segment = decode_.segment;
-    e.keep = decode_.keep_count(l, s.n_layers);
-    e.scale = 1.f / std::sqrt(float(s.head_dim));
-    e.distance_weight = opt_.distance_weight;
-    return e;
-  }
-
-  void evict(int l) {
-    const DecodeEvictArgs<half_t> e = evict_args(l);
-    const std::size_t need = cache_->decode_evict_workspace_bytes(l, e);
-    evict_ws_.resize(need);
-    cache_->decode_evict(l, e, evict_ws_.get(), need, stream_);
-  }
-
+  /// Event pairs around compression calls, read when the pool fills or on demand (no sync per call).
   template <class F>
   void timed(F&& f) {
     if (!opt_.time_compression) return f();
-    LC_CUDA(cudaEventRecord(ev0_, stream_));
+    if (ev_used_ + 2 > events_.size()) flush_events();
+    LC_CUDA(cudaEventRecord(events_[ev_used_], stream_));
     f();
-    LC_CUDA(cudaEventRecord(ev1_, stream_));
-    LC_CUDA(cudaEventSynchronize(ev1_));
-    float ms = 0;
-    LC_CUDA(cudaEventElapsedTime(&ms, ev0_, ev1_));
-    comp_ms_ += ms;
+    LC_CUDA(cudaEventRecord(events_[ev_used_ + 1], stream_));
+    ev_used_ += 2;
+  }
+  void flush_events() {
+    if (ev_used_ == 0) return;
+    LC_CUDA(cudaEventSynchronize(events_[ev_used_ - 1]));
+    for (std::size_t i = 0; i < ev_used_; i += 2) {
+      float ms = 0;
+      LC_CUDA(cudaEventElapsedTime(&ms, events_[i], events_[i + 1]));
+      comp_ms_ += ms;
+    }
+    ev_used_ = 0;
   }
 
   const CudaModel& m_;
   EngineOptions opt_;
-  Schedule schedule_;
-  Decode decode_;
-  Compressor pc_;  // plans only (the host compressor's planner sizes the device cache)
+  Compressor pc_;
   cublasHandle_t blas_ = nullptr;
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t ev0_ = nullptr, ev1_ = nullptr;
+  std::vector<cudaEvent_t> events_;
+  std::size_t ev_used_ = 0;
   double comp_ms_ = 0, comp_prefill_ms_ = 0;
   MemoryPlan plan_;
   std::unique_ptr<KVCache<half_t, CudaBackend>> cache_;
-  int B_ = 0, R_ = 1;
-  std::vector<std::int32_t> next_pos_host_;
-  DBuf<float> h_, h2_, qkv_, logits_, ring_lse_, scores_, part_;
-  DBuf<__half> x_, q_, k_, v_, att_, ring_q_;
-  DBuf<std::int32_t> pos_, pos2_, ids_, dpos_, window_, ring_start_, ones_, bound_, topk_, sel_;
-  DBuf<unsigned char> evict_ws_;
+  int B_ = 0;
+  PinnedBuf<std::int32_t> pinned_;
+  DBuf<float> h_, h2_, qkv_, logits_, lse_rows_, dlse_, part_;
+  DBuf<__half> x_, xl_, q_, k_, v_, att_;
+  DBuf<std::int32_t> pos_, ids_, qseq_, dpos_, offs_dev_, last_rows_;
 };
 
 namespace kernels {

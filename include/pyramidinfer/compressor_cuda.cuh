@@ -12,15 +12,36 @@
 // through their size queries. Nothing is allocated after begin() (the arena
 // is reused by a later begin() when it is big enough). arena_bytes() reports it.
 //
+// Decode trigger, two modes (set_decode_trigger):
+//  * DecodeTrigger::host (the default): the host tracks every layer's length
+//    and decode boundary per sequence (and head set). They are host-known:
+//    prefill counts are score-free for TopKSelection (and read back for other
+//    selections), every decode_append adds one token, and a firing keeps a
+//    known count. So decode_compress knows exactly which steps fire and
+//    launches the settle + eviction chain only on those: zero launches on the
+//    other steps (15 of every 16 with the default segment). Requires that
+//    every append to the cache between begin() and the end of decode goes
+//    through decode_append. Not for CUDA-graph capture: a captured step would
+//    freeze one step's launch decision.
+//  * DecodeTrigger::device: decode_compress always launches the chain and
+//    the per-sequence trigger is evaluated on the device (no host state is
+//    consulted), so one captured decode step can be replayed as a CUDA graph
+//    for every step (tests/cuda/test_compressor.cu does so).
+// Both modes give identical caches (the device trigger still filters which
+// sequences compress when the host mode launches).
+//
 // Host synchronisation:
-//  * decode_append / decode_compress: none, no allocation (they can be
-//    captured into a CUDA graph; tests/cuda/test_compressor.cu does so). The
-//    per-layer, per-sequence trigger, the lazy LSE of window queries that came
-//    without one (settled over the then-current cache right before a firing
-//    compression, exactly like the host's settle_pending_lse), scoring, top-k,
-//    compaction and the boundary update all run on the device. Consequently
-//    decode_compress returns nothing (the host returns how many fired), and a
+//  * decode_append / decode_set_lse / decode_compress: none, no allocation.
+//    The lazy LSE of window queries that came without one (settled over the
+//    then-current cache right before a firing compression, exactly like the
+//    host's settle_pending_lse), scoring, top-k, compaction and the boundary
+//    update all run on the device. decode_compress returns nothing (the host
+//    returns how many fired; decode_fired() gives the host-mode count), and a
 //    layer overflow is reported by cache.check_status(stream) (which syncs).
+//  * decode_set_lse(layer, lse): an engine whose attention produces the
+//    softmax log-sum-exp (FlashAttention-style) AFTER decode_append (which
+//    must precede attention: the new key is attended) hands it over here, so
+//    no lazy settle pass runs for it.
 //  * prefill: none in shared granularity with TopKSelection (counts are
 //    score-free and computed on the host from the known lengths). Two places
 //    sync, because the host needs a count that only the device knows:
@@ -168,6 +189,22 @@ __global__ void comp_push_decode_kernel(KVView<const T> q, TensorView<const floa
   }
 }
 
+/// The newest ring row's LSE of every sequence (decode_set_lse). grid (batch).
+static __global__ void comp_set_lse_kernel(TensorView<const float, 2> lse, float* ring_lse, int cap, int q_heads,
+                                           const std::int32_t* start, const std::int32_t* count,
+                                           std::int32_t* pending) {
+  const int b = blockIdx.x;
+  const int c = count[b];
+  if (c <= 0) return;
+  const int slot = (start[b] + c - 1) % cap;
+  for (int qh = threadIdx.x; qh < q_heads; qh += blockDim.x)
+    ring_lse[(std::int64_t(b) * q_heads + qh) * cap + slot] = lse(b, qh);
+  __syncthreads();
+  // pending counts the newest rows without LSE: only a lone newest one is cleared
+  // (older pending rows stay pending, and this row is then recomputed, harmlessly).
+  if (threadIdx.x == 0 && pending[b] == 1) pending[b] = 0;
+}
+
 /// Whether sequence b's decode compression fires now (evict_trigger_kernel's
 /// rule, evaluated on head set 0 like the host).
 struct Trigger {
@@ -308,6 +345,11 @@ static __global__ void comp_start_decode_kernel(TensorView<const std::int32_t, 2
 }  // namespace detail
 }  // namespace cuda
 
+/// Who decides whether a layer's decode compression fires (see the top).
+enum class DecodeTrigger { host, device };
+
+inline const char* decode_trigger_name(DecodeTrigger t) { return t == DecodeTrigger::host ? "host" : "device"; }
+
 /// What prefill_select returns: indices into T_l (device memory, ascending)
 /// of the tokens layer l+1 computes; valid until the next prefill_select of
 /// the same sequence.
@@ -352,11 +394,29 @@ class CudaPyramidCompressor {
   /// Bytes of the device arena begin() allocated (ring, state, workspaces).
   std::size_t arena_bytes() const { return arena_bytes_; }
 
+  /// Decode trigger mode (see the top): host (default) or device (graph capture).
+  void set_decode_trigger(DecodeTrigger t) { trigger_ = t; }
+  DecodeTrigger decode_trigger() const { return trigger_; }
+  /// Host mode: sequences whose compression fired in the last decode_compress
+  /// (-1 in device mode, where only the device knows).
+  int decode_fired() const { return trigger_ == DecodeTrigger::host ? last_fired_ : -1; }
+  /// How many times decode_compress launched the eviction chain since begin().
+  long long evict_launches() const { return evict_launches_; }
+  /// Bytes of the arena per sequence for these prompt lengths (upper bound,
+  /// for batch sizing): ring queries + LSE and per-sequence state.
+  std::size_t arena_bytes_per_sequence(int prompt_len, std::size_t elem_bytes) const {
+    const std::size_t w = std::size_t(window_length(prompt_len, cfg_.recent_ratio));
+    const std::size_t layers = cfg_.compress_decode ? std::size_t(cfg_.num_layers) : 1;
+    return layers * cfg_.num_heads * w * (cfg_.head_dim * elem_bytes + 4) +
+           std::size_t(prompt_len) * 4 * (6 + 3 * std::size_t(head_sets()));
+  }
+
   /// Starts a batch: one prompt length per sequence. Clears `cache` (enqueued
   /// on `stream`); allocates the arena once (no allocation after this).
   template <class T>
   void begin(KVCache<T, CudaBackend>& cache, const std::vector<int>& prompt_lens, cudaStream_t stream) {
     const char* fn = "CudaPyramidCompressor::begin";
+    seqs_.clear();  // a new batch may have another size
     check_cache(cache, fn);
     const int B = cache.shape().batch;
     PYRAMIDINFER_REQUIRE(int(prompt_lens.size()) == B, fn, "prompt_lens.size()", prompt_lens.size(),
@@ -390,6 +450,14 @@ class CudaPyramidCompressor {
     }
     arena_bytes_ = need;
     m_ = layout<T>(cache, arena_, arena_cap_);
+    // Host-tracked decode state: lengths and boundaries per (layer, sequence, head set).
+    const std::size_t hs = std::size_t(cfg_.num_layers) * B * head_sets();
+    hlen_.assign(hs, 0);
+    hbound_.assign(hs, -1);
+    hcap_.resize(std::size_t(cfg_.num_layers));
+    for (int l = 0; l < cfg_.num_layers; ++l) hcap_[std::size_t(l)] = cache.capacity(l);
+    last_fired_ = 0;
+    evict_launches_ = 0;
     // Zero the ring (stale LSE reads stay finite), then the state.
     PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(arena_, 0, need, stream));
     const int L = cfg_.num_layers, ph = head_sets();
@@ -441,6 +509,7 @@ class CudaPyramidCompressor {
         k, v, cache.keys(layer), cache.values(layer), cache.positions(layer), cache.lengths(layer),
         tidx_ptr(s.cur, b), max_prompt_, tokens(b), counts, b, head_sets());
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_store_kernel");
+    for (int p = 0; p < head_sets(); ++p) hlen_[hidx(layer, b, p)] = counts.v[p];
     s.stored[std::size_t(layer)] = 1;
   }
 
@@ -552,7 +621,12 @@ class CudaPyramidCompressor {
     }
     s.cur = nxt;
     out.count = s.n;
-    // 6. decode starts from here for this layer.
+    // 6. decode starts from here for this layer (host twin: length after prefill, bound = length - 1).
+    for (int p = 0; p < ph; ++p) {
+      const int stored = cfg_.prefill_mode == PrefillMode::drop_tokens ? len.v[p] : keep.v[p] + w;
+      hlen_[hidx(layer, b, p)] = stored;
+      hbound_[hidx(layer, b, p)] = stored - 1;
+    }
     cuda::detail::comp_start_decode_kernel<<<1, 256, 0, stream>>>(cache.lengths(layer),
                                                                   m_.bound + std::size_t(layer) * B * ph, b, ph);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_start_decode_kernel");
@@ -599,15 +673,41 @@ class CudaPyramidCompressor {
       detail::check_dim(lse, 1, cfg_.num_heads, fn, "lse");
     }
     cache.append(layer, k, v, TensorView<const std::int32_t, 2>{pos, {B, 1}, {1, 1}}, m_.ones, stream);
+    const int cap = hcap_[std::size_t(layer)];
+    for (int b = 0; b < B; ++b)
+      for (int p = 0; p < head_sets(); ++p) {
+        int& n = hlen_[hidx(layer, b, p)];
+        if (n + 1 <= cap) ++n;  // the append kernel's rule (an overflow leaves the length)
+      }
+    if (!cfg_.compress_decode) return;  // the ring serves decode compression only
     cuda::detail::comp_push_decode_kernel<T><<<unsigned(B), 256, 0, stream>>>(
         q, lse, ring_q<T>(layer), ring_lse(layer), ring_cap_, cfg_.head_dim, cfg_.num_heads,
         m_.ring_start + layer * B, m_.ring_count + layer * B, m_.pending + layer * B, m_.window);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_decode_kernel");
   }
 
+  /// Decode, after attention and before decode_compress: the LSE (b, q_head)
+  /// (device, fp32) of the softmax row of the query decode_append pushed for
+  /// `layer`, from the engine's attention. Optional (without it the row is
+  /// settled lazily before a firing). No sync, no allocation.
+  void decode_set_lse(int layer, TensorView<const float, 2> lse, cudaStream_t stream) {
+    const char* fn = "CudaPyramidCompressor::decode_set_lse";
+    check_layer(layer, fn);
+    PYRAMIDINFER_REQUIRE(!seqs_.empty(), fn, "state", "no batch", "needs begin() and a prefill first");
+    detail::check_view(lse, fn, "lse");
+    detail::check_dim(lse, 0, batch_, fn, "lse");
+    detail::check_dim(lse, 1, cfg_.num_heads, fn, "lse");
+    if (!cfg_.compress_decode) return;
+    const int B = batch_;
+    cuda::detail::comp_set_lse_kernel<<<unsigned(B), 64, 0, stream>>>(lse, ring_lse(layer), ring_cap_, cfg_.num_heads,
+                                                                     m_.ring_start + layer * B,
+                                                                     m_.ring_count + layer * B, m_.pending + layer * B);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_set_lse_kernel");
+  }
+
   /// Decode, after attention: every sequence whose layer has `segment` tokens
   /// between its compressed part and its window is compressed, on the device.
-  /// No sync, no allocation.
+  /// Host trigger mode: launches nothing unless one fires. No sync, no allocation.
   template <class T>
   void decode_compress(int layer, KVCache<T, CudaBackend>& cache, cudaStream_t stream) {
     const char* fn = "CudaPyramidCompressor::decode_compress";
@@ -616,9 +716,32 @@ class CudaPyramidCompressor {
     PYRAMIDINFER_REQUIRE(!seqs_.empty() && dtype_ == DTypeOf<T>::value, fn, "state", "no batch",
                          "needs begin() (with this element type) and a prefill first");
     if (!cfg_.compress_decode) return;
-    settle(layer, cache, 0, batch_, true, stream);
     const DecodeEvictArgs<T> e = evict_args<T>(layer);
+    if (trigger_ == DecodeTrigger::host) {
+      // The device trigger's rule on the host twin: kv_len - window - bound >= segment.
+      int fired = 0;
+      for (int b = 0; b < batch_; ++b) {
+        bool any = false;
+        for (int p = 0; p < head_sets(); ++p) {
+          const std::size_t i = hidx(layer, b, p);
+          any |= hbound_[i] >= 0 && hlen_[i] - seqs_[std::size_t(b)].window - hbound_[i] >= e.segment;
+        }
+        fired += any ? 1 : 0;
+      }
+      last_fired_ = fired;
+      if (fired == 0) return;  // zero launches on a non-firing step
+      for (int b = 0; b < batch_; ++b)
+        for (int p = 0; p < head_sets(); ++p) {
+          const std::size_t i = hidx(layer, b, p);
+          if (hbound_[i] >= 0 && hlen_[i] - seqs_[std::size_t(b)].window - hbound_[i] >= e.segment) {
+            hlen_[i] += e.keep - e.segment;
+            hbound_[i] += e.keep;
+          }
+        }
+    }
+    settle(layer, cache, 0, batch_, true, stream);
     cache.decode_evict(layer, e, m_.evict_ws, m_.evict_ws_bytes, stream);
+    ++evict_launches_;
   }
 
   /// Where sequence b's compressed part ends in `layer` (synchronous read: tests).
@@ -672,6 +795,12 @@ class CudaPyramidCompressor {
   };
 
   bool per_head() const { return selection_.granularity == Granularity::per_kv_head; }
+  std::size_t hidx(int layer, int b, int p) const {
+    return (std::size_t(layer) * batch_ + std::size_t(b)) * head_sets() + std::size_t(p);
+  }
+  /// The ring holds every layer when decode compresses, else one layer (prefill only, reused).
+  int ring_layer(int layer) const { return cfg_.compress_decode ? layer : 0; }
+  int ring_layers() const { return cfg_.compress_decode ? cfg_.num_layers : 1; }
   int head_sets() const { return per_head() ? cfg_.kv_heads : 1; }
 
   const Seq& seq(int b) const {
@@ -703,9 +832,12 @@ class CudaPyramidCompressor {
 
   template <class T>
   T* ring_q(int layer) const {
-    return reinterpret_cast<T*>(m_.ring_q) + std::size_t(layer) * batch_ * cfg_.num_heads * ring_cap_ * cfg_.head_dim;
+    return reinterpret_cast<T*>(m_.ring_q) +
+           std::size_t(ring_layer(layer)) * batch_ * cfg_.num_heads * ring_cap_ * cfg_.head_dim;
   }
-  float* ring_lse(int layer) const { return m_.ring_lse + std::size_t(layer) * batch_ * cfg_.num_heads * ring_cap_; }
+  float* ring_lse(int layer) const {
+    return m_.ring_lse + std::size_t(ring_layer(layer)) * batch_ * cfg_.num_heads * ring_cap_;
+  }
   std::int32_t* tidx_ptr(int buf, int b) const {
     return m_.tidx[buf] + std::size_t(b) * head_sets() * max_prompt_;
   }
@@ -785,8 +917,9 @@ class CudaPyramidCompressor {
                       R = std::size_t(ring_cap_), d = std::size_t(cfg_.head_dim);
     WorkspaceCarver c(base, cap_bytes);
     Mem m;
-    m.ring_q = c.take<unsigned char>(L * B * QH * R * d * sizeof(T));
-    m.ring_lse = c.take<float>(L * B * QH * R);
+    const std::size_t RL = std::size_t(ring_layers());
+    m.ring_q = c.take<unsigned char>(RL * B * QH * R * d * sizeof(T));
+    m.ring_lse = c.take<float>(RL * B * QH * R);
     m.ring_start = c.take<std::int32_t>(L * B);
     m.ring_count = c.take<std::int32_t>(L * B);
     m.pending = c.take<std::int32_t>(L * B);
@@ -849,6 +982,10 @@ class CudaPyramidCompressor {
   std::vector<Seq> seqs_;
   int batch_ = 0, ring_cap_ = 1, max_prompt_ = 1;
   DType dtype_ = DType::f32;
+  DecodeTrigger trigger_ = DecodeTrigger::host;
+  std::vector<int> hlen_, hbound_, hcap_;  ///< host twin of lengths / boundaries [L][B][ph], capacities [L]
+  int last_fired_ = 0;
+  long long evict_launches_ = 0;
   void* arena_ = nullptr;
   std::size_t arena_cap_ = 0, arena_bytes_ = 0;
   Mem m_;

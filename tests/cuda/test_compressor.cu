@@ -3,7 +3,11 @@
 // several compressions per layer; kept positions, lengths, K and V must agree
 // exactly after every step. One variant replays the whole decode step from a
 // CUDA graph captured once: capture fails on any host sync or allocation, so
-// it proves decode_append / decode_compress have neither.
+// it proves decode_append / decode_compress have neither (device trigger
+// mode). The default host trigger mode is checked against the host
+// compressor's firing count at every step and layer, and must launch the
+// eviction chain exactly on the firing steps. One variant hands the decode
+// LSE over after attention (decode_set_lse) instead of with the append.
 //
 // Near ties: the host and the device compute scores in different orders
 // (double vs fp32 accumulation, tensor cores for fp16), so scores agree only
@@ -118,6 +122,8 @@ struct Case {
   PrefillMode mode;
   bool prefill_lse, decode_lse, graph;
   int steps;
+  DecodeTrigger trig = DecodeTrigger::host;
+  bool lse_late = false;  ///< decode LSE through decode_set_lse after the append (needs decode_lse)
 };
 
 template <class T, class Scoring>
@@ -130,11 +136,14 @@ void run_case(const Case& c, Scoring scoring) {
   sel.min_context = 32;
   PyramidCompressor<Scoring> hcomp(cfg, scoring, sel, CosineSchedule{0.5});
   CudaPyramidCompressor<Scoring> dcomp(cfg, scoring, sel, CosineSchedule{0.5});
+  dcomp.set_decode_trigger(c.trig);
+  REQUIRE(dcomp.decode_trigger() == c.trig);
   std::vector<int> prompts;
   for (int b = 0; b < B; ++b) prompts.push_back(test::rand_int(120, 220));
   INFO("prompts " << prompts[0] << " " << prompts[1] << " " << prompts[2] << " gran " << granularity_name(c.gran)
                   << " mode " << (c.mode == PrefillMode::drop_tokens ? "drop_tokens" : "layer_local") << " prefill_lse "
-                  << c.prefill_lse << " decode_lse " << c.decode_lse << " graph " << c.graph << " dtype "
+                  << c.prefill_lse << " decode_lse " << c.decode_lse << " graph " << c.graph << " trigger " << decode_trigger_name(c.trig)
+                  << " lse_late " << c.lse_late << " dtype "
                   << dtype_name(DTypeOf<T>::value));
   const MemoryPlan plan = hcomp.plan(prompts, c.steps, DTypeOf<T>::value);
   KVCache<T, HostBackend> hc(plan.shape);
@@ -225,7 +234,8 @@ void run_case(const Case& c, Scoring scoring) {
   auto device_step = [&](cudaStream_t s) {
     for (int l = 0; l < L; ++l) {
       auto x = layer_views(l, dk_all.ptr, dv_all.ptr, dq_all.ptr, dl.ptr);
-      dcomp.decode_append(l, dc, x.k, x.v, dpos.ptr, x.q, x.lse, s);
+      dcomp.decode_append(l, dc, x.k, x.v, dpos.ptr, x.q, c.lse_late ? TensorView<const float, 2>{} : x.lse, s);
+      if (c.lse_late) dcomp.decode_set_lse(l, x.lse, s);
       dcomp.decode_compress(l, dc, s);
     }
   };
@@ -240,6 +250,7 @@ void run_case(const Case& c, Scoring scoring) {
     PYRAMIDINFER_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   }
   std::vector<int> fired(std::size_t(L), 0);
+  long long firing_calls = 0;  // (step, layer) pairs where the host compressor compressed some sequence
   for (int s = 0; s < c.steps; ++s) {
     for (int b = 0; b < B; ++b) pos[std::size_t(b)] = prompts[std::size_t(b)] + s;
     for (int l = 0; l < L; ++l)
@@ -261,17 +272,31 @@ void run_case(const Case& c, Scoring scoring) {
       for (int l = 0; l < L; ++l) {
         auto x = layer_views(l, k.data(), v.data(), q.data(), lse.data());
         hcomp.decode_append(l, hc, x.k, x.v, pos.data(), x.q, x.lse);
-        fired[std::size_t(l)] += hcomp.decode_compress(l, hc);
+        const int hf = hcomp.decode_compress(l, hc);
+        fired[std::size_t(l)] += hf;
+        firing_calls += hf > 0;
         expect_same_layer(dc, hc, l, "graph decode step");
       }
     } else {
       for (int l = 0; l < L; ++l) {
         auto x = layer_views(l, dk_all.ptr, dv_all.ptr, dq_all.ptr, dl.ptr);
-        dcomp.decode_append(l, dc, x.k, x.v, dpos.ptr, x.q, x.lse, st.s);
+        const long long launches = dcomp.evict_launches();
+        dcomp.decode_append(l, dc, x.k, x.v, dpos.ptr, x.q, c.lse_late ? TensorView<const float, 2>{} : x.lse, st.s);
+        if (c.lse_late) dcomp.decode_set_lse(l, x.lse, st.s);
         dcomp.decode_compress(l, dc, st.s);
         auto y = layer_views(l, k.data(), v.data(), q.data(), lse.data());
         hcomp.decode_append(l, hc, y.k, y.v, pos.data(), y.q, y.lse);
-        fired[std::size_t(l)] += hcomp.decode_compress(l, hc);
+        const int hf = hcomp.decode_compress(l, hc);
+        fired[std::size_t(l)] += hf;
+        firing_calls += hf > 0;
+        if (c.trig == DecodeTrigger::host) {
+          INFO("step " << s << " layer " << l);
+          REQUIRE(dcomp.decode_fired() == hf);                              // exact host prediction
+          REQUIRE(dcomp.evict_launches() - launches == (hf > 0 ? 1 : 0));  // no launch unless one fires
+        } else {
+          REQUIRE(dcomp.decode_fired() == -1);
+          REQUIRE(dcomp.evict_launches() - launches == 1);
+        }
         st.sync();
         expect_same_layer(dc, hc, l, "decode step");
       }
@@ -281,6 +306,8 @@ void run_case(const Case& c, Scoring scoring) {
         for (int b = 0; b < B; ++b) REQUIRE(dcomp.boundary(l, b) == hcomp.boundary(l, b));
   }
   dc.check_status(st.s);  // no append overflowed
+  if (!c.graph && c.trig == DecodeTrigger::host) REQUIRE(dcomp.evict_launches() == firing_calls);
+  if (!c.graph && c.trig == DecodeTrigger::device) REQUIRE(dcomp.evict_launches() == (long long)c.steps * L);
   if (exec) cudaGraphExecDestroy(exec);
   if (graph) cudaGraphDestroy(graph);
   for (int l = 0; l < L; ++l) {
@@ -294,13 +321,17 @@ void run_case(const Case& c, Scoring scoring) {
 TEMPLATE_TEST_CASE("CudaPyramidCompressor matches the host compressor through prefill and decode",
                    "[cuda][compressor]", float, half_t) {
   using T = TestType;
+  const DecodeTrigger H = DecodeTrigger::host, D = DecodeTrigger::device;
   const Case cases[] = {
-      {Granularity::shared, PrefillMode::drop_tokens, false, false, false, 150},
-      {Granularity::shared, PrefillMode::drop_tokens, true, true, false, 150},
-      {Granularity::per_kv_head, PrefillMode::drop_tokens, false, false, false, 150},
-      {Granularity::per_kv_head, PrefillMode::drop_tokens, true, false, false, 150},
-      {Granularity::shared, PrefillMode::layer_local, false, false, false, 100},
-      {Granularity::per_kv_head, PrefillMode::layer_local, true, true, false, 100},
+      {Granularity::shared, PrefillMode::drop_tokens, false, false, false, 150, H},
+      {Granularity::shared, PrefillMode::drop_tokens, false, false, false, 150, D},
+      {Granularity::shared, PrefillMode::drop_tokens, true, true, false, 150, H},
+      {Granularity::shared, PrefillMode::drop_tokens, true, true, false, 150, H, true},
+      {Granularity::per_kv_head, PrefillMode::drop_tokens, false, false, false, 150, H},
+      {Granularity::per_kv_head, PrefillMode::drop_tokens, true, false, false, 150, D},
+      {Granularity::shared, PrefillMode::layer_local, false, false, false, 100, H},
+      {Granularity::per_kv_head, PrefillMode::layer_local, true, true, false, 100, H},
+      {Granularity::per_kv_head, PrefillMode::layer_local, true, true, false, 100, D, true},
   };
   for (const Case& c : cases) run_case<T>(c, RecentWindowScoring{});
   run_case<T>({Granularity::shared, PrefillMode::drop_tokens, false, false, false, 80}, AccumulatedAttentionScoring{});
@@ -309,6 +340,26 @@ TEMPLATE_TEST_CASE("CudaPyramidCompressor matches the host compressor through pr
 TEMPLATE_TEST_CASE("CudaPyramidCompressor decode step has no host sync or allocation (CUDA graph capture)",
                    "[cuda][compressor][graph]", float, half_t) {
   using T = TestType;
-  run_case<T>({Granularity::shared, PrefillMode::drop_tokens, false, false, true, 150}, RecentWindowScoring{});
-  run_case<T>({Granularity::per_kv_head, PrefillMode::drop_tokens, true, true, true, 120}, RecentWindowScoring{});
+  // Graph replay needs the device trigger (the host mode's launch decision changes per step).
+  const DecodeTrigger D = DecodeTrigger::device;
+  run_case<T>({Granularity::shared, PrefillMode::drop_tokens, false, false, true, 150, D}, RecentWindowScoring{});
+  run_case<T>({Granularity::per_kv_head, PrefillMode::drop_tokens, true, true, true, 120, D}, RecentWindowScoring{});
+  run_case<T>({Granularity::shared, PrefillMode::drop_tokens, true, true, true, 120, D, true}, RecentWindowScoring{});
+}
+
+TEST_CASE("CudaPyramidCompressor rejects bad decode_set_lse arguments", "[cuda][compressor]") {
+  CompressorConfig cfg{2, 4, 2, 64};
+  CudaPyramidCompressor<> dcomp(cfg);
+  REQUIRE(dcomp.decode_trigger() == DecodeTrigger::host);  // the default
+  DeviceBuffer<float> l(16);
+  // no batch yet
+  REQUIRE_THROWS_AS(dcomp.decode_set_lse(0, make_contiguous<const float>((const float*)l.ptr, 1, 4), nullptr), Error);
+  PyramidCompressor<> hcomp(cfg);
+  KVCache<half_t, CudaBackend> dc(hcomp.plan({40}, 8, DType::f16).shape);
+  test::Stream st;
+  dcomp.begin(dc, {40}, st.s);
+  REQUIRE_THROWS_AS(dcomp.decode_set_lse(2, make_contiguous<const float>((const float*)l.ptr, 1, 4), st.s), Error);
+  REQUIRE_THROWS_AS(dcomp.decode_set_lse(0, make_contiguous<const float>((const float*)l.ptr, 1, 3), st.s), Error);
+  REQUIRE_THROWS_AS(dcomp.decode_set_lse(0, make_contiguous<const float>((const float*)l.ptr, 2, 4), st.s), Error);
+  st.sync();
 }
