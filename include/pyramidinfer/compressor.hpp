@@ -43,6 +43,22 @@ struct CompressorConfig {
   PrefillMode prefill_mode = PrefillMode::drop_tokens;  ///< PyramidInfer; layer_local for SnapKV-style baselines
 };
 
+namespace detail {
+
+/// Checks shared by the host and CUDA compressors.
+inline void check_compressor_layer(const CompressorConfig& cfg, int layer, const char* fn) {
+  PYRAMIDINFER_REQUIRE(layer >= 0 && layer < cfg.num_layers, fn, "layer", layer,
+                       "must be in [0, " + std::to_string(cfg.num_layers) + ")");
+}
+inline void check_compressor_cache(const CompressorConfig& cfg, Granularity g, const CacheShape& s, const char* fn) {
+  PYRAMIDINFER_REQUIRE(s.num_layers == cfg.num_layers && s.kv_heads == cfg.kv_heads && s.head_dim == cfg.head_dim, fn,
+                       "cache", "shape mismatch", "must match the compressor's layers, kv_heads and head_dim");
+  PYRAMIDINFER_REQUIRE(s.granularity == g, fn, "cache.granularity", granularity_name(s.granularity),
+                       "must match the selection policy's granularity");
+}
+
+}  // namespace detail
+
 template <class Scoring = RecentWindowScoring, class Selection = TopKSelection, class Schedule = CosineSchedule,
           class Decode = DecodeSchedule<CosineSchedule>>
 class PyramidCompressor {
@@ -295,17 +311,10 @@ class PyramidCompressor {
                          "must be in [0, " + std::to_string(batch()) + ")");
     return seqs_[std::size_t(b)];
   }
-  void check_layer(int layer, const char* fn) const {
-    PYRAMIDINFER_REQUIRE(layer >= 0 && layer < cfg_.num_layers, fn, "layer", layer,
-                         "must be in [0, " + std::to_string(cfg_.num_layers) + ")");
-  }
+  void check_layer(int layer, const char* fn) const { detail::check_compressor_layer(cfg_, layer, fn); }
   template <class T>
   void check_cache(const KVCache<T, HostBackend>& cache, const char* fn) const {
-    const CacheShape& s = cache.shape();
-    PYRAMIDINFER_REQUIRE(s.num_layers == cfg_.num_layers && s.kv_heads == cfg_.kv_heads && s.head_dim == cfg_.head_dim,
-                         fn, "cache", "shape mismatch", "must match the compressor's layers, kv_heads and head_dim");
-    PYRAMIDINFER_REQUIRE(s.granularity == selection_.granularity, fn, "cache.granularity",
-                         granularity_name(s.granularity), "must match the selection policy's granularity");
+    detail::check_compressor_cache(cfg_, selection_.granularity, cache.shape(), fn);
   }
   template <class T>
   void check_layer_seq(int layer, int b, const KVCache<T, HostBackend>& cache, const char* fn) const {

@@ -234,24 +234,14 @@ __global__ void __launch_bounds__(128) comp_settle_kernel(KVView<const T> keys, 
   const int n = len(b, kvh), last = n - w + r;
   const int ring = (start[b] + r) % cap;
   const T* q = ring_q + ((std::int64_t(b) * q_heads + qh) * cap + ring) * d;
-  float m = -INFINITY, l = 0.f;
+  OnlineLse stats;
   for (int j = lane; j <= last; j += 32) {
     float acc = 0.f;
     for (int i = 0; i < d; ++i) acc = fmaf(to_float(q[i]), to_float(keys(b, kvh, j, i)), acc);
-    const float s = acc * scale;
-    const float mn = fmaxf(m, s);
-    l = (mn == -INFINITY ? 0.f : l * expf(m - mn)) + expf(s - mn);
-    m = mn;
+    stats.fold(acc * scale);
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
-    const float mn = fmaxf(m, m2);
-    if (mn != -INFINITY) {
-      l = l * expf(m - mn) + l2 * expf(m2 - mn);
-      m = mn;
-    }
-  }
-  if (lane == 0) ring_lse[(std::int64_t(b) * q_heads + qh) * cap + ring] = m + logf(l);
+  const float lse = stats.warp_total();
+  if (lane == 0) ring_lse[(std::int64_t(b) * q_heads + qh) * cap + ring] = lse;
 }
 
 /// pending = 0 where the settle kernel ran. grid (ceil(nb / 128)).
@@ -808,18 +798,12 @@ class CudaPyramidCompressor {
                          "must be in [0, " + std::to_string(batch_) + ")");
     return seqs_[std::size_t(b)];
   }
-  void check_layer(int layer, const char* fn) const {
-    PYRAMIDINFER_REQUIRE(layer >= 0 && layer < cfg_.num_layers, fn, "layer", layer,
-                         "must be in [0, " + std::to_string(cfg_.num_layers) + ")");
-  }
+  void check_layer(int layer, const char* fn) const { pyramidinfer::detail::check_compressor_layer(cfg_, layer, fn); }
   template <class T>
   void check_cache(const KVCache<T, CudaBackend>& cache, const char* fn) const {
-    const CacheShape& s = cache.shape();
-    PYRAMIDINFER_REQUIRE(s.num_layers == cfg_.num_layers && s.kv_heads == cfg_.kv_heads && s.head_dim == cfg_.head_dim,
-                         fn, "cache", "shape mismatch", "must match the compressor's layers, kv_heads and head_dim");
-    PYRAMIDINFER_REQUIRE(s.granularity == selection_.granularity, fn, "cache.granularity",
-                         granularity_name(s.granularity), "must match the selection policy's granularity");
-    PYRAMIDINFER_REQUIRE(seqs_.empty() || s.batch == batch_, fn, "cache.batch", s.batch, "must match begin()'s batch");
+    pyramidinfer::detail::check_compressor_cache(cfg_, selection_.granularity, cache.shape(), fn);
+    PYRAMIDINFER_REQUIRE(seqs_.empty() || cache.shape().batch == batch_, fn, "cache.batch", cache.shape().batch,
+                         "must match begin()'s batch");
   }
   template <class T>
   void check_layer_seq(int layer, int b, const KVCache<T, CudaBackend>& cache, const char* fn) const {

@@ -436,6 +436,30 @@ __device__ __forceinline__ float dot_row(const ScoreArgs<T>& a, const T* q, cons
   return acc;
 }
 
+/// Online softmax statistics (running max m and sum l of exp(s - m)) of one
+/// warp's logits: each lane folds its own, then warp_total() merges the lanes
+/// and returns log(sum exp(s)) on every lane.
+struct OnlineLse {
+  float m = -INFINITY, l = 0.f;
+
+  __device__ void fold(float s) {
+    const float mn = fmaxf(m, s);
+    l = (mn == -INFINITY ? 0.f : l * expf(m - mn)) + expf(s - mn);
+    m = mn;
+  }
+  __device__ float warp_total() {
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+      const float mn = fmaxf(m, m2);
+      if (mn != -INFINITY) {
+        l = l * expf(m - mn) + l2 * expf(m2 - mn);
+        m = mn;
+      }
+    }
+    return m + logf(l);
+  }
+};
+
 /// One warp per window row (b, q_head, r); grid (ceil(cap / 4), q_heads, batch).
 template <class T>
 __global__ void __launch_bounds__(128) lse_fallback_kernel(ScoreArgs<T> a) {
@@ -447,22 +471,10 @@ __global__ void __launch_bounds__(128) lse_fallback_kernel(ScoreArgs<T> a) {
   const int ring = a.ring(b, r), last = n - w + r;
   const T* q = a.q + b * a.q0 + qh * a.q1 + std::int64_t(ring) * a.q2;
   const T* kb = a.keys + b * a.k0 + kvh * a.k1;
-  float m = -INFINITY, l = 0.f;
-  for (int j = lane; j <= last; j += 32) {
-    const float s = dot_row(a, q, kb + std::int64_t(j) * a.k2) * a.scale;
-    const float mn = fmaxf(m, s);
-    l = (mn == -INFINITY ? 0.f : l * expf(m - mn)) + expf(s - mn);
-    m = mn;
-  }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
-    const float mn = fmaxf(m, m2);
-    if (mn != -INFINITY) {
-      l = l * expf(m - mn) + l2 * expf(m2 - mn);
-      m = mn;
-    }
-  }
-  if (lane == 0) a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(ring) * a.lo2] = m + logf(l);
+  OnlineLse stats;
+  for (int j = lane; j <= last; j += 32) stats.fold(dot_row(a, q, kb + std::int64_t(j) * a.k2) * a.scale);
+  const float lse = stats.warp_total();
+  if (lane == 0) a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(ring) * a.lo2] = lse;
 }
 
 /// One thread per scored key; grid (ceil(slots / 128), shared ? 1 : kv_heads, batch).
