@@ -34,6 +34,7 @@ if command -v nvcc >/dev/null 2>&1; then
   cmake --build "$build/cuda" -j "$jobs"
   # No GPU here: the GPU tests report SKIPPED (ctest counts them as skipped).
   (cd "$build/cuda" && ctest --output-on-failure -R cuda_tests)
+  nvidia-smi >/dev/null 2>&1 || echo "GPU tests: SKIPPED (no GPU here; they ran on a lent H100/H200, see benchmarks/RESULTS.md)"
 else
   echo "== 2. SKIPPED: nvcc not found, CUDA translation units not compiled"
 fi
