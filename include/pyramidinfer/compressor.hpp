@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -427,6 +428,32 @@ class PyramidCompressor {
     r.pending = 0;
   }
 
+  /// Points the problem's lse_out at the ring (rows poisoned with NaN) and
+  /// clears lse, so the scoring computes the row statistics itself.
+  template <class T>
+  void lend_lse_rows(int layer, int b, SeqProblem<T>& sp) {
+    for (int qh = 0; qh < cfg_.num_heads; ++qh)
+      for (int slot = 0; slot < ring_capacity_; ++slot)
+        ring_lse(layer, b, qh, slot) = std::numeric_limits<float>::quiet_NaN();
+    sp.p.lse = {};
+    sp.p.lse_out = make_contiguous(&ring_lse(layer, b, 0, 0), 1, cfg_.num_heads, ring_capacity_);
+  }
+
+  /// After scoring: the rows are settled if the policy filled lse_out (the
+  /// library's window scorings do); a policy that did not gets the separate pass.
+  template <class T>
+  void reclaim_lse_rows(int layer, int b, SeqProblem<T>& sp) {
+    const RingState& r = ring_state_[std::size_t(layer)][std::size_t(b)];
+    bool filled = true;
+    for (int qh = 0; qh < cfg_.num_heads; ++qh)
+      for (int row = 0; row < r.count; ++row)
+        filled = filled && !std::isnan(ring_lse(layer, b, qh, (r.start + row) % ring_capacity_));
+    sp.p.lse = make_contiguous<const float>(&ring_lse(layer, b, 0, 0), 1, cfg_.num_heads, ring_capacity_);
+    sp.p.lse_out = {};
+    if (filled) ring_state_[std::size_t(layer)][std::size_t(b)].pending = 0;
+    else settle_pending_lse(layer, b, sp);
+  }
+
   /// Scores the context of every head set and picks what survives: slot
   /// indices into each head's cached tokens, ascending, window excluded.
   template <class T>
@@ -443,10 +470,16 @@ class PyramidCompressor {
       max_ctx = std::max(max_ctx, sp.count[std::size_t(h)]);
     }
     make_problem(layer, cache, b, sp);
-    settle_pending_lse(layer, b, sp);
+    // When every window row lacks its LSE (a prefill without the engine's),
+    // let the scoring compute the rows once and leave their LSE in the ring.
+    const bool fuse = Scoring::needs_queries && max_ctx > 0 && ring_state_[std::size_t(layer)][std::size_t(b)].pending ==
+                                                                  s.window;
+    if (fuse) lend_lse_rows(layer, b, sp);
+    else settle_pending_lse(layer, b, sp);
     std::vector<float> scores(std::size_t(heads) * std::max(max_ctx, 1));
     if (max_ctx > 0)
       scoring_.score(sp.p, selection_.granularity, make_contiguous(scores.data(), 1, heads, std::max(max_ctx, 1)));
+    if (fuse) reclaim_lse_rows(layer, b, sp);
     std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(heads));
     for (int h = 0; h < heads; ++h) {
       const int ctx = sp.count[std::size_t(h)];

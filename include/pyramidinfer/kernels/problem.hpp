@@ -26,6 +26,10 @@ struct ScoreProblem {
   /// slots each window query saw when it was computed. data == nullptr: the
   /// kernel computes it over the current keys.
   TensorView<const float, 3> lse;
+  /// Optional (b, q_head, ring_slot): when lse.data == nullptr, a kernel that
+  /// computes the rows' statistics itself also leaves them here, so a caller
+  /// can keep them without a second pass. data == nullptr: not wanted.
+  TensorView<float, 3> lse_out;
   const std::int32_t* ring_start = nullptr;        ///< [b]
   const std::int32_t* window_len = nullptr;        ///< [b]
   TensorView<const std::int32_t, 2> score_begin;   ///< (b, kv_head) first slot to score

@@ -142,6 +142,7 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
             const int r = r0 + t, ring = (p.ring_start[b] + r) % cap;
             const float* row = logits.data() + std::size_t(t) * needed;
             const float lse = p.lse.data ? p.lse(b, qh, ring) : detail::logsumexp(row, n - w + r + 1);
+            if (!p.lse.data && p.lse_out.data) p.lse_out(b, qh, ring) = lse;
             const double wr = distance_row_weight(r, w, distance_weight);
             for (int j = 0; j < count; ++j) acc[std::size_t(j)] += wr * double(std::exp(row[begin + j] - lse));
           }
