@@ -51,6 +51,22 @@ inline void check_compressor_layer(const CompressorConfig& cfg, int layer, const
   PYRAMIDINFER_REQUIRE(layer >= 0 && layer < cfg.num_layers, fn, "layer", layer,
                        "must be in [0, " + std::to_string(cfg.num_layers) + ")");
 }
+/// The window's queries (q_head, row, d; checked when `need_q`) and optional
+/// LSE (q_head, row; checked whenever given) for a window of w rows.
+template <class T>
+void check_window_queries(const CompressorConfig& cfg, int w, const TensorView<const T, 3>& q,
+                          const TensorView<const float, 2>& lse, bool need_q, const char* fn) {
+  if (need_q) {
+    check_view(q, fn, "window_q");
+    check_dim(q, 0, cfg.num_heads, fn, "window_q");
+    check_dim(q, 1, w, fn, "window_q");
+    check_dim(q, 2, cfg.head_dim, fn, "window_q");
+  }
+  if (lse.data) {
+    check_dim(lse, 0, cfg.num_heads, fn, "window_lse");
+    check_dim(lse, 1, w, fn, "window_lse");
+  }
+}
 inline void check_compressor_cache(const CompressorConfig& cfg, Granularity g, const CacheShape& s, const char* fn) {
   PYRAMIDINFER_REQUIRE(s.num_layers == cfg.num_layers && s.kv_heads == cfg.kv_heads && s.head_dim == cfg.head_dim, fn,
                        "cache", "shape mismatch", "must match the compressor's layers, kv_heads and head_dim");
@@ -199,16 +215,7 @@ class PyramidCompressor {
     const char* fn = "PyramidCompressor::prefill_select";
     check_layer_seq(layer, b, cache, fn);
     Seq& s = seqs_[std::size_t(b)];
-    if (Scoring::needs_queries) {
-      detail::check_view(window_q, fn, "window_q");
-      detail::check_dim(window_q, 0, cfg_.num_heads, fn, "window_q");
-      detail::check_dim(window_q, 1, s.window, fn, "window_q");
-      detail::check_dim(window_q, 2, cfg_.head_dim, fn, "window_q");
-    }
-    if (window_lse.data) {
-      detail::check_dim(window_lse, 0, cfg_.num_heads, fn, "window_lse");
-      detail::check_dim(window_lse, 1, s.window, fn, "window_lse");
-    }
+    detail::check_window_queries(cfg_, s.window, window_q, window_lse, Scoring::needs_queries, fn);
     for (int h = 0; h < head_sets(); ++h)
       PYRAMIDINFER_REQUIRE(cache.length(layer, b, h) == int(s.head_tokens[std::size_t(h)].size()), fn, "layer", layer,
                            "has not been stored with prefill_store for this sequence");

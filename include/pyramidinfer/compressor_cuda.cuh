@@ -513,14 +513,7 @@ class CudaPyramidCompressor {
     const char* fn = "CudaPyramidCompressor::prefill_select";
     check_layer_seq<T>(layer, b, cache, fn);
     Seq& s = seqs_[std::size_t(b)];
-    detail::check_view(window_q, fn, "window_q");
-    detail::check_dim(window_q, 0, cfg_.num_heads, fn, "window_q");
-    detail::check_dim(window_q, 1, s.window, fn, "window_q");
-    detail::check_dim(window_q, 2, cfg_.head_dim, fn, "window_q");
-    if (window_lse.data) {
-      detail::check_dim(window_lse, 0, cfg_.num_heads, fn, "window_lse");
-      detail::check_dim(window_lse, 1, s.window, fn, "window_lse");
-    }
+    pyramidinfer::detail::check_window_queries(cfg_, s.window, window_q, window_lse, true, fn);
     PYRAMIDINFER_REQUIRE(s.stored[std::size_t(layer)] && !s.selected[std::size_t(layer)], fn, "layer", layer,
                          "must be stored with prefill_store (and selected once) for this sequence");
     const int ph = head_sets(), H = cfg_.kv_heads, QH = cfg_.num_heads, w = s.window, L = cfg_.num_layers;
