@@ -3,9 +3,10 @@
 # the test binary, benchmarks + PyTorch peer (same tensors: both sides build
 # them from one fixed hash), a merged table, and an ncu summary of the main
 # kernels when ncu exists. Logs go to $OUT (or ./.out when unset).
-# Usage: benchmarks/run_gpu.sh [--quick] [--bench-only] [--fast-sanitizers] [--ncu]
+# Usage: benchmarks/run_gpu.sh [--quick] [--bench-only] [--no-sanitizers] [--fast-sanitizers] [--ncu]
 #   --quick            skip the 32K-row scoring case (bench and peer)
 #   --bench-only       build the bench only; no tests, no sanitizers
+#   --no-sanitizers    tests, but no compute-sanitizer runs
 #   --fast-sanitizers  sanitizers only on the kernel tests (not the cache tests)
 #   --ncu              ncu SpeedOfLight/Memory sections on a few kernels
 # CUDA_ARCHS (default "80;90") picks the build targets.
@@ -13,12 +14,13 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.out}
 mkdir -p "$OUT"
-QUICK=""; BENCH_ONLY=0; FAST_SAN=0; NCU=0
+QUICK=""; BENCH_ONLY=0; FAST_SAN=0; NO_SAN=0; NCU=0
 for a in "$@"; do
   case "$a" in
     --quick) QUICK="--quick" ;;
     --bench-only) BENCH_ONLY=1 ;;
     --fast-sanitizers) FAST_SAN=1 ;;
+    --no-sanitizers) NO_SAN=1 ;;
     --ncu) NCU=1 ;;
   esac
 done
@@ -59,6 +61,8 @@ fi
 if [ $BENCH_ONLY -eq 0 ]; then
   echo "== tests"
   $T 2>&1 | tee "$OUT/tests.log" | tail -15
+fi
+if [ $BENCH_ONLY -eq 0 ] && [ $NO_SAN -eq 0 ]; then
   SAN_SEL="~[big]"; RACE_A="~[big]~[scoring]"; RACE_B="[scoring]~[big]"
   if [ $FAST_SAN -eq 1 ]; then SAN_SEL="[topk],[compact],[scoring]~[big]"; RACE_A="[topk],[compact]~[big]"; RACE_B="[scoring]~[big]"; fi
   echo "== memcheck"
@@ -98,5 +102,7 @@ if [ $NCU -eq 1 ] && command -v ncu >/dev/null; then
   timeout 60 ncu $NS -k regex:score_mma --launch-skip 1 --launch-count 1 $B --quick score_l2_13b_b32_n4096_lse_given > "$OUT/ncu.txt" 2>&1
   timeout 40 ncu $NS -k regex:gather_rows --launch-skip 1 --launch-count 1 $B --quick compact_gather_l3_8b_b4_n131072 >> "$OUT/ncu.txt" 2>&1
   timeout 40 ncu $NS -k regex:compact_inplace --launch-skip 1 --launch-count 1 $B --quick compact_inplace_l3_8b_b4_n131072 >> "$OUT/ncu.txt" 2>&1
-  grep -E "^  [a-z_]+.*\(|Duration|Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Memory \[%\]|DRAM Throughput|Compute \(SM\)" "$OUT/ncu.txt" | head -60
+  timeout 40 ncu $NS -k regex:topk_mb --launch-skip 4 --launch-count 4 $B --quick topk_l3_8b_b4_n131072_perhead >> "$OUT/ncu.txt" 2>&1
+  timeout 40 ncu $NS -k regex:score_mma --launch-skip 1 --launch-count 1 $B --quick score_l2_13b_b32_n512_lse_given >> "$OUT/ncu.txt" 2>&1
+  grep -E "^  [a-z_]+.*\(|Duration|Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Memory \[%\]|DRAM Throughput|Compute \(SM\)" "$OUT/ncu.txt" | head -120
 elif [ $NCU -eq 1 ]; then echo "ncu: not found"; fi
