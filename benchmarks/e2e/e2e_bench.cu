@@ -14,8 +14,18 @@
 //     --comp-share      a third run with CUDA events around the compression calls
 //     --device-trigger  CudaPyramidCompressor's device trigger mode (the chain
 //                       launches every step) instead of the host-tracked default
+//     --no-graph        decode steps launched eagerly (no CUDA graph replay)
+//
+//   e2e-bench selfcheck
+//     On random data: the engine's prefill (tensor-core) and decode (split)
+//     attention against a plain fp32 reference (ragged sequences, sparse
+//     original positions, GQA, head dims 64 and 128), and a small pyramid
+//     model decoded with and without CUDA graphs (logits must agree). Prints
+//     one line per check and exits 1 if any fails.
+#include <algorithm>
 #include <chrono>
 #include <ctime>
+#include <random>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -98,27 +108,185 @@ void run(const char* shape, const char* policy, const CudaModel& model, Engine& 
       "{\"engine\":\"ours\",\"shape\":\"%s\",\"policy\":\"%s\",\"final_ratio\":%.4f,\"batch\":%d,\"prompt\":%d,\"gen\":%d,"
       "\"kv_bytes\":%zu,\"kv_full_bytes\":%zu,\"kv_ratio\":%.4f,\"weight_bytes\":%zu,\"peak_device_bytes\":%zu,"
       "\"prefill_s\":%.4f,\"decode_ms_step\":%.3f,\"gen_tok_s\":%.1f,\"total_tok_s\":%.1f,"
-      "\"comp_share_prefill\":%.4f,\"comp_share_decode\":%.4f,\"trigger\":\"%s\",\"evict_launches\":%lld,"
+      "\"comp_share_prefill\":%.4f,\"comp_share_decode\":%.4f,\"trigger\":\"%s\",\"graph\":%s,\"evict_launches\":%lld,"
       "\"device\":\"%s\",\"date\":\"%s\",\"kv_layer_bytes\":[%s]}\n",
       shape, policy, final_ratio, batch, prompt, gen, plan.total_bytes, plan.full_bytes, plan.ratio_to_full,
       model.weight_bytes(), peak, pf, dc / steps * 1e3, batch * double(gen) / (pf + dc),
       batch * double(prompt + gen) / (pf + dc), comp_pf, comp_dc, decode_trigger_name(e.compressor().decode_trigger()),
-      launches, prop.name, date, per_layer.c_str());
+      e.options().decode_graph ? "true" : "false", launches, prop.name, date, per_layer.c_str());
   std::fflush(stdout);
 }
 
+// ---- selfcheck ---------------------------------------------------------------
+
+template <class T>
+static DBuf<T> to_device(const std::vector<T>& h) {
+  DBuf<T> d(h.size());
+  LC_CUDA(cudaMemcpy(d.get(), h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+template <class T>
+static std::vector<T> to_host(const DBuf<T>& d, std::size_t n) {
+  std::vector<T> h(n);
+  LC_CUDA(cudaMemcpy(h.data(), d.get(), n * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+/// Largest |a - b| over fp16 arrays and over fp32 arrays (-inf == -inf counts as equal).
+static double max_err(const std::vector<__half>& a, const std::vector<__half>& b) {
+  double e = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) e = std::max(e, double(std::fabs(__half2float(a[i]) - __half2float(b[i]))));
+  return e;
+}
+static double max_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double e = 0;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (!(a[i] == b[i])) e = std::max(e, std::isfinite(a[i] - b[i]) ? double(std::fabs(a[i] - b[i])) : 1e30);
+  return e;
+}
+
+/// Prefill and decode attention against the reference on one random problem.
+static bool check_attention(int D, int H, int Hkv, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  const std::vector<int> rows_of = {1, 70, 200, 64};  // ragged, partial and full 64-row tiles
+  const int nb = int(rows_of.size()), cap = 256;
+  std::vector<std::int32_t> off{0};
+  for (int n : rows_of) off.push_back(off.back() + n);
+  const int rows = off.back();
+  // Each sequence keeps a sorted random subset of positions (token dropping): causality by position, not slot.
+  std::vector<std::int32_t> qpos(std::size_t(rows), 0), kpos(std::size_t(nb) * cap, 0), klen(std::size_t(nb), 0), row_seq;
+  for (int b = 0; b < nb; ++b) {
+    int p = int(rng() % 5);
+    for (int i = 0; i < rows_of[std::size_t(b)]; ++i) {
+      qpos[std::size_t(off[std::size_t(b)] + i)] = kpos[std::size_t(b) * cap + i] = p;
+      p += 1 + int(rng() % 3);
+      row_seq.push_back(b);
+    }
+    klen[std::size_t(b)] = rows_of[std::size_t(b)];
+  }
+  auto rnd = [&](std::size_t n, float amp) {
+    std::vector<__half> v(n);
+    for (auto& x : v) x = __float2half(uni(rng) * amp);
+    return v;
+  };
+  const DBuf<__half> q = to_device(rnd(std::size_t(rows) * H * D, 3.f));  // peaked enough that masking matters
+  const DBuf<__half> k = to_device(rnd(std::size_t(nb) * Hkv * cap * D, 1.f));
+  const DBuf<__half> v = to_device(rnd(std::size_t(nb) * Hkv * cap * D, 1.f));
+  const DBuf<std::int32_t> dqpos = to_device(qpos), dkpos = to_device(kpos), dlen = to_device(klen), doff = to_device(off),
+                           dseq = to_device(row_seq);
+  const attn::CacheView c{k.get(), v.get(), dkpos.get(), dlen.get(), cap, Hkv};
+  const float scale = 1.f / std::sqrt(float(D));
+  const std::size_t no = std::size_t(rows) * H * D, nl = std::size_t(rows) * H;
+  DBuf<__half> out(no), ref(no);
+  DBuf<float> lse(nl), lse_ref(nl);
+  attn::prefill_attention(q.get(), dqpos.get(), doff.get(), nb, *std::max_element(rows_of.begin(), rows_of.end()), c, H, D,
+                          scale, out.get(), lse.get(), 0);
+  attn::reference_attention(q.get(), dqpos.get(), dseq.get(), rows, c, H, D, scale, ref.get(), lse_ref.get(), 0);
+  LC_CUDA(cudaDeviceSynchronize());
+  const double eo = max_err(to_host(out, no), to_host(ref, no)), el = max_err(to_host(lse, nl), to_host(lse_ref, nl));
+  bool ok = eo < 1e-2 && el < 2e-3;
+  std::printf("selfcheck prefill attention d=%d H=%d Hkv=%d rows=%d: max|out-ref| %.2e, max|lse-ref| %.2e %s\n", D, H, Hkv,
+              rows, eo, el, eo < 1e-2 && el < 2e-3 ? "OK" : "FAIL");
+  // Decode: one query per sequence, at a position inside the sequence (later keys masked), 1 and several splits.
+  std::vector<std::int32_t> dpos(static_cast<std::size_t>(nb)), dseq_id(static_cast<std::size_t>(nb));
+  std::vector<__half> dq(std::size_t(nb) * H * D);
+  const std::vector<__half> qh = to_host(q, no);
+  for (int b = 0; b < nb; ++b) {
+    const int r = off[std::size_t(b)] + (rows_of[std::size_t(b)] * 2) / 3;
+    dpos[std::size_t(b)] = qpos[std::size_t(r)] + (b % 2);  // between two kept positions for odd b
+    dseq_id[std::size_t(b)] = b;
+    std::copy(qh.begin() + std::int64_t(r) * H * D, qh.begin() + std::int64_t(r + 1) * H * D,
+              dq.begin() + std::int64_t(b) * H * D);
+  }
+  const DBuf<__half> ddq = to_device(dq);
+  const DBuf<std::int32_t> ddpos = to_device(dpos), ddseq = to_device(dseq_id);
+  const std::size_t dno = std::size_t(nb) * H * D, dnl = std::size_t(nb) * H;
+  DBuf<float> part(std::size_t(nb) * H * 8 * (D + 2));
+  attn::reference_attention(ddq.get(), ddpos.get(), ddseq.get(), nb, c, H, D, scale, ref.get(), lse_ref.get(), 0);
+  for (int splits : {1, 3, 8}) {
+    attn::decode_attention(ddq.get(), ddpos.get(), nb, c, H, D, scale, splits, part.get(), out.get(), lse.get(), 0);
+    LC_CUDA(cudaDeviceSynchronize());
+    const double e1 = max_err(to_host(out, dno), to_host(ref, dno)), e2 = max_err(to_host(lse, dnl), to_host(lse_ref, dnl));
+    const bool good = e1 < 1e-2 && e2 < 2e-3;
+    ok = ok && good;
+    std::printf("selfcheck decode attention d=%d H=%d Hkv=%d splits=%d: max|out-ref| %.2e, max|lse-ref| %.2e %s\n", D, H,
+                Hkv, splits, e1, e2, good ? "OK" : "FAIL");
+  }
+  return ok;
+}
+
+/// A small pyramid45-style model decoded with and without CUDA graphs: the logits must agree.
+static bool check_decode_graph() {
+  const LlamaShape s{4, 256, 512, 4, 2, 64, 64, 1000, 10000.f, 1e-5f};
+  const CudaModel model = CudaModel::random(s, 7);
+  std::vector<std::vector<std::int32_t>> prompts;
+  for (int n : {96, 160, 200, 128}) {
+    std::vector<std::int32_t> p(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) p[std::size_t(i)] = (i * 37 + n * 11) % s.vocab;
+    prompts.push_back(p);
+  }
+  const int gen = 48;
+  auto make = [&](bool graph) {
+    EngineOptions o;
+    o.recent_ratio = 0.1, o.selection.min_context = 16, o.decode_graph = graph;
+    return std::make_unique<CudaEngine<CosineSchedule>>(model, o, CosineSchedule{0.3},
+                                                        DecodeSchedule<CosineSchedule>{16, 0.5, CosineSchedule{0.1}});
+  };
+  auto eager = make(false), graph = make(true);
+  std::vector<float> la = eager->prefill(prompts, gen), lb = graph->prefill(prompts, gen);
+  double err = max_err(la, lb);
+  for (int step = 0; step < gen; ++step) {
+    std::vector<std::int32_t> tok(prompts.size());
+    for (std::size_t b = 0; b < prompts.size(); ++b)
+      tok[b] = std::int32_t(std::max_element(la.begin() + std::int64_t(b) * s.vocab, la.begin() + std::int64_t(b + 1) * s.vocab) -
+                            (la.begin() + std::int64_t(b) * s.vocab));
+    la = eager->decode(tok), lb = graph->decode(tok);
+    err = std::max(err, max_err(la, lb));
+  }
+  eager->check(), graph->check();
+  const bool ok = err <= 1e-4 && eager->compressor().evict_launches() == graph->compressor().evict_launches();
+  std::printf("selfcheck decode graph vs eager (tiny pyramid45, %d steps, %lld evictions): max|logit diff| %.2e %s\n", gen,
+              graph->compressor().evict_launches(), err, ok ? "OK" : "FAIL");
+  return ok;
+}
+
+static int selfcheck() {
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+  std::printf("selfcheck on %s\n", prop.name);
+  bool ok = true;
+  ok &= check_attention(128, 32, 32, 1);
+  ok &= check_attention(128, 32, 8, 2);
+  ok &= check_attention(64, 8, 2, 3);
+  ok &= check_decode_graph();
+  std::printf("selfcheck %s\n", ok ? "PASSED" : "FAILED");
+  return ok ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 2 && std::strcmp(argv[1], "selfcheck") == 0) {
+    try {
+      return selfcheck();
+    } catch (const std::exception& ex) {
+      std::fprintf(stderr, "e2e-bench selfcheck: %s\n", ex.what());
+      return 1;
+    }
+  }
   if (argc < 6) {
-    std::fprintf(stderr, "usage: e2e-bench SHAPE full|pyramid|pyramid45 BATCH|fit PROMPT GEN [--comp-share]\n");
+    std::fprintf(stderr,
+                 "usage: e2e-bench SHAPE full|pyramid|pyramid45 BATCH|fit PROMPT GEN [--comp-share] [--device-trigger] "
+                 "[--no-graph]\n       e2e-bench selfcheck\n");
     return 2;
   }
   try {
     const std::string shape = argv[1], policy = argv[2], batch_arg = argv[3];
     const int prompt = std::atoi(argv[4]), gen = std::atoi(argv[5]);
-    bool comp = false, device_trigger = false;
+    bool comp = false, device_trigger = false, graph = true;
     for (int i = 6; i < argc; ++i) {
       if (std::strcmp(argv[i], "--comp-share") == 0) comp = true;
       else if (std::strcmp(argv[i], "--device-trigger") == 0) device_trigger = true;
+      else if (std::strcmp(argv[i], "--no-graph") == 0) graph = false;
       else throw std::runtime_error(std::string("unknown flag ") + argv[i]);
     }
     const LlamaShape s = shape_of(shape);
@@ -145,6 +313,7 @@ int main(int argc, char** argv) {
     };
     EngineOptions base;
     if (device_trigger) base.decode_trigger = DecodeTrigger::device;
+    base.decode_graph = graph;
     if (policy == "full") {
       EngineOptions o = base;
       o.compress_decode = false, o.compress_prefill = false;

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 5 end-to-end benchmark (on a GPU machine). Usage:
+# Issue 5 end-to-end benchmark (on a GPU machine); starts with e2e-bench's
+# selfcheck (attention kernels vs a reference, graph vs eager decode). Usage:
 #   benchmarks/e2e/run_e2e.sh BIN_DIR OUT_DIR [DEADLINE_S]
 # BIN_DIR holds e2e-bench; results go to OUT_DIR/e2e.jsonl (one JSON line per
 # run, appended as each run ends) and OUT_DIR/e2e.log. Every model has RANDOM
@@ -16,10 +17,14 @@ date -u | tee -a $LOG
 left() { [ $((SECONDS - START)) -lt $DEADLINE ] || { echo "SKIPPED (deadline) $*" | tee -a $LOG; return 1; }; }
 ours() { left ours "$@" || return 0; timeout ${T:-120} $BIN/e2e-bench "$@" >> $J 2>> $LOG || echo "FAILED ours $*" | tee -a $LOG; }
 hf() { left hf "$@" || return 0; timeout ${T:-120} python3 $HERE/hf_e2e.py "$@" >> $J 2>> $LOG || echo "FAILED hf $*" | tee -a $LOG; }
+# the engine's attention kernels against a reference, and graph vs eager decode
+$BIN/e2e-bench selfcheck 2>&1 | tee -a $LOG | tail -1
 # batch 32 x (512 + 256), LLaMA-2-7B shape, and both HF attentions
 ours llama2-7b full 32 512 256
+ours llama2-7b full 32 512 256 --no-graph
 ours llama2-7b pyramid 32 512 256 --comp-share
 ours llama2-7b pyramid45 32 512 256 --comp-share
+ours llama2-7b pyramid45 32 512 256 --no-graph
 ours llama2-7b pyramid 32 512 256 --device-trigger
 hf llama2-7b sdpa 32 512 256
 hf llama2-7b eager 32 512 256

@@ -11,14 +11,17 @@
 //
 // Prefill is batched across sequences (ragged: rows of all sequences of a
 // chunk are concatenated, no padding; chunks bound the work buffers): one set
-// of GEMMs per layer for the chunk, per-sequence prefill_store, one attention
-// launch over the cache (causal by original position) that also writes every
-// row's log-sum-exp, then per sequence prefill_select (handed the window rows'
-// LSE, so no separate LSE pass) and gather_next: only T_{l+1} goes on.
+// of GEMMs per layer for the chunk, per-sequence prefill_store, one
+// tensor-core attention launch over the cache (attention.cuh: causal by
+// original position) that also writes every row's log-sum-exp, then per
+// sequence prefill_select (handed the window rows' LSE, so no separate LSE
+// pass) and gather_next: only T_{l+1} goes on.
 // Decode appends one token per sequence to every layer (decode_append),
 // attends over [B, Hkv, cap_l, d] with per-sequence lengths and original
-// positions (GQA), hands the softmax LSE to decode_set_lse, and calls
-// decode_compress, which launches nothing on steps where no layer fires.
+// positions (GQA, split over the keys), hands the softmax LSE to
+// decode_set_lse, and calls decode_compress, which launches nothing on steps
+// where no layer fires. Decode steps are replayed as CUDA graphs (see
+// decode_device).
 #pragma once
 
 #include <cublas_v2.h>
@@ -29,12 +32,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <pyramidinfer/pyramidinfer_cuda.cuh>
+
+#include "llama_cuda/attention.cuh"
 
 #ifndef PYRAMIDINFER_LLAMA_CUDA_NO_GGUF
 #include "llama/gguf.hpp"
@@ -168,193 +174,9 @@ static __global__ void swiglu_kernel(const float* gu, int F, std::int64_t total,
   }
 }
 
-/// Prefill store: rows [0, n) of k, v ([n, Hkv d]) into slots [0, n) of
-/// sequence b (cache HND), positions, and length n.
-static __global__ void store_prefill_kernel(const __half* k, const __half* v, const std::int32_t* pos, int n, int Hkv,
-                                     int d, __half* ck, __half* cv, std::int32_t* cpos, std::int32_t* clen,
-                                     std::int64_t cap, int b) {
-  const int t = blockIdx.x, h = blockIdx.y;
-  const std::int64_t dst = ((std::int64_t(b) * Hkv + h) * cap + t) * d;
-  for (int e = threadIdx.x; e < d; e += blockDim.x) {
-    ck[dst + e] = k[std::int64_t(t) * Hkv * d + h * d + e];
-    cv[dst + e] = v[std::int64_t(t) * Hkv * d + h * d + e];
-  }
-  if (threadIdx.x == 0 && h == 0) {
-    cpos[std::int64_t(b) * cap + t] = pos[t];
-    if (t == 0) clen[b] = n;
-  }
-}
-
-/// Attention of query rows over one layer's cache [B, Hkv, cap, d] (shared
-/// lengths and positions), GQA, causal by ORIGINAL position. Block: 4 warps
-/// on one (row, q_head, split); lanes split d. Writes out [rows, H d] fp16
-/// (splits == 1) or partials (m, l, acc) for combine_kernel.
-struct AttnArgs {
-  const __half* q;           // [rows, H d]
-  const std::int32_t* qpos;  // [rows] original positions
-  const std::int32_t* qseq;  // [rows] sequence; nullptr: row == sequence
-  int seq0;                  // sequence when qseq == nullptr and rows belong to one sequence (-1: row)
-  const __half* ck;
-  const __half* cv;
-  const std::int32_t* cpos;  // [B, cap]
-  const std::int32_t* clen;  // [B]
-  std::int64_t cap;
-  int H, Hkv, d, splits, split_len;
-  float scale;
-  __half* out;
-  float* part;  // [rows, H, splits, d + 2]
-  // LSE output: lse_ring[(seq * H + h) * R + slot]; slot = prefill: row - lse_row0 (rows >= lse_row0),
-  // decode: (ring_start[seq] + window[seq] - 1) % R.
-  float* lse_ring;
-  int R;
-  int lse_row0;  // prefill mode when >= 0
-  const std::int32_t* ring_start;
-  const std::int32_t* window;
-  float* lse_rows;  // optional [rows, H]: every row's LSE (scaled logits), for CudaPyramidCompressor
-};
-
-template <int D>
-static __global__ void __launch_bounds__(128) attention_kernel(AttnArgs a) {
-  constexpr int E = D / 32;
-  const int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int seq = a.qseq ? a.qseq[row] : (a.seq0 >= 0 ? a.seq0 : row);
-  const int g = h / (a.H / a.Hkv);
-  const int qp = a.qpos[row];
-  const int len = a.clen[seq];
-  const int begin = split * a.split_len, end = min(len, begin + a.split_len);
-  float qv[E], acc[E];
-  const __half* qrow = a.q + std::int64_t(row) * a.H * D + h * D;
-#pragma unroll
-  for (int e = 0; e < E; ++e) qv[e] = __half2float(qrow[lane * E + e]) * a.scale, acc[e] = 0.f;
-  float m = -INFINITY, l = 0.f;
-  const std::int64_t base = (std::int64_t(seq) * a.Hkv + g) * a.cap;
-  const std::int32_t* pos = a.cpos + std::int64_t(seq) * a.cap;
-  for (int j = begin + warp; j < end; j += 4) {
-    if (pos[j] > qp) continue;
-    const __half* kr = a.ck + (base + j) * D + lane * E;
-    float s = 0.f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) s += qv[e] * __half2float(kr[e]);
-    s = warp_sum(s);
-    const float mn = fmaxf(m, s);
-    const float corr = __expf(m - mn), p = __expf(s - mn);
-    l = l * corr + p;
-    const __half* vr = a.cv + (base + j) * D + lane * E;
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] = acc[e] * corr + p * __half2float(vr[e]);
-    m = mn;
-  }
-  __shared__ float sm[4], sl[4], sacc[4][D];
-  if (lane == 0) sm[warp] = m, sl[warp] = l;
-#pragma unroll
-  for (int e = 0; e < E; ++e) sacc[warp][lane * E + e] = acc[e];
-  __syncthreads();
-  if (warp != 0) return;
-  float M = fmaxf(fmaxf(sm[0], sm[1]), fmaxf(sm[2], sm[3]));
-  float L = 0.f, o[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) o[e] = 0.f;
-  for (int w = 0; w < 4; ++w) {
-    const float c = sm[w] == -INFINITY ? 0.f : __expf(sm[w] - M);
-    L += sl[w] * c;
-#pragma unroll
-    for (int e = 0; e < E; ++e) o[e] += sacc[w][lane * E + e] * c;
-  }
-  if (a.splits > 1) {
-    float* p = a.part + ((std::int64_t(row) * a.H + h) * a.splits + split) * (D + 2);
-#pragma unroll
-    for (int e = 0; e < E; ++e) p[lane * E + e] = o[e];
-    if (lane == 0) p[D] = M, p[D + 1] = L;
-    return;
-  }
-  const float inv = L > 0.f ? 1.f / L : 0.f;
-  __half* orow = a.out + std::int64_t(row) * a.H * D + h * D;
-#pragma unroll
-  for (int e = 0; e < E; ++e) orow[lane * E + e] = __float2half(o[e] * inv);
-  if (a.lse_ring && lane == 0) {
-    int slot = -1;
-    if (a.lse_row0 >= 0) slot = row >= a.lse_row0 ? row - a.lse_row0 : -1;
-    else slot = (a.ring_start[seq] + a.window[seq] - 1) % a.R;
-    if (slot >= 0) a.lse_ring[(std::int64_t(seq) * a.H + h) * a.R + slot] = M + logf(L);
-  }
-  if (a.lse_rows && lane == 0) a.lse_rows[std::int64_t(row) * a.H + h] = M + logf(L);
-}
-
-template <int D>
-static __global__ void combine_kernel(AttnArgs a) {
-  constexpr int E = D / 32;
-  const int row = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
-  const int seq = a.qseq ? a.qseq[row] : (a.seq0 >= 0 ? a.seq0 : row);
-  const float* p = a.part + (std::int64_t(row) * a.H + h) * a.splits * (D + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < a.splits; ++s) M = fmaxf(M, p[s * (D + 2) + D]);
-  float L = 0.f, o[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) o[e] = 0.f;
-  for (int s = 0; s < a.splits; ++s) {
-    const float ms = p[s * (D + 2) + D];
-    const float c = ms == -INFINITY ? 0.f : __expf(ms - M);
-    L += p[s * (D + 2) + D + 1] * c;
-#pragma unroll
-    for (int e = 0; e < E; ++e) o[e] += p[s * (D + 2) + lane * E + e] * c;
-  }
-  const float inv = L > 0.f ? 1.f / L : 0.f;
-  __half* orow = a.out + std::int64_t(row) * a.H * D + h * D;
-#pragma unroll
-  for (int e = 0; e < E; ++e) orow[lane * E + e] = __float2half(o[e] * inv);
-  if (a.lse_ring && lane == 0) {
-    int slot = -1;
-    if (a.lse_row0 >= 0) slot = row >= a.lse_row0 ? row - a.lse_row0 : -1;
-    else slot = (a.ring_start[seq] + a.window[seq] - 1) % a.R;
-    if (slot >= 0) a.lse_ring[(std::int64_t(seq) * a.H + h) * a.R + slot] = M + logf(L);
-  }
-  if (a.lse_rows && lane == 0) a.lse_rows[std::int64_t(row) * a.H + h] = M + logf(L);
-}
-
-/// Prefill: window queries rows [n - w, n) of q [n, H d] -> ring (b, h, r, d), r = row - (n - w).
-static __global__ void ring_fill_prefill_kernel(const __half* q, int n, int w, int H, int d, int R, int b, __half* ring) {
-  const int r = blockIdx.x, h = blockIdx.y;
-  const __half* src = q + std::int64_t(n - w + r) * H * d + h * d;
-  __half* dst = ring + ((std::int64_t(b) * H + h) * R + r) * d;
-  for (int e = threadIdx.x; e < d; e += blockDim.x) dst[e] = src[e];
-}
-
-/// Decode: q [B, H d] -> ring slot (ring_start[b] + window[b] - 1) % R.
-static __global__ void ring_push_kernel(const __half* q, int H, int d, int R, const std::int32_t* ring_start,
-                                 const std::int32_t* window, __half* ring) {
-  const int b = blockIdx.x, h = blockIdx.y;
-  const int slot = (ring_start[b] + window[b] - 1) % R;
-  const __half* src = q + std::int64_t(b) * H * d + h * d;
-  __half* dst = ring + ((std::int64_t(b) * H + h) * R + slot) * d;
-  for (int e = threadIdx.x; e < d; e += blockDim.x) dst[e] = src[e];
-}
-
-static __global__ void advance_kernel(std::int32_t* ring_start, int R, std::int32_t* positions, int B, int advance_ring) {
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  if (advance_ring) ring_start[b] = (ring_start[b] + 1) % R;
-  (void)positions;
-}
-
-/// qseq[off[b] .. off[b + 1]) = b. grid (batch).
-static __global__ void row_seq_kernel(const std::int32_t* off, std::int32_t* qseq) {
-  const int b = blockIdx.x;
-  for (int r = off[b] + threadIdx.x; r < off[b + 1]; r += blockDim.x) qseq[r] = b;
-}
-
 static __global__ void inc_kernel(std::int32_t* x, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) ++x[i];
-}
-
-/// next = [idx[0..k), ctx .. n) ; hidden and positions gathered by it.
-static __global__ void gather_next_kernel(const float* h_in, const std::int32_t* pos_in, const std::int32_t* idx, int k,
-                                   int ctx, int dim, float* h_out, std::int32_t* pos_out) {
-  const int i = blockIdx.x;
-  const int src = i < k ? idx[i] : ctx + (i - k);
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) h_out[std::int64_t(i) * dim + c] = h_in[std::int64_t(src) * dim + c];
-  if (threadIdx.x == 0) pos_out[i] = pos_in[src];
 }
 
 static __global__ void fill_random_half(__half* p, std::size_t n, std::uint64_t seed, float scale) {
@@ -487,6 +309,7 @@ struct EngineOptions {
   bool time_compression = false;       // CUDA events around every compression call (no extra syncs)
   DecodeTrigger decode_trigger = DecodeTrigger::host;  // CudaPyramidCompressor's trigger mode
   int prefill_chunk_rows = 16384;      // batched prefill: sequences per chunk up to this many rows
+  bool decode_graph = true;            // replay decode steps as CUDA graphs (off while timing compression)
 };
 
 /// A pinned host buffer (cudaMallocHost; prefill-time uploads stay asynchronous).
@@ -527,9 +350,17 @@ class CudaEngine {
     LC_CUBLAS(cublasCreate(&blas_));
     LC_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     LC_CUBLAS(cublasSetStream(blas_, stream_));
+    // Our own workspace (set after cublasSetStream, which resets it): a captured
+    // decode step must not make cuBLAS allocate.
+    blas_ws_.resize(std::size_t(32) << 20);
+    LC_CUBLAS(cublasSetWorkspace(blas_, blas_ws_.get(), blas_ws_.size()));
+    int dev = 0;
+    LC_CUDA(cudaGetDevice(&dev));
+    LC_CUDA(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev));
   }
   ~CudaEngine() {
     cudaStreamSynchronize(stream_);
+    for (auto& g : graphs_) cudaGraphExecDestroy(g.second);
     for (auto& e : events_) cudaEventDestroy(e);
     cublasDestroy(blas_);
     cudaStreamDestroy(stream_);
@@ -538,6 +369,7 @@ class CudaEngine {
   CudaEngine& operator=(const CudaEngine&) = delete;
 
   cudaStream_t stream() const { return stream_; }
+  const EngineOptions& options() const { return opt_; }
   const MemoryPlan& plan() const { return plan_; }
   const KVCache<half_t, CudaBackend>& cache() const { return *cache_; }
   const Compressor& compressor() const { return pc_; }
@@ -567,7 +399,7 @@ class CudaEngine {
   std::size_t extra_bytes_per_sequence(int prompt_len) const {
     const LlamaShape& s = m_.shape();
     return pc_.arena_bytes_per_sequence(prompt_len, 2) + std::size_t(s.vocab) * 4 +
-           std::size_t(s.n_heads) * 64 * (s.head_dim + 2) * 4 + std::size_t(s.dim) * 64;
+           std::size_t(s.n_heads) * kMaxSplits * (s.head_dim + 2) * 4 + std::size_t(s.dim) * 64;
   }
   /// Device bytes of the prefill work buffers for `rows` rows.
   std::size_t work_bytes(int rows) const {
@@ -633,8 +465,6 @@ class CudaEngine {
         std::int32_t* dof = offs_dev_.get() + (c * L + std::size_t(l)) * (B + 1);
         std::copy(off.begin(), off.end(), ho);
         LC_CUDA(cudaMemcpyAsync(dof, ho, sizeof(std::int32_t) * (nb + 1), cudaMemcpyHostToDevice, stream_));
-        kernels::row_seq_kernel<<<nb, 128, 0, stream_>>>(dof, qseq_.get());
-        // qseq holds the chunk-local sequence; the cache wants the global one: shift by b0 in attention
         for (int i = 0; i < nb; ++i)
           LC_CUDA(cudaMemcpyAsync(pos_.get() + off[std::size_t(i)], pc_.tokens(b0 + i),
                                   sizeof(std::int32_t) * pc_.token_count(b0 + i), cudaMemcpyDeviceToDevice, stream_));
@@ -648,7 +478,10 @@ class CudaEngine {
                                                {Hkv, n, d}, {d, kvd, 1}};
           pc_.prefill_store(l, *cache_, b0 + i, kv, vv, stream_);
         }
-        attention(l, rows, pos_.get(), qseq_.get(), b0, lse_rows_.get());
+        int longest = 0;
+        for (int i = 0; i < nb; ++i) longest = std::max(longest, off[std::size_t(i + 1)] - off[std::size_t(i)]);
+        attn::prefill_attention(q_.get(), pos_.get(), dof, nb, longest, cache_view(l, b0), H, d, attn_scale(), att_.get(),
+                                lse_rows_.get(), stream_);
         layer_finish(l, rows);
         if (!compress) continue;
         timed([&] {
@@ -679,7 +512,8 @@ class CudaEngine {
     }
     gemm(xl_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
     // decode buffers, sized once (no allocation in the decode loop)
-    part_.resize(std::size_t(B) * H * 64 * (d + 2));
+    part_.resize(std::size_t(B) * H * kMaxSplits * (d + 2));
+    decode_steps_ = 0;  // the first step runs eagerly (cuBLAS settles its choices outside a capture)
     dlse_.resize(std::size_t(B) * H);
     std::vector<std::int32_t> next_pos(lens.begin(), lens.end());
     dpos_.upload(next_pos.data(), std::size_t(B), stream_);
@@ -711,28 +545,45 @@ class CudaEngine {
   /// Greedy next tokens of the last logits into `ids` (device), for host-free decode loops.
   void argmax_to(std::int32_t* ids);
 
-  /// One decode step on device token ids [B] (no host sync, no allocation).
+  /// One decode step on device token ids [B] (no host sync, no allocation
+  /// once every firing pattern has been seen).
+  ///
+  /// With EngineOptions::decode_graph the step is captured into a CUDA graph
+  /// and replayed: ~15 small launches per layer cost less as graph nodes. The
+  /// capture still runs every host call, so the compressor's host-tracked
+  /// trigger keeps its bookkeeping and decides which layers launch their
+  /// eviction chain; that decision (one flag per layer) is the only thing in
+  /// the step that changes its shape, so one executable graph is kept per
+  /// firing pattern (with segment 16 there are at most 16 + a few) and
+  /// refreshed with cudaGraphExecUpdate (kernel arguments may change, e.g.
+  /// after a new prefill reallocates the cache).
   void decode_device(const std::int32_t* ids) {
-    const LlamaShape& s = m_.shape();
-    const int B = B_, H = s.n_heads, Hkv = s.n_kv_heads, d = s.head_dim;
-    kernels::embed_kernel<<<B, 256, 0, stream_>>>(m_.embedding(), ids, s.dim, h_.get());
-    const std::int64_t kvd = std::int64_t(Hkv) * d, qd = std::int64_t(H) * d;
-    const KVView<const half_t> kv{reinterpret_cast<const half_t*>(k_.get()), {B, Hkv, 1, d}, {kvd, d, d, 1}};
-    const KVView<const half_t> vv{reinterpret_cast<const half_t*>(v_.get()), {B, Hkv, 1, d}, {kvd, d, d, 1}};
-    const KVView<const half_t> qv{reinterpret_cast<const half_t*>(q_.get()), {B, H, 1, d}, {qd, d, d, 1}};
-    const TensorView<const float, 2> lv{dlse_.get(), {B, H}, {H, 1}};
-    const bool ring = opt_.compress_decode;
-    for (int l = 0; l < s.n_layers; ++l) {
-      layer_qkv(l, B, dpos_.get());
-      pc_.decode_append(l, *cache_, kv, vv, dpos_.get(), qv, TensorView<const float, 2>{}, stream_);
-      attention(l, B, dpos_.get(), nullptr, 0, ring ? dlse_.get() : nullptr);
-      if (ring) pc_.decode_set_lse(l, lv, stream_);
-      layer_finish(l, B);
-      if (ring) timed([&] { pc_.decode_compress(l, *cache_, stream_); });
+    const bool graph = opt_.decode_graph && !opt_.time_compression && decode_steps_ > 0;
+    ++decode_steps_;
+    if (!graph) return decode_step(ids);
+    LC_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      decode_step(ids);
+    } catch (...) {
+      cudaGraph_t g = nullptr;
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+      throw;
     }
-    kernels::inc_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dpos_.get(), B);
-    kernels::rmsnorm_kernel<<<B, 256, 0, stream_>>>(h_.get(), m_.output_norm(), s.dim, s.rms_eps, x_.get(), nullptr);
-    gemm(x_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
+    cudaGraph_t g = nullptr;
+    LC_CUDA(cudaStreamEndCapture(stream_, &g));
+    cudaGraphExec_t& exec = graphs_[fired_];
+    if (exec) {
+      cudaGraphExecUpdateResultInfo info{};
+      if (cudaGraphExecUpdate(exec, g, &info) != cudaSuccess) {  // another topology: build it again
+        (void)cudaGetLastError();
+        LC_CUDA(cudaGraphExecDestroy(exec));
+        exec = nullptr;
+      }
+    }
+    if (!exec) LC_CUDA(cudaGraphInstantiate(&exec, g, 0));
+    LC_CUDA(cudaGraphDestroy(g));
+    LC_CUDA(cudaGraphLaunch(exec, stream_));
   }
 
   const float* device_logits() const { return logits_.get(); }
@@ -748,6 +599,40 @@ class CudaEngine {
     return c;
   }
 
+  /// The decode step's launches (eager, or recorded by decode_device's capture).
+  /// Per layer: rmsnorm, QKV GEMM, RoPE split, cache append (2), ring push,
+  /// attention (+ combine when split), set LSE, O GEMM (+ residual), rmsnorm,
+  /// gate/up GEMM, SwiGLU, down GEMM (+ residual); the eviction chain only
+  /// when the layer fires.
+  void decode_step(const std::int32_t* ids) {
+    const LlamaShape& s = m_.shape();
+    const int B = B_, H = s.n_heads, Hkv = s.n_kv_heads, d = s.head_dim;
+    kernels::embed_kernel<<<B, 256, 0, stream_>>>(m_.embedding(), ids, s.dim, h_.get());
+    const std::int64_t kvd = std::int64_t(Hkv) * d, qd = std::int64_t(H) * d;
+    const KVView<const half_t> kv{reinterpret_cast<const half_t*>(k_.get()), {B, Hkv, 1, d}, {kvd, d, d, 1}};
+    const KVView<const half_t> vv{reinterpret_cast<const half_t*>(v_.get()), {B, Hkv, 1, d}, {kvd, d, d, 1}};
+    const KVView<const half_t> qv{reinterpret_cast<const half_t*>(q_.get()), {B, H, 1, d}, {qd, d, d, 1}};
+    const TensorView<const float, 2> lv{dlse_.get(), {B, H}, {H, 1}};
+    const bool ring = opt_.compress_decode;
+    fired_.assign(std::size_t(s.n_layers), '0');
+    for (int l = 0; l < s.n_layers; ++l) {
+      layer_qkv(l, B, dpos_.get());
+      pc_.decode_append(l, *cache_, kv, vv, dpos_.get(), qv, TensorView<const float, 2>{}, stream_);
+      const attn::CacheView c = cache_view(l, 0);
+      attn::decode_attention(q_.get(), dpos_.get(), B, c, H, d, attn_scale(), attn::decode_splits(B, H, c.cap, sms_, kMaxSplits),
+                             part_.get(), att_.get(), ring ? dlse_.get() : nullptr, stream_);
+      if (ring) pc_.decode_set_lse(l, lv, stream_);
+      layer_finish(l, B);
+      if (ring) {
+        timed([&] { pc_.decode_compress(l, *cache_, stream_); });
+        if (pc_.decode_fired() != 0) fired_[std::size_t(l)] = '1';  // -1 (device trigger): always launches
+      }
+    }
+    kernels::inc_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dpos_.get(), B);
+    kernels::rmsnorm_kernel<<<B, 256, 0, stream_>>>(h_.get(), m_.output_norm(), s.dim, s.rms_eps, x_.get(), nullptr);
+    gemm(x_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
+  }
+
   void reserve_rows(int rows) {
     const LlamaShape& s = m_.shape();
     const std::size_t r = std::size_t(rows);
@@ -756,7 +641,7 @@ class CudaEngine {
     qkv_.resize(r * std::max(qkv, 2 * std::size_t(s.ffn_dim)));
     q_.resize(r * s.n_heads * s.head_dim), k_.resize(r * s.n_kv_heads * s.head_dim), v_.resize(r * s.n_kv_heads * s.head_dim);
     att_.resize(r * s.n_heads * s.head_dim);
-    pos_.resize(r), ids_.resize(r), qseq_.resize(r);
+    pos_.resize(r), ids_.resize(r);
     logits_.resize(std::size_t(std::max(B_, 1)) * s.vocab);
   }
 
@@ -777,45 +662,17 @@ class CudaEngine {
                                                        s.rope_dims, s.rope_base, q_.get(), k_.get(), v_.get());
   }
 
-  /// Attention of n query rows over layer l, causal by original position.
-  /// qseq != nullptr (prefill): row r belongs to sequence seq_base + qseq[r]; nullptr (decode): row == sequence.
-  /// lse_rows: every row's log-sum-exp [n, H] (or nullptr).
-  void attention(int l, int n, const std::int32_t* qpos, const std::int32_t* qseq, int seq_base, float* lse_rows) {
-    const LlamaShape& s = m_.shape();
+  float attn_scale() const { return 1.f / std::sqrt(float(m_.shape().head_dim)); }
+
+  /// Layer l of the cache from sequence seq0 on (a prefill chunk's first sequence, or 0).
+  attn::CacheView cache_view(int l, int seq0) const {
     const auto K = cache_->keys(l);
-    const std::int64_t cap = K.shape[2];
-    kernels::AttnArgs a{};
-    a.q = q_.get(), a.qpos = qpos, a.qseq = qseq, a.seq0 = -1;
-    // a chunk's sequences start at seq_base: shift the cache views instead of the indices
-    a.ck = reinterpret_cast<const __half*>(K.data) + std::int64_t(seq_base) * K.stride[0];
-    a.cv = reinterpret_cast<const __half*>(cache_->values(l).data) + std::int64_t(seq_base) * K.stride[0];
-    a.cpos = cache_->positions(l).data + std::int64_t(seq_base) * cache_->positions(l).stride[0];
-    a.clen = cache_->lengths(l).data + std::int64_t(seq_base) * cache_->lengths(l).stride[0];
-    a.cap = cap;
-    a.H = s.n_heads, a.Hkv = s.n_kv_heads, a.d = s.head_dim;
-    a.scale = 1.f / std::sqrt(float(s.head_dim));
-    a.out = att_.get();
-    a.lse_ring = nullptr, a.lse_rows = lse_rows;
-    // splits over the key axis when few rows (decode)
-    int splits = 1;
-    if (!qseq) {
-      const int blocks = n * s.n_heads;
-      splits = std::max(1, std::min(int(cap) / 256, (264 + blocks - 1) / blocks * 2));
-      splits = std::min(splits, 64);
-    }
-    a.splits = splits, a.split_len = int((cap + splits - 1) / splits);
-    if (splits > 1) a.part = part_.get();  // sized at prefill for 64 splits
-    const dim3 grid(unsigned(n), unsigned(s.n_heads), unsigned(splits));
-    auto go = [&](auto dc) {
-      constexpr int D = decltype(dc)::value;
-      kernels::attention_kernel<D><<<grid, 128, 0, stream_>>>(a);
-      if (splits > 1) kernels::combine_kernel<D><<<dim3(unsigned(n), unsigned(s.n_heads)), 32, 0, stream_>>>(a);
-    };
-    if (s.head_dim == 64) go(std::integral_constant<int, 64>{});
-    else if (s.head_dim == 128) go(std::integral_constant<int, 128>{});
-    else if (s.head_dim == 96) go(std::integral_constant<int, 96>{});
-    else throw std::runtime_error("llama_cuda: head_dim must be 64, 96 or 128");
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("attention_kernel");
+    const auto P = cache_->positions(l);
+    const auto N = cache_->lengths(l);
+    return attn::CacheView{reinterpret_cast<const __half*>(K.data) + std::int64_t(seq0) * K.stride[0],
+                           reinterpret_cast<const __half*>(cache_->values(l).data) + std::int64_t(seq0) * K.stride[0],
+                           P.data + std::int64_t(seq0) * P.stride[0], N.data + std::int64_t(seq0) * N.stride[0],
+                           K.shape[2], m_.shape().n_kv_heads};
   }
 
   void layer_finish(int l, int n) {
@@ -865,7 +722,14 @@ class CudaEngine {
   PinnedBuf<std::int32_t> pinned_;
   DBuf<float> h_, h2_, qkv_, logits_, lse_rows_, dlse_, part_;
   DBuf<__half> x_, xl_, q_, k_, v_, att_;
-  DBuf<std::int32_t> pos_, ids_, qseq_, dpos_, offs_dev_, last_rows_;
+  DBuf<std::int32_t> pos_, ids_, dpos_, offs_dev_, last_rows_;
+  DBuf<unsigned char> blas_ws_;
+  int sms_ = 1;
+  // decode graphs: one executable per firing pattern (a '0'/'1' per layer)
+  std::map<std::string, cudaGraphExec_t> graphs_;
+  std::string fired_;
+  long long decode_steps_ = 0;
+  static constexpr int kMaxSplits = 64;
 };
 
 namespace kernels {

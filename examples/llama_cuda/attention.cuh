@@ -1,0 +1,532 @@
+// attention.cuh - the CUDA Llama engine's attention over one layer of the
+// pyramid KV cache (keys/values [B, Hkv, cap, d] fp16, contiguous; original
+// positions [B, cap]; lengths [B]). Causal by ORIGINAL position: a query row
+// attends to the cached keys whose position is <= its own (after token
+// dropping the cache holds a subset of the prompt, so slot order alone is not
+// the rule). GQA: q head h reads kv head h / (H / Hkv). fp16 in, fp32
+// accumulation, fp16 out, and every row's softmax log-sum-exp (natural log of
+// the scaled logits, fp32, [rows, H]) for CudaPyramidCompressor.
+//
+//  * prefill_attention: the packed ragged rows of a batched prefill chunk
+//    (sequence i owns rows [off[i], off[i+1]) and its cache holds the same
+//    tokens). FlashAttention-2 style on tensor cores (mma.sync m16n8k16):
+//    64 query rows of one (sequence, head) per block, 64-key tiles streamed
+//    through a 2-stage cp.async ring, online softmax in registers (no n x n
+//    scores).
+//  * decode_attention: one query row per sequence, split over the key axis
+//    (flash-decoding) so that small batches still fill the card; 16-byte
+//    loads, two keys in flight per thread; a combine kernel merges splits.
+//  * reference_attention: one thread per (row, head), fp32, two passes. Only
+//    for the self-check (e2e-bench selfcheck).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+
+#include <pyramidinfer/pyramidinfer_cuda.cuh>
+
+namespace pyramidinfer::llama_cuda::attn {
+
+/// One layer of the cache, from the first sequence the call covers on.
+struct CacheView {
+  const __half* k;          // [B, Hkv, cap, d]
+  const __half* v;          // [B, Hkv, cap, d]
+  const std::int32_t* pos;  // [B, cap] original positions
+  const std::int32_t* len;  // [B] tokens held
+  std::int64_t cap;
+  int Hkv;
+};
+
+namespace detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ std::uint32_t ld32(const __half* p) { return *reinterpret_cast<const std::uint32_t*>(p); }
+
+__device__ __forceinline__ std::uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo: the lower column
+  return *reinterpret_cast<const std::uint32_t*>(&h);
+}
+
+/// c (16x8 fp32) += a (16x16 fp16, row) * b (16x8 fp16, col).
+__device__ __forceinline__ void mma16816(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/// Four 8x8 fp16 matrices, transposed on the way (lanes 8i..8i+7 give the row addresses of matrix i).
+__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const __half* p) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+/// 16-byte global -> shared copy; invalid: zero-fill (src is not read).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ int warp_max_int(int v) {
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ int warp_min_int(int v) {
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// ---- prefill: FlashAttention-2 on mma.sync ----------------------------------
+
+constexpr int kRows = 64;  // query rows per block (16 per warp)
+constexpr int kKeys = 64;  // keys per tile
+
+struct PrefillArgs {
+  const __half* q;           // [rows, H d]
+  const std::int32_t* qpos;  // [rows]
+  const std::int32_t* off;   // [nb + 1]
+  CacheView c;
+  int H;
+  float scale;
+  __half* out;  // [rows, H d]
+  float* lse;   // [rows, H] or nullptr
+};
+
+template <int D>
+constexpr int prefill_smem_bytes() {
+  return (kRows + 4 * kKeys) * (D + 8) * 2 + 2 * kKeys * 4;  // Q, 2 x (K, V), 2 x key positions
+}
+
+/// Running softmax state of one query row (two per thread: rows gid and gid + 8).
+struct RowState {
+  float m = -INFINITY;  // max of the log2-scaled logits so far
+  float l = 0.f;        // this thread's part of the sum of 2^(x - m)
+};
+
+/// Masks and log2-scales one row's 16 logits of the tile (s[nt][e0], s[nt][e0 + 1]),
+/// exponentiates them against the updated max and returns the factor that rescales the old state.
+__device__ __forceinline__ float softmax_update(float (&s)[kKeys / 8][4], int e0, int qp, const int* kp, int tig,
+                                                float scale_log2, RowState& st) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < kKeys / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int key = nt * 8 + tig * 2 + e;
+      const float x = kp[key] <= qp ? s[nt][e0 + e] * scale_log2 : -INFINITY;
+      s[nt][e0 + e] = x;
+      mx = fmaxf(mx, x);
+    }
+  const float m_new = fmaxf(st.m, quad_max(mx));
+  const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep everything at 0
+  const float corr = exp2f(st.m - base);
+  float sum = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < kKeys / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float p = exp2f(s[nt][e0 + e] - base);
+      s[nt][e0 + e] = p;
+      sum += p;
+    }
+  st.l = st.l * corr + sum;
+  st.m = m_new;
+  return corr;
+}
+
+template <int D>
+__global__ void __launch_bounds__(128) prefill_attention_kernel(PrefillArgs a) {
+  constexpr int LD = D + 8;  // padded rows: the 8 rows an mma/ldmatrix phase touches hit distinct banks
+  constexpr int VEC = D / 8;  // 16-byte vectors per row
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* qs = reinterpret_cast<__half*>(smem);
+  __half* ks = qs + kRows * LD;      // [2][kKeys][LD]
+  __half* vs = ks + 2 * kKeys * LD;  // [2][kKeys][LD]
+  int* kps = reinterpret_cast<int*>(vs + 2 * kKeys * LD);  // [2][kKeys]
+  __shared__ int red[2][4];
+
+  const int seq = blockIdx.z, h = blockIdx.y;
+  const int row0 = a.off[seq], n = a.off[seq + 1] - row0;
+  const int tile = (gridDim.x - 1 - blockIdx.x) * kRows;  // the longest (latest) tiles start first
+  if (tile >= n) return;
+  const int g = h / (a.H / a.c.Hkv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int len = a.c.len[seq];
+  const std::int64_t kv0 = (std::int64_t(seq) * a.c.Hkv + g) * a.c.cap * D;
+  const __half* kg = a.c.k + kv0;
+  const __half* vg = a.c.v + kv0;
+  const std::int32_t* kpos = a.c.pos + std::int64_t(seq) * a.c.cap;
+  const std::int64_t qstride = std::int64_t(a.H) * D;
+
+  // Q tile (zeros past the sequence) as the first cp.async group.
+  for (int i = threadIdx.x; i < kRows * VEC; i += 128) {
+    const int r = i / VEC, c = (i % VEC) * 8;
+    const bool ok = tile + r < n;
+    cp_async16(qs + r * LD + c, a.q + std::int64_t(row0 + (ok ? tile + r : 0)) * qstride + h * D + c, ok);
+  }
+  cp_async_commit();
+
+  // This thread's two rows; -1 (sees nothing) past the sequence.
+  const int ra = tile + warp * 16 + gid, rb = ra + 8;
+  const int qpa = ra < n ? a.qpos[row0 + ra] : -1, qpb = rb < n ? a.qpos[row0 + rb] : -1;
+  const int wq = warp_max_int(max(qpa, qpb));
+  if (lane == 0) red[0][warp] = wq;
+  __syncthreads();
+  const int bq = max(max(red[0][0], red[0][1]), max(red[0][2], red[0][3]));
+  // Keys after the last one any row of the block may see are never loaded
+  // (with ascending positions this is the causal bound of the tile).
+  int last = -1;
+  for (int j = threadIdx.x; j < len; j += 128)
+    if (kpos[j] <= bq) last = j;
+  last = warp_max_int(last);
+  if (lane == 0) red[1][warp] = last;
+  __syncthreads();
+  const int kend = max(max(red[1][0], red[1][1]), max(red[1][2], red[1][3])) + 1;
+  const int tiles = (kend + kKeys - 1) / kKeys;
+
+  auto load_tile = [&](int t, int buf) {
+    __half* kd = ks + buf * kKeys * LD;
+    __half* vd = vs + buf * kKeys * LD;
+    for (int i = threadIdx.x; i < kKeys * VEC; i += 128) {
+      const int r = i / VEC, c = (i % VEC) * 8, j = t * kKeys + r;
+      const bool ok = j < kend;
+      const std::int64_t src = std::int64_t(ok ? j : 0) * D + c;
+      cp_async16(kd + r * LD + c, kg + src, ok);
+      cp_async16(vd + r * LD + c, vg + src, ok);
+    }
+    if (threadIdx.x < kKeys) {
+      const int j = t * kKeys + threadIdx.x;
+      kps[buf * kKeys + threadIdx.x] = j < kend ? kpos[j] : INT_MAX;
+    }
+  };
+
+  const float scale_log2 = a.scale * kLog2e;
+  std::uint32_t qf[D / 16][4];
+  float o[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  RowState sa, sb;
+
+  if (tiles > 0) load_tile(0, 0);
+  cp_async_commit();
+  for (int t = 0; t < tiles; ++t) {
+    const int buf = t & 1;
+    if (t + 1 < tiles) load_tile(t + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but tile t + 1
+    __syncthreads();
+    if (t == 0) {
+      const __half* qa = qs + (warp * 16 + gid) * LD + tig * 2;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        qf[kk][0] = ld32(qa + kk * 16);
+        qf[kk][1] = ld32(qa + 8 * LD + kk * 16);
+        qf[kk][2] = ld32(qa + kk * 16 + 8);
+        qf[kk][3] = ld32(qa + 8 * LD + kk * 16 + 8);
+      }
+    }
+    const int* kp = kps + buf * kKeys;
+    // A warp whose rows all precede the tile's keys skips it.
+    const int kmin = warp_min_int(min(kp[lane], kp[lane + 32]));
+    if (kmin <= wq) {
+      const __half* kt = ks + buf * kKeys * LD;
+      const __half* vt = vs + buf * kKeys * LD;
+      float s[kKeys / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int nt = 0; nt < kKeys / 8; ++nt) {
+          const __half* kr = kt + (nt * 8 + gid) * LD + kk * 16 + tig * 2;
+          mma16816(s[nt], qf[kk], ld32(kr), ld32(kr + 8));
+        }
+      const float ca = softmax_update(s, 0, qpa, kp, tig, scale_log2, sa);
+      const float cb = softmax_update(s, 2, qpb, kp, tig, scale_log2, sb);
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) o[dt][0] *= ca, o[dt][1] *= ca, o[dt][2] *= cb, o[dt][3] *= cb;
+      // P (the S accumulators, rounded to fp16) is already in A-fragment order.
+#pragma unroll
+      for (int k2 = 0; k2 < kKeys / 16; ++k2) {
+        const std::uint32_t pa[4] = {pack_half2(s[2 * k2][0], s[2 * k2][1]), pack_half2(s[2 * k2][2], s[2 * k2][3]),
+                                     pack_half2(s[2 * k2 + 1][0], s[2 * k2 + 1][1]),
+                                     pack_half2(s[2 * k2 + 1][2], s[2 * k2 + 1][3])};
+        // matrices: (keys +0..7, cols dt), (keys +8..15, cols dt), (+0..7, dt + 1), (+8..15, dt + 1)
+        const __half* vrow = vt + (k2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt += 2) {
+          std::uint32_t b[4];
+          ldmatrix_x4_trans(b, vrow + dt * 8);
+          mma16816(o[dt], pa, b[0], b[1]);
+          mma16816(o[dt + 1], pa, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // tile t's buffer is refilled at step t + 1
+  }
+  cp_async_wait<0>();
+
+  const float la = quad_sum(sa.l), lb = quad_sum(sb.l);
+  const float ia = la > 0.f ? 1.f / la : 0.f, ib = lb > 0.f ? 1.f / lb : 0.f;
+  if (ra < n) {
+    __half* orow = a.out + std::int64_t(row0 + ra) * qstride + h * D + tig * 2;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<__half2*>(orow + dt * 8) = __floats2half2_rn(o[dt][0] * ia, o[dt][1] * ia);
+    if (a.lse && tig == 0) a.lse[std::int64_t(row0 + ra) * a.H + h] = sa.m * kLn2 + logf(la);
+  }
+  if (rb < n) {
+    __half* orow = a.out + std::int64_t(row0 + rb) * qstride + h * D + tig * 2;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<__half2*>(orow + dt * 8) = __floats2half2_rn(o[dt][2] * ib, o[dt][3] * ib);
+    if (a.lse && tig == 0) a.lse[std::int64_t(row0 + rb) * a.H + h] = sb.m * kLn2 + logf(lb);
+  }
+}
+
+// ---- decode: split-K over the cache ----------------------------------------
+
+struct DecodeArgs {
+  const __half* q;           // [B, H d]
+  const std::int32_t* qpos;  // [B]
+  CacheView c;
+  int H, splits, split_len;
+  float scale;
+  __half* out;  // [B, H d]
+  float* lse;   // [B, H] or nullptr
+  float* part;  // [B, H, splits, d + 2]: unnormalised output, max (log2), sum
+};
+
+/// Block (b, h, split): D/8 lanes share a key (16 bytes each); every thread
+/// keeps two keys in flight. Each lane group runs its own online softmax,
+/// merged through shared memory at the end.
+template <int D>
+__global__ void __launch_bounds__(128) decode_attention_kernel(DecodeArgs a) {
+  constexpr int TPK = D / 8;          // lanes per key
+  constexpr int KPS = 128 / TPK;      // keys per block step
+  const int b = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+  const int sub = threadIdx.x % TPK, slot = threadIdx.x / TPK;
+  const int g = h / (a.H / a.c.Hkv);
+  const int qp = a.qpos[b], len = a.c.len[b];
+  const int begin = split * a.split_len, end = min(len, begin + a.split_len);
+  const std::int64_t kv0 = (std::int64_t(b) * a.c.Hkv + g) * a.c.cap * D + sub * 8;
+  const __half* kg = a.c.k + kv0;
+  const __half* vg = a.c.v + kv0;
+  const std::int32_t* kpos = a.c.pos + std::int64_t(b) * a.c.cap;
+
+  float q[8], acc[8];
+  {
+    const uint4 raw = *reinterpret_cast<const uint4*>(a.q + std::int64_t(b) * a.H * D + h * D + sub * 8);
+    const __half2* q2 = reinterpret_cast<const __half2*>(&raw);
+    const float sl = a.scale * kLog2e;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(q2[i]);
+      q[2 * i] = f.x * sl, q[2 * i + 1] = f.y * sl;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+  float m = -INFINITY, l = 0.f;
+
+  auto dot = [&](const uint4& k) {
+    const __half2* k2 = reinterpret_cast<const __half2*>(&k);
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(k2[i]);
+      s += q[2 * i] * f.x + q[2 * i + 1] * f.y;
+    }
+#pragma unroll
+    for (int o = TPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+  };
+  auto update = [&](float s, const uint4& v) {  // s = -inf: masked or absent
+    if (s == -INFINITY) return;
+    const float mn = fmaxf(m, s), corr = exp2f(m - mn), p = exp2f(s - mn);
+    l = l * corr + p;
+    const __half2* v2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(v2[i]);
+      acc[2 * i] = acc[2 * i] * corr + p * f.x;
+      acc[2 * i + 1] = acc[2 * i + 1] * corr + p * f.y;
+    }
+    m = mn;
+  };
+  // The trip count is uniform over the block (the shuffles need whole warps).
+  for (int j0 = begin; j0 < end; j0 += 2 * KPS) {
+    const int ja = j0 + slot, jb = ja + KPS;
+    const bool va = ja < end, vb = jb < end;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    const uint4 ka = va ? *reinterpret_cast<const uint4*>(kg + std::int64_t(ja) * D) : zero;
+    const uint4 kb = vb ? *reinterpret_cast<const uint4*>(kg + std::int64_t(jb) * D) : zero;
+    const uint4 vva = va ? *reinterpret_cast<const uint4*>(vg + std::int64_t(ja) * D) : zero;
+    const uint4 vvb = vb ? *reinterpret_cast<const uint4*>(vg + std::int64_t(jb) * D) : zero;
+    const bool sa_ok = va && kpos[ja] <= qp, sb_ok = vb && kpos[jb] <= qp;
+    const float sa = dot(ka), sb = dot(kb);
+    update(sa_ok ? sa : -INFINITY, vva);
+    update(sb_ok ? sb : -INFINITY, vvb);
+  }
+
+  __shared__ float sm[KPS], sl[KPS], sacc[KPS][D + 1];
+  if (sub == 0) sm[slot] = m, sl[slot] = l;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sacc[slot][sub * 8 + i] = acc[i];
+  __syncthreads();
+  if (threadIdx.x >= D) return;
+  float M = -INFINITY;
+  for (int s = 0; s < KPS; ++s) M = fmaxf(M, sm[s]);
+  float L = 0.f, o = 0.f;
+  for (int s = 0; s < KPS; ++s) {
+    const float c = sm[s] == -INFINITY ? 0.f : exp2f(sm[s] - M);
+    L += sl[s] * c;
+    o += sacc[s][threadIdx.x] * c;
+  }
+  const int col = threadIdx.x;
+  if (a.splits > 1) {
+    float* p = a.part + ((std::int64_t(b) * a.H + h) * a.splits + split) * (D + 2);
+    p[col] = o;
+    if (col == 0) p[D] = M, p[D + 1] = L;
+    return;
+  }
+  a.out[std::int64_t(b) * a.H * D + h * D + col] = __float2half(L > 0.f ? o / L : 0.f);
+  if (a.lse && col == 0) a.lse[std::int64_t(b) * a.H + h] = M * kLn2 + logf(L);
+}
+
+/// Merges the splits of one (b, h): D threads.
+template <int D>
+__global__ void decode_combine_kernel(DecodeArgs a) {
+  const int b = blockIdx.x, h = blockIdx.y, col = threadIdx.x;
+  const float* p = a.part + (std::int64_t(b) * a.H + h) * a.splits * (D + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < a.splits; ++s) M = fmaxf(M, p[s * (D + 2) + D]);
+  float L = 0.f, o = 0.f;
+  for (int s = 0; s < a.splits; ++s) {
+    const float ms = p[s * (D + 2) + D];
+    const float c = ms == -INFINITY ? 0.f : exp2f(ms - M);
+    L += p[s * (D + 2) + D + 1] * c;
+    o += p[s * (D + 2) + col] * c;
+  }
+  a.out[std::int64_t(b) * a.H * D + h * D + col] = __float2half(L > 0.f ? o / L : 0.f);
+  if (a.lse && col == 0) a.lse[std::int64_t(b) * a.H + h] = M * kLn2 + logf(L);
+}
+
+// ---- reference ----------------------------------------------------------------
+
+/// Thread (row, h): max, then sum and output, in fp32 over every visible key.
+template <int D>
+__global__ void reference_attention_kernel(const __half* q, const std::int32_t* qpos, const std::int32_t* row_seq,
+                                           int rows, CacheView c, int H, float scale, __half* out, float* lse) {
+  const int row = blockIdx.x, h = threadIdx.x;
+  if (row >= rows || h >= H) return;
+  const int seq = row_seq[row], g = h / (H / c.Hkv), qp = qpos[row];
+  const __half* qr = q + std::int64_t(row) * H * D + h * D;
+  const std::int64_t kv0 = (std::int64_t(seq) * c.Hkv + g) * c.cap * D;
+  const std::int32_t* kpos = c.pos + std::int64_t(seq) * c.cap;
+  auto logit = [&](int j) {
+    float s = 0.f;
+    for (int e = 0; e < D; ++e) s += __half2float(qr[e]) * __half2float(c.k[kv0 + std::int64_t(j) * D + e]);
+    return s * scale;
+  };
+  float M = -INFINITY;
+  for (int j = 0; j < c.len[seq]; ++j)
+    if (kpos[j] <= qp) M = fmaxf(M, logit(j));
+  float L = 0.f, acc[D];
+  for (int e = 0; e < D; ++e) acc[e] = 0.f;
+  for (int j = 0; j < c.len[seq]; ++j) {
+    if (kpos[j] > qp) continue;
+    const float p = expf(logit(j) - M);
+    L += p;
+    for (int e = 0; e < D; ++e) acc[e] += p * __half2float(c.v[kv0 + std::int64_t(j) * D + e]);
+  }
+  for (int e = 0; e < D; ++e) out[std::int64_t(row) * H * D + h * D + e] = __float2half(L > 0.f ? acc[e] / L : 0.f);
+  if (lse) lse[std::int64_t(row) * H + h] = M + logf(L);
+}
+
+/// Calls f(std::integral_constant<int, D>) for the supported head dims.
+template <class F>
+void dispatch_head_dim(int d, F&& f) {
+  if (d == 64) f(std::integral_constant<int, 64>{});
+  else if (d == 128) f(std::integral_constant<int, 128>{});
+  else throw std::runtime_error("llama_cuda attention: head_dim must be 64 or 128");
+}
+
+}  // namespace detail
+
+/// Prefill: nb sequences of packed rows (off: [nb + 1] device offsets, max_rows
+/// the longest on the host), cache view from the first of them on.
+inline void prefill_attention(const __half* q, const std::int32_t* qpos, const std::int32_t* off, int nb, int max_rows,
+                              const CacheView& c, int H, int d, float scale, __half* out, float* lse,
+                              cudaStream_t stream) {
+  if (nb <= 0 || max_rows <= 0) return;
+  const detail::PrefillArgs a{q, qpos, off, c, H, scale, out, lse};
+  detail::dispatch_head_dim(d, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    constexpr int smem = detail::prefill_smem_bytes<D>();
+    PYRAMIDINFER_CUDA_CHECK(cudaFuncSetAttribute(detail::prefill_attention_kernel<D>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const dim3 grid(unsigned((max_rows + detail::kRows - 1) / detail::kRows), unsigned(H), unsigned(nb));
+    detail::prefill_attention_kernel<D><<<grid, 128, smem, stream>>>(a);
+  });
+  PYRAMIDINFER_CUDA_CHECK_LAUNCH("prefill_attention_kernel");
+}
+
+/// Key-axis splits for decode: enough blocks to fill the card (about 16
+/// blocks of 128 threads per SM), at least 128 keys each, at most max_splits.
+inline int decode_splits(int B, int H, std::int64_t cap, int sms, int max_splits) {
+  const int blocks = std::max(1, B * H);
+  const int want = (16 * sms + blocks - 1) / blocks;
+  return std::max(1, std::min({want, int(cap / 128), max_splits}));
+}
+
+/// Decode: row b is sequence b's query at position qpos[b]. part: [B, H,
+/// splits, d + 2] floats (splits from decode_splits).
+inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, const CacheView& c, int H, int d,
+                             float scale, int splits, float* part, __half* out, float* lse, cudaStream_t stream) {
+  const int split_len = int((c.cap + splits - 1) / splits);
+  const detail::DecodeArgs a{q, qpos, c, H, splits, split_len, scale, out, lse, part};
+  detail::dispatch_head_dim(d, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    detail::decode_attention_kernel<D><<<dim3(unsigned(B), unsigned(H), unsigned(splits)), 128, 0, stream>>>(a);
+    if (splits > 1) detail::decode_combine_kernel<D><<<dim3(unsigned(B), unsigned(H)), D, 0, stream>>>(a);
+  });
+  PYRAMIDINFER_CUDA_CHECK_LAUNCH("decode_attention_kernel");
+}
+
+/// The self-check's reference: row r belongs to sequence row_seq[r] (device).
+inline void reference_attention(const __half* q, const std::int32_t* qpos, const std::int32_t* row_seq, int rows,
+                                const CacheView& c, int H, int d, float scale, __half* out, float* lse,
+                                cudaStream_t stream) {
+  detail::dispatch_head_dim(d, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    detail::reference_attention_kernel<D><<<unsigned(rows), unsigned(H), 0, stream>>>(q, qpos, row_seq, rows, c, H,
+                                                                                        scale, out, lse);
+  });
+  PYRAMIDINFER_CUDA_CHECK_LAUNCH("reference_attention_kernel");
+}
+
+}  // namespace pyramidinfer::llama_cuda::attn
