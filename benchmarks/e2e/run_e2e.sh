@@ -19,34 +19,41 @@ ours() { left ours "$@" || return 0; timeout ${T:-120} $BIN/e2e-bench "$@" >> $J
 hf() { left hf "$@" || return 0; timeout ${T:-120} python3 $HERE/hf_e2e.py "$@" >> $J 2>> $LOG || echo "FAILED hf $*" | tee -a $LOG; }
 # the engine's attention kernels against a reference, and graph vs eager decode
 $BIN/e2e-bench selfcheck 2>&1 | tee -a $LOG | tail -1
-# batch 32 x (512 + 256), LLaMA-2-7B shape, and both HF attentions
+# Runs in priority order (a deadline cuts the tail).
+# 1. batch 32 x (512 + 256), LLaMA-2-7B shape, and both HF attentions
 ours llama2-7b full 32 512 256
-ours llama2-7b full 32 512 256 --no-graph
 ours llama2-7b pyramid 32 512 256 --comp-share
 ours llama2-7b pyramid45 32 512 256 --comp-share
-ours llama2-7b pyramid45 32 512 256 --no-graph
-ours llama2-7b pyramid 32 512 256 --device-trigger
 hf llama2-7b sdpa 32 512 256
 hf llama2-7b eager 32 512 256
-# largest batch in 80% of the card
+# 2. Llama-3-8B shape (GQA 32/8), long prompts, batch 1
+for n in 8192 32768; do
+  ours llama3-8b full 1 $n 64
+  ours llama3-8b pyramid 1 $n 64 --comp-share
+  hf llama3-8b sdpa 1 $n 64
+done
+# 3. largest batch in 80% of the card
 T=200 ours llama2-7b full fit 512 256
 T=200 ours llama2-7b pyramid45 fit 512 256
-# the other shapes at batch 32
+# 4. the other shapes at batch 32, with HF sdpa beside them
 for s in llama2-13b llama3-8b; do
   ours $s full 32 512 256
   ours $s pyramid 32 512 256 --comp-share
   ours $s pyramid45 32 512 256 --comp-share
+  hf $s sdpa 32 512 256
 done
-hf llama2-7b sdpa 64 512 256
-ours llama2-7b full 64 512 256
-ours llama2-7b pyramid45 64 512 256
-hf llama2-13b sdpa 32 512 256
-hf llama3-8b sdpa 32 512 256
-# Llama-3-8B shape, 8K prompts
-for b in 1 4 8; do
+# 5. Llama-3-8B 8K at batch 4 and 8
+for b in 4 8; do
   ours llama3-8b full $b 8192 64
   ours llama3-8b pyramid $b 8192 64
   hf llama3-8b sdpa $b 8192 64
 done
+# 6. what graphs and the host trigger each buy; batch 64; the paper defaults' fit
+ours llama2-7b full 32 512 256 --no-graph
+ours llama2-7b pyramid45 32 512 256 --no-graph
+ours llama2-7b pyramid 32 512 256 --device-trigger
+hf llama2-7b sdpa 64 512 256
+ours llama2-7b full 64 512 256
+ours llama2-7b pyramid45 64 512 256
 T=200 ours llama2-7b pyramid fit 512 256
 echo done | tee -a $LOG
