@@ -11,11 +11,11 @@
 //
 // Prefill is batched across sequences (ragged: rows of all sequences of a
 // chunk are concatenated, no padding; chunks bound the work buffers): one set
-// of GEMMs per layer for the chunk, per-sequence prefill_store, one
+// of GEMMs per layer for the chunk, one batched prefill_store, one
 // tensor-core attention launch over the cache (attention.cuh: causal by
-// original position) that also writes every row's log-sum-exp, then per
-// sequence prefill_select (handed the window rows' LSE, so no separate LSE
-// pass) and gather_next: only T_{l+1} goes on.
+// original position) that also writes every row's log-sum-exp, then one
+// batched prefill_select (handed the rows' LSE, so no separate LSE pass) and
+// gather_next for the whole chunk: only T_{l+1} goes on.
 // Decode appends one token per sequence to every layer (decode_append),
 // attends over [B, Hkv, cap_l, d] with per-sequence lengths and original
 // positions (GQA, split over the keys), hands the softmax LSE to
@@ -465,18 +465,13 @@ class CudaEngine {
         std::int32_t* dof = offs_dev_.get() + (c * L + std::size_t(l)) * (B + 1);
         std::copy(off.begin(), off.end(), ho);
         LC_CUDA(cudaMemcpyAsync(dof, ho, sizeof(std::int32_t) * (nb + 1), cudaMemcpyHostToDevice, stream_));
-        for (int i = 0; i < nb; ++i)
-          LC_CUDA(cudaMemcpyAsync(pos_.get() + off[std::size_t(i)], pc_.tokens(b0 + i),
-                                  sizeof(std::int32_t) * pc_.token_count(b0 + i), cudaMemcpyDeviceToDevice, stream_));
+        pc_.packed_positions(b0, nb, pos_.get(), stream_);
         layer_qkv(l, rows, pos_.get());
-        for (int i = 0; i < nb; ++i) {
-          const int n = off[std::size_t(i + 1)] - off[std::size_t(i)];
+        {  // K, V of every packed row as (kv_head, row, d)
           const std::int64_t kvd = std::int64_t(Hkv) * d;
-          const TensorView<const half_t, 3> kv{reinterpret_cast<const half_t*>(k_.get()) + off[std::size_t(i)] * kvd,
-                                               {Hkv, n, d}, {d, kvd, 1}};
-          const TensorView<const half_t, 3> vv{reinterpret_cast<const half_t*>(v_.get()) + off[std::size_t(i)] * kvd,
-                                               {Hkv, n, d}, {d, kvd, 1}};
-          pc_.prefill_store(l, *cache_, b0 + i, kv, vv, stream_);
+          const TensorView<const half_t, 3> kv{reinterpret_cast<const half_t*>(k_.get()), {Hkv, rows, d}, {d, kvd, 1}};
+          const TensorView<const half_t, 3> vv{reinterpret_cast<const half_t*>(v_.get()), {Hkv, rows, d}, {d, kvd, 1}};
+          pc_.prefill_store(l, *cache_, b0, nb, kv, vv, stream_);
         }
         int longest = 0;
         for (int i = 0; i < nb; ++i) longest = std::max(longest, off[std::size_t(i + 1)] - off[std::size_t(i)]);
@@ -484,22 +479,14 @@ class CudaEngine {
                                 lse_rows_.get(), stream_);
         layer_finish(l, rows);
         if (!compress) continue;
-        timed([&] {
-          int noff = 0;
-          for (int i = 0; i < nb; ++i) {
-            const int b = b0 + i, n = off[std::size_t(i + 1)] - off[std::size_t(i)], w = pc_.window(b);
-            const int r0 = off[std::size_t(i)] + n - w;
-            const TensorView<const half_t, 3> wq{reinterpret_cast<const half_t*>(q_.get()) + std::int64_t(r0) * H * d,
-                                                 {H, w, d}, {d, std::int64_t(H) * d, 1}};
-            const TensorView<const float, 2> wl{lse_rows_.get() + std::int64_t(r0) * H, {H, w}, {1, H}};
-            const DevicePrefillSelection sel = pc_.prefill_select(l, *cache_, b, wq, wl, stream_);
-            if (l + 1 < L) {
-              pc_.gather_next(b, hv(h_.get(), off[std::size_t(i)], n),
-                              TensorView<float, 2>{h2_.get() + std::size_t(noff) * s.dim, {sel.count, s.dim}, {s.dim, 1}},
-                              stream_);
-              noff += sel.count;
-            }
-          }
+        timed([&] {  // the whole chunk at once: queries and LSE of every packed row
+          const TensorView<const half_t, 3> q{reinterpret_cast<const half_t*>(q_.get()), {H, rows, d},
+                                              {d, std::int64_t(H) * d, 1}};
+          const TensorView<const float, 2> lse{lse_rows_.get(), {H, rows}, {1, H}};
+          const DevicePrefillBatch sel = pc_.prefill_select(l, *cache_, b0, nb, q, lse, stream_);
+          if (l + 1 < L)
+            pc_.gather_next(b0, nb, hv(h_.get(), 0, rows), TensorView<float, 2>{h2_.get(), {sel.rows, s.dim}, {s.dim, 1}},
+                            stream_);
         });
         if (l + 1 < L) std::swap(h_, h2_);
       }

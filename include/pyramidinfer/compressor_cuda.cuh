@@ -44,10 +44,12 @@
 //    no lazy settle pass runs for it.
 //  * prefill: none in shared granularity with TopKSelection (counts are
 //    score-free and computed on the host from the known lengths). Two places
-//    sync, because the host needs a count that only the device knows:
+//    sync, because the host needs a count that only the device knows; a
+//    batched call syncs once for its whole range of sequences:
 //      - per_kv_head + PrefillMode::drop_tokens: |T_{l+1}| is the size of the
-//        union of the heads' selections: one 4-byte read-back per
-//        prefill_select (the engine needs it to size layer l+1's work);
+//        union of the heads' selections: one read-back of 4 bytes per
+//        sequence per prefill_select (the engine needs it to size layer
+//        l+1's work);
 //      - a Selection other than TopKSelection (score-dependent keep_count,
 //        e.g. TopPSelection): the scores are read back to call keep_count.
 //
@@ -55,16 +57,27 @@
 // attention, kernels/cuda/scoring.cuh). KeyNormScoring / PositionScoring have
 // no CUDA implementation here: a static_assert says so.
 //
-// Prefill is per sequence (ragged batches: call it for every b, in any
-// order across sequences, layer by layer): prefill_store(l, cache, b, K, V),
-// the engine's attention, prefill_select(l, cache, b, window_q, window_lse)
-// -> device indices into T_l of T_{l+1}; gather_next(b, hidden, out) gathers
-// the hidden states layer l+1 computes. tokens(b) / token_count(b) give T_l.
+// Prefill, layer by layer, over a ragged batch. Batched (what an engine's
+// batched prefill wants): for a range of sequences [b0, b0 + nb) whose rows
+// are PACKED (sequence b0 + i owns rows [off_i, off_i + token_count(b0 + i)),
+// off_0 = 0): packed_positions(b0, nb, pos) (RoPE positions of T_l),
+// prefill_store(l, cache, b0, nb, K, V), the engine's attention,
+// prefill_select(l, cache, b0, nb, Q, LSE) (Q, LSE of every packed row; the
+// compressor takes each sequence's window), gather_next(b0, nb, hidden, out)
+// -> the packed hidden states of T_{l+1}. Each call is a fixed number of
+// launches whatever nb (kernels/cuda/prefill_batch.cuh); with shared
+// granularity, TopKSelection, drop_tokens and the engine's LSE a layer costs
+//   packed_positions 2, prefill_store 2, gather_next 2, prefill_select 5 +
+//   scoring (1-2) + top-k (1, or 5 for long rows)
+// (no engine LSE: +2; layer_local: +3, the compaction of the layer);
+// the keep counts travel as kernel parameters, one more launch per 896
+// (sequence, head set) pairs. The per-sequence calls (prefill_store(l, cache,
+// b, K, V), prefill_select(l, cache, b, window_q, window_lse),
+// gather_next(b, hidden, out), tokens(b)) are the same code with nb = 1, in
+// any order across sequences; both give identical bytes.
 #pragma once
 
 #include <cuda_runtime.h>
-
-#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -77,6 +90,7 @@
 #include "core/cuda_check.cuh"
 #include "core/workspace.hpp"
 #include "kernels/cuda/compact.cuh"
+#include "kernels/cuda/prefill_batch.cuh"
 #include "kernels/cuda/scoring.cuh"
 #include "kernels/cuda/select.cuh"
 
@@ -97,71 +111,16 @@ struct CudaWindowScoring<AccumulatedAttentionScoring> : std::true_type {
 namespace cuda {
 namespace detail {
 
-constexpr int kCompMaxHeads = 256;  ///< head sets / KV heads passed by value to the small kernels
-struct HeadInts {
-  int v[kCompMaxHeads];
-};
-
-/// Prefill scoring inputs of one sequence: begin/count (kv_heads), top-k n/k (ph).
-static __global__ void comp_prep_kernel(int* begin, int* count, int* topk_n, int* topk_k, HeadInts ctx, HeadInts keep,
-                                        int kv_heads, int ph) {
-  for (int h = threadIdx.x; h < kv_heads; h += blockDim.x) {
-    const int p = ph > 1 ? h : 0;
-    begin[h] = 0;
-    count[h] = ctx.v[p];
-  }
-  for (int p = threadIdx.x; p < ph; p += blockDim.x) {
-    topk_n[p] = ctx.v[p];
-    topk_k[p] = keep.v[p];
-  }
-}
-
+/// out[r * row_stride + i] = i for i < n, r < rows. grid (ceil(n / 256), <= rows).
 static __global__ void comp_iota_kernel(std::int32_t* out, int n, int rows, std::int64_t row_stride) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
-  if (i < n && r < rows) out[r * row_stride + i] = i;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) out[r * row_stride + i] = i;
 }
 
 static __global__ void comp_fill_kernel(std::int32_t* out, int n, int value) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) out[i] = value;
-}
-
-/// Writes the tokens of sequence b into layer `layer`: head h takes rows
-/// tidx(p, 0..count[p]) of k(h, ., .) (p = h per head, 0 shared). grid (max count, kv_heads).
-template <class T>
-__global__ void comp_store_kernel(TensorView<const T, 3> k, TensorView<const T, 3> v, KVView<T> ck, KVView<T> cv,
-                                  TensorView<std::int32_t, 3> cpos, TensorView<std::int32_t, 2> clen,
-                                  const std::int32_t* tidx, std::int64_t tidx_stride, const std::int32_t* tokens,
-                                  HeadInts counts, int b, int ph) {
-  const int i = blockIdx.x, h = blockIdx.y, p = ph > 1 ? h : 0;
-  const int cnt = counts.v[p];
-  if (i >= cnt) return;
-  const int t = tidx[p * tidx_stride + i];
-  for (std::int64_t d = threadIdx.x; d < ck.shape[3]; d += blockDim.x) {
-    ck(b, h, i, d) = k(h, t, d);
-    cv(b, h, i, d) = v(h, t, d);
-  }
-  if (threadIdx.x == 0 && (ph > 1 || h == 0)) {
-    cpos(b, h, i) = tokens[t];
-    if (i == 0) clen(b, h) = cnt;
-  }
-}
-
-/// The prompt window's queries (and LSE) of sequence b into the ring; the
-/// ring restarts at slot 0. grid (w, q_heads).
-template <class T>
-__global__ void comp_push_window_kernel(TensorView<const T, 3> q, TensorView<const float, 2> lse, T* ring_q,
-                                        float* ring_lse, int cap, int d, int q_heads, std::int32_t* start,
-                                        std::int32_t* count, std::int32_t* pending, int b, int w) {
-  const int r = blockIdx.x, qh = blockIdx.y;
-  const std::int64_t row = (std::int64_t(b) * q_heads + qh) * cap + r;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) ring_q[row * d + i] = q(qh, r, i);
-  if (threadIdx.x == 0 && lse.data) ring_lse[row] = lse(qh, r);
-  if (r == 0 && qh == 0 && threadIdx.x == 0) {
-    start[b] = 0;
-    count[b] = w;
-    pending[b] = lse.data ? 0 : w;
-  }
 }
 
 /// One decode query per sequence into the ring (the window slides). grid (batch).
@@ -253,85 +212,6 @@ static __global__ void comp_clear_pending_kernel(TensorView<const std::int32_t, 
   if (trig.fires(b, len(b, 0), window[b])) pending[b] = 0;
 }
 
-struct NextArgs {
-  const std::int32_t* pick;  // (ph, pick_stride) kept context slots, ascending
-  std::int64_t pick_stride;
-  HeadInts keep, len;        // per head set: kept context count, stored length
-  int w, ph, n;              // window, head sets, |T_l|
-  const std::int32_t* tidx_in;  // (ph, P): slot -> index into T_l
-  std::int32_t* tidx_out;       // (ph, P): slot of layer l+1 -> index into T_{l+1}
-  std::int64_t tidx_stride;
-  const std::int32_t* tok_in;   // T_l positions
-  std::int32_t* tok_out;        // T_{l+1} positions
-  std::int32_t* rank;           // scratch [n]
-  std::int32_t* next_index;     // [|T_{l+1}|] indices into T_l
-  std::int32_t* next_count;     // [1]
-};
-
-__device__ __forceinline__ int comp_slot(const NextArgs& a, int p, int i) {
-  const int k = a.keep.v[p];
-  return i < k ? a.pick[p * a.pick_stride + i] : a.len.v[p] - a.w + (i - k);
-}
-
-/// T_{l+1} = union over head sets of (kept context + window) tokens, in
-/// original order, and each head's slot -> T_{l+1} index map. One block.
-constexpr int kNextThreads = 1024;
-static __global__ void __launch_bounds__(kNextThreads) comp_next_tokens_kernel(NextArgs a) {
-  using Scan = cub::BlockScan<int, kNextThreads>;
-  __shared__ typename Scan::TempStorage tmp;
-  __shared__ int carry;
-  for (int t = threadIdx.x; t < a.n; t += kNextThreads) a.rank[t] = 0;
-  if (threadIdx.x == 0) carry = 0;
-  __syncthreads();
-  for (int p = 0; p < a.ph; ++p)
-    for (int i = threadIdx.x; i < a.keep.v[p] + a.w; i += kNextThreads)
-      a.rank[a.tidx_in[p * a.tidx_stride + comp_slot(a, p, i)]] = 1;
-  __syncthreads();
-  for (int base = 0; base < a.n; base += kNextThreads) {
-    const int t = base + threadIdx.x;
-    const int flag = t < a.n ? a.rank[t] : 0;
-    int excl = 0, total = 0;
-    Scan(tmp).ExclusiveSum(flag, excl, total);
-    const int r = carry + excl;
-    if (t < a.n) {
-      a.rank[t] = r;
-      if (flag) {
-        a.next_index[r] = t;
-        a.tok_out[r] = a.tok_in[t];
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) carry += total;
-    __syncthreads();
-  }
-  for (int p = 0; p < a.ph; ++p)
-    for (int i = threadIdx.x; i < a.keep.v[p] + a.w; i += kNextThreads)
-      a.tidx_out[p * a.tidx_stride + i] = a.rank[a.tidx_in[p * a.tidx_stride + comp_slot(a, p, i)]];
-  if (threadIdx.x == 0) *a.next_count = carry;
-}
-
-/// Layer-local mode: kept lists for compact(): sequence `target` keeps its
-/// selection and window, every other sequence the identity. grid (ceil(cap/256), ph, batch).
-static __global__ void comp_local_kept_kernel(TensorView<const std::int32_t, 2> len, const std::int32_t* pick,
-                                              std::int64_t pick_stride, HeadInts keep, int w, int target, int ph,
-                                              int cap, std::int32_t* kept, std::int32_t* kept_count) {
-  const int b = blockIdx.z, p = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
-  const int n = len(b, p), row = b * ph + p;
-  const int cnt = b == target ? keep.v[p] + w : n;
-  if (i < cnt && i < cap) {
-    int v = i;
-    if (b == target) v = i < keep.v[p] ? pick[p * pick_stride + i] : n - w + (i - keep.v[p]);
-    kept[std::int64_t(row) * cap + i] = v;
-  }
-  if (blockIdx.x == 0 && threadIdx.x == 0) kept_count[row] = cnt;
-}
-
-/// Decode starts here: bound(b, p) = len(b, p) - 1. grid 1.
-static __global__ void comp_start_decode_kernel(TensorView<const std::int32_t, 2> len, std::int32_t* bound, int b,
-                                                int ph) {
-  for (int p = threadIdx.x; p < ph; p += blockDim.x) bound[b * ph + p] = len(b, p) - 1;
-}
-
 }  // namespace detail
 }  // namespace cuda
 
@@ -340,12 +220,23 @@ enum class DecodeTrigger { host, device };
 
 inline const char* decode_trigger_name(DecodeTrigger t) { return t == DecodeTrigger::host ? "host" : "device"; }
 
-/// What prefill_select returns: indices into T_l (device memory, ascending)
-/// of the tokens layer l+1 computes; valid until the next prefill_select of
-/// the same sequence.
+/// What the per-sequence prefill_select returns: indices into T_l (device
+/// memory, ascending) of the tokens layer l+1 computes; valid until the next
+/// prefill_select of the same sequence.
 struct DevicePrefillSelection {
   const std::int32_t* index = nullptr;
   int count = 0;
+};
+
+/// What the batched prefill_select returns for sequences [b0, b0 + nb):
+/// sequence b0 + i's indices into its own T_l (device memory, ascending) are
+/// index[i * stride + j] for j < token_count(b0 + i) (now |T_{l+1}|, known on
+/// the host); rows is their sum, the packed row count of layer l+1. Valid
+/// until the next prefill_select of those sequences.
+struct DevicePrefillBatch {
+  const std::int32_t* index = nullptr;
+  std::int64_t stride = 0;
+  int rows = 0;
 };
 
 template <class Scoring = RecentWindowScoring, class Selection = TopKSelection, class Schedule = CosineSchedule,
@@ -363,11 +254,7 @@ class CudaPyramidCompressor {
         scoring_(scoring),
         selection_(selection),
         schedule_(schedule),
-        decode_(decode) {
-    const char* fn = "CudaPyramidCompressor";
-    PYRAMIDINFER_REQUIRE(cfg.kv_heads <= cuda::detail::kCompMaxHeads, fn, "kv_heads", cfg.kv_heads,
-                         "must be <= " + std::to_string(cuda::detail::kCompMaxHeads));
-  }
+        decode_(decode) {}
   ~CudaPyramidCompressor() {
     if (arena_) cudaFree(arena_);
   }
@@ -393,12 +280,14 @@ class CudaPyramidCompressor {
   /// How many times decode_compress launched the eviction chain since begin().
   long long evict_launches() const { return evict_launches_; }
   /// Bytes of the arena per sequence for these prompt lengths (upper bound,
-  /// for batch sizing): ring queries + LSE and per-sequence state.
+  /// for batch sizing): ring queries + LSE, and per prompt token the token
+  /// lists, slot maps, scores, picks, kept lists and scoring partials that a
+  /// whole-batch prefill_select holds at once.
   std::size_t arena_bytes_per_sequence(int prompt_len, std::size_t elem_bytes) const {
     const std::size_t w = std::size_t(window_length(prompt_len, cfg_.recent_ratio));
     const std::size_t layers = cfg_.compress_decode ? std::size_t(cfg_.num_layers) : 1;
     return layers * cfg_.num_heads * w * (cfg_.head_dim * elem_bytes + 4) +
-           std::size_t(prompt_len) * 4 * (6 + 3 * std::size_t(head_sets()));
+           std::size_t(prompt_len) * 4 * (6 + 5 * std::size_t(head_sets()) + std::size_t(cfg_.kv_heads));
   }
 
   /// Starts a batch: one prompt length per sequence. Clears `cache` (enqueued
@@ -411,9 +300,15 @@ class CudaPyramidCompressor {
     const int B = cache.shape().batch;
     PYRAMIDINFER_REQUIRE(int(prompt_lens.size()) == B, fn, "prompt_lens.size()", prompt_lens.size(),
                          "must equal the cache's batch " + std::to_string(B));
-    for (std::size_t b = 0; b < prompt_lens.size(); ++b)
+    PYRAMIDINFER_REQUIRE(B <= 65535, fn, "batch", B, "must be <= 65535 (one grid axis spans the batch)");
+    long long total = 0;
+    for (std::size_t b = 0; b < prompt_lens.size(); ++b) {
       PYRAMIDINFER_REQUIRE(prompt_lens[b] > 0, fn, ("prompt_lens[" + std::to_string(b) + "]").c_str(), prompt_lens[b],
                            "must be > 0 (empty sequences are not allowed)");
+      total += prompt_lens[b];
+    }
+    // Packed row offsets are 32-bit on the device.
+    PYRAMIDINFER_REQUIRE(total <= 0x7fffffff, fn, "prompt_lens", total, "must sum to < 2^31 tokens");
     dtype_ = DTypeOf<T>::value;
     batch_ = B;
     seqs_.assign(std::size_t(B), {});
@@ -448,16 +343,24 @@ class CudaPyramidCompressor {
     for (int l = 0; l < cfg_.num_layers; ++l) hcap_[std::size_t(l)] = cache.capacity(l);
     last_fired_ = 0;
     evict_launches_ = 0;
-    // Zero the ring (stale LSE reads stay finite), then the state.
+    // Zero the ring (stale LSE reads stay finite) and the state (cur = 0), then set it.
     PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(arena_, 0, need, stream));
     const int L = cfg_.num_layers, ph = head_sets();
     launch_fill(m_.bound, L * B * ph, -1, stream);  // -1: no prefill yet (the trigger never fires)
     launch_fill(m_.ones, B, 1, stream);
+    std::vector<int> windows(std::size_t(B), 0), counts(std::size_t(B), 0);
     for (int b = 0; b < B; ++b) {
-      launch_fill(m_.window + b, 1, seqs_[std::size_t(b)].window, stream);
-      launch_iota(m_.tok[0] + std::size_t(b) * max_prompt_, seqs_[std::size_t(b)].prompt, 1, 0, stream);
-      launch_iota(tidx_ptr(0, b), seqs_[std::size_t(b)].prompt, ph, max_prompt_, stream);
+      windows[std::size_t(b)] = seqs_[std::size_t(b)].window;
+      counts[std::size_t(b)] = seqs_[std::size_t(b)].prompt;
     }
+    upload_ints(windows, m_.window, stream);
+    upload_ints(counts, m_.n, stream);
+    cuda::detail::comp_begin_kernel<<<unsigned((B * ph + 255) / 256), 256, 0, stream>>>(state(), B);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_begin_kernel");
+    // T_0 = 0 .. prompt - 1 and every slot map the identity (the lists run to
+    // the longest prompt: entries past a sequence's count are never read).
+    launch_iota(m_.tok[0], max_prompt_, B, max_prompt_, stream);
+    launch_iota(m_.tidx[0], max_prompt_, B * ph, max_prompt_, stream);
     cache.clear(stream);
   }
 
@@ -468,161 +371,79 @@ class CudaPyramidCompressor {
   /// T_l's original positions (device memory, ascending, token_count(b) of them).
   const std::int32_t* tokens(int b) const { return m_.tok[seq(b).cur] + std::size_t(b) * max_prompt_; }
 
-  /// Prefill step 2: k, v are (kv_head, token, d) device views over T_l of
-  /// sequence b. Per-head mode: each head keeps the tokens it selected.
+  /// T_l's original positions of sequences [b0, b0 + nb), packed (sequence
+  /// b0 + i from row off_i = token_count(b0) + ... + token_count(b0 + i - 1)):
+  /// dst is device memory for their sum. One launch (two when nb > 1).
+  void packed_positions(int b0, int nb, std::int32_t* dst, cudaStream_t stream) const {
+    const char* fn = "CudaPyramidCompressor::packed_positions";
+    check_range(b0, nb, fn);
+    PYRAMIDINFER_REQUIRE(dst != nullptr, fn, "dst", "nullptr",
+                         "must point to " + std::to_string(packed_rows(b0, nb)) + " device ints");
+    const std::int32_t* off = packed_offsets(m_.n, b0, nb, stream);
+    const dim3 grid(unsigned((max_count(b0, nb) + 255) / 256), unsigned(nb));
+    cuda::detail::comp_packed_positions_kernel<<<grid, 256, 0, stream>>>(state(), off, b0, dst);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_packed_positions_kernel");
+  }
+
+  /// Prefill step 2, one sequence: k, v are (kv_head, token, d) device views
+  /// over T_l of sequence b. Per-head mode: each head keeps the tokens it selected.
   template <class T>
   void prefill_store(int layer, KVCache<T, CudaBackend>& cache, int b, TensorView<const T, 3> k,
                      TensorView<const T, 3> v, cudaStream_t stream) {
-    const char* fn = "CudaPyramidCompressor::prefill_store";
-    check_layer_seq<T>(layer, b, cache, fn);
-    Seq& s = seqs_[std::size_t(b)];
-    for (auto* x : {&k, &v}) {
-      const char* name = x == &k ? "k" : "v";
-      detail::check_view(*x, fn, name, 0);
-      detail::check_dim(*x, 0, cfg_.kv_heads, fn, name);
-      PYRAMIDINFER_REQUIRE(x->shape[1] == s.n, fn, (std::string(name) + ".shape[1]").c_str(), x->shape[1],
-                           "must equal the current token count " + std::to_string(s.n));
-      detail::check_dim(*x, 2, cfg_.head_dim, fn, name);
-    }
-    PYRAMIDINFER_REQUIRE(!s.stored[std::size_t(layer)], fn, "layer", layer, "was already stored for this sequence");
-    cuda::detail::HeadInts counts{};
-    int maxc = 1;
-    for (int p = 0; p < head_sets(); ++p) {
-      const int c = s.head_count[std::size_t(p)];
-      PYRAMIDINFER_REQUIRE(c <= cache.capacity(layer), fn, "count", c,
-                           "overflows layer " + std::to_string(layer) + " capacity " +
-                               std::to_string(cache.capacity(layer)));
-      counts.v[p] = c;
-      maxc = std::max(maxc, c);
-    }
-    cuda::detail::comp_store_kernel<T><<<dim3(unsigned(maxc), unsigned(cfg_.kv_heads)), 128, 0, stream>>>(
-        k, v, cache.keys(layer), cache.values(layer), cache.positions(layer), cache.lengths(layer),
-        tidx_ptr(s.cur, b), max_prompt_, tokens(b), counts, b, head_sets());
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_store_kernel");
-    for (int p = 0; p < head_sets(); ++p) hlen_[hidx(layer, b, p)] = counts.v[p];
-    s.stored[std::size_t(layer)] = 1;
+    seq(b);
+    store_range(layer, cache, b, 1, k, v, stream, "CudaPyramidCompressor::prefill_store");
   }
 
-  /// Prefill step 4: window_q (q_head, row, d) device view of the queries of
-  /// the last window(b) tokens of T_l, oldest first; window_lse (q_head, row)
-  /// their LSE if the engine has it (else data = nullptr).
+  /// Prefill step 2, sequences [b0, b0 + nb) at once: k, v are
+  /// (kv_head, row, d) device views over their PACKED rows of T_l (sequence
+  /// b0 + i owns rows [off_i, off_i + token_count(b0 + i)), off_0 = 0).
+  /// Two launches (one when nb == 1), whatever nb.
+  template <class T>
+  void prefill_store(int layer, KVCache<T, CudaBackend>& cache, int b0, int nb, TensorView<const T, 3> k,
+                     TensorView<const T, 3> v, cudaStream_t stream) {
+    store_range(layer, cache, b0, nb, k, v, stream, "CudaPyramidCompressor::prefill_store");
+  }
+
+  /// Prefill step 4, one sequence: window_q (q_head, row, d) device view of
+  /// the queries of the last window(b) tokens of T_l, oldest first;
+  /// window_lse (q_head, row) their LSE if the engine has it (else data = nullptr).
   template <class T>
   DevicePrefillSelection prefill_select(int layer, KVCache<T, CudaBackend>& cache, int b,
                                         TensorView<const T, 3> window_q, TensorView<const float, 2> window_lse,
                                         cudaStream_t stream) {
-    const char* fn = "CudaPyramidCompressor::prefill_select";
-    check_layer_seq<T>(layer, b, cache, fn);
-    Seq& s = seqs_[std::size_t(b)];
-    pyramidinfer::detail::check_window_queries(cfg_, s.window, window_q, window_lse, true, fn);
-    PYRAMIDINFER_REQUIRE(s.stored[std::size_t(layer)] && !s.selected[std::size_t(layer)], fn, "layer", layer,
-                         "must be stored with prefill_store (and selected once) for this sequence");
-    const int ph = head_sets(), H = cfg_.kv_heads, QH = cfg_.num_heads, w = s.window, L = cfg_.num_layers;
-    const int B = batch_;
-    // 1. window queries into the ring; 2. their LSE if the engine has none.
-    cuda::detail::comp_push_window_kernel<T><<<dim3(unsigned(w), unsigned(QH)), 128, 0, stream>>>(
-        window_q, window_lse, ring_q<T>(layer), ring_lse(layer), ring_cap_, cfg_.head_dim, QH,
-        m_.ring_start + layer * B, m_.ring_count + layer * B, m_.pending + layer * B, b, w);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_window_kernel");
-    if (!window_lse.data) settle(layer, cache, b, 1, false, stream);
-    // 3. score the context of every head set (counts are host-known).
-    cuda::detail::HeadInts ctx{}, keep{}, len{};
-    const double ratio = schedule_.keep_ratio(layer, L);
-    for (int p = 0; p < ph; ++p) {
-      len.v[p] = s.head_count[std::size_t(p)];
-      ctx.v[p] = len.v[p] - w;
-      keep.v[p] = selection_.max_keep(ctx.v[p], ratio);  // exact for TopKSelection; a bound otherwise
-    }
-    float* scores = m_.scores;
-    const ScoreProblem<T> prob = problem<T>(layer, cache, b);
-    cuda::detail::comp_prep_kernel<<<1, 256, 0, stream>>>(m_.begin, m_.count, m_.topk_n, m_.topk_k, ctx, keep, H, ph);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_prep_kernel");
-    const ScoreView sv = make_contiguous(scores, 1, ph, max_prompt_);
-    cuda::window_attention_scores<T>(prob, selection_.granularity, CudaWindowScoring<Scoring>::weight(scoring_), sv,
-                                     m_.score_ws, m_.score_ws_bytes, stream);
-    if constexpr (!std::is_same<Selection, TopKSelection>::value) {
-      // Score-dependent count: read the scores back (a host sync, see the top).
-      std::vector<float> h(std::size_t(ph) * max_prompt_);
-      PYRAMIDINFER_CUDA_CHECK(cudaMemcpyAsync(h.data(), scores, h.size() * sizeof(float), cudaMemcpyDeviceToHost, stream));
-      PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
-      for (int p = 0; p < ph; ++p)
-        keep.v[p] = selection_.keep_count(h.data() + std::size_t(p) * max_prompt_, ctx.v[p], ratio);
-      cuda::detail::comp_prep_kernel<<<1, 256, 0, stream>>>(m_.begin, m_.count, m_.topk_n, m_.topk_k, ctx, keep, H,
-                                                             ph);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_prep_kernel");
-    }
-    // 4. top-k with sinks (workspace from topk_indices_workspace_bytes, carved at begin()).
-    cuda::topk_indices(make_contiguous<const float>(scores, 1, ph, max_prompt_),
-                       make_contiguous<const std::int32_t>(m_.topk_n, 1, ph),
-                       make_contiguous<const std::int32_t>(m_.topk_k, 1, ph), selection_.sinks,
-                       make_contiguous(m_.pick, 1, ph, max_prompt_), m_.topk_ws, m_.topk_ws_bytes, stream);
-    // 5. T_{l+1} (drop_tokens) or the layer's own compaction (layer_local).
-    DevicePrefillSelection out;
-    out.index = m_.next_index + std::size_t(b) * max_prompt_;
-    const int nxt = s.cur ^ 1;
-    if (cfg_.prefill_mode == PrefillMode::drop_tokens) {
-      cuda::detail::NextArgs a{};
-      a.pick = m_.pick;
-      a.pick_stride = max_prompt_;
-      a.keep = keep;
-      a.len = len;
-      a.w = w;
-      a.ph = ph;
-      a.n = s.n;
-      a.tidx_in = tidx_ptr(s.cur, b);
-      a.tidx_out = tidx_ptr(nxt, b);
-      a.tidx_stride = max_prompt_;
-      a.tok_in = tokens(b);
-      a.tok_out = m_.tok[nxt] + std::size_t(b) * max_prompt_;
-      a.rank = m_.rank;
-      a.next_index = m_.next_index + std::size_t(b) * max_prompt_;
-      a.next_count = m_.next_count + b;
-      cuda::detail::comp_next_tokens_kernel<<<1, cuda::detail::kNextThreads, 0, stream>>>(a);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_next_tokens_kernel");
-      int n = keep.v[0] + w;
-      if (ph > 1) {  // the union's size is known only on the device: the one unavoidable sync
-        PYRAMIDINFER_CUDA_CHECK(cudaMemcpyAsync(&s.next_count_host, m_.next_count + b, sizeof(int),
-                                                cudaMemcpyDeviceToHost, stream));
-        PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
-        n = s.next_count_host;
-      }
-      for (int p = 0; p < ph; ++p) s.head_count[std::size_t(p)] = keep.v[p] + w;
-      s.n = n;
-    } else {
-      const int cap = cache.capacity(layer);
-      cuda::detail::comp_local_kept_kernel<<<dim3(unsigned((cap + 255) / 256), unsigned(ph), unsigned(B)), 256, 0,
-                                             stream>>>(cache.lengths(layer), m_.pick, max_prompt_, keep, w, b, ph, cap,
-                                                       m_.kept, m_.kept_count);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_local_kept_kernel");
-      cache.compact(layer, make_contiguous<const std::int32_t>(m_.kept, B, ph, cap),
-                    make_contiguous<const std::int32_t>(m_.kept_count, B, ph), m_.compact_ws, m_.compact_ws_bytes,
-                    stream);
-      launch_iota(m_.next_index + std::size_t(b) * max_prompt_, s.n, 1, 0, stream);
-      launch_iota(tidx_ptr(nxt, b), s.n, ph, max_prompt_, stream);
-      PYRAMIDINFER_CUDA_CHECK(cudaMemcpyAsync(m_.tok[nxt] + std::size_t(b) * max_prompt_, tokens(b),
-                                              sizeof(std::int32_t) * std::size_t(s.n), cudaMemcpyDeviceToDevice, stream));
-      for (int p = 0; p < ph; ++p) s.head_count[std::size_t(p)] = s.n;
-    }
-    s.cur = nxt;
-    out.count = s.n;
-    // 6. decode starts from here for this layer (host twin: length after prefill, bound = length - 1).
-    for (int p = 0; p < ph; ++p) {
-      const int stored = cfg_.prefill_mode == PrefillMode::drop_tokens ? len.v[p] : keep.v[p] + w;
-      hlen_[hidx(layer, b, p)] = stored;
-      hbound_[hidx(layer, b, p)] = stored - 1;
-    }
-    cuda::detail::comp_start_decode_kernel<<<1, 256, 0, stream>>>(cache.lengths(layer),
-                                                                  m_.bound + std::size_t(layer) * B * ph, b, ph);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_start_decode_kernel");
-    s.selected[std::size_t(layer)] = 1;
-    return out;
+    seq(b);
+    const DevicePrefillBatch r = select_range(layer, cache, b, 1, window_q, window_lse, true, stream,
+                                              "CudaPyramidCompressor::prefill_select");
+    return {r.index, r.rows};
+  }
+
+  /// Prefill step 4, sequences [b0, b0 + nb) at once: q (q_head, row, d) the
+  /// queries of ALL their packed rows of T_l (each sequence's last window(b)
+  /// rows are its window), lse (q_head, row) those rows' LSE from the
+  /// engine's attention, or data == nullptr (then computed). A fixed number
+  /// of launches whatever nb (see the top); a host sync only where the
+  /// per-sequence call has one, once for the whole range.
+  template <class T>
+  DevicePrefillBatch prefill_select(int layer, KVCache<T, CudaBackend>& cache, int b0, int nb,
+                                    TensorView<const T, 3> q, TensorView<const float, 2> lse, cudaStream_t stream) {
+    return select_range(layer, cache, b0, nb, q, lse, false, stream, "CudaPyramidCompressor::prefill_select");
   }
 
   /// dst[i, :] = hidden[index[i], :]: the hidden states (rows of T_l) layer
-  /// l+1 computes for sequence b, after prefill_select.
+  /// l+1 computes for sequence b, after prefill_select. hidden has
+  /// |T_l| rows, dst at least |T_{l+1}| = token_count(b).
   template <class U>
   void gather_next(int b, TensorView<const U, 2> hidden, TensorView<U, 2> dst, cudaStream_t stream) const {
-    const Seq& s = seq(b);
-    cuda::gather_rows<U>(hidden, m_.next_index + std::size_t(b) * max_prompt_, s.n, dst, stream);
+    seq(b);
+    gather_range(b, 1, hidden, dst, stream, "CudaPyramidCompressor::gather_next");
+  }
+
+  /// The same for sequences [b0, b0 + nb): hidden holds their packed rows of
+  /// T_l (exactly), dst receives their packed rows of T_{l+1} (offsets: prefix
+  /// sums of the new token_count; dst may have more rows). Two launches (one when nb == 1).
+  template <class U>
+  void gather_next(int b0, int nb, TensorView<const U, 2> hidden, TensorView<U, 2> dst, cudaStream_t stream) const {
+    gather_range(b0, nb, hidden, dst, stream, "CudaPyramidCompressor::gather_next");
   }
 
   /// Decode, before attention: one token per sequence. k, v (b, kv_head, 1, d),
@@ -743,10 +564,10 @@ class CudaPyramidCompressor {
   struct Seq {
     int prompt = 0, window = 0;
     int n = 0;                    ///< |T_l|
+    int prev_n = 0;               ///< |T_l| of the last prefill_select (0: none yet): gather_next's input rows
     int cur = 0;                  ///< which token / tidx buffer holds T_l
     std::vector<int> head_count;  ///< per head set: tokens it stores at the current layer
     std::vector<char> stored, selected;
-    int next_count_host = 0;
   };
   struct Mem {
     unsigned char* ring_q = nullptr;  ///< [L][B, QH, cap, d] T
@@ -755,15 +576,20 @@ class CudaPyramidCompressor {
     std::int32_t* bound = nullptr;   ///< [L][B][ph]
     std::int32_t* window = nullptr;  ///< [B]
     std::int32_t* ones = nullptr;    ///< [B]
+    // Prefill state, the device twin of Seq (see kernels/cuda/prefill_batch.cuh).
+    std::int32_t *n = nullptr, *prev_n = nullptr, *cur = nullptr;  ///< [B]
+    std::int32_t* head_len = nullptr;           ///< [B][ph]
     std::int32_t* tok[2] = {nullptr, nullptr};  ///< [B][P]
     std::int32_t* tidx[2] = {nullptr, nullptr}; ///< [B][ph][P]
     std::int32_t* next_index = nullptr;         ///< [B][P]
     std::int32_t* next_count = nullptr;         ///< [B]
-    std::int32_t* rank = nullptr;               ///< [P]
-    std::int32_t *begin = nullptr, *count = nullptr;   ///< [kv_heads]
-    std::int32_t *topk_n = nullptr, *topk_k = nullptr; ///< [ph]
-    float* scores = nullptr;                    ///< [ph][P]
-    std::int32_t* pick = nullptr;               ///< [ph][P]
+    // Scratch of one (batched) prefill call; sized for the whole batch.
+    std::int32_t *off = nullptr, *off2 = nullptr;       ///< [B + 1] packed row offsets of a range
+    std::int32_t* rank = nullptr;                       ///< [B][P]
+    std::int32_t *begin = nullptr, *count = nullptr;    ///< [B][kv_heads]
+    std::int32_t *topk_n = nullptr, *topk_k = nullptr;  ///< [B][ph] context and keep counts
+    float* scores = nullptr;                    ///< [B][ph][P]
+    std::int32_t* pick = nullptr;               ///< [B][ph][P]
     std::int32_t* kept = nullptr;               ///< [B][ph][max capacity]
     std::int32_t* kept_count = nullptr;         ///< [B][ph]
     void* score_ws = nullptr;
@@ -799,12 +625,54 @@ class CudaPyramidCompressor {
                          "must match begin()'s batch");
   }
   template <class T>
-  void check_layer_seq(int layer, int b, const KVCache<T, CudaBackend>& cache, const char* fn) const {
+  void check_layer_range(int layer, int b0, int nb, const KVCache<T, CudaBackend>& cache, const char* fn) const {
     check_cache(cache, fn);
     check_layer(layer, fn);
-    seq(b);
+    check_range(b0, nb, fn);
     PYRAMIDINFER_REQUIRE(dtype_ == DTypeOf<T>::value, fn, "T", dtype_name(DTypeOf<T>::value),
                          "must be the element type begin() saw");
+  }
+  /// Sequences [b0, b0 + nb) must exist (nb >= 1).
+  void check_range(int b0, int nb, const char* fn) const {
+    PYRAMIDINFER_REQUIRE(!seqs_.empty(), fn, "state", "no batch", "needs begin() first");
+    PYRAMIDINFER_REQUIRE(b0 >= 0 && b0 < batch_, fn, "b0", b0, "must be in [0, " + std::to_string(batch_) + ")");
+    PYRAMIDINFER_REQUIRE(nb >= 1 && nb <= batch_ - b0, fn, "nb", nb,
+                         "must be in [1, " + std::to_string(batch_ - b0) + "] (sequences b0 .. batch - 1)");
+  }
+  /// Packed rows of T_l of the range: the sum of token_count.
+  std::int64_t packed_rows(int b0, int nb) const {
+    std::int64_t rows = 0;
+    for (int b = b0; b < b0 + nb; ++b) rows += seqs_[std::size_t(b)].n;
+    return rows;
+  }
+  int max_count(int b0, int nb) const {
+    int m = 1;
+    for (int b = b0; b < b0 + nb; ++b) m = std::max(m, seqs_[std::size_t(b)].n);
+    return m;
+  }
+  /// The window queries of a batched prefill_select: every packed row of T_l.
+  template <class T>
+  void check_packed_queries(const TensorView<const T, 3>& q, const TensorView<const float, 2>& lse, std::int64_t rows,
+                            const char* fn) const {
+    detail::check_view(q, fn, "q");
+    detail::check_dim(q, 0, cfg_.num_heads, fn, "q");
+    detail::check_dim(q, 1, rows, fn, "q");
+    detail::check_dim(q, 2, cfg_.head_dim, fn, "q");
+    if (lse.data) {
+      detail::check_view(lse, fn, "lse");
+      detail::check_dim(lse, 0, cfg_.num_heads, fn, "lse");
+      detail::check_dim(lse, 1, rows, fn, "lse");
+    }
+  }
+  /// Whether a view's rows (its last axis) can move as 16-byte vectors.
+  template <class T, int R>
+  static bool rows_vec16(const TensorView<T, R>& x) {
+    if (x.stride[R - 1] != 1 || !pyramidinfer::detail::is_aligned(x.data, 16) ||
+        (x.shape[R - 1] * std::int64_t(sizeof(T))) % 16 != 0)
+      return false;
+    for (int a = 0; a < R - 1; ++a)
+      if ((x.stride[a] * std::int64_t(sizeof(T))) % 16 != 0) return false;
+    return true;
   }
 
   template <class T>
@@ -815,8 +683,19 @@ class CudaPyramidCompressor {
   float* ring_lse(int layer) const {
     return m_.ring_lse + std::size_t(ring_layer(layer)) * batch_ * cfg_.num_heads * ring_cap_;
   }
-  std::int32_t* tidx_ptr(int buf, int b) const {
-    return m_.tidx[buf] + std::size_t(b) * head_sets() * max_prompt_;
+  cuda::detail::PrefillState state() const {
+    cuda::detail::PrefillState s;
+    s.n = m_.n;
+    s.prev_n = m_.prev_n;
+    s.cur = m_.cur;
+    s.head_len = m_.head_len;
+    s.window = m_.window;
+    for (int i = 0; i < 2; ++i) s.tok[i] = m_.tok[i], s.tidx[i] = m_.tidx[i];
+    s.next_index = m_.next_index;
+    s.next_count = m_.next_count;
+    s.ph = head_sets();
+    s.P = max_prompt_;
+    return s;
   }
 
   void launch_fill(std::int32_t* p, int n, int value, cudaStream_t stream) {
@@ -825,31 +704,321 @@ class CudaPyramidCompressor {
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_fill_kernel");
   }
   void launch_iota(std::int32_t* p, int n, int rows, std::int64_t row_stride, cudaStream_t stream) {
-    if (n <= 0) return;
-    cuda::detail::comp_iota_kernel<<<dim3(unsigned((n + 255) / 256), unsigned(rows)), 256, 0, stream>>>(p, n, rows,
-                                                                                                       row_stride);
+    if (n <= 0 || rows <= 0) return;
+    const dim3 grid(unsigned((n + 255) / 256), unsigned(std::min(rows, 65535)));
+    cuda::detail::comp_iota_kernel<<<grid, 256, 0, stream>>>(p, n, rows, row_stride);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_iota_kernel");
   }
+  /// Calls f on consecutive IntChunks of v (host values that travel as kernel parameters).
+  template <class F>
+  static void for_each_chunk(const std::vector<int>& v, F&& f) {
+    cuda::detail::IntChunk c;
+    for (std::size_t first = 0; first < v.size(); first += cuda::detail::kChunkInts) {
+      c.first = int(first);
+      c.count = int(std::min<std::size_t>(v.size() - first, cuda::detail::kChunkInts));
+      std::copy_n(v.data() + first, c.count, c.v);
+      f(c);
+    }
+  }
+  void upload_ints(const std::vector<int>& v, std::int32_t* dst, cudaStream_t stream) {
+    for_each_chunk(v, [&](const cuda::detail::IntChunk& c) {
+      cuda::detail::comp_upload_kernel<<<1, 256, 0, stream>>>(c, dst);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_upload_kernel");
+    });
+  }
+  /// Packed row offsets of [b0, b0 + nb) from per-sequence counts (a [B]
+  /// device array) into m_.off (and of counts2 into m_.off2); nullptr for
+  /// one sequence, whose rows start at 0.
+  const std::int32_t* packed_offsets(const std::int32_t* counts, int b0, int nb, cudaStream_t stream,
+                                     const std::int32_t* counts2 = nullptr) const {
+    if (nb == 1) return nullptr;
+    cuda::detail::comp_offsets_kernel<<<1, cuda::detail::kScanThreads, 0, stream>>>(
+        counts + b0, m_.off, counts2 ? counts2 + b0 : nullptr, m_.off2, nb);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_offsets_kernel");
+    return m_.off;
+  }
+  /// Scoring ranges and top-k counts of the range's (sequence, head set)
+  /// entries; keep[(b - b0) * ph + p] from the host (one launch per IntChunk).
+  void launch_prep(int b0, const std::vector<int>& keep, cudaStream_t stream) {
+    cuda::detail::PrepArgs a;
+    a.head_len = m_.head_len;
+    a.window = m_.window;
+    a.begin = m_.begin;
+    a.count = m_.count;
+    a.topk_n = m_.topk_n;
+    a.topk_k = m_.topk_k;
+    a.b0 = b0;
+    a.ph = head_sets();
+    a.kv_heads = cfg_.kv_heads;
+    for_each_chunk(keep, [&](const cuda::detail::IntChunk& c) {
+      cuda::detail::comp_prep_kernel<<<1, 256, 0, stream>>>(a, c);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_prep_kernel");
+    });
+  }
 
-  /// The scoring problem of sequence b alone (b0 = b, batch 1) or of the batch.
+  /// The scoring problem of sequences [b0, b0 + nb).
   template <class T>
-  ScoreProblem<T> problem(int layer, const KVCache<T, CudaBackend>& cache, int b) const {
+  ScoreProblem<T> problem(int layer, const KVCache<T, CudaBackend>& cache, int b0, int nb) const {
     ScoreProblem<T> p;
     const int QH = cfg_.num_heads, H = cfg_.kv_heads, d = cfg_.head_dim;
     const auto keys = cache.keys(layer);
-    p.keys = {keys.data + b * keys.stride[0], {1, keys.shape[1], keys.shape[2], keys.shape[3]}, keys.stride};
+    p.keys = {keys.data + b0 * keys.stride[0], {nb, keys.shape[1], keys.shape[2], keys.shape[3]}, keys.stride};
     const auto pos = cache.positions(layer);
-    p.positions = {pos.data + b * pos.stride[0], {1, pos.shape[1], pos.shape[2]}, pos.stride};
+    p.positions = {pos.data + b0 * pos.stride[0], {nb, pos.shape[1], pos.shape[2]}, pos.stride};
     const auto len = cache.lengths(layer);
-    p.kv_len = {len.data + b * len.stride[0], {1, len.shape[1]}, len.stride};
-    p.queries = make_contiguous<const T>(ring_q<T>(layer) + std::size_t(b) * QH * ring_cap_ * d, 1, QH, ring_cap_, d);
-    p.lse = make_contiguous<const float>(ring_lse(layer) + std::size_t(b) * QH * ring_cap_, 1, QH, ring_cap_);
-    p.ring_start = m_.ring_start + layer * batch_ + b;
-    p.window_len = m_.window + b;
-    p.score_begin = make_contiguous<const std::int32_t>(m_.begin, 1, H);
-    p.score_count = make_contiguous<const std::int32_t>(m_.count, 1, H);
+    p.kv_len = {len.data + b0 * len.stride[0], {nb, len.shape[1]}, len.stride};
+    p.queries =
+        make_contiguous<const T>(ring_q<T>(layer) + std::size_t(b0) * QH * ring_cap_ * d, nb, QH, ring_cap_, d);
+    p.lse = make_contiguous<const float>(ring_lse(layer) + std::size_t(b0) * QH * ring_cap_, nb, QH, ring_cap_);
+    p.ring_start = m_.ring_start + layer * batch_ + b0;
+    p.window_len = m_.window + b0;
+    p.score_begin = make_contiguous<const std::int32_t>(m_.begin + std::size_t(b0) * H, nb, H);
+    p.score_count = make_contiguous<const std::int32_t>(m_.count + std::size_t(b0) * H, nb, H);
     p.scale = scale();
     return p;
+  }
+
+  /// prefill_store of sequences [b0, b0 + nb): offsets (nb > 1) + one copy kernel.
+  template <class T>
+  void store_range(int layer, KVCache<T, CudaBackend>& cache, int b0, int nb, TensorView<const T, 3> k,
+                   TensorView<const T, 3> v, cudaStream_t stream, const char* fn) {
+    check_layer_range<T>(layer, b0, nb, cache, fn);
+    const std::int64_t rows = packed_rows(b0, nb);
+    for (auto* x : {&k, &v}) {
+      const char* name = x == &k ? "k" : "v";
+      detail::check_view(*x, fn, name, 0);
+      detail::check_dim(*x, 0, cfg_.kv_heads, fn, name);
+      PYRAMIDINFER_REQUIRE(x->shape[1] == rows, fn, (std::string(name) + ".shape[1]").c_str(), x->shape[1],
+                           std::string(nb == 1 ? "must equal the current token count " :
+                                                 "must equal the packed token count (sum of token_count) ") +
+                               std::to_string(rows));
+      detail::check_dim(*x, 2, cfg_.head_dim, fn, name);
+    }
+    int max_c = 1;
+    for (int b = b0; b < b0 + nb; ++b) {
+      const Seq& s = seqs_[std::size_t(b)];
+      PYRAMIDINFER_REQUIRE(!s.stored[std::size_t(layer)], fn, "layer", layer,
+                           "was already stored for sequence " + std::to_string(b));
+      for (int c : s.head_count) {
+        PYRAMIDINFER_REQUIRE(c <= cache.capacity(layer), fn, "count", c,
+                             "overflows layer " + std::to_string(layer) + " capacity " +
+                                 std::to_string(cache.capacity(layer)) + " (sequence " + std::to_string(b) + ")");
+        max_c = std::max(max_c, c);
+      }
+    }
+    // Validated: from here on nothing throws on user input.
+    cuda::detail::StoreArgs<T> a;
+    a.k = k;
+    a.v = v;
+    a.ck = cache.keys(layer);
+    a.cv = cache.values(layer);
+    a.cpos = cache.positions(layer);
+    a.clen = cache.lengths(layer);
+    a.s = state();
+    a.off = packed_offsets(m_.n, b0, nb, stream);
+    a.b0 = b0;
+    using cuda::detail::kRowWarps;
+    const dim3 grid(unsigned((max_c + kRowWarps - 1) / kRowWarps), unsigned(cfg_.kv_heads), unsigned(nb));
+    if (rows_vec16(k) && rows_vec16(v) && rows_vec16(a.ck) && rows_vec16(a.cv))
+      cuda::detail::comp_store_kernel<T, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
+    else
+      cuda::detail::comp_store_kernel<T, T><<<grid, kRowWarps * 32, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_store_kernel");
+    for (int b = b0; b < b0 + nb; ++b) {
+      Seq& s = seqs_[std::size_t(b)];
+      for (int p = 0; p < head_sets(); ++p) hlen_[hidx(layer, b, p)] = s.head_count[std::size_t(p)];
+      s.stored[std::size_t(layer)] = 1;
+    }
+  }
+
+  /// prefill_select of sequences [b0, b0 + nb). window_only: q / lse hold
+  /// just the window rows of the one sequence (the per-sequence API).
+  template <class T>
+  DevicePrefillBatch select_range(int layer, KVCache<T, CudaBackend>& cache, int b0, int nb, TensorView<const T, 3> q,
+                                  TensorView<const float, 2> lse, bool window_only, cudaStream_t stream,
+                                  const char* fn) {
+    check_layer_range<T>(layer, b0, nb, cache, fn);
+    if (window_only) pyramidinfer::detail::check_window_queries(cfg_, seqs_[std::size_t(b0)].window, q, lse, true, fn);
+    else check_packed_queries(q, lse, packed_rows(b0, nb), fn);
+    const int ph = head_sets(), QH = cfg_.num_heads, B = batch_, P = max_prompt_;
+    int max_w = 1;
+    for (int b = b0; b < b0 + nb; ++b) {
+      const Seq& s = seqs_[std::size_t(b)];
+      PYRAMIDINFER_REQUIRE(s.stored[std::size_t(layer)] && !s.selected[std::size_t(layer)], fn, "layer", layer,
+                           "must be stored with prefill_store (and selected once) for sequence " + std::to_string(b));
+      max_w = std::max(max_w, s.window);
+    }
+    // Host twin of the counts, entry e = (b - b0) * ph + p: context and keep
+    // (exact for TopKSelection; a bound otherwise, fixed after scoring).
+    const double ratio = schedule_.keep_ratio(layer, cfg_.num_layers);
+    std::vector<int> ctx(std::size_t(nb) * ph), keep(ctx.size());
+    for (int i = 0; i < nb; ++i)
+      for (int p = 0; p < ph; ++p) {
+        const Seq& s = seqs_[std::size_t(b0 + i)];
+        const std::size_t e = std::size_t(i) * ph + p;
+        ctx[e] = s.head_count[std::size_t(p)] - s.window;
+        keep[e] = selection_.max_keep(ctx[e], ratio);
+      }
+    // Validated: from here on nothing throws on user input.
+    // 1. window queries into the ring; 2. their LSE if the engine has none.
+    {
+      cuda::detail::WindowArgs<T> a;
+      a.q = q;
+      a.lse = lse;
+      a.ring_q = ring_q<T>(layer);
+      a.ring_lse = ring_lse(layer);
+      a.start = m_.ring_start + layer * B;
+      a.count = m_.ring_count + layer * B;
+      a.pending = m_.pending + layer * B;
+      a.s = state();
+      a.off = window_only ? nullptr : packed_offsets(m_.n, b0, nb, stream);
+      a.b0 = b0;
+      a.cap = ring_cap_;
+      a.d = cfg_.head_dim;
+      a.q_heads = QH;
+      a.window_only = window_only;
+      using cuda::detail::kRowWarps;
+      const dim3 grid(unsigned((std::int64_t(max_w) * QH + kRowWarps - 1) / kRowWarps), unsigned(nb));
+      // The ring's rows are contiguous and 16-byte aligned when q's are.
+      if (rows_vec16(q))
+        cuda::detail::comp_push_window_kernel<T, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
+      else
+        cuda::detail::comp_push_window_kernel<T, T><<<grid, kRowWarps * 32, 0, stream>>>(a);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_window_kernel");
+    }
+    if (!lse.data) settle(layer, cache, b0, nb, false, stream);
+    // 3. score the context of every (sequence, head set).
+    launch_prep(b0, keep, stream);
+    float* scores = m_.scores + std::size_t(b0) * ph * P;
+    cuda::window_attention_scores<T>(problem<T>(layer, cache, b0, nb), selection_.granularity,
+                                     CudaWindowScoring<Scoring>::weight(scoring_), make_contiguous(scores, nb, ph, P),
+                                     m_.score_ws, m_.score_ws_bytes, stream);
+    if constexpr (!std::is_same<Selection, TopKSelection>::value) {
+      // Score-dependent count: read the scores back (one host sync for the range, see the top).
+      std::vector<float> h(std::size_t(nb) * ph * P);
+      PYRAMIDINFER_CUDA_CHECK(cudaMemcpyAsync(h.data(), scores, h.size() * sizeof(float), cudaMemcpyDeviceToHost, stream));
+      PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+      for (std::size_t e = 0; e < keep.size(); ++e) keep[e] = selection_.keep_count(h.data() + e * P, ctx[e], ratio);
+      launch_prep(b0, keep, stream);
+    }
+    // 4. top-k with sinks, one row per (sequence, head set).
+    std::int32_t* pick = m_.pick + std::size_t(b0) * ph * P;
+    cuda::topk_indices(make_contiguous<const float>(scores, nb, ph, P),
+                       make_contiguous<const std::int32_t>(m_.topk_n + std::size_t(b0) * ph, nb, ph),
+                       make_contiguous<const std::int32_t>(m_.topk_k + std::size_t(b0) * ph, nb, ph), selection_.sinks,
+                       make_contiguous(pick, nb, ph, P), m_.topk_ws, m_.topk_ws_bytes, stream);
+    // 5. T_{l+1} (drop_tokens) or the layer's own compaction (layer_local).
+    const bool drop = cfg_.prefill_mode == PrefillMode::drop_tokens;
+    if (drop) {
+      cuda::detail::NextArgs a;
+      a.s = state();
+      a.pick = m_.pick;
+      a.keep = m_.topk_k;
+      a.rank = m_.rank;
+      a.b0 = b0;
+      cuda::detail::comp_next_tokens_kernel<<<unsigned(nb), cuda::detail::kNextThreads, 0, stream>>>(a);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_next_tokens_kernel");
+    } else {
+      const int cap = cache.capacity(layer);
+      cuda::detail::LocalKeptArgs a;
+      a.len = cache.lengths(layer);
+      a.pick = m_.pick;
+      a.keep = m_.topk_k;
+      a.window = m_.window;
+      a.kept = m_.kept;
+      a.kept_count = m_.kept_count;
+      a.b0 = b0;
+      a.nb = nb;
+      a.ph = ph;
+      a.P = P;
+      a.cap = cap;
+      const dim3 grid(unsigned((cap + 255) / 256), unsigned(ph), unsigned(B));
+      cuda::detail::comp_local_kept_kernel<<<grid, 256, 0, stream>>>(a);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_local_kept_kernel");
+      cache.compact(layer, make_contiguous<const std::int32_t>(m_.kept, B, ph, cap),
+                    make_contiguous<const std::int32_t>(m_.kept_count, B, ph), m_.compact_ws, m_.compact_ws_bytes,
+                    stream);
+      const dim3 ngrid(unsigned((max_count(b0, nb) + 255) / 256), unsigned(nb));
+      cuda::detail::comp_local_next_kernel<<<ngrid, 256, 0, stream>>>(state(), b0);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_local_next_kernel");
+    }
+    // 6. the state advances; decode starts from here for this layer.
+    {
+      cuda::detail::FinishArgs a;
+      a.s = state();
+      a.len = cache.lengths(layer);
+      a.bound = m_.bound + std::size_t(layer) * B * ph;
+      a.keep = m_.topk_k;
+      a.b0 = b0;
+      a.nb = nb;
+      a.drop_tokens = drop;
+      cuda::detail::comp_finish_select_kernel<<<unsigned((nb + 127) / 128), 128, 0, stream>>>(a);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_finish_select_kernel");
+    }
+    // The host twin. Per KV head, |T_{l+1}| is the size of the union of the
+    // heads' selections, known only on the device: one read-back for the range.
+    std::vector<int> next_n(std::size_t(nb), 0);
+    if (drop && ph > 1) {
+      PYRAMIDINFER_CUDA_CHECK(cudaMemcpyAsync(next_n.data(), m_.next_count + b0, sizeof(int) * std::size_t(nb),
+                                              cudaMemcpyDeviceToHost, stream));
+      PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+    DevicePrefillBatch out;
+    out.index = m_.next_index + std::size_t(b0) * P;
+    out.stride = P;
+    for (int i = 0; i < nb; ++i) {
+      const int b = b0 + i;
+      Seq& s = seqs_[std::size_t(b)];
+      for (int p = 0; p < ph; ++p) {
+        const int kept = keep[std::size_t(i) * ph + p] + s.window;
+        const int stored = drop ? s.head_count[std::size_t(p)] : kept;  // the layer's length from now on
+        hlen_[hidx(layer, b, p)] = stored;
+        hbound_[hidx(layer, b, p)] = stored - 1;
+        s.head_count[std::size_t(p)] = drop ? kept : s.n;
+      }
+      s.prev_n = s.n;
+      if (drop) s.n = ph > 1 ? next_n[std::size_t(i)] : keep[std::size_t(i)] + s.window;
+      s.cur ^= 1;
+      s.selected[std::size_t(layer)] = 1;
+      out.rows += s.n;
+    }
+    return out;
+  }
+
+  /// gather_next of sequences [b0, b0 + nb): offsets (nb > 1) + one copy kernel.
+  template <class U>
+  void gather_range(int b0, int nb, TensorView<const U, 2> hidden, TensorView<U, 2> dst, cudaStream_t stream,
+                    const char* fn) const {
+    check_range(b0, nb, fn);
+    std::int64_t in_rows = 0, out_rows = 0;
+    for (int b = b0; b < b0 + nb; ++b) {
+      const Seq& s = seqs_[std::size_t(b)];
+      PYRAMIDINFER_REQUIRE(s.prev_n > 0, fn, "b", b, "has no prefill_select yet (nothing to gather)");
+      in_rows += s.prev_n;
+      out_rows += s.n;
+    }
+    detail::check_view(hidden, fn, "hidden", 0);
+    detail::check_view(dst, fn, "dst", 0);
+    PYRAMIDINFER_REQUIRE(hidden.shape[0] == in_rows, fn, "hidden.shape[0]", hidden.shape[0],
+                         "must equal the (packed) token count of the selected layer, " + std::to_string(in_rows));
+    PYRAMIDINFER_REQUIRE(dst.shape[0] >= out_rows, fn, "dst.shape[0]", dst.shape[0],
+                         "must be >= the (packed) token count of the next layer, " + std::to_string(out_rows));
+    detail::check_dim(dst, 1, hidden.shape[1], fn, "dst");
+    if (hidden.shape[1] == 0) return;
+    cuda::detail::GatherArgs<U> a;
+    a.src = hidden;
+    a.dst = dst;
+    a.s = state();
+    a.src_off = packed_offsets(m_.prev_n, b0, nb, stream, m_.n);
+    a.dst_off = a.src_off ? m_.off2 : nullptr;
+    a.b0 = b0;
+    using cuda::detail::kRowWarps;
+    const dim3 grid(unsigned((max_count(b0, nb) + kRowWarps - 1) / kRowWarps), unsigned(nb));
+    if (rows_vec16(hidden) && rows_vec16(dst))
+      cuda::detail::comp_gather_packed_kernel<U, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
+    else
+      cuda::detail::comp_gather_packed_kernel<U, U><<<grid, kRowWarps * 32, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_gather_packed_kernel");
   }
 
   template <class T>
@@ -909,28 +1078,40 @@ class CudaPyramidCompressor {
     }
     m.next_index = c.take<std::int32_t>(B * P);
     m.next_count = c.take<std::int32_t>(B);
-    m.rank = c.take<std::int32_t>(P);
-    m.begin = c.take<std::int32_t>(H);
-    m.count = c.take<std::int32_t>(H);
-    m.topk_n = c.take<std::int32_t>(ph);
-    m.topk_k = c.take<std::int32_t>(ph);
-    m.scores = c.take<float>(ph * P);
-    m.pick = c.take<std::int32_t>(ph * P);
+    m.n = c.take<std::int32_t>(B);
+    m.prev_n = c.take<std::int32_t>(B);
+    m.cur = c.take<std::int32_t>(B);
+    m.head_len = c.take<std::int32_t>(B * ph);
+    // Scratch of one prefill call, for the whole batch at once.
+    m.off = c.take<std::int32_t>(B + 1);
+    m.off2 = c.take<std::int32_t>(B + 1);
+    m.rank = c.take<std::int32_t>(B * P);
+    m.begin = c.take<std::int32_t>(B * H);
+    m.count = c.take<std::int32_t>(B * H);
+    m.topk_n = c.take<std::int32_t>(B * ph);
+    m.topk_k = c.take<std::int32_t>(B * ph);
+    m.scores = c.take<float>(B * ph * P);
+    m.pick = c.take<std::int32_t>(B * ph * P);
     int max_cap = 1;
     for (int l = 0; l < cfg_.num_layers; ++l) max_cap = std::max(max_cap, cache.capacity(l));
     m.kept = c.take<std::int32_t>(B * ph * std::size_t(max_cap));
     m.kept_count = c.take<std::int32_t>(B * ph);
-    // Workspaces, each from its size query (prefill scoring always has the LSE
-    // rows: given, or settled first, so window scoring needs no pass 1).
+    // Workspaces, each from its size query, for the whole batch: a range of
+    // any size then finds what it needs, so every range (a single sequence
+    // included) takes the same kernel paths and gives the same bytes.
+    // (Prefill scoring always has the LSE rows: given, or settled first, so
+    // window scoring needs no pass 1.)
     {
       ScoreProblem<T> p;
-      p.keys = make_contiguous<const T>(static_cast<const T*>(nullptr), 1, int(H), max_cap, int(d));
-      p.queries = make_contiguous<const T>(static_cast<const T*>(nullptr), 1, int(QH), int(R), int(d));
-      p.lse = make_contiguous<const float>(reinterpret_cast<const float*>(kWorkspaceAlignment), 1, int(QH), int(R));
+      p.keys = make_contiguous<const T>(static_cast<const T*>(nullptr), int(B), int(H), max_cap, int(d));
+      p.queries = make_contiguous<const T>(static_cast<const T*>(nullptr), int(B), int(QH), int(R), int(d));
+      p.lse = make_contiguous<const float>(reinterpret_cast<const float*>(kWorkspaceAlignment), int(B), int(QH), int(R));
       m.score_ws_bytes = cuda::window_attention_scores_workspace_bytes(p, selection_.granularity);
     }
     m.score_ws = c.take<unsigned char>(m.score_ws_bytes);
-    m.topk_ws_bytes = cuda::topk_indices_workspace_bytes(int(ph), int(P));
+    m.topk_ws_bytes = 0;  // not monotonic in the row count (long rows go multi-block only up to a row limit)
+    for (std::size_t nb = 1; nb <= B; ++nb)
+      m.topk_ws_bytes = std::max(m.topk_ws_bytes, cuda::topk_indices_workspace_bytes(int(nb * ph), int(P)));
     m.topk_ws = c.take<unsigned char>(m.topk_ws_bytes);
     std::size_t cws = 0, ews = 0;
     for (int l = 0; l < cfg_.num_layers; ++l) {

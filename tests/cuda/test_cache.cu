@@ -16,6 +16,7 @@ template <class T>
 void expect_same_cache(const KVCache<T, CudaBackend>& dc, const KVCache<T, HostBackend>& hc) {
   const CacheShape& s = hc.shape();
   for (int l = 0; l < s.num_layers; ++l) {
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());  // the tests' streams are non-blocking
     const auto dk = dc.keys(l), dv = dc.values(l);
     const std::size_t elems = std::size_t(dk.numel());
     std::vector<T> k(elems), v(elems);

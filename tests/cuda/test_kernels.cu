@@ -290,8 +290,59 @@ std::vector<std::int32_t> random_kept(int n, int count) {
   return all;
 }
 
+// How a compaction case picks each row's length n and kept list.
+enum class Kept {
+  random,       // random n, random count; sometimes identity with the tail moved
+  half,         // n = cap, one of every pair of rows (the benchmark's lists)
+  nearly_all,   // n = cap, all but 1-3 rows (first or last among the dropped ones)
+  nearly_none,  // n = cap, 1-3 rows, the last row always among them
+  ends,         // n = cap, the first and last rows plus a sparse random middle
+};
+
+std::vector<std::int32_t> make_kept(Kept mode, int cap, int& n) {
+  n = cap;
+  std::vector<std::int32_t> kk;
+  switch (mode) {
+    case Kept::random: {
+      n = test::rand_int(0, 4) == 0 ? cap : test::rand_int(0, cap);
+      const int c = test::rand_int(0, 3) == 0 ? n : test::rand_int(0, n);
+      if (test::rand_int(0, 4) == 0) {  // mostly identity with a tail moved
+        for (int i = 0; i < c; ++i) kk.push_back(i);
+        if (c > 0 && c < n) kk.back() = n - 1;
+      } else {
+        kk = random_kept(n, c);
+      }
+      break;
+    }
+    case Kept::half:
+      for (int i = 0; 2 * i + 1 < cap; ++i) kk.push_back(2 * i + test::rand_int(0, 1));
+      break;
+    case Kept::nearly_all: {
+      std::vector<int> drop = {test::rand_int(0, 1) ? 0 : cap - 1};
+      for (int j = test::rand_int(0, 2); j > 0; --j) drop.push_back(test::rand_int(0, cap - 1));
+      for (int i = 0; i < cap; ++i)
+        if (std::find(drop.begin(), drop.end(), i) == drop.end()) kk.push_back(i);
+      break;
+    }
+    case Kept::nearly_none: {
+      kk = random_kept(cap - 1, std::min(cap - 1, test::rand_int(0, 2)));
+      kk.push_back(cap - 1);
+      break;
+    }
+    case Kept::ends: {
+      kk = random_kept(cap, std::min(cap, 2 + cap / 50));
+      kk.front() = 0;
+      kk.back() = cap - 1;
+      kk.erase(std::unique(kk.begin(), kk.end()), kk.end());
+      break;
+    }
+  }
+  return kk;
+}
+
 template <class T>
-void run_compact_case(int batch, int heads, int cap, int d, bool shared, bool nhd, cudaStream_t stream) {
+void run_compact_case(int batch, int heads, int cap, int d, bool shared, bool nhd, cudaStream_t stream,
+                      Kept mode = Kept::random) {
   const std::size_t elems = std::size_t(batch) * heads * cap * d;
   std::vector<T> k(elems), v(elems);
   for (auto& x : k) x = test::rand_value<T>();
@@ -302,17 +353,10 @@ void run_compact_case(int batch, int heads, int cap, int d, bool shared, bool nh
   std::vector<std::int32_t> len(std::size_t(batch) * ph), cnt(std::size_t(batch) * ph);
   std::vector<std::int32_t> kept(std::size_t(batch) * ph * cap, -7);
   for (int r = 0; r < batch * ph; ++r) {
-    const int n = test::rand_int(0, 4) == 0 ? cap : test::rand_int(0, cap);
-    const int c = test::rand_int(0, 3) == 0 ? n : test::rand_int(0, n);
+    int n = 0;
+    const std::vector<std::int32_t> kk = make_kept(mode, cap, n);
     len[std::size_t(r)] = n;
-    cnt[std::size_t(r)] = c;
-    std::vector<std::int32_t> kk;
-    if (test::rand_int(0, 4) == 0) {  // mostly identity with a tail moved
-      for (int i = 0; i < c; ++i) kk.push_back(i);
-      if (c > 0 && c < n) kk.back() = n - 1;
-    } else {
-      kk = random_kept(n, c);
-    }
+    cnt[std::size_t(r)] = int(kk.size());
     std::copy(kk.begin(), kk.end(), kept.begin() + std::ptrdiff_t(r) * cap);
   }
   DeviceBuffer<T> dk(k), dv(v);
@@ -345,6 +389,8 @@ void run_compact_case(int batch, int heads, int cap, int d, bool shared, bool nh
     }
   for (int r = 0; r < batch * ph; ++r) hlen.data[r] = cnt[std::size_t(r)];
   const auto gk = dk.download(), gv = dv.download();
+  INFO("compact case: batch " << batch << " heads " << heads << " cap " << cap << " d " << d << " shared " << shared
+                              << " nhd " << nhd << " kept mode " << int(mode) << " dtype bytes " << sizeof(T));
   REQUIRE(std::memcmp(gk.data(), k.data(), elems * sizeof(T)) == 0);
   REQUIRE(std::memcmp(gv.data(), v.data(), elems * sizeof(T)) == 0);
   REQUIRE(dpos.download() == pos);
@@ -369,8 +415,31 @@ TEMPLATE_TEST_CASE("compact_kv_inplace matches host::compact_rows", "[cuda][comp
   run_compact_case<TestType>(4, 150, 80, 128, true, false, st.s);
   // Rows that are not a multiple of 16 bytes (element-wise path for 2-byte types).
   run_compact_case<TestType>(2, 2, 1500, 20, false, test::rand_int(0, 1) == 1, st.s);
-  // Rows of more than 1024 16-byte vectors (shared-memory staged path).
+  // Rows of more than 1024 16-byte vectors: a row spans several tiles.
   run_compact_case<TestType>(1, 2, 40, (16384 + 256) / int(sizeof(TestType)), false, false, st.s);
+}
+
+TEMPLATE_TEST_CASE("compact_kv_inplace: few (b, h) with many tiles, extreme kept lists", "[cuda][compact]", half_t,
+                   bfloat16_t, float) {
+  // One or two (b, h) over thousands of tiles: many tiles of one (b, h) run at
+  // once and wait on each other's "read done". Every list shape, both layouts,
+  // head dims 64/128 and an unaligned row (element-wise tiles).
+  test::Stream st;
+  const Kept modes[] = {Kept::half, Kept::nearly_all, Kept::nearly_none, Kept::ends, Kept::random};
+  for (const Kept mode : modes) {
+    for (const int d : {128, 64, 20}) {
+      const bool nhd = test::rand_int(0, 1) == 1;
+      run_compact_case<TestType>(1, 1, 65536 + test::rand_int(0, 100), d, false, nhd, st.s, mode);
+      run_compact_case<TestType>(1, 2, 20000, d, true, nhd, st.s, mode);
+    }
+    // Tiny capacities: first and last rows in one tile.
+    run_compact_case<TestType>(2, 3, test::rand_int(1, 5), 128, false, false, st.s, mode);
+    // Many (b, h), few tiles each.
+    run_compact_case<TestType>(4, 150, 300, 128, false, false, st.s, mode);
+  }
+  // Rows spanning several tiles (a tile boundary inside a row).
+  run_compact_case<TestType>(1, 1, 3000, 1000, false, false, st.s, Kept::half);
+  run_compact_case<TestType>(1, 1, 3000, 1000, false, false, st.s, Kept::nearly_all);
 }
 
 TEMPLATE_TEST_CASE("gather_kv_rows and gather_rows match the host gather", "[cuda][compact]", half_t, bfloat16_t,

@@ -36,15 +36,24 @@ struct DeviceBuffer {
   DeviceBuffer(const std::vector<T>& h) : DeviceBuffer(h.size()) { upload(h); }
   ~DeviceBuffer() { cudaFree(ptr); }
   DeviceBuffer(const DeviceBuffer&) = delete;
+  // cudaMemcpy from pageable memory may return before its last DMA lands, and
+  // cudaMemset is asynchronous; both run on the legacy stream, which does not
+  // order with the tests' non-blocking streams. Synchronise the device so that
+  // a kernel launched next never sees a half-uploaded or unpoisoned buffer.
   void upload(const std::vector<T>& h) {
     PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
   }
   std::vector<T> download() const {
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<T> h(n);
     PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
     return h;
   }
-  void poison() { PYRAMIDINFER_CUDA_CHECK(cudaMemset(ptr, 0xFF, std::max<std::size_t>(1, n) * sizeof(T))); }
+  void poison() {
+    PYRAMIDINFER_CUDA_CHECK(cudaMemset(ptr, 0xFF, std::max<std::size_t>(1, n) * sizeof(T)));
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
+  }
 };
 
 template <class T>

@@ -150,7 +150,11 @@ class KVCache<T, CudaBackend> {
     void* p = nullptr;
     PYRAMIDINFER_CUDA_CHECK(cudaMalloc(&p, layout_.bytes() + kWorkspaceAlignment));
     arena_ = static_cast<unsigned char*>(p);
-    PYRAMIDINFER_CUDA_CHECK(cudaMemset(arena_, 0, layout_.bytes() + kWorkspaceAlignment));
+    // cudaMemset is asynchronous and runs on the default stream, which does not
+    // order with non-blocking streams: wait here, so the caller's first
+    // launch on any stream sees a zeroed cache.
+    PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(arena_, 0, layout_.bytes() + kWorkspaceAlignment, 0));
+    PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(0));
   }
   ~KVCache() {
     if (arena_) cudaFree(arena_);

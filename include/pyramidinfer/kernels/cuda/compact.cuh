@@ -165,12 +165,33 @@ __global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(GatherPair<
 }
 
 // ---- in-place compaction -------------------------------------------------
-
-constexpr int kCompactThreads = 256;
-constexpr int kCompactStageBytes = 48 * 1024;
+//
+// Row kept[i] of every (b, h) moves to row i. Kept lists ascend, so
+// kept[i] >= i: a row is always read at or after the place it is written to.
+// Seen as a flat array of vectors (e = row * vecs + v), each (b, h) is cut
+// into tiles of kIpTile destination vectors. A tile reads only at or after
+// its own destination range, so the one hazard is a tile overwriting rows
+// that an EARLIER tile has yet to read (write after read).
+//
+// One thread block per tile, sources staged in registers:
+//   1. load the tile's K/V sources (and positions);
+//   2. while they fly, two warps find the earlier tiles whose source rows meet
+//      our destination rows (a contiguous range: the lists ascend);
+//   3. a barrier whose predicate consumes every loaded value (so all our reads
+//      are done), then publish "read done" at once, before any waiting;
+//   4. wait for the "read done" of the earlier tiles found in step 2;
+//   5. store.
+// Blocks are persistent and take tiles by ticket (tile-major, then (b, h)),
+// so a tile waited for is always held by a block that already runs, and
+// publishing never waits: the smallest unpublished ticket always progresses,
+// whatever the residency (no deadlock), and tiles of one (b, h) never wait in
+// a chain.
+constexpr int kIpThreads = 256;
+constexpr int kIpItems = 4;                     // vectors of each tensor per thread
+constexpr int kIpTile = kIpThreads * kIpItems;  // vectors of each tensor per tile
 
 template <class V>
-struct CompactArgs {
+struct IpArgs {
   RowLayout<V> k, v;
   std::int32_t* pos;  // may be null
   std::int64_t p0, p1, p2;
@@ -178,145 +199,143 @@ struct CompactArgs {
   std::int64_t l0, l1;
   int pos_heads;  // 1: positions/lengths shared by all heads (only head 0 moves them)
   IndexRows ix;
-  int batch, heads, capacity, chunk_rows, max_chunks;
-  int* ticket;  // workspace: [0] ticket counter, then flags[b*heads+h][chunk]
+  int batch, heads, capacity, max_tiles;
+  int* ticket;  // workspace: [0] ticket counter, then flags[b * heads + h][tile]
   VecDiv vd;    // over k.vecs
 };
 
-__device__ __forceinline__ void compact_cp_async16(void* smem, const void* gmem) {
-  const unsigned sa = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sa), "l"(gmem) : "memory");
+/// Up to 32 bits of a loaded value, so that a barrier predicate depends on it.
+template <class V>
+__device__ __forceinline__ unsigned low_word(const V& x) {
+  unsigned w = 0;
+  memcpy(&w, &x, sizeof(V) < sizeof(unsigned) ? sizeof(V) : sizeof(unsigned));
+  return w;
 }
 
-/// Persistent in-place compaction. Tickets are taken in order (chunk-major),
-/// so every chunk a block may wait for is already held by a running block.
-/// A chunk stages its source rows in shared memory, publishes "read done",
-/// waits until every earlier chunk that reads rows inside its destination
-/// range has published, then writes. Kept indices ascending => kept[i] >= i,
-/// so only earlier chunks can read a chunk's destination rows.
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int x;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(x) : "l"(p) : "memory");
+  return x;
+}
+
+/// First x in [0, n) with pred(x) true (n if none), for a pred that is false
+/// then true. Called by a whole warp; a round probes 32 evenly spaced points,
+/// so the search costs ceil(log32 n) dependent loads.
+template <class Pred>
+__device__ int warp_first_true(int n, Pred pred) {
+  const int lane = int(threadIdx.x % 32);
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int step = (hi - lo + 31) / 32;
+    const int x = lo + lane * step;
+    const unsigned probed = __ballot_sync(0xffffffffu, x < hi);
+    const unsigned yes = __ballot_sync(0xffffffffu, x < hi && pred(x));
+    const int no = __popc(probed & ~yes);  // false probes: the first `no` lanes
+    if (no == 0) return lo;
+    const int next_lo = lo + (no - 1) * step + 1;  // past the last false probe
+    hi = min(hi, lo + no * step);                  // at the first true one
+    lo = next_lo;
+  }
+  return lo;
+}
+
 template <class V>
-__global__ void __launch_bounds__(kCompactThreads) compact_inplace_kernel(CompactArgs<V> a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  V* sk = reinterpret_cast<V*>(smem_raw);
-  V* sv = sk + std::size_t(a.chunk_rows) * a.k.vecs;
-  std::int32_t* sp = reinterpret_cast<std::int32_t*>(sv + std::size_t(a.chunk_rows) * a.k.vecs);
-  __shared__ int s_ticket;
-  int* flags = a.ticket + 1;
-  const int bh_total = a.batch * a.heads;
-  const int tickets = bh_total * a.max_chunks;
-  for (;;) {
-    if (threadIdx.x == 0) s_ticket = atomicAdd(a.ticket, 1);
-    __syncthreads();
-    const int t = s_ticket;
-    __syncthreads();
-    if (t >= tickets) break;
-    const int c = t / bh_total, bh = t % bh_total, b = bh / a.heads, h = bh % a.heads;
-    const int cnt = a.ix.n(b, h, a.capacity);
-    const int row0 = c * a.chunk_rows;
-    if (c == 0 && a.len && (a.pos_heads > 1 || h == 0)) {
-      // Lengths are not read by this kernel; count must not alias len.
-      if (threadIdx.x == 0) a.len[b * a.l0 + h * a.l1] = cnt;
-    }
-    if (row0 >= cnt) continue;
-    const int rows = min(a.chunk_rows, cnt - row0);
-    int* flag = flags + std::size_t(bh) * a.max_chunks + c;
-    const bool identity = a.ix.idx(b, h, row0 + rows - 1) == row0 + rows - 1;
-    if (identity) {
-      if (threadIdx.x == 0) {
-        __threadfence();
-        atomicExch(flag, 1);
-      }
-      continue;
-    }
-    const bool move_pos = a.pos && (a.pos_heads > 1 || h == 0);
-    const int nv = rows * a.k.vecs;
-    // Stage the chunk's source rows: with 16-byte vectors every copy is issued
-    // asynchronously before any is waited for (all loads in flight at once).
-    for (int e = threadIdx.x; e < nv; e += blockDim.x) {
+__device__ __forceinline__ int ip_kept(const IpArgs<V>& a, int b, int h, unsigned i) {
+  return __ldg(a.ix.kept + b * a.ix.k0 + h * a.ix.k1 + std::int64_t(i) * a.ix.k2);
+}
+
+/// Moves tile c of (b, h) = bh (steps 1-5 above). s_wait: 2 ints of shared memory.
+template <class V>
+__device__ __forceinline__ void compact_tile(const IpArgs<V>& a, int c, int bh, int* s_wait) {
+  const int b = bh / a.heads, h = bh % a.heads;
+  const int cnt = a.ix.n(b, h, a.capacity);
+  const bool owns_pos = a.pos_heads > 1 || h == 0;
+  if (c == 0 && a.len && owns_pos && threadIdx.x == 0) a.len[b * a.l0 + h * a.l1] = cnt;
+  const unsigned total = unsigned(cnt) * unsigned(a.vd.vecs), e0 = unsigned(c) * kIpTile;
+  if (e0 >= total) return;
+  const unsigned e1 = min(e0 + unsigned(kIpTile), total);
+  unsigned r_lo, r_hi, v0, v1;  // destination rows r_lo..r_hi (first and last may be partial)
+  a.vd.split(e0, r_lo, v0);
+  a.vd.split(e1 - 1, r_hi, v1);
+  int* flags = a.ticket + 1 + std::size_t(bh) * a.max_tiles;
+  // kept[r_hi] == r_hi with kept ascending and kept[i] >= i: nothing up to r_hi moves.
+  if (ip_kept(a, b, h, r_hi) == int(r_hi)) {
+    if (threadIdx.x == 0) atomicExch(flags + c, 1);
+    return;
+  }
+  V bk[kIpItems], bv[kIpItems];
+#pragma unroll
+  for (int u = 0; u < kIpItems; ++u) {
+    const unsigned e = e0 + unsigned(u * kIpThreads) + threadIdx.x;
+    if (e < e1) {
       unsigned i, v;
-      a.vd.split(unsigned(e), i, v);
-      const int s = a.ix.idx(b, h, row0 + int(i));
-      if constexpr (std::is_same<V, uint4>::value) {
-        compact_cp_async16(&sk[e], a.k.at(b, h, s, int(v)));
-        compact_cp_async16(&sv[e], a.v.at(b, h, s, int(v)));
-      } else {
-        sk[e] = *a.k.at(b, h, s, int(v));
-        sv[e] = *a.v.at(b, h, s, int(v));
+      a.vd.split(e, i, v);
+      const int s = min(max(ip_kept(a, b, h, i), int(i)), a.capacity - 1);  // in bounds whatever the list
+      bk[u] = ld_stream(a.k.at(b, h, s, int(v)));
+      bv[u] = ld_stream(a.v.at(b, h, s, int(v)));
+    }
+  }
+  // Positions of the rows that start in this tile: rows p_first..r_hi.
+  const bool move_pos = a.pos && owns_pos;
+  const unsigned p_first = r_lo + (v0 != 0 ? 1u : 0u);
+  std::int32_t* prow = a.pos + b * a.p0 + h * a.p1;
+  std::int32_t pv[kIpItems];
+#pragma unroll
+  for (int u = 0; u < kIpItems; ++u) {
+    const unsigned i = p_first + unsigned(u * kIpThreads) + threadIdx.x;
+    if (move_pos && i <= r_hi) pv[u] = prow[std::int64_t(ip_kept(a, b, h, i)) * a.p2];
+  }
+  // Earlier tiles cc < c to wait for: those with a source row in [r_lo, r_hi],
+  // i.e. kept[last row of cc] >= r_lo and kept[first row of cc] <= r_hi.
+  // Both tests are monotone in cc, so the answer is a range [s_wait[0], s_wait[1]).
+  if (threadIdx.x < 64) {
+    const bool upper = threadIdx.x >= 32;
+    const int x = warp_first_true(c, [&](int cc) {
+      unsigned row, v;
+      if (upper) {
+        a.vd.split(unsigned(cc) * kIpTile, row, v);
+        return ip_kept(a, b, h, row) > int(r_hi);
       }
+      a.vd.split(unsigned(cc + 1) * kIpTile - 1u, row, v);
+      return ip_kept(a, b, h, row) >= int(r_lo);
+    });
+    if (threadIdx.x % 32 == 0) s_wait[upper ? 1 : 0] = x;
+  }
+  unsigned acc = 0;
+#pragma unroll
+  for (int u = 0; u < kIpItems; ++u) {
+    if (e0 + unsigned(u * kIpThreads) + threadIdx.x < e1) acc |= low_word(bk[u]) ^ low_word(bv[u]);
+    if (move_pos && p_first + unsigned(u * kIpThreads) + threadIdx.x <= r_hi) acc |= unsigned(pv[u]);
+  }
+  // Every thread has its values: our reads are over, publish before waiting.
+  // (No fence: "read done" orders nothing we wrote.)
+  const int odd = __syncthreads_or(acc == 0x9e3779b9u);
+  if (threadIdx.x == 0) atomicExch(flags + c, 1 + odd);  // nonzero either way
+  for (int cc = s_wait[0] + int(threadIdx.x); cc < s_wait[1]; cc += kIpThreads)
+    while (ld_acquire(flags + cc) == 0) {
     }
-    if (move_pos)
-      for (int i = threadIdx.x; i < rows; i += blockDim.x)
-        sp[i] = a.pos[b * a.p0 + h * a.p1 + std::int64_t(a.ix.idx(b, h, row0 + i)) * a.p2];
-    if constexpr (std::is_same<V, uint4>::value) asm volatile("cp.async.wait_all;\n" ::: "memory");
-    __syncthreads();  // all sources staged (values landed in shared memory)
-    if (threadIdx.x == 0) {
-      __threadfence();
-      atomicExch(flag, 1);
-    }
-    // Wait for every earlier chunk that reads a row of [row0, row0 + rows):
-    // chunk cc < c does iff its last source kept[(cc + 1) * chunk - 1] >= row0
-    // (ascending lists). Checked in parallel, one chunk per thread.
-    {
-      const volatile int* vf = flags + std::size_t(bh) * a.max_chunks;
-      for (int cc = threadIdx.x; cc < c; cc += blockDim.x) {
-        if (a.ix.idx(b, h, (cc + 1) * a.chunk_rows - 1) >= row0) {
-          while (vf[cc] == 0) {
-          }
-        }
-      }
-      __threadfence();
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < nv; e += blockDim.x) {
+  __syncthreads();  // all waits done before any store
+#pragma unroll
+  for (int u = 0; u < kIpItems; ++u) {
+    const unsigned e = e0 + unsigned(u * kIpThreads) + threadIdx.x;
+    if (e < e1) {
       unsigned i, v;
-      a.vd.split(unsigned(e), i, v);
-      *a.k.at(b, h, row0 + int(i), int(v)) = sk[e];
-      *a.v.at(b, h, row0 + int(i), int(v)) = sv[e];
+      a.vd.split(e, i, v);
+      st_stream(a.k.at(b, h, std::int64_t(i), int(v)), bk[u]);
+      st_stream(a.v.at(b, h, std::int64_t(i), int(v)), bv[u]);
     }
-    if (move_pos)
-      for (int i = threadIdx.x; i < rows; i += blockDim.x) a.pos[b * a.p0 + h * a.p1 + std::int64_t(row0 + i) * a.p2] = sp[i];
-    __syncthreads();
+  }
+#pragma unroll
+  for (int u = 0; u < kIpItems; ++u) {
+    const unsigned i = p_first + unsigned(u * kIpThreads) + threadIdx.x;
+    if (move_pos && i <= r_hi) prow[std::int64_t(i) * a.p2] = pv[u];
   }
 }
 
-// Register-staged in-place compaction (16-byte rows of at most 1024 vectors):
-// the same tile/flag protocol as compact_inplace_kernel, but laid out like the
-// out-of-place gather. A tile is kIpRows(vecs) destination rows of K and V;
-// every thread holds kIpVecs K and kIpVecs V vectors in registers (32 KiB of
-// sources in flight per block, no shared-memory staging, 4+ blocks per SM).
-// Used only when there are at least as many (b, h) as resident blocks (see
-// compact_kv_inplace). Per tile: take a ticket (chunk-major, so every tile
-// waited for is held by a block that already runs), load the kept indices and the sources, check in
-// parallel (while the loads fly) that every earlier tile reading one of our
-// destination rows has published "read done", join a barrier whose predicate
-// consumes every loaded value (so all loads of the block have returned),
-// publish "read done", store. Publishing waits only for earlier tiles, so the
-// smallest unpublished ticket always progresses: no deadlock, whatever the
-// residency.
-constexpr int kIpThreads = 256;
-constexpr int kIpVecs = 4;  // per tensor per thread
-constexpr int kIpTileVecs = kIpThreads * kIpVecs;  // vectors of one tensor per tile
-
-__host__ __device__ inline int ip_tile_rows(int vecs) { return vecs >= 1 && vecs <= kIpTileVecs ? kIpTileVecs / vecs : 0; }
-
-struct IpArgs {
-  RowLayout<uint4> k, v;
-  std::int32_t* pos;  // may be null
-  std::int64_t p0, p1, p2;
-  std::int32_t* len;  // may be null
-  std::int64_t l0, l1;
-  int pos_heads;
-  IndexRows ix;
-  int batch, heads, capacity, tile_rows, max_tiles;
-  int* ticket;  // [0] ticket counter, then flags[b*heads+h][tile]
-  VecDiv vd;
-};
-
-static __global__ void __launch_bounds__(kIpThreads, 4) compact_inplace_reg_kernel(IpArgs a) {
-  __shared__ int s_ticket, s_limit;
-  __shared__ std::int32_t s_idx[kIpTileVecs];  // tile rows <= kIpTileVecs
-  __shared__ std::int32_t s_pos[kIpTileVecs];
-  int* flags = a.ticket + 1;
+/// Persistent driver: takes tickets until every tile is done.
+template <class V>
+__global__ void __launch_bounds__(kIpThreads, 4) compact_inplace_kernel(IpArgs<V> a) {
+  __shared__ int s_ticket[2], s_limit, s_wait[2];
   const int bh_total = a.batch * a.heads;
   // Tickets past the largest count do nothing: stop there.
   {
@@ -324,98 +343,25 @@ static __global__ void __launch_bounds__(kIpThreads, 4) compact_inplace_reg_kern
     for (int bh = threadIdx.x; bh < bh_total; bh += kIpThreads) mx = max(mx, a.ix.n(bh / a.heads, bh % a.heads, a.capacity));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    if (threadIdx.x == 0) s_limit = 0;
+    if (threadIdx.x == 0) {
+      s_limit = 0;
+      s_ticket[0] = atomicAdd(a.ticket, 1);
+    }
     __syncthreads();
     if (threadIdx.x % 32 == 0) atomicMax(&s_limit, mx);
     __syncthreads();
   }
   // At least one tile per (b, h): tile 0 also writes len.
-  const int tickets = bh_total * max(1, (s_limit + a.tile_rows - 1) / a.tile_rows);
-  const int R = a.tile_rows, nvec = a.k.vecs;
-  for (;;) {
-    if (threadIdx.x == 0) s_ticket = atomicAdd(a.ticket, 1);
-    __syncthreads();
-    const int t = s_ticket;
+  const int tiles = max(1, int((unsigned(s_limit) * unsigned(a.vd.vecs) + kIpTile - 1) / kIpTile));
+  const int tickets = bh_total * tiles;
+  for (int round = 0;; round ^= 1) {
+    const int t = s_ticket[round];
     if (t >= tickets) break;
-    const int c = t / bh_total, bh = t % bh_total, b = bh / a.heads, h = bh % a.heads;
-    const int cnt = a.ix.n(b, h, a.capacity);
-    const int row0 = c * R;
-    if (c == 0 && a.len && (a.pos_heads > 1 || h == 0)) {
-      if (threadIdx.x == 0) a.len[b * a.l0 + h * a.l1] = cnt;
-    }
-    if (row0 >= cnt) {
-      __syncthreads();  // s_ticket is rewritten next round
-      continue;
-    }
-    const int rows = min(R, cnt - row0);
-    int* flag = flags + std::size_t(bh) * a.max_tiles + c;
-    const bool identity = a.ix.idx(b, h, row0 + rows - 1) == row0 + rows - 1;  // uniform
-    if (identity) {
-      if (threadIdx.x == 0) {
-        __threadfence();
-        atomicExch(flag, 1);
-      }
-      __syncthreads();
-      continue;
-    }
-    for (int i = threadIdx.x; i < rows; i += kIpThreads) s_idx[i] = a.ix.idx(b, h, row0 + i);
-    __syncthreads();
-    const bool move_pos = a.pos && (a.pos_heads > 1 || h == 0);
-    const int nv = rows * nvec;
-    // 16-byte vectors of a row are contiguous (rows_vectorizable).
-    const char* kb = a.k.base + b * a.k.s0 + h * a.k.s1;
-    const char* vb = a.v.base + b * a.v.s0 + h * a.v.s1;
-    uint4 bk[kIpVecs], bv[kIpVecs];
-#pragma unroll
-    for (int u = 0; u < kIpVecs; ++u) {
-      const int e = u * kIpThreads + threadIdx.x;
-      if (e < nv) {
-        unsigned i, v;
-        a.vd.split(unsigned(e), i, v);
-        const std::int64_t s = s_idx[i];
-        bk[u] = __ldcs(reinterpret_cast<const uint4*>(kb + s * a.k.s2) + v);
-        bv[u] = __ldcs(reinterpret_cast<const uint4*>(vb + s * a.v.s2) + v);
-      }
-    }
-    if (move_pos)  // staged through shared memory (a store needs the loaded value)
-      for (int i = threadIdx.x; i < rows; i += kIpThreads) s_pos[i] = a.pos[b * a.p0 + h * a.p1 + std::int64_t(s_idx[i]) * a.p2];
-    // Earlier tiles that read a row of [row0, row0 + rows): tile cc < c does
-    // iff its last source kept[(cc + 1) * R - 1] >= row0 (ascending lists).
-    {
-      const volatile int* vf = flags + std::size_t(bh) * a.max_tiles;
-      for (int cc = c - 1 - int(threadIdx.x); cc >= 0; cc -= kIpThreads) {
-        if (a.ix.idx(b, h, std::int64_t(cc + 1) * R - 1) < row0) break;  // and so do all before it
-        while (vf[cc] == 0) {
-        }
-      }
-      __threadfence();  // acquire side of the waits, before the barrier and our stores
-    }
-    // Consume every loaded value before the barrier: all loads have returned.
-    unsigned acc = 0;
-#pragma unroll
-    for (int u = 0; u < kIpVecs; ++u)
-      if (u * kIpThreads + int(threadIdx.x) < nv) acc |= bk[u].x | bv[u].x;
-    const int any = __syncthreads_or(acc == 0x9e3779b9u);
-    if (threadIdx.x == 0) {
-      __threadfence();
-      atomicExch(flag, 1 + (any ? 1 : 0));  // nonzero either way
-    }
-    char* kd = a.k.base + b * a.k.s0 + h * a.k.s1;
-    char* vd = a.v.base + b * a.v.s0 + h * a.v.s1;
-#pragma unroll
-    for (int u = 0; u < kIpVecs; ++u) {
-      const int e = u * kIpThreads + threadIdx.x;
-      if (e < nv) {
-        unsigned i, v;
-        a.vd.split(unsigned(e), i, v);
-        const std::int64_t r = row0 + int(i);
-        __stcs(reinterpret_cast<uint4*>(kd + r * a.k.s2) + v, bk[u]);
-        __stcs(reinterpret_cast<uint4*>(vd + r * a.v.s2) + v, bv[u]);
-      }
-    }
-    if (move_pos)
-      for (int i = threadIdx.x; i < rows; i += kIpThreads) a.pos[b * a.p0 + h * a.p1 + std::int64_t(row0 + i) * a.p2] = s_pos[i];
-    __syncthreads();  // s_idx and s_ticket are rewritten next round
+    int next = 0;
+    if (threadIdx.x == 0) next = atomicAdd(a.ticket, 1);  // in flight during this tile
+    compact_tile(a, t / bh_total, t % bh_total, s_wait);
+    if (threadIdx.x == 0) s_ticket[round ^ 1] = next;
+    __syncthreads();  // next ticket visible; s_wait free again
   }
 }
 
@@ -426,10 +372,9 @@ inline int sm_count() {
   return n;
 }
 
-template <class T>
-int compact_chunk_rows(int head_dim) {
-  const int row_bytes = head_dim * int(sizeof(T));
-  return std::max(1, std::min(128, (kCompactStageBytes - 128 * 4) / (2 * row_bytes)));
+/// Flag words for a (b, h) whose rows are `vecs` vectors long.
+inline int ip_max_tiles(int capacity, int vecs) {
+  return std::max(1, ceil_div(std::int64_t(capacity) * vecs, kIpTile));
 }
 
 inline IndexRows index_rows(TensorView<const std::int32_t, 3> kept, TensorView<const std::int32_t, 2> count,
@@ -534,22 +479,22 @@ void gather_rows(TensorView<const T, 2> src, const std::int32_t* idx, int count,
   detail::gather_launch<T>(&s, &d, 1, ix, stream);
 }
 
-/// Scratch bytes for compact_kv_inplace over (batch, heads, capacity).
+/// Scratch bytes for compact_kv_inplace over (batch, heads, capacity): one
+/// flag per tile of every (b, h). Sized for the worst case, rows that are not
+/// 16-byte vectors and move element by element; a call zeroes only the flags
+/// its layout uses.
 template <class T>
 std::size_t compact_kv_inplace_workspace_bytes(int batch, int heads, int capacity, int head_dim) {
-  int chunks = std::max(1, detail::ceil_div(capacity, detail::compact_chunk_rows<T>(head_dim)));
-  const std::int64_t rb = std::int64_t(head_dim) * std::int64_t(sizeof(T));
-  const int tile = rb % 16 == 0 ? detail::ip_tile_rows(int(rb / 16)) : 0;
-  if (tile > 0) chunks = std::max(chunks, detail::ceil_div(capacity, tile));
-  return align_up(sizeof(int) * (1 + std::size_t(batch) * heads * chunks));
+  const int tiles = detail::ip_max_tiles(capacity, head_dim);
+  return align_up(sizeof(int) * (1 + std::size_t(batch) * heads * tiles));
 }
 
 /// In-place, order-preserving compaction of K and V (and, when pos.data is
 /// set, the per-slot positions; when len.data is set, len(b, h) = count(b, h)):
 /// row kept(b, h, i) moves to row i. Views whose head stride is 0 (positions,
 /// lengths, kept, count in shared mode) are moved once, by head 0. Fully
-/// parallel across sequences, heads and chunks of rows; safe because each
-/// chunk waits only for earlier chunks that read its destination rows.
+/// parallel across sequences, heads and tiles of rows; safe because each
+/// tile waits only for earlier tiles that read its destination rows.
 /// Caller guarantees (device data): kept ascending and < the current length;
 /// count must not alias len. `workspace` is zeroed here by cudaMemsetAsync.
 template <class T>
@@ -566,18 +511,17 @@ void compact_kv_inplace(KVView<T> k, KVView<T> v, TensorView<std::int32_t, 3> po
   PYRAMIDINFER_REQUIRE(count.data != nullptr, fn, "count", "nullptr", "must point to device counts");
   PYRAMIDINFER_REQUIRE(count.data != len.data, fn, "count", "== len", "must not alias len");
   if (pos.data) check_dim(pos, 2, k.shape[2], fn, "pos");
+  PYRAMIDINFER_REQUIRE(k.shape[2] * k.shape[3] < (std::int64_t(1) << 31), fn, "k.shape[2]*shape[3]",
+                       k.shape[2] * k.shape[3], "must be < 2^31");
   const int batch = int(k.shape[0]), heads = int(k.shape[1]), cap = int(k.shape[2]), d = int(k.shape[3]);
   const std::size_t need = compact_kv_inplace_workspace_bytes<T>(batch, heads, cap, d);
   PYRAMIDINFER_REQUIRE(workspace != nullptr && workspace_bytes >= need, fn, "workspace_bytes", workspace_bytes,
                        "must be >= " + std::to_string(need) + " (and workspace non-null)");
   if (batch * heads == 0 || cap == 0 || d == 0) return;
-  const int chunk = detail::compact_chunk_rows<T>(d);
-  const int max_chunks = std::max(1, detail::ceil_div(cap, chunk));
-  PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(workspace, 0, need, stream));
   const int pos_heads = (pos.data && pos.stride[1] == 0) || (!pos.data && len.data && len.stride[1] == 0) ? 1 : heads;
   auto launch = [&](auto vec_tag) {
     using V = decltype(vec_tag);
-    detail::CompactArgs<V> a;
+    detail::IpArgs<V> a;
     a.k = detail::row_layout<V>(KVView<const T>(k));
     a.v = detail::row_layout<V>(KVView<const T>(v));
     a.pos = pos.data;
@@ -592,60 +536,22 @@ void compact_kv_inplace(KVView<T> k, KVView<T> v, TensorView<std::int32_t, 3> po
     a.batch = batch;
     a.heads = heads;
     a.capacity = cap;
-    a.chunk_rows = chunk;
-    a.max_chunks = max_chunks;
+    a.max_tiles = detail::ip_max_tiles(cap, a.k.vecs);
     a.ticket = static_cast<int*>(workspace);
     a.vd = detail::vec_div(a.k.vecs);
-    const std::size_t smem = 2 * std::size_t(chunk) * a.k.vecs * sizeof(V) + std::size_t(chunk) * 4;
-    const int tickets = batch * heads * max_chunks;
-    const int grid = std::max(1, std::min(tickets, detail::sm_count() * 4));
-    detail::compact_inplace_kernel<V><<<grid, detail::kCompactThreads, smem, stream>>>(a);
+    const std::size_t used = sizeof(int) * (1 + std::size_t(batch) * heads * a.max_tiles);
+    PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(workspace, 0, used, stream));
+    int per_sm = 0;
+    PYRAMIDINFER_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, detail::compact_inplace_kernel<V>, detail::kIpThreads, 0));
+    const std::int64_t tickets = std::int64_t(batch) * heads * a.max_tiles;
+    const int grid = int(std::max<std::int64_t>(1, std::min<std::int64_t>(tickets, detail::sm_count() * std::max(1, per_sm))));
+    detail::compact_inplace_kernel<V><<<grid, detail::kIpThreads, 0, stream>>>(a);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("compact_inplace_kernel");
   };
-  const bool vec = detail::rows_vectorizable(KVView<const T>(k)) && detail::rows_vectorizable(KVView<const T>(v));
-  const int tile = vec ? detail::ip_tile_rows(int(std::int64_t(d) * std::int64_t(sizeof(T)) / 16)) : 0;
-  int reg_grid = 0;
-  if (tile > 0) {
-    int per_sm = 0;
-    PYRAMIDINFER_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, detail::compact_inplace_reg_kernel,
-                                                                        detail::kIpThreads, 0));
-    reg_grid = detail::sm_count() * std::max(1, per_sm);
-  }
-  // The register-staged kernel publishes "read done" only after its own
-  // dependency wait, so consecutive tiles of one (b, h) that run at the same
-  // time wait in a chain. Measured on H200 (benchmarks/RESULTS.md): faster
-  // than the shared-memory kernel with >= one resident block per (b, h)
-  // (32 x 40 heads: 70 -> 76% and 75 -> 83% of copy bandwidth), 3-8x slower
-  // with 8 or 32 (b, h) over 32K-128K rows. Use it only in the first regime.
-  if (tile > 0 && batch * heads >= reg_grid) {
-    detail::IpArgs a;
-    a.k = detail::row_layout<uint4>(KVView<const T>(k));
-    a.v = detail::row_layout<uint4>(KVView<const T>(v));
-    a.pos = pos.data;
-    a.p0 = pos.stride[0];
-    a.p1 = pos.stride[1];
-    a.p2 = pos.stride[2];
-    a.len = len.data;
-    a.l0 = len.stride[0];
-    a.l1 = len.stride[1];
-    a.pos_heads = pos_heads;
-    a.ix = detail::index_rows(kept, count);
-    a.batch = batch;
-    a.heads = heads;
-    a.capacity = cap;
-    a.tile_rows = tile;
-    a.max_tiles = std::max(1, detail::ceil_div(cap, tile));
-    a.ticket = static_cast<int*>(workspace);
-    a.vd = detail::vec_div(a.k.vecs);
-    const int tickets = batch * heads * a.max_tiles;
-    const int grid = std::max(1, std::min(tickets, reg_grid));
-    detail::compact_inplace_reg_kernel<<<grid, detail::kIpThreads, 0, stream>>>(a);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("compact_inplace_reg_kernel");
-  } else if (vec) {
-    launch(uint4{});
-  } else {
-    launch(T{});
-  }
+  // 16-byte vectors when every row allows it; otherwise element by element.
+  if (detail::rows_vectorizable(KVView<const T>(k)) && detail::rows_vectorizable(KVView<const T>(v))) launch(uint4{});
+  else launch(T{});
 }
 
 }  // namespace cuda

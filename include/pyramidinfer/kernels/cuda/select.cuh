@@ -17,6 +17,8 @@
 #include <cuda_runtime.h>
 
 #include <cub/block/block_scan.cuh>
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -167,10 +169,11 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(TopkArgs a) {
 // order-preserving write pass; 5 stream-ordered operations in all:
 //   memset : zero the per-row histogram, the per-row pass counters, the
 //            write-pass ticket and the per-chunk publication words;
-//   hist p : (p = 0..2, grid (chunks, rows)) every block reads the row's
-//            (prefix, mask, remaining) after pass p - 1 from the workspace and
-//            adds its chunk's digit-p histogram of the still-matching keys to
-//            the row's global histogram; the last block of the row to finish
+//   hist p : (p = 0..2, grid (blocks per row, rows), one wave) every block
+//            reads the row's (prefix, mask, remaining) after pass p - 1 from
+//            the workspace, counts the digit p of the still-matching keys of
+//            its chunks in shared memory and adds that histogram to the row's
+//            global one; the last block of the row to finish
 //            (counter + __threadfence, the classic "last block" pattern) picks
 //            the digit with one block scan, writes the row state for pass p
 //            and zeroes the histogram for pass p + 1;
@@ -185,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(TopkArgs a) {
 // kernel, so results are identical.
 constexpr int kMbThreads = 256;
 constexpr int kMbItems = 8;
-constexpr int kMbChunk = kMbThreads * kMbItems;  // 2048 slots per block
+constexpr int kMbChunk = kMbThreads * kMbItems;  // 2048 slots per chunk
 constexpr int kMbBins = 2048;                    // 11-bit digits
 constexpr int kMbMinLen = 16384;                 // rows at least this long go multi-block
 constexpr int kMbMaxRows = 512;                  // beyond this many rows one block per row fills the GPU
@@ -253,6 +256,40 @@ __device__ __forceinline__ TopkRow topk_row(const TopkArgs& a, int r) {
   return x;
 }
 
+/// Adds the digit-`pass` histogram of the keys of chunk c that still match
+/// (prefix, mask) to the block's shared histogram h.
+__device__ __forceinline__ void topk_mb_count_chunk(const TopkArgs& a, const TopkRow& x, int c, int pass,
+                                                    std::uint32_t prefix, std::uint32_t mask, std::uint32_t* h) {
+  const int begin = x.forced + c * kMbChunk;
+  const int shift = topk_mb_shift(pass);
+  const std::uint32_t dmask = topk_mb_dmask(pass);
+  float v[kMbItems];
+#pragma unroll
+  for (int u = 0; u < kMbItems; ++u) {
+    const int j = begin + u * kMbThreads + int(threadIdx.x);
+    v[u] = j < x.n ? x.row[std::int64_t(j) * a.s2] : 0.f;
+  }
+#pragma unroll
+  for (int u = 0; u < kMbItems; ++u) {
+    const int j = begin + u * kMbThreads + int(threadIdx.x);
+    const std::uint32_t key = rank_key(v[u]);
+    const bool hit = j < x.n && (key & mask) == prefix;
+    const std::uint32_t bin = (key >> shift) & dmask;
+    if (pass > 0) {
+      // Keys that survived pass 0 spread over the low digits: conflicts are rare.
+      if (hit) atomicAdd(&h[bin], 1u);
+    } else if (__any_sync(0xffffffffu, hit)) {
+      // Pass 0 digits are sign, exponent and 2 mantissa bits: real scores pile
+      // into a few bins, so aggregate the lanes of a warp that share one.
+      const unsigned peers = __match_any_sync(0xffffffffu, hit ? bin : 0xffffffffu);
+      if (hit && __ffs(peers) - 1 == int(threadIdx.x % 32)) atomicAdd(&h[bin], unsigned(__popc(peers)));
+    }
+  }
+}
+
+/// Grid (blocks per row, rows): block x of a row counts chunks x, x + gridDim.x,
+/// ... in shared memory, so a row's histogram costs one flush per block, and
+/// the host sizes gridDim.x so that all blocks of a pass run in one wave.
 static __global__ void __launch_bounds__(kMbThreads) topk_mb_hist_kernel(TopkArgs a, TopkMbWs w, int pass) {
   using Scan = cub::BlockScan<std::uint32_t, kMbThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -261,8 +298,8 @@ static __global__ void __launch_bounds__(kMbThreads) topk_mb_hist_kernel(TopkArg
   const int r = int(blockIdx.y);
   const TopkRow x = topk_row(a, r);
   if (x.t == 0 || x.t == x.m) return;
-  const int begin = x.forced + int(blockIdx.x) * kMbChunk;
-  if (begin >= x.n) return;
+  const int row_chunks = (x.m + kMbChunk - 1) / kMbChunk;
+  if (int(blockIdx.x) >= row_chunks) return;
   std::uint32_t prefix = 0, mask = 0, rem = std::uint32_t(x.t);
   if (pass > 0) {
     const uint4 st = w.state[std::size_t(r) * 3 + (pass - 1)];
@@ -271,26 +308,8 @@ static __global__ void __launch_bounds__(kMbThreads) topk_mb_hist_kernel(TopkArg
     rem = st.z;
   }
   for (int i = threadIdx.x; i < kMbBins; i += kMbThreads) h[i] = 0;
-  const int shift = topk_mb_shift(pass);
-  const std::uint32_t dmask = topk_mb_dmask(pass);
-  float v[kMbItems];
-#pragma unroll
-  for (int u = 0; u < kMbItems; ++u) {
-    const int j = begin + u * kMbThreads + threadIdx.x;
-    v[u] = j < x.n ? x.row[std::int64_t(j) * a.s2] : 0.f;
-  }
   __syncthreads();
-#pragma unroll
-  for (int u = 0; u < kMbItems; ++u) {
-    const int j = begin + u * kMbThreads + threadIdx.x;
-    const std::uint32_t key = rank_key(v[u]);
-    const bool hit = j < x.n && (key & mask) == prefix;
-    if (__any_sync(0xffffffffu, hit)) {  // warp-uniform: every lane joins the match
-      const std::uint32_t bin = hit ? (key >> shift) & dmask : 0xffffffffu;
-      const unsigned peers = __match_any_sync(0xffffffffu, bin);  // warp-aggregated
-      if (hit && __ffs(peers) - 1 == int(threadIdx.x % 32)) atomicAdd(&h[bin], unsigned(__popc(peers)));
-    }
-  }
+  for (int c = int(blockIdx.x); c < row_chunks; c += int(gridDim.x)) topk_mb_count_chunk(a, x, c, pass, prefix, mask, h);
   __syncthreads();
   std::uint32_t* gh = w.hist + std::size_t(r) * kMbBins;
   for (int i = threadIdx.x; i < kMbBins; i += kMbThreads)
@@ -298,7 +317,7 @@ static __global__ void __launch_bounds__(kMbThreads) topk_mb_hist_kernel(TopkArg
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned blocks = unsigned((x.m + kMbChunk - 1) / kMbChunk);
+    const unsigned blocks = unsigned(min(row_chunks, int(gridDim.x)));  // blocks of this row that got here
     s_last = atomicAdd(&w.done[std::size_t(r) * 4 + pass], 1u) == blocks - 1u;
   }
   __syncthreads();
@@ -306,6 +325,8 @@ static __global__ void __launch_bounds__(kMbThreads) topk_mb_hist_kernel(TopkArg
   __threadfence();
   // Last block of the row: the whole row's histogram is complete. Thread i
   // owns bins 2047 - 8i - u (u = 0..7): descending digits across the block.
+  const int shift = topk_mb_shift(pass);
+  const std::uint32_t dmask = topk_mb_dmask(pass);
   std::uint32_t c[8], mine = 0;
 #pragma unroll
   for (int u = 0; u < 8; ++u) {
@@ -425,6 +446,24 @@ inline TopkArgs topk_check_args(TensorView<const float, 3> scores, TensorView<co
                   out.stride[2], int(scores.shape[1]), int(scores.shape[2]), int(out.shape[2]), forced_prefix};
 }
 
+/// Histogram blocks the device holds at once (cached per device: the
+/// multi-block path sizes its grid to one wave of them).
+inline long long topk_hist_resident_blocks() {
+  static std::atomic<int> cache[64];
+  int dev = 0;
+  PYRAMIDINFER_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<int>* slot = dev >= 0 && dev < 64 ? &cache[dev] : nullptr;
+  int n = slot ? slot->load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    int sms = 0, per_sm = 0;
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    PYRAMIDINFER_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, topk_mb_hist_kernel, kMbThreads, 0));
+    n = std::max(1, sms * per_sm);
+    if (slot) slot->store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 inline void topk_launch_single(const TopkArgs& a, std::int64_t rows, cudaStream_t stream) {
   if (a.max_n <= 4096) {
     topk_rows_kernel<256, 4><<<unsigned(rows), 256, 0, stream>>>(a);
@@ -472,7 +511,9 @@ inline void topk_indices(TensorView<const float, 3> scores, TensorView<const std
   const auto l = detail::TopkMbLayout::make(rows, scores.shape[2]);
   const detail::TopkMbWs w = l.carve(workspace);
   PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(workspace, 0, l.zero_bytes, stream));
-  const dim3 grid(unsigned(l.chunks), unsigned(rows));
+  // Histogram blocks: as many per row as fill one wave (each loops over its chunks).
+  const int per_row = std::max(1, std::min(l.chunks, int(detail::topk_hist_resident_blocks() / rows)));
+  const dim3 grid{unsigned(per_row), unsigned(rows)};
   for (int pass = 0; pass < 3; ++pass) {
     detail::topk_mb_hist_kernel<<<grid, detail::kMbThreads, 0, stream>>>(a, w, pass);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("topk_mb_hist_kernel");
