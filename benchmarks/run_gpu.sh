@@ -9,7 +9,7 @@
 #   --no-sanitizers    tests, but no compute-sanitizer runs
 #   --fast-sanitizers  sanitizers only on the kernel tests (not the cache tests)
 #   --ncu              ncu SpeedOfLight/Memory sections on a few kernels
-# CUDA_ARCHS (default "80;90") picks the build targets.
+# CUDA_ARCHS (default "80;90") picks the build targets; EXTRA_TARGETS adds CMake targets (e.g. e2e-bench).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.out}
@@ -28,12 +28,12 @@ PREFIX=""
 [ -d .deps ] && PREFIX="-DCMAKE_PREFIX_PATH=$PWD/.deps"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/gpu.txt"
-TARGETS="pyramidinfer_bench"
+TARGETS="pyramidinfer_bench ${EXTRA_TARGETS:-}"
 # TEST_EXCLUDE="a.cu b.cu": build the test binary directly with nvcc from
 # tests/cuda/*.cu minus those files (e.g. a file another change is still
 # writing), instead of the CMake target.
 TEST_EXCLUDE=${TEST_EXCLUDE:-}
-[ $BENCH_ONLY -eq 0 ] && [ -z "$TEST_EXCLUDE" ] && TARGETS="pyramidinfer_cuda_tests pyramidinfer_bench"
+[ $BENCH_ONLY -eq 0 ] && [ -z "$TEST_EXCLUDE" ] && TARGETS="pyramidinfer_cuda_tests $TARGETS"
 {
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPYRAMIDINFER_ENABLE_CUDA=ON \
     -DPYRAMIDINFER_BUILD_BENCHMARKS=ON -DPYRAMIDINFER_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-80;90}" $PREFIX &&
