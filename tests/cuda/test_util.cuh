@@ -38,9 +38,11 @@ struct DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   // cudaMemcpy from pageable memory may return before its last DMA lands, and
   // cudaMemset is asynchronous; both run on the legacy stream, which does not
-  // order with the tests' non-blocking streams. Synchronise the device so that
-  // a kernel launched next never sees a half-uploaded or unpoisoned buffer.
+  // order with the tests' non-blocking streams. Synchronise the device before
+  // (kernels still reading a reused buffer) and after (a kernel launched next
+  // must not see a half-uploaded or unpoisoned buffer).
   void upload(const std::vector<T>& h) {
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
     PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
     PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -51,6 +53,7 @@ struct DeviceBuffer {
     return h;
   }
   void poison() {
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
     PYRAMIDINFER_CUDA_CHECK(cudaMemset(ptr, 0xFF, std::max<std::size_t>(1, n) * sizeof(T)));
     PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
   }
