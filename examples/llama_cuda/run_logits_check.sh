@@ -22,8 +22,11 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 mkdir -p "$OUT" build-logits
 ARCH=${CUDA_ARCH:-90}
-nvcc -std=c++17 -O3 -gencode arch=compute_$ARCH,code=sm_$ARCH --expt-relaxed-constexpr -I"$ROOT/include" -I"$ROOT/examples" \
-  "$HERE/llama_logits_cuda.cu" -lcublas -o build-logits/llama-logits-cuda || { echo "BUILD FAILED"; exit 1; }
+# GPU_TOOL: a prebuilt llama-logits-cuda (else built here).
+if [ -n "${GPU_TOOL:-}" ]; then cp "$GPU_TOOL" build-logits/llama-logits-cuda; else
+  nvcc -std=c++17 -O3 -gencode arch=compute_$ARCH,code=sm_$ARCH --expt-relaxed-constexpr -I"$ROOT/include" -I"$ROOT/examples" \
+    "$HERE/llama_logits_cuda.cu" -lcublas -o build-logits/llama-logits-cuda || { echo "BUILD FAILED"; exit 1; }
+fi
 W=build-logits
 run_case() {  # name maxtok steps
   local name=$1 maxtok=$2 steps=$3
