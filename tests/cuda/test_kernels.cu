@@ -13,6 +13,29 @@ namespace pcu = pyramidinfer::cuda;
 
 namespace {
 
+/// Each row r of `out` (stride max_k) holds the host's top-k of scores row r
+/// (stride row_stride) in its first k[r] slots and poison after them.
+void expect_topk_rows(const std::vector<std::int32_t>& out, const std::vector<float>& s,
+                      const std::vector<std::int32_t>& n, const std::vector<std::int32_t>& k, int row_stride, int max_k,
+                      int forced) {
+  for (std::size_t r = 0; r < n.size(); ++r) {
+    std::vector<std::int32_t> ref(std::size_t(std::max(k[r], 1)));
+    host::topk_indices(s.data() + r * std::size_t(row_stride), n[r], k[r], forced, ref.data());
+    for (int i = 0; i < max_k; ++i) {
+      const std::int32_t got = out[r * std::size_t(max_k) + std::size_t(i)];
+      if (i < k[r]) {
+        if (got != ref[std::size_t(i)]) {
+          INFO("row " << r << " n " << n[r] << " k " << k[r] << " forced " << forced << " slot " << i);
+          REQUIRE(got == ref[std::size_t(i)]);
+        }
+      } else if (!test::is_poison(got)) {
+        INFO("row " << r << " wrote past k at " << i);
+        REQUIRE(test::is_poison(got));
+      }
+    }
+  }
+}
+
 void run_topk_case(const std::vector<int>& lens, int max_n, int groups, int forced, bool ties, bool nans,
                    cudaStream_t stream, bool use_ws = false) {
   const int batch = int(lens.size()) / groups;
@@ -57,23 +80,7 @@ void run_topk_case(const std::vector<int>& lens, int max_n, int groups, int forc
                       make_contiguous(dout.ptr, batch, groups, max_k), stream);
   }
   PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const auto out = dout.download();
-  for (std::size_t r = 0; r < lens.size(); ++r) {
-    std::vector<std::int32_t> ref(std::size_t(std::max(k[r], 1)));
-    host::topk_indices(s.data() + r * std::size_t(std::max(max_n, 1)), n[r], k[r], forced, ref.data());
-    for (int i = 0; i < max_k; ++i) {
-      const std::int32_t got = out[r * max_k + i];
-      if (i < k[r]) {
-        if (got != ref[std::size_t(i)]) {
-          INFO("row " << r << " n " << n[r] << " k " << k[r] << " forced " << forced << " slot " << i);
-          REQUIRE(got == ref[std::size_t(i)]);
-        }
-      } else if (!test::is_poison(got)) {
-        INFO("row " << r << " wrote past k at " << i);
-        REQUIRE(test::is_poison(got));
-      }
-    }
-  }
+  expect_topk_rows(dout.download(), s, n, k, std::max(max_n, 1), max_k, forced);
 }
 
 }  // namespace
@@ -167,23 +174,7 @@ void run_topk_rows(const std::vector<std::vector<float>>& rows, const std::vecto
                     make_contiguous<const std::int32_t>(dk.ptr, R, 1), forced, make_contiguous(dout.ptr, R, 1, max_k),
                     wsb ? ws.ptr : nullptr, wsb, stream);
   PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const auto out = dout.download();
-  for (int r = 0; r < R; ++r) {
-    std::vector<std::int32_t> ref(std::size_t(std::max(k[std::size_t(r)], 1)));
-    host::topk_indices(s.data() + std::size_t(r) * max_n, n[std::size_t(r)], k[std::size_t(r)], forced, ref.data());
-    for (int i = 0; i < max_k; ++i) {
-      const std::int32_t got = out[std::size_t(r) * max_k + i];
-      if (i < k[std::size_t(r)]) {
-        if (got != ref[std::size_t(i)]) {
-          INFO("row " << r << " n " << n[std::size_t(r)] << " k " << k[std::size_t(r)] << " slot " << i);
-          REQUIRE(got == ref[std::size_t(i)]);
-        }
-      } else if (!test::is_poison(got)) {
-        INFO("row " << r << " wrote past k at " << i);
-        REQUIRE(test::is_poison(got));
-      }
-    }
-  }
+  expect_topk_rows(dout.download(), s, n, k, max_n, max_k, forced);
 }
 
 }  // namespace
