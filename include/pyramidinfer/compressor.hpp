@@ -108,6 +108,10 @@ class PyramidCompressor {
   }
 
   const CompressorConfig& config() const { return cfg_; }
+  const Scoring& scoring() const { return scoring_; }
+  const Selection& selection() const { return selection_; }
+  const Schedule& schedule() const { return schedule_; }
+  const Decode& decode_schedule() const { return decode_; }
   float scale() const { return cfg_.softmax_scale > 0.f ? cfg_.softmax_scale : 1.0f / std::sqrt(float(cfg_.head_dim)); }
   ModelShape model_shape(DType dtype) const {
     return {cfg_.num_layers, cfg_.num_heads, cfg_.kv_heads, cfg_.head_dim, dtype};

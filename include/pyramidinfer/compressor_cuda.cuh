@@ -249,19 +249,14 @@ class CudaPyramidCompressor {
  public:
   explicit CudaPyramidCompressor(const CompressorConfig& cfg, Scoring scoring = {}, Selection selection = {},
                                  Schedule schedule = {}, Decode decode = {})
-      : host_(cfg, scoring, selection, schedule, decode),  // validates like the host
-        cfg_(cfg),
-        scoring_(scoring),
-        selection_(selection),
-        schedule_(schedule),
-        decode_(decode) {}
+      : host_(cfg, scoring, selection, schedule, decode) {}  // validates like the host
   ~CudaPyramidCompressor() {
     if (arena_) cudaFree(arena_);
   }
   CudaPyramidCompressor(const CudaPyramidCompressor&) = delete;
   CudaPyramidCompressor& operator=(const CudaPyramidCompressor&) = delete;
 
-  const CompressorConfig& config() const { return cfg_; }
+  const CompressorConfig& config() const { return host_.config(); }
   float scale() const { return host_.scale(); }
   ModelShape model_shape(DType dtype) const { return host_.model_shape(dtype); }
   MemoryPlan plan(const std::vector<int>& prompt_lens, int decode_steps, DType dtype) const {
@@ -284,10 +279,10 @@ class CudaPyramidCompressor {
   /// lists, slot maps, scores, picks, kept lists and scoring partials that a
   /// whole-batch prefill_select holds at once.
   std::size_t arena_bytes_per_sequence(int prompt_len, std::size_t elem_bytes) const {
-    const std::size_t w = std::size_t(window_length(prompt_len, cfg_.recent_ratio));
-    const std::size_t layers = cfg_.compress_decode ? std::size_t(cfg_.num_layers) : 1;
-    return layers * cfg_.num_heads * w * (cfg_.head_dim * elem_bytes + 4) +
-           std::size_t(prompt_len) * 4 * (6 + 5 * std::size_t(head_sets()) + std::size_t(cfg_.kv_heads));
+    const std::size_t w = std::size_t(window_length(prompt_len, cfg().recent_ratio));
+    const std::size_t layers = cfg().compress_decode ? std::size_t(cfg().num_layers) : 1;
+    return layers * cfg().num_heads * w * (cfg().head_dim * elem_bytes + 4) +
+           std::size_t(prompt_len) * 4 * (6 + 5 * std::size_t(head_sets()) + std::size_t(cfg().kv_heads));
   }
 
   /// Starts a batch: one prompt length per sequence. Clears `cache` (enqueued
@@ -317,11 +312,11 @@ class CudaPyramidCompressor {
     for (int b = 0; b < B; ++b) {
       Seq& s = seqs_[std::size_t(b)];
       s.prompt = prompt_lens[std::size_t(b)];
-      s.window = window_length(s.prompt, cfg_.recent_ratio);
+      s.window = window_length(s.prompt, cfg().recent_ratio);
       s.n = s.prompt;
       s.head_count.assign(std::size_t(head_sets()), s.prompt);
-      s.stored.assign(std::size_t(cfg_.num_layers), 0);
-      s.selected.assign(std::size_t(cfg_.num_layers), 0);
+      s.stored.assign(std::size_t(cfg().num_layers), 0);
+      s.selected.assign(std::size_t(cfg().num_layers), 0);
       ring_cap_ = std::max(ring_cap_, s.window);
       max_prompt_ = std::max(max_prompt_, s.prompt);
     }
@@ -336,16 +331,16 @@ class CudaPyramidCompressor {
     arena_bytes_ = need;
     m_ = layout<T>(cache, arena_, arena_cap_);
     // Host-tracked decode state: lengths and boundaries per (layer, sequence, head set).
-    const std::size_t hs = std::size_t(cfg_.num_layers) * B * head_sets();
+    const std::size_t hs = std::size_t(cfg().num_layers) * B * head_sets();
     hlen_.assign(hs, 0);
     hbound_.assign(hs, -1);
-    hcap_.resize(std::size_t(cfg_.num_layers));
-    for (int l = 0; l < cfg_.num_layers; ++l) hcap_[std::size_t(l)] = cache.capacity(l);
+    hcap_.resize(std::size_t(cfg().num_layers));
+    for (int l = 0; l < cfg().num_layers; ++l) hcap_[std::size_t(l)] = cache.capacity(l);
     last_fired_ = 0;
     evict_launches_ = 0;
     // Zero the ring (stale LSE reads stay finite) and the state (cur = 0), then set it.
     PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(arena_, 0, need, stream));
-    const int L = cfg_.num_layers, ph = head_sets();
+    const int L = cfg().num_layers, ph = head_sets();
     launch_fill(m_.bound, L * B * ph, -1, stream);  // -1: no prefill yet (the trigger never fires)
     launch_fill(m_.ones, B, 1, stream);
     std::vector<int> windows(std::size_t(B), 0), counts(std::size_t(B), 0);
@@ -463,18 +458,18 @@ class CudaPyramidCompressor {
       const char* name = x == &k ? "k" : "v";
       detail::check_view(*x, fn, name);
       detail::check_dim(*x, 0, B, fn, name);
-      detail::check_dim(*x, 1, cfg_.kv_heads, fn, name);
+      detail::check_dim(*x, 1, cfg().kv_heads, fn, name);
       detail::check_dim(*x, 2, 1, fn, name);
-      detail::check_dim(*x, 3, cfg_.head_dim, fn, name);
+      detail::check_dim(*x, 3, cfg().head_dim, fn, name);
     }
     detail::check_view(q, fn, "q");
     detail::check_dim(q, 0, B, fn, "q");
-    detail::check_dim(q, 1, cfg_.num_heads, fn, "q");
-    detail::check_dim(q, 3, cfg_.head_dim, fn, "q");
+    detail::check_dim(q, 1, cfg().num_heads, fn, "q");
+    detail::check_dim(q, 3, cfg().head_dim, fn, "q");
     if (lse.data) {
       detail::check_view(lse, fn, "lse");
       detail::check_dim(lse, 0, B, fn, "lse");
-      detail::check_dim(lse, 1, cfg_.num_heads, fn, "lse");
+      detail::check_dim(lse, 1, cfg().num_heads, fn, "lse");
     }
     cache.append(layer, k, v, TensorView<const std::int32_t, 2>{pos, {B, 1}, {1, 1}}, m_.ones, stream);
     const int cap = hcap_[std::size_t(layer)];
@@ -483,9 +478,9 @@ class CudaPyramidCompressor {
         int& n = hlen_[hidx(layer, b, p)];
         if (n + 1 <= cap) ++n;  // the append kernel's rule (an overflow leaves the length)
       }
-    if (!cfg_.compress_decode) return;  // the ring serves decode compression only
+    if (!cfg().compress_decode) return;  // the ring serves decode compression only
     cuda::detail::comp_push_decode_kernel<T><<<unsigned(B), 256, 0, stream>>>(
-        q, lse, ring_q<T>(layer), ring_lse(layer), ring_cap_, cfg_.head_dim, cfg_.num_heads,
+        q, lse, ring_q<T>(layer), ring_lse(layer), ring_cap_, cfg().head_dim, cfg().num_heads,
         m_.ring_start + layer * B, m_.ring_count + layer * B, m_.pending + layer * B, m_.window);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_decode_kernel");
   }
@@ -500,10 +495,10 @@ class CudaPyramidCompressor {
     PYRAMIDINFER_REQUIRE(!seqs_.empty(), fn, "state", "no batch", "needs begin() and a prefill first");
     detail::check_view(lse, fn, "lse");
     detail::check_dim(lse, 0, batch_, fn, "lse");
-    detail::check_dim(lse, 1, cfg_.num_heads, fn, "lse");
-    if (!cfg_.compress_decode) return;
+    detail::check_dim(lse, 1, cfg().num_heads, fn, "lse");
+    if (!cfg().compress_decode) return;
     const int B = batch_;
-    cuda::detail::comp_set_lse_kernel<<<unsigned(B), 64, 0, stream>>>(lse, ring_lse(layer), ring_cap_, cfg_.num_heads,
+    cuda::detail::comp_set_lse_kernel<<<unsigned(B), 64, 0, stream>>>(lse, ring_lse(layer), ring_cap_, cfg().num_heads,
                                                                      m_.ring_start + layer * B,
                                                                      m_.ring_count + layer * B, m_.pending + layer * B);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_set_lse_kernel");
@@ -519,7 +514,7 @@ class CudaPyramidCompressor {
     check_layer(layer, fn);
     PYRAMIDINFER_REQUIRE(!seqs_.empty() && dtype_ == DTypeOf<T>::value, fn, "state", "no batch",
                          "needs begin() (with this element type) and a prefill first");
-    if (!cfg_.compress_decode) return;
+    if (!cfg().compress_decode) return;
     const DecodeEvictArgs<T> e = evict_args<T>(layer);
     if (trigger_ == DecodeTrigger::host) {
       // The device trigger's rule on the host twin: kv_len - window - bound >= segment.
@@ -603,24 +598,24 @@ class CudaPyramidCompressor {
     std::size_t bytes = 0;
   };
 
-  bool per_head() const { return selection_.granularity == Granularity::per_kv_head; }
+  bool per_head() const { return selection().granularity == Granularity::per_kv_head; }
   std::size_t hidx(int layer, int b, int p) const {
     return (std::size_t(layer) * batch_ + std::size_t(b)) * head_sets() + std::size_t(p);
   }
   /// The ring holds every layer when decode compresses, else one layer (prefill only, reused).
-  int ring_layer(int layer) const { return cfg_.compress_decode ? layer : 0; }
-  int ring_layers() const { return cfg_.compress_decode ? cfg_.num_layers : 1; }
-  int head_sets() const { return per_head() ? cfg_.kv_heads : 1; }
+  int ring_layer(int layer) const { return cfg().compress_decode ? layer : 0; }
+  int ring_layers() const { return cfg().compress_decode ? cfg().num_layers : 1; }
+  int head_sets() const { return per_head() ? cfg().kv_heads : 1; }
 
   const Seq& seq(int b) const {
     PYRAMIDINFER_REQUIRE(b >= 0 && b < batch_, "CudaPyramidCompressor", "b", b,
                          "must be in [0, " + std::to_string(batch_) + ")");
     return seqs_[std::size_t(b)];
   }
-  void check_layer(int layer, const char* fn) const { pyramidinfer::detail::check_compressor_layer(cfg_, layer, fn); }
+  void check_layer(int layer, const char* fn) const { pyramidinfer::detail::check_compressor_layer(cfg(), layer, fn); }
   template <class T>
   void check_cache(const KVCache<T, CudaBackend>& cache, const char* fn) const {
-    pyramidinfer::detail::check_compressor_cache(cfg_, selection_.granularity, cache.shape(), fn);
+    pyramidinfer::detail::check_compressor_cache(cfg(), selection().granularity, cache.shape(), fn);
     PYRAMIDINFER_REQUIRE(seqs_.empty() || cache.shape().batch == batch_, fn, "cache.batch", cache.shape().batch,
                          "must match begin()'s batch");
   }
@@ -655,12 +650,12 @@ class CudaPyramidCompressor {
   void check_packed_queries(const TensorView<const T, 3>& q, const TensorView<const float, 2>& lse, std::int64_t rows,
                             const char* fn) const {
     detail::check_view(q, fn, "q");
-    detail::check_dim(q, 0, cfg_.num_heads, fn, "q");
+    detail::check_dim(q, 0, cfg().num_heads, fn, "q");
     detail::check_dim(q, 1, rows, fn, "q");
-    detail::check_dim(q, 2, cfg_.head_dim, fn, "q");
+    detail::check_dim(q, 2, cfg().head_dim, fn, "q");
     if (lse.data) {
       detail::check_view(lse, fn, "lse");
-      detail::check_dim(lse, 0, cfg_.num_heads, fn, "lse");
+      detail::check_dim(lse, 0, cfg().num_heads, fn, "lse");
       detail::check_dim(lse, 1, rows, fn, "lse");
     }
   }
@@ -678,10 +673,10 @@ class CudaPyramidCompressor {
   template <class T>
   T* ring_q(int layer) const {
     return reinterpret_cast<T*>(m_.ring_q) +
-           std::size_t(ring_layer(layer)) * batch_ * cfg_.num_heads * ring_cap_ * cfg_.head_dim;
+           std::size_t(ring_layer(layer)) * batch_ * cfg().num_heads * ring_cap_ * cfg().head_dim;
   }
   float* ring_lse(int layer) const {
-    return m_.ring_lse + std::size_t(ring_layer(layer)) * batch_ * cfg_.num_heads * ring_cap_;
+    return m_.ring_lse + std::size_t(ring_layer(layer)) * batch_ * cfg().num_heads * ring_cap_;
   }
   cuda::detail::PrefillState state() const {
     cuda::detail::PrefillState s;
@@ -749,7 +744,7 @@ class CudaPyramidCompressor {
     a.topk_k = m_.topk_k;
     a.b0 = b0;
     a.ph = head_sets();
-    a.kv_heads = cfg_.kv_heads;
+    a.kv_heads = cfg().kv_heads;
     for_each_chunk(keep, [&](const cuda::detail::IntChunk& c) {
       cuda::detail::comp_prep_kernel<<<1, 256, 0, stream>>>(a, c);
       PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_prep_kernel");
@@ -760,7 +755,7 @@ class CudaPyramidCompressor {
   template <class T>
   ScoreProblem<T> problem(int layer, const KVCache<T, CudaBackend>& cache, int b0, int nb) const {
     ScoreProblem<T> p;
-    const int QH = cfg_.num_heads, H = cfg_.kv_heads, d = cfg_.head_dim;
+    const int QH = cfg().num_heads, H = cfg().kv_heads, d = cfg().head_dim;
     const auto keys = cache.keys(layer);
     p.keys = {keys.data + b0 * keys.stride[0], {nb, keys.shape[1], keys.shape[2], keys.shape[3]}, keys.stride};
     const auto pos = cache.positions(layer);
@@ -787,12 +782,12 @@ class CudaPyramidCompressor {
     for (auto* x : {&k, &v}) {
       const char* name = x == &k ? "k" : "v";
       detail::check_view(*x, fn, name, 0);
-      detail::check_dim(*x, 0, cfg_.kv_heads, fn, name);
+      detail::check_dim(*x, 0, cfg().kv_heads, fn, name);
       PYRAMIDINFER_REQUIRE(x->shape[1] == rows, fn, (std::string(name) + ".shape[1]").c_str(), x->shape[1],
                            std::string(nb == 1 ? "must equal the current token count " :
                                                  "must equal the packed token count (sum of token_count) ") +
                                std::to_string(rows));
-      detail::check_dim(*x, 2, cfg_.head_dim, fn, name);
+      detail::check_dim(*x, 2, cfg().head_dim, fn, name);
     }
     int max_c = 1;
     for (int b = b0; b < b0 + nb; ++b) {
@@ -818,7 +813,7 @@ class CudaPyramidCompressor {
     a.off = packed_offsets(m_.n, b0, nb, stream);
     a.b0 = b0;
     using cuda::detail::kRowWarps;
-    const dim3 grid(unsigned((max_c + kRowWarps - 1) / kRowWarps), unsigned(cfg_.kv_heads), unsigned(nb));
+    const dim3 grid(unsigned((max_c + kRowWarps - 1) / kRowWarps), unsigned(cfg().kv_heads), unsigned(nb));
     if (rows_vec16(k) && rows_vec16(v) && rows_vec16(a.ck) && rows_vec16(a.cv))
       cuda::detail::comp_store_kernel<T, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
     else
@@ -838,9 +833,9 @@ class CudaPyramidCompressor {
                                   TensorView<const float, 2> lse, bool window_only, cudaStream_t stream,
                                   const char* fn) {
     check_layer_range<T>(layer, b0, nb, cache, fn);
-    if (window_only) pyramidinfer::detail::check_window_queries(cfg_, seqs_[std::size_t(b0)].window, q, lse, true, fn);
+    if (window_only) pyramidinfer::detail::check_window_queries(cfg(), seqs_[std::size_t(b0)].window, q, lse, true, fn);
     else check_packed_queries(q, lse, packed_rows(b0, nb), fn);
-    const int ph = head_sets(), QH = cfg_.num_heads, B = batch_, P = max_prompt_;
+    const int ph = head_sets(), QH = cfg().num_heads, B = batch_, P = max_prompt_;
     int max_w = 1;
     for (int b = b0; b < b0 + nb; ++b) {
       const Seq& s = seqs_[std::size_t(b)];
@@ -850,14 +845,14 @@ class CudaPyramidCompressor {
     }
     // Host twin of the counts, entry e = (b - b0) * ph + p: context and keep
     // (exact for TopKSelection; a bound otherwise, fixed after scoring).
-    const double ratio = schedule_.keep_ratio(layer, cfg_.num_layers);
+    const double ratio = schedule().keep_ratio(layer, cfg().num_layers);
     std::vector<int> ctx(std::size_t(nb) * ph), keep(ctx.size());
     for (int i = 0; i < nb; ++i)
       for (int p = 0; p < ph; ++p) {
         const Seq& s = seqs_[std::size_t(b0 + i)];
         const std::size_t e = std::size_t(i) * ph + p;
         ctx[e] = s.head_count[std::size_t(p)] - s.window;
-        keep[e] = selection_.max_keep(ctx[e], ratio);
+        keep[e] = selection().max_keep(ctx[e], ratio);
       }
     // Validated: from here on nothing throws on user input.
     // 1. window queries into the ring; 2. their LSE if the engine has none.
@@ -874,7 +869,7 @@ class CudaPyramidCompressor {
       a.off = window_only ? nullptr : packed_offsets(m_.n, b0, nb, stream);
       a.b0 = b0;
       a.cap = ring_cap_;
-      a.d = cfg_.head_dim;
+      a.d = cfg().head_dim;
       a.q_heads = QH;
       a.window_only = window_only;
       using cuda::detail::kRowWarps;
@@ -890,25 +885,25 @@ class CudaPyramidCompressor {
     // 3. score the context of every (sequence, head set).
     launch_prep(b0, keep, stream);
     float* scores = m_.scores + std::size_t(b0) * ph * P;
-    cuda::window_attention_scores<T>(problem<T>(layer, cache, b0, nb), selection_.granularity,
-                                     CudaWindowScoring<Scoring>::weight(scoring_), make_contiguous(scores, nb, ph, P),
+    cuda::window_attention_scores<T>(problem<T>(layer, cache, b0, nb), selection().granularity,
+                                     CudaWindowScoring<Scoring>::weight(scoring()), make_contiguous(scores, nb, ph, P),
                                      m_.score_ws, m_.score_ws_bytes, stream);
     if constexpr (!std::is_same<Selection, TopKSelection>::value) {
       // Score-dependent count: read the scores back (one host sync for the range, see the top).
       std::vector<float> h(std::size_t(nb) * ph * P);
       PYRAMIDINFER_CUDA_CHECK(cudaMemcpyAsync(h.data(), scores, h.size() * sizeof(float), cudaMemcpyDeviceToHost, stream));
       PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
-      for (std::size_t e = 0; e < keep.size(); ++e) keep[e] = selection_.keep_count(h.data() + e * P, ctx[e], ratio);
+      for (std::size_t e = 0; e < keep.size(); ++e) keep[e] = selection().keep_count(h.data() + e * P, ctx[e], ratio);
       launch_prep(b0, keep, stream);
     }
     // 4. top-k with sinks, one row per (sequence, head set).
     std::int32_t* pick = m_.pick + std::size_t(b0) * ph * P;
     cuda::topk_indices(make_contiguous<const float>(scores, nb, ph, P),
                        make_contiguous<const std::int32_t>(m_.topk_n + std::size_t(b0) * ph, nb, ph),
-                       make_contiguous<const std::int32_t>(m_.topk_k + std::size_t(b0) * ph, nb, ph), selection_.sinks,
+                       make_contiguous<const std::int32_t>(m_.topk_k + std::size_t(b0) * ph, nb, ph), selection().sinks,
                        make_contiguous(pick, nb, ph, P), m_.topk_ws, m_.topk_ws_bytes, stream);
     // 5. T_{l+1} (drop_tokens) or the layer's own compaction (layer_local).
-    const bool drop = cfg_.prefill_mode == PrefillMode::drop_tokens;
+    const bool drop = cfg().prefill_mode == PrefillMode::drop_tokens;
     if (drop) {
       cuda::detail::NextArgs a;
       a.s = state();
@@ -1025,15 +1020,15 @@ class CudaPyramidCompressor {
   DecodeEvictArgs<T> evict_args(int layer) const {
     DecodeEvictArgs<T> e;
     const int B = batch_;
-    e.queries = make_contiguous<const T>(ring_q<T>(layer), B, cfg_.num_heads, ring_cap_, cfg_.head_dim);
-    e.lse = make_contiguous<const float>(ring_lse(layer), B, cfg_.num_heads, ring_cap_);  // settled: the stored rows
+    e.queries = make_contiguous<const T>(ring_q<T>(layer), B, cfg().num_heads, ring_cap_, cfg().head_dim);
+    e.lse = make_contiguous<const float>(ring_lse(layer), B, cfg().num_heads, ring_cap_);  // settled: the stored rows
     e.ring_start = m_.ring_start + layer * B;
     e.window_len = m_.window;
     e.bound = m_.bound + std::size_t(layer) * B * head_sets();
-    e.segment = decode_.segment;
-    e.keep = decode_.keep_count(layer, cfg_.num_layers);
+    e.segment = decode().segment;
+    e.keep = decode().keep_count(layer, cfg().num_layers);
     e.scale = scale();
-    e.distance_weight = CudaWindowScoring<Scoring>::weight(scoring_);
+    e.distance_weight = CudaWindowScoring<Scoring>::weight(scoring());
     return e;
   }
 
@@ -1041,14 +1036,14 @@ class CudaPyramidCompressor {
   /// `trigger`, only of sequences whose decode compression fires now.
   template <class T>
   void settle(int layer, const KVCache<T, CudaBackend>& cache, int b0, int nb, bool trigger, cudaStream_t stream) {
-    const int B = batch_, QH = cfg_.num_heads;
-    cuda::detail::Trigger trig{trigger, m_.bound + std::size_t(layer) * B * head_sets(), head_sets(), decode_.segment};
+    const int B = batch_, QH = cfg().num_heads;
+    cuda::detail::Trigger trig{trigger, m_.bound + std::size_t(layer) * B * head_sets(), head_sets(), decode().segment};
     const auto len = cache.lengths(layer);
     const dim3 grid(unsigned((ring_cap_ + 3) / 4), unsigned(QH), unsigned(nb));
     cuda::detail::comp_settle_kernel<T><<<grid, 128, 0, stream>>>(
         KVView<const T>(cache.keys(layer)), TensorView<const std::int32_t, 2>(len), ring_q<T>(layer), ring_lse(layer),
-        m_.ring_start + layer * B, m_.pending + layer * B, m_.window, ring_cap_, cfg_.head_dim, QH,
-        QH / cfg_.kv_heads, scale(), trig, b0);
+        m_.ring_start + layer * B, m_.pending + layer * B, m_.window, ring_cap_, cfg().head_dim, QH,
+        QH / cfg().kv_heads, scale(), trig, b0);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_settle_kernel");
     cuda::detail::comp_clear_pending_kernel<<<unsigned((nb + 127) / 128), 128, 0, stream>>>(
         TensorView<const std::int32_t, 2>(len), m_.pending + layer * B, m_.window, trig, b0, nb);
@@ -1058,9 +1053,9 @@ class CudaPyramidCompressor {
   /// Carves the arena (base == nullptr: sizes only).
   template <class T>
   Mem layout(const KVCache<T, CudaBackend>& cache, void* base, std::size_t cap_bytes) {
-    const std::size_t L = std::size_t(cfg_.num_layers), B = std::size_t(batch_), QH = std::size_t(cfg_.num_heads),
-                      H = std::size_t(cfg_.kv_heads), ph = std::size_t(head_sets()), P = std::size_t(max_prompt_),
-                      R = std::size_t(ring_cap_), d = std::size_t(cfg_.head_dim);
+    const std::size_t L = std::size_t(cfg().num_layers), B = std::size_t(batch_), QH = std::size_t(cfg().num_heads),
+                      H = std::size_t(cfg().kv_heads), ph = std::size_t(head_sets()), P = std::size_t(max_prompt_),
+                      R = std::size_t(ring_cap_), d = std::size_t(cfg().head_dim);
     WorkspaceCarver c(base, cap_bytes);
     Mem m;
     const std::size_t RL = std::size_t(ring_layers());
@@ -1093,7 +1088,7 @@ class CudaPyramidCompressor {
     m.scores = c.take<float>(B * ph * P);
     m.pick = c.take<std::int32_t>(B * ph * P);
     int max_cap = 1;
-    for (int l = 0; l < cfg_.num_layers; ++l) max_cap = std::max(max_cap, cache.capacity(l));
+    for (int l = 0; l < cfg().num_layers; ++l) max_cap = std::max(max_cap, cache.capacity(l));
     m.kept = c.take<std::int32_t>(B * ph * std::size_t(max_cap));
     m.kept_count = c.take<std::int32_t>(B * ph);
     // Workspaces, each from its size query, for the whole batch: a range of
@@ -1106,7 +1101,7 @@ class CudaPyramidCompressor {
       p.keys = make_contiguous<const T>(static_cast<const T*>(nullptr), int(B), int(H), max_cap, int(d));
       p.queries = make_contiguous<const T>(static_cast<const T*>(nullptr), int(B), int(QH), int(R), int(d));
       p.lse = make_contiguous<const float>(reinterpret_cast<const float*>(kWorkspaceAlignment), int(B), int(QH), int(R));
-      m.score_ws_bytes = cuda::window_attention_scores_workspace_bytes(p, selection_.granularity);
+      m.score_ws_bytes = cuda::window_attention_scores_workspace_bytes(p, selection().granularity);
     }
     m.score_ws = c.take<unsigned char>(m.score_ws_bytes);
     m.topk_ws_bytes = 0;  // not monotonic in the row count (long rows go multi-block only up to a row limit)
@@ -1114,13 +1109,13 @@ class CudaPyramidCompressor {
       m.topk_ws_bytes = std::max(m.topk_ws_bytes, cuda::topk_indices_workspace_bytes(int(nb * ph), int(P)));
     m.topk_ws = c.take<unsigned char>(m.topk_ws_bytes);
     std::size_t cws = 0, ews = 0;
-    for (int l = 0; l < cfg_.num_layers; ++l) {
+    for (int l = 0; l < cfg().num_layers; ++l) {
       cws = std::max(cws, cache.compact_workspace_bytes(l));
       DecodeEvictArgs<T> e;
       e.queries = make_contiguous<const T>(static_cast<const T*>(nullptr), int(B), int(QH), int(R), int(d));
       e.lse = make_contiguous<const float>(reinterpret_cast<const float*>(kWorkspaceAlignment), int(B), int(QH), int(R));
-      e.segment = decode_.segment;
-      e.keep = decode_.keep_count(l, cfg_.num_layers);
+      e.segment = decode().segment;
+      e.keep = decode().keep_count(l, cfg().num_layers);
       ews = std::max(ews, cache.decode_evict_workspace_bytes(l, e));
     }
     m.compact_ws_bytes = cws;
@@ -1131,12 +1126,14 @@ class CudaPyramidCompressor {
     return m;
   }
 
-  PyramidCompressor<Scoring, Selection, Schedule, Decode> host_;  ///< validation, plan and trace
-  CompressorConfig cfg_;
-  Scoring scoring_;
-  Selection selection_;
-  Schedule schedule_;
-  Decode decode_;
+  const CompressorConfig& cfg() const { return host_.config(); }
+  const Scoring& scoring() const { return host_.scoring(); }
+  const Selection& selection() const { return host_.selection(); }
+  const Schedule& schedule() const { return host_.schedule(); }
+  const Decode& decode() const { return host_.decode_schedule(); }
+
+  /// Validation, plan, trace, and the one copy of the config and policies.
+  PyramidCompressor<Scoring, Selection, Schedule, Decode> host_;
   std::vector<Seq> seqs_;
   int batch_ = 0, ring_cap_ = 1, max_prompt_ = 1;
   DType dtype_ = DType::f32;

@@ -453,21 +453,25 @@ TEMPLATE_TEST_CASE("gather_kv_rows and gather_rows match the host gather", "[cud
   pcu::gather_kv_rows<TestType>(view(dsrc.ptr), make_contiguous<const std::int32_t>(dkept.ptr, batch, heads, n),
                                  make_contiguous<const std::int32_t>(dcnt.ptr, batch, heads), view(ddst.ptr), st.s);
   st.sync();
-  const auto got = ddst.download();
-  auto hs = view(src.data());
-  auto hg = view(const_cast<TestType*>(got.data()));
-  for (int b = 0; b < batch; ++b)
-    for (int h = 0; h < heads; ++h) {
-      const int r = b * heads + h;
-      for (int i = 0; i < n; ++i)
-        for (int e = 0; e < d; ++e) {
-          if (i < cnt[std::size_t(r)]) {
-            REQUIRE(std::memcmp(&hg(b, h, i, e), &hs(b, h, kept[std::size_t(r) * n + i], e), sizeof(TestType)) == 0);
-          } else {
-            REQUIRE(test::is_poison(hg(b, h, i, e)));
+  // got(b, h, i) == source(b, h, kept(b, h, i)) for i < count, poison after.
+  const auto expect_gathered = [&](std::vector<TestType>& source, const std::vector<TestType>& got) {
+    auto hs = view(source.data());
+    auto hg = view(const_cast<TestType*>(got.data()));
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < heads; ++h) {
+        const int r = b * heads + h;
+        for (int i = 0; i < n; ++i)
+          for (int e = 0; e < d; ++e) {
+            if (i < cnt[std::size_t(r)]) {
+              REQUIRE(std::memcmp(&hg(b, h, i, e), &hs(b, h, kept[std::size_t(r) * n + i], e), sizeof(TestType)) == 0);
+            } else {
+              REQUIRE(test::is_poison(hg(b, h, i, e)));
+            }
           }
-        }
-    }
+      }
+  };
+  const auto got = ddst.download();
+  expect_gathered(src, got);
   {
     // Fused K/V overload (one launch) on the same lists: K = src, V = src
     // shifted by one element; both must equal the host gather.
@@ -481,21 +485,7 @@ TEMPLATE_TEST_CASE("gather_kv_rows and gather_rows match the host gather", "[cud
     st.sync();
     const auto gk = dk2.download(), gv = dv2.download();
     REQUIRE(std::memcmp(gk.data(), got.data(), got.size() * sizeof(TestType)) == 0);
-    auto hsv = view(src_v.data());
-    auto hgv = view(const_cast<TestType*>(gv.data()));
-    for (int b = 0; b < batch; ++b)
-      for (int h = 0; h < heads; ++h) {
-        const int r = b * heads + h;
-        for (int i = 0; i < n; ++i)
-          for (int e = 0; e < d; ++e) {
-            if (i < cnt[std::size_t(r)]) {
-              REQUIRE(std::memcmp(&hgv(b, h, i, e), &hsv(b, h, kept[std::size_t(r) * n + i], e), sizeof(TestType)) ==
-                      0);
-            } else {
-              REQUIRE(test::is_poison(hgv(b, h, i, e)));
-            }
-          }
-      }
+    expect_gathered(src_v, gv);
   }
   // Hidden states [tokens, hidden].
   const int tokens = test::rand_int(1, 3000), hidden = test::rand_int(0, 1) ? 512 : 77;
