@@ -15,6 +15,10 @@
 //     --device-trigger  CudaPyramidCompressor's device trigger mode (the chain
 //                       launches every step) instead of the host-tracked default
 //     --no-graph        decode steps launched eagerly (no CUDA graph replay)
+//     --profile P       P = prefill or decode: one warm-up run only, with
+//                       cudaProfilerStart/Stop around its prefill, or around
+//                       its decode step 128 (for `ncu --profile-from-start off`);
+//                       prints no JSON
 //
 //   e2e-bench selfcheck
 //     On random data: the engine's prefill (tensor-core) and decode (split)
@@ -28,6 +32,7 @@
 #include <random>
 #include <cstdio>
 #include <cstring>
+#include <cuda_profiler_api.h>
 #include <string>
 
 #define PYRAMIDINFER_LLAMA_CUDA_NO_GGUF
@@ -55,7 +60,7 @@ static std::size_t used_bytes() {
 
 template <class Engine>
 void run(const char* shape, const char* policy, const CudaModel& model, Engine& e, int batch, int prompt, int gen,
-         bool comp_share, double final_ratio) {
+         bool comp_share, double final_ratio, const std::string& profile) {
   const LlamaShape& s = model.shape();
   std::vector<std::vector<std::int32_t>> prompts(static_cast<std::size_t>(batch), std::vector<std::int32_t>(static_cast<std::size_t>(prompt)));
   for (int b = 0; b < batch; ++b)
@@ -64,13 +69,21 @@ void run(const char* shape, const char* policy, const CudaModel& model, Engine& 
   auto once = [&](double& prefill_s, double& decode_s) {
     LC_CUDA(cudaDeviceSynchronize());
     const auto t0 = Clock::now();
+    if (profile == "prefill") LC_CUDA(cudaProfilerStart());
     e.prefill(prompts, gen, false);
     e.argmax_to(ids.get());
     LC_CUDA(cudaStreamSynchronize(e.stream()));
+    if (profile == "prefill") LC_CUDA(cudaProfilerStop());
     const auto t1 = Clock::now();
     for (int step = 1; step < gen; ++step) {  // the first token comes from prefill
+      const bool prof = profile == "decode" && step == std::min(128, gen - 1);
+      if (prof) LC_CUDA(cudaProfilerStart());
       e.decode_device(ids.get());
       e.argmax_to(ids.get());
+      if (prof) {
+        LC_CUDA(cudaStreamSynchronize(e.stream()));
+        LC_CUDA(cudaProfilerStop());
+      }
     }
     LC_CUDA(cudaStreamSynchronize(e.stream()));
     const auto t2 = Clock::now();
@@ -79,6 +92,7 @@ void run(const char* shape, const char* policy, const CudaModel& model, Engine& 
   };
   double pf = 0, dc = 0;
   once(pf, dc);  // warm-up (cuBLAS heuristics, allocations)
+  if (!profile.empty()) return;
   once(pf, dc);
   e.check();
   const std::size_t peak = used_bytes();
@@ -276,19 +290,23 @@ int main(int argc, char** argv) {
   if (argc < 6) {
     std::fprintf(stderr,
                  "usage: e2e-bench SHAPE full|pyramid|pyramid45 BATCH|fit PROMPT GEN [--comp-share] [--device-trigger] "
-                 "[--no-graph]\n       e2e-bench selfcheck\n");
+                 "[--no-graph] [--profile prefill|decode]\n       e2e-bench selfcheck\n");
     return 2;
   }
   try {
     const std::string shape = argv[1], policy = argv[2], batch_arg = argv[3];
     const int prompt = std::atoi(argv[4]), gen = std::atoi(argv[5]);
     bool comp = false, device_trigger = false, graph = true;
+    std::string profile;
     for (int i = 6; i < argc; ++i) {
       if (std::strcmp(argv[i], "--comp-share") == 0) comp = true;
+      else if (std::strcmp(argv[i], "--profile") == 0 && i + 1 < argc) profile = argv[++i];
       else if (std::strcmp(argv[i], "--device-trigger") == 0) device_trigger = true;
       else if (std::strcmp(argv[i], "--no-graph") == 0) graph = false;
       else throw std::runtime_error(std::string("unknown flag ") + argv[i]);
     }
+    if (!profile.empty() && profile != "prefill" && profile != "decode")
+      throw std::runtime_error("--profile must be prefill or decode, got '" + profile + "'");
     const LlamaShape s = shape_of(shape);
     const CudaModel model = CudaModel::random(s, 42);
     auto go = [&](auto& e, double r) {
@@ -309,7 +327,7 @@ int main(int argc, char** argv) {
       } else {
         batch = std::atoi(batch_arg.c_str());
       }
-      run(shape.c_str(), policy.c_str(), model, e, batch, prompt, gen, comp, r);
+      run(shape.c_str(), policy.c_str(), model, e, batch, prompt, gen, comp, r, profile);
     };
     EngineOptions base;
     if (device_trigger) base.decode_trigger = DecodeTrigger::device;

@@ -112,66 +112,100 @@ static __global__ void embed_kernel(const __half* emb, const std::int32_t* ids, 
   for (int c = threadIdx.x; c < dim; c += blockDim.x) h[std::int64_t(row) * dim + c] = __half2float(src[c]);
 }
 
-/// y[row] = fp16(x * rsqrt(mean(x^2) + eps) * w). One block per row.
-static __global__ void rmsnorm_kernel(const float* x, const float* w, int dim, float eps, __half* y,
-                               const std::int32_t* row_map) {
+/// y[row] = fp16(x * rsqrt(mean(x^2) + eps) * w), x fp32 [rows, dim]; row_map
+/// (optional) picks the source row. One block per row; the row stays in
+/// registers (kNormVecs float4 per thread) so x is read once, and every
+/// thread's loads are in flight together (a loop of dependent scalar loads
+/// made this a 13 us kernel at decode sizes). Needs dim % 4 == 0 and
+/// dim <= kNormMaxDim (CudaEngine checks the shape).
+constexpr int kNormThreads = 256, kNormVecs = 8, kNormMaxDim = 4 * kNormThreads * kNormVecs;
+static __global__ void __launch_bounds__(kNormThreads) rmsnorm_kernel(const float* x, const float* w, int dim, float eps,
+                                                                      __half* y, const std::int32_t* row_map) {
   const int row = blockIdx.x;
   const int src_row = row_map ? row_map[row] : row;
-  const float* in = x + std::int64_t(src_row) * dim;
+  const float4* in = reinterpret_cast<const float4*>(x + std::int64_t(src_row) * dim);
+  const int n4 = dim / 4;
+  float4 v[kNormVecs];
   float s = 0.f;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) s += in[c] * in[c];
-  __shared__ float part[32];
+#pragma unroll
+  for (int j = 0; j < kNormVecs; ++j) {
+    const int c = threadIdx.x + j * kNormThreads;
+    v[j] = c < n4 ? in[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+    s += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+  }
+  __shared__ float part[kNormThreads / 32];
   s = warp_sum(s);
   if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
   __syncthreads();
-  if (threadIdx.x < 32) {
-    float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
-    v = warp_sum(v);
-    if (threadIdx.x == 0) part[0] = v;
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < kNormThreads / 32; ++i) total += part[i];
+  const float scale = rsqrtf(total / float(dim) + eps);
+  const float4* wv = reinterpret_cast<const float4*>(w);
+  __half2* out = reinterpret_cast<__half2*>(y + std::int64_t(row) * dim);
+#pragma unroll
+  for (int j = 0; j < kNormVecs; ++j) {
+    const int c = threadIdx.x + j * kNormThreads;
+    if (c >= n4) break;
+    const float4 g = wv[c];
+    out[2 * c] = __floats2half2_rn(v[j].x * scale * g.x, v[j].y * scale * g.y);
+    out[2 * c + 1] = __floats2half2_rn(v[j].z * scale * g.z, v[j].w * scale * g.w);
   }
-  __syncthreads();
-  const float scale = rsqrtf(part[0] / float(dim) + eps);
-  for (int c = threadIdx.x; c < dim; c += blockDim.x)
-    y[std::int64_t(row) * dim + c] = __float2half(in[c] * scale * w[c]);
+}
+
+/// RoPE angle of pair i at position p: p * base^(-2i / rope_dims), in double
+/// as the CPU engine (examples/llama/tensor_ops.hpp) computes it.
+__device__ inline float2 rope_cos_sin(int p, int i, int rope_dims, float base) {
+  const double inv = pow(double(base), -2.0 * double(i) / double(rope_dims));
+  double sd, cd;
+  sincos(double(p) * inv, &sd, &cd);
+  return make_float2(float(cd), float(sd));
+}
+
+/// cs[p, i] = rope_cos_sin(p, i) for p < P, i < half_rot: computed once per
+/// prefill for every position the batch can reach, then read by every layer
+/// and decode step (the double-precision pow and sincos per element and
+/// layer were 11% of a decode step).
+static __global__ void rope_table_kernel(float2* cs, int P, int half_rot, int rope_dims, float base) {
+  const std::int64_t n = std::int64_t(P) * half_rot;
+  for (std::int64_t e = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; e < n; e += std::int64_t(gridDim.x) * blockDim.x)
+    cs[e] = rope_cos_sin(int(e / half_rot), int(e % half_rot), rope_dims, base);
 }
 
 /// RoPE at original positions, GGUF-llama "interleaved" pairs (x[2i], x[2i+1])
-/// rotated by pos * base^(-2i / rope_dims), as examples/llama/tensor_ops.hpp.
-/// qkv [rows, (H + 2 Hkv) d] fp32 -> q [rows, H d], k, v [rows, Hkv d] fp16.
-static __global__ void rope_split_kernel(const float* qkv, const std::int32_t* pos, int H, int Hkv, int d, int rope_dims,
-                                  float base, __half* q, __half* k, __half* v) {
-  const int row = blockIdx.x;
-  const int width = (H + 2 * Hkv) * d;
-  const float* in = qkv + std::int64_t(row) * width;
-  const double p = double(pos[row]);
-  for (int e = threadIdx.x; e < (H + Hkv) * (d / 2); e += blockDim.x) {
-    const int head = e / (d / 2), i = e % (d / 2);
-    const float* src = in + head * d + 2 * i;
-    float a = src[0], b = src[1];
-    if (2 * i < rope_dims) {
-      const double inv = pow(double(base), -2.0 * double(i) / double(rope_dims));
-      double sd, cd;
-      sincos(p * inv, &sd, &cd);
-      const float c = float(cd), s = float(sd);
-      const float a2 = a * c - b * s, b2 = a * s + b * c;
-      a = a2, b = b2;
-    }
-    __half* dst = head < H ? q + std::int64_t(row) * H * d + head * d : k + std::int64_t(row) * Hkv * d + (head - H) * d;
-    dst[2 * i] = __float2half(a);
-    dst[2 * i + 1] = __float2half(b);
+/// rotated by the angle above (the table cs [cs_rows, half_rot]; positions
+/// past it are computed in place). qkv [rows, (H + 2 Hkv) d] fp32 -> q
+/// [rows, H d], k, v [rows, Hkv d] fp16. One thread per pair; grid (rows,
+/// ceil(pairs / blockDim)).
+static __global__ void rope_split_kernel(const float* qkv, const std::int32_t* pos, const float2* cs, int cs_rows,
+                                         int half_rot, int H, int Hkv, int d, int rope_dims, float base, __half* q,
+                                         __half* k, __half* v) {
+  const int row = blockIdx.x, half_d = d / 2;
+  const int e = blockIdx.y * blockDim.x + threadIdx.x;
+  if (e >= (H + 2 * Hkv) * half_d) return;
+  const int head = e / half_d, i = e - head * half_d;
+  float2 x = reinterpret_cast<const float2*>(qkv + std::int64_t(row) * (H + 2 * Hkv) * d)[e];
+  if (head < H + Hkv && 2 * i < rope_dims) {
+    const int p = pos[row];
+    const float2 c = p >= 0 && p < cs_rows && i < half_rot ? cs[std::int64_t(p) * half_rot + i]
+                                                            : rope_cos_sin(p, i, rope_dims, base);
+    x = make_float2(x.x * c.x - x.y * c.y, x.x * c.y + x.y * c.x);
   }
-  for (int e = threadIdx.x; e < Hkv * d; e += blockDim.x)
-    v[std::int64_t(row) * Hkv * d + e] = __float2half(in[(H + Hkv) * d + e]);
+  __half* dst = head < H         ? q + (std::int64_t(row) * H + head) * d
+                : head < H + Hkv ? k + (std::int64_t(row) * Hkv + head - H) * d
+                                 : v + (std::int64_t(row) * Hkv + head - H - Hkv) * d;
+  reinterpret_cast<__half2*>(dst)[i] = __floats2half2_rn(x.x, x.y);
 }
 
-/// a[row, j] = fp16(silu(g) * u) with gu = [rows, 2 F] (gate then up).
-static __global__ void swiglu_kernel(const float* gu, int F, std::int64_t total, __half* a) {
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t r = i / F, j = i % F;
-    const float g = gu[r * 2 * F + j], u = gu[r * 2 * F + F + j];
-    a[i] = __float2half(g / (1.f + __expf(-g)) * u);
-  }
+/// a[row, j] = fp16(silu(g) * u), gu [rows, 2 F] fp16 (gate then up; F even).
+/// One thread per column pair; grid (rows, ceil(F / 2 / blockDim)).
+static __global__ void swiglu_kernel(const __half* gu, int F, __half* a) {
+  const int row = blockIdx.x, j = blockIdx.y * blockDim.x + threadIdx.x;
+  if (2 * j >= F) return;
+  const __half2* in = reinterpret_cast<const __half2*>(gu + std::int64_t(row) * 2 * F);
+  const float2 g = __half22float2(in[j]), u = __half22float2(in[F / 2 + j]);
+  reinterpret_cast<__half2*>(a + std::int64_t(row) * F)[j] =
+      __floats2half2_rn(g.x / (1.f + __expf(-g.x)) * u.x, g.y / (1.f + __expf(-g.y)) * u.y);
 }
 
 static __global__ void inc_kernel(std::int32_t* x, int n) {
@@ -346,6 +380,12 @@ class CudaEngine {
   CudaEngine(const CudaModel& model, EngineOptions opt, Schedule schedule = {}, Decode decode = {})
       : m_(model), opt_(opt), pc_(make_cfg(model.shape(), opt), RecentWindowScoring{opt.distance_weight},
                                   opt.selection, schedule, decode) {
+    const LlamaShape& s = model.shape();
+    if (s.dim % 4 != 0 || s.dim > kernels::kNormMaxDim || s.head_dim % 2 != 0 || s.ffn_dim % 2 != 0)
+      throw std::invalid_argument("CudaEngine: unsupported shape (needs dim % 4 == 0, dim <= " +
+                                  std::to_string(kernels::kNormMaxDim) + ", even head_dim and ffn_dim): dim " +
+                                  std::to_string(s.dim) + ", head_dim " + std::to_string(s.head_dim) + ", ffn_dim " +
+                                  std::to_string(s.ffn_dim));
     pc_.set_decode_trigger(opt.decode_trigger);
     LC_CUBLAS(cublasCreate(&blas_));
     LC_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -419,6 +459,7 @@ class CudaEngine {
     std::vector<int> lens;
     for (const auto& p : prompts) lens.push_back(int(p.size()));
     plan_ = pc_.plan(lens, max_new_tokens, DType::f16);
+    ensure_rope_table(*std::max_element(lens.begin(), lens.end()) + std::max(max_new_tokens, 0) + 1);
     LC_CUDA(cudaStreamSynchronize(stream_));
     cache_.reset();
     cache_ = std::make_unique<KVCache<half_t, CudaBackend>>(plan_.shape);
@@ -494,8 +535,7 @@ class CudaEngine {
       for (int i = 0; i < nb; ++i) last_host[b0 + i] = off[std::size_t(i + 1)] - 1;
       LC_CUDA(cudaMemcpyAsync(last_rows_.get() + b0, last_host + b0, sizeof(std::int32_t) * nb, cudaMemcpyHostToDevice,
                               stream_));
-      kernels::rmsnorm_kernel<<<nb, 256, 0, stream_>>>(h_.get(), m_.output_norm(), s.dim, s.rms_eps,
-                                                       xl_.get() + std::size_t(b0) * s.dim, last_rows_.get() + b0);
+      rmsnorm(h_.get(), m_.output_norm(), nb, xl_.get() + std::size_t(b0) * s.dim, last_rows_.get() + b0);
     }
     gemm(xl_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
     // decode buffers, sized once (no allocation in the decode loop)
@@ -616,7 +656,7 @@ class CudaEngine {
       }
     }
     kernels::inc_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dpos_.get(), B);
-    kernels::rmsnorm_kernel<<<B, 256, 0, stream_>>>(h_.get(), m_.output_norm(), s.dim, s.rms_eps, x_.get(), nullptr);
+    rmsnorm(h_.get(), m_.output_norm(), B, x_.get());
     gemm(x_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
   }
 
@@ -639,14 +679,40 @@ class CudaEngine {
                            in, &beta, y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
+  /// y[rows, in] fp16 = x[rows, in] W^T ; x, W fp16, fp32 accumulation.
+  void gemm_h(const __half* x, int rows, int in, const __half* w, int out, __half* y) {
+    const float alpha = 1.f, beta = 0.f;
+    LC_CUBLAS(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, &alpha, w, CUDA_R_16F, in, x, CUDA_R_16F,
+                           in, &beta, y, CUDA_R_16F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+  void rmsnorm(const float* x, const float* w, int rows, __half* y, const std::int32_t* row_map = nullptr) {
+    const LlamaShape& s = m_.shape();
+    kernels::rmsnorm_kernel<<<unsigned(rows), kernels::kNormThreads, 0, stream_>>>(x, w, s.dim, s.rms_eps, y, row_map);
+  }
+
+  int rope_half() const { return (m_.shape().rope_dims + 1) / 2; }
+
+  /// The RoPE table covers positions [0, P) (grown, never shrunk; enqueued on stream_).
+  void ensure_rope_table(int P) {
+    if (P <= rope_rows_) return;
+    LC_CUDA(cudaStreamSynchronize(stream_));  // the old table may still be read
+    rope_cs_.resize(std::size_t(P) * rope_half());
+    const LlamaShape& s = m_.shape();
+    kernels::rope_table_kernel<<<1024, 256, 0, stream_>>>(rope_cs_.get(), P, rope_half(), s.rope_dims, s.rope_base);
+    rope_rows_ = P;
+  }
+
   void layer_qkv(int l, int n, const std::int32_t* pos) {
     const LlamaShape& s = m_.shape();
     const CudaModel::Layer& w = m_.layer(l);
-    kernels::rmsnorm_kernel<<<n, 256, 0, stream_>>>(h_.get(), w.attn_norm.get(), s.dim, s.rms_eps, x_.get(), nullptr);
+    rmsnorm(h_.get(), w.attn_norm.get(), n, x_.get());
     const int qkv = (s.n_heads + 2 * s.n_kv_heads) * s.head_dim;
     gemm(x_.get(), n, s.dim, w.wqkv.get(), qkv, qkv_.get(), 0.f);
-    kernels::rope_split_kernel<<<n, 256, 0, stream_>>>(qkv_.get(), pos, s.n_heads, s.n_kv_heads, s.head_dim,
-                                                       s.rope_dims, s.rope_base, q_.get(), k_.get(), v_.get());
+    const int pairs = (s.n_heads + 2 * s.n_kv_heads) * s.head_dim / 2;
+    kernels::rope_split_kernel<<<dim3(unsigned(n), unsigned((pairs + 127) / 128)), 128, 0, stream_>>>(
+        qkv_.get(), pos, rope_cs_.get(), rope_rows_, rope_half(), s.n_heads, s.n_kv_heads, s.head_dim, s.rope_dims,
+        s.rope_base, q_.get(), k_.get(), v_.get());
   }
 
   float attn_scale() const { return 1.f / std::sqrt(float(m_.shape().head_dim)); }
@@ -666,11 +732,13 @@ class CudaEngine {
     const LlamaShape& s = m_.shape();
     const CudaModel::Layer& w = m_.layer(l);
     gemm(att_.get(), n, s.n_heads * s.head_dim, w.wo.get(), s.dim, h_.get(), 1.f);
-    kernels::rmsnorm_kernel<<<n, 256, 0, stream_>>>(h_.get(), w.ffn_norm.get(), s.dim, s.rms_eps, x_.get(), nullptr);
-    gemm(x_.get(), n, s.dim, w.wgu.get(), 2 * s.ffn_dim, qkv_.get(), 0.f);
-    const std::int64_t total = std::int64_t(n) * s.ffn_dim;
-    kernels::swiglu_kernel<<<unsigned(std::min<std::int64_t>((total + 255) / 256, 65535)), 256, 0, stream_>>>(
-        qkv_.get(), s.ffn_dim, total, x_.get());
+    rmsnorm(h_.get(), w.ffn_norm.get(), n, x_.get());
+    // gate/up in fp16 (as an fp16 model computes them): half the bytes for the
+    // GEMM's output and SwiGLU's input, which were 5% of a long prefill.
+    __half* gu = reinterpret_cast<__half*>(qkv_.get());
+    gemm_h(x_.get(), n, s.dim, w.wgu.get(), 2 * s.ffn_dim, gu);
+    kernels::swiglu_kernel<<<dim3(unsigned(n), unsigned((s.ffn_dim / 2 + 255) / 256)), 256, 0, stream_>>>(gu, s.ffn_dim,
+                                                                                                       x_.get());
     gemm(x_.get(), n, s.ffn_dim, w.wdown.get(), s.dim, h_.get(), 1.f);
   }
 
@@ -710,6 +778,8 @@ class CudaEngine {
   DBuf<float> h_, h2_, qkv_, logits_, lse_rows_, dlse_, part_;
   DBuf<__half> x_, xl_, q_, k_, v_, att_;
   DBuf<std::int32_t> pos_, ids_, dpos_, offs_dev_, last_rows_;
+  DBuf<float2> rope_cs_;  // RoPE (cos, sin) by position and pair, rope_rows_ positions
+  int rope_rows_ = 0;
   DBuf<unsigned char> blas_ws_;
   int sms_ = 1;
   // decode graphs: one executable per firing pattern (a '0'/'1' per layer)
@@ -721,32 +791,47 @@ class CudaEngine {
 
 namespace kernels {
 /// ids[b] = argmax(logits[b, :]). One block per row.
-static __global__ void argmax_kernel(const float* logits, int vocab, std::int32_t* ids) {
-  const int b = blockIdx.x;
-  const float* row = logits + std::int64_t(b) * vocab;
+/// ids[b] = the lowest index of row b's largest logit (NaN never wins; an
+/// all -inf or NaN row gives 0). One block of kArgmaxThreads per row; kUnroll
+/// independent loads in flight per thread (a plain strided loop made this a
+/// 50 us kernel per decode step).
+constexpr int kArgmaxThreads = 1024;
+static __global__ void __launch_bounds__(kArgmaxThreads) argmax_kernel(const float* logits, int vocab, std::int32_t* ids) {
+  constexpr int kUnroll = 4;
+  const float* row = logits + std::int64_t(blockIdx.x) * vocab;
   float best = -INFINITY;
-  int arg = 0;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x)
-    if (row[i] > best) best = row[i], arg = i;
-  __shared__ float sv[256];
-  __shared__ int si[256];
-  sv[threadIdx.x] = best, si[threadIdx.x] = arg;
-  __syncthreads();
-  for (int o = blockDim.x / 2; o > 0; o >>= 1) {
-    if (threadIdx.x < o) {
-      const float v2 = sv[threadIdx.x + o];
-      const int i2 = si[threadIdx.x + o];
-      if (v2 > sv[threadIdx.x] || (v2 == sv[threadIdx.x] && i2 < si[threadIdx.x])) sv[threadIdx.x] = v2, si[threadIdx.x] = i2;
+  int arg = vocab;  // "none yet"
+  for (int i0 = threadIdx.x; i0 < vocab; i0 += kUnroll * kArgmaxThreads) {
+    float x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) x[u] = i0 + u * kArgmaxThreads < vocab ? row[i0 + u * kArgmaxThreads] : -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * kArgmaxThreads;
+      if (i < vocab && (x[u] > best || (x[u] == best && i < arg))) best = x[u], arg = i;
     }
-    __syncthreads();
   }
-  if (threadIdx.x == 0) ids[b] = si[0];
+  auto better = [](float v2, int i2, float v, int i) { return v2 > v || (v2 == v && i2 < i); };
+  for (int o = 16; o > 0; o >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, best, o);
+    const int i2 = __shfl_xor_sync(0xffffffffu, arg, o);
+    if (better(v2, i2, best, arg)) best = v2, arg = i2;
+  }
+  __shared__ float sv[kArgmaxThreads / 32];
+  __shared__ int si[kArgmaxThreads / 32];
+  if (threadIdx.x % 32 == 0) sv[threadIdx.x / 32] = best, si[threadIdx.x / 32] = arg;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kArgmaxThreads / 32; ++w)
+      if (better(sv[w], si[w], best, arg)) best = sv[w], arg = si[w];
+    ids[blockIdx.x] = arg < vocab ? arg : 0;
+  }
 }
 }  // namespace kernels
 
 template <class S, class D>
 void CudaEngine<S, D>::argmax_to(std::int32_t* ids) {
-  kernels::argmax_kernel<<<B_, 256, 0, stream_>>>(logits_.get(), m_.shape().vocab, ids);
+  kernels::argmax_kernel<<<B_, kernels::kArgmaxThreads, 0, stream_>>>(logits_.get(), m_.shape().vocab, ids);
 }
 
 }  // namespace pyramidinfer::llama_cuda

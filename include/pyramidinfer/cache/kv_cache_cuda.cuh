@@ -45,6 +45,11 @@ struct AppendArgs {
 template <class T>
 __global__ void __launch_bounds__(kAppendThreads) append_rows_kernel(AppendArgs<T> a) {
   const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // The first row chunk is loaded before the count and length checks (token t
+  // < k.shape[2] is always readable), so the loads overlap those lookups.
+  const std::int64_t D = a.ck.shape[3];
+  T k0{}, v0{};
+  if (threadIdx.x < D) k0 = a.k(b, h, t, threadIdx.x), v0 = a.v(b, h, t, threadIdx.x);
   const int cnt = a.count[b];
   if (t >= cnt) return;
   const int len = a.clen(b, h), cap = int(a.ck.shape[2]);
@@ -52,7 +57,8 @@ __global__ void __launch_bounds__(kAppendThreads) append_rows_kernel(AppendArgs<
     if (threadIdx.x == 0) atomicOr(a.status, 1);
     return;
   }
-  for (std::int64_t d = threadIdx.x; d < a.ck.shape[3]; d += kAppendThreads) {
+  if (threadIdx.x < D) a.ck(b, h, len + t, threadIdx.x) = k0, a.cv(b, h, len + t, threadIdx.x) = v0;
+  for (std::int64_t d = threadIdx.x + kAppendThreads; d < D; d += kAppendThreads) {
     a.ck(b, h, len + t, d) = a.k(b, h, t, d);
     a.cv(b, h, len + t, d) = a.v(b, h, t, d);
   }
