@@ -8,6 +8,7 @@ count, total microseconds and share of the profiled time, largest first.
 """
 import csv
 import re
+import signal
 import sys
 from collections import defaultdict
 
@@ -19,6 +20,7 @@ def short(name):
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quiet under `| head`
     path = sys.argv[1]
     title = sys.argv[2] if len(sys.argv) > 2 else path
     with open(path, newline="") as f:

@@ -10,9 +10,10 @@
 //  * prefill_attention: the packed ragged rows of a batched prefill chunk
 //    (sequence i owns rows [off[i], off[i+1]) and its cache holds the same
 //    tokens). FlashAttention-2 style on tensor cores (mma.sync m16n8k16):
-//    64 query rows of one (sequence, head) per block, 64-key tiles streamed
-//    through a 2-stage cp.async ring, online softmax in registers (no n x n
-//    scores).
+//    64 query rows of one (sequence, head) per block (4 warps of 16 rows),
+//    64-key tiles streamed through a 2-stage cp.async ring, K and V
+//    fragments by ldmatrix, online softmax in registers (no n x n scores),
+//    the position mask only on tiles that cross a row's causal limit.
 //  * decode_attention: one query row per sequence, split over the key axis
 //    (flash-decoding) so that small batches still fill the card; 16-byte
 //    loads, two keys in flight per thread; a combine kernel merges splits.
@@ -63,6 +64,14 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const std::uint32_t (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/// Four 8x8 fp16 matrices (lanes 8i..8i+7 give the row addresses of matrix i).
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const __half* p) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
 /// Four 8x8 fp16 matrices, transposed on the way (lanes 8i..8i+7 give the row addresses of matrix i).
 __device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const __half* p) {
   const unsigned s = unsigned(__cvta_generic_to_shared(p));
@@ -101,8 +110,10 @@ __device__ __forceinline__ int warp_min_int(int v) {
 
 // ---- prefill: FlashAttention-2 on mma.sync ----------------------------------
 
-constexpr int kRows = 64;  // query rows per block (16 per warp)
-constexpr int kKeys = 64;  // keys per tile
+constexpr int kWarps = 4;               // per block, 16 query rows each (8 would need 1 block/SM at ~200 registers)
+constexpr int kRows = 16 * kWarps;      // query rows per block
+constexpr int kThreads = 32 * kWarps;
+constexpr int kKeys = 64;               // keys per tile
 
 struct PrefillArgs {
   const __half* q;           // [rows, H d]
@@ -126,8 +137,9 @@ struct RowState {
   float l = 0.f;        // this thread's part of the sum of 2^(x - m)
 };
 
-/// Masks and log2-scales one row's 16 logits of the tile (s[nt][e0], s[nt][e0 + 1]),
+/// Masks (when kMasked) and log2-scales one row's 16 logits of the tile (s[nt][e0], s[nt][e0 + 1]),
 /// exponentiates them against the updated max and returns the factor that rescales the old state.
+template <bool kMasked>
 __device__ __forceinline__ float softmax_update(float (&s)[kKeys / 8][4], int e0, int qp, const int* kp, int tig,
                                                 float scale_log2, RowState& st) {
   float mx = -INFINITY;
@@ -136,7 +148,7 @@ __device__ __forceinline__ float softmax_update(float (&s)[kKeys / 8][4], int e0
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int key = nt * 8 + tig * 2 + e;
-      const float x = kp[key] <= qp ? s[nt][e0 + e] * scale_log2 : -INFINITY;
+      const float x = !kMasked || kp[key] <= qp ? s[nt][e0 + e] * scale_log2 : -INFINITY;
       s[nt][e0 + e] = x;
       mx = fmaxf(mx, x);
     }
@@ -158,7 +170,7 @@ __device__ __forceinline__ float softmax_update(float (&s)[kKeys / 8][4], int e0
 }
 
 template <int D>
-__global__ void __launch_bounds__(128) prefill_attention_kernel(PrefillArgs a) {
+__global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillArgs a) {
   constexpr int LD = D + 8;  // padded rows: the 8 rows an mma/ldmatrix phase touches hit distinct banks
   constexpr int VEC = D / 8;  // 16-byte vectors per row
   extern __shared__ __align__(16) unsigned char smem[];
@@ -166,7 +178,7 @@ __global__ void __launch_bounds__(128) prefill_attention_kernel(PrefillArgs a) {
   __half* ks = qs + kRows * LD;      // [2][kKeys][LD]
   __half* vs = ks + 2 * kKeys * LD;  // [2][kKeys][LD]
   int* kps = reinterpret_cast<int*>(vs + 2 * kKeys * LD);  // [2][kKeys]
-  __shared__ int red[2][4];
+  __shared__ int red[2][kWarps];
 
   const int seq = blockIdx.z, h = blockIdx.y;
   const int row0 = a.off[seq], n = a.off[seq + 1] - row0;
@@ -182,7 +194,7 @@ __global__ void __launch_bounds__(128) prefill_attention_kernel(PrefillArgs a) {
   const std::int64_t qstride = std::int64_t(a.H) * D;
 
   // Q tile (zeros past the sequence) as the first cp.async group.
-  for (int i = threadIdx.x; i < kRows * VEC; i += 128) {
+  for (int i = threadIdx.x; i < kRows * VEC; i += kThreads) {
     const int r = i / VEC, c = (i % VEC) * 8;
     const bool ok = tile + r < n;
     cp_async16(qs + r * LD + c, a.q + std::int64_t(row0 + (ok ? tile + r : 0)) * qstride + h * D + c, ok);
@@ -193,24 +205,30 @@ __global__ void __launch_bounds__(128) prefill_attention_kernel(PrefillArgs a) {
   const int ra = tile + warp * 16 + gid, rb = ra + 8;
   const int qpa = ra < n ? a.qpos[row0 + ra] : -1, qpb = rb < n ? a.qpos[row0 + rb] : -1;
   const int wq = warp_max_int(max(qpa, qpb));
+  const int wq_min = warp_min_int(min(qpa, qpb));  // -1 if a row is past the sequence
   if (lane == 0) red[0][warp] = wq;
   __syncthreads();
-  const int bq = max(max(red[0][0], red[0][1]), max(red[0][2], red[0][3]));
+  int bq = red[0][0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) bq = max(bq, red[0][i]);
   // Keys after the last one any row of the block may see are never loaded
   // (with ascending positions this is the causal bound of the tile).
   int last = -1;
-  for (int j = threadIdx.x; j < len; j += 128)
+  for (int j = threadIdx.x; j < len; j += kThreads)
     if (kpos[j] <= bq) last = j;
   last = warp_max_int(last);
   if (lane == 0) red[1][warp] = last;
   __syncthreads();
-  const int kend = max(max(red[1][0], red[1][1]), max(red[1][2], red[1][3])) + 1;
+  int kend = red[1][0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) kend = max(kend, red[1][i]);
+  kend += 1;
   const int tiles = (kend + kKeys - 1) / kKeys;
 
   auto load_tile = [&](int t, int buf) {
     __half* kd = ks + buf * kKeys * LD;
     __half* vd = vs + buf * kKeys * LD;
-    for (int i = threadIdx.x; i < kKeys * VEC; i += 128) {
+    for (int i = threadIdx.x; i < kKeys * VEC; i += kThreads) {
       const int r = i / VEC, c = (i % VEC) * 8, j = t * kKeys + r;
       const bool ok = j < kend;
       const std::int64_t src = std::int64_t(ok ? j : 0) * D + c;
@@ -249,23 +267,35 @@ __global__ void __launch_bounds__(128) prefill_attention_kernel(PrefillArgs a) {
       }
     }
     const int* kp = kps + buf * kKeys;
-    // A warp whose rows all precede the tile's keys skips it.
+    // A warp whose rows all precede the tile's keys skips it; one whose rows
+    // all follow them (the common case) needs no mask.
     const int kmin = warp_min_int(min(kp[lane], kp[lane + 32]));
+    const int kmax = warp_max_int(max(kp[lane], kp[lane + 32]));
     if (kmin <= wq) {
       const __half* kt = ks + buf * kKeys * LD;
       const __half* vt = vs + buf * kKeys * LD;
       float s[kKeys / 8][4];
 #pragma unroll
       for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      // matrices: (keys +0..7, dims +0..7), (+0..7, +8..15), (keys +8..15, dims +0..7), (+8..15, +8..15)
+      const __half* krow = kt + ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-        for (int nt = 0; nt < kKeys / 8; ++nt) {
-          const __half* kr = kt + (nt * 8 + gid) * LD + kk * 16 + tig * 2;
-          mma16816(s[nt], qf[kk], ld32(kr), ld32(kr + 8));
+        for (int nt = 0; nt < kKeys / 8; nt += 2) {
+          std::uint32_t b[4];
+          ldmatrix_x4(b, krow + nt * 8 * LD + kk * 16);
+          mma16816(s[nt], qf[kk], b[0], b[1]);
+          mma16816(s[nt + 1], qf[kk], b[2], b[3]);
         }
-      const float ca = softmax_update(s, 0, qpa, kp, tig, scale_log2, sa);
-      const float cb = softmax_update(s, 2, qpb, kp, tig, scale_log2, sb);
+      float ca, cb;
+      if (kmax <= wq_min) {
+        ca = softmax_update<false>(s, 0, qpa, kp, tig, scale_log2, sa);
+        cb = softmax_update<false>(s, 2, qpb, kp, tig, scale_log2, sb);
+      } else {
+        ca = softmax_update<true>(s, 0, qpa, kp, tig, scale_log2, sa);
+        cb = softmax_update<true>(s, 2, qpb, kp, tig, scale_log2, sb);
+      }
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) o[dt][0] *= ca, o[dt][1] *= ca, o[dt][2] *= cb, o[dt][3] *= cb;
       // P (the S accumulators, rounded to fp16) is already in A-fragment order.
@@ -490,7 +520,7 @@ inline void prefill_attention(const __half* q, const std::int32_t* qpos, const s
     PYRAMIDINFER_CUDA_CHECK(cudaFuncSetAttribute(detail::prefill_attention_kernel<D>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const dim3 grid(unsigned((max_rows + detail::kRows - 1) / detail::kRows), unsigned(H), unsigned(nb));
-    detail::prefill_attention_kernel<D><<<grid, 128, smem, stream>>>(a);
+    detail::prefill_attention_kernel<D><<<grid, detail::kThreads, smem, stream>>>(a);
   });
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("prefill_attention_kernel");
 }
