@@ -5,7 +5,8 @@
 // Order (exactly host::ranks_before): higher score first, NaN below every
 // number (-inf included), equal scores (+0 == -0) prefer the lower index.
 //
-// Method, one thread block per row, no sort:
+// Method, one thread block per row (few long rows: see the multi-block path
+// below, same keys, threshold and tie-break), no sort:
 //   1. radix select (4 passes of 8 bits) of the threshold key T on an
 //      order-preserving uint32 transform of the score (NaN -> 0, -0 -> +0);
 //      the result: everything with key > T is kept, plus the `need` lowest
@@ -164,71 +165,70 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(TopkArgs a) {
 
 // ---- multi-block path for long rows ---------------------------------------
 //
-// A row of n scores is cut into chunks of kMbChunk slots (after the forced
-// prefix). Radix select with digits of 11, 11 and 10 bits (3 passes), then one
-// order-preserving write pass; 5 stream-ordered operations in all:
-//   memset : zero the per-row histogram, the per-row pass counters, the
-//            write-pass ticket and the per-chunk publication words;
-//   hist p : (p = 0..2, grid (blocks per row, rows), one wave) every block
-//            reads the row's (prefix, mask, remaining) after pass p - 1 from
-//            the workspace, counts the digit p of the still-matching keys of
-//            its chunks in shared memory and adds that histogram to the row's
-//            global one; the last block of the row to finish
-//            (counter + __threadfence, the classic "last block" pattern) picks
-//            the digit with one block scan, writes the row state for pass p
-//            and zeroes the histogram for pass p + 1;
-//   write  : 1-D grid; a block takes a ticket (row-major order of chunks), so
-//            every chunk it waits for is held by a block that already runs.
-//            It counts (key > T, key == T) in its chunk, publishes that pair
-//            (one 64-bit word with a flag bit), sums the published pairs of
-//            the chunks before it in its row (decoupled look-back: publishing
-//            never waits, so no deadlock), then an in-chunk block scan places
-//            its kept slots: the output stays ascending.
-// Same keys, same threshold and the same index tie-break as the one-block
+// A few long rows cannot fill the GPU with one block per row, so each row is
+// cut into P contiguous slices, one thread block each, and every row's blocks
+// run in ONE cooperative launch: all blocks are resident at once, so the
+// blocks of a row may wait for each other (a counter barrier per row and
+// phase) instead of ending the kernel. Two stream-ordered operations in all: a
+// cudaMemsetAsync of the barrier counters and of the first histogram, then the
+// kernel. Per row, every block:
+//   A. counts digit 31..20 of every key of its slice in shared memory, adds
+//      that histogram to the row's global one and waits at the row barrier;
+//      then it scans the complete histogram itself (no broadcast step) and
+//      finds the bucket that holds the t-th best key. 12 bits = sign, exponent
+//      and 3 mantissa bits, so one pass leaves a small share of the row;
+//   B. the same on digit 19..8 of the keys in that bucket;
+//   C. the same on digit 7..0: the threshold key T, and `need`, how many keys
+//      == T are kept (the lowest indices: that is the tie-break);
+//   W. its own histograms say how many of its keys are > T and == T: it
+//      publishes that pair, sums the pairs of the slices before it (published
+//      without waiting, so this never deadlocks), then writes its kept slots in
+//      index order with an in-block scan: the output comes out ascending.
+// Phase A keeps the slice's keys in shared memory (what 2 blocks per SM leave
+// of it; a longer slice re-reads the rest from global memory), so phases B, C
+// and W read no scores. Same keys, threshold and tie-break as the one-block
 // kernel, so results are identical.
-constexpr int kMbThreads = 256;
-constexpr int kMbItems = 8;
-constexpr int kMbChunk = kMbThreads * kMbItems;  // 2048 slots per chunk
-constexpr int kMbBins = 2048;                    // 11-bit digits
-constexpr int kMbMinLen = 16384;                 // rows at least this long go multi-block
-constexpr int kMbMaxRows = 512;                  // beyond this many rows one block per row fills the GPU
+constexpr int kMbThreads = 512;
+constexpr int kMbItems = 8;         // loads in flight per thread in phases A-C
+constexpr int kMbWriteItems = 8;    // consecutive keys per thread in phase W
+constexpr int kMbMinSlice = 2048;   // fewer keys per block are not worth a block
+constexpr int kMbMinLen = 16384;    // views at least this long go multi-block
+constexpr int kMbMaxRows = 256;     // beyond, one block per row fills the GPU
+constexpr int kMbBins = 4096;       // digits A and B (12 bits)
+constexpr int kMbBinsC = 256;       // digit C (8 bits)
 constexpr unsigned long long kMbFlag = 1ull << 63;
 
 inline bool topk_use_multiblock(long long rows, long long max_n) {
   return rows >= 1 && rows <= kMbMaxRows && max_n >= kMbMinLen;
 }
 
-__host__ __device__ __forceinline__ int topk_mb_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
-__host__ __device__ __forceinline__ std::uint32_t topk_mb_dmask(int pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
-
 struct TopkMbWs {
-  std::uint32_t* hist;      // [rows][kMbBins]          (zeroed)
-  std::uint32_t* done;      // [rows][4] pass counters  (zeroed)
-  std::uint32_t* ticket;    // [1] write-pass ticket    (zeroed)
-  unsigned long long* pub;  // [rows][chunks]           (zeroed)
-  uint4* state;             // [rows][3] (prefix, mask, remaining) after each pass
+  std::uint32_t* ctr;       // [rows][4] barrier counter per phase   (zeroed by the memset)
+  std::uint32_t* hist_a;    // [rows][kMbBins]                       (zeroed by the memset)
+  std::uint32_t* hist_bc;   // [rows][kMbBins + kMbBinsC]            (zeroed by the kernel before barrier A)
+  unsigned long long* pub;  // [rows][pub_stride] (count > T, == T)  (zeroed by the kernel before barrier A)
+  int pub_stride;
 };
 
 struct TopkMbLayout {
-  int chunks;  // per row
-  std::size_t done_off, ticket_off, pub_off, zero_bytes, state_off, bytes;
+  int slices;  // most blocks per row
+  std::size_t hist_a_off, zero_bytes, bc_off, pub_off, bytes;
   static TopkMbLayout make(long long rows, long long max_n) {
     TopkMbLayout l{};
     auto up = [](std::size_t x) { return (x + 255) / 256 * 256; };
-    l.chunks = int((max_n + kMbChunk - 1) / kMbChunk);
-    l.done_off = up(std::size_t(rows) * kMbBins * sizeof(std::uint32_t));
-    l.ticket_off = up(l.done_off + std::size_t(rows) * 4 * sizeof(std::uint32_t));
-    l.pub_off = l.ticket_off + 256;
-    l.zero_bytes = l.pub_off + std::size_t(rows) * std::size_t(l.chunks) * sizeof(unsigned long long);
-    l.state_off = up(l.zero_bytes);
-    l.bytes = up(l.state_off + std::size_t(rows) * 3 * sizeof(uint4));
+    const std::size_t R = std::size_t(rows);
+    l.slices = int((max_n + kMbMinSlice - 1) / kMbMinSlice);
+    l.hist_a_off = up(R * 4 * sizeof(std::uint32_t));
+    l.zero_bytes = l.hist_a_off + R * kMbBins * sizeof(std::uint32_t);
+    l.bc_off = up(l.zero_bytes);
+    l.pub_off = up(l.bc_off + R * (kMbBins + kMbBinsC) * sizeof(std::uint32_t));
+    l.bytes = up(l.pub_off + R * std::size_t(l.slices) * sizeof(unsigned long long));
     return l;
   }
   TopkMbWs carve(void* base) const {
     auto* p = static_cast<unsigned char*>(base);
-    return {reinterpret_cast<std::uint32_t*>(p), reinterpret_cast<std::uint32_t*>(p + done_off),
-            reinterpret_cast<std::uint32_t*>(p + ticket_off), reinterpret_cast<unsigned long long*>(p + pub_off),
-            reinterpret_cast<uint4*>(p + state_off)};
+    return {reinterpret_cast<std::uint32_t*>(p), reinterpret_cast<std::uint32_t*>(p + hist_a_off),
+            reinterpret_cast<std::uint32_t*>(p + bc_off), reinterpret_cast<unsigned long long*>(p + pub_off), slices};
   }
 };
 
@@ -256,163 +256,259 @@ __device__ __forceinline__ TopkRow topk_row(const TopkArgs& a, int r) {
   return x;
 }
 
-/// Adds the digit-`pass` histogram of the keys of chunk c that still match
-/// (prefix, mask) to the block's shared histogram h.
-__device__ __forceinline__ void topk_mb_count_chunk(const TopkArgs& a, const TopkRow& x, int c, int pass,
-                                                    std::uint32_t prefix, std::uint32_t mask, std::uint32_t* h) {
-  const int begin = x.forced + c * kMbChunk;
-  const int shift = topk_mb_shift(pass);
-  const std::uint32_t dmask = topk_mb_dmask(pass);
-  float v[kMbItems];
-#pragma unroll
-  for (int u = 0; u < kMbItems; ++u) {
-    const int j = begin + u * kMbThreads + int(threadIdx.x);
-    v[u] = j < x.n ? x.row[std::int64_t(j) * a.s2] : 0.f;
-  }
-#pragma unroll
-  for (int u = 0; u < kMbItems; ++u) {
-    const int j = begin + u * kMbThreads + int(threadIdx.x);
-    const std::uint32_t key = rank_key(v[u]);
-    const bool hit = j < x.n && (key & mask) == prefix;
-    const std::uint32_t bin = (key >> shift) & dmask;
-    if (pass > 0) {
-      // Keys that survived pass 0 spread over the low digits: conflicts are rare.
-      if (hit) atomicAdd(&h[bin], 1u);
-    } else if (__any_sync(0xffffffffu, hit)) {
-      // Pass 0 digits are sign, exponent and 2 mantissa bits: real scores pile
-      // into a few bins, so aggregate the lanes of a warp that share one.
-      const unsigned peers = __match_any_sync(0xffffffffu, hit ? bin : 0xffffffffu);
-      if (hit && __ffs(peers) - 1 == int(threadIdx.x % 32)) atomicAdd(&h[bin], unsigned(__popc(peers)));
-    }
-  }
+/// Key j of the slice [begin, ...): from the block's cache of its first
+/// `cap` keys (filled by phase A), else re-read from global memory.
+__device__ __forceinline__ std::uint32_t topk_mb_key(const TopkArgs& a, const TopkRow& x, const std::uint32_t* cache,
+                                                     int cap, int begin, int j) {
+  return j - begin < cap ? cache[j - begin] : rank_key(__ldg(x.row + std::int64_t(j) * a.s2));
 }
 
-/// Grid (blocks per row, rows): block x of a row counts chunks x, x + gridDim.x,
-/// ... in shared memory, so a row's histogram costs one flush per block, and
-/// the host sizes gridDim.x so that all blocks of a pass run in one wave.
-static __global__ void __launch_bounds__(kMbThreads) topk_mb_hist_kernel(TopkArgs a, TopkMbWs w, int pass) {
-  using Scan = cub::BlockScan<std::uint32_t, kMbThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  __shared__ std::uint32_t h[kMbBins];
-  __shared__ int s_last;
-  const int r = int(blockIdx.y);
-  const TopkRow x = topk_row(a, r);
-  if (x.t == 0 || x.t == x.m) return;
-  const int row_chunks = (x.m + kMbChunk - 1) / kMbChunk;
-  if (int(blockIdx.x) >= row_chunks) return;
-  std::uint32_t prefix = 0, mask = 0, rem = std::uint32_t(x.t);
-  if (pass > 0) {
-    const uint4 st = w.state[std::size_t(r) * 3 + (pass - 1)];
-    prefix = st.x;
-    mask = st.y;
-    rem = st.z;
-  }
-  for (int i = threadIdx.x; i < kMbBins; i += kMbThreads) h[i] = 0;
-  __syncthreads();
-  for (int c = int(blockIdx.x); c < row_chunks; c += int(gridDim.x)) topk_mb_count_chunk(a, x, c, pass, prefix, mask, h);
-  __syncthreads();
-  std::uint32_t* gh = w.hist + std::size_t(r) * kMbBins;
-  for (int i = threadIdx.x; i < kMbBins; i += kMbThreads)
-    if (h[i]) atomicAdd(&gh[i], h[i]);
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned blocks = unsigned(min(row_chunks, int(gridDim.x)));  // blocks of this row that got here
-    s_last = atomicAdd(&w.done[std::size_t(r) * 4 + pass], 1u) == blocks - 1u;
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  // Last block of the row: the whole row's histogram is complete. Thread i
-  // owns bins 2047 - 8i - u (u = 0..7): descending digits across the block.
-  const int shift = topk_mb_shift(pass);
-  const std::uint32_t dmask = topk_mb_dmask(pass);
-  std::uint32_t c[8], mine = 0;
+/// Adds 1 to h[bin] for every hitting lane of the warp. The lanes that share
+/// the first hitting lane's bin add once: when one bin dominates (equal or
+/// near-equal scores) that removes most same-address conflicts, for a shuffle
+/// and two ballots (__match_any_sync does it for every bin but made phase A
+/// several times slower on an H200).
+__device__ __forceinline__ void topk_mb_add_warp(std::uint32_t* h, std::uint32_t bin, bool hit) {
+  const unsigned hits = __ballot_sync(0xffffffffu, hit);
+  if (hits == 0u) return;
+  const int lead = __ffs(hits) - 1;
+  const std::uint32_t lead_bin = __shfl_sync(0xffffffffu, bin, lead);
+  const unsigned same = __ballot_sync(0xffffffffu, hit && bin == lead_bin);
+  if (int(threadIdx.x % 32) == lead) atomicAdd(&h[bin], unsigned(__popc(same)));
+  else if (hit && bin != lead_bin) atomicAdd(&h[bin], 1u);
+}
+
+/// Adds digit (key >> shift) & dmask of the keys of [begin, end) with
+/// (key & mask) == prefix to the shared histogram h. kFirst: phase A, which
+/// reads the scores, fills the key cache and counts every key by sign,
+/// exponent and 3 mantissa bits, where real scores pile into a few bins
+/// (see topk_mb_add_warp); later digits spread the few surviving keys, where
+/// plain atomics rarely conflict.
+template <bool kFirst>
+__device__ __forceinline__ void topk_mb_count(const TopkArgs& a, const TopkRow& x, int begin, int end,
+                                              std::uint32_t prefix, std::uint32_t mask, int shift,
+                                              std::uint32_t dmask, std::uint32_t* h, std::uint32_t* cache, int cap) {
+  for (int base = begin; base < end; base += kMbThreads * kMbItems) {
+    std::uint32_t key[kMbItems];
 #pragma unroll
-  for (int u = 0; u < 8; ++u) {
-    c[u] = __ldcg(gh + (kMbBins - 1 - 8 * int(threadIdx.x) - u));
-    mine += c[u];
-  }
-  std::uint32_t excl;
-  Scan(scan_storage).ExclusiveSum(mine, excl);
-  if (excl < rem && rem <= excl + mine) {  // exactly one thread
-    std::uint32_t run = excl;
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      if (run < rem && run + c[u] >= rem) {
-        const std::uint32_t digit = std::uint32_t(kMbBins - 1 - 8 * int(threadIdx.x) - u);
-        w.state[std::size_t(r) * 3 + pass] = make_uint4(prefix | (digit << shift), mask | (dmask << shift), rem - run, 0u);
+    for (int u = 0; u < kMbItems; ++u) {  // all loads first: kMbItems in flight
+      const int j = base + u * kMbThreads + int(threadIdx.x);
+      if (kFirst) {
+        key[u] = j < end ? rank_key(__ldg(x.row + std::int64_t(j) * a.s2)) : 0u;
+        if (j < end && j - begin < cap) cache[j - begin] = key[u];
+      } else {
+        key[u] = j < end ? topk_mb_key(a, x, cache, cap, begin, j) : 0u;
       }
-      run += c[u];
+    }
+#pragma unroll
+    for (int u = 0; u < kMbItems; ++u) {
+      const int j = base + u * kMbThreads + int(threadIdx.x);
+      const bool hit = j < end && (key[u] & mask) == prefix;
+      const std::uint32_t bin = (key[u] >> shift) & dmask;
+      if (kFirst) topk_mb_add_warp(h, bin, hit);
+      else if (hit) atomicAdd(&h[bin], 1u);
     }
   }
-#pragma unroll
-  for (int u = 0; u < 8; ++u) gh[kMbBins - 1 - 8 * int(threadIdx.x) - u] = 0;  // own bins: ready for pass + 1
 }
 
-static __global__ void __launch_bounds__(kMbThreads) topk_mb_write_kernel(TopkArgs a, TopkMbWs w, int chunks) {
-  using Scan = cub::BlockScan<unsigned long long, kMbThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  __shared__ unsigned long long s_base;
-  __shared__ unsigned s_ticket;
+/// Adds the block's shared histogram to the row's global one, then waits
+/// until all `blocks` blocks of the row did (counter ctr, zeroed beforehand).
+__device__ __forceinline__ void topk_mb_flush_and_wait(const std::uint32_t* h, std::uint32_t* gh, int bins,
+                                                       std::uint32_t* ctr, unsigned blocks) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < bins; i += kMbThreads)
+    if (h[i]) atomicAdd(gh + i, h[i]);
+  __syncthreads();
   if (threadIdx.x == 0) {
-    s_ticket = atomicAdd(w.ticket, 1u);
-    s_base = 0ull;
+    __threadfence();  // the block's adds (cumulative over the bar.sync above) before its arrival
+    atomicAdd(ctr, 1u);
+    while (*static_cast<volatile std::uint32_t*>(ctr) < blocks) {
+    }
+    __threadfence();
   }
   __syncthreads();
-  const unsigned tk = s_ticket;
-  const int r = int(tk / unsigned(chunks)), c = int(tk % unsigned(chunks));
-  const TopkRow x = topk_row(a, r);
-  if (c == 0)
-    for (int i = threadIdx.x; i < x.forced; i += kMbThreads) x.out[std::int64_t(i) * a.o2] = i;
-  if (x.t == 0) return;
-  const int begin = x.forced + c * kMbChunk;
-  if (begin >= x.n) return;
-  if (x.t == x.m) {
-    for (int i = threadIdx.x; i < kMbChunk && begin + i < x.n; i += kMbThreads)
-      x.out[std::int64_t(begin + i) * a.o2] = begin + i;
-    return;
+}
+
+struct TopkMbPick {
+  std::uint32_t digit;  // bucket of the rem-th best key
+  std::uint32_t rem;    // its rank inside that bucket (1-based)
+  std::uint32_t above;  // this block's keys in higher buckets
+  std::uint32_t at;     // this block's keys in that bucket
+};
+
+/// Every block scans the row's complete histogram gh (kBins digits) and its
+/// own histogram lh together: thread i owns the 8 bins of group
+/// kBins / 8 - 1 - i, so a block scan runs over descending digits.
+template <int kBins, class Scan>
+__device__ __forceinline__ TopkMbPick topk_mb_pick(const std::uint32_t* gh, const std::uint32_t* lh,
+                                                   std::uint32_t rem, typename Scan::TempStorage& storage,
+                                                   TopkMbPick& s_pick) {
+  static_assert(kBins % 8 == 0 && kBins / 8 <= kMbThreads, "one group of 8 bins per thread at most");
+  const int g = kBins / 8 - 1 - int(threadIdx.x);
+  std::uint32_t cg[8] = {}, cl[8] = {};
+  if (g >= 0) {
+    const uint4 g0 = __ldcg(reinterpret_cast<const uint4*>(gh + 8 * g));  // L2: other blocks' atomics
+    const uint4 g1 = __ldcg(reinterpret_cast<const uint4*>(gh + 8 * g + 4));
+    const uint4 l0 = *reinterpret_cast<const uint4*>(lh + 8 * g);
+    const uint4 l1 = *reinterpret_cast<const uint4*>(lh + 8 * g + 4);
+    cg[0] = g0.x; cg[1] = g0.y; cg[2] = g0.z; cg[3] = g0.w; cg[4] = g1.x; cg[5] = g1.y; cg[6] = g1.z; cg[7] = g1.w;
+    cl[0] = l0.x; cl[1] = l0.y; cl[2] = l0.z; cl[3] = l0.w; cl[4] = l1.x; cl[5] = l1.y; cl[6] = l1.z; cl[7] = l1.w;
   }
-  const uint4 st = w.state[std::size_t(r) * 3 + 2];
-  const std::uint32_t T = st.x;
-  const unsigned int need = st.z;  // how many of the keys == T (lowest index first)
-  bool gt[kMbItems], eq[kMbItems];
-  unsigned long long local = 0;
+  // (row count << 32) + block count: one scan gives both prefixes (each < 2^31).
+  unsigned long long mine = 0;
 #pragma unroll
-  for (int u = 0; u < kMbItems; ++u) {
-    const int j = begin + threadIdx.x * kMbItems + u;
-    const std::uint32_t key = j < x.n ? rank_key(x.row[std::int64_t(j) * a.s2]) : 0u;
-    gt[u] = j < x.n && key > T;
-    eq[u] = j < x.n && key == T;
-    local += (gt[u] ? (1ull << 32) : 0ull) + (eq[u] ? 1ull : 0ull);
-  }
-  unsigned long long excl, agg;
-  Scan(scan_storage).ExclusiveSum(local, excl, agg);
-  unsigned long long* rp = w.pub + std::size_t(r) * chunks;
-  if (threadIdx.x == 0) atomicExch(rp + c, agg | kMbFlag);  // publish first: never waits
-  // (count > T, count == T) over the chunks before this one (all held by running blocks).
-  unsigned long long pre = 0;
-  for (int cc = threadIdx.x; cc < c; cc += kMbThreads) {
-    const volatile unsigned long long* p = rp + cc;
-    unsigned long long val;
-    while (((val = *p) & kMbFlag) == 0ull) {
+  for (int u = 0; u < 8; ++u) mine += (static_cast<unsigned long long>(cg[u]) << 32) + cl[u];
+  unsigned long long excl;
+  Scan(storage).ExclusiveSum(mine, excl);
+  std::uint32_t run_g = std::uint32_t(excl >> 32), run_l = std::uint32_t(excl);
+  if (g >= 0 && run_g < rem && rem <= run_g + std::uint32_t(mine >> 32)) {  // exactly one thread
+#pragma unroll
+    for (int u = 7; u >= 0; --u) {
+      if (run_g < rem && run_g + cg[u] >= rem) s_pick = {std::uint32_t(8 * g + u), rem - run_g, run_l, cl[u]};
+      run_g += cg[u];
+      run_l += cl[u];
     }
-    pre += val & ~kMbFlag;
+  }
+  __syncthreads();
+  const TopkMbPick p = s_pick;
+  __syncthreads();  // s_pick and storage are free again
+  return p;
+}
+
+/// Phase W: publishes this slice's (count > T, count == T), adds up the
+/// slices before it in the row, then writes its kept slots in index order.
+/// stage (kMbThreads * kMbWriteItems entries) collects a tile's kept indices
+/// so that they leave in coalesced stores (scattered 4-byte stores cost
+/// several times the write traffic).
+template <class Scan>
+__device__ __forceinline__ void topk_mb_write(const TopkArgs& a, const TopkRow& x, int begin, int end,
+                                              std::uint32_t T, unsigned int need, std::uint32_t above,
+                                              std::uint32_t at, unsigned long long* pub, int xb,
+                                              typename Scan::TempStorage& storage, unsigned long long& s_carry,
+                                              const std::uint32_t* cache, int cap, std::int32_t* stage) {
+  if (threadIdx.x == 0) {
+    s_carry = 0ull;
+    atomicExch(pub + xb, ((static_cast<unsigned long long>(above) << 32) | at) | kMbFlag);  // first: never waits
+  }
+  __syncthreads();
+  // The slices before this one publish without waiting on anything later.
+  unsigned long long pre = 0;
+  for (int i = threadIdx.x; i < xb; i += kMbThreads) {
+    const volatile unsigned long long* p = pub + i;
+    unsigned long long v;
+    while (((v = *p) & kMbFlag) == 0ull) {
+    }
+    pre += v & ~kMbFlag;
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) pre += __shfl_xor_sync(0xffffffffu, pre, o);
-  if (threadIdx.x % 32 == 0 && pre) atomicAdd(&s_base, pre);
+  if (threadIdx.x % 32 == 0 && pre) atomicAdd(&s_carry, pre);
   __syncthreads();
-  unsigned long long run = s_base + excl;
+  // (count > T, count == T) before the tile, and how many of those are kept.
+  unsigned long long carry = s_carry;
+  auto kept = [need](unsigned long long c) {
+    const unsigned int e = unsigned(c & 0xffffffffu);
+    return unsigned(c >> 32) + (e < need ? e : need);
+  };
+  // Tiles of consecutive keys, kMbWriteItems per thread: a block scan of
+  // (count > T, count == T) pairs places every kept slot.
+  constexpr int kTile = kMbThreads * kMbWriteItems;
+#pragma unroll 1
+  for (int base = begin; base < end; base += kTile) {
+    const int j0 = base + int(threadIdx.x) * kMbWriteItems;
+    std::uint32_t key[kMbWriteItems];
+    static_assert(kMbWriteItems == 8, "two 16-byte loads below");
+    if (j0 - begin + kMbWriteItems <= cap) {  // all cached: two 16-byte shared loads
+      const uint4 k0 = *reinterpret_cast<const uint4*>(cache + (j0 - begin));
+      const uint4 k1 = *reinterpret_cast<const uint4*>(cache + (j0 - begin) + 4);
+      key[0] = k0.x; key[1] = k0.y; key[2] = k0.z; key[3] = k0.w;
+      key[4] = k1.x; key[5] = k1.y; key[6] = k1.z; key[7] = k1.w;
+    } else {
 #pragma unroll
-  for (int u = 0; u < kMbItems; ++u) {
-    const unsigned int G = unsigned(run >> 32), E = unsigned(run & 0xffffffffu);
-    if (gt[u] || (eq[u] && E < need)) {
-      const unsigned int pos = unsigned(x.forced) + G + (E < need ? E : need);
-      x.out[std::int64_t(pos) * a.o2] = begin + threadIdx.x * kMbItems + u;
+      for (int u = 0; u < kMbWriteItems; ++u)
+        key[u] = j0 + u < end ? topk_mb_key(a, x, cache, cap, begin, j0 + u) : 0u;
     }
-    run += (gt[u] ? (1ull << 32) : 0ull) + (eq[u] ? 1ull : 0ull);
+    bool gt[kMbWriteItems], eq[kMbWriteItems];
+    unsigned long long local = 0;
+#pragma unroll
+    for (int u = 0; u < kMbWriteItems; ++u) {
+      gt[u] = j0 + u < end && key[u] > T;
+      eq[u] = j0 + u < end && key[u] == T;
+      local += (gt[u] ? (1ull << 32) : 0ull) + (eq[u] ? 1ull : 0ull);
+    }
+    unsigned long long excl, agg;
+    Scan(storage).ExclusiveSum(local, excl, agg);
+    const unsigned int first = kept(carry);  // the tile's kept slots are first .. kept(carry + agg) - 1
+    unsigned long long run = carry + excl;
+#pragma unroll
+    for (int u = 0; u < kMbWriteItems; ++u) {
+      if (gt[u] || (eq[u] && unsigned(run & 0xffffffffu) < need)) stage[kept(run) - first] = j0 + u;
+      run += (gt[u] ? (1ull << 32) : 0ull) + (eq[u] ? 1ull : 0ull);
+    }
+    carry += agg;
+    __syncthreads();
+    const int count = int(kept(carry) - first);
+    for (int i = threadIdx.x; i < count; i += kMbThreads)
+      x.out[std::int64_t(x.forced + first + unsigned(i)) * a.o2] = stage[i];
+    __syncthreads();  // stage and the scan storage are free again
   }
+}
+
+/// Grid (P, rows), cooperative launch; block x of row r owns slice x of it.
+static __global__ void __launch_bounds__(kMbThreads, 2) topk_mb_kernel(TopkArgs a, TopkMbWs w, int cap) {
+  // Warp-scan variant: fewer registers than raking (no spills at 2 blocks/SM).
+  using Scan = cub::BlockScan<unsigned long long, kMbThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ __align__(16) std::uint32_t h[kMbBins];
+  __shared__ TopkMbPick s_pick;
+  __shared__ unsigned long long s_carry;
+  extern __shared__ __align__(16) std::uint32_t cache[];  // cap keys
+  const int r = int(blockIdx.y), xb = int(blockIdx.x), P = int(gridDim.x);
+  const TopkRow x = topk_row(a, r);
+  if (xb == 0)
+    for (int i = threadIdx.x; i < x.forced; i += kMbThreads) x.out[std::int64_t(i) * a.o2] = i;
+  if (x.t == 0) return;  // row-uniform exits only: the row's blocks wait for each other below
+  const int slice = (x.m + P - 1) / P;
+  const int begin = min(x.forced + xb * slice, x.n), end = min(begin + slice, x.n);
+  if (x.t == x.m) {
+    for (int j = begin + int(threadIdx.x); j < end; j += kMbThreads) x.out[std::int64_t(j) * a.o2] = j;
+    return;
+  }
+  std::uint32_t* ctr = w.ctr + std::size_t(r) * 4;
+  std::uint32_t* gh_a = w.hist_a + std::size_t(r) * kMbBins;
+  std::uint32_t* gh_b = w.hist_bc + std::size_t(r) * (kMbBins + kMbBinsC);
+  std::uint32_t* gh_c = gh_b + kMbBins;
+  unsigned long long* pub = w.pub + std::size_t(r) * w.pub_stride;
+  // Zero what phases B, C and W use; barrier A orders it before their first use.
+  for (int i = xb * kMbThreads + int(threadIdx.x); i < kMbBins + kMbBinsC; i += P * kMbThreads) gh_b[i] = 0;
+  if (xb == 0)
+    for (int i = threadIdx.x; i < P; i += kMbThreads) pub[i] = 0ull;
+
+  for (int i = threadIdx.x; i < kMbBins; i += kMbThreads) h[i] = 0;
+  __syncthreads();
+  topk_mb_count<true>(a, x, begin, end, 0u, 0u, 20, 0xfffu, h, cache, cap);
+  topk_mb_flush_and_wait(h, gh_a, kMbBins, ctr + 0, unsigned(P));
+  const TopkMbPick pa = topk_mb_pick<kMbBins, Scan>(gh_a, h, std::uint32_t(x.t), scan_storage, s_pick);
+
+  for (int i = threadIdx.x; i < kMbBins; i += kMbThreads) h[i] = 0;
+  __syncthreads();
+  const std::uint32_t prefix_b = pa.digit << 20;
+  topk_mb_count<false>(a, x, begin, end, prefix_b, 0xfff00000u, 8, 0xfffu, h, cache, cap);
+  topk_mb_flush_and_wait(h, gh_b, kMbBins, ctr + 1, unsigned(P));
+  const TopkMbPick pb = topk_mb_pick<kMbBins, Scan>(gh_b, h, pa.rem, scan_storage, s_pick);
+
+  for (int i = threadIdx.x; i < kMbBinsC; i += kMbThreads) h[i] = 0;
+  __syncthreads();
+  const std::uint32_t prefix_c = prefix_b | (pb.digit << 8);
+  topk_mb_count<false>(a, x, begin, end, prefix_c, 0xffffff00u, 0, 0xffu, h, cache, cap);
+  topk_mb_flush_and_wait(h, gh_c, kMbBinsC, ctr + 2, unsigned(P));
+  const TopkMbPick pc = topk_mb_pick<kMbBinsC, Scan>(gh_c, h, pb.rem, scan_storage, s_pick);
+
+  const std::uint32_t T = prefix_c | pc.digit;
+  const unsigned int need = pc.rem;  // how many of the keys == T (lowest index first)
+  static_assert(kMbThreads * kMbWriteItems <= kMbBins, "phase W stages a tile's kept indices in h");
+  topk_mb_write<Scan>(a, x, begin, end, T, need, pa.above + pb.above + pc.above, pc.at, pub, xb, scan_storage, s_carry,
+                      cache, cap, reinterpret_cast<std::int32_t*>(h));
 }
 
 }  // namespace detail
@@ -446,22 +542,60 @@ inline TopkArgs topk_check_args(TensorView<const float, 3> scores, TensorView<co
                   out.stride[2], int(scores.shape[1]), int(scores.shape[2]), int(out.shape[2]), forced_prefix};
 }
 
-/// Histogram blocks the device holds at once (cached per device: the
-/// multi-block path sizes its grid to one wave of them).
-inline long long topk_hist_resident_blocks() {
-  static std::atomic<int> cache[64];
+/// Blocks of topk_mb_kernel the device holds at once (cached per device: the
+/// multi-block grid must fit in one wave, as a cooperative launch requires);
+/// 0 when the device cannot launch cooperative kernels.
+struct TopkMbDevice {
+  int resident;     // blocks held at once; 0: no cooperative launch
+  int cache_bytes;  // dynamic shared memory per block (the key cache)
+};
+
+/// How topk_mb_kernel runs on the current device (cached per device): the
+/// key cache takes what shared memory 2 blocks per SM leave, and the grid
+/// must fit in one wave, as a cooperative launch requires.
+inline TopkMbDevice topk_mb_device() {
+  static std::atomic<long long> cache[64];  // 0: not asked yet; else (resident + 1) << 32 | bytes
   int dev = 0;
   PYRAMIDINFER_CUDA_CHECK(cudaGetDevice(&dev));
-  std::atomic<int>* slot = dev >= 0 && dev < 64 ? &cache[dev] : nullptr;
-  int n = slot ? slot->load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
-    int sms = 0, per_sm = 0;
+  std::atomic<long long>* slot = dev >= 0 && dev < 64 ? &cache[dev] : nullptr;
+  long long v = slot ? slot->load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    int coop = 0, sms = 0, per_sm = 0, smem_sm = 0, optin = 0, reserved = 0;
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
     PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    PYRAMIDINFER_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, topk_mb_hist_kernel, kMbThreads, 0));
-    n = std::max(1, sms * per_sm);
-    if (slot) slot->store(n, std::memory_order_relaxed);
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+    cudaFuncAttributes fa{};
+    PYRAMIDINFER_CUDA_CHECK(cudaFuncGetAttributes(&fa, topk_mb_kernel));
+    const int stat = int(fa.sharedSizeBytes);
+    int bytes = std::min(smem_sm / 2 - reserved - stat, optin - stat) / 16 * 16;
+    bytes = std::max(bytes, 0);
+    PYRAMIDINFER_CUDA_CHECK(cudaFuncSetAttribute(topk_mb_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    PYRAMIDINFER_CUDA_CHECK(cudaFuncSetAttribute(topk_mb_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                 int(cudaSharedmemCarveoutMaxShared)));
+    PYRAMIDINFER_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, topk_mb_kernel, kMbThreads, bytes));
+    const long long resident = coop ? std::max(sms * per_sm, 0) : 0;
+    v = ((resident + 1) << 32) | static_cast<long long>(bytes);
+    if (slot) slot->store(v, std::memory_order_relaxed);
   }
-  return n;
+  return {int((v >> 32) - 1), int(v & 0xffffffff)};
+}
+
+/// Memset of the counters and first histogram, then one cooperative launch of
+/// per_row blocks for each row.
+inline void topk_launch_multiblock(TopkArgs a, std::int64_t rows, int per_row, const TopkMbLayout& l,
+                                   const TopkMbDevice& d, void* workspace, cudaStream_t stream) {
+  TopkMbWs w = l.carve(workspace);
+  // Cache only as many keys as a slice holds (whole groups of kMbWriteItems).
+  const long long slice = (a.max_n + per_row - 1) / per_row;
+  const int bytes = int(std::min<long long>(d.cache_bytes, (slice + kMbWriteItems) * 4) / 16 * 16);
+  int cap = bytes / 4;
+  PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(workspace, 0, l.zero_bytes, stream));
+  void* args[] = {&a, &w, &cap};
+  PYRAMIDINFER_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(&topk_mb_kernel),
+                                                      dim3(unsigned(per_row), unsigned(rows)), dim3(kMbThreads),
+                                                      args, std::size_t(bytes), stream));
 }
 
 inline void topk_launch_single(const TopkArgs& a, std::int64_t rows, cudaStream_t stream) {
@@ -491,9 +625,9 @@ inline void topk_indices(TensorView<const float, 3> scores, TensorView<const std
 
 /// Same, with scratch of topk_indices_workspace_bytes(rows, scores.shape[2])
 /// bytes (rows = shape[0] * shape[1]): when that is > 0, each long row is split
-/// across many thread blocks (5 stream-ordered operations: one cudaMemsetAsync
-/// of the workspace, 3 histogram passes, one write pass). Identical results to
-/// the overload above.
+/// across many thread blocks (2 stream-ordered operations: one cudaMemsetAsync
+/// of part of the workspace and one cooperative kernel launch). Identical
+/// results to the overload above.
 inline void topk_indices(TensorView<const float, 3> scores, TensorView<const std::int32_t, 2> n,
                          TensorView<const std::int32_t, 2> k, int forced_prefix, TensorView<std::int32_t, 3> out,
                          void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
@@ -508,18 +642,15 @@ inline void topk_indices(TensorView<const float, 3> scores, TensorView<const std
     detail::topk_launch_single(a, rows, stream);
     return;
   }
+  // All blocks must be resident at once: as many per row as fill one wave.
   const auto l = detail::TopkMbLayout::make(rows, scores.shape[2]);
-  const detail::TopkMbWs w = l.carve(workspace);
-  PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(workspace, 0, l.zero_bytes, stream));
-  // Histogram blocks: as many per row as fill one wave (each loops over its chunks).
-  const int per_row = std::max(1, std::min(l.chunks, int(detail::topk_hist_resident_blocks() / rows)));
-  const dim3 grid{unsigned(per_row), unsigned(rows)};
-  for (int pass = 0; pass < 3; ++pass) {
-    detail::topk_mb_hist_kernel<<<grid, detail::kMbThreads, 0, stream>>>(a, w, pass);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("topk_mb_hist_kernel");
+  const detail::TopkMbDevice d = detail::topk_mb_device();
+  const int per_row = int(std::min<long long>(l.slices, d.resident / rows));
+  if (per_row < 1) {  // small GPU or no cooperative launch: one block per row
+    detail::topk_launch_single(a, rows, stream);
+    return;
   }
-  detail::topk_mb_write_kernel<<<unsigned(l.chunks) * unsigned(rows), detail::kMbThreads, 0, stream>>>(a, w, l.chunks);
-  PYRAMIDINFER_CUDA_CHECK_LAUNCH("topk_mb_write_kernel");
+  detail::topk_launch_multiblock(a, rows, per_row, l, d, workspace, stream);
 }
 
 }  // namespace cuda
