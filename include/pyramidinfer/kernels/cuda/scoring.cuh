@@ -10,7 +10,11 @@
 //          one fp32 per key in registers.
 // f16/bf16 with head_dim 64 or 128, last dims contiguous and 16-byte aligned
 // rows take mma.sync.m16n8k16 kernels (fp32 accumulation); everything else
-// takes a CUDA-core fallback with the same math.
+// takes a CUDA-core fallback with the same math. Short caches (at most
+// kFusedMaxSlots key slots) on the tensor-core path take one fused kernel
+// instead of the two passes: a cluster of CTAs per (sequence, KV head) holds
+// the head's keys in shared memory and reads them there for both (see
+// score_fused_kernel).
 //
 // The per-sequence arrays of the ScoreProblem (kv_len, window_len, ring_start,
 // score_begin, score_count, lse) are read on the device, so the caller
@@ -25,6 +29,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -90,6 +96,7 @@ struct ScoreArgs {
   bool shared;
   float* partial;   // shared granularity, split mode: [batch][kv_heads][partial_len]
   int partial_len;
+  int fspan, frows, fstat;  // fused kernel: its FusedLayout
 
   __device__ int n(int b, int h) const {
     const int v = kv_len[b * n0 + h * n1];
@@ -196,9 +203,19 @@ __device__ __forceinline__ void load_a_frags(std::uint32_t (&a)[kMT][D / 16][4],
 }
 
 /// acc[mt][nt] = A (warp rows) x tile^T, tile rows in shared memory [32][D + 8].
-template <class T, int D>
+/// Only the first `mts` m-tiles and `pairs` n-tile pairs are computed (the
+/// rest stay 0): the fused kernel skips a padding m-tile and a tile's half
+/// past the last scored key. Pass them as constants (a runtime bound around
+/// mma.sync makes the compiler add a WARPSYNC per step); the defaults fold away.
+/// Order (the asm is volatile, so it is kept): n-tile pairs outer by default,
+/// so columns nt, nt + 1 are final after their k loop and the caller's
+/// exponentials of those columns can overlap the next pair's mma (measured ~8%
+/// faster on the GQA case than k-outer, equal elsewhere, in the two-pass
+/// kernels); kKOuter: k outer, twice the independent accumulators in flight,
+/// for callers that need the whole tile before any exponential.
+template <class T, int D, bool kKOuter = false>
 __device__ __forceinline__ void mma_tile(float (&acc)[kMT][kNT][4], const std::uint32_t (&a)[kMT][D / 16][4],
-                                         const std::uint16_t* tile) {
+                                         const std::uint16_t* tile, int mts = kMT, int pairs = kNT / 2) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
@@ -211,22 +228,30 @@ __device__ __forceinline__ void mma_tile(float (&acc)[kMT][kNT][4], const std::u
   const int q = lane / 8, r8 = lane % 8;
   const unsigned tile_s = unsigned(__cvta_generic_to_shared(tile)) +
                           unsigned(((q / 2) * 8 + r8) * (D + 8) + (q % 2) * 8) * 2u;
-  // n-tile pairs outer: columns nt, nt + 1 are final after their k loop, so
-  // the caller's exponentials of those columns can overlap the next pair's
-  // mma (measured ~8% faster on the GQA case than k-outer, equal elsewhere).
+  auto step = [&](int nt, int ks) {
+    std::uint32_t b[4];
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(tile_s + unsigned((nt * 8 * (D + 8) + ks * 16) * 2)));
 #pragma unroll
-  for (int nt = 0; nt < kNT; nt += 2) {
+    for (int mt = 0; mt < kMT; ++mt) {
+      if (mt >= mts) break;
+      mma16816<T>(acc[mt][nt], a[mt][ks], b[0], b[1]);
+      mma16816<T>(acc[mt][nt + 1], a[mt][ks], b[2], b[3]);
+    }
+  };
+  if constexpr (kKOuter) {
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      std::uint32_t b[4];
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                   : "r"(tile_s + unsigned((nt * 8 * (D + 8) + ks * 16) * 2)));
+    for (int ks = 0; ks < D / 16; ++ks)
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma16816<T>(acc[mt][nt], a[mt][ks], b[0], b[1]);
-        mma16816<T>(acc[mt][nt + 1], a[mt][ks], b[2], b[3]);
-      }
+      for (int nt = 0; nt < kNT; nt += 2)
+        if (nt / 2 < pairs) step(nt, ks);
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < kNT; nt += 2) {
+      if (nt / 2 >= pairs) break;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) step(nt, ks);
     }
   }
 }
@@ -280,13 +305,112 @@ struct RowCursor {
 /// Ring slot of window position r (0 <= r < cap) given slot s0 of position 0.
 __device__ __forceinline__ int ring_slot(int s0, int r, int cap) { return s0 + r >= cap ? s0 + r - cap : s0 + r; }
 
+/// Merges online softmax statistics (max m2, sum l2 of 2^(x - m2)) into
+/// (m, l), log2 domain; an empty side has m = -inf.
+__device__ __forceinline__ void merge_stats(float& m, float& l, float m2, float l2) {
+  const float mn = fmaxf(m, m2);
+  if (mn != -INFINITY) {
+    l = l * fast_exp2(m - mn) + l2 * fast_exp2(m2 - mn);
+    m = mn;
+  }
+}
+
+/// Online log2-sum-exp2 of a warp's stationary rows (kMT m-tiles, rows in
+/// the mma accumulator layout) over key tiles on tensor cores. Each thread
+/// keeps its own (max, sum) over the 8 columns per tile it holds and the 4
+/// lanes of a row merge once at the end, so the loop has no shuffles. The max
+/// is lazy (FlashAttention-4 style): it moves only when a logit exceeds it by
+/// more than 2^8, so almost no tile rescales; the sum's terms stay <= 2^8,
+/// far from fp32 overflow, and the largest is >= 1.
+struct WarpRowLse {
+  float m[kMT][2], l[kMT][2];
+  int limit[kMT][2];  // causal limit (last visible key) of each of the thread's rows; -1: padding row
+
+  /// Row of (mt, hf) is row0 + mt * 16 + g + hf * 8; limit(row) < 0 marks padding.
+  template <class Limit>
+  __device__ void reset(int row0, Limit limit_of) {
+    const int g = (threadIdx.x % 32) / 4;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        m[mt][hf] = -INFINITY, l[mt][hf] = 0.f;
+        limit[mt][hf] = limit_of(row0 + mt * 16 + g + hf * 8);
+      }
+  }
+
+  /// Folds tile columns key0 + [0, 32) (acc from mma_tile) of the first `mts`
+  /// m-tiles. kMasked: the tile crosses some row's causal limit. kPositive:
+  /// sl2 > 0, so the max is taken on the raw dot products and the exponent is
+  /// one FFMA (saves an FMUL per logit).
+  template <bool kMasked, bool kPositive>
+  __device__ __forceinline__ void fold(const float (&acc)[kMT][kNT][4], int key0, float sl2, int mts) {
+    const int tg = threadIdx.x % 4;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      if (mt >= mts) break;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float v[kNT * 2];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float s = kPositive ? acc[mt][nt][hf * 2 + e] : acc[mt][nt][hf * 2 + e] * sl2;
+            if constexpr (kMasked) {
+              const int key = key0 + nt * 8 + tg * 2 + e;
+              s = key <= limit[mt][hf] ? s : -INFINITY;
+            }
+            v[nt * 2 + e] = s;
+          }
+        // Tree max and two sum chains: short dependency chains (the warp
+        // stalls on them otherwise).
+        float mx[kNT];
+#pragma unroll
+        for (int i = 0; i < kNT; ++i) mx[i] = fmaxf(v[2 * i], v[2 * i + 1]);
+        float tmax = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
+        if (kPositive) tmax = tmax == -INFINITY ? tmax : tmax * sl2;
+        if (tmax > m[mt][hf] + 8.f) {  // also taken once m is first set
+          l[mt][hf] *= fast_exp2(m[mt][hf] - tmax);
+          m[mt][hf] = tmax;
+        }
+        if (m[mt][hf] != -INFINITY) {
+          float sum[2] = {0.f, 0.f};
+#pragma unroll
+          for (int i = 0; i < kNT * 2; ++i)
+            sum[i % 2] += fast_exp2(kPositive ? fmaf(v[i], sl2, -m[mt][hf]) : v[i] - m[mt][hf]);
+          l[mt][hf] += sum[0] + sum[1];
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ void fold_tile(const float (&acc)[kMT][kNT][4], int key0, bool masked, float sl2,
+                                            int mts = kMT) {
+    if (sl2 > 0.f) {
+      if (!masked) fold<false, true>(acc, key0, sl2, mts);
+      else fold<true, true>(acc, key0, sl2, mts);
+    } else {
+      if (!masked) fold<false, false>(acc, key0, sl2, mts);
+      else fold<true, false>(acc, key0, sl2, mts);
+    }
+  }
+
+  /// Merges the 4 lanes of each row: afterwards every lane holds its rows' totals.
+  __device__ __forceinline__ void merge_quads() {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int o = 1; o <= 2; o *= 2) {
+          const float m2 = __shfl_xor_sync(0xffffffffu, m[mt][hf], o), l2 = __shfl_xor_sync(0xffffffffu, l[mt][hf], o);
+          merge_stats(m[mt][hf], l[mt][hf], m2, l2);
+        }
+  }
+};
+
 /// Pass 1 on tensor cores: rows = window queries (r, qi) flattened r*group+qi,
 /// streamed over tiles of 32 keys. grid (row tiles, kv_heads, batch).
-/// Each thread keeps its own online (max, sum) over the 8 columns per tile it
-/// holds and the 4 lanes of a row merge once at the end, so the loop has no
-/// shuffles. The max is lazy (FlashAttention-4 style): it moves only when a
-/// logit exceeds it by more than 2^8, so almost no tile rescales; the sum's
-/// terms stay <= 2^8, far from fp32 overflow, and the largest is >= 1.
 template <class T, int D>
 __global__ void __launch_bounds__(kLseWarps * 32, 4) lse_mma_kernel(ScoreArgs<T> a) {
   constexpr int kThreads = kLseWarps * 32, kChunks = D * 2 / 16;  // 16-byte chunks per row
@@ -308,26 +432,14 @@ __global__ void __launch_bounds__(kLseWarps * 32, 4) lse_mma_kernel(ScoreArgs<T>
     return reinterpret_cast<const std::uint16_t*>(a.q + b * a.q0 + qh * a.q1 +
                                                   std::int64_t(ring_slot(s0, r, a.cap)) * a.q2);
   });
-  // Causal limit (last visible key) of each of this thread's 4 rows.
-  int limit[kMT][2];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int row = block_row0 + warp * kWarpRows + mt * 16 + g + hf * 8;
-      limit[mt][hf] = row < rows ? n - w + rb + row / a.group : -1;
-    }
+  WarpRowLse stats;
+  stats.reset(block_row0 + warp * kWarpRows, [&](int row) { return row < rows ? n - w + rb + row / a.group : -1; });
   const int last_row = min(rows, block_row0 + kLseRows) - 1;
   const int block_limit = n - w + rb + last_row / a.group;    // largest limit of the block
   const int first_limit = n - w + rb + block_row0 / a.group;  // smallest
   const int tiles = block_limit / kTileCols + 1;
   const int unmasked_tiles = (first_limit + 1) / kTileCols;  // every key visible to every row
   const float sl2 = a.scale * kLog2e;
-  float m[kMT][2], l[kMT][2];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) m[mt][hf] = -INFINITY, l[mt][hf] = 0.f;
 
   auto load = [&](int t, int buf) {
 #pragma unroll
@@ -337,72 +449,21 @@ __global__ void __launch_bounds__(kLseWarps * 32, 4) lse_mma_kernel(ScoreArgs<T>
       cp_async16(&ks_tile[buf][r * (D + 8) + c * 8], kbase + std::int64_t(ok ? key : 0) * a.k2 + c * 8, ok);
     }
   };
-  // positive: scale > 0, so the row max is taken on the raw dot products and
-  // the exponent is one FFMA (saves an FMUL per logit); masked: the tile
-  // crosses some row's causal limit.
-  auto fold = [&](const float (&acc)[kMT][kNT][4], int t, auto masked, auto positive) {
-    constexpr bool kMasked = decltype(masked)::value, kPositive = decltype(positive)::value;
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        float v[kNT * 2];
-        float tmax = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float s = kPositive ? acc[mt][nt][hf * 2 + e] : acc[mt][nt][hf * 2 + e] * sl2;
-            if constexpr (kMasked) {
-              const int key = t * kTileCols + nt * 8 + tg * 2 + e;
-              s = key <= limit[mt][hf] ? s : -INFINITY;
-            }
-            v[nt * 2 + e] = s;
-            tmax = fmaxf(tmax, s);
-          }
-        if (kPositive) tmax = tmax == -INFINITY ? tmax : tmax * sl2;
-        if (tmax > m[mt][hf] + 8.f) {  // also taken once m is first set
-          l[mt][hf] *= fast_exp2(m[mt][hf] - tmax);
-          m[mt][hf] = tmax;
-        }
-        if (m[mt][hf] != -INFINITY) {
-          float sum = l[mt][hf];
-#pragma unroll
-          for (int i = 0; i < kNT * 2; ++i)
-            sum += fast_exp2(kPositive ? fmaf(v[i], sl2, -m[mt][hf]) : v[i] - m[mt][hf]);
-          l[mt][hf] = sum;
-        }
-      }
-  };
   stream_tiles(tiles, load, [&](int t, int buf) {
     float acc[kMT][kNT][4];
     mma_tile<T, D>(acc, af, ks_tile[buf]);
-    if (sl2 > 0.f) {
-      if (t < unmasked_tiles) fold(acc, t, std::false_type{}, std::true_type{});
-      else fold(acc, t, std::true_type{}, std::true_type{});
-    } else {
-      if (t < unmasked_tiles) fold(acc, t, std::false_type{}, std::false_type{});
-      else fold(acc, t, std::true_type{}, std::false_type{});
-    }
+    stats.fold_tile(acc, t * kTileCols, t >= unmasked_tiles, sl2);
   });
+  stats.merge_quads();
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      float mm = m[mt][hf], s = l[mt][hf];
-#pragma unroll
-      for (int o = 1; o <= 2; o *= 2) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, mm, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        const float mn = fmaxf(mm, m2);
-        if (mn != -INFINITY) {
-          s = s * fast_exp2(mm - mn) + s2 * fast_exp2(m2 - mn);
-          mm = mn;
-        }
-      }
       const int row = block_row0 + warp * kWarpRows + mt * 16 + g + hf * 8;
       if (tg == 0 && row < rows) {
         const int r = rb + row / a.group, qh = kvh * a.group + row % a.group;
-        a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(ring_slot(s0, r, a.cap)) * a.lo2] = (mm + log2f(s)) / kLog2e;
+        a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(ring_slot(s0, r, a.cap)) * a.lo2] =
+            (stats.m[mt][hf] + log2f(stats.l[mt][hf])) / kLog2e;
       }
     }
 }
@@ -517,6 +578,322 @@ __global__ void __launch_bounds__(256) score_reduce_kernel(ScoreArgs<T> a) {
   float s = 0.f;
   for (int h = 0; h < a.kv_heads; ++h) s += p[std::size_t(h) * a.partial_len];
   a.out[b * a.o0 + std::int64_t(j) * a.o2] = s;
+}
+
+// ---- fused scoring for short caches -----------------------------------------
+//
+// For short caches (keys.shape[2] <= kFusedMaxSlots) one cluster of `cs` CTAs
+// per (sequence, KV head) copies the window's queries and the head's keys
+// into shared memory once, each CTA a contiguous range of the keys, and reads
+// them there for both passes:
+//   statistics: warps own 32 window rows (A fragments) and stream the CTA's
+//     key tiles; per-warp (max, sum) merge across warps, then across the
+//     cluster through distributed shared memory, in a fixed order;
+//   scores: warps own 32 keys (A fragments) and stream the query tiles, so a
+//     key's sum over rows stays in one thread's registers, as in pass 2.
+// The key copy is split into chunks with an mbarrier each, so the statistics
+// start on the first chunk while the rest lands, and the host picks a cluster
+// size that fits two CTAs per SM, so one CTA's copy also overlaps the other's
+// math. The two-pass kernels above read every key from global memory once per
+// pass, and at short rows their blocks spend most of their time waiting for
+// those loads (n = 512, LLaMA-2-13B shape, H200: 0.104 vs 0.112 ms with the
+// LSE given, 0.19 vs 0.21 ms computed).
+
+constexpr int kFusedWarps = 8;
+constexpr int kFusedThreads = kFusedWarps * 32;
+constexpr int kFusedMaxSlots = 1024;  // longer caches take the two-pass kernels (tuned for long rows)
+constexpr int kFusedChunks = 4;       // key-copy chunks, one mbarrier each
+
+/// Dynamic shared-memory layout of one fused CTA: `span` keys and `rows`
+/// query rows of D + 8 halves (the pad keeps ldmatrix free of bank
+/// conflicts), per-split and per-CTA row statistics, per-row (LSE, weight),
+/// and the copy mbarriers (query rows, then the key chunks).
+template <int D>
+struct FusedLayout {
+  int span, rows, stat;  // keys per CTA, query-row capacity, per-split statistic entries (multiples of 32)
+  __host__ __device__ std::size_t q_off() const { return std::size_t(span) * (D + 8) * 2; }
+  __host__ __device__ std::size_t stat_off() const { return q_off() + std::size_t(rows) * (D + 8) * 2; }
+  __host__ __device__ std::size_t cta_off() const { return stat_off() + std::size_t(stat) * 8; }
+  __host__ __device__ std::size_t lw_off() const { return cta_off() + std::size_t(rows) * 8; }
+  __host__ __device__ std::size_t bar_off() const { return lw_off() + std::size_t(rows) * 8; }
+  __host__ __device__ std::size_t bytes() const { return bar_off() + 8 * (1 + kFusedChunks); }
+};
+
+// Cluster barrier and distributed shared-memory read (sm_90+; the host
+// launches clusters only there).
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+/// The same without ordering memory: for "done reading", whose loads have returned.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+/// The float2 at `p` in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ float2 load_cluster(const float2* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned local = unsigned(__cvta_generic_to_shared(p));
+  unsigned remote;
+  float2 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
+  return v;
+#else
+  __trap();
+  return *p;
+#endif
+}
+
+// One-shot copy barriers: every thread's cp.async of a chunk arrive on the
+// chunk's mbarrier (count = threads), and readers wait for its phase 0.
+__device__ __forceinline__ void mbar_init(std::uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(unsigned(__cvta_generic_to_shared(bar))), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_arrive(std::uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(unsigned(__cvta_generic_to_shared(bar)))
+               : "memory");
+}
+/// Waits for the barrier's first phase. sm_90's try_wait suspends the warp
+/// until the phase completes (or a time limit), so waiting warps leave their
+/// issue slots to the other CTA instead of spinning; sm_80 polls with a sleep.
+__device__ __forceinline__ void mbar_wait(std::uint64_t* bar) {
+  const unsigned addr = unsigned(__cvta_generic_to_shared(bar));
+  unsigned done = 0;
+  for (;;) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr)
+        : "memory");
+    if (done) return;
+#else
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr)
+        : "memory");
+    if (done) return;
+    __nanosleep(64);
+#endif
+  }
+}
+
+/// A fragments of 32 rows from shared memory (row stride D + 8): ldmatrix.x4
+/// lanes 0-15 address rows 0-15 at k 0, lanes 16-31 the same rows at k 8.
+template <int D>
+__device__ __forceinline__ void load_a_frags_smem(std::uint32_t (&a)[kMT][D / 16][4], const std::uint16_t* rows) {
+  const int lane = threadIdx.x % 32;
+  const unsigned base = unsigned(__cvta_generic_to_shared(rows)) + unsigned(((lane % 16) * (D + 8) + (lane / 16) * 8) * 2);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(a[mt][ks][0]), "=r"(a[mt][ks][1]), "=r"(a[mt][ks][2]), "=r"(a[mt][ks][3])
+                   : "r"(base + unsigned((mt * 16 * (D + 8) + ks * 16) * 2)));
+}
+
+/// grid (cs, kv_heads, batch), cluster (cs, 1, 1) when the LSE is computed
+/// and cs > 1. Rows r * group + qi (window position r, query head qi).
+template <class T, int D>
+__global__ void __launch_bounds__(kFusedThreads, 2) score_fused_kernel(ScoreArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  constexpr int kChunks = D * 2 / 16;  // 16-byte chunks per row
+  const FusedLayout<D> lay{a.fspan, a.frows, a.fstat};
+  std::uint16_t* ks = reinterpret_cast<std::uint16_t*>(fused_smem);
+  std::uint16_t* qs = reinterpret_cast<std::uint16_t*>(fused_smem + lay.q_off());
+  float2* stat = reinterpret_cast<float2*>(fused_smem + lay.stat_off());
+  float2* cta_stat = reinterpret_cast<float2*>(fused_smem + lay.cta_off());
+  float2* row_lw = reinterpret_cast<float2*>(fused_smem + lay.lw_off());  // (LSE log2, weight); padding (0, 0)
+  std::uint64_t* bars = reinterpret_cast<std::uint64_t*>(fused_smem + lay.bar_off());
+
+  const int b = blockIdx.z, kvh = blockIdx.y, cs = int(gridDim.x);
+  const bool compute = a.lse == nullptr, cluster = compute && cs > 1;
+  const int n = a.n(b, kvh), w = a.w(b, kvh), group = a.group, rows = w * group;
+  const int qtiles = (rows + kWarpRows - 1) / kWarpRows;
+  const int begin = a.sbegin(b, kvh), count = a.scount(b, a.shared ? 0 : kvh);
+  // Keys needed: [begin, begin + count) for the scores, and [0, n) for the
+  // statistics when they are computed. The cluster splits [first, needed)
+  // into CTA ranges [k_lo, k_hi) of `span` keys (a multiple of 32, <= a.fspan).
+  const int scored_end = min(begin + count, a.slots);
+  const int first = compute ? 0 : min(begin, scored_end), needed = compute ? max(n, scored_end) : scored_end;
+  const int span = (needed - first + cs * kTileCols - 1) / (cs * kTileCols) * kTileCols;
+  const int k_lo = first + int(blockIdx.x) * span, k_hi = min(k_lo + span, needed);
+  const int ktiles = (k_hi - k_lo + kTileCols - 1) / kTileCols;  // <= 0: no keys here
+  const int chunk_tiles = max(1, (ktiles + kFusedChunks - 1) / kFusedChunks);
+  const int s0 = a.ring(b, 0);
+  const RowWeight weight = row_weight(w, a.distance_weight);
+  if (threadIdx.x == 0)
+    for (int i = 0; i <= kFusedChunks; ++i) mbar_init(&bars[i], kFusedThreads);
+  if (!compute)
+    for (int row = threadIdx.x; row < qtiles * kWarpRows; row += kFusedThreads) {
+      const bool ok = row < rows;
+      const int r = ok ? row / group : 0, qh = kvh * group + (ok ? row % group : 0);
+      const float lse = a.lse[b * a.l0 + qh * a.l1 + std::int64_t(ring_slot(s0, r, a.cap)) * a.l2];
+      row_lw[row] = ok ? make_float2(lse * kLog2e, weight(r)) : make_float2(0.f, 0.f);
+    }
+  __syncthreads();  // barriers initialised
+
+  // Copies: the query rows (zero past `rows`), then the key chunks (zero
+  // past k_hi: padding rows must not be NaN). Each thread copies one 16-byte
+  // column c of every kStep-th row; rows advance without dividing.
+  constexpr int kStep = kFusedThreads / kChunks;
+  const int c = threadIdx.x % kChunks, row0 = threadIdx.x / kChunks;
+  {
+    const std::uint16_t* qbase =
+        reinterpret_cast<const std::uint16_t*>(a.q + b * a.q0 + std::int64_t(kvh) * group * a.q1) + c * 8;
+    RowCursor cur(row0, group);
+    const int dr = kStep / group, dq = kStep % group;
+    for (int row = row0; row < qtiles * kWarpRows; row += kStep) {
+      const bool ok = row < rows;
+      const std::int64_t off = ok ? cur.qi * a.q1 + std::int64_t(ring_slot(s0, cur.r, a.cap)) * a.q2 : 0;
+      cp_async16(&qs[row * (D + 8) + c * 8], qbase + off, ok);
+      cur.advance(dr, dq, group);
+    }
+  }
+  cp_async_arrive(&bars[0]);
+  const std::uint16_t* kbase = reinterpret_cast<const std::uint16_t*>(a.keys + b * a.k0 + kvh * a.k1) + c * 8;
+  for (int ch = 0, r = row0; ch < kFusedChunks; ++ch) {
+    for (const int r_end = min(ktiles, (ch + 1) * chunk_tiles) * kTileCols; r < r_end; r += kStep) {
+      const bool ok = k_lo + r < k_hi;
+      cp_async16(&ks[r * (D + 8) + c * 8], kbase + (ok ? std::int64_t(k_lo + r) * a.k2 : 0), ok);
+    }
+    cp_async_arrive(&bars[1 + ch]);
+  }
+  int landed = 0;  // key chunks this thread has waited for
+  auto wait_tile = [&](int t) {
+    while (landed <= t / chunk_tiles) mbar_wait(&bars[1 + landed++]);
+  };
+  mbar_wait(&bars[0]);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
+  const float sl2 = a.scale * kLog2e;
+  std::uint32_t af[kMT][D / 16][4];
+  if (compute) {
+    // Row statistics over this CTA's keys. Unit u = (row pair p, split s):
+    // rows 32p.. against the CTA's key tiles t = s (mod splits).
+    const int splits = qtiles >= kFusedWarps ? 1 : kFusedWarps / qtiles, units = qtiles * splits;
+    for (int u = warp; u < units; u += kFusedWarps) {
+      const int p = u / splits, s = u % splits;
+      load_a_frags_smem<D>(af, qs + p * kWarpRows * (D + 8));
+      WarpRowLse st;
+      st.reset(p * kWarpRows, [&](int row) { return row < rows ? n - w + row / group : -1; });
+      const int first_limit = n - w + p * kWarpRows / group;
+      const int last_limit = n - w + (min(rows, (p + 1) * kWarpRows) - 1) / group;
+      const int key_end = min(last_limit + 1, k_hi);
+      const int tiles = key_end > k_lo ? (key_end - k_lo + kTileCols - 1) / kTileCols : 0;
+      auto fold_tiles = [&](auto mts_c) {  // mts: m-tiles holding rows, a constant
+        constexpr int kMts = decltype(mts_c)::value;
+        for (int t = s; t < tiles; t += splits) {
+          wait_tile(t);
+          const int key0 = k_lo + t * kTileCols;
+          float acc[kMT][kNT][4];
+          mma_tile<T, D, true>(acc, af, ks + t * kTileCols * (D + 8), kMts);
+          st.fold_tile(acc, key0, key0 + kTileCols - 1 > first_limit, sl2, kMts);
+        }
+      };
+      // The last pair may hold only one m-tile of rows.
+      if (rows - p * kWarpRows > 16) fold_tiles(std::integral_constant<int, 2>{});
+      else fold_tiles(std::integral_constant<int, 1>{});
+      st.merge_quads();
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = p * kWarpRows + mt * 16 + g + hf * 8;
+          if (tg == 0 && row < rows) stat[s * qtiles * kWarpRows + row] = make_float2(st.m[mt][hf], st.l[mt][hf]);
+        }
+    }
+    __syncthreads();
+    for (int row = threadIdx.x; row < rows; row += kFusedThreads) {
+      float m = -INFINITY, l = 0.f;
+      for (int s = 0; s < splits; ++s) {
+        const float2 v = stat[s * qtiles * kWarpRows + row];
+        merge_stats(m, l, v.x, v.y);
+      }
+      cta_stat[row] = make_float2(m, l);
+    }
+    // Every CTA of the cluster merges all CTAs' statistics in rank order, so
+    // all of them get the same LSE.
+    if (cluster) cluster_arrive(), cluster_wait();
+    __syncthreads();
+    for (int row = threadIdx.x; row < qtiles * kWarpRows; row += kFusedThreads) {
+      float m = -INFINITY, l = 0.f;
+      for (int r = 0; r < cs && row < rows; ++r) {
+        const float2 v = cluster ? load_cluster(&cta_stat[row], unsigned(r)) : cta_stat[row];
+        merge_stats(m, l, v.x, v.y);
+      }
+      row_lw[row] = row < rows ? make_float2(m + log2f(l), weight(row / group)) : make_float2(0.f, 0.f);
+    }
+    if (cluster) cluster_arrive_relaxed();  // done reading the others' statistics (waited for at the end)
+    __syncthreads();
+  }
+
+  // Scores of this CTA's keys [sb, se): warp blocks of 32 keys (tiles of the
+  // CTA's range) against every query tile; the sum over rows stays in hp.
+  const int sb = max(k_lo, begin), se = min(k_hi, begin + count);
+  const int t0 = (sb - k_lo) / kTileCols, t1 = se > sb ? (se - 1 - k_lo) / kTileCols + 1 : t0;
+  const float inv = 1.0f / (float(w) * float(a.shared ? a.q_heads : group));
+  for (int t = t0 + warp; t < t1; t += kFusedWarps) {
+    wait_tile(t);
+    load_a_frags_smem<D>(af, ks + t * kTileCols * (D + 8));
+    float hp[2][kMT][2] = {};  // by column parity e: two accumulation chains per row
+    auto score_tile = [&](int qt, auto pairs_c) {  // pairs: n-tile pairs holding rows, a constant
+      constexpr int kPairs = decltype(pairs_c)::value;
+      float acc[kMT][kNT][4];
+      mma_tile<T, D, true>(acc, af, qs + qt * kWarpRows * (D + 8), kMT, kPairs);
+#pragma unroll
+      for (int nt = 0; nt < 2 * kPairs; ++nt) {
+        // Columns nt*8 + tg*2 + {0, 1}: (lse, weight) of both in one 16-byte read.
+        const float4 lw = *reinterpret_cast<const float4*>(&row_lw[qt * kWarpRows + nt * 8 + tg * 2]);
+        const float cl[2] = {lw.x, lw.z}, cw[2] = {lw.y, lw.w};
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf)
+              hp[e][mt][hf] = fmaf(cw[e], fast_exp2(fmaf(acc[mt][nt][hf * 2 + e], sl2, -cl[e])), hp[e][mt][hf]);
+      }
+    };
+    // Full query tiles, then the last one, which may hold 16 rows or fewer.
+    for (int qt = 0; qt < rows / kWarpRows; ++qt) score_tile(qt, std::integral_constant<int, 2>{});
+    if (rows % kWarpRows > 16) score_tile(rows / kWarpRows, std::integral_constant<int, 2>{});
+    else if (rows % kWarpRows > 0) score_tile(rows / kWarpRows, std::integral_constant<int, 1>{});
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float s = hp[0][mt][hf] + hp[1][mt][hf];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        const int key = k_lo + t * kTileCols + mt * 16 + g + hf * 8;
+        if (tg == 0 && key >= sb && key < se) {
+          const int j = key - begin;
+          if (a.partial) a.partial[(std::size_t(b) * a.kv_heads + kvh) * a.partial_len + j] = s * inv;
+          else a.out[b * a.o0 + (a.shared ? 0 : kvh) * a.o1 + std::int64_t(j) * a.o2] = s * inv;
+        }
+      }
+  }
+  // Every copy has landed before the CTA exits (tiles nobody scored included).
+  while (landed < kFusedChunks) mbar_wait(&bars[1 + landed++]);
+  if (cluster) cluster_wait();  // the others may still read this CTA's statistics
 }
 
 // ---- CUDA-core fallbacks (any type, any head_dim, any strides) -------------
@@ -719,6 +1096,117 @@ void launch_lse(ScoreArgs<T> a, const ScoreProblem<T>& p, cudaStream_t stream) {
   }
 }
 
+/// Shared-memory limits of the current device, cached per device.
+struct DeviceSmem {
+  int cc_major, optin, per_sm;  // compute capability major; max bytes per block (opt-in); bytes per SM
+};
+inline DeviceSmem device_smem() {
+  static std::atomic<std::uint64_t> cache[64];  // 0: not queried yet
+  int dev = 0;
+  PYRAMIDINFER_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<std::uint64_t>* slot = dev >= 0 && dev < 64 ? &cache[dev] : nullptr;
+  std::uint64_t v = slot ? slot->load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    int major = 0, optin = 0, per_sm = 0;
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    v = (std::uint64_t(1) << 63) | (std::uint64_t(major & 0xff) << 48) | (std::uint64_t(optin & 0xffffff) << 24) |
+        std::uint64_t(per_sm & 0xffffff);
+    if (slot) slot->store(v, std::memory_order_relaxed);
+  }
+  return {int((v >> 48) & 0xff), int((v >> 24) & 0xffffff), int(v & 0xffffff)};
+}
+
+/// Cluster size (0: take the two-pass kernels) and layout of the fused kernel.
+template <int D>
+struct FusedPlan {
+  int cs = 0;
+  FusedLayout<D> lay{};
+};
+
+/// The fused kernel serves f16/bf16 tensor-core problems with at most
+/// kFusedMaxSlots key slots whose window rows fit, and shared granularity over
+/// several KV heads only with the partial buffer (one KV head per cluster).
+/// It takes the smallest cs whose CTAs fit two per SM (one CTA's key copy then
+/// overlaps the other's math), else the smallest that fits at all; clusters
+/// (cs > 1 with the LSE computed) need sm_90.
+template <int D, class T>
+FusedPlan<D> fused_plan(const ScoreProblem<T>& p, Granularity g, bool have_partial) {
+  FusedPlan<D> f;
+  const std::int64_t rows = (std::int64_t(p.ring_capacity()) * (p.q_heads() / p.kv_heads()) + 31) / 32 * 32;
+  // (The row bound only keeps the sizes small; shared memory decides below.)
+  if (p.keys.shape[2] > kFusedMaxSlots || rows > kFusedMaxSlots) return f;
+  if (g == Granularity::shared && p.kv_heads() > 1 && !have_partial) return f;
+  const DeviceSmem dev = device_smem();
+  const int max_cs = p.lse.data || dev.cc_major >= 9 ? 8 : 1;
+  constexpr int kReserved = 1024;  // per-CTA shared memory the runtime keeps
+  auto layout = [&](int cs) {
+    const int span = int((p.keys.shape[2] + std::int64_t(cs) * kTileCols - 1) / (std::int64_t(cs) * kTileCols)) * kTileCols;
+    return FusedLayout<D>{span, int(rows), std::max(int(rows), kFusedWarps * kWarpRows)};
+  };
+  for (int cs = 1; cs <= max_cs; cs *= 2)
+    if (2 * (layout(cs).bytes() + kReserved) <= std::size_t(dev.per_sm)) return {cs, layout(cs)};
+  for (int cs = 1; cs <= max_cs; cs *= 2)
+    if (layout(cs).bytes() <= std::size_t(dev.optin)) return {cs, layout(cs)};
+  return f;
+}
+
+/// Lets score_fused_kernel<T, D> take the device's opt-in shared memory (once per device).
+template <class T, int D>
+void allow_fused_smem(int optin) {
+  static std::atomic<bool> done[64];
+  int dev = 0;
+  PYRAMIDINFER_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < 64 && done[dev].load(std::memory_order_relaxed)) return;
+  PYRAMIDINFER_CUDA_CHECK(
+      cudaFuncSetAttribute(score_fused_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  PYRAMIDINFER_CUDA_CHECK(cudaFuncSetAttribute(score_fused_kernel<T, D>,
+                                               cudaFuncAttributePreferredSharedMemoryCarveout,
+                                               int(cudaSharedmemCarveoutMaxShared)));
+  if (dev >= 0 && dev < 64) done[dev].store(true, std::memory_order_relaxed);
+}
+
+/// out(b, 0, j) from the per-KV-head partials (shared granularity, split mode).
+template <class T>
+void launch_reduce(const ScoreArgs<T>& a, std::int64_t keys, cudaStream_t stream) {
+  const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(keys, 256)), 1u, unsigned(a.batch));
+  score_reduce_kernel<T><<<grid, 256, 0, stream>>>(a);
+  PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_reduce_kernel");
+}
+
+/// Launches the fused kernel when it serves p (see fused_plan); false: not launched.
+template <class T>
+bool launch_fused(ScoreArgs<T> a, const ScoreProblem<T>& p, Granularity g, std::int64_t keys, cudaStream_t stream) {
+  if constexpr (std::is_same<T, float>::value) {
+    return false;  // fp32 keys take the CUDA-core kernels
+  } else {
+    if (!use_mma(p)) return false;
+    bool launched = false;
+    pyramidinfer::detail::dispatch_int(p.head_dim(), MmaHeadDims{}, [&](auto dc) {
+      constexpr int D = decltype(dc)::value;
+      const FusedPlan<D> f = fused_plan<D>(p, g, a.partial != nullptr);
+      if (f.cs == 0) return;
+      allow_fused_smem<T, D>(device_smem().optin);
+      a.fspan = f.lay.span, a.frows = f.lay.rows, a.fstat = f.lay.stat;
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(unsigned(f.cs), unsigned(a.kv_heads), unsigned(a.batch));
+      cfg.blockDim = dim3(kFusedThreads);
+      cfg.dynamicSmemBytes = f.lay.bytes();
+      cfg.stream = stream;
+      cudaLaunchAttribute cluster{};
+      cluster.id = cudaLaunchAttributeClusterDimension;
+      cluster.val.clusterDim.x = unsigned(f.cs), cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
+      if (a.lse == nullptr && f.cs > 1) cfg.attrs = &cluster, cfg.numAttrs = 1;  // the CTAs merge statistics
+      PYRAMIDINFER_CUDA_CHECK(cudaLaunchKernelEx(&cfg, score_fused_kernel<T, D>, a));
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_fused_kernel");
+      if (a.partial) launch_reduce(a, keys, stream);
+      launched = true;
+    });
+    return launched;
+  }
+}
+
 }  // namespace detail
 
 /// Scratch bytes for window_attention_scores: the pass-1 LSE buffer
@@ -767,6 +1255,8 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
     a.partial = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + need);
     a.partial_len = int(p.keys.shape[2]);
   }
+  const std::int64_t keys = std::min<std::int64_t>(out.shape[2], p.keys.shape[2]);
+  if (detail::launch_fused(a, p, g, keys, stream)) return;
   if (!p.lse.data) {
     float* lse = static_cast<float*>(workspace);
     a.lse_out = lse;
@@ -782,21 +1272,15 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
         constexpr int D = decltype(dc)::value;
         static_assert(D % 16 == 0, "head_dim");
         if constexpr (!std::is_same<T, float>::value) {
-          const std::int64_t keys = std::min<std::int64_t>(out.shape[2], p.keys.shape[2]);
           const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(keys, detail::kScoreKeys)),
                           a.partial ? unsigned(p.kv_heads()) : groups, unsigned(p.batch()));
           detail::score_mma_kernel<T, D><<<grid, detail::kScoreWarps * 32, 0, stream>>>(a);
           PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_mma_kernel");
-          if (a.partial) {
-            const dim3 rgrid(unsigned(pyramidinfer::detail::ceil_div(keys, 256)), 1u, unsigned(p.batch()));
-            detail::score_reduce_kernel<T><<<rgrid, 256, 0, stream>>>(a);
-            PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_reduce_kernel");
-          }
+          if (a.partial) detail::launch_reduce(a, keys, stream);
         }
       });
   if (!done) {
-    const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(std::min<std::int64_t>(out.shape[2], p.keys.shape[2]), 128)),
-                    groups, unsigned(p.batch()));
+    const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(keys, 128)), groups, unsigned(p.batch()));
     detail::score_fallback_kernel<T><<<grid, 128, 0, stream>>>(a);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_fallback_kernel");
   }
