@@ -121,8 +121,10 @@ static void ceilings(cudaStream_t s) {
 }
 
 // Scoring: B sequences, Hq query heads, Hkv kv heads, n keys, window 20%.
+// Shared granularity (one score per key, summed over heads) when Hq == Hkv or
+// `shared` (the engine's compressor on GQA models), else one per KV head.
 static void bench_scoring(const char* tag, int B, int Hq, int Hkv, int n, int d, bool given_lse, int reps,
-                          cudaStream_t s) {
+                          cudaStream_t s, bool shared = false) {
   if (!wanted(std::string("score_") + tag + (given_lse ? "_lse_given" : "_lse_computed"))) return;
   const int w = 1 + int(0.2 * n), cap = w;
   Buf<pi::half_t> K(size_t(B) * Hkv * n * d), Q(size_t(B) * Hq * cap * d);
@@ -144,7 +146,7 @@ static void bench_scoring(const char* tag, int B, int Hq, int Hkv, int n, int d,
   p.score_begin = pi::make_contiguous<const int>(beg.p, B, Hkv);
   p.score_count = pi::make_contiguous<const int>(cnt.p, B, Hkv);
   p.scale = 1.0f / std::sqrt(float(d));
-  const pi::Granularity g = Hkv == Hq ? pi::Granularity::shared : pi::Granularity::per_kv_head;
+  const pi::Granularity g = Hkv == Hq || shared ? pi::Granularity::shared : pi::Granularity::per_kv_head;
   const int groups = g == pi::Granularity::shared ? 1 : Hkv;
   Buf<float> out(size_t(B) * groups * n);
   if (given_lse) {
@@ -276,6 +278,14 @@ int main(int argc, char** argv) {
     }
   }
   if (!quick) bench_scoring("l3_8b_b1_n32768", 1, 32, 8, 32768, 128, true, 1, s);
+  // The engine's prefill shapes: one or four prompts, shared selection over
+  // the GQA heads (n 8192 at layer 0, fewer slots deeper).
+  if (!quick)
+    for (int B : {1, 4})
+      for (int n : {4096, 8192}) {
+        const std::string t = "l3_8b_b" + std::to_string(B) + "_n" + std::to_string(n) + "_shared";
+        bench_scoring(t.c_str(), B, 32, 8, n, 128, true, 10, s, true);
+      }
   CK(cudaStreamDestroy(s));
   return 0;
 }

@@ -53,7 +53,7 @@ def report(name, ms, note=""):
     print(f"peer,{name},{ms:.4f},{note}", flush=True)
 
 
-def bench_scoring(tag, B, Hq, Hkv, n, d, reps, chunk):
+def bench_scoring(tag, B, Hq, Hkv, n, d, reps, chunk, shared=False):
     w = 1 + int(0.2 * n)
     K = hash_fill((B, Hkv, n, d), 11, torch.float16)
     Q = hash_fill((B, Hq, w, d), 12, torch.float16)
@@ -73,7 +73,7 @@ def bench_scoring(tag, B, Hq, Hkv, n, d, reps, chunk):
             s.masked_fill_(mask, float("-inf"))
             p = torch.softmax(s, dim=-1)
             sc = (p[..., : n - w] * wr[:, None]).mean(dim=2)
-            outs.append(sc.mean(dim=1) if Hq == Hkv else sc.view(sc.shape[0], Hkv, g, -1).mean(2))
+            outs.append(sc.mean(dim=1) if Hq == Hkv or shared else sc.view(sc.shape[0], Hkv, g, -1).mean(2))
         return torch.cat(outs)
 
     ms = median_ms(run, reps)
@@ -128,3 +128,6 @@ for n in (32768, 131072):
         bench_compact(t, B, 8, n, 128, n // 2)
 if not quick:
     bench_scoring("l3_8b_b1_n32768", 1, 32, 8, 32768, 128, 1, 1)
+    for B in (1, 4):
+        for n in (4096, 8192):
+            bench_scoring(f"l3_8b_b{B}_n{n}_shared", B, 32, 8, n, 128, 3, 1, shared=True)

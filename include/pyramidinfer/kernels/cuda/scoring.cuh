@@ -7,7 +7,10 @@
 //          style without the PV product), into the workspace;
 //   pass 2: for a tile of keys, stream every window query of the group,
 //          S = q.k on tensor cores, accumulate w_r * exp(scale*S - lse) into
-//          one fp32 per key in registers.
+//          one fp32 per key in registers. When there are too few key tiles
+//          to fill the GPU (one or a few long sequences), a cluster of CTAs
+//          (sm_90) shares a key tile, each taking a share of the queries
+//          (see score_mma_kernel).
 // f16/bf16 with head_dim 64 or 128, last dims contiguous and 16-byte aligned
 // rows take mma.sync.m16n8k16 kernels (fp32 accumulation); everything else
 // takes a CUDA-core fallback with the same math. Short caches (at most
@@ -97,6 +100,7 @@ struct ScoreArgs {
   float* partial;   // shared granularity, split mode: [batch][kv_heads][partial_len]
   int partial_len;
   int fspan, frows, fstat;  // fused kernel: its FusedLayout
+  int splits;               // score_mma_kernel: CTAs per cluster sharing one key block (see there)
 
   __device__ int n(int b, int h) const {
     const int v = kv_len[b * n0 + h * n1];
@@ -409,6 +413,59 @@ struct WarpRowLse {
   }
 };
 
+// Cluster barrier and distributed shared-memory reads (sm_90+; the host
+// launches clusters only there: the fused kernel and split score_mma_kernel).
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+/// The same without ordering memory: for "done reading", whose loads have returned.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+/// The float2 at `p` in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ float2 load_cluster(const float2* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned local = unsigned(__cvta_generic_to_shared(p));
+  unsigned remote;
+  float2 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
+  return v;
+#else
+  __trap();
+  return *p;
+#endif
+}
+/// The float at `p` in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ float load_cluster(const float* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned local = unsigned(__cvta_generic_to_shared(p));
+  unsigned remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+#else
+  __trap();
+  return *p;
+#endif
+}
+
 /// Pass 1 on tensor cores: rows = window queries (r, qi) flattened r*group+qi,
 /// streamed over tiles of 32 keys. grid (row tiles, kv_heads, batch).
 template <class T, int D>
@@ -468,9 +525,22 @@ __global__ void __launch_bounds__(kLseWarps * 32, 4) lse_mma_kernel(ScoreArgs<T>
     }
 }
 
+/// Writes the score (or, split mode, the per-KV-head partial) of key j.
+template <class T>
+__device__ __forceinline__ void store_key_score(const ScoreArgs<T>& a, int b, int j, float s) {
+  if (a.partial) a.partial[(std::size_t(b) * a.kv_heads + blockIdx.y) * a.partial_len + j] = s;
+  else a.out[b * a.o0 + (a.shared ? 0 : blockIdx.y) * a.o1 + std::int64_t(j) * a.o2] = s;
+}
+
 /// Pass 2 on tensor cores: a block owns 256 keys (A fragments in registers)
-/// and streams every window query of the group (all groups when shared).
-/// grid (key tiles, shared ? 1 : kv_heads, batch).
+/// and streams the window queries of the group (all groups when shared).
+/// With a.splits > 1 (sm_90 clusters of a.splits CTAs) the CTAs of a cluster
+/// own the same 256 keys and each streams a contiguous share of every head's
+/// query tiles; their per-key sums meet through distributed shared memory and
+/// are added in rank order (deterministic). Few long sequences have too few
+/// 256-key blocks to fill the GPU (Llama-3-8B, b1, n 8K: 26 x 8 KV heads for
+/// 264 block slots on an H200), and splitting the rows fills it without more
+/// workspace. grid (key blocks * splits, shared ? 1 : kv_heads, batch).
 template <class T, int D>
 __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArgs<T> a) {
   constexpr int kThreads = kScoreWarps * 32, kChunks = D * 2 / 16;
@@ -478,14 +548,16 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArg
   static_assert(kCopies >= 1 && kTileCols * kChunks % kThreads == 0, "tile copies split evenly over threads");
   __shared__ __align__(16) std::uint16_t qs_tile[kStages][kTileCols * (D + 8)];
   __shared__ __align__(16) float s_lw[kStages][kTileCols][2];  // per tile row: natural LSE, distance weight
+  __shared__ float s_key[kScoreKeys];                          // split: this CTA's per-key sums, read by the cluster
   const int b = blockIdx.z;
   // Shared granularity with a partial buffer: one KV head per block (grid.y),
   // summed in head order by score_reduce_kernel.
-  const bool split = a.partial != nullptr;
-  const int h_first = a.shared && !split ? 0 : blockIdx.y, h_last = a.shared && !split ? a.kv_heads : blockIdx.y + 1;
+  const bool all_heads = a.shared && a.partial == nullptr;
+  const int h_first = all_heads ? 0 : blockIdx.y, h_last = all_heads ? a.kv_heads : blockIdx.y + 1;
   const int count = a.scount(b, a.shared ? 0 : h_first);
-  const int key0 = blockIdx.x * kScoreKeys;
-  if (key0 >= count) return;
+  const int splits = a.splits, rank = int(blockIdx.x) % splits;
+  const int key0 = int(blockIdx.x) / splits * kScoreKeys;
+  if (key0 >= count) return;  // the whole cluster (same key block) returns
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
   const float sl2 = a.scale * kLog2e;
   const int s0 = a.ring(b, 0), group = a.group;
@@ -499,7 +571,10 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArg
     load_a_frags<D>(af, key0 + warp * kWarpRows, [&](int j) -> const std::uint16_t* {
       return j < count ? kbase + std::int64_t(begin + j) * a.k2 : nullptr;
     });
-    const int tiles = (w * group + kTileCols - 1) / kTileCols;
+    // This CTA's share of the head's query tiles: [t_begin, t_begin + tiles).
+    const int all_tiles = (w * group + kTileCols - 1) / kTileCols;
+    const int t_begin = all_tiles * rank / splits, tiles = all_tiles * (rank + 1) / splits - t_begin;
+    const int row0 = t_begin * kTileCols;
     const float inv = 1.0f / (float(w) * float(a.shared ? a.q_heads : group));
     const RowWeight weight = row_weight(w, a.distance_weight);
     const std::uint16_t* qbase =
@@ -509,8 +584,8 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArg
     // the first 32 threads, the tile row whose LSE and weight they stage.
     RowCursor qrow[kCopies];
 #pragma unroll
-    for (int i = 0; i < kCopies; ++i) qrow[i] = RowCursor((threadIdx.x + i * kThreads) / kChunks, group);
-    RowCursor lrow(threadIdx.x % kTileCols, group);
+    for (int i = 0; i < kCopies; ++i) qrow[i] = RowCursor(row0 + (threadIdx.x + i * kThreads) / kChunks, group);
+    RowCursor lrow(row0 + threadIdx.x % kTileCols, group);
     auto load = [&](int, int buf) {
 #pragma unroll
       for (int i = 0; i < kCopies; ++i) {
@@ -558,12 +633,25 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArg
       float s = part[mt][hf];
       s += __shfl_xor_sync(0xffffffffu, s, 1);
       s += __shfl_xor_sync(0xffffffffu, s, 2);
-      const int j = key0 + warp * kWarpRows + mt * 16 + g + hf * 8;
-      if (tg == 0 && j < count) {
-        if (split) a.partial[(std::size_t(b) * a.kv_heads + blockIdx.y) * a.partial_len + j] = s;
-        else a.out[b * a.o0 + (a.shared ? 0 : blockIdx.y) * a.o1 + std::int64_t(j) * a.o2] = s;
+      const int jl = warp * kWarpRows + mt * 16 + g + hf * 8;
+      if (tg == 0) {
+        if (splits > 1) s_key[jl] = s;
+        else if (key0 + jl < count) store_key_score(a, b, key0 + jl, s);
       }
     }
+  if (splits > 1) {
+    // Rank r adds up keys [r, r + 1) * 256 / splits over the cluster's CTAs.
+    cluster_arrive();
+    cluster_wait();
+    const int per = kScoreKeys / splits, jl = rank * per + int(threadIdx.x);
+    if (int(threadIdx.x) < per && key0 + jl < count) {
+      float s = 0.f;
+      for (int r = 0; r < splits; ++r) s += load_cluster(&s_key[jl], unsigned(r));
+      store_key_score(a, b, key0 + jl, s);
+    }
+    cluster_arrive_relaxed();  // no CTA leaves while another may read its s_key
+    cluster_wait();
+  }
 }
 
 /// out(b, 0, j) = sum over KV heads, in head order, of the per-head partials.
@@ -618,45 +706,6 @@ struct FusedLayout {
   __host__ __device__ std::size_t bar_off() const { return lw_off() + std::size_t(rows) * 8; }
   __host__ __device__ std::size_t bytes() const { return bar_off() + 8 * (1 + kFusedChunks); }
 };
-
-// Cluster barrier and distributed shared-memory read (sm_90+; the host
-// launches clusters only there).
-__device__ __forceinline__ void cluster_arrive() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-#else
-  __trap();
-#endif
-}
-/// The same without ordering memory: for "done reading", whose loads have returned.
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-#else
-  __trap();
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#else
-  __trap();
-#endif
-}
-/// The float2 at `p` in the shared memory of cluster CTA `rank`.
-__device__ __forceinline__ float2 load_cluster(const float2* p, unsigned rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const unsigned local = unsigned(__cvta_generic_to_shared(p));
-  unsigned remote;
-  float2 v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
-  return v;
-#else
-  __trap();
-  return *p;
-#endif
-}
 
 // One-shot copy barriers: every thread's cp.async of a chunk arrive on the
 // chunk's mbarrier (count = threads), and readers wait for its phase 0.
@@ -1024,6 +1073,7 @@ ScoreArgs<T> make_args(const ScoreProblem<T>& p, Granularity g, float distance_w
   a.slots = int(p.keys.shape[2]);
   a.out_len = int(out.shape[2]);
   a.shared = g == Granularity::shared;
+  a.splits = 1;
   return a;
 }
 
@@ -1207,6 +1257,60 @@ bool launch_fused(ScoreArgs<T> a, const ScoreProblem<T>& p, Granularity g, std::
   }
 }
 
+/// Number of SMs of the current device, cached per device.
+inline int device_sm_count() {
+  static std::atomic<int> cache[64];  // 0: not queried yet
+  int dev = 0;
+  PYRAMIDINFER_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<int>* slot = dev >= 0 && dev < 64 ? &cache[dev] : nullptr;
+  int v = slot ? slot->load(std::memory_order_relaxed) : 0;
+  if (v == 0) {
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    if (slot) slot->store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+constexpr int kMaxScoreSplits = 4;    // cluster size; 4 tiles the SMs of a GPC at two CTAs per SM without gaps
+constexpr int kScoreSplitWaves = 8;   // split until there are this many waves of blocks ...
+constexpr int kMinSplitTiles = 12;    // ... while every CTA keeps this many query tiles per head
+
+/// CTAs per key block for score_mma_kernel (see there): doubles while the
+/// grid of `blocks` key blocks is short of kScoreSplitWaves waves (two CTAs
+/// per SM) and each share keeps kMinSplitTiles of the head's `tiles` query
+/// tiles, so that the per-CTA costs (the A fragments' loads, the pipeline's
+/// fill and drain, the cluster reduction) stay small. Clusters need sm_90.
+inline int score_splits(std::int64_t blocks, std::int64_t tiles) {
+  if (device_smem().cc_major < 9) return 1;
+  const std::int64_t target = std::int64_t(kScoreSplitWaves) * 2 * device_sm_count();
+  int s = 1;
+  while (s < kMaxScoreSplits && blocks * s < target && tiles / (2 * s) >= kMinSplitTiles) s *= 2;
+  return s;
+}
+
+/// Launches score_mma_kernel over `keys` key slots, `heads` grid rows
+/// (1 or the KV heads), in clusters of score_splits CTAs.
+template <class T, int D>
+void launch_score_mma(ScoreArgs<T> a, std::int64_t keys, unsigned heads, cudaStream_t stream) {
+  const std::int64_t blocks = pyramidinfer::detail::ceil_div(keys, kScoreKeys);
+  a.splits = score_splits(blocks * heads * a.batch, pyramidinfer::detail::ceil_div(std::int64_t(a.cap) * a.group, kTileCols));
+  const dim3 grid(unsigned(blocks * a.splits), heads, unsigned(a.batch));
+  if (a.splits == 1) {
+    score_mma_kernel<T, D><<<grid, kScoreWarps * 32, 0, stream>>>(a);
+  } else {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(kScoreWarps * 32);
+    cfg.stream = stream;
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = unsigned(a.splits), cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
+    cfg.attrs = &cluster, cfg.numAttrs = 1;
+    PYRAMIDINFER_CUDA_CHECK(cudaLaunchKernelEx(&cfg, score_mma_kernel<T, D>, a));
+  }
+  PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_mma_kernel");
+}
+
 }  // namespace detail
 
 /// Scratch bytes for window_attention_scores: the pass-1 LSE buffer
@@ -1272,10 +1376,7 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
         constexpr int D = decltype(dc)::value;
         static_assert(D % 16 == 0, "head_dim");
         if constexpr (!std::is_same<T, float>::value) {
-          const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(keys, detail::kScoreKeys)),
-                          a.partial ? unsigned(p.kv_heads()) : groups, unsigned(p.batch()));
-          detail::score_mma_kernel<T, D><<<grid, detail::kScoreWarps * 32, 0, stream>>>(a);
-          PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_mma_kernel");
+          detail::launch_score_mma<T, D>(a, keys, a.partial ? unsigned(p.kv_heads()) : groups, stream);
           if (a.partial) detail::launch_reduce(a, keys, stream);
         }
       });
