@@ -179,7 +179,7 @@ void run_topk_rows(const std::vector<std::vector<float>>& rows, const std::vecto
 
 }  // namespace
 
-TEST_CASE("topk_indices multi-block: 11-bit digits, many rows, adversarial keys", "[cuda][topk][multiblock]") {
+TEST_CASE("topk_indices multi-block: many rows, adversarial keys", "[cuda][topk][multiblock]") {
   test::Stream st;
   // 17..48 rows of 16K..30K: multi-block now (one block per row before).
   {
@@ -253,6 +253,59 @@ TEST_CASE("topk_indices multi-block path on 128K rows", "[cuda][topk][multiblock
   run_topk_case(big, 131072, 2, 0, true, true, st.s, true);
 }
 
+TEST_CASE("topk_indices multi-block: 1-3 blocks per row, digit boundaries, workspace reuse",
+          "[cuda][topk][multiblock]") {
+  test::Stream st;
+  // Many rows: the grid is one wave of resident blocks, so each row gets only
+  // 1-3 of them (on a 132-SM card); with one block per row of 30K-40K keys the
+  // slice outgrows the block's shared-memory key cache (the rest is re-read).
+  for (int rows : {test::rand_int(67, 132), test::rand_int(133, 256)}) {
+    const int max_n = rows <= 132 ? test::rand_int(16384, 17000) : test::rand_int(30000, 40000);
+    REQUIRE(pcu::topk_indices_workspace_bytes(rows, max_n) > 0);
+    std::vector<int> lens(static_cast<std::size_t>(rows));
+    for (auto& l : lens) l = test::rand_int(0, 4) == 0 ? test::rand_int(0, max_n) : max_n;
+    run_topk_case(lens, max_n, 1, 4, rows % 2 == 0, true, st.s, true);
+  }
+  // Keys that differ only in bits 7..0 (the last digit decides) or only in
+  // bits 19..8 (the middle one), with duplicates straddling the threshold.
+  {
+    const int n = 30000;
+    std::vector<std::vector<float>> rows;
+    std::vector<int> ks;
+    for (int which = 0; which < 2; ++which) {
+      std::vector<float> r(static_cast<std::size_t>(n));
+      for (auto& x : r) {
+        const std::uint32_t u = which == 0 ? 0x3f800000u + std::uint32_t(test::rand_int(0, 255))
+                                           : 0x42000000u + (std::uint32_t(test::rand_int(0, 4095)) << 8);
+        std::memcpy(&x, &u, 4);
+      }
+      rows.push_back(r);
+      ks.push_back(test::rand_int(1, n - 1));
+    }
+    run_topk_rows(rows, ks, 2, st.s);
+  }
+  // One workspace, two calls in a row: the second must not see the first's state.
+  {
+    const int R = 3, len = 40000, max_k = len - 5;
+    const std::size_t wsb = pcu::topk_indices_workspace_bytes(R, len);
+    REQUIRE(wsb > 0);
+    DeviceBuffer<unsigned char> ws(wsb);
+    for (int call = 0; call < 2; ++call) {
+      std::vector<float> s(std::size_t(R) * len);
+      for (auto& v : s) v = test::rand_normal();
+      const std::vector<std::int32_t> n(std::size_t(R), len), k{len / 2, 1 + call, max_k};
+      DeviceBuffer<float> ds(s);
+      DeviceBuffer<std::int32_t> dn(n), dk(k), dout(std::size_t(R) * max_k);
+      pcu::topk_indices(make_contiguous<const float>(ds.ptr, R, 1, len),
+                        make_contiguous<const std::int32_t>(dn.ptr, R, 1),
+                        make_contiguous<const std::int32_t>(dk.ptr, R, 1), 4, make_contiguous(dout.ptr, R, 1, max_k),
+                        ws.ptr, wsb, st.s);
+      st.sync();
+      expect_topk_rows(dout.download(), s, n, k, len, max_k, 4);
+    }
+  }
+}
+
 TEST_CASE("topk_indices rejects bad arguments before launching", "[cuda][topk][args]") {
   DeviceBuffer<float> s(16);
   DeviceBuffer<std::int32_t> n(1), k(1), out(16);
@@ -288,6 +341,7 @@ enum class Kept {
   nearly_all,   // n = cap, all but 1-3 rows (first or last among the dropped ones)
   nearly_none,  // n = cap, 1-3 rows, the last row always among them
   ends,         // n = cap, the first and last rows plus a sparse random middle
+  sinks_half,   // n = cap, a random kept prefix (rows that stay), then one of every pair
 };
 
 std::vector<std::int32_t> make_kept(Kept mode, int cap, int& n) {
@@ -325,6 +379,12 @@ std::vector<std::int32_t> make_kept(Kept mode, int cap, int& n) {
       kk.front() = 0;
       kk.back() = cap - 1;
       kk.erase(std::unique(kk.begin(), kk.end()), kk.end());
+      break;
+    }
+    case Kept::sinks_half: {
+      const int sinks = test::rand_int(0, cap / 2);
+      for (int i = 0; i < sinks; ++i) kk.push_back(i);
+      for (int i = 0; sinks + 2 * i + 1 < cap; ++i) kk.push_back(sinks + 2 * i + test::rand_int(0, 1));
       break;
     }
   }
@@ -408,6 +468,8 @@ TEMPLATE_TEST_CASE("compact_kv_inplace matches host::compact_rows", "[cuda][comp
   run_compact_case<TestType>(2, 2, 1500, 20, false, test::rand_int(0, 1) == 1, st.s);
   // Rows of more than 1024 16-byte vectors: a row spans several tiles.
   run_compact_case<TestType>(1, 2, 40, (16384 + 256) / int(sizeof(TestType)), false, false, st.s);
+  // A kept prefix (rows that stay in place) before moved rows, over many tiles.
+  run_compact_case<TestType>(1, 2, 20000, 128, test::rand_int(0, 1) == 1, false, st.s, Kept::sinks_half);
 }
 
 TEMPLATE_TEST_CASE("compact_kv_inplace: few (b, h) with many tiles, extreme kept lists", "[cuda][compact]", half_t,
@@ -537,33 +599,41 @@ struct ScoreCase {
   }
 };
 
+/// A case of the given shape; full: every head holds all `slots` keys, the
+/// window fills the ring and every slot before it is scored (the benchmark's
+/// prefill shape), else lengths, windows and ranges are random (ragged).
 template <class T>
-ScoreCase<T> make_score_case(int d, Granularity g, bool nhd, bool with_lse, int max_slots) {
+ScoreCase<T> make_score_case(int d, Granularity g, bool nhd, bool with_lse, int batch, int kvh, int group, int slots,
+                             int cap, bool full = false) {
   ScoreCase<T> c;
-  c.batch = test::rand_int(1, 3);
-  c.kvh = test::rand_int(1, 3);
-  c.group = test::rand_int(1, 4);
+  c.batch = batch;
+  c.kvh = kvh;
+  c.group = group;
   c.d = d;
   c.g = g;
   c.nhd = nhd;
   c.with_lse = with_lse;
-  c.slots = test::rand_int(8, max_slots);
-  c.cap = test::rand_int(1, std::min(300, c.slots));
+  c.slots = slots;
+  c.cap = cap;
   c.keys.resize(std::size_t(c.batch) * c.kvh * c.slots * d);
   for (auto& x : c.keys) x = pyramidinfer::from_float<T>(test::rand_normal() * 1.5f);
   c.q.resize(std::size_t(c.batch) * c.kvh * c.group * c.cap * d);
   for (auto& x : c.q) x = pyramidinfer::from_float<T>(test::rand_normal() * 1.5f);
   for (int b = 0; b < c.batch; ++b) {
-    const int w = test::rand_int(1, c.cap);
+    const int w = full ? c.cap : test::rand_int(1, c.cap);
     c.win.push_back(w);
     c.ring.push_back(test::rand_int(0, c.cap - 1));
-    const int nshared = test::rand_int(w, c.slots);
+    const int nshared = full ? c.slots : test::rand_int(w, c.slots);
     for (int h = 0; h < c.kvh; ++h) {
-      const int n = g == Granularity::shared ? nshared : test::rand_int(w, c.slots);
+      const int n = g == Granularity::shared || full ? nshared : test::rand_int(w, c.slots);
       c.len.push_back(n);
       const int room = n - w;
-      const int cnt = g == Granularity::shared && h > 0 ? c.count[std::size_t(b * c.kvh)] : test::rand_int(0, room);
-      const int beg = g == Granularity::shared && h > 0 ? c.begin[std::size_t(b * c.kvh)] : test::rand_int(0, room - cnt);
+      const int cnt = full ? room
+                      : g == Granularity::shared && h > 0 ? c.count[std::size_t(b * c.kvh)]
+                                                          : test::rand_int(0, room);
+      const int beg = full ? 0
+                      : g == Granularity::shared && h > 0 ? c.begin[std::size_t(b * c.kvh)]
+                                                          : test::rand_int(0, room - cnt);
       c.begin.push_back(beg);
       c.count.push_back(cnt);
     }
@@ -578,6 +648,14 @@ ScoreCase<T> make_score_case(int d, Granularity g, bool nhd, bool with_lse, int 
     for (auto& x : c.lse) x += 0.1f * test::rand_normal();
   }
   return c;
+}
+
+/// A case of random shape: up to 3 sequences, 3 KV heads, groups of 4.
+template <class T>
+ScoreCase<T> make_score_case(int d, Granularity g, bool nhd, bool with_lse, int max_slots) {
+  const int batch = test::rand_int(1, 3), kvh = test::rand_int(1, 3), group = test::rand_int(1, 4);
+  const int slots = test::rand_int(8, max_slots);
+  return make_score_case<T>(d, g, nhd, with_lse, batch, kvh, group, slots, test::rand_int(1, std::min(300, slots)));
 }
 
 template <class T>
@@ -643,6 +721,63 @@ TEMPLATE_TEST_CASE("window_attention_scores matches the host reference", "[cuda]
         run_score_case(c, st.s, split);
       }
     }
+  }
+}
+
+// Short caches (keys.shape[2] <= kFusedMaxSlots) take the fused kernel (one
+// cluster per sequence and KV head, keys in shared memory); longer ones the
+// two-pass kernels. Shapes on both sides of the threshold, the benchmark's
+// prefill shape, GQA groups whose rows span several warps, ragged lengths.
+TEMPLATE_TEST_CASE("window_attention_scores: fused short-cache path and its threshold", "[cuda][scoring]", half_t,
+                   bfloat16_t) {
+  test::Stream st;
+  const int limit = pcu::detail::kFusedMaxSlots;
+  struct Shape {
+    int slots, cap, group;
+    bool full;
+  };
+  const Shape shapes[] = {{512, 103, 1, true},      {limit, 205, 1, true},  {limit, 205, 4, false},
+                          {limit - 1, 64, 2, true}, {limit + 1, 205, 1, true}, {test::rand_int(8, 200), 0, 3, false}};
+  for (const Shape& s : shapes)
+    for (int d : {128, 64})
+      for (int with_lse = 0; with_lse < 2; ++with_lse) {
+        const Granularity g = test::rand_int(0, 1) ? Granularity::shared : Granularity::per_kv_head;
+        const int cap = s.cap ? s.cap : test::rand_int(1, s.slots);
+        auto c = make_score_case<TestType>(d, g, test::rand_int(0, 1) == 1, with_lse == 1, test::rand_int(1, 2),
+                                           test::rand_int(1, 3), s.group, s.slots, cap, s.full);
+        const bool split = g == Granularity::per_kv_head || test::rand_int(0, 3) > 0;
+        INFO("d " << d << " g " << granularity_name(g) << " nhd " << c.nhd << " lse " << c.with_lse << " B "
+                  << c.batch << " kvh " << c.kvh << " group " << c.group << " slots " << c.slots << " cap " << c.cap
+                  << " full " << s.full << " split_ws " << split);
+        run_score_case(c, st.s, split);
+      }
+}
+
+// Long windows over few key blocks: score_mma_kernel splits each head's
+// query tiles over a cluster of CTAs (sm_90) and adds their per-key sums in
+// the cluster. GQA groups (rows of one position span heads), a group of 3
+// (tiles cross positions unevenly), ragged windows that leave some CTAs of a
+// cluster without tiles, both granularities and workspace modes.
+TEMPLATE_TEST_CASE("window_attention_scores: long windows split over a cluster", "[cuda][scoring]", half_t,
+                   bfloat16_t) {
+  test::Stream st;
+  struct Shape {
+    int d, group, slots, cap;
+    bool full, with_lse;
+    Granularity g;
+  };
+  const Shape shapes[] = {{128, 4, 1536, 384, true, true, Granularity::shared},
+                          {64, 4, 1536, 384, false, false, Granularity::per_kv_head},
+                          {128, 3, 1400, 512, false, true, Granularity::per_kv_head},
+                          {64, 1, 3000, 900, true, false, Granularity::shared}};
+  for (const Shape& s : shapes) {
+    auto c = make_score_case<TestType>(s.d, s.g, test::rand_int(0, 1) == 1, s.with_lse, test::rand_int(1, 2), 2,
+                                       s.group, s.slots, s.cap, s.full);
+    const bool split = test::rand_int(0, 1) == 1;
+    INFO("d " << s.d << " g " << granularity_name(s.g) << " nhd " << c.nhd << " lse " << c.with_lse << " B "
+              << c.batch << " group " << s.group << " slots " << s.slots << " cap " << s.cap << " full " << s.full
+              << " split_ws " << split);
+    run_score_case(c, st.s, split);
   }
 }
 
