@@ -64,7 +64,7 @@ void run(const char* shape, const char* policy, const CudaModel& model, Engine& 
   const LlamaShape& s = model.shape();
   std::vector<std::vector<std::int32_t>> prompts(static_cast<std::size_t>(batch), std::vector<std::int32_t>(static_cast<std::size_t>(prompt)));
   for (int b = 0; b < batch; ++b)
-    for (int i = 0; i < prompt; ++i) prompts[std::size_t(b)][std::size_t(i)] = (b * 7919 + i * 104729) % s.vocab;
+    for (int i = 0; i < prompt; ++i) prompts[std::size_t(b)][std::size_t(i)] = std::int32_t((b * 7919ll + i * 104729ll) % s.vocab);
   DBuf<std::int32_t> ids(static_cast<std::size_t>(batch));
   auto once = [&](double& prefill_s, double& decode_s) {
     LC_CUDA(cudaDeviceSynchronize());

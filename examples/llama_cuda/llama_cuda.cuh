@@ -457,7 +457,14 @@ class CudaEngine {
     const int B = int(prompts.size()), L = s.n_layers, H = s.n_heads, Hkv = s.n_kv_heads, d = s.head_dim;
     if (B <= 0) throw std::invalid_argument("CudaEngine::prefill: empty batch");
     std::vector<int> lens;
-    for (const auto& p : prompts) lens.push_back(int(p.size()));
+    for (const auto& p : prompts) {
+      lens.push_back(int(p.size()));
+      for (std::int32_t t : p)  // the embedding lookup trusts the ids
+        if (t < 0 || t >= s.vocab)
+          throw std::invalid_argument("CudaEngine::prefill: token id " + std::to_string(t) + " of prompt " +
+                                      std::to_string(lens.size() - 1) + " is outside [0, " + std::to_string(s.vocab) +
+                                      ")");
+    }
     plan_ = pc_.plan(lens, max_new_tokens, DType::f16);
     ensure_rope_table(*std::max_element(lens.begin(), lens.end()) + std::max(max_new_tokens, 0) + 1);
     LC_CUDA(cudaStreamSynchronize(stream_));
@@ -558,6 +565,13 @@ class CudaEngine {
 
   /// One decode step: tokens (host) -> logits [B x vocab] on the host (if want_logits).
   std::vector<float> decode(const std::vector<std::int32_t>& tokens, bool want_logits = true) {
+    if (int(tokens.size()) != B_)
+      throw std::invalid_argument("CudaEngine::decode: " + std::to_string(tokens.size()) + " tokens for a batch of " +
+                                  std::to_string(B_));
+    for (std::int32_t t : tokens)
+      if (t < 0 || t >= m_.shape().vocab)
+        throw std::invalid_argument("CudaEngine::decode: token id " + std::to_string(t) + " is outside [0, " +
+                                    std::to_string(m_.shape().vocab) + ")");
     ids_.upload(tokens.data(), tokens.size(), stream_);
     decode_device(ids_.get());
     std::vector<float> out;
