@@ -18,6 +18,8 @@ for r in rows:
     pol = r["policy"] + (f" (r={r['final_ratio']:.2f})" if r["engine"] == "ours" and r["policy"] != "full" else "")
     if r.get("trigger") == "device" and r["policy"] != "full":
         pol += ", device trigger"
+    if r.get("graph") is False:
+        pol += ", no graph"
     ratio = f" ({r['kv_ratio']:.3f})" if "kv_ratio" in r else ""
     cs = r.get("comp_share_prefill", -1)
     share = f"{100*cs:.1f}% / {100*r['comp_share_decode']:.1f}%" if cs is not None and cs >= 0 else ""
@@ -31,7 +33,8 @@ for key, label in [(("ours", "full"), "ours, full cache"), (("ours", "pyramid45"
                    (("ours", "pyramid"), "ours, pyramid (paper defaults)"), (("hf-sdpa", "full"), "HF transformers sdpa"),
                    (("hf-eager", "full"), "HF transformers eager")]:
     pts = sorted((r["batch"], r["total_tok_s"]) for r in rows if (r["engine"], r["policy"]) == key
-                 and r["shape"] == "llama2-7b" and r["prompt"] == 512 and r.get("trigger", "host") != "device")
+                 and r["shape"] == "llama2-7b" and r["prompt"] == 512 and r.get("trigger", "host") != "device"
+                 and r.get("graph", True))
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
 ax.set_xscale("log", base=2)
@@ -45,7 +48,7 @@ fig.savefig(sys.argv[2] + "_toks_vs_batch.png", dpi=120)
 fig, ax = plt.subplots(figsize=(6, 4))
 for pol in ["full", "pyramid", "pyramid45"]:
     r = next((r for r in rows if r["engine"] == "ours" and r["policy"] == pol and r["shape"] == "llama2-7b"
-              and r["batch"] == 32 and r.get("trigger", "host") != "device"), None)
+              and r["batch"] == 32 and r.get("trigger", "host") != "device" and r.get("graph", True)), None)
     if r:
         ax.plot(range(len(r["kv_layer_bytes"])), [b / (1 << 20) for b in r["kv_layer_bytes"]], label=pol)
 ax.set_xlabel("layer")
