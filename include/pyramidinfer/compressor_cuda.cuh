@@ -68,7 +68,7 @@
 // launches whatever nb (kernels/cuda/prefill_batch.cuh); with shared
 // granularity, TopKSelection, drop_tokens and the engine's LSE a layer costs
 //   packed_positions 2, prefill_store 2, gather_next 2, prefill_select 5 +
-//   scoring (1-2) + top-k (1, or 5 for long rows)
+//   scoring (1-2) + top-k (1, or 2 for long rows: a memset and one cooperative kernel)
 // (no engine LSE: +2; layer_local: +3, the compaction of the layer);
 // the keep counts travel as kernel parameters, one more launch per 896
 // (sequence, head set) pairs. The per-sequence calls (prefill_store(l, cache,
@@ -671,16 +671,6 @@ class CudaPyramidCompressor {
       detail::check_dim(lse, 1, rows, fn, "lse");
     }
   }
-  /// Whether a view's rows (its last axis) can move as 16-byte vectors.
-  template <class T, int R>
-  static bool rows_vec16(const TensorView<T, R>& x) {
-    if (x.stride[R - 1] != 1 || !pyramidinfer::detail::is_aligned(x.data, 16) ||
-        (x.shape[R - 1] * std::int64_t(sizeof(T))) % 16 != 0)
-      return false;
-    for (int a = 0; a < R - 1; ++a)
-      if ((x.stride[a] * std::int64_t(sizeof(T))) % 16 != 0) return false;
-    return true;
-  }
 
   template <class T>
   T* ring_q(int layer) const {
@@ -826,7 +816,8 @@ class CudaPyramidCompressor {
     a.b0 = b0;
     using cuda::detail::kRowWarps;
     const dim3 grid(unsigned((max_c + kRowWarps - 1) / kRowWarps), unsigned(cfg().kv_heads), unsigned(nb));
-    if (rows_vec16(k) && rows_vec16(v) && rows_vec16(a.ck) && rows_vec16(a.cv))
+    using cuda::detail::rows_vectorizable;
+    if (rows_vectorizable(k) && rows_vectorizable(v) && rows_vectorizable(a.ck) && rows_vectorizable(a.cv))
       cuda::detail::comp_store_kernel<T, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
     else
       cuda::detail::comp_store_kernel<T, T><<<grid, kRowWarps * 32, 0, stream>>>(a);
@@ -887,7 +878,7 @@ class CudaPyramidCompressor {
       using cuda::detail::kRowWarps;
       const dim3 grid(unsigned((std::int64_t(max_w) * QH + kRowWarps - 1) / kRowWarps), unsigned(nb));
       // The ring's rows are contiguous and 16-byte aligned when q's are.
-      if (rows_vec16(q))
+      if (cuda::detail::rows_vectorizable(q))
         cuda::detail::comp_push_window_kernel<T, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
       else
         cuda::detail::comp_push_window_kernel<T, T><<<grid, kRowWarps * 32, 0, stream>>>(a);
@@ -1021,7 +1012,7 @@ class CudaPyramidCompressor {
     a.b0 = b0;
     using cuda::detail::kRowWarps;
     const dim3 grid(unsigned((max_count(b0, nb) + kRowWarps - 1) / kRowWarps), unsigned(nb));
-    if (rows_vec16(hidden) && rows_vec16(dst))
+    if (cuda::detail::rows_vectorizable(hidden) && cuda::detail::rows_vectorizable(dst))
       cuda::detail::comp_gather_packed_kernel<U, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
     else
       cuda::detail::comp_gather_packed_kernel<U, U><<<grid, kRowWarps * 32, 0, stream>>>(a);

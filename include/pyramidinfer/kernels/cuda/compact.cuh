@@ -52,13 +52,13 @@ RowLayout<V> row_layout(const KVView<T>& x) {
   return r;
 }
 
-/// True when rows of x can move as 16-byte vectors.
-template <class T>
-bool rows_vectorizable(const KVView<T>& x) {
-  const std::int64_t rb = x.shape[3] * std::int64_t(sizeof(T));
-  if (x.shape[3] > 1 && x.stride[3] != 1) return false;
+/// True when rows (the last axis) of x can move as 16-byte vectors.
+template <class T, int R>
+bool rows_vectorizable(const TensorView<T, R>& x) {
+  const std::int64_t rb = x.shape[R - 1] * std::int64_t(sizeof(T));
+  if (x.shape[R - 1] > 1 && x.stride[R - 1] != 1) return false;
   if (rb % 16 != 0 || !is_aligned(x.data, 16)) return false;
-  for (int a = 0; a < 3; ++a)
+  for (int a = 0; a < R - 1; ++a)
     if ((x.stride[a] * std::int64_t(sizeof(T))) % 16 != 0) return false;
   return true;
 }

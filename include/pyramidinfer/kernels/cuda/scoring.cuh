@@ -437,33 +437,41 @@ __device__ __forceinline__ void cluster_wait() {
   __trap();
 #endif
 }
-/// The float2 at `p` in the shared memory of cluster CTA `rank`.
-__device__ __forceinline__ float2 load_cluster(const float2* p, unsigned rank) {
+/// The address of `p` (this CTA's shared memory) in cluster CTA `rank`'s.
+__device__ __forceinline__ unsigned cluster_address(const void* p, unsigned rank) {
+  unsigned remote = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const unsigned local = unsigned(__cvta_generic_to_shared(p));
-  unsigned remote;
-  float2 v;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
-  return v;
 #else
   __trap();
-  return *p;
 #endif
+  return remote;
+}
+/// The float2 at `p` in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ float2 load_cluster(const float2* p, unsigned rank) {
+  float2 v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n"
+               : "=f"(v.x), "=f"(v.y)
+               : "r"(cluster_address(p, rank))
+               : "memory");
+#else
+  __trap();
+  v = *p;
+#endif
+  return v;
 }
 /// The float at `p` in the shared memory of cluster CTA `rank`.
 __device__ __forceinline__ float load_cluster(const float* p, unsigned rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const unsigned local = unsigned(__cvta_generic_to_shared(p));
-  unsigned remote;
   float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-  return v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(cluster_address(p, rank)) : "memory");
 #else
   __trap();
-  return *p;
+  v = *p;
 #endif
+  return v;
 }
 
 /// Pass 1 on tensor cores: rows = window queries (r, qi) flattened r*group+qi,
