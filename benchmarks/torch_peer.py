@@ -34,12 +34,22 @@ def hash_fill(shape, seed, dtype, sd=2.0):
     return out.view(*shape)
 
 
+_props = torch.cuda.get_device_properties(0)
+_l2 = getattr(_props, "L2_cache_size", 0) or (64 << 20)
+_flush = torch.ones(max(4 * _l2, 64 << 20) // 4, device=dev, dtype=torch.float32)
+
+
 def median_ms(f, reps):
+    """bench.cu's harness: per repetition an L2 flush that reads 4x the L2
+    size, then a spin kernel that holds the stream while the host enqueues the
+    events and the work, so the events time the GPU work, not launch latency."""
     f()
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _flush.sum()
+        torch.cuda._sleep(250_000)  # about 125 us at 2 GHz
         a.record()
         f()
         b.record()
