@@ -328,7 +328,14 @@ int main(int argc, char** argv) {
       bench_compact(t.c_str(), B, 8, n, 128, n / 2, s);
     }
   }
-  if (!quick) bench_scoring("l3_8b_b1_n32768", 1, 32, 8, 32768, 128, true, 1, s);
+  // Llama-3-8B per-KV-head scoring, batch 1 and 4, 32K and 128K slots.
+  if (!quick)
+    for (int n : {32768, 131072})
+      for (int B : {1, 4}) {
+        const std::string t = "l3_8b_b" + std::to_string(B) + "_n" + std::to_string(n);
+        bench_scoring(t.c_str(), B, 32, 8, n, 128, true, 3, s);
+        bench_scoring(t.c_str(), B, 32, 8, n, 128, false, 3, s);
+      }
   // The engine's prefill shapes: one or four prompts, shared selection over
   // the GQA heads (n 8192 at layer 0, fewer slots deeper).
   if (!quick)

@@ -3,24 +3,26 @@
 # the test binary, benchmarks + PyTorch peer (same tensors: both sides build
 # them from one fixed hash), a merged table, and an ncu summary of the main
 # kernels when ncu exists. Logs go to $OUT (or ./.out when unset).
-# Usage: benchmarks/run_gpu.sh [--quick] [--bench-only] [--no-sanitizers] [--fast-sanitizers] [--ncu]
+# Usage: benchmarks/run_gpu.sh [--quick] [--bench-only] [--no-sanitizers] [--fast-sanitizers] [--sanitizers-only] [--ncu]
 #   --quick            skip the 32K-row scoring case (bench and peer)
 #   --bench-only       build the bench only; no tests, no sanitizers
 #   --no-sanitizers    tests, but no compute-sanitizer runs
 #   --fast-sanitizers  sanitizers only on the kernel tests (not the cache tests)
+#   --sanitizers-only  build the tests, run only the sanitizers (whole binary unless --fast-sanitizers)
 #   --ncu              ncu SpeedOfLight/Memory sections on a few kernels
 # CUDA_ARCHS (default "80;90") picks the build targets; EXTRA_TARGETS adds CMake targets (e.g. e2e-bench).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.out}
 mkdir -p "$OUT"
-QUICK=""; BENCH_ONLY=0; FAST_SAN=0; NO_SAN=0; NCU=0
+QUICK=""; BENCH_ONLY=0; FAST_SAN=0; NO_SAN=0; NCU=0; SAN_ONLY=0
 for a in "$@"; do
   case "$a" in
     --quick) QUICK="--quick" ;;
     --bench-only) BENCH_ONLY=1 ;;
     --fast-sanitizers) FAST_SAN=1 ;;
     --no-sanitizers) NO_SAN=1 ;;
+    --sanitizers-only) SAN_ONLY=1 ;;
     --ncu) NCU=1 ;;
   esac
 done
@@ -29,6 +31,7 @@ PREFIX=""
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/gpu.txt"
 TARGETS="pyramidinfer_bench ${EXTRA_TARGETS:-}"
+[ $SAN_ONLY -eq 1 ] && TARGETS=""
 # TEST_EXCLUDE="a.cu b.cu": build the test binary directly with nvcc from
 # tests/cuda/*.cu minus those files (e.g. a file another change is still
 # writing), instead of the CMake target.
@@ -58,7 +61,7 @@ if [ $BENCH_ONLY -eq 0 ] && [ -n "$TEST_EXCLUDE" ]; then
   [ $ok -ne 0 ] && { tail -40 "$OUT/build.log"; echo "TEST BUILD FAILED"; exit 1; }
   T=build-gpu/tman/pyramidinfer_cuda_tests
 fi
-if [ $BENCH_ONLY -eq 0 ]; then
+if [ $BENCH_ONLY -eq 0 ] && [ $SAN_ONLY -eq 0 ]; then
   echo "== tests"
   $T 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
@@ -73,9 +76,10 @@ if [ $BENCH_ONLY -eq 0 ] && [ $NO_SAN -eq 0 ]; then
   timeout ${SAN_RACE_S:-100} compute-sanitizer --tool racecheck --error-exitcode 3 $T "$RACE_B" >> "$OUT/racecheck.log" 2>&1; echo "racecheck scoring rc=$?" | tee -a "$OUT/racecheck.log"
   tail -4 "$OUT/racecheck.log"
 fi
+[ $SAN_ONLY -eq 1 ] && exit 0
 echo "== bench"
-timeout 150 build-gpu/benchmarks/pyramidinfer_bench $QUICK 2>&1 | tee "$OUT/bench.csv" | tail -3
-PYTHONUNBUFFERED=1 timeout 150 python3 benchmarks/torch_peer.py $QUICK 2>&1 | tee "$OUT/peer.csv" | tail -2
+timeout 240 build-gpu/benchmarks/pyramidinfer_bench $QUICK 2>&1 | tee "$OUT/bench.csv" | tail -3
+PYTHONUNBUFFERED=1 timeout 300 python3 benchmarks/torch_peer.py $QUICK 2>&1 | tee "$OUT/peer.csv" | tail -2
 python3 - "$OUT" <<'PY'
 import sys, os
 out = sys.argv[1]

@@ -63,7 +63,9 @@ def report(name, ms, note=""):
     print(f"peer,{name},{ms:.4f},{note}", flush=True)
 
 
-def bench_scoring(tag, B, Hq, Hkv, n, d, reps, chunk, shared=False):
+def bench_scoring(tag, B, Hq, Hkv, n, d, reps, chunk, shared=False, hchunk=None):
+    """chunk: sequences per matmul; hchunk: query heads per matmul (None: all;
+    the 128K rows need one head at a time: a [w, n] fp32 row block is 14 GB)."""
     w = 1 + int(0.2 * n)
     K = hash_fill((B, Hkv, n, d), 11, torch.float16)
     Q = hash_fill((B, Hq, w, d), 12, torch.float16)
@@ -73,18 +75,31 @@ def bench_scoring(tag, B, Hq, Hkv, n, d, reps, chunk, shared=False):
     dw = 2.0
     wr = torch.linspace(1.0, dw, w, device=dev)
     mask = torch.arange(n, device=dev)[None, :] > (n - w + rows)[:, None]
+    one_row = Hq == Hkv or shared  # one score row per sequence, else per KV head
+
+    def scores(q, k):  # [b, h, w, d] x [b, h, n, d] -> [b, h, n - w]
+        s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        s.masked_fill_(mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        return (p[..., : n - w] * wr[:, None]).mean(dim=2)
 
     def run():
-        outs = []
+        if hchunk is None:
+            outs = []
+            for b0 in range(0, B, chunk):
+                sc = scores(Q[b0:b0 + chunk], K[b0:b0 + chunk].repeat_interleave(g, dim=1))
+                outs.append(sc.mean(dim=1) if one_row else sc.view(sc.shape[0], Hkv, g, -1).mean(2))
+            return torch.cat(outs)
+        out = torch.zeros(B, 1 if one_row else Hkv, n - w, device=dev)
         for b0 in range(0, B, chunk):
-            q = Q[b0:b0 + chunk]
-            k = K[b0:b0 + chunk].repeat_interleave(g, dim=1)
-            s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-            s.masked_fill_(mask, float("-inf"))
-            p = torch.softmax(s, dim=-1)
-            sc = (p[..., : n - w] * wr[:, None]).mean(dim=2)
-            outs.append(sc.mean(dim=1) if Hq == Hkv or shared else sc.view(sc.shape[0], Hkv, g, -1).mean(2))
-        return torch.cat(outs)
+            for h0 in range(0, Hq, hchunk):
+                heads = torch.arange(h0, min(Hq, h0 + hchunk), device=dev)
+                sc = scores(Q[b0:b0 + chunk, h0:h0 + hchunk], K[b0:b0 + chunk].index_select(1, heads // g))
+                if one_row:
+                    out[b0:b0 + chunk, 0] += sc.sum(dim=1) / Hq
+                else:
+                    out[b0:b0 + chunk].index_add_(1, heads // g, sc / g)
+        return out
 
     ms = median_ms(run, reps)
     note = f"sum={run().double().sum().item():.6f}"
@@ -137,7 +152,11 @@ for n in (32768, 131072):
         bench_topk(t + "_perhead", B * 8, ctx, ctx // 2)
         bench_compact(t, B, 8, n, 128, n // 2)
 if not quick:
+    # Llama-3-8B per-KV-head scoring, batch 1 and 4, 32K and 128K slots.
     bench_scoring("l3_8b_b1_n32768", 1, 32, 8, 32768, 128, 1, 1)
+    bench_scoring("l3_8b_b4_n32768", 4, 32, 8, 32768, 128, 1, 1, hchunk=8)
+    bench_scoring("l3_8b_b1_n131072", 1, 32, 8, 131072, 128, 1, 1, hchunk=1)
+    bench_scoring("l3_8b_b4_n131072", 4, 32, 8, 131072, 128, 1, 1, hchunk=1)
     for B in (1, 4):
         for n in (4096, 8192):
             bench_scoring(f"l3_8b_b{B}_n{n}_shared", B, 32, 8, n, 128, 3, 1, shared=True)
