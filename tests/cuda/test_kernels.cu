@@ -306,6 +306,45 @@ TEST_CASE("topk_indices multi-block: 1-3 blocks per row, digit boundaries, works
   }
 }
 
+// An engine captures its decode step, eviction included, in a CUDA graph; at
+// long contexts the eviction's top-k takes the cooperative multi-block path
+// (a memset plus one cooperative launch). Captured once, replayed on new
+// scores, lengths and k written into the same buffers.
+TEST_CASE("topk_indices multi-block path replays from a CUDA graph", "[cuda][topk][multiblock][graph]") {
+  test::Stream st;
+  const int R = 3, len = 40000, max_k = len - 5;
+  const std::size_t wsb = pcu::topk_indices_workspace_bytes(R, len);
+  REQUIRE(wsb > 0);
+  DeviceBuffer<unsigned char> ws(wsb);
+  DeviceBuffer<float> ds(std::size_t(R) * len);
+  DeviceBuffer<std::int32_t> dn{std::size_t(R)}, dk{std::size_t(R)}, dout{std::size_t(R) * max_k};
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  PYRAMIDINFER_CUDA_CHECK(cudaStreamBeginCapture(st.s, cudaStreamCaptureModeGlobal));
+  pcu::topk_indices(make_contiguous<const float>(ds.ptr, R, 1, len), make_contiguous<const std::int32_t>(dn.ptr, R, 1),
+                    make_contiguous<const std::int32_t>(dk.ptr, R, 1), 4, make_contiguous(dout.ptr, R, 1, max_k),
+                    ws.ptr, wsb, st.s);
+  PYRAMIDINFER_CUDA_CHECK(cudaStreamEndCapture(st.s, &graph));
+  PYRAMIDINFER_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 3; ++replay) {
+    std::vector<float> s(std::size_t(R) * len);
+    for (auto& v : s) v = replay == 1 ? std::round(test::rand_normal() * 4.f) / 4.f : test::rand_normal();
+    const std::vector<std::int32_t> n{len, test::rand_int(16384, len), test::rand_int(0, len)};
+    std::vector<std::int32_t> k(static_cast<std::size_t>(R));
+    for (int r = 0; r < R; ++r) k[std::size_t(r)] = std::min(max_k, test::rand_int(0, n[std::size_t(r)]));
+    ds.upload(s);
+    dn.upload(n);
+    dk.upload(k);
+    dout.poison();
+    PYRAMIDINFER_CUDA_CHECK(cudaGraphLaunch(exec, st.s));
+    st.sync();
+    INFO("replay " << replay);
+    expect_topk_rows(dout.download(), s, n, k, len, max_k, 4);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
 TEST_CASE("topk_indices rejects bad arguments before launching", "[cuda][topk][args]") {
   DeviceBuffer<float> s(16);
   DeviceBuffer<std::int32_t> n(1), k(1), out(16);
