@@ -166,6 +166,10 @@ int resident_blocks() {
 // registers, 8 blocks (64 warps) fit on a multiprocessor, against 5 when the
 // values sit in registers, and the copy ran 1-8% faster on an H200 (smaller
 // tiles than the former 8 vectors per thread also cut the tail wave).
+// Tried and slower on an H200 (benchmarks/RESULTS.md): persistent blocks that
+// stream tiles through a per-thread cp.async ring (the next tile's loads in
+// flight while storing the current one), 35-50% slower: per block, a burst
+// of loads then a burst of stores beats a steady interleaved stream.
 constexpr int kGatherItems = 4;
 constexpr bool kGatherAsync = true;
 
@@ -251,6 +255,10 @@ __global__ void __launch_bounds__(kMoveThreads) gather_rows_kernel(GatherPair<V>
 // 16-byte vectors are staged in shared memory (kIpAsync), so that 5 blocks fit
 // on a multiprocessor (48 registers) against 4 with K and V values held in
 // registers (element-wise rows): 3-6% more bandwidth on an H200.
+// Tried and slower on an H200: a block holding two tickets and loading the
+// next tile while it waits and stores the current one (7-13 points of copy
+// bandwidth lower: "read done" then waits for the block's previous store),
+// and tiles of 2, 6 or 8 vectors per thread.
 constexpr int kIpItems = 4;  // vectors of each tensor per thread and tile
 constexpr bool kIpAsync = true;
 constexpr int kIpMinBlocks = 5;
