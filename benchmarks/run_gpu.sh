@@ -4,7 +4,7 @@
 # them from one fixed hash), a merged table, and an ncu summary of the main
 # kernels when ncu exists. Logs go to $OUT (or ./.out when unset).
 # Usage: benchmarks/run_gpu.sh [--quick] [--bench-only] [--no-sanitizers] [--fast-sanitizers] [--sanitizers-only] [--ncu]
-#   --quick            skip the 32K-row scoring case (bench and peer)
+#   --quick            skip the long-row scoring cases (32K/128K, and the 4K/8K shared ones; bench and peer)
 #   --bench-only       build the bench only; no tests, no sanitizers
 #   --no-sanitizers    tests, but no compute-sanitizer runs
 #   --fast-sanitizers  sanitizers only on the kernel tests (not the cache tests)
