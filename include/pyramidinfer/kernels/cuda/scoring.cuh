@@ -267,6 +267,26 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+/// The weighted-softmax step of both scoring kernels, for n-tile nt of an
+/// accumulator tile whose columns are window rows: for its column pair
+/// e = 0, 1 (rows nt*8 + tg*2 + e, log2 LSE l2[e], weight w[e]),
+/// h_e[mt][hf] += w[e] * 2^(S * sl2 - l2[e]). h0 and h1 may be one array
+/// (one accumulation chain per key) or two (two shorter chains).
+template <int kKeyTiles, int kCols>
+__device__ __forceinline__ void add_weighted_exp(float (&h0)[kKeyTiles][2], float (&h1)[kKeyTiles][2],
+                                                 const float (&acc)[kKeyTiles][kCols][4], int nt, float sl2,
+                                                 const float (&l2)[2], const float (&w)[2]) {
+#pragma unroll
+  for (int mt = 0; mt < kKeyTiles; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) h0[mt][hf] = fmaf(w[0], fast_exp2(fmaf(acc[mt][nt][hf * 2], sl2, -l2[0])), h0[mt][hf]);
+#pragma unroll
+  for (int mt = 0; mt < kKeyTiles; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+      h1[mt][hf] = fmaf(w[1], fast_exp2(fmaf(acc[mt][nt][hf * 2 + 1], sl2, -l2[1])), h1[mt][hf]);
+}
+
 /// Streams `tiles` tiles through a kStages-deep cp.async ring: load(t, buf)
 /// issues tile t's copies into buffer buf, body(t, buf) consumes it. One
 /// barrier per tile: the buffer refilled at step t was consumed at step t - 1,
@@ -620,13 +640,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArg
         // Columns nt*8 + tg*2 + {0, 1}: (lse, weight) of both in one 16-byte read.
         const float4 lw = *reinterpret_cast<const float4*>(&s_lw[buf][nt * 8 + tg * 2][0]);
         const float cl[2] = {lw.x * kLog2e, lw.z * kLog2e}, cw[2] = {lw.y, lw.w};
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf)
-              hp[mt][hf] = fmaf(cw[e], fast_exp2(fmaf(acc[mt][nt][hf * 2 + e], sl2, -cl[e])), hp[mt][hf]);
+        add_weighted_exp(hp, hp, acc, nt, sl2, cl, cw);
       }
     });
 #pragma unroll
@@ -920,13 +934,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) score_fused_kernel(ScoreArgs
         // Columns nt*8 + tg*2 + {0, 1}: (lse, weight) of both in one 16-byte read.
         const float4 lw = *reinterpret_cast<const float4*>(&row_lw[qt * kWarpRows + nt * 8 + tg * 2]);
         const float cl[2] = {lw.x, lw.z}, cw[2] = {lw.y, lw.w};
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf)
-              hp[e][mt][hf] = fmaf(cw[e], fast_exp2(fmaf(acc[mt][nt][hf * 2 + e], sl2, -cl[e])), hp[e][mt][hf]);
+        add_weighted_exp(hp[0], hp[1], acc, nt, sl2, cl, cw);
       }
     };
     // Full query tiles, then the last one, which may hold 16 rows or fewer.
