@@ -24,8 +24,9 @@
 #include <utility>
 #include <vector>
 
-#include "cache/kv_cache.hpp"
+#include "cache/paged.hpp"
 #include "cache/planner.hpp"
+#include "kernels/host/paged.hpp"
 #include "kernels/host/select.hpp"
 #include "policy/schedule.hpp"
 #include "policy/scoring.hpp"
@@ -130,130 +131,149 @@ class PyramidCompressor {
                         cfg_.compress_decode, cfg_.prefill_mode);
   }
 
-  /// Starts a batch: one prompt length per sequence. Clears `cache`.
-  template <class T>
-  void begin(KVCache<T, HostBackend>& cache, const std::vector<int>& prompt_lens) {
-    const char* fn = "PyramidCompressor::begin";
-    check_cache(cache, fn);
-    PYRAMIDINFER_REQUIRE(int(prompt_lens.size()) == cache.shape().batch, fn, "prompt_lens.size()", prompt_lens.size(),
-                         "must equal the cache's batch " + std::to_string(cache.shape().batch));
-    for (std::size_t b = 0; b < prompt_lens.size(); ++b)
-      PYRAMIDINFER_REQUIRE(prompt_lens[b] > 0, fn, ("prompt_lens[" + std::to_string(b) + "]").c_str(), prompt_lens[b],
-                           "must be > 0 (empty sequences are not allowed)");
-    const int batch = int(prompt_lens.size()), heads = head_sets();
-    seqs_.assign(std::size_t(batch), {});
-    int ring = 1;
-    for (int b = 0; b < batch; ++b) {
-      Seq& s = seqs_[std::size_t(b)];
-      s.window = window_length(prompt_lens[std::size_t(b)], cfg_.recent_ratio);
-      ring = std::max(ring, s.window);
-      s.tokens.resize(std::size_t(prompt_lens[std::size_t(b)]));
-      for (int i = 0; i < prompt_lens[std::size_t(b)]; ++i) s.tokens[std::size_t(i)] = i;
-      s.head_tokens.assign(std::size_t(heads), s.tokens);
-    }
-    ring_capacity_ = ring;
-    const std::size_t per_layer = std::size_t(batch) * cfg_.num_heads * std::size_t(ring);
-    ring_q_.assign(std::size_t(cfg_.num_layers), std::vector<float>(Scoring::needs_queries ? per_layer * cfg_.head_dim : 0));
-    ring_lse_.assign(std::size_t(cfg_.num_layers), std::vector<float>(per_layer, 0.f));
-    ring_state_.assign(std::size_t(cfg_.num_layers), std::vector<RingState>(std::size_t(batch)));
-    cache.clear();
+  /// Pages one request needs per layer of a paged cache with `page_size`.
+  RequestPages pages(int prompt_len, int decode_steps, int page_size) const {
+    return request_pages(trace(prompt_len, decode_steps), page_size);
   }
 
-  int batch() const { return int(seqs_.size()); }
-  int window(int b) const { return seq(b).window; }
-  /// Original positions of the tokens the engine computes at the current
-  /// prefill layer for sequence b (T_l; in per-head mode the union of heads).
-  const std::vector<std::int32_t>& tokens(int b) const { return seq(b).tokens; }
-
-  /// Prefill step 2: writes K and V, (kv_head, token, d) views over tokens(b),
-  /// into layer `layer` of the cache. In per-head mode each head keeps only
-  /// the tokens it selected at the previous layer.
+  /// Starts sequence `seq` (a free slot of `cache`) with a prompt of
+  /// `prompt_len` tokens. Its state is allocated here, before anything changes.
   template <class T>
-  void prefill_store(int layer, KVCache<T, HostBackend>& cache, int b, TensorView<const T, 3> k,
-                     TensorView<const T, 3> v) {
+  void begin(PagedKVCache<T>& cache, int seq, int prompt_len) {
+    const char* fn = "PyramidCompressor::begin";
+    check_cache(cache, fn);
+    cache.check_seq(seq, fn);
+    PYRAMIDINFER_REQUIRE(prompt_len > 0 && prompt_len <= cache.shape().max_seq_len, fn, "prompt_len", prompt_len,
+                         "must be in [1, max_seq_len = " + std::to_string(cache.shape().max_seq_len) + "]");
+    PYRAMIDINFER_REQUIRE(std::size_t(seq) >= seqs_.size() || !seqs_[std::size_t(seq)].live, fn, "seq", seq,
+                         "is already live: end() it first");
+    for (int l = 0; l < cfg_.num_layers; ++l)
+      PYRAMIDINFER_REQUIRE(cache.kv().len(l, seq) == 0, fn, "seq", seq,
+                           "holds tokens in layer " + std::to_string(l) + " that no live sequence owns");
+    Seq s;  // built aside: a bad_alloc here leaves everything as it was
+    s.live = true;
+    s.window = window_length(prompt_len, cfg_.recent_ratio);
+    s.tokens.resize(std::size_t(prompt_len));
+    for (int i = 0; i < prompt_len; ++i) s.tokens[std::size_t(i)] = i;
+    s.head_tokens.assign(std::size_t(head_sets()), s.tokens);
+    s.boundary.assign(std::size_t(cfg_.num_layers), 0);
+    s.ring.assign(std::size_t(cfg_.num_layers), RingState{});
+    const std::size_t rows = std::size_t(cfg_.num_heads) * std::size_t(s.window);
+    s.ring_q.assign(std::size_t(cfg_.num_layers), std::vector<float>(Scoring::needs_queries ? rows * cfg_.head_dim : 0));
+    s.ring_lse.assign(std::size_t(cfg_.num_layers), std::vector<float>(rows, 0.f));
+    if (std::size_t(seq) >= seqs_.size()) seqs_.resize(std::size_t(cache.shape().max_seqs));
+    seqs_[std::size_t(seq)] = std::move(s);
+  }
+
+  /// Ends sequence `seq`: its pages in every layer go back to the free list.
+  template <class T>
+  void end(PagedKVCache<T>& cache, int seq) {
+    const char* fn = "PyramidCompressor::end";
+    check_cache(cache, fn);
+    live_seq(seq, fn);
+    const std::int32_t one = seq;
+    host::paged_release(cache.kv(), SeqList{&one, 1});
+    seqs_[std::size_t(seq)] = Seq{};
+  }
+
+  bool live(int seq) const { return seq >= 0 && std::size_t(seq) < seqs_.size() && seqs_[std::size_t(seq)].live; }
+  int window(int seq) const { return live_seq(seq, "PyramidCompressor::window").window; }
+  /// Prefill layers done for `seq` (prefill_select calls); decode needs all.
+  int prefilled_layers(int seq) const { return live_seq(seq, "PyramidCompressor::prefilled_layers").prefilled; }
+  /// Original positions of the tokens the engine computes at the current
+  /// prefill layer for `seq` (T_l; in per-head mode the union of heads).
+  const std::vector<std::int32_t>& tokens(int seq) const { return live_seq(seq, "PyramidCompressor::tokens").tokens; }
+
+  /// Prefill step 2: writes K and V, (kv_head, token, d) views over tokens(seq),
+  /// into layer `layer` of the cache. In per-head mode each head keeps only
+  /// the tokens it selected at the previous layer. Layers go in order.
+  template <class T>
+  void prefill_store(int layer, PagedKVCache<T>& cache, int seq, TensorView<const T, 3> k, TensorView<const T, 3> v) {
     const char* fn = "PyramidCompressor::prefill_store";
-    check_layer_seq(layer, b, cache, fn);
-    const Seq& s = seq(b);
+    check_cache(cache, fn);
+    check_layer(layer, fn);
+    const Seq& s = live_seq(seq, fn);
+    PYRAMIDINFER_REQUIRE(layer == s.prefilled && !s.stored, fn, "layer", layer,
+                         s.stored ? "was already stored: prefill_select comes next"
+                                  : "is out of order: the next prefill layer is " + std::to_string(s.prefilled));
     const int n = int(s.tokens.size());
-    detail::check_dim(k, 0, cfg_.kv_heads, fn, "k");
-    detail::check_dim(v, 0, cfg_.kv_heads, fn, "v");
-    PYRAMIDINFER_REQUIRE(k.shape[1] == n, fn, "k.shape[1]", k.shape[1],
-                         "must equal the current token count " + std::to_string(n));
-    PYRAMIDINFER_REQUIRE(v.shape[1] == n, fn, "v.shape[1]", v.shape[1],
-                         "must equal the current token count " + std::to_string(n));
-    // Validate everything before the first append: per-head mode appends
-    // token by token, and a throw half way would leave a partial layer.
-    detail::check_view(k, fn, "k", 0);
-    detail::check_view(v, fn, "v", 0);
-    detail::check_dim(k, 2, cfg_.head_dim, fn, "k");
-    detail::check_dim(v, 2, cfg_.head_dim, fn, "v");
-    for (int h = 0; h < cfg_.kv_heads; ++h)
-      PYRAMIDINFER_REQUIRE(cache.length(layer, b, h) == 0, fn, "layer", layer, "was already stored for this sequence");
-    for (int h = 0; h < head_sets(); ++h) {
-      const int count = per_head() ? int(s.head_tokens[std::size_t(h)].size()) : n;
-      PYRAMIDINFER_REQUIRE(count <= cache.capacity(layer), fn, "count", count,
-                           "overflows layer " + std::to_string(layer) + " capacity " +
-                               std::to_string(cache.capacity(layer)));
+    for (const auto* x : {&k, &v}) {
+      const char* name = x == &k ? "k" : "v";
+      detail::check_view(*x, fn, name, 0);
+      detail::check_dim(*x, 0, cfg_.kv_heads, fn, name);
+      PYRAMIDINFER_REQUIRE(x->shape[1] == n, fn, name, x->shape[1],
+                           "must have the current token count " + std::to_string(n) + " on axis 1");
+      detail::check_dim(*x, 2, cfg_.head_dim, fn, name);
     }
-    if (!per_head()) {
-      cache.append(layer, b, k, v, s.tokens.data(), n);
-      return;
-    }
-    for (int h = 0; h < cfg_.kv_heads; ++h) {
-      const std::vector<std::int32_t>& mine = s.head_tokens[std::size_t(h)];
-      for (std::int32_t p : mine) {
-        const int t = index_of(s.tokens, p);
-        cache.append(layer, b, slice(k, h, t), slice(v, h, t), &p, 1, h);
-      }
-    }
+    // Head h's t-th stored token is row head_rows(h, t) of the input.
+    const int count = int(s.head_tokens[0].size());
+    std::vector<std::int32_t> head_rows;
+    for (const auto& mine : s.head_tokens)
+      for (std::int32_t p : mine) head_rows.push_back(index_of(s.tokens, p));
+    const std::int32_t one = seq, begin = 0;
+    AppendSource<T> src;
+    src.k = rows_view(k);
+    src.v = rows_view(v);
+    src.pos = s.tokens.data();
+    src.begin = &begin;
+    src.count = &count;
+    src.head_rows = make_contiguous<const std::int32_t>(head_rows.data(), head_sets(), count);
+    host::paged_append(cache.kv(), layer, SeqList{&one, 1}, src);  // validates, then writes
+    seqs_[std::size_t(seq)].stored = true;
   }
 
   /// Prefill step 4: window_q is (q_head, row, d), the queries (after RoPE) of
-  /// the last window(b) tokens of tokens(b), oldest first; window_lse
+  /// the last window(seq) tokens of tokens(seq), oldest first; window_lse
   /// (q_head, row) their softmax log-sum-exp if the engine has it (else
-  /// data = nullptr). Returns the indices into tokens(b) of T_{l+1}.
+  /// data = nullptr). Returns the indices into tokens(seq) of T_{l+1}.
   template <class T>
-  const std::vector<std::int32_t>& prefill_select(int layer, KVCache<T, HostBackend>& cache, int b,
+  const std::vector<std::int32_t>& prefill_select(int layer, PagedKVCache<T>& cache, int seq,
                                                   TensorView<const T, 3> window_q,
                                                   TensorView<const float, 2> window_lse = {}) {
     const char* fn = "PyramidCompressor::prefill_select";
-    check_layer_seq(layer, b, cache, fn);
-    Seq& s = seqs_[std::size_t(b)];
-    detail::check_window_queries(cfg_, s.window, window_q, window_lse, Scoring::needs_queries, fn);
-    for (int h = 0; h < head_sets(); ++h)
-      PYRAMIDINFER_REQUIRE(cache.length(layer, b, h) == int(s.head_tokens[std::size_t(h)].size()), fn, "layer", layer,
-                           "has not been stored with prefill_store for this sequence");
-    // Validated: from here on nothing throws on user input.
-    push_window(layer, b, window_q, window_lse);
+    check_cache(cache, fn);
+    check_layer(layer, fn);
+    const Seq& cs = live_seq(seq, fn);
+    PYRAMIDINFER_REQUIRE(layer == cs.prefilled && cs.stored, fn, "layer", layer,
+                         "has not been stored with prefill_store for this sequence");
+    detail::check_window_queries(cfg_, cs.window, window_q, window_lse, Scoring::needs_queries, fn);
+    // The window's rows are released to decode eviction in layer-local mode;
+    // those pages come back, nothing is taken, so nothing below can fail on input.
+    Seq& s = seqs_[std::size_t(seq)];
+    push_window(s, layer, window_q, window_lse);
     const double ratio = schedule_.keep_ratio(layer, cfg_.num_layers);
-    std::vector<std::vector<std::int32_t>> kept_slots = select_context(layer, cache, b, ratio);
-    if (cfg_.prefill_mode == PrefillMode::drop_tokens) next_tokens(layer, cache, b, kept_slots);
-    else keep_in_layer(layer, cache, b, kept_slots);
-    start_decode(layer, cache, b);
+    std::vector<std::vector<std::int32_t>> kept_slots = select_context(layer, cache, seq, ratio);
+    if (cfg_.prefill_mode == PrefillMode::drop_tokens) next_tokens(layer, cache, s, seq, kept_slots);
+    else keep_in_layer(layer, cache, s, seq, kept_slots);
+    s.boundary[std::size_t(layer)] = cache.kv().len(layer, seq) - 1;  // the reference's decode start
+    s.stored = false;
+    ++s.prefilled;
     return s.next_index;
   }
 
-  /// Decode, before attention: appends one token per sequence. k, v are
-  /// (b, kv_head, 1, d), q (b, q_head, 1, d) after RoPE, pos[b] the tokens'
-  /// original positions; lse (b, q_head) the new queries' log-sum-exp over
-  /// the layer's cache including themselves, if the engine has them.
+  /// Decode, before attention: appends one token to each listed sequence
+  /// (batch position i: k, v (i, kv_head, 1, d), q (i, q_head, 1, d) after
+  /// RoPE, pos[i] its original position; lse (i, q_head) the new queries'
+  /// log-sum-exp over the layer's cache including themselves, if the engine
+  /// has them). A sequence whose last page is full takes one from the free list.
   template <class T>
-  void decode_append(int layer, KVCache<T, HostBackend>& cache, KVView<const T> k, KVView<const T> v,
+  void decode_append(int layer, PagedKVCache<T>& cache, const SeqList& batch, KVView<const T> k, KVView<const T> v,
                      const std::int32_t* pos, KVView<const T> q, TensorView<const float, 2> lse = {}) {
     const char* fn = "PyramidCompressor::decode_append";
     check_cache(cache, fn);
     check_layer(layer, fn);
-    PYRAMIDINFER_REQUIRE(!seqs_.empty(), fn, "state", "no batch", "needs begin() and a prefill first");
-    PYRAMIDINFER_REQUIRE(pos != nullptr, fn, "pos", "nullptr", "must hold one position per sequence");
-    const int B = batch();
-    for (const auto& x : {std::make_pair(&k, "k"), std::make_pair(&v, "v")}) {
-      detail::check_view(*x.first, fn, x.second);
-      detail::check_dim(*x.first, 0, B, fn, x.second);
-      detail::check_dim(*x.first, 1, cfg_.kv_heads, fn, x.second);
-      detail::check_dim(*x.first, 2, 1, fn, x.second);
-      detail::check_dim(*x.first, 3, cfg_.head_dim, fn, x.second);
+    check_decode_batch(cache, batch, fn);
+    PYRAMIDINFER_REQUIRE(pos != nullptr || batch.batch == 0, fn, "pos", "nullptr", "must hold one position per sequence");
+    const int B = batch.batch;
+    for (const auto* x : {&k, &v}) {
+      const char* name = x == &k ? "k" : "v";
+      detail::check_view(*x, fn, name);
+      detail::check_dim(*x, 0, B, fn, name);
+      detail::check_dim(*x, 1, cfg_.kv_heads, fn, name);
+      detail::check_dim(*x, 2, 1, fn, name);
+      detail::check_dim(*x, 3, cfg_.head_dim, fn, name);
     }
-    if (lse.data) {  // read as lse(b, q_head) for every sequence and head
+    if (lse.data) {
       detail::check_view(lse, fn, "lse");
       detail::check_dim(lse, 0, B, fn, "lse");
       detail::check_dim(lse, 1, cfg_.num_heads, fn, "lse");
@@ -264,120 +284,123 @@ class PyramidCompressor {
       detail::check_dim(q, 1, cfg_.num_heads, fn, "q");
       detail::check_dim(q, 3, cfg_.head_dim, fn, "q");
     }
-    for (int b = 0; b < B; ++b)
-      for (int h = 0; h < head_sets(); ++h)
-        PYRAMIDINFER_REQUIRE(cache.length(layer, b, h) < cache.capacity(layer), fn, "layer", layer,
-                             "is full: the plan's decode_steps are used up (capacity " +
-                                 std::to_string(cache.capacity(layer)) + ")");
-    for (int b = 0; b < B; ++b) {
-      const auto kb = batch_slice(k, b), vb = batch_slice(v, b);
-      if (per_head()) {
-        for (int h = 0; h < cfg_.kv_heads; ++h)
-          cache.append(layer, b, slice(kb, h, 0), slice(vb, h, 0), &pos[b], 1, h);
-      } else {
-        cache.append(layer, b, kb, vb, &pos[b], 1);
-      }
-      push_decode_query(layer, b, q, lse);
-    }
+    std::vector<std::int32_t> begin(static_cast<std::size_t>(B)), count(static_cast<std::size_t>(B), 1);
+    for (int i = 0; i < B; ++i) begin[std::size_t(i)] = i;
+    AppendSource<T> src;
+    src.k = {k.data, {k.shape[0], k.shape[1], k.shape[3]}, {k.stride[0], k.stride[1], k.stride[3]}};
+    src.v = {v.data, {v.shape[0], v.shape[1], v.shape[3]}, {v.stride[0], v.stride[1], v.stride[3]}};
+    src.pos = pos;
+    src.begin = begin.data();
+    src.count = count.data();
+    host::paged_append(cache.kv(), layer, batch, src);  // validates (pages, length), then writes
+    for (int i = 0; i < B; ++i) push_decode_query(seqs_[std::size_t(batch.seqs[i])], layer, i, q, lse);
   }
 
-  /// Decode, after attention: compresses each sequence whose layer has
-  /// `segment` tokens between its compressed part and its window. Returns how
-  /// many sequences were compressed.
+  /// Decode, after attention: compresses each listed sequence whose layer has
+  /// `segment` tokens between its compressed part and its window; the pages
+  /// that empties go to the free list. Returns how many sequences compressed.
   template <class T>
-  int decode_compress(int layer, KVCache<T, HostBackend>& cache) {
+  int decode_compress(int layer, PagedKVCache<T>& cache, const SeqList& batch) {
     const char* fn = "PyramidCompressor::decode_compress";
     check_cache(cache, fn);
     check_layer(layer, fn);
+    check_decode_batch(cache, batch, fn);
     if (!cfg_.compress_decode) return 0;
     int fired = 0;
-    for (int b = 0; b < batch(); ++b) fired += compress_segment(layer, cache, b) ? 1 : 0;
+    for (int i = 0; i < batch.batch; ++i) fired += compress_segment(layer, cache, batch.seqs[i]) ? 1 : 0;
     return fired;
   }
 
-  /// Where sequence b's compressed part ends in `layer` (for tests and tools).
-  int boundary(int layer, int b, int head = 0) const {
+  /// Where sequence `seq`'s compressed part ends in `layer` (for tests and tools).
+  int boundary(int layer, int seq) const {
     check_layer(layer, "PyramidCompressor::boundary");
-    return seq(b).decode_boundary.at(std::size_t(layer)).at(std::size_t(per_head() ? head : 0));
+    const Seq& s = live_seq(seq, "PyramidCompressor::boundary");
+    PYRAMIDINFER_REQUIRE(layer < s.prefilled, "PyramidCompressor::boundary", "layer", layer,
+                         "has not been prefilled for this sequence");
+    return s.boundary[std::size_t(layer)];
   }
 
  private:
-  struct Seq {
-    int window = 0;
-    std::vector<std::int32_t> tokens;                     ///< T_l: original positions, ascending
-    std::vector<std::vector<std::int32_t>> head_tokens;   ///< per head set (size 1 when shared)
-    std::vector<std::int32_t> next_index;                 ///< last prefill_select's answer
-    std::vector<std::vector<int>> decode_boundary;        ///< [layer][head] end of compressed part
-  };
   struct RingState {
-    int start = 0;    ///< physical slot of the oldest query
+    int start = 0;    ///< ring row of the oldest query
     int count = 0;    ///< queries held (== window once prefill ran)
     int pending = 0;  ///< newest queries whose LSE is still to be computed
+  };
+  /// Everything the compressor knows about one sequence; exists once.
+  struct Seq {
+    bool live = false;
+    int window = 0;
+    int prefilled = 0;    ///< layers whose prefill_select ran
+    bool stored = false;  ///< layer `prefilled` was stored, its selection is next
+    std::vector<std::int32_t> tokens;                    ///< T_l: original positions, ascending
+    std::vector<std::vector<std::int32_t>> head_tokens;  ///< per head set (size 1 when shared)
+    std::vector<std::int32_t> next_index;                ///< last prefill_select's answer
+    std::vector<int> boundary;                           ///< [layer] end of the compressed part
+    std::vector<RingState> ring;                         ///< [layer]
+    std::vector<std::vector<float>> ring_q;              ///< [layer][q_head, ring row, d]
+    std::vector<std::vector<float>> ring_lse;            ///< [layer][q_head, ring row]
   };
 
   bool per_head() const { return selection_.granularity == Granularity::per_kv_head; }
   int head_sets() const { return per_head() ? cfg_.kv_heads : 1; }
 
-  const Seq& seq(int b) const {
-    PYRAMIDINFER_REQUIRE(b >= 0 && b < batch(), "PyramidCompressor", "b", b,
-                         "must be in [0, " + std::to_string(batch()) + ")");
-    return seqs_[std::size_t(b)];
+  const Seq& live_seq(int seq, const char* fn) const {
+    PYRAMIDINFER_REQUIRE(live(seq), fn, "seq", seq, "is not a live sequence: begin() it first");
+    return seqs_[std::size_t(seq)];
   }
   void check_layer(int layer, const char* fn) const { detail::check_compressor_layer(cfg_, layer, fn); }
   template <class T>
-  void check_cache(const KVCache<T, HostBackend>& cache, const char* fn) const {
-    detail::check_compressor_cache(cfg_, selection_.granularity, cache.shape(), fn);
+  void check_cache(const PagedKVCache<T>& cache, const char* fn) const {
+    const PagedCacheShape& s = cache.shape();
+    PYRAMIDINFER_REQUIRE(s.num_layers == cfg_.num_layers && s.kv_heads == cfg_.kv_heads && s.head_dim == cfg_.head_dim,
+                         fn, "cache", "shape mismatch", "must match the compressor's layers, kv_heads and head_dim");
+    PYRAMIDINFER_REQUIRE(s.granularity == selection_.granularity, fn, "cache.granularity",
+                         granularity_name(s.granularity), "must match the selection policy's granularity");
   }
+  /// Every listed sequence is distinct, live and fully prefilled.
   template <class T>
-  void check_layer_seq(int layer, int b, const KVCache<T, HostBackend>& cache, const char* fn) const {
-    check_cache(cache, fn);
-    check_layer(layer, fn);
-    seq(b);
+  void check_decode_batch(const PagedKVCache<T>& cache, const SeqList& batch, const char* fn) const {
+    detail::check_seq_list(batch, cache.shape().max_seqs, fn);
+    for (int i = 0; i < batch.batch; ++i)
+      PYRAMIDINFER_REQUIRE(live_seq(batch.seqs[i], fn).prefilled == cfg_.num_layers, fn, "seqs[i]", batch.seqs[i],
+                           "has not finished its prefill");
   }
 
   static int index_of(const std::vector<std::int32_t>& sorted, std::int32_t value) {
     return int(std::lower_bound(sorted.begin(), sorted.end(), value) - sorted.begin());
   }
+  /// A (kv_head, token, d) view as (token, kv_head, d) rows.
   template <class T>
-  static TensorView<const T, 3> slice(TensorView<const T, 3> x, int head, int token) {
-    TensorView<const T, 3> r = x;
-    r.data = &x(head, token, 0);
-    r.shape = {1, 1, x.shape[2]};
-    return r;
-  }
-  template <class T>
-  static TensorView<const T, 3> batch_slice(KVView<const T> x, int b) {
-    return {&x(b, 0, 0, 0), {x.shape[1], x.shape[2], x.shape[3]}, {x.stride[1], x.stride[2], x.stride[3]}};
+  static TensorView<const T, 3> rows_view(TensorView<const T, 3> x) {
+    return {x.data, {x.shape[1], x.shape[0], x.shape[2]}, {x.stride[1], x.stride[0], x.stride[2]}};
   }
 
-  float* ring_q(int layer, int b, int qh, int slot) {
-    const std::size_t i = (std::size_t(b) * cfg_.num_heads + qh) * ring_capacity_ + slot;
-    return ring_q_[std::size_t(layer)].data() + i * cfg_.head_dim;
+  float* ring_q(Seq& s, int layer, int qh, int row) {
+    return s.ring_q[std::size_t(layer)].data() + (std::size_t(qh) * s.window + row) * cfg_.head_dim;
   }
-  float& ring_lse(int layer, int b, int qh, int slot) {
-    return ring_lse_[std::size_t(layer)][(std::size_t(b) * cfg_.num_heads + qh) * ring_capacity_ + slot];
+  float& ring_lse(Seq& s, int layer, int qh, int row) {
+    return s.ring_lse[std::size_t(layer)][std::size_t(qh) * s.window + row];
   }
 
   template <class T>
-  void push_window(int layer, int b, TensorView<const T, 3> q, TensorView<const float, 2> lse) {
-    RingState& r = ring_state_[std::size_t(layer)][std::size_t(b)];
-    const int w = seq(b).window;
-    r = {0, w, lse.data ? 0 : w};
+  void push_window(Seq& s, int layer, TensorView<const T, 3> q, TensorView<const float, 2> lse) {
+    const int w = s.window;
+    s.ring[std::size_t(layer)] = {0, w, lse.data ? 0 : w};
     for (int qh = 0; qh < cfg_.num_heads; ++qh)
       for (int row = 0; row < w; ++row) {
         if (Scoring::needs_queries)
-          for (int d = 0; d < cfg_.head_dim; ++d) ring_q(layer, b, qh, row)[d] = to_float(q(qh, row, d));
-        if (lse.data) ring_lse(layer, b, qh, row) = lse(qh, row);
+          for (int d = 0; d < cfg_.head_dim; ++d) ring_q(s, layer, qh, row)[d] = to_float(q(qh, row, d));
+        if (lse.data) ring_lse(s, layer, qh, row) = lse(qh, row);
       }
   }
 
   template <class T>
-  void push_decode_query(int layer, int b, KVView<const T> q, TensorView<const float, 2> lse) {
-    RingState& r = ring_state_[std::size_t(layer)][std::size_t(b)];
-    const int w = seq(b).window;
+  void push_decode_query(Seq& s, int layer, int i, KVView<const T> q, TensorView<const float, 2> lse) {
+    RingState& r = s.ring[std::size_t(layer)];
+    const int w = s.window;
     // The window slides: the oldest query leaves once the ring holds a window.
-    const int slot = (r.start + r.count) % ring_capacity_;
-    if (r.count == w) r.start = (r.start + 1) % ring_capacity_;
+    const int row = (r.start + r.count) % w;
+    if (r.count == w) r.start = (r.start + 1) % w;
     else ++r.count;
     // Pending rows are always the newest ones. A query whose LSE the engine
     // gives joins them if some are pending (recomputing it gives the same
@@ -385,137 +408,122 @@ class PyramidCompressor {
     r.pending = (lse.data && r.pending == 0) ? 0 : std::min(r.pending + 1, r.count);
     for (int qh = 0; qh < cfg_.num_heads; ++qh) {
       if (Scoring::needs_queries)
-        for (int d = 0; d < cfg_.head_dim; ++d) ring_q(layer, b, qh, slot)[d] = to_float(q(b, qh, 0, d));
-      if (lse.data) ring_lse(layer, b, qh, slot) = lse(b, qh);
+        for (int d = 0; d < cfg_.head_dim; ++d) ring_q(s, layer, qh, row)[d] = to_float(q(i, qh, 0, d));
+      if (lse.data) ring_lse(s, layer, qh, row) = lse(i, qh);
     }
   }
 
-  /// Scoring problem over sequence b of `layer` with scored ranges per head.
+  /// Scoring problem over one sequence's layer, read from its pages, with
+  /// the scored range [begin, begin + count) in every KV head.
   template <class T>
   struct SeqProblem {
     std::vector<T> q;  // ring converted back to T for the kernel
-    std::int32_t ring_start = 0, window = 0;
-    std::vector<std::int32_t> begin, count;
+    std::int32_t ring_start = 0, window = 0, begin = 0, count = 0;
     ScoreProblem<T> p;
   };
 
   template <class T>
-  void make_problem(int layer, const KVCache<T, HostBackend>& cache, int b, SeqProblem<T>& sp) {
-    const RingState& r = ring_state_[std::size_t(layer)][std::size_t(b)];
+  void make_problem(int layer, const PagedKVCache<T>& cache, int seq, SeqProblem<T>& sp) {
+    Seq& s = seqs_[std::size_t(seq)];
+    const PagedKV<T>& c = cache.kv();
+    const std::int64_t slots = std::int64_t(c.max_pages) << c.page_shift;
     ScoreProblem<T>& p = sp.p;
-    const auto keys = cache.keys(layer);
-    p.keys = {&keys(b, 0, 0, 0), {1, keys.shape[1], keys.shape[2], keys.shape[3]}, keys.stride};
-    const auto pos = cache.positions(layer);
-    p.positions = {&pos(b, 0, 0), {1, pos.shape[1], pos.shape[2]}, pos.stride};
-    const auto len = cache.lengths(layer);
-    p.kv_len = {&len(b, 0), {1, len.shape[1]}, len.stride};
-    const std::size_t per_seq = std::size_t(cfg_.num_heads) * ring_capacity_;
+    p.keys = {c.pool.k, {1, cfg_.kv_heads, slots, cfg_.head_dim}, {c.pool.page_stride, c.pool.head_stride, c.pool.slot_stride, 1}};
+    p.positions = {c.positions, {1, cfg_.kv_heads, slots},
+                   {std::int64_t(c.page_size()) * c.pos_heads, c.pos_heads > 1 ? 1 : 0, c.pos_heads}};
+    p.pages = {c.pages(layer, seq), 0, c.page_shift};
+    p.kv_len = {&c.len(layer, seq), {1, cfg_.kv_heads}, {0, 0}};
     if (Scoring::needs_queries) {
-      const float* src = ring_q(layer, b, 0, 0);
-      sp.q.resize(per_seq * cfg_.head_dim);
-      for (std::size_t i = 0; i < sp.q.size(); ++i) sp.q[i] = from_float<T>(src[i]);
-      p.queries = make_contiguous<const T>(sp.q.data(), 1, cfg_.num_heads, ring_capacity_, cfg_.head_dim);
+      const std::vector<float>& src = s.ring_q[std::size_t(layer)];
+      sp.q.resize(src.size());
+      for (std::size_t i = 0; i < src.size(); ++i) sp.q[i] = from_float<T>(src[i]);
+      p.queries = make_contiguous<const T>(sp.q.data(), 1, cfg_.num_heads, s.window, cfg_.head_dim);
     } else {
       p.queries = {};
     }
-    p.lse = make_contiguous<const float>(&ring_lse(layer, b, 0, 0), 1, cfg_.num_heads, ring_capacity_);
-    sp.ring_start = r.start;
-    sp.window = seq(b).window;
+    p.lse = make_contiguous<const float>(s.ring_lse[std::size_t(layer)].data(), 1, cfg_.num_heads, s.window);
+    sp.ring_start = s.ring[std::size_t(layer)].start;
+    sp.window = s.window;
     p.ring_start = &sp.ring_start;
     p.window_len = &sp.window;
-    p.score_begin = make_contiguous<const std::int32_t>(sp.begin.data(), 1, cfg_.kv_heads);
-    p.score_count = make_contiguous<const std::int32_t>(sp.count.data(), 1, cfg_.kv_heads);
+    p.score_begin = {&sp.begin, {1, cfg_.kv_heads}, {0, 0}};
+    p.score_count = {&sp.count, {1, cfg_.kv_heads}, {0, 0}};
     p.scale = scale();
   }
 
   /// Computes the LSE of window queries that do not have one yet, over the
   /// slots they see now (nothing they saw has been evicted since they ran).
   template <class T>
-  void settle_pending_lse(int layer, int b, SeqProblem<T>& sp) {
-    RingState& r = ring_state_[std::size_t(layer)][std::size_t(b)];
+  void settle_pending_lse(Seq& s, int layer, SeqProblem<T>& sp) {
+    RingState& r = s.ring[std::size_t(layer)];
     if (!Scoring::needs_queries || r.pending == 0) return;
-    TensorView<float, 3> out = make_contiguous(&ring_lse(layer, b, 0, 0), 1, cfg_.num_heads, ring_capacity_);
+    TensorView<float, 3> out = make_contiguous(s.ring_lse[std::size_t(layer)].data(), 1, cfg_.num_heads, s.window);
     host::window_query_lse(sp.p, 0, sp.window - r.pending, out);
     r.pending = 0;
   }
 
-  /// Points the problem's lse_out at the ring (rows poisoned with NaN) and
-  /// clears lse, so the scoring computes the row statistics itself.
-  template <class T>
-  void lend_lse_rows(int layer, int b, SeqProblem<T>& sp) {
-    for (int qh = 0; qh < cfg_.num_heads; ++qh)
-      for (int slot = 0; slot < ring_capacity_; ++slot)
-        ring_lse(layer, b, qh, slot) = std::numeric_limits<float>::quiet_NaN();
-    sp.p.lse = {};
-    sp.p.lse_out = make_contiguous(&ring_lse(layer, b, 0, 0), 1, cfg_.num_heads, ring_capacity_);
-  }
-
-  /// After scoring: the rows are settled if the policy filled lse_out (the
-  /// library's window scorings do); a policy that did not gets the separate pass.
-  template <class T>
-  void reclaim_lse_rows(int layer, int b, SeqProblem<T>& sp) {
-    const RingState& r = ring_state_[std::size_t(layer)][std::size_t(b)];
-    bool filled = true;
-    for (int qh = 0; qh < cfg_.num_heads; ++qh)
-      for (int row = 0; row < r.count; ++row)
-        filled = filled && !std::isnan(ring_lse(layer, b, qh, (r.start + row) % ring_capacity_));
-    sp.p.lse = make_contiguous<const float>(&ring_lse(layer, b, 0, 0), 1, cfg_.num_heads, ring_capacity_);
-    sp.p.lse_out = {};
-    if (filled) ring_state_[std::size_t(layer)][std::size_t(b)].pending = 0;
-    else settle_pending_lse(layer, b, sp);
-  }
-
   /// Scores the context of every head set and picks what survives: slot
-  /// indices into each head's cached tokens, ascending, window excluded.
+  /// indices into the layer's cached tokens, ascending, window excluded. Every
+  /// head set keeps the same count (the largest any asks for), so one length
+  /// and one page list serve all KV heads.
   template <class T>
-  std::vector<std::vector<std::int32_t>> select_context(int layer, const KVCache<T, HostBackend>& cache, int b,
+  std::vector<std::vector<std::int32_t>> select_context(int layer, const PagedKVCache<T>& cache, int seq,
                                                         double ratio) {
-    const Seq& s = seq(b);
+    Seq& s = seqs_[std::size_t(seq)];
     const int heads = head_sets();
     SeqProblem<T> sp;
-    sp.begin.assign(std::size_t(cfg_.kv_heads), 0);
-    sp.count.resize(std::size_t(cfg_.kv_heads));
-    int max_ctx = 0;
-    for (int h = 0; h < cfg_.kv_heads; ++h) {
-      sp.count[std::size_t(h)] = cache.length(layer, b, h) - s.window;
-      max_ctx = std::max(max_ctx, sp.count[std::size_t(h)]);
-    }
-    make_problem(layer, cache, b, sp);
+    sp.count = cache.kv().len(layer, seq) - s.window;
+    make_problem(layer, cache, seq, sp);
+    const int ctx = sp.count, width = std::max(ctx, 1);
     // When every window row lacks its LSE (a prefill without the engine's),
-    // let the scoring compute the rows once and leave their LSE in the ring.
-    const bool fuse = Scoring::needs_queries && max_ctx > 0 && ring_state_[std::size_t(layer)][std::size_t(b)].pending ==
-                                                                  s.window;
-    if (fuse) lend_lse_rows(layer, b, sp);
-    else settle_pending_lse(layer, b, sp);
-    std::vector<float> scores(std::size_t(heads) * std::max(max_ctx, 1));
-    if (max_ctx > 0)
-      scoring_.score(sp.p, selection_.granularity, make_contiguous(scores.data(), 1, heads, std::max(max_ctx, 1)));
-    if (fuse) reclaim_lse_rows(layer, b, sp);
-    std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(heads));
-    for (int h = 0; h < heads; ++h) {
-      const int ctx = sp.count[std::size_t(h)];
-      const float* row = scores.data() + std::size_t(h) * std::max(max_ctx, 1);
-      const int k = selection_.keep_count(row, ctx, ratio);
-      kept[std::size_t(h)].resize(std::size_t(k));
-      host::topk_indices(row, ctx, k, selection_.sinks, kept[std::size_t(h)].data());
+    // the scoring computes the rows once and leaves their LSE in the ring.
+    RingState& r = s.ring[std::size_t(layer)];
+    const bool fuse = Scoring::needs_queries && ctx > 0 && r.pending == s.window;
+    if (fuse) {
+      std::fill(s.ring_lse[std::size_t(layer)].begin(), s.ring_lse[std::size_t(layer)].end(),
+                std::numeric_limits<float>::quiet_NaN());
+      sp.p.lse = {};
+      sp.p.lse_out = make_contiguous(s.ring_lse[std::size_t(layer)].data(), 1, cfg_.num_heads, s.window);
+    } else {
+      settle_pending_lse(s, layer, sp);
     }
+    std::vector<float> scores(std::size_t(heads) * width);
+    if (ctx > 0) scoring_.score(sp.p, selection_.granularity, make_contiguous(scores.data(), 1, heads, width));
+    if (fuse) reclaim_lse_rows(s, layer, sp);
+    int k = 0;
+    for (int h = 0; h < heads; ++h)
+      k = std::max(k, selection_.keep_count(scores.data() + std::size_t(h) * width, ctx, ratio));
+    std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(heads), std::vector<std::int32_t>(std::size_t(k)));
+    for (int h = 0; h < heads; ++h)
+      host::topk_indices(scores.data() + std::size_t(h) * width, ctx, k, selection_.sinks, kept[std::size_t(h)].data());
     return kept;
+  }
+
+  /// After a fused scoring: the rows are settled if the policy filled lse_out
+  /// (the library's window scorings do); one that did not gets the separate pass.
+  template <class T>
+  void reclaim_lse_rows(Seq& s, int layer, SeqProblem<T>& sp) {
+    bool filled = true;
+    for (float x : s.ring_lse[std::size_t(layer)]) filled = filled && !std::isnan(x);
+    sp.p.lse = make_contiguous<const float>(s.ring_lse[std::size_t(layer)].data(), 1, cfg_.num_heads, s.window);
+    sp.p.lse_out = {};
+    if (filled) s.ring[std::size_t(layer)].pending = 0;
+    else settle_pending_lse(s, layer, sp);
   }
 
   /// Turns the kept slots into T_{l+1} (per head and as the union) and the
   /// indices into T_l the engine gathers.
   template <class T>
-  void next_tokens(int layer, const KVCache<T, HostBackend>& cache, int b,
+  void next_tokens(int layer, const PagedKVCache<T>& cache, Seq& s, int seq,
                    const std::vector<std::vector<std::int32_t>>& kept_slots) {
-    Seq& s = seqs_[std::size_t(b)];
-    const auto pos = cache.positions(layer);
+    const PagedKV<T>& c = cache.kv();
+    const int n = c.len(layer, seq);
     std::vector<std::int32_t> all;
     for (int h = 0; h < head_sets(); ++h) {
-      const int n = cache.length(layer, b, h);
       std::vector<std::int32_t>& mine = s.head_tokens[std::size_t(h)];
       mine.clear();
-      for (std::int32_t slot : kept_slots[std::size_t(h)]) mine.push_back(pos(b, h, slot));
-      for (int slot = n - s.window; slot < n; ++slot) mine.push_back(pos(b, h, slot));
+      for (std::int32_t slot : kept_slots[std::size_t(h)]) mine.push_back(c.position(layer, seq, slot, h));
+      for (int slot = n - s.window; slot < n; ++slot) mine.push_back(c.position(layer, seq, slot, h));
       all.insert(all.end(), mine.begin(), mine.end());
     }
     std::sort(all.begin(), all.end());
@@ -526,61 +534,57 @@ class PyramidCompressor {
   }
 
   /// Layer-local mode: the layer's own cache keeps the selection and the
-  /// window; every token goes on to the next layer.
+  /// window (its emptied pages go back); every token goes on to the next layer.
   template <class T>
-  void keep_in_layer(int layer, KVCache<T, HostBackend>& cache, int b,
+  void keep_in_layer(int layer, PagedKVCache<T>& cache, Seq& s, int seq,
                      const std::vector<std::vector<std::int32_t>>& kept_slots) {
-    Seq& s = seqs_[std::size_t(b)];
-    for (int h = 0; h < head_sets(); ++h) {
-      const int n = cache.length(layer, b, h);
-      std::vector<std::int32_t> kept = kept_slots[std::size_t(h)];
-      for (int slot = n - s.window; slot < n; ++slot) kept.push_back(slot);
-      cache.compact(layer, b, kept.data(), int(kept.size()), per_head() ? h : -1);
-      s.head_tokens[std::size_t(h)] = s.tokens;
-    }
+    const int n = cache.kv().len(layer, seq);
+    compact(layer, cache, seq, kept_slots, n - s.window, n);
+    for (auto& mine : s.head_tokens) mine = s.tokens;
     s.next_index.resize(s.tokens.size());
     for (std::size_t i = 0; i < s.tokens.size(); ++i) s.next_index[i] = std::int32_t(i);
   }
 
-  /// Decode starts from here for this layer: the reference counts the
-  /// prompt's window minus its newest token as already compressed.
+  /// Keeps, per head set, slots `kept` plus the whole range [tail, n).
   template <class T>
-  void start_decode(int layer, const KVCache<T, HostBackend>& cache, int b) {
-    Seq& s = seqs_[std::size_t(b)];
-    if (s.decode_boundary.size() != std::size_t(cfg_.num_layers))
-      s.decode_boundary.assign(std::size_t(cfg_.num_layers), std::vector<int>(std::size_t(head_sets()), 0));
-    for (int h = 0; h < head_sets(); ++h)
-      s.decode_boundary[std::size_t(layer)][std::size_t(h)] = cache.length(layer, b, h) - 1;
+  void compact(int layer, PagedKVCache<T>& cache, int seq, const std::vector<std::vector<std::int32_t>>& kept,
+               int tail, int n) {
+    const int heads = head_sets(), count = int(kept[0].size()) + n - tail;
+    std::vector<std::int32_t> all;
+    for (int h = 0; h < heads; ++h) {
+      all.insert(all.end(), kept[std::size_t(h)].begin(), kept[std::size_t(h)].end());
+      for (int slot = tail; slot < n; ++slot) all.push_back(slot);
+    }
+    const std::int32_t one = seq;
+    host::paged_compact(cache.kv(), layer, SeqList{&one, 1},
+                        make_contiguous<const std::int32_t>(all.data(), 1, heads, count), &count);
   }
 
-  /// One decode compression of sequence b in `layer` if its trigger fires.
+  /// One decode compression of `seq` in `layer` if its trigger fires.
   template <class T>
-  bool compress_segment(int layer, KVCache<T, HostBackend>& cache, int b) {
-    Seq& s = seqs_[std::size_t(b)];
-    if (s.decode_boundary.size() != std::size_t(cfg_.num_layers)) return false;  // no prefill yet
-    std::vector<int>& bound = s.decode_boundary[std::size_t(layer)];
-    const int seg = decode_.segment;
-    if (cache.length(layer, b, 0) - s.window - bound[0] < seg) return false;
+  bool compress_segment(int layer, PagedKVCache<T>& cache, int seq) {
+    Seq& s = seqs_[std::size_t(seq)];
+    int& bound = s.boundary[std::size_t(layer)];
+    const int seg = decode_.segment, n = cache.kv().len(layer, seq);
+    if (n - s.window - bound < seg) return false;
     SeqProblem<T> sp;
-    sp.begin.resize(std::size_t(cfg_.kv_heads));
-    sp.count.assign(std::size_t(cfg_.kv_heads), seg);
-    for (int h = 0; h < cfg_.kv_heads; ++h) sp.begin[std::size_t(h)] = bound[std::size_t(per_head() ? h : 0)];
-    make_problem(layer, cache, b, sp);
-    settle_pending_lse(layer, b, sp);
+    sp.begin = bound;
+    sp.count = seg;
+    make_problem(layer, cache, seq, sp);
+    settle_pending_lse(s, layer, sp);
     const int heads = head_sets();
     std::vector<float> scores(std::size_t(heads) * seg);
     scoring_.score(sp.p, selection_.granularity, make_contiguous(scores.data(), 1, heads, seg));
     const int k = decode_.keep_count(layer, cfg_.num_layers);
+    std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(heads));
     for (int h = 0; h < heads; ++h) {
-      const int n = cache.length(layer, b, h), c = bound[std::size_t(h)];
-      std::vector<std::int32_t> pick(static_cast<std::size_t>(k)), kept;
+      std::vector<std::int32_t> pick(static_cast<std::size_t>(k));
       host::topk_indices(scores.data() + std::size_t(h) * seg, seg, k, 0, pick.data());
-      for (int i = 0; i < c; ++i) kept.push_back(i);
-      for (std::int32_t i : pick) kept.push_back(c + i);
-      for (int i = c + seg; i < n; ++i) kept.push_back(i);
-      cache.compact(layer, b, kept.data(), int(kept.size()), per_head() ? h : -1);
-      bound[std::size_t(h)] = c + k;
+      for (int i = 0; i < bound; ++i) kept[std::size_t(h)].push_back(i);
+      for (std::int32_t i : pick) kept[std::size_t(h)].push_back(bound + i);
     }
+    compact(layer, cache, seq, kept, bound + seg, n);
+    bound += k;
     return true;
   }
 
@@ -589,11 +593,7 @@ class PyramidCompressor {
   Selection selection_;
   Schedule schedule_;
   Decode decode_;
-  std::vector<Seq> seqs_;
-  int ring_capacity_ = 1;
-  std::vector<std::vector<float>> ring_q_;          ///< [layer][b, q_head, ring, d]
-  std::vector<std::vector<float>> ring_lse_;        ///< [layer][b, q_head, ring]
-  std::vector<std::vector<RingState>> ring_state_;  ///< [layer][b]
+  std::vector<Seq> seqs_;  ///< by cache slot
 };
 
 }  // namespace pyramidinfer

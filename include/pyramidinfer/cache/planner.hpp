@@ -109,6 +109,28 @@ LayerTrace trace_layers(int num_layers, int prompt_len, int decode_steps, double
   return t;
 }
 
+/// Pages one request needs in every layer of a paged cache: after its prefill
+/// and at its peak over `decode_steps` (a scheduler admits the request when
+/// the peak fits). Exact for score-free selections such as TopKSelection;
+/// an upper bound otherwise.
+struct RequestPages {
+  std::vector<int> after_prefill;  ///< per layer
+  std::vector<int> peak;           ///< per layer
+  std::int64_t total_after_prefill = 0, total_peak = 0;
+};
+
+inline RequestPages request_pages(const LayerTrace& t, int page_size) {
+  PYRAMIDINFER_REQUIRE(page_size > 0, "request_pages", "page_size", page_size, "must be > 0");
+  RequestPages r;
+  for (std::size_t l = 0; l < t.capacity.size(); ++l) {
+    r.after_prefill.push_back((t.prefill_len[l] + page_size - 1) / page_size);
+    r.peak.push_back((t.capacity[l] + page_size - 1) / page_size);
+    r.total_after_prefill += r.after_prefill.back();
+    r.total_peak += r.peak.back();
+  }
+  return r;
+}
+
 struct MemoryPlan {
   CacheShape shape;
   std::vector<std::size_t> layer_bytes;

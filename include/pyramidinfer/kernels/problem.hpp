@@ -4,10 +4,30 @@
 
 #include <cstdint>
 
+#include "../core/config.hpp"
 #include "../core/dtype.hpp"
 #include "../core/view.hpp"
 
 namespace pyramidinfer {
+
+/// Optional paging of the slot axis of `keys` and `positions`: slot j of
+/// sequence b lives in page table[b * table_stride + (j >> page_shift)] at
+/// offset j & ((1 << page_shift) - 1), and the views' axis-0 stride is then
+/// the stride of a page (the pool's, cache/paged.hpp). table == nullptr: the
+/// views are plain strided views.
+struct SlotPages {
+  const std::int32_t* table = nullptr;
+  std::int64_t table_stride = 0;
+  std::int32_t page_shift = 0;
+
+  /// Element offset of (b, slot) along axes 0 and 2 of a view with those strides.
+  PYRAMIDINFER_HOST_DEVICE std::int64_t offset(std::int64_t b, std::int64_t slot, std::int64_t stride0,
+                                               std::int64_t stride2) const {
+    if (table == nullptr) return b * stride0 + slot * stride2;
+    const std::int64_t page = table[b * table_stride + (slot >> page_shift)];
+    return page * stride0 + (slot & ((std::int64_t(1) << page_shift) - 1)) * stride2;
+  }
+};
 
 /// Everything a scoring policy may look at, for one layer of a batch.
 ///
@@ -35,6 +55,15 @@ struct ScoreProblem {
   TensorView<const std::int32_t, 2> score_begin;   ///< (b, kv_head) first slot to score
   TensorView<const std::int32_t, 2> score_count;   ///< (b, kv_head) slots to score, all before the window
   float scale = 0.f;                               ///< softmax scale, usually 1/sqrt(d)
+  SlotPages pages;                                 ///< paging of keys' and positions' slot axis
+
+  /// Key row (b, kv_head, slot): head_dim elements with keys.stride[3] apart.
+  PYRAMIDINFER_HOST_DEVICE const T* key_row(int b, int h, int slot) const {
+    return keys.data + pages.offset(b, slot, keys.stride[0], keys.stride[2]) + h * keys.stride[1];
+  }
+  PYRAMIDINFER_HOST_DEVICE std::int32_t position(int b, int h, int slot) const {
+    return positions.data[pages.offset(b, slot, positions.stride[0], positions.stride[2]) + h * positions.stride[1]];
+  }
 
   int batch() const { return int(keys.shape[0]); }
   int kv_heads() const { return int(keys.shape[1]); }

@@ -1115,6 +1115,8 @@ template <class T>
 void check_problem(const ScoreProblem<T>& p, const char* fn) {
   using pyramidinfer::detail::check_dim;
   using pyramidinfer::detail::check_view;
+  // The device kernels address keys as strided views; paged keys are not read here yet.
+  PYRAMIDINFER_REQUIRE(p.pages.table == nullptr, fn, "pages.table", "set", "is not supported by the CUDA scoring yet");
   check_view(p.keys, fn, "keys");
   check_view(p.queries, fn, "queries");
   check_view(p.kv_len, fn, "kv_len");

@@ -89,22 +89,22 @@ namespace host {
 template <class T>
 void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const AppendSource<T>& src) {
   const char* fn = "host::paged_append";
-  detail::check_layer_index(layer, c.num_layers, fn);
-  detail::check_seq_list(s, c.max_seqs, fn);
+  pyramidinfer::detail::check_layer_index(layer, c.num_layers, fn);
+  pyramidinfer::detail::check_seq_list(s, c.max_seqs, fn);
   PYRAMIDINFER_REQUIRE(s.batch == 0 || (src.begin && src.count), fn, "src.begin/count", "nullptr",
                        "must hold one entry per sequence");
   PYRAMIDINFER_REQUIRE(src.pos || src.k.shape[0] == 0, fn, "src.pos", "nullptr", "must hold one position per row");
   for (const auto* x : {&src.k, &src.v}) {
-    detail::check_view(*x, fn, x == &src.k ? "src.k" : "src.v", 0);
-    detail::check_dim(*x, 1, c.pool.kv_heads, fn, x == &src.k ? "src.k" : "src.v");
-    detail::check_dim(*x, 2, c.pool.head_dim, fn, x == &src.k ? "src.k" : "src.v");
+    pyramidinfer::detail::check_view(*x, fn, x == &src.k ? "src.k" : "src.v", 0);
+    pyramidinfer::detail::check_dim(*x, 1, c.pool.kv_heads, fn, x == &src.k ? "src.k" : "src.v");
+    pyramidinfer::detail::check_dim(*x, 2, c.pool.head_dim, fn, x == &src.k ? "src.k" : "src.v");
   }
   PYRAMIDINFER_REQUIRE(src.v.shape[0] == src.k.shape[0], fn, "src.v.shape[0]", src.v.shape[0],
                        "must equal src.k.shape[0]");
   const std::int64_t rows = src.k.shape[0];
   if (src.head_rows.data) {
-    detail::check_view(src.head_rows, fn, "src.head_rows", 0);
-    detail::check_dim(src.head_rows, 0, c.pos_heads, fn, "src.head_rows");
+    pyramidinfer::detail::check_view(src.head_rows, fn, "src.head_rows", 0);
+    pyramidinfer::detail::check_dim(src.head_rows, 0, c.pos_heads, fn, "src.head_rows");
   }
   std::int64_t need = 0;
   for (int i = 0; i < s.batch; ++i) {
@@ -124,7 +124,7 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
     }
     need += c.pages_for(int(len + n)) - c.pages_for(int(len));
   }
-  detail::check_free_pages(c, need, fn);
+  pyramidinfer::detail::check_free_pages(c, need, fn);
   // Validated: from here on nothing throws.
   for (int i = 0; i < s.batch; ++i) {
     const int q = s.seqs[i], len = c.len(layer, q), n = src.count[i];
@@ -149,13 +149,13 @@ template <class T>
 void paged_compact(const PagedKV<T>& c, int layer, const SeqList& s, TensorView<const std::int32_t, 3> kept,
                    const std::int32_t* count) {
   const char* fn = "host::paged_compact";
-  detail::check_layer_index(layer, c.num_layers, fn);
-  detail::check_seq_list(s, c.max_seqs, fn);
+  pyramidinfer::detail::check_layer_index(layer, c.num_layers, fn);
+  pyramidinfer::detail::check_seq_list(s, c.max_seqs, fn);
   PYRAMIDINFER_REQUIRE(count != nullptr || s.batch == 0, fn, "count", "nullptr", "must hold one count per sequence");
   if (s.batch > 0) {
-    detail::check_view(kept, fn, "kept", 0);
-    detail::check_dim(kept, 0, s.batch, fn, "kept");
-    detail::check_dim(kept, 1, c.pos_heads, fn, "kept");
+    pyramidinfer::detail::check_view(kept, fn, "kept", 0);
+    pyramidinfer::detail::check_dim(kept, 0, s.batch, fn, "kept");
+    pyramidinfer::detail::check_dim(kept, 1, c.pos_heads, fn, "kept");
   }
   std::int64_t freed = 0;
   for (int i = 0; i < s.batch; ++i) {
@@ -166,13 +166,13 @@ void paged_compact(const PagedKV<T>& c, int layer, const SeqList& s, TensorView<
       for (int j = 0; j < count[i]; ++j) {
         const std::int32_t x = kept(i, h, j);
         if (x < 0 || x >= n || (j > 0 && x <= kept(i, h, j - 1)))
-          detail::throw_arg_error(fn, "kept", "(" + std::to_string(i) + "," + std::to_string(h) + "," +
+          pyramidinfer::detail::throw_arg_error(fn, "kept", "(" + std::to_string(i) + "," + std::to_string(h) + "," +
                                                    std::to_string(j) + ")=" + std::to_string(x),
                                   "must be ascending and in [0, " + std::to_string(n) + ")");
       }
     freed += c.pages_for(n) - c.pages_for(count[i]);
   }
-  detail::check_free_room(c, freed, fn);
+  pyramidinfer::detail::check_free_room(c, freed, fn);
   // Ascending indices make the forward copy safe: slot j is written only
   // after every kept slot below it has been read.
   for (int i = 0; i < s.batch; ++i) {
@@ -188,7 +188,7 @@ void paged_compact(const PagedKV<T>& c, int layer, const SeqList& s, TensorView<
         if (h < c.pos_heads) c.position(layer, q, j, h) = c.position(layer, q, from, h);
       }
     }
-    for (int p = c.pages_for(count[i]); p < c.pages_for(n); ++p) detail::push_free(c, c.pages(layer, q)[p]);
+    for (int p = c.pages_for(count[i]); p < c.pages_for(n); ++p) pyramidinfer::detail::push_free(c, c.pages(layer, q)[p]);
     c.len(layer, q) = count[i];
   }
 }
@@ -198,15 +198,15 @@ void paged_compact(const PagedKV<T>& c, int layer, const SeqList& s, TensorView<
 template <class T>
 void paged_release(const PagedKV<T>& c, const SeqList& s) {
   const char* fn = "host::paged_release";
-  detail::check_seq_list(s, c.max_seqs, fn);
+  pyramidinfer::detail::check_seq_list(s, c.max_seqs, fn);
   std::int64_t freed = 0;
   for (int i = 0; i < s.batch; ++i)
     for (int l = 0; l < c.num_layers; ++l) freed += c.pages_for(c.len(l, s.seqs[i]));
-  detail::check_free_room(c, freed, fn);
+  pyramidinfer::detail::check_free_room(c, freed, fn);
   for (int i = 0; i < s.batch; ++i)
     for (int l = 0; l < c.num_layers; ++l) {
       const int q = s.seqs[i];
-      for (int p = 0; p < c.pages_for(c.len(l, q)); ++p) detail::push_free(c, c.pages(l, q)[p]);
+      for (int p = 0; p < c.pages_for(c.len(l, q)); ++p) pyramidinfer::detail::push_free(c, c.pages(l, q)[p]);
       c.len(l, q) = 0;
     }
 }
@@ -219,8 +219,8 @@ template <class T>
 void export_page_table(const PagedKV<T>& c, int layer, const SeqList& s, std::int32_t* indptr, std::int32_t* indices,
                        std::int64_t indices_capacity, std::int32_t* last_page_len) {
   const char* fn = "host::export_page_table";
-  detail::check_layer_index(layer, c.num_layers, fn);
-  detail::check_seq_list(s, c.max_seqs, fn);
+  pyramidinfer::detail::check_layer_index(layer, c.num_layers, fn);
+  pyramidinfer::detail::check_seq_list(s, c.max_seqs, fn);
   PYRAMIDINFER_REQUIRE(indptr != nullptr, fn, "indptr", "nullptr", "must hold batch + 1 entries");
   PYRAMIDINFER_REQUIRE(last_page_len != nullptr || s.batch == 0, fn, "last_page_len", "nullptr",
                        "must hold batch entries");

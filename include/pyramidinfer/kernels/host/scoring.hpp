@@ -64,8 +64,10 @@ template <class T>
 std::vector<float> load_keys(const ScoreProblem<T>& p, int b, int kvh, int n) {
   const int d = p.head_dim();
   std::vector<float> k(std::size_t(n) * d);
-  for (int j = 0; j < n; ++j)
-    for (int i = 0; i < d; ++i) k[std::size_t(j) * d + i] = to_float(p.keys(b, kvh, j, i));
+  for (int j = 0; j < n; ++j) {
+    const T* row = p.key_row(b, kvh, j);
+    for (int i = 0; i < d; ++i) k[std::size_t(j) * d + i] = to_float(row[i * p.keys.stride[3]]);
+  }
   return k;
 }
 
@@ -227,8 +229,9 @@ void key_norm_scores(const ScoreProblem<T>& p, Granularity g, ScoreView out) {
       const float share = g == Granularity::shared ? 1.0f / p.kv_heads() : 1.0f;
       for (int j = 0; j < p.score_count(b, kvh); ++j) {
         double ss = 0.0;
+        const T* row = p.key_row(b, kvh, p.score_begin(b, kvh) + j);
         for (int i = 0; i < p.head_dim(); ++i) {
-          const double x = to_float(p.keys(b, kvh, p.score_begin(b, kvh) + j, i));
+          const double x = to_float(row[i * p.keys.stride[3]]);
           ss += x * x;
         }
         const float v = -float(std::sqrt(ss)) * share;
@@ -245,7 +248,7 @@ void position_scores(const ScoreProblem<T>& p, Granularity g, ScoreView out) {
   for (int b = 0; b < p.batch(); ++b)
     for (int kvh = 0; kvh < (g == Granularity::shared ? 1 : p.kv_heads()); ++kvh)
       for (int j = 0; j < p.score_count(b, kvh); ++j)
-        out(b, kvh, j) = float(p.positions(b, kvh, p.score_begin(b, kvh) + j));
+        out(b, kvh, j) = float(p.position(b, kvh, p.score_begin(b, kvh) + j));
 }
 
 }  // namespace host
