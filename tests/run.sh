@@ -26,6 +26,8 @@ cmake -S . -B "$build/host" -DCMAKE_BUILD_TYPE=Release -DPYRAMIDINFER_ENABLE_CUD
 cmake --build "$build/host" -j "$jobs"
 (cd "$build/host" && ctest --output-on-failure)
 "$build/host/examples/quickstart/quickstart" 1024 16
+"$build/host/examples/drop_in/drop_in"
+bash tests/readme_snippet.sh
 
 if command -v nvcc >/dev/null 2>&1; then
   echo "== 2. CUDA translation units (nvcc, sm_80 + sm_90)"

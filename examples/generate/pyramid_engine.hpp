@@ -1,6 +1,7 @@
 // pyramid_engine.hpp - a compact CPU Llama engine whose KV cache is
-// pyramidinfer's container, driven by a PyramidCompressor. This is the file
+// pyramidinfer's paged cache, driven by a PyramidCompressor. This is the file
 // an engine developer copies from: it shows where each library call goes.
+// The pool holds exactly the pages the planner says the requests need.
 //
 // Prefill is token-dropping: after each layer only the tokens the compressor
 // keeps go on to the next layer (in layer-local mode every token goes on and
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -23,23 +25,21 @@ namespace pyramidinfer::llama {
 template <class Compressor>
 class PyramidEngine {
  public:
-  PyramidEngine(const Model& model, Compressor compressor) : model_(model), pc_(std::move(compressor)) {}
+  PyramidEngine(const Model& model, Compressor compressor, int page_size = 16)
+      : model_(model), pc_(std::move(compressor)), page_size_(page_size) {}
 
   /// Prefills a batch of prompts (ragged: no padding) with room for
-  /// `max_new_tokens` decode steps. Returns the logits after each prompt's
-  /// last token, [batch x vocab].
+  /// `max_new_tokens` decode steps; sequence b lives in slot b. Returns the
+  /// logits after each prompt's last token, [batch x vocab].
   Matrix prefill(const std::vector<std::vector<std::int32_t>>& prompts, int max_new_tokens) {
-    std::vector<int> lens;
-    for (const auto& p : prompts) lens.push_back(int(p.size()));
-    plan_ = pc_.plan(lens, max_new_tokens, DType::f32);
-    cache_ = std::make_unique<KVCache<float>>(plan_.shape);
-    pc_.begin(*cache_, lens);
-    next_position_.assign(lens.begin(), lens.end());
+    make_storage(prompts, max_new_tokens);
+    next_position_.clear();
     compression_seconds_ = 0.0;
-
     const LlamaConfig& c = model_.config();
     Matrix last(prompts.size(), c.dim);
     for (std::size_t b = 0; b < prompts.size(); ++b) {
+      pc_.begin(cache(), int(b), int(prompts[b].size()));
+      next_position_.push_back(std::int32_t(prompts[b].size()));
       Matrix hidden = model_.embed(prompts[b]);
       for (int l = 0; l < int(c.n_layers); ++l) hidden = prefill_layer(l, int(b), hidden);
       std::copy(hidden.row(hidden.rows - 1), hidden.row(hidden.rows - 1) + c.dim, last.row(b));
@@ -54,34 +54,43 @@ class PyramidEngine {
     const int B = int(tokens.size()), H = int(c.n_heads), Hkv = int(c.n_kv_heads), d = int(c.head_dim);
     Matrix hidden = model_.embed(tokens);
     const std::vector<std::int32_t> positions = next_position_;
+    std::vector<std::int32_t> slots(static_cast<std::size_t>(B));
+    for (int b = 0; b < B; ++b) slots[std::size_t(b)] = b;
+    const SeqList batch{slots.data(), B};
     for (int l = 0; l < int(c.n_layers); ++l) {
       const LayerQkv qkv = model_.layer_qkv(std::size_t(l), hidden, positions);
       // The new tokens' rows viewed as (b, head, 1, d): no copies.
       const KVView<const float> k{qkv.k.data.data(), {B, Hkv, 1, d}, {Hkv * d, d, d, 1}};
       const KVView<const float> v{qkv.v.data.data(), {B, Hkv, 1, d}, {Hkv * d, d, d, 1}};
       const KVView<const float> q{qkv.q.data.data(), {B, H, 1, d}, {H * d, d, d, 1}};
-      timed([&] { pc_.decode_append(l, *cache_, k, v, positions.data(), q); });
+      timed([&] { pc_.decode_append(l, cache(), batch, k, v, positions.data(), q); });
       for (int b = 0; b < B; ++b) attend_row(l, b, hidden, qkv.q, positions[std::size_t(b)]);
-      timed([&] { pc_.decode_compress(l, *cache_); });
+      timed([&] { pc_.decode_compress(l, cache(), batch); });
     }
     for (auto& p : next_position_) ++p;
     return model_.logits(hidden);
   }
 
-  const KVCache<float>& cache() const { return *cache_; }
-  const MemoryPlan& plan() const { return plan_; }
+  PagedKVCache<float>& cache() { return storage_->cache(); }
+  const PagedKVCache<float>& cache() const { return storage_->cache(); }
   const Compressor& compressor() const { return pc_; }
+  /// Pages the pool holds (the planner's peak for these requests) and the
+  /// pages a full cache would hold for them (prompt + new tokens, every layer).
+  std::int64_t pool_pages() const { return cache().shape().num_pages; }
+  std::int64_t full_pages() const { return full_pages_; }
   /// Seconds spent in scoring, selection and compaction since prefill began.
   double compression_seconds() const { return compression_seconds_; }
 
   /// Slots held now, summed over layers, sequences and KV heads.
   std::size_t slots_held() const {
     std::size_t n = 0;
-    for (int l = 0; l < cache_->num_layers(); ++l)
-      for (int b = 0; b < cache_->shape().batch; ++b)
-        for (int h = 0; h < cache_->shape().kv_heads; ++h) n += std::size_t(cache_->length(l, b, h));
+    const PagedKV<float>& kv = cache().kv();
+    for (int l = 0; l < kv.num_layers; ++l)
+      for (int b = 0; b < kv.max_seqs; ++b) n += std::size_t(kv.len(l, b)) * std::size_t(kv.pool.kv_heads);
     return n;
   }
+  /// Pages in use now (the pool less the free list).
+  std::int64_t pages_held() const { return pool_pages() - storage_->free_pages(); }
 
  private:
   Matrix prefill_layer(int l, int b, Matrix& hidden) {
@@ -93,13 +102,13 @@ class PyramidEngine {
     // K, V of T_l viewed as (kv_head, token, d) over the model's [token, head * d] rows.
     const TensorView<const float, 3> k{qkv.k.data.data(), {Hkv, n, d}, {d, Hkv * d, 1}};
     const TensorView<const float, 3> v{qkv.v.data.data(), {Hkv, n, d}, {d, Hkv * d, 1}};
-    pc_.prefill_store(l, *cache_, b, k, v);
+    pc_.prefill_store(l, cache(), b, k, v);
     model_.layer_attend_and_finish(std::size_t(l), hidden, qkv.q, positions, view(l, b));
     // The window's queries: the last w rows, as (q_head, row, d).
     const TensorView<const float, 3> qw{qkv.q.data.data() + std::size_t(n - w) * H * d, {H, w, d}, {d, H * d, 1}};
     std::vector<std::size_t> rows;
     timed([&] {
-      const std::vector<std::int32_t>& next = pc_.prefill_select(l, *cache_, b, qw);
+      const std::vector<std::int32_t>& next = pc_.prefill_select(l, cache(), b, qw);
       rows.assign(next.begin(), next.end());
     });
     if (int(rows.size()) == n) return hidden;
@@ -116,19 +125,49 @@ class PyramidEngine {
     std::copy(h.row(0), h.row(0) + c.dim, hidden.row(std::size_t(b)));
   }
 
-  /// The model's view of sequence b's slots in layer l. With per-KV-head
-  /// selection every head has its own slots, positions and length.
-  KvView view(int l, int b) const {
-    const auto keys = cache_->keys(l), values = cache_->values(l);
-    const auto pos = cache_->positions(l);
-    const auto len = cache_->lengths(l);
-    KvView v{&keys(b, 0, 0, 0), &values(b, 0, 0, 0), &pos(b, 0, 0), std::size_t(cache_->capacity(l)), 0};
-    for (int h = 0; h < cache_->shape().kv_heads; ++h) v.length = std::max(v.length, std::size_t(len(b, h)));
-    if (cache_->shape().granularity == Granularity::per_kv_head) {
-      v.positions_head_stride = std::size_t(pos.stride[1]);
-      v.head_lengths = &len(b, 0);
-    }
+  /// The model's view of sequence b's slots in layer l: its pages gathered
+  /// into contiguous [kv_head, slot, d] rows (the CPU attention reads plain
+  /// arrays). With per-KV-head selection every head has its own positions.
+  KvView view(int l, int b) {
+    const PagedKV<float>& kv = cache().kv();
+    const int n = kv.len(l, b), H = kv.pool.kv_heads, d = kv.pool.head_dim, ph = kv.pos_heads;
+    gathered_k_.resize(std::size_t(H) * n * d);
+    gathered_v_.resize(gathered_k_.size());
+    gathered_pos_.resize(std::size_t(ph) * n);
+    for (int h = 0; h < H; ++h)
+      for (int s = 0; s < n; ++s) {
+        std::copy(kv.k_slot(l, b, s, h), kv.k_slot(l, b, s, h) + d, &gathered_k_[(std::size_t(h) * n + s) * d]);
+        std::copy(kv.v_slot(l, b, s, h), kv.v_slot(l, b, s, h) + d, &gathered_v_[(std::size_t(h) * n + s) * d]);
+        if (h < ph) gathered_pos_[std::size_t(h) * n + s] = kv.position(l, b, s, h);
+      }
+    KvView v{gathered_k_.data(), gathered_v_.data(), gathered_pos_.data(), std::size_t(n), std::size_t(n)};
+    if (ph > 1) v.positions_head_stride = std::size_t(n);
     return v;
+  }
+
+  /// A pool of exactly the pages the planner says these requests need.
+  void make_storage(const std::vector<std::vector<std::int32_t>>& prompts, int max_new_tokens) {
+    const LlamaConfig& c = model_.config();
+    PagedCacheShape s;
+    s.num_layers = int(c.n_layers);
+    s.kv_heads = int(c.n_kv_heads);
+    s.head_dim = int(c.head_dim);
+    s.dtype = DType::f32;
+    s.granularity = pc_.selection().granularity;
+    s.page_size = page_size_;
+    s.max_seqs = int(prompts.size());
+    std::int64_t pages = 0, full = 0;
+    for (const auto& p : prompts) {
+      const int n = int(p.size());
+      pages += pc_.pages(n, max_new_tokens, page_size_).total_peak;
+      full += std::int64_t(s.num_layers) * ((n + max_new_tokens + page_size_ - 1) / page_size_);
+      s.max_seq_len = std::max(s.max_seq_len, n + max_new_tokens);
+    }
+    PYRAMIDINFER_REQUIRE(pages <= INT32_MAX, "PyramidEngine::prefill", "pages", pages, "must fit a 32-bit page id");
+    s.num_pages = int(pages);
+    storage_.reset();  // the previous requests' pages go first
+    storage_ = std::make_unique<HostPagedStorage<float>>(s);
+    full_pages_ = full;
   }
 
   template <class F>
@@ -140,8 +179,11 @@ class PyramidEngine {
 
   const Model& model_;
   Compressor pc_;
-  MemoryPlan plan_;
-  std::unique_ptr<KVCache<float>> cache_;
+  int page_size_ = 16;
+  std::unique_ptr<HostPagedStorage<float>> storage_;
+  std::int64_t full_pages_ = 0;
+  std::vector<float> gathered_k_, gathered_v_;
+  std::vector<std::int32_t> gathered_pos_;
   std::vector<std::int32_t> next_position_;
   double compression_seconds_ = 0.0;
 };

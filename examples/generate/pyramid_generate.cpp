@@ -113,20 +113,22 @@ void run(const Model& model, const Tokenizer& tok, const Options& o, Compressor 
                o.policy.name.c_str(), prompt.size(), prefill_s, prompt.size() / prefill_s, generated,
                generated > 1 ? (generated - 1) / decode_s : 0.0);
   std::fprintf(stderr, "compression (scoring + selection + compaction): %.3f s\n", engine.compression_seconds());
-  const KVCache<float>& cache = engine.cache();
-  const std::size_t full_layer = engine.plan().full_bytes / std::size_t(cache.num_layers());
-  std::fprintf(stderr, "KV bytes per layer (allocated | held now) against a full cache of %zu:\n", full_layer);
-  std::size_t held_total = 0;
-  for (int l = 0; l < cache.num_layers(); ++l) {
-    const std::size_t held = cache.shape().layer_bytes(l) / std::size_t(cache.capacity(l)) *
-                             std::size_t(cache.length(l, 0));
-    held_total += held;
-    std::fprintf(stderr, "  layer %2d %9zu | %9zu  %s\n", l, cache.shape().layer_bytes(l), held,
-                 std::string(std::size_t(40.0 * cache.shape().layer_bytes(l) / full_layer + 0.5), '#').c_str());
+  // The pool holds the planner's pages for this request; each layer holds its own pages.
+  const PagedKV<float>& kv = engine.cache().kv();
+  const std::int64_t page_bytes =
+      2 * std::int64_t(kv.page_size()) * kv.pool.kv_heads * kv.pool.head_dim * std::int64_t(sizeof(float));
+  const std::int64_t full_layer = engine.full_pages() / kv.num_layers;
+  std::fprintf(stderr, "KV pages per layer (%d tokens, %lld bytes each) held now, against %lld for a full cache:\n",
+               kv.page_size(), (long long)page_bytes, (long long)full_layer);
+  for (int l = 0; l < kv.num_layers; ++l) {
+    const int held = kv.pages_for(kv.len(l, 0));
+    std::fprintf(stderr, "  layer %2d %5d  %s\n", l, held,
+                 std::string(std::size_t(40.0 * held / double(full_layer) + 0.5), '#').c_str());
   }
-  std::fprintf(stderr, "total allocated %zu bytes = %.1f%% of full (%zu); held now %.1f%%\n", cache.bytes(),
-               100.0 * engine.plan().ratio_to_full, engine.plan().full_bytes,
-               100.0 * double(held_total) / double(engine.plan().full_bytes));
+  std::fprintf(stderr, "pool %lld pages = %.1f%% of a full cache's %lld; held now %lld (%.1f%%)\n",
+               (long long)engine.pool_pages(), 100.0 * double(engine.pool_pages()) / double(engine.full_pages()),
+               (long long)engine.full_pages(), (long long)engine.pages_held(),
+               100.0 * double(engine.pages_held()) / double(engine.full_pages()));
 }
 
 #ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE

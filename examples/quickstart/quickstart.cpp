@@ -3,8 +3,8 @@
 // Queries and keys are random with a realistic skew: a few "pivotal" tokens
 // whose keys line up with what the queries look for, and attention that leans
 // towards recent tokens. It prints the tokens each layer keeps as a text
-// pyramid and the KV bytes against a full cache, from the cache itself and
-// from the planner (they must agree).
+// pyramid and the KV pages (16 tokens each) against a full cache, from the
+// cache itself and from the planner (they must agree).
 //
 //   quickstart [prompt_len] [layers]
 #include <cmath>
@@ -73,9 +73,13 @@ int main(int argc, char** argv) {
   const int layers = argc > 2 ? std::atoi(argv[2]) : 32;
   try {
     PyramidCompressor<> compressor({layers, kHeads, kHeads, kHeadDim});  // the paper's defaults
-    const MemoryPlan plan = compressor.plan({prompt_len}, 0, DType::f16);
-    KVCache<half_t> cache(plan.shape);
-    compressor.begin(cache, {prompt_len});
+    constexpr int kPage = 16;
+    const RequestPages plan = compressor.pages(prompt_len, 0, kPage);
+    PagedCacheShape shape{layers, kHeads, kHeadDim, DType::f16, Granularity::shared, kPage,
+                          int(plan.total_peak), 1, prompt_len};
+    HostPagedStorage<half_t> storage(shape);  // an engine would hand over its own pool instead
+    PagedKVCache<half_t>& cache = storage.cache();
+    compressor.begin(cache, 0, prompt_len);
     SyntheticModel model(layers);
     const bool progress = isatty(2);  // a progress line only on a terminal
 
@@ -98,7 +102,7 @@ int main(int argc, char** argv) {
         }
       const auto kv = make_contiguous<const half_t>(k.data(), kHeads, n, kHeadDim);
       compressor.prefill_store(l, cache, 0, kv, kv);  // values do not matter for selection
-      kept.push_back(cache.length(l, 0));
+      kept.push_back(cache.kv().len(l, 0));
       compressor.prefill_select(l, cache, 0, make_contiguous<const half_t>(q.data(), kHeads, w, kHeadDim));
       if (progress) std::fprintf(stderr, "\rprefill layer %d/%d", l + 1, layers);
     }
@@ -108,14 +112,17 @@ int main(int argc, char** argv) {
     int pivotal_prompt = 0, pivotal_kept = 0;
     for (int p = 0; p < prompt_len; ++p) pivotal_prompt += SyntheticModel::pivotal(p);
     for (std::int32_t p : compressor.tokens(0)) pivotal_kept += SyntheticModel::pivotal(p);
-    const std::size_t full = plan.full_bytes;
-    std::printf("\nKV cache (fp16, batch 1): pyramid %.1f MiB (cache), %.1f MiB (planner), full %.1f MiB: %.1f%%\n",
-                cache.bytes() / 1048576.0, plan.total_bytes / 1048576.0, full / 1048576.0,
-                100.0 * plan.ratio_to_full);
+    const std::int64_t held = shape.num_pages - storage.free_pages();
+    const std::int64_t full = std::int64_t(layers) * ((prompt_len + kPage - 1) / kPage);
+    const double mib = 2.0 * kPage * kHeads * kHeadDim * sizeof(half_t) / 1048576.0;
+    std::printf("\nKV pages (fp16, %d tokens, %.2f MiB each): pyramid %lld held (cache), %lld planned, "
+                "full %lld: %.1f%% = %.1f of %.1f MiB\n",
+                kPage, mib, (long long)held, (long long)plan.total_after_prefill, (long long)full,
+                100.0 * double(held) / double(full), held * mib, full * mib);
     std::printf("Pivotal tokens reaching the last layer: %d of %d (%.0f%%), of all tokens %.0f%%\n", pivotal_kept,
                 pivotal_prompt, 100.0 * pivotal_kept / pivotal_prompt,
                 100.0 * compressor.tokens(0).size() / prompt_len);
-    return cache.bytes() == plan.total_bytes ? 0 : 1;
+    return held == plan.total_after_prefill ? 0 : 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "quickstart: %s\n", e.what());
     return 2;

@@ -34,6 +34,12 @@
 
 namespace pyramidinfer {
 
+/// The base of the log-sum-exp an engine's attention returns.
+enum class LseBase {
+  natural,  ///< FlashAttention, PyTorch: log(sum exp(s))
+  base2,    ///< FlashInfer: log2(sum exp(s))
+};
+
 struct CompressorConfig {
   int num_layers = 0;
   int num_heads = 0;  ///< query heads
@@ -43,6 +49,7 @@ struct CompressorConfig {
   float softmax_scale = 0.f;  ///< 0: 1/sqrt(head_dim)
   bool compress_decode = true;
   PrefillMode prefill_mode = PrefillMode::drop_tokens;  ///< PyramidInfer; layer_local for SnapKV-style baselines
+  LseBase lse_base = LseBase::natural;  ///< of the window_lse / lse the engine hands over
 };
 
 namespace detail {
@@ -390,9 +397,11 @@ class PyramidCompressor {
       for (int row = 0; row < w; ++row) {
         if (Scoring::needs_queries)
           for (int d = 0; d < cfg_.head_dim; ++d) ring_q(s, layer, qh, row)[d] = to_float(q(qh, row, d));
-        if (lse.data) ring_lse(s, layer, qh, row) = lse(qh, row);
+        if (lse.data) ring_lse(s, layer, qh, row) = natural_lse(lse(qh, row));
       }
   }
+  /// The engine's LSE in natural log, whatever base it came in.
+  float natural_lse(float x) const { return cfg_.lse_base == LseBase::base2 ? x * 0.69314718055994531f : x; }
 
   template <class T>
   void push_decode_query(Seq& s, int layer, int i, KVView<const T> q, TensorView<const float, 2> lse) {
@@ -409,7 +418,7 @@ class PyramidCompressor {
     for (int qh = 0; qh < cfg_.num_heads; ++qh) {
       if (Scoring::needs_queries)
         for (int d = 0; d < cfg_.head_dim; ++d) ring_q(s, layer, qh, row)[d] = to_float(q(i, qh, 0, d));
-      if (lse.data) ring_lse(s, layer, qh, row) = lse(i, qh);
+      if (lse.data) ring_lse(s, layer, qh, row) = natural_lse(lse(i, qh));
     }
   }
 

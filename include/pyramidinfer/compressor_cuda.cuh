@@ -261,7 +261,10 @@ class CudaPyramidCompressor {
  public:
   explicit CudaPyramidCompressor(const CompressorConfig& cfg, Scoring scoring = {}, Selection selection = {},
                                  Schedule schedule = {}, Decode decode = {})
-      : host_(cfg, scoring, selection, schedule, decode) {}  // validates like the host
+      : host_(cfg, scoring, selection, schedule, decode) {  // validates like the host
+    PYRAMIDINFER_REQUIRE(cfg.lse_base == LseBase::natural, "CudaPyramidCompressor", "cfg.lse_base", "base2",
+                         "is not supported by the contiguous CUDA compressor: pass natural-log LSE");
+  }
   ~CudaPyramidCompressor() {
     if (arena_) cudaFree(arena_);
   }
