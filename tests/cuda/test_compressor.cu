@@ -1,7 +1,12 @@
 // CudaPyramidCompressor against the host PyramidCompressor: identical inputs,
 // prefill over several layers of a ragged batch, then decode steps with
 // several compressions per layer; kept positions, lengths, K and V must agree
-// exactly after every step. One variant replays the whole decode step from a
+// exactly after every step. The CUDA compressor drives the contiguous
+// KVCache<T, CudaBackend>; the host compressor, the reference, runs on a host
+// paged cache (sequence b in slot b, page sizes and pool layouts varied), and
+// the two are compared in logical slot order (paged_reference.cuh). Decode
+// boundaries, prefill_select answers, token lists and firing counts are
+// compared too. One variant replays the whole decode step from a
 // CUDA graph captured once: capture fails on any host sync or allocation, so
 // it proves decode_append / decode_compress have neither (device trigger
 // mode). The default host trigger mode is checked against the host
@@ -20,6 +25,7 @@
 // differences (fp16 rounding of the orthogonal part moves logits ~1e-3 of
 // the grid step at most). So exact equality is the right check.
 #include "test_util.cuh"
+#include "paged_reference.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -85,39 +91,6 @@ struct Data {
   float LSE(int l, int b, int qh, int t) const { return lse[((std::size_t(l) * B + b) * QH + qh) * N + t]; }
 };
 
-/// Layer `l` of both caches: lengths, positions, K and V, bit for bit.
-template <class T>
-void expect_same_layer(const KVCache<T, CudaBackend>& dc, const KVCache<T, HostBackend>& hc, int l, const char* what) {
-  const CacheShape& s = hc.shape();
-  const int ph = s.position_heads(), cap = dc.capacity(l);
-  PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());  // the tests' streams are non-blocking
-  const auto dk = dc.keys(l), dv = dc.values(l);
-  std::vector<T> k(std::size_t(dk.numel())), v(k.size());
-  std::vector<std::int32_t> pos(std::size_t(s.batch) * ph * cap), len(std::size_t(s.batch) * ph);
-  PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(k.data(), dk.data, k.size() * sizeof(T), cudaMemcpyDeviceToHost));
-  PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(v.data(), dv.data, v.size() * sizeof(T), cudaMemcpyDeviceToHost));
-  PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(pos.data(), dc.positions(l).data, pos.size() * 4, cudaMemcpyDeviceToHost));
-  PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(len.data(), dc.lengths(l).data, len.size() * 4, cudaMemcpyDeviceToHost));
-  const auto hk = hc.keys(l), hv = hc.values(l);
-  const auto hp = hc.positions(l);
-  for (int b = 0; b < s.batch; ++b)
-    for (int h = 0; h < s.kv_heads; ++h) {
-      const int p = ph == 1 ? 0 : h, n = hc.length(l, b, h);
-      INFO(what << ": layer " << l << " seq " << b << " head " << h);
-      REQUIRE(len[std::size_t(b) * ph + p] == n);
-      std::vector<std::int32_t> dp(pos.begin() + (std::size_t(b) * ph + p) * cap,
-                                   pos.begin() + (std::size_t(b) * ph + p) * cap + n),
-          hpv(static_cast<std::size_t>(n));
-      for (int t = 0; t < n; ++t) hpv[std::size_t(t)] = hp(b, h, t);
-      REQUIRE(dp == hpv);
-      for (int t = 0; t < n; ++t) {
-        const std::size_t off = ((std::size_t(b) * s.kv_heads + h) * cap + t) * s.head_dim;
-        REQUIRE(std::memcmp(&k[off], &hk(b, h, t, 0), s.head_dim * sizeof(T)) == 0);
-        REQUIRE(std::memcmp(&v[off], &hv(b, h, t, 0), s.head_dim * sizeof(T)) == 0);
-      }
-    }
-}
-
 struct Case {
   Granularity gran;
   PrefillMode mode;
@@ -127,8 +100,22 @@ struct Case {
   bool lse_late = false;  ///< decode LSE through decode_set_lse after the append (needs decode_lse)
 };
 
+/// How the host reference's paged cache is laid out. The caches are compared
+/// in logical slot order, so any page size and pool layout must give the
+/// same result; the cases rotate through several (one page per sequence too).
+struct HostPaging {
+  int page_size = 16;
+  pit::PoolKind pool = pit::PoolKind::nhd;
+};
+
+HostPaging host_paging(int i) {
+  const HostPaging p[] = {{16, pit::PoolKind::nhd},  {1, pit::PoolKind::hnd},  {8, pit::PoolKind::interleaved_nhd},
+                          {64, pit::PoolKind::interleaved_hnd}, {512, pit::PoolKind::nhd}, {32, pit::PoolKind::hnd}};
+  return p[i % int(sizeof(p) / sizeof(p[0]))];
+}
+
 template <class T, class Scoring>
-void run_case(const Case& c, Scoring scoring) {
+void run_case(const Case& c, Scoring scoring, HostPaging pg = {}) {
   const int L = 4, B = 3, QH = 4, H = 2, d = 64;
   CompressorConfig cfg{L, QH, H, d};
   cfg.prefill_mode = c.mode;
@@ -145,13 +132,15 @@ void run_case(const Case& c, Scoring scoring) {
                   << " mode " << (c.mode == PrefillMode::drop_tokens ? "drop_tokens" : "layer_local") << " prefill_lse "
                   << c.prefill_lse << " decode_lse " << c.decode_lse << " graph " << c.graph << " trigger " << decode_trigger_name(c.trig)
                   << " lse_late " << c.lse_late << " dtype "
-                  << dtype_name(DTypeOf<T>::value));
+                  << dtype_name(DTypeOf<T>::value) << " host pages " << pg.page_size << " "
+                  << pit::pool_kind_name(pg.pool));
   const MemoryPlan plan = hcomp.plan(prompts, c.steps, DTypeOf<T>::value);
-  KVCache<T, HostBackend> hc(plan.shape);
+  test::PagedReference<T> ref(hcomp, prompts, c.steps, pg.page_size, pg.pool);  // batch position b = slot b
+  PagedKVCache<T>& hc = ref.cache();
   KVCache<T, CudaBackend> dc(plan.shape);
   Data<T> D(L, B, QH, H, d, c.gran == Granularity::shared);
   test::Stream st;
-  hcomp.begin(hc, prompts);
+  ref.begin(hcomp, prompts);
   dcomp.begin(dc, prompts, st.s);
   REQUIRE(dcomp.arena_bytes() > 0);
 
@@ -206,11 +195,9 @@ void run_case(const Case& c, Scoring scoring) {
       const std::vector<float> got = dout.download();
       for (int i = 0; i < sel_d.count; ++i) REQUIRE(got[std::size_t(i) * 3 + 1] == hid[std::size_t(idx[std::size_t(i)]) * 3 + 1]);
     }
-  for (int l = 0; l < L; ++l) {
-    expect_same_layer(dc, hc, l, "after prefill");
-    for (int b = 0; b < B; ++b)
-      for (int h = 0; h < plan.shape.position_heads(); ++h) REQUIRE(dcomp.boundary(l, b, h) == hcomp.boundary(l, b, h));
-  }
+  for (int l = 0; l < L; ++l) test::expect_same_layer(dc, ref, l, "after prefill");
+  test::expect_same_boundaries(dcomp, hcomp, ref, "after prefill");
+  ref.audit();
 
   // ---- decode: inputs in fixed device buffers (graph replays read them)
   DeviceBuffer<T> dk(std::size_t(B) * H * d), dv(dk.n), dq(std::size_t(B) * QH * d);
@@ -272,11 +259,11 @@ void run_case(const Case& c, Scoring scoring) {
       st.sync();
       for (int l = 0; l < L; ++l) {
         auto x = layer_views(l, k.data(), v.data(), q.data(), lse.data());
-        hcomp.decode_append(l, hc, x.k, x.v, pos.data(), x.q, x.lse);
-        const int hf = hcomp.decode_compress(l, hc);
+        hcomp.decode_append(l, hc, ref.all(), x.k, x.v, pos.data(), x.q, x.lse);
+        const int hf = hcomp.decode_compress(l, hc, ref.all());
         fired[std::size_t(l)] += hf;
         firing_calls += hf > 0;
-        expect_same_layer(dc, hc, l, "graph decode step");
+        test::expect_same_layer(dc, ref, l, "graph decode step");
       }
     } else {
       for (int l = 0; l < L; ++l) {
@@ -286,8 +273,8 @@ void run_case(const Case& c, Scoring scoring) {
         if (c.lse_late) dcomp.decode_set_lse(l, x.lse, st.s);
         dcomp.decode_compress(l, dc, st.s);
         auto y = layer_views(l, k.data(), v.data(), q.data(), lse.data());
-        hcomp.decode_append(l, hc, y.k, y.v, pos.data(), y.q, y.lse);
-        const int hf = hcomp.decode_compress(l, hc);
+        hcomp.decode_append(l, hc, ref.all(), y.k, y.v, pos.data(), y.q, y.lse);
+        const int hf = hcomp.decode_compress(l, hc, ref.all());
         fired[std::size_t(l)] += hf;
         firing_calls += hf > 0;
         if (c.trig == DecodeTrigger::host) {
@@ -299,13 +286,12 @@ void run_case(const Case& c, Scoring scoring) {
           REQUIRE(dcomp.evict_launches() - launches == 1);
         }
         st.sync();
-        expect_same_layer(dc, hc, l, "decode step");
+        test::expect_same_layer(dc, ref, l, "decode step");
       }
     }
-    if (s % 16 == 15 || s + 1 == c.steps)
-      for (int l = 0; l < L; ++l)
-        for (int b = 0; b < B; ++b) REQUIRE(dcomp.boundary(l, b) == hcomp.boundary(l, b));
+    if (s % 16 == 15 || s + 1 == c.steps) test::expect_same_boundaries(dcomp, hcomp, ref, "decode");
   }
+  ref.audit();
   dc.check_status(st.s);  // no append overflowed
   if (!c.graph && c.trig == DecodeTrigger::host) REQUIRE(dcomp.evict_launches() == firing_calls);
   if (!c.graph && c.trig == DecodeTrigger::device) REQUIRE(dcomp.evict_launches() == (long long)c.steps * L);
@@ -334,8 +320,10 @@ TEMPLATE_TEST_CASE("CudaPyramidCompressor matches the host compressor through pr
       {Granularity::per_kv_head, PrefillMode::layer_local, true, true, false, 100, H},
       {Granularity::per_kv_head, PrefillMode::layer_local, true, true, false, 100, D, true},
   };
-  for (const Case& c : cases) run_case<T>(c, RecentWindowScoring{});
-  run_case<T>({Granularity::shared, PrefillMode::drop_tokens, false, false, false, 80}, AccumulatedAttentionScoring{});
+  int i = 0;
+  for (const Case& c : cases) run_case<T>(c, RecentWindowScoring{}, host_paging(i++));
+  run_case<T>({Granularity::shared, PrefillMode::drop_tokens, false, false, false, 80}, AccumulatedAttentionScoring{},
+              host_paging(i++));
 }
 
 TEMPLATE_TEST_CASE("CudaPyramidCompressor decode step has no host sync or allocation (CUDA graph capture)",
@@ -343,9 +331,12 @@ TEMPLATE_TEST_CASE("CudaPyramidCompressor decode step has no host sync or alloca
   using T = TestType;
   // Graph replay needs the device trigger (the host mode's launch decision changes per step).
   const DecodeTrigger D = DecodeTrigger::device;
-  run_case<T>({Granularity::shared, PrefillMode::drop_tokens, false, false, true, 150, D}, RecentWindowScoring{});
-  run_case<T>({Granularity::per_kv_head, PrefillMode::drop_tokens, true, true, true, 120, D}, RecentWindowScoring{});
-  run_case<T>({Granularity::shared, PrefillMode::drop_tokens, true, true, true, 120, D, true}, RecentWindowScoring{});
+  run_case<T>({Granularity::shared, PrefillMode::drop_tokens, false, false, true, 150, D}, RecentWindowScoring{},
+              host_paging(3));
+  run_case<T>({Granularity::per_kv_head, PrefillMode::drop_tokens, true, true, true, 120, D}, RecentWindowScoring{},
+              host_paging(1));
+  run_case<T>({Granularity::shared, PrefillMode::drop_tokens, true, true, true, 120, D, true}, RecentWindowScoring{},
+              host_paging(5));
 }
 
 TEST_CASE("CudaPyramidCompressor rejects bad decode_set_lse arguments", "[cuda][compressor]") {
@@ -508,7 +499,7 @@ std::vector<std::pair<int, int>> ranges_for(int l, int B) {
 }
 
 template <class T, class Selection>
-void run_batched_case(const BatchCase& c, Selection sel) {
+void run_batched_case(const BatchCase& c, Selection sel, HostPaging pg = {}) {
   constexpr bool with_host = std::is_same<Selection, TopKSelection>::value;
   const int L = 4, B = 5, QH = 4, H = 2, d = 64;
   CompressorConfig cfg{L, QH, H, d};
@@ -527,13 +518,15 @@ void run_batched_case(const BatchCase& c, Selection sel) {
                   << " gran " << granularity_name(c.gran) << " mode "
                   << (c.mode == PrefillMode::drop_tokens ? "drop_tokens" : "layer_local") << " prefill_lse "
                   << c.prefill_lse << " odd_layout " << c.odd_layout << " host " << with_host << " dtype "
-                  << dtype_name(DTypeOf<T>::value));
+                  << dtype_name(DTypeOf<T>::value) << " host pages " << pg.page_size << " "
+                  << pit::pool_kind_name(pg.pool));
   const MemoryPlan plan = hcomp.plan(prompts, c.steps, DTypeOf<T>::value);
-  KVCache<T, HostBackend> hc(plan.shape);
+  test::PagedReference<T> ref(hcomp, prompts, c.steps, pg.page_size, pg.pool);  // batch position b = slot b
+  PagedKVCache<T>& hc = ref.cache();
   KVCache<T, CudaBackend> dc_seq(plan.shape), dc_bat(plan.shape);
   Data<T> D(L, B, QH, H, d, c.gran == Granularity::shared);
   test::Stream st;
-  hcomp.begin(hc, prompts);
+  ref.begin(hcomp, prompts);
   dseq.begin(dc_seq, prompts, st.s);
   dbat.begin(dc_bat, prompts, st.s);
   const int pitch = c.odd_layout ? d + 1 : d, C = c.odd_layout ? 6 : 8;  // hidden width (floats)
@@ -627,12 +620,13 @@ void run_batched_case(const BatchCase& c, Selection sel) {
     expect_same_device_layer(dc_bat, dc_seq, l, "after prefill layer");
   }
   for (int l = 0; l < L; ++l) {
-    if (with_host) expect_same_layer(dc_bat, hc, l, "after prefill (host)");
+    if (with_host) test::expect_same_layer(dc_bat, ref, l, "after prefill (host)");
     for (int b = 0; b < B; ++b)
-      for (int h = 0; h < plan.shape.position_heads(); ++h) {
-        REQUIRE(dbat.boundary(l, b, h) == dseq.boundary(l, b, h));
-        if (with_host) REQUIRE(dbat.boundary(l, b, h) == hcomp.boundary(l, b, h));
-      }
+      for (int h = 0; h < plan.shape.position_heads(); ++h) REQUIRE(dbat.boundary(l, b, h) == dseq.boundary(l, b, h));
+  }
+  if (with_host) {
+    test::expect_same_boundaries(dbat, hcomp, ref, "after prefill (host)");
+    ref.audit();
   }
 
   // ---- decode afterwards: identical inputs, identical caches and firings
@@ -670,14 +664,14 @@ void run_batched_case(const BatchCase& c, Selection sel) {
       REQUIRE(dbat.decode_fired() == dseq.decode_fired());
       REQUIRE(dbat.evict_launches() == dseq.evict_launches());
       if (with_host) {
-        hcomp.decode_append(l, hc, make_hnd<const T>(k.data(), B, H, 1, d), make_hnd<const T>(v.data(), B, H, 1, d),
-                            pos.data(), make_hnd<const T>(q.data(), B, QH, 1, d),
-                            make_contiguous<const float>(lse.data(), B, QH));
-        REQUIRE(hcomp.decode_compress(l, hc) == dbat.decode_fired());
+        hcomp.decode_append(l, hc, ref.all(), make_hnd<const T>(k.data(), B, H, 1, d),
+                            make_hnd<const T>(v.data(), B, H, 1, d), pos.data(),
+                            make_hnd<const T>(q.data(), B, QH, 1, d), make_contiguous<const float>(lse.data(), B, QH));
+        REQUIRE(hcomp.decode_compress(l, hc, ref.all()) == dbat.decode_fired());
       }
       if (s % 8 == 7 || s + 1 == c.steps) {
         expect_same_device_layer(dc_bat, dc_seq, l, "decode step");
-        if (with_host) expect_same_layer(dc_bat, hc, l, "decode step (host)");
+        if (with_host) test::expect_same_layer(dc_bat, ref, l, "decode step (host)");
       }
     }
   }
@@ -685,6 +679,10 @@ void run_batched_case(const BatchCase& c, Selection sel) {
   REQUIRE(dbat.evict_launches() > 0);  // decode compressed something
   for (int l = 0; l < L; ++l)
     for (int b = 0; b < B; ++b) REQUIRE(dbat.boundary(l, b) == dseq.boundary(l, b));
+  if (with_host) {
+    test::expect_same_boundaries(dbat, hcomp, ref, "after decode (host)");
+    ref.audit();
+  }
 }
 
 }  // namespace
@@ -699,10 +697,13 @@ TEMPLATE_TEST_CASE("CudaPyramidCompressor batched prefill equals the per-sequenc
       {P, drop, false, true, 40},  {S, local, true, true, 40},  {P, local, false, false, 40},
       {P, local, true, false, 40},
   };
-  for (const BatchCase& c : cases) run_batched_case<T>(c, TopKSelection{});
+  int i = 0;
+  for (const BatchCase& c : cases) run_batched_case<T>(c, TopKSelection{}, host_paging(i++));
   // Score-dependent keep counts (one read-back per batched call): against
   // the per-sequence calls only (the host's scores differ in rounding, and a
-  // top-p mass cut has no margin to absorb that).
+  // top-p mass cut has no margin to absorb that; besides, with per-head
+  // selection the host now keeps the largest head's count in every head while
+  // the CUDA compressor keeps per-head counts).
   TopPSelection topp;
   topp.mass = 0.6;
   run_batched_case<T>({S, drop, true, false, 40}, topp);
