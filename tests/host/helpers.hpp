@@ -1,14 +1,17 @@
 // Shared helpers for the host tests: deterministic random data per original
-// token and layer, a driver that pushes it through PyramidCompressor, and a
-// byte snapshot of a KV cache (for "a throwing call changed nothing").
+// token and layer, a paged cache sized for a compressor's model (TestCache),
+// drivers that push the data through PyramidCompressor, and readers of what a
+// sequence holds in logical (slot) order.
 #pragma once
 
 #include <pyramidinfer/pyramidinfer.hpp>
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <random>
 #include <vector>
+
+#include "paged_helpers.hpp"
 
 namespace pit {
 
@@ -54,112 +57,206 @@ struct TokenData {
   const float* va(int l, int t, int h) const { return &v[((std::size_t(l) * tokens + t) * kv_heads + h) * dim]; }
 };
 
-/// Runs layer `l` of the prefill for sequence b: stores K/V of tokens(b) and
-/// selects with the window's queries. Returns the positions of T_l.
-template <class Comp>
-std::vector<std::int32_t> prefill_layer(Comp& comp, KVCache<float>& cache, int b, int l, const TokenData& D,
-                                        std::vector<std::int32_t>* next_index = nullptr) {
-  const std::vector<std::int32_t> T = comp.tokens(b);
-  const int n = int(T.size()), Hkv = D.kv_heads, H = D.heads, d = D.dim;
-  std::vector<float> k(std::size_t(Hkv) * n * d), v(k.size());
-  for (int h = 0; h < Hkv; ++h)
-    for (int t = 0; t < n; ++t)
-      for (int i = 0; i < d; ++i) {
-        k[(std::size_t(h) * n + t) * d + i] = D.ka(l, T[std::size_t(t)], h)[i];
-        v[(std::size_t(h) * n + t) * d + i] = D.va(l, T[std::size_t(t)], h)[i];
-      }
-  comp.prefill_store(l, cache, b, make_contiguous<const float>(k.data(), Hkv, n, d),
-                     make_contiguous<const float>(v.data(), Hkv, n, d));
-  const int w = comp.window(b);
-  std::vector<float> q(std::size_t(H) * w * d);
-  for (int h = 0; h < H; ++h)
-    for (int r = 0; r < w; ++r)
-      for (int i = 0; i < d; ++i) q[(std::size_t(h) * w + r) * d + i] = D.qa(l, T[std::size_t(n - w + r)], h)[i];
-  const auto& idx = comp.prefill_select(l, cache, b, make_contiguous<const float>(q.data(), H, w, d));
-  if (next_index) *next_index = idx;
-  return T;
+
+/// A test cache beyond the model shape: sequence slots, the longest a layer
+/// of one sequence gets, paging, pool layout and (0: enough) pages.
+struct CacheSpec {
+  int max_seqs = 1;
+  int max_seq_len = 0;
+  int page_size = 16;
+  PoolKind pool = PoolKind::nhd;
+  int num_pages = 0;  ///< 0: every layer of every slot at max_seq_len
+};
+
+/// The smallest power of two >= n: one page then holds a whole sequence,
+/// which is the contiguous cache.
+inline int contiguous_page_size(int n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
 }
 
-/// Positions held by (layer, b, head) of the cache, slot order.
-inline std::vector<std::int32_t> cache_positions(const KVCache<float>& c, int l, int b, int h = 0) {
-  std::vector<std::int32_t> out;
-  const auto pos = c.positions(l);
-  for (int s = 0; s < c.length(l, b, h); ++s) out.push_back(pos(b, h, s));
-  return out;
+/// The paged shape for `comp`'s model (layers, KV heads, head_dim and the
+/// selection's granularity) with element type T.
+template <class T, class Comp>
+PagedCacheShape paged_shape(const Comp& comp, const CacheSpec& spec) {
+  const CompressorConfig& c = comp.config();
+  PagedCacheShape s;
+  s.num_layers = c.num_layers;
+  s.kv_heads = c.kv_heads;
+  s.head_dim = c.head_dim;
+  s.dtype = DTypeOf<T>::value;
+  s.granularity = comp.selection().granularity;
+  s.page_size = spec.page_size;
+  s.max_seqs = spec.max_seqs;
+  s.max_seq_len = spec.max_seq_len;
+  s.num_pages = spec.num_pages > 0 ? spec.num_pages : s.num_layers * s.max_seqs * s.max_pages();
+  return s;
 }
 
-/// Every byte of K, V, positions and lengths over the whole capacity.
-inline std::vector<unsigned char> snapshot(const KVCache<float>& c) {
-  std::vector<unsigned char> out;
-  const CacheShape& s = c.shape();
-  for (int l = 0; l < s.num_layers; ++l) {
-    const auto k = c.keys(l), v = c.values(l);
-    const auto p = c.positions(l);
-    const auto n = c.lengths(l);
-    auto put = [&](const void* src, std::size_t bytes) {
-      const auto* u = static_cast<const unsigned char*>(src);
-      out.insert(out.end(), u, u + bytes);
-    };
-    for (int b = 0; b < s.batch; ++b)
-      for (int h = 0; h < s.kv_heads; ++h) {
-        for (int t = 0; t < c.capacity(l); ++t) {
-          put(&k(b, h, t, 0), sizeof(float) * std::size_t(s.head_dim));
-          put(&v(b, h, t, 0), sizeof(float) * std::size_t(s.head_dim));
-          put(&p(b, h, t), sizeof(std::int32_t));
-        }
-        put(&n(b, h), sizeof(std::int32_t));
-      }
+/// A paged cache for a compressor's model on host buffers the test owns (an
+/// engine's pool, free list and state), so every byte can be snapshotted.
+template <class T = float>
+struct TestCache {
+  PagedCacheShape shape;
+  PagedBuffers<T> buf;
+
+  template <class Comp>
+  TestCache(const Comp& comp, const CacheSpec& spec) : shape(paged_shape<T>(comp, spec)), buf(shape, spec.pool) {}
+
+  PagedKVCache<T>& cache() { return buf.cache; }
+  const PagedKVCache<T>& cache() const { return buf.cache; }
+  const PagedKV<T>& kv() const { return buf.cache.kv(); }
+  int len(int layer, int seq) const { return kv().len(layer, seq); }
+  int free_pages() const { return buf.free_count; }
+  std::vector<unsigned char> snapshot() const { return buf.snapshot(); }
+  void audit() const { audit_pages(kv(), shape); }
+  /// Engines hand out pages in any order: scatters every sequence's pages
+  /// over the pool, so nothing can lean on pages being adjacent.
+  void shuffle_free_list(std::uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::shuffle(buf.free_pages.begin(), buf.free_pages.begin() + buf.free_count, rng);
   }
+};
+
+/// Rows `tokens` of layer l (original positions, shifted by `base` into D) as
+/// a (head, token, d) block of T; which = 0: q, 1: k, 2: v.
+template <class T>
+std::vector<T> gather(const TokenData& D, int l, const std::vector<std::int32_t>& tokens, int base, int which) {
+  const int heads = which == 0 ? D.heads : D.kv_heads, n = int(tokens.size()), d = D.dim;
+  std::vector<T> out(std::size_t(heads) * n * d);
+  for (int h = 0; h < heads; ++h)
+    for (int t = 0; t < n; ++t) {
+      const int row = base + tokens[std::size_t(t)];
+      const float* x = which == 0 ? D.qa(l, row, h) : which == 1 ? D.ka(l, row, h) : D.va(l, row, h);
+      for (int i = 0; i < d; ++i) out[(std::size_t(h) * n + t) * d + i] = from_float<T>(x[i]);
+    }
   return out;
 }
 
-/// Writes deterministic bytes into every slot then empties the cache, so all
-/// of its memory is initialised before a snapshot compares it.
-inline void fill_then_clear(KVCache<float>& c) {
-  const CacheShape& s = c.shape();
-  for (int l = 0; l < s.num_layers; ++l)
-    for (int b = 0; b < s.batch; ++b)
-      for (int h = 0; h < s.position_heads(); ++h) {
-        const int nh = s.position_heads() == 1 ? s.kv_heads : 1;
-        const int cap = c.capacity(l);
-        std::vector<float> x(std::size_t(nh) * cap * s.head_dim);
-        for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(int(i % 97) - 48) * 0.25f + float(l);
-        std::vector<std::int32_t> pos(static_cast<std::size_t>(cap));
-        for (int t = 0; t < cap; ++t) pos[std::size_t(t)] = 1000 + t;
-        c.append(l, b, make_contiguous<const float>(x.data(), nh, cap, s.head_dim),
-                 make_contiguous<const float>(x.data(), nh, cap, s.head_dim), pos.data(), cap,
-                 s.position_heads() == 1 ? -1 : h);
-      }
-  c.clear();
+/// Runs layer `l` of the prefill of sequence `seq`: stores K/V of tokens(seq)
+/// and selects with the window's queries. Token p's data is row base + p of D.
+/// Returns the positions of T_l.
+template <class Comp, class T>
+std::vector<std::int32_t> prefill_layer(Comp& comp, PagedKVCache<T>& cache, int seq, int l, const TokenData& D,
+                                        std::vector<std::int32_t>* next_index = nullptr, int base = 0) {
+  const std::vector<std::int32_t> tokens = comp.tokens(seq);
+  const int n = int(tokens.size()), w = comp.window(seq), Hkv = D.kv_heads, d = D.dim;
+  const std::vector<T> k = gather<T>(D, l, tokens, base, 1), v = gather<T>(D, l, tokens, base, 2);
+  comp.prefill_store(l, cache, seq, make_contiguous<const T>(k.data(), Hkv, n, d),
+                     make_contiguous<const T>(v.data(), Hkv, n, d));
+  const std::vector<std::int32_t> window(tokens.end() - w, tokens.end());
+  const std::vector<T> q = gather<T>(D, l, window, base, 0);
+  const auto& idx = comp.prefill_select(l, cache, seq, make_contiguous<const T>(q.data(), D.heads, w, d));
+  if (next_index) *next_index = idx;
+  return tokens;
 }
 
-/// One decode step at layer l for the whole batch, token data taken from D at
-/// original index `src[b]` (any token's data; the test decides), position pos[b].
-template <class Comp>
-void decode_append_layer(Comp& comp, KVCache<float>& cache, int l, const TokenData& D, const std::vector<int>& src,
-                         const std::vector<std::int32_t>& pos) {
-  const int B = int(src.size()), H = D.heads, Hkv = D.kv_heads, d = D.dim;
-  std::vector<float> k(std::size_t(B) * Hkv * d), v(k.size()), q(std::size_t(B) * H * d);
+/// begin() plus every prefill layer of `seq`.
+template <class Comp, class T>
+void start(Comp& comp, PagedKVCache<T>& cache, int seq, int prompt_len, const TokenData& D, int base = 0) {
+  comp.begin(cache, seq, prompt_len);
+  for (int l = 0; l < comp.config().num_layers; ++l) prefill_layer(comp, cache, seq, l, D, nullptr, base);
+}
+
+/// One decode token of a step: its sequence slot, the row of D its q/k/v come
+/// from (any row: the test decides) and its original position.
+struct DecodeToken {
+  std::int32_t seq;
+  int src;
+  std::int32_t pos;
+};
+
+/// decode_append at layer l for the batch `toks` (batch position i = toks[i]).
+template <class Comp, class T>
+void decode_append_layer(Comp& comp, PagedKVCache<T>& cache, int l, const TokenData& D,
+                         const std::vector<DecodeToken>& toks) {
+  const int B = int(toks.size()), H = D.heads, Hkv = D.kv_heads, d = D.dim;
+  std::vector<T> k(std::size_t(B) * Hkv * d), v(k.size()), q(std::size_t(B) * H * d);
+  std::vector<std::int32_t> seqs, pos;
   for (int b = 0; b < B; ++b) {
+    const DecodeToken& t = toks[std::size_t(b)];
+    seqs.push_back(t.seq), pos.push_back(t.pos);
     for (int h = 0; h < Hkv; ++h)
       for (int i = 0; i < d; ++i) {
-        k[(std::size_t(b) * Hkv + h) * d + i] = D.ka(l, src[std::size_t(b)], h)[i];
-        v[(std::size_t(b) * Hkv + h) * d + i] = D.va(l, src[std::size_t(b)], h)[i];
+        k[(std::size_t(b) * Hkv + h) * d + i] = from_float<T>(D.ka(l, t.src, h)[i]);
+        v[(std::size_t(b) * Hkv + h) * d + i] = from_float<T>(D.va(l, t.src, h)[i]);
       }
     for (int h = 0; h < H; ++h)
-      for (int i = 0; i < d; ++i) q[(std::size_t(b) * H + h) * d + i] = D.qa(l, src[std::size_t(b)], h)[i];
+      for (int i = 0; i < d; ++i) q[(std::size_t(b) * H + h) * d + i] = from_float<T>(D.qa(l, t.src, h)[i]);
   }
-  comp.decode_append(l, cache, make_hnd<const float>(k.data(), B, Hkv, 1, d),
-                     make_hnd<const float>(v.data(), B, Hkv, 1, d), pos.data(),
-                     make_hnd<const float>(q.data(), B, H, 1, d));
+  comp.decode_append(l, cache, SeqList{seqs.data(), B}, make_hnd<const T>(k.data(), B, Hkv, 1, d),
+                     make_hnd<const T>(v.data(), B, Hkv, 1, d), pos.data(), make_hnd<const T>(q.data(), B, H, 1, d));
+}
+
+/// The slots of a decode batch, in batch order.
+inline std::vector<std::int32_t> slots_of(const std::vector<DecodeToken>& toks) {
+  std::vector<std::int32_t> s;
+  for (const DecodeToken& t : toks) s.push_back(t.seq);
+  return s;
 }
 
 /// decode_append then decode_compress; returns how many sequences compressed.
-template <class Comp>
-int decode_layer(Comp& comp, KVCache<float>& cache, int l, const TokenData& D, const std::vector<int>& src,
-                 const std::vector<std::int32_t>& pos) {
-  decode_append_layer(comp, cache, l, D, src, pos);
-  return comp.decode_compress(l, cache);
+template <class Comp, class T>
+int decode_layer(Comp& comp, PagedKVCache<T>& cache, int l, const TokenData& D, const std::vector<DecodeToken>& toks) {
+  decode_append_layer(comp, cache, l, D, toks);
+  const std::vector<std::int32_t> seqs = slots_of(toks);
+  return comp.decode_compress(l, cache, SeqList{seqs.data(), int(seqs.size())});
+}
+
+/// One decode step through every layer; returns the compressions.
+template <class Comp, class T>
+int decode_step(Comp& comp, PagedKVCache<T>& cache, const TokenData& D, const std::vector<DecodeToken>& toks) {
+  int fired = 0;
+  for (int l = 0; l < comp.config().num_layers; ++l) fired += decode_layer(comp, cache, l, D, toks);
+  return fired;
+}
+
+/// Original positions held by (layer, seq, KV head) in slot order.
+template <class T>
+std::vector<std::int32_t> cache_positions(const PagedKVCache<T>& c, int l, int seq, int h = 0) {
+  std::vector<std::int32_t> out;
+  for (int s = 0; s < c.kv().len(l, seq); ++s) out.push_back(c.kv().position(l, seq, s, h));
+  return out;
+}
+
+/// K and V of (layer, seq, KV head) in slot order, as floats: per slot the K
+/// row then the V row.
+template <class T>
+std::vector<float> cache_kv(const PagedKVCache<T>& c, int l, int seq, int h) {
+  std::vector<float> out;
+  const PagedKV<T>& kv = c.kv();
+  for (int s = 0; s < kv.len(l, seq); ++s) {
+    for (int i = 0; i < kv.pool.head_dim; ++i) out.push_back(to_float(kv.k_slot(l, seq, s, h)[i]));
+    for (int i = 0; i < kv.pool.head_dim; ++i) out.push_back(to_float(kv.v_slot(l, seq, s, h)[i]));
+  }
+  return out;
+}
+
+/// Everything one sequence holds, in logical order: per (layer, KV head) its
+/// positions and its K/V rows. Lengths are the positions' sizes.
+struct SeqContents {
+  std::vector<std::vector<std::int32_t>> pos;  ///< [layer * kv_heads + head]
+  std::vector<std::vector<float>> kv;          ///< [layer * kv_heads + head]
+  bool operator==(const SeqContents& o) const { return pos == o.pos && kv == o.kv; }
+  bool operator!=(const SeqContents& o) const { return !(*this == o); }
+};
+
+template <class T>
+SeqContents contents(const PagedKVCache<T>& c, int seq) {
+  SeqContents out;
+  for (int l = 0; l < c.shape().num_layers; ++l)
+    for (int h = 0; h < c.shape().kv_heads; ++h) {
+      out.pos.push_back(cache_positions(c, l, seq, h));
+      out.kv.push_back(cache_kv(c, l, seq, h));
+    }
+  return out;
+}
+
+/// Pages (layer, seq) holds now.
+template <class T>
+int pages_held(const PagedKVCache<T>& c, int l, int seq) {
+  return c.kv().pages_for(c.kv().len(l, seq));
 }
 
 }  // namespace pit

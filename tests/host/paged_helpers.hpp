@@ -56,6 +56,8 @@ struct PagedBuffers {
     for (std::size_t i = 0; i < kv.size(); ++i) kv[i] = from_float<T>(float(int(i % 251)) - 125.f);
     for (int i = 0; i < s.num_pages; ++i) free_pages[std::size_t(i)] = s.num_pages - 1 - i;
   }
+  PagedBuffers(const PagedBuffers&) = delete;  // the cache points into this object
+  PagedBuffers& operator=(const PagedBuffers&) = delete;
 
   static PagePool<T> pool(T* p, const PagedCacheShape& s, PoolKind kind) {
     const std::size_t half = std::size_t(s.num_pages) * s.page_size * s.kv_heads * s.head_dim;

@@ -1,5 +1,6 @@
 // Bad input: every rejected argument throws pyramidinfer::Error naming it, and
-// a throwing call leaves the cache byte for byte unchanged.
+// a throwing call leaves the cache (for the paged cache: pool, free list and
+// state memory) byte for byte unchanged.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -33,14 +34,68 @@ std::string arg(const char* name) { return std::string("argument '") + name + "'
     if (!threw_) FAIL_CHECK("no exception from: " #expr);          \
   } while (0)
 
-// Throws naming `name` and leaves `cache` unchanged.
-#define BAD(cache, expr, name)                           \
-  do {                                                   \
-    const auto before_ = pit::snapshot(cache);           \
-    THROWS_NAMING(expr, name);                           \
-    const bool unchanged_ = pit::snapshot(cache) == before_; \
-    CHECK(unchanged_);                                   \
+// Throws naming `name` and leaves every byte of `store` (a pit::TestCache,
+// or a KVCache) unchanged.
+#define BAD(store, expr, name)                                \
+  do {                                                        \
+    const auto before_ = snapshot_of(store);                  \
+    THROWS_NAMING(expr, name);                                \
+    const bool unchanged_ = snapshot_of(store) == before_;    \
+    CHECK(unchanged_);                                        \
   } while (0)
+
+namespace {
+
+template <class T>
+std::vector<unsigned char> snapshot_of(const pit::TestCache<T>& tc) {
+  return tc.snapshot();
+}
+
+/// Every byte of K, V, positions and lengths of a KVCache over its capacity.
+std::vector<unsigned char> snapshot_of(const KVCache<float>& c) {
+  std::vector<unsigned char> out;
+  const CacheShape& s = c.shape();
+  auto put = [&](const void* src, std::size_t bytes) {
+    const auto* u = static_cast<const unsigned char*>(src);
+    out.insert(out.end(), u, u + bytes);
+  };
+  for (int l = 0; l < s.num_layers; ++l) {
+    const auto k = c.keys(l), v = c.values(l);
+    const auto p = c.positions(l);
+    const auto n = c.lengths(l);
+    for (int b = 0; b < s.batch; ++b)
+      for (int h = 0; h < s.kv_heads; ++h) {
+        for (int t = 0; t < c.capacity(l); ++t) {
+          put(&k(b, h, t, 0), sizeof(float) * std::size_t(s.head_dim));
+          put(&v(b, h, t, 0), sizeof(float) * std::size_t(s.head_dim));
+          put(&p(b, h, t), sizeof(std::int32_t));
+        }
+        put(&n(b, h), sizeof(std::int32_t));
+      }
+  }
+  return out;
+}
+
+/// Writes deterministic bytes into every slot of a KVCache, then empties it,
+/// so all of its memory is initialised before a snapshot compares it.
+void fill_then_clear(KVCache<float>& c) {
+  const CacheShape& s = c.shape();
+  for (int l = 0; l < s.num_layers; ++l)
+    for (int b = 0; b < s.batch; ++b)
+      for (int h = 0; h < s.position_heads(); ++h) {
+        const int nh = s.position_heads() == 1 ? s.kv_heads : 1, cap = c.capacity(l);
+        std::vector<float> x(std::size_t(nh) * cap * s.head_dim);
+        for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(int(i % 97) - 48) * 0.25f + float(l);
+        std::vector<std::int32_t> pos(static_cast<std::size_t>(cap));
+        for (int t = 0; t < cap; ++t) pos[std::size_t(t)] = 1000 + t;
+        c.append(l, b, make_contiguous<const float>(x.data(), nh, cap, s.head_dim),
+                 make_contiguous<const float>(x.data(), nh, cap, s.head_dim), pos.data(), cap,
+                 s.position_heads() == 1 ? -1 : h);
+      }
+  c.clear();
+}
+
+}  // namespace
 
 TEST_CASE("Bad input to policies, kernels and the planner names the argument", "[bad]") {
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -173,7 +228,7 @@ TEST_CASE("Bad input to KVCache leaves it unchanged", "[bad][cache]") {
   THROWS_NAMING(KVCache<float>(CacheShape{2, 1, 1, 4, DType::f32, Granularity::shared, {4, 0}}), "shape.capacity[l]");
 
   KVCache<float> c(CacheShape{2, 2, 2, 4, DType::f32, Granularity::shared, {6, 5}});
-  pit::fill_then_clear(c);
+  fill_then_clear(c);
   std::vector<float> k(2 * 6 * 4, 1.f);
   std::vector<std::int32_t> pos(6, 3);
   auto kv = [&](int heads, int tokens, int d) { return make_contiguous<const float>(k.data(), heads, tokens, d); };
@@ -202,19 +257,20 @@ TEST_CASE("Bad input to KVCache leaves it unchanged", "[bad][cache]") {
 
 namespace {
 
+/// A 2-slot cache: slot 0 (40 tokens) fully prefilled, slot 1 (30 tokens)
+/// begun but not prefilled.
 struct Fixture {
   static constexpr int L = 3, H = 4, Hkv = 2, d = 4;
   CompressorConfig cfg{L, H, Hkv, d};
   PyramidCompressor<> comp{cfg};
-  std::vector<int> lens{40, 30};
-  KVCache<float> cache{comp.plan(lens, 20, DType::f32).shape};
+  pit::TestCache<> tc{comp, pit::CacheSpec{2, 60, 8}};
+  PagedKVCache<float>& c = tc.cache();
   pit::TokenData D{L, H, Hkv, d, 80, 17};
   std::vector<float> k, v, q;
 
   Fixture() {
-    pit::fill_then_clear(cache);
-    comp.begin(cache, lens);
-    for (int l = 0; l < L; ++l) pit::prefill_layer(comp, cache, 0, l, D);  // sequence 1 not yet
+    pit::start(comp, c, 0, 40, D);
+    comp.begin(c, 1, 30);
     k.assign(std::size_t(Hkv) * 40 * d, 0.5f);
     v = k;
     q.assign(std::size_t(H) * 40 * d, 0.25f);
@@ -226,68 +282,120 @@ struct Fixture {
 
 }  // namespace
 
-TEST_CASE("Bad input to PyramidCompressor names the argument and leaves the cache unchanged", "[bad][compressor]") {
+TEST_CASE("Bad prefill input to PyramidCompressor names the argument and changes nothing", "[bad][compressor]") {
   Fixture f;
-  auto& c = f.cache;
+  auto& tc = f.tc;
+  auto& c = f.c;
   auto& comp = f.comp;
   // prefill_store of sequence 1 (30 tokens) at layer 0.
-  BAD(c, comp.prefill_store(0, c, 1, f.kv3(f.k, 1, 30, 4), f.kv3(f.v, 2, 30, 4)), "k");
-  BAD(c, comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 3, 30, 4)), "v");
-  BAD(c, comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 29, 4), f.kv3(f.v, 2, 30, 4)), "k.shape[1]");
-  BAD(c, comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 31, 4)), "v.shape[1]");
-  BAD(c, comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 30, 3), f.kv3(f.v, 2, 30, 4)), "k");
-  BAD(c, comp.prefill_store(3, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 30, 4)), "layer");
-  BAD(c, comp.prefill_store(0, c, 2, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 30, 4)), "b");
-  BAD(c, comp.prefill_store(0, c, 0, f.kv3(f.k, 2, 40, 4), f.kv3(f.v, 2, 40, 4)), "layer");  // stored twice
+  BAD(tc, comp.prefill_store(0, c, 1, f.kv3(f.k, 1, 30, 4), f.kv3(f.v, 2, 30, 4)), "k");
+  BAD(tc, comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 3, 30, 4)), "v");
+  BAD(tc, comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 29, 4), f.kv3(f.v, 2, 30, 4)), "k");  // not tokens(1)
+  BAD(tc, comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 31, 4)), "v");
+  BAD(tc, comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 30, 3), f.kv3(f.v, 2, 30, 4)), "k");
+  BAD(tc, comp.prefill_store(3, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 30, 4)), "layer");
+  BAD(tc, comp.prefill_store(1, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 30, 4)), "layer");  // skips layer 0
+  BAD(tc, comp.prefill_store(0, c, 2, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 30, 4)), "seq");  // no slot 2
+  BAD(tc, comp.prefill_store(0, c, -1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 30, 4)), "seq");
+  BAD(tc, comp.prefill_store(0, c, 0, f.kv3(f.k, 2, 40, 4), f.kv3(f.v, 2, 40, 4)), "layer");  // 0 is prefilled
   // Out of order: select before store.
   const int w1 = comp.window(1);
-  BAD(c, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 4)), "layer");
+  BAD(tc, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 4)), "layer");
   comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 30, 4));
+  BAD(tc, comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 30, 4)), "layer");  // stored twice
   // Wrong window row count, heads, dim, strides.
-  BAD(c, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1 + 1, 4)), "window_q");
-  BAD(c, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1 - 1, 4)), "window_q");
-  BAD(c, comp.prefill_select(0, c, 1, f.kv3(f.q, 3, w1, 4)), "window_q");
-  BAD(c, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 5)), "window_q");
+  BAD(tc, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1 + 1, 4)), "window_q");
+  BAD(tc, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1 - 1, 4)), "window_q");
+  BAD(tc, comp.prefill_select(0, c, 1, f.kv3(f.q, 3, w1, 4)), "window_q");
+  BAD(tc, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 5)), "window_q");
   auto neg = f.kv3(f.q, 4, w1, 4);
   neg.stride[1] = -4;
-  BAD(c, comp.prefill_select(0, c, 1, neg), "window_q");
-  BAD(c, comp.prefill_select(0, c, 1, TensorView<const float, 3>{}), "window_q");
+  BAD(tc, comp.prefill_select(0, c, 1, neg), "window_q");
+  BAD(tc, comp.prefill_select(0, c, 1, TensorView<const float, 3>{}), "window_q");
   std::vector<float> lse(4 * 10, 0.f);
-  BAD(c, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 4), make_contiguous<const float>(lse.data(), 4, w1 + 1)),
+  BAD(tc, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 4), make_contiguous<const float>(lse.data(), 4, w1 + 1)),
       "window_lse");
+  BAD(tc, comp.prefill_select(1, c, 1, f.kv3(f.q, 4, w1, 4)), "layer");  // layer 0 is next
   comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 4));  // the valid call goes through
+  CHECK(comp.prefilled_layers(1) == 1);
+  BAD(tc, comp.boundary(1, 1), "layer");  // not prefilled yet
+  BAD(tc, comp.boundary(3, 0), "layer");
+  BAD(tc, comp.boundary(0, 2), "seq");
+  CHECK(comp.boundary(0, 1) == tc.len(0, 1) - 1);
+}
 
-  // Decode before the batch's prefill is complete is allowed; test bad shapes.
+TEST_CASE("Bad decode input to PyramidCompressor names the argument and changes nothing", "[bad][compressor]") {
+  Fixture f;
+  auto& tc = f.tc;
+  auto& c = f.c;
+  auto& comp = f.comp;
   std::vector<float> dk(2 * 2 * 4, 1.f), dq(2 * 4 * 4, 1.f), dl(2 * 4, 0.f);
   const std::int32_t dpos[2] = {40, 30};
   auto k4 = [&](int B, int h, int t, int dd) { return make_hnd<const float>(dk.data(), B, h, t, dd); };
   auto q4 = [&](int B, int h, int t, int dd) { return make_hnd<const float>(dq.data(), B, h, t, dd); };
-  BAD(c, comp.decode_append(0, c, k4(2, 2, 1, 4), k4(2, 2, 1, 4), nullptr, q4(2, 4, 1, 4)), "pos");
-  BAD(c, comp.decode_append(0, c, k4(1, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4)), "k");
-  BAD(c, comp.decode_append(0, c, k4(2, 2, 1, 4), k4(2, 2, 1, 3), dpos, q4(2, 4, 1, 4)), "v");
-  BAD(c, comp.decode_append(0, c, k4(2, 2, 1, 4), k4(2, 2, 2, 2), dpos, q4(2, 4, 1, 4)), "v");
-  BAD(c, comp.decode_append(0, c, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 2, 1, 4)), "q");
-  BAD(c, comp.decode_append(0, c, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 2)), "q");
-  BAD(c, comp.decode_append(0, c, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4),
-                            make_contiguous<const float>(dl.data(), 2, 3)),
-      "lse");
-  BAD(c, comp.decode_append(0, c, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4),
-                            make_contiguous<const float>(dl.data(), 1, 4)),
-      "lse");
-  BAD(c, comp.decode_append(7, c, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4)), "layer");
-  BAD(c, comp.decode_compress(-1, c), "layer");
-  BAD(c, comp.boundary(3, 0), "layer");
+  // Sequence 1 has not finished its prefill: no decode for it yet.
+  const std::int32_t both[2] = {1, 0};
+  const SeqList batch{both, 2};
+  BAD(tc, comp.decode_append(0, c, batch, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4)), "seqs[i]");
+  BAD(tc, comp.decode_compress(0, c, batch), "seqs[i]");
+  for (int l = 0; l < Fixture::L; ++l) pit::prefill_layer(comp, c, 1, l, f.D);
 
-  // A cache of another shape.
-  KVCache<float> other(CacheShape{3, 2, 1, 4, DType::f32, Granularity::shared, {50, 50, 50}});
-  BAD(other, comp.prefill_store(1, other, 1, f.kv3(f.k, 1, 30, 4), f.kv3(f.v, 1, 30, 4)), "cache");
-  KVCache<float> perh(CacheShape{3, 2, 2, 4, DType::f32, Granularity::per_kv_head, {50, 50, 50}});
-  BAD(perh, comp.decode_compress(0, perh), "cache.granularity");
+  BAD(tc, comp.decode_append(0, c, batch, k4(2, 2, 1, 4), k4(2, 2, 1, 4), nullptr, q4(2, 4, 1, 4)), "pos");
+  BAD(tc, comp.decode_append(0, c, batch, k4(1, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4)), "k");
+  BAD(tc, comp.decode_append(0, c, batch, k4(2, 2, 1, 4), k4(2, 2, 1, 3), dpos, q4(2, 4, 1, 4)), "v");
+  BAD(tc, comp.decode_append(0, c, batch, k4(2, 2, 1, 4), k4(2, 2, 2, 2), dpos, q4(2, 4, 1, 4)), "v");
+  BAD(tc, comp.decode_append(0, c, batch, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 2, 1, 4)), "q");
+  BAD(tc, comp.decode_append(0, c, batch, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 2)), "q");
+  BAD(tc, comp.decode_append(0, c, batch, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4),
+                             make_contiguous<const float>(dl.data(), 2, 3)),
+      "lse");
+  BAD(tc, comp.decode_append(0, c, batch, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4),
+                             make_contiguous<const float>(dl.data(), 1, 4)),
+      "lse");
+  BAD(tc, comp.decode_append(7, c, batch, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4)), "layer");
+  BAD(tc, comp.decode_compress(-1, c, batch), "layer");
+  // The batch: distinct slots of the cache.
+  const std::int32_t dup[2] = {0, 0}, out[2] = {0, 2}, neg[2] = {-1, 0};
+  for (const std::int32_t* bad : {dup, out, neg}) {
+    BAD(tc, comp.decode_append(0, c, SeqList{bad, 2}, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4)), "seqs");
+    BAD(tc, comp.decode_compress(0, c, SeqList{bad, 2}), "seqs");
+  }
+  BAD(tc, comp.decode_append(0, c, SeqList{nullptr, 2}, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4)), "seqs");
+  BAD(tc, comp.decode_append(0, c, SeqList{both, 3}, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4)), "batch");
+  comp.decode_append(0, c, batch, k4(2, 2, 1, 4), k4(2, 2, 1, 4), dpos, q4(2, 4, 1, 4));  // valid
+  CHECK(pit::cache_positions(c, 0, 1).back() == 40);  // batch position 0 is slot 1
+  CHECK(pit::cache_positions(c, 0, 0).back() == 30);
 
-  // begin: an empty sequence, wrong count; the cache is not cleared.
-  BAD(c, comp.begin(c, {0, 30}), "prompt_lens[0]");
-  BAD(c, comp.begin(c, {40, -3}), "prompt_lens[1]");
-  BAD(c, comp.begin(c, {40}), "prompt_lens.size()");
+  // Caches of another shape or granularity.
+  PyramidCompressor<> narrow(CompressorConfig{3, 2, 1, 4});
+  pit::TestCache<> other(narrow, {2, 60, 8});
+  BAD(other, comp.prefill_store(1, other.cache(), 1, f.kv3(f.k, 1, 30, 4), f.kv3(f.v, 1, 30, 4)), "cache");
+  PyramidCompressor<RecentWindowScoring, TopKSelection> per(f.cfg, {}, TopKSelection{4, 64, Granularity::per_kv_head});
+  pit::TestCache<> perh(per, {2, 60, 8});
+  BAD(perh, comp.decode_compress(0, perh.cache(), batch), "cache.granularity");
+}
+
+TEST_CASE("begin and end check their slot and prompt and change nothing when they throw", "[bad][compressor]") {
+  Fixture f;
+  auto& tc = f.tc;
+  auto& c = f.c;
+  auto& comp = f.comp;
+  BAD(tc, comp.begin(c, 1, 30), "seq");  // live
+  BAD(tc, comp.begin(c, 0, 30), "seq");
+  BAD(tc, comp.begin(c, 2, 30), "seq");  // no such slot
+  BAD(tc, comp.begin(c, -1, 30), "seq");
+  BAD(tc, comp.end(c, 2), "seq");
+  comp.end(c, 0);
+  CHECK_FALSE(comp.live(0));
+  for (int l = 0; l < Fixture::L; ++l) CHECK(tc.len(l, 0) == 0);
+  CHECK(tc.free_pages() == tc.shape.num_pages);  // slot 1 holds no pages yet
+  BAD(tc, comp.end(c, 0), "seq");  // ended already
+  BAD(tc, comp.window(0), "seq");
+  BAD(tc, comp.begin(c, 0, 0), "prompt_len");
+  BAD(tc, comp.begin(c, 0, -3), "prompt_len");
+  BAD(tc, comp.begin(c, 0, 61), "prompt_len");  // > max_seq_len
+  comp.begin(c, 0, 60);  // the slot is free again
+  CHECK(comp.window(0) == 13);
 }
 
 TEST_CASE("Compressor construction and ordering errors", "[bad][compressor]") {
@@ -306,38 +414,43 @@ TEST_CASE("Compressor construction and ordering errors", "[bad][compressor]") {
   THROWS_NAMING((PyramidCompressor<>{CompressorConfig{0, 4, 2, 8}}), "model.num_layers");
   THROWS_NAMING((PyramidCompressor<>{CompressorConfig{4, 5, 2, 8}}), "model.num_heads");
 
-  // Decode before begin().
+  // Nothing before begin().
   PyramidCompressor<> comp(CompressorConfig{2, 2, 1, 4});
-  KVCache<float> c(CacheShape{2, 1, 1, 4, DType::f32, Granularity::shared, {8, 8}});
-  pit::fill_then_clear(c);
-  std::vector<float> x(8, 1.f);
-  const std::int32_t pos = 0;
-  BAD(c, comp.decode_append(0, c, make_hnd<const float>(x.data(), 1, 1, 1, 4), make_hnd<const float>(x.data(), 1, 1, 1, 4),
-                            &pos, make_hnd<const float>(x.data(), 1, 2, 1, 4)),
-      "state");
+  pit::TestCache<> tc(comp, {1, 8, 4});
+  std::vector<float> x(8 * 4, 1.f);
+  const std::int32_t pos = 0, slot = 0;
+  BAD(tc, comp.decode_append(0, tc.cache(), SeqList{&slot, 1}, make_hnd<const float>(x.data(), 1, 1, 1, 4),
+                             make_hnd<const float>(x.data(), 1, 1, 1, 4), &pos, make_hnd<const float>(x.data(), 1, 2, 1, 4)),
+      "seq");
+  BAD(tc, comp.decode_compress(0, tc.cache(), SeqList{&slot, 1}), "seq");
+  BAD(tc, comp.prefill_store(0, tc.cache(), 0, make_contiguous<const float>(x.data(), 1, 8, 4),
+                             make_contiguous<const float>(x.data(), 1, 8, 4)),
+      "seq");
+  BAD(tc, comp.end(tc.cache(), 0), "seq");
 
-  // A layer past its capacity: plan for 0 decode steps, then decode.
+  // A layer at max_seq_len: room for the prompt only (one-token pages, so
+  // the page table holds exactly max_seq_len), then decode.
   pit::TokenData D(2, 2, 1, 4, 80, 3);
-  KVCache<float> tight(comp.plan({70}, 0, DType::f32).shape);
-  pit::fill_then_clear(tight);
-  comp.begin(tight, {70});
-  for (int l = 0; l < 2; ++l) pit::prefill_layer(comp, tight, 0, l, D);
-  BAD(tight, pit::decode_layer(comp, tight, 1, D, {70}, {70}), "layer");
+  pit::TestCache<> tight(comp, {1, 70, 1});
+  pit::start(comp, tight.cache(), 0, 70, D);
+  REQUIRE(tight.len(1, 0) == 70);
+  BAD(tight, pit::decode_layer(comp, tight.cache(), 1, D, {{0, 70, 70}}), "count");
 }
 
-TEST_CASE("per_kv_head prefill_store past a layer's capacity changes nothing", "[bad][per_head]") {
+TEST_CASE("per_kv_head prefill_store without enough free pages changes nothing", "[bad][per_head]") {
   CompressorConfig cfg{2, 4, 2, 4};
   PyramidCompressor<RecentWindowScoring, TopKSelection> comp(cfg, {}, TopKSelection{4, 64, Granularity::per_kv_head});
-  KVCache<float> c(CacheShape{2, 1, 2, 4, DType::f32, Granularity::per_kv_head, {30, 30}});
-  pit::fill_then_clear(c);
-  comp.begin(c, {40});
-  std::vector<float> k(2 * 40 * 4, 1.f);
-  BAD(c, comp.prefill_store(0, c, 0, make_contiguous<const float>(k.data(), 2, 40, 4),
-                            make_contiguous<const float>(k.data(), 2, 40, 4)),
-      "count");
-  BAD(c, comp.prefill_store(0, c, 0, make_contiguous<const float>(k.data(), 2, 40, 4),
-                            make_contiguous<const float>(k.data(), 2, 40, 3)),
+  pit::TestCache<> tc(comp, {1, 40, 8, pit::PoolKind::hnd, 4});  // 40 tokens need 5 pages
+  comp.begin(tc.cache(), 0, 40);
+  std::vector<float> k(2 * 40 * 4, 1.f), q(4 * 9 * 4, 1.f);
+  BAD(tc, comp.prefill_store(0, tc.cache(), 0, make_contiguous<const float>(k.data(), 2, 40, 4),
+                             make_contiguous<const float>(k.data(), 2, 40, 4)),
+      "free pages");
+  BAD(tc, comp.prefill_store(0, tc.cache(), 0, make_contiguous<const float>(k.data(), 2, 40, 4),
+                             make_contiguous<const float>(k.data(), 2, 40, 3)),
       "v");
+  // The failed store left the compressor where it was: layer 0 is not stored.
+  BAD(tc, comp.prefill_select(0, tc.cache(), 0, make_contiguous<const float>(q.data(), 4, comp.window(0), 4)), "layer");
 }
 
 namespace {
@@ -347,7 +460,7 @@ struct NonFiniteScoring {
   template <class T>
   void score(const ScoreProblem<T>& p, Granularity, ScoreView out) const {
     for (int j = 0; j < p.score_count(0, 0); ++j) {
-      const int pos = p.positions(0, 0, p.score_begin(0, 0) + j);
+      const int pos = p.position(0, 0, p.score_begin(0, 0) + j);
       out(0, 0, j) = pos % 2 ? std::numeric_limits<float>::quiet_NaN()
                      : pos == 10 ? std::numeric_limits<float>::infinity()
                      : pos == 12 ? -std::numeric_limits<float>::infinity()
@@ -361,10 +474,10 @@ TEST_CASE("NaN and infinite scores have defined behaviour in the compressor", "[
   // 200 tokens, window 41, context 159; UniformSchedule 0.5 -> keep 79 > min 64.
   CompressorConfig cfg{2, 1, 1, 4};
   PyramidCompressor<NonFiniteScoring, TopKSelection, UniformSchedule> comp(cfg, {}, {}, UniformSchedule{0.5});
-  KVCache<float> c(comp.plan({200}, 0, DType::f32).shape);
+  pit::TestCache<> tc(comp, {1, 200, 16});
   pit::TokenData D(2, 1, 1, 4, 200, 8);
-  comp.begin(c, {200});
-  pit::prefill_layer(comp, c, 0, 0, D);
+  comp.begin(tc.cache(), 0, 200);
+  pit::prefill_layer(comp, tc.cache(), 0, 0, D);
   const auto& T = comp.tokens(0);
   // Kept: sinks 0..3, then +inf (10), then evens by -position, then -inf (12), NaN last.
   std::vector<std::int32_t> expect = {0, 1, 2, 3};

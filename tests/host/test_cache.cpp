@@ -1,4 +1,5 @@
-// KV cache container and memory planner: bytes, capacities, max batch.
+// KV cache container (the CUDA cache's host reference) and memory planner:
+// bytes, capacities, max batch, and pages per request for the paged cache.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -23,6 +24,14 @@ std::size_t expected_bytes(const CacheShape& s) {
     t += std::size_t(s.batch) * ph * std::size_t(c) * 4 + std::size_t(s.batch) * ph * 4;
   }
   return t;
+}
+
+/// Positions held by (layer, b, head) of a KVCache, slot order.
+std::vector<std::int32_t> kv_positions(const KVCache<float>& c, int l, int b, int h = 0) {
+  std::vector<std::int32_t> out;
+  const auto pos = c.positions(l);
+  for (int s = 0; s < c.length(l, b, h); ++s) out.push_back(pos(b, h, s));
+  return out;
 }
 
 }  // namespace
@@ -50,11 +59,11 @@ TEST_CASE("KVCache append, compact, positions and lengths", "[cache]") {
   CHECK(c.length(0, 1) == 0);
   CHECK(c.keys(1)(1, 1, 3, 2) == 132.f);
   CHECK(c.values(1)(1, 0, 4, 0) == -40.f);
-  CHECK(pit::cache_positions(c, 1, 1) == std::vector<std::int32_t>{3, 5, 8, 13, 21});
+  CHECK(kv_positions(c, 1, 1) == std::vector<std::int32_t>{3, 5, 8, 13, 21});
   const std::int32_t kept[3] = {0, 2, 4};
   c.compact(1, 1, kept, 3);
   CHECK(c.length(1, 1) == 3);
-  CHECK(pit::cache_positions(c, 1, 1) == std::vector<std::int32_t>{3, 8, 21});
+  CHECK(kv_positions(c, 1, 1) == std::vector<std::int32_t>{3, 8, 21});
   for (int h = 0; h < 2; ++h)
     for (int s = 0; s < 3; ++s)
       for (int i = 0; i < 4; ++i) {
@@ -64,7 +73,7 @@ TEST_CASE("KVCache append, compact, positions and lengths", "[cache]") {
   // Append after compaction goes after the kept slots.
   c.append(1, 1, make_contiguous<const float>(k.data(), 2, 5, 4), make_contiguous<const float>(v.data(), 2, 5, 4),
            pos, 1);
-  CHECK(pit::cache_positions(c, 1, 1) == std::vector<std::int32_t>{3, 8, 21, 3});
+  CHECK(kv_positions(c, 1, 1) == std::vector<std::int32_t>{3, 8, 21, 3});
   c.clear(1);
   CHECK(c.length(1, 1) == 0);
 }
@@ -83,8 +92,8 @@ TEST_CASE("KVCache per_kv_head: independent heads", "[cache]") {
   CHECK(c.length(0, 0, 1) == 2);
   const std::int32_t kept[2] = {1, 3};
   c.compact(0, 0, kept, 2, 0);
-  CHECK(pit::cache_positions(c, 0, 0, 0) == std::vector<std::int32_t>{1, 3});
-  CHECK(pit::cache_positions(c, 0, 0, 1) == std::vector<std::int32_t>{7, 9});
+  CHECK(kv_positions(c, 0, 0, 0) == std::vector<std::int32_t>{1, 3});
+  CHECK(kv_positions(c, 0, 0, 1) == std::vector<std::int32_t>{7, 9});
   CHECK(c.keys(0)(0, 0, 1, 2) == 14.f);
   CHECK(c.keys(0)(0, 1, 1, 2) == 6.f);
 }
@@ -148,42 +157,94 @@ TEST_CASE("Planner: container bytes equal plan bytes; pyramid beats full; max_ba
   }
 }
 
-TEST_CASE("Planner capacity is exactly the peak a long decode reaches, never exceeded", "[cache][planner]") {
+TEST_CASE("Planner: pages per request round every layer's slots up to whole pages", "[cache][planner][paged]") {
+  const int L = 8, n = 500, steps = 300;
+  CompressorConfig cfg{L, 4, 2, 16};
+  PyramidCompressor<> comp(cfg);
+  const LayerTrace t = comp.trace(n, steps);
+  // Smallest page count that holds `slots` (by search, not the formula).
+  auto pages_for = [](int slots, int ps) {
+    int p = 0;
+    while (p * ps < slots) ++p;
+    return p;
+  };
+  for (int ps : {1, 16, 64, 1024}) {
+    INFO("page_size " << ps);
+    const RequestPages r = comp.pages(n, steps, ps);
+    REQUIRE(r.after_prefill.size() == std::size_t(L));
+    REQUIRE(r.peak.size() == std::size_t(L));
+    std::int64_t after = 0, peak = 0;
+    for (int l = 0; l < L; ++l) {
+      CHECK(r.after_prefill[std::size_t(l)] == pages_for(t.prefill_len[std::size_t(l)], ps));
+      CHECK(r.peak[std::size_t(l)] == pages_for(t.capacity[std::size_t(l)], ps));
+      after += r.after_prefill[std::size_t(l)];
+      peak += r.peak[std::size_t(l)];
+    }
+    CHECK(r.total_after_prefill == after);
+    CHECK(r.total_peak == peak);
+    if (ps == 1) CHECK(r.peak == t.capacity);
+    if (ps >= n + steps) CHECK(r.total_peak == L);  // one page per layer: the contiguous cache
+  }
+  // The pyramid shows in pages too: deep layers need fewer than layer 0.
+  const RequestPages r16 = comp.pages(n, steps, 16);
+  CHECK(r16.after_prefill.back() < r16.after_prefill.front());
+  CHECK_THROWS_AS(request_pages(t, 0), Error);
+}
+
+TEST_CASE("Planner capacity and pages per request are exactly the peak a long decode reaches",
+          "[cache][planner][paged]") {
   const int L = 6, H = 2, Hkv = 1, d = 4;
   const std::vector<int> lens = {90, 130};
+  const std::vector<std::int32_t> slot = {1, 0};
   const int steps = 150;
   CompressorConfig cfg{L, H, Hkv, d};
   PyramidCompressor<KeyNormScoring> comp(cfg);
   const MemoryPlan plan = comp.plan(lens, steps, DType::f32);
-  KVCache<float> cache(plan.shape);
-  CHECK(cache.bytes() == plan.total_bytes);
-  pit::TokenData D(L, H, Hkv, d, 130 + steps, 5);
-  comp.begin(cache, lens);
-  for (int b = 0; b < 2; ++b)
-    for (int l = 0; l < L; ++l) pit::prefill_layer(comp, cache, b, l, D);
-  std::vector<int> peak(static_cast<std::size_t>(L), 0);
-  for (int s = 0; s < steps; ++s)
-    for (int l = 0; l < L; ++l) {
-      pit::decode_append_layer(comp, cache, l, D, {lens[0] + s, lens[1] + s}, {lens[0] + s, lens[1] + s});
-      for (int b = 0; b < 2; ++b) {
+  const int max_len = *std::max_element(plan.shape.capacity.begin(), plan.shape.capacity.end());
+  pit::TokenData D(L, H, Hkv, d, 130 + steps + 40, 5);
+  for (int ps : {1, 8}) {
+    INFO("page_size " << ps);
+    // The free list holds exactly the requests' peak pages.
+    int pages = 0;
+    for (int n : lens) pages += int(comp.pages(n, steps, ps).total_peak);
+    pit::TestCache<> tc(comp, {2, max_len, ps, pit::PoolKind::nhd, pages});
+    for (int b = 0; b < 2; ++b) pit::start(comp, tc.cache(), slot[std::size_t(b)], lens[std::size_t(b)], D);
+    std::vector<int> peak(static_cast<std::size_t>(L), 0);
+    std::vector<std::vector<int>> peak_pages(2, std::vector<int>(std::size_t(L), 0));
+    auto token = [&](int b, int s) { return pit::DecodeToken{slot[std::size_t(b)], lens[std::size_t(b)] + s, lens[std::size_t(b)] + s}; };
+    for (int s = 0; s < steps; ++s)
+      for (int l = 0; l < L; ++l) {
+        pit::decode_append_layer(comp, tc.cache(), l, D, {token(0, s), token(1, s)});
         // After append (before compress) the layer is at its largest.
-        peak[std::size_t(l)] = std::max(peak[std::size_t(l)], cache.length(l, b));
-        REQUIRE(cache.length(l, b) <= cache.capacity(l));
+        for (int b = 0; b < 2; ++b) {
+          peak[std::size_t(l)] = std::max(peak[std::size_t(l)], tc.len(l, slot[std::size_t(b)]));
+          int& pp = peak_pages[std::size_t(b)][std::size_t(l)];
+          pp = std::max(pp, pit::pages_held(tc.cache(), l, slot[std::size_t(b)]));
+        }
+        comp.decode_compress(l, tc.cache(), SeqList{slot.data(), 2});
       }
-      comp.decode_compress(l, cache);
+    tc.audit();
+    // The plan reserves exactly the peak, no more, and so do the pages.
+    for (int l = 0; l < L; ++l) {
+      CHECK(plan.shape.capacity[std::size_t(l)] == peak[std::size_t(l)]);
+      for (int b = 0; b < 2; ++b)
+        CHECK(peak_pages[std::size_t(b)][std::size_t(l)] ==
+              comp.pages(lens[std::size_t(b)], steps, ps).peak[std::size_t(l)]);
     }
-  // The peak is reached right after an append, before compaction: the plan
-  // reserves exactly that, no more.
-  for (int l = 0; l < L; ++l) CHECK(cache.capacity(l) == peak[std::size_t(l)]);
-  // One more step than planned overflows some layer: the plan is tight.
-  bool threw = false;
-  for (int l = 0; l < L && !threw; ++l) {
-    try {
-      for (int extra = 0; extra < 40; ++extra)
-        pit::decode_layer(comp, cache, l, D, {lens[0] + steps, lens[1] + steps}, {lens[0] + steps, lens[1] + steps});
-    } catch (const Error&) {
-      threw = true;
+    if (ps == 1) {
+      // One-token pages make max_seq_len exact: decoding past the plan
+      // overflows the longest layer.
+      bool threw = false;
+      for (int extra = 0; extra < 40 && !threw; ++extra) {
+        try {
+          pit::decode_step(comp, tc.cache(), D, {token(0, steps + extra), token(1, steps + extra)});
+        } catch (const Error&) {
+          threw = true;
+        }
+      }
+      CHECK(threw);
     }
+    for (int b = 0; b < 2; ++b) comp.end(tc.cache(), slot[std::size_t(b)]);
+    CHECK(tc.free_pages() == pages);
   }
-  CHECK(threw);
 }

@@ -1,7 +1,10 @@
-// PyramidCompressor: per-layer counts, decode cadence, ragged batches, per-head mode.
+// PyramidCompressor on the paged cache: per-layer counts, decode cadence,
+// ragged batches in shuffled slots, per-head mode.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <memory>
+#include <random>
 #include <vector>
 
 #include "helpers.hpp"
@@ -31,9 +34,11 @@ TEST_CASE("Prefill: |T_l| compounds floor(C * ratio_l) with the min_context rule
   CHECK(tr.prefill_len == expect);
   CHECK(plan.shape.capacity == expect);
 
-  KVCache<float> cache(plan.shape);
+  pit::TestCache<> tc(comp, {1, n, 16});
+  auto& cache = tc.cache();
+  const RequestPages pages = comp.pages(n, 0, 16);
   pit::TokenData D(L, 1, 1, 4, n, 42);
-  comp.begin(cache, {n});
+  comp.begin(cache, 0, n);
   CHECK(comp.window(0) == w);
   std::vector<int> got;
   std::vector<std::int32_t> prev;
@@ -42,6 +47,7 @@ TEST_CASE("Prefill: |T_l| compounds floor(C * ratio_l) with the min_context rule
     const auto T = pit::prefill_layer(comp, cache, 0, l, D, &idx);
     got.push_back(int(T.size()));
     CHECK(pit::cache_positions(cache, l, 0) == T);  // layer l caches T_l
+    CHECK(pit::pages_held(cache, l, 0) == pages.after_prefill[std::size_t(l)]);
     // T_{l+1}: ascending subset of T_l containing the sinks and the window.
     const auto& next = comp.tokens(0);
     REQUIRE(idx.size() == next.size());
@@ -62,9 +68,10 @@ TEST_CASE("Decode cadence: fires when len - R - past_len >= 16, exact steps and 
   const int R = n / 5;  // recent_length = int(n * 0.2); the window is 1 + R
   CompressorConfig cfg{L, 2, 1, 4};
   PyramidCompressor<PositionScoring> comp(cfg);  // keeps the newest of each segment
-  KVCache<float> cache(comp.plan({n}, steps, DType::f32).shape);
+  pit::TestCache<> tc(comp, {1, n + steps, 16});
+  auto& cache = tc.cache();
   pit::TokenData D(L, 2, 1, 4, n + steps, 3);
-  comp.begin(cache, {n});
+  comp.begin(cache, 0, n);
   std::vector<std::vector<std::int32_t>> ref(static_cast<std::size_t>(L));  // positions, modelled
   std::vector<int> past(static_cast<std::size_t>(L));
   for (int l = 0; l < L; ++l) {
@@ -87,11 +94,11 @@ TEST_CASE("Decode cadence: fires when len - R - past_len >= 16, exact steps and 
         P.erase(P.begin() + start, P.begin() + start + (16 - keep[l]));
         past[std::size_t(l)] = int(P.size()) - R;
       }
-      const int got = pit::decode_layer(comp, cache, l, D, {n + s}, {n + s});
+      const int got = pit::decode_layer(comp, cache, l, D, {{0, n + s, n + s}});
       INFO("step " << s << " layer " << l);
       REQUIRE(got == (fire ? 1 : 0));
       if (fire) fired_at[std::size_t(l)].push_back(s);
-      REQUIRE(cache.length(l, 0) == int(P.size()));
+      REQUIRE(tc.len(l, 0) == int(P.size()));
       REQUIRE(pit::cache_positions(cache, l, 0) == P);
       REQUIRE(comp.boundary(l, 0) == past[std::size_t(l)] - 1);
     }
@@ -109,90 +116,66 @@ TEST_CASE("compress_decode = false never compresses during decode", "[compressor
   CompressorConfig cfg{3, 2, 2, 4};
   cfg.compress_decode = false;
   PyramidCompressor<> comp(cfg);
-  KVCache<float> cache(comp.plan({70}, 60, DType::f32).shape);
+  pit::TestCache<> tc(comp, {1, 130, 16});
   pit::TokenData D(3, 2, 2, 4, 130, 9);
-  comp.begin(cache, {70});
-  for (int l = 0; l < 3; ++l) pit::prefill_layer(comp, cache, 0, l, D);
-  const int l2 = cache.length(2, 0);
+  pit::start(comp, tc.cache(), 0, 70, D);
+  const int l2 = tc.len(2, 0);
   for (int s = 0; s < 60; ++s)
-    for (int l = 0; l < 3; ++l) CHECK(pit::decode_layer(comp, cache, l, D, {70 + s}, {70 + s}) == 0);
-  CHECK(cache.length(2, 0) == l2 + 60);
+    for (int l = 0; l < 3; ++l) CHECK(pit::decode_layer(comp, tc.cache(), l, D, {{0, 70 + s, 70 + s}}) == 0);
+  CHECK(tc.len(2, 0) == l2 + 60);
 }
 
-namespace {
-
-struct RunResult {
-  // [layer][b] positions and key/value rows after prefill and after each step.
-  std::vector<std::vector<std::vector<std::int32_t>>> pos;
-  std::vector<std::vector<std::vector<float>>> kv;
-};
-
-void record(const KVCache<float>& c, int b_in_cache, int b_out, RunResult& r, int L, int Hkv, int d) {
-  r.pos.resize(std::size_t(L));
-  r.kv.resize(std::size_t(L));
-  for (int l = 0; l < L; ++l) {
-    r.pos[std::size_t(l)].resize(std::size_t(b_out) + 1);
-    r.kv[std::size_t(l)].resize(std::size_t(b_out) + 1);
-    r.pos[std::size_t(l)][std::size_t(b_out)] = pit::cache_positions(c, l, b_in_cache);
-    auto& kv = r.kv[std::size_t(l)][std::size_t(b_out)];
-    kv.clear();
-    for (int h = 0; h < Hkv; ++h)
-      for (int s = 0; s < c.length(l, b_in_cache); ++s)
-        for (int i = 0; i < d; ++i) {
-          kv.push_back(c.keys(l)(b_in_cache, h, s, i));
-          kv.push_back(c.values(l)(b_in_cache, h, s, i));
-        }
-  }
-}
-
-}  // namespace
-
-TEST_CASE("Ragged batch equals running each sequence alone", "[compressor][batch]") {
+TEST_CASE("Ragged batch in shuffled slots equals running each sequence alone", "[compressor][batch]") {
   const int L = 6, H = 4, Hkv = 2, d = 8, steps = 70;
   const std::vector<int> lens = {150, 97, 230};
+  const std::vector<std::int32_t> slot = {3, 0, 1};  // of 4: slot 2 stays empty
   CompressorConfig cfg{L, H, Hkv, d};
   pit::TokenData D(L, H, Hkv, d, 230 + steps, 77);
+  const std::uint32_t seed = pit::test_seed();
+  INFO("seed " << seed << " (PYRAMIDINFER_TEST_SEED replays)");
+  std::mt19937 rng(seed);
 
   PyramidCompressor<> batch(cfg);
-  KVCache<float> bc(batch.plan(lens, steps, DType::f32).shape);
-  batch.begin(bc, lens);
-  for (int l = 0; l < L; ++l)
-    for (int b = 0; b < 3; ++b) pit::prefill_layer(batch, bc, b, l, D);
+  pit::TestCache<> bc(batch, {4, 230 + steps, 16});
+  bc.shuffle_free_list(seed);
+  for (int b = 0; b < 3; ++b) batch.begin(bc.cache(), slot[std::size_t(b)], lens[std::size_t(b)]);
+  for (int l = 0; l < L; ++l)  // layers interleave across sequences, as an engine's prefill may
+    for (int b = 0; b < 3; ++b) pit::prefill_layer(batch, bc.cache(), slot[std::size_t(b)], l, D);
 
+  // Alone: each sequence in slot 0 of its own contiguous cache.
   std::vector<PyramidCompressor<>> alone(3, PyramidCompressor<>(cfg));
-  std::vector<KVCache<float>> ac;
+  std::vector<std::unique_ptr<pit::TestCache<>>> ac;
   for (int b = 0; b < 3; ++b) {
-    ac.emplace_back(alone[std::size_t(b)].plan({lens[std::size_t(b)]}, steps, DType::f32).shape);
-    alone[std::size_t(b)].begin(ac.back(), {lens[std::size_t(b)]});
-    for (int l = 0; l < L; ++l) pit::prefill_layer(alone[std::size_t(b)], ac.back(), 0, l, D);
+    const int n = lens[std::size_t(b)] + steps;
+    ac.push_back(std::make_unique<pit::TestCache<>>(alone[std::size_t(b)],
+                                                    pit::CacheSpec{1, n, pit::contiguous_page_size(n)}));
+    pit::start(alone[std::size_t(b)], ac.back()->cache(), 0, lens[std::size_t(b)], D);
   }
   auto compare = [&](const char* when, bool contents) {
-    RunResult rb, ra;
     for (int b = 0; b < 3; ++b) {
-      record(bc, b, b, rb, L, Hkv, d);
-      record(ac[std::size_t(b)], 0, b, ra, L, Hkv, d);
+      const int q = slot[std::size_t(b)];
+      INFO(when << ": sequence " << b << " in slot " << q);
+      for (int l = 0; l < L; ++l)
+        REQUIRE(pit::cache_positions(bc.cache(), l, q) == pit::cache_positions(ac[std::size_t(b)]->cache(), l, 0));
+      if (contents) REQUIRE(pit::contents(bc.cache(), q) == pit::contents(ac[std::size_t(b)]->cache(), 0));
     }
-    INFO(when);
-    REQUIRE(rb.pos == ra.pos);
-    if (contents) REQUIRE(rb.kv == ra.kv);
   };
   compare("after prefill", true);
   // The three sequences really differ in what they kept.
-  CHECK(bc.length(L - 1, 0) != bc.length(L - 1, 2));
+  CHECK(bc.len(L - 1, slot[0]) != bc.len(L - 1, slot[2]));
   int fires = 0;
+  std::vector<int> order = {0, 1, 2};
   for (int s = 0; s < steps; ++s) {
-    for (int l = 0; l < L; ++l) {
-      std::vector<int> src;
-      std::vector<std::int32_t> pos;
-      for (int b = 0; b < 3; ++b) {
-        src.push_back(lens[std::size_t(b)] + s);
-        pos.push_back(lens[std::size_t(b)] + s);
-      }
-      fires += pit::decode_layer(batch, bc, l, D, src, pos);
-      for (int b = 0; b < 3; ++b)
-        pit::decode_layer(alone[std::size_t(b)], ac[std::size_t(b)], l, D, {src[std::size_t(b)]}, {pos[std::size_t(b)]});
+    std::shuffle(order.begin(), order.end(), rng);  // batch position i may be any slot
+    std::vector<pit::DecodeToken> toks;
+    for (int b : order) toks.push_back({slot[std::size_t(b)], lens[std::size_t(b)] + s, lens[std::size_t(b)] + s});
+    fires += pit::decode_step(batch, bc.cache(), D, toks);
+    for (int b = 0; b < 3; ++b) {
+      const int t = lens[std::size_t(b)] + s;
+      pit::decode_step(alone[std::size_t(b)], ac[std::size_t(b)]->cache(), D, {{0, t, t}});
     }
     compare("decode", s % 8 == 7 || s == steps - 1);  // contents: every 8 steps and at the end
+    bc.audit();
   }
   CHECK(fires >= 3 * L);  // every sequence compressed during decode
 }
@@ -205,8 +188,9 @@ TEST_CASE("per_kv_head selection equals one shared compressor per KV head", "[co
   Per per(cfg, {}, TopKSelection{4, 64, Granularity::per_kv_head});
   const MemoryPlan plan = per.plan({n}, steps, DType::f32);
   CHECK(plan.shape.granularity == Granularity::per_kv_head);
-  KVCache<float> pc(plan.shape);
-  per.begin(pc, {n});
+  pit::TestCache<> ptc(per, {1, n + steps, 16, pit::PoolKind::hnd});
+  auto& pc = ptc.cache();
+  per.begin(pc, 0, n);
   // One data set per KV head: its query group and its key head.
   std::vector<pit::TokenData> Dh;
   for (int h = 0; h < Hkv; ++h) {
@@ -221,38 +205,31 @@ TEST_CASE("per_kv_head selection equals one shared compressor per KV head", "[co
   }
   CompressorConfig one{L, group, 1, d};
   std::vector<PyramidCompressor<>> single(2, PyramidCompressor<>(one));
-  std::vector<KVCache<float>> sc;
+  std::vector<std::unique_ptr<pit::TestCache<>>> stc;
   for (int h = 0; h < Hkv; ++h) {
-    sc.emplace_back(single[std::size_t(h)].plan({n}, steps, DType::f32).shape);
-    single[std::size_t(h)].begin(sc.back(), {n});
+    stc.push_back(std::make_unique<pit::TestCache<>>(single[std::size_t(h)], pit::CacheSpec{1, n + steps, 16}));
+    single[std::size_t(h)].begin(stc.back()->cache(), 0, n);
   }
+  auto sc = [&](int h) -> PagedKVCache<float>& { return stc[std::size_t(h)]->cache(); };
   bool differ = false;
   for (int l = 0; l < L; ++l) {
     pit::prefill_layer(per, pc, 0, l, D);
     for (int h = 0; h < Hkv; ++h) {
-      pit::prefill_layer(single[std::size_t(h)], sc[std::size_t(h)], 0, l, Dh[std::size_t(h)]);
+      pit::prefill_layer(single[std::size_t(h)], sc(h), 0, l, Dh[std::size_t(h)]);
       INFO("layer " << l << " head " << h);
-      REQUIRE(pit::cache_positions(pc, l, 0, h) == pit::cache_positions(sc[std::size_t(h)], l, 0));
+      REQUIRE(pit::cache_positions(pc, l, 0, h) == pit::cache_positions(sc(h), l, 0));
     }
     differ = differ || pit::cache_positions(pc, l, 0, 0) != pit::cache_positions(pc, l, 0, 1);
   }
   CHECK(differ);  // the heads really chose differently
   for (int s = 0; s < steps; ++s)
     for (int l = 0; l < L; ++l) {
-      pit::decode_layer(per, pc, l, D, {n + s}, {n + s});
+      pit::decode_layer(per, pc, l, D, {{0, n + s, n + s}});
       for (int h = 0; h < Hkv; ++h) {
-        pit::decode_layer(single[std::size_t(h)], sc[std::size_t(h)], l, Dh[std::size_t(h)], {n + s}, {n + s});
+        pit::decode_layer(single[std::size_t(h)], sc(h), l, Dh[std::size_t(h)], {{0, n + s, n + s}});
         INFO("step " << s << " layer " << l << " head " << h);
-        REQUIRE(pit::cache_positions(pc, l, 0, h) == pit::cache_positions(sc[std::size_t(h)], l, 0));
-        std::vector<float> a, b;
-        for (int t = 0; t < pc.length(l, 0, h); ++t)
-          for (int i = 0; i < d; ++i) {
-            a.push_back(pc.keys(l)(0, h, t, i));
-            a.push_back(pc.values(l)(0, h, t, i));
-            b.push_back(sc[std::size_t(h)].keys(l)(0, 0, t, i));
-            b.push_back(sc[std::size_t(h)].values(l)(0, 0, t, i));
-          }
-        REQUIRE(a == b);
+        REQUIRE(pit::cache_positions(pc, l, 0, h) == pit::cache_positions(sc(h), l, 0));
+        REQUIRE(pit::cache_kv(pc, l, 0, h) == pit::cache_kv(sc(h), l, 0, 0));
       }
     }
 }

@@ -16,6 +16,9 @@ struct StepSchedule {
   double keep_ratio(int layer, int num_layers) const { return layer < num_layers / 2 ? 1.0 : deep; }
 };
 
+// Custom scorings read keys and positions through key_row() and position():
+// the compressor hands them paged views, whose slot axis is not a plain stride.
+
 /// Prefers even original positions; among them, older first.
 struct EvenPositionScoring {
   static constexpr bool needs_queries = false;
@@ -24,7 +27,7 @@ struct EvenPositionScoring {
     for (int b = 0; b < p.batch(); ++b)
       for (int h = 0; h < (g == Granularity::shared ? 1 : p.kv_heads()); ++h)
         for (int j = 0; j < p.score_count(b, h); ++j) {
-          const int pos = p.positions(b, h, p.score_begin(b, h) + j);
+          const int pos = p.position(b, h, p.score_begin(b, h) + j);
           out(b, h, j) = (pos % 2 == 0 ? 1000.f : 0.f) - 0.001f * float(pos);
         }
   }
@@ -35,7 +38,7 @@ struct OldestFirstScoring {
   static constexpr bool needs_queries = false;
   template <class T>
   void score(const ScoreProblem<T>& p, Granularity, ScoreView out) const {
-    for (int j = 0; j < p.score_count(0, 0); ++j) out(0, 0, j) = -float(p.positions(0, 0, p.score_begin(0, 0) + j));
+    for (int j = 0; j < p.score_count(0, 0); ++j) out(0, 0, j) = -float(p.position(0, 0, p.score_begin(0, 0) + j));
   }
 };
 
@@ -92,14 +95,19 @@ TEST_CASE("A custom step schedule and even-position scoring drive the compressor
   const MemoryPlan plan = comp.plan({n}, 0, DType::f32);
   // Planner follows the custom schedule: 300, 300, 300, then 239 -> 119 -> 59 <= 64 -> stays.
   CHECK(plan.shape.capacity == std::vector<int>{300, 300, 300, 119 + 61});
-  KVCache<float> cache(plan.shape);
+  INFO("seed " << pit::test_seed() << " (PYRAMIDINFER_TEST_SEED replays)");
+  pit::TestCache<> tc(comp, {3, n, 16});
+  tc.shuffle_free_list(pit::test_seed());
+  auto& cache = tc.cache();
   pit::TokenData D(L, 2, 1, 4, n, 4);
-  comp.begin(cache, {n});
+  const int seq = 2;
+  comp.begin(cache, seq, n);
   std::vector<std::size_t> sizes;
   for (int l = 0; l < L; ++l) {
-    const auto T = pit::prefill_layer(comp, cache, 0, l, D);
+    const auto T = pit::prefill_layer(comp, cache, seq, l, D);
     sizes.push_back(T.size());
-    const auto& next = comp.tokens(0);
+    CHECK(pit::cache_positions(cache, l, seq) == T);
+    const auto& next = comp.tokens(seq);
     if (l < 2 || l == 3) {
       CHECK(next == T);  // ratio 1, or a context at/below min_context: nothing dropped
     } else if (l == 2) {
@@ -118,9 +126,12 @@ TEST_CASE("A custom selection and oldest-first scoring in prefill and decode", "
   CompressorConfig cfg{L, 1, 1, 4};
   PyramidCompressor<custom::OldestFirstScoring, custom::ThirdSelection, UniformSchedule> comp(
       cfg, {}, {}, UniformSchedule{0.5});
-  KVCache<float> cache(comp.plan({n}, 60, DType::f32).shape);
+  INFO("seed " << pit::test_seed() << " (PYRAMIDINFER_TEST_SEED replays)");
+  pit::TestCache<> tc(comp, {1, n + 60, 4, pit::PoolKind::hnd});  // small pages: many boundaries
+  tc.shuffle_free_list(pit::test_seed());
+  auto& cache = tc.cache();
   pit::TokenData D(L, 1, 1, 4, n + 60, 4);
-  comp.begin(cache, {n});
+  comp.begin(cache, 0, n);
   pit::prefill_layer(comp, cache, 0, 0, D);
   std::vector<std::int32_t> expect;
   for (int p = 0; p < 26; ++p) expect.push_back(p);  // 79 / 3 = 26 oldest
@@ -133,7 +144,7 @@ TEST_CASE("A custom selection and oldest-first scoring in prefill and decode", "
   int past = len0, fires = 0;
   for (int s = 0; s < 60; ++s) {
     P.push_back(n + s);
-    const int fired = pit::decode_layer(comp, cache, 1, D, {n + s}, {n + s});
+    const int fired = pit::decode_layer(comp, cache, 1, D, {{0, n + s, n + s}});
     const bool model_fires = int(P.size()) - R - past >= 16;
     if (model_fires) {
       const int start = int(P.size()) - (1 + R) - 16;

@@ -61,13 +61,13 @@ void check_layer_local() {
   const TopKSelection sel{4, 64, G};
   const UniformSchedule sched{0.5};
   PyramidCompressor<RecentWindowScoring, TopKSelection, UniformSchedule> comp(cfg, {}, sel, sched);
-  const MemoryPlan plan = comp.plan({N}, 130, DType::f32);
-  KVCache<float> cache(plan.shape);
-  CHECK(cache.bytes() == plan.total_bytes);
-  comp.begin(cache, {N});
+  pit::TestCache<> tc(comp, {1, N + 130, 16, pit::PoolKind::interleaved_hnd});
+  auto& cache = tc.cache();
+  comp.begin(cache, 0, N);
   const int w = comp.window(0), ctx = N - w, keep = sel.max_keep(ctx, 0.5);
   REQUIRE(keep < ctx);  // the test must compress
   const LayerTrace trace = comp.trace(N, 130);
+  const RequestPages pages = comp.pages(N, 130, 16);
   std::vector<std::int32_t> all(N);
   std::iota(all.begin(), all.end(), 0);
   for (int l = 0; l < L; ++l) {
@@ -75,11 +75,13 @@ void check_layer_local() {
     const std::vector<std::int32_t> T = pit::prefill_layer(comp, cache, 0, l, data, &next);
     CHECK(T == all);     // every layer computes every token
     CHECK(next == all);  // and passes every token on
-    CHECK(plan.shape.capacity[std::size_t(l)] >= N);  // prefill writes all of T_l first
+    CHECK(trace.capacity[std::size_t(l)] >= N);  // prefill writes all of T_l first
+    // The compaction gave back every page past the kept slots.
+    CHECK(pit::pages_held(cache, l, 0) == pages.after_prefill[std::size_t(l)]);
+    CHECK(tc.len(l, 0) == keep + w);  // one length serves every head
+    CHECK(trace.prefill_len[std::size_t(l)] == keep + w);
     for (int h = 0; h < (G == Granularity::shared ? 1 : Hkv); ++h) {
       INFO("layer " << l << " head " << h);
-      CHECK(cache.length(l, 0, h) == keep + w);
-      CHECK(trace.prefill_len[std::size_t(l)] == keep + w);
       CHECK(pit::cache_positions(cache, l, 0, h) ==
             expected_kept(data, l, G, h, keep, sel.sinks, w, comp.scale()));
     }
@@ -89,7 +91,7 @@ void check_layer_local() {
   const DecodeSchedule<> dec;
   int fired = 0;
   for (int s = 0; s < 130; ++s)
-    for (int l = 0; l < L; ++l) fired += pit::decode_layer(comp, cache, l, data, {s % N}, {N + s});
+    for (int l = 0; l < L; ++l) fired += pit::decode_layer(comp, cache, l, data, {{0, s % N, N + s}});
   CHECK(fired > 0);
   for (int l = 0; l < L; ++l) {
     int cur = keep + w, boundary = keep + w - 1;
@@ -98,8 +100,9 @@ void check_layer_local() {
         cur -= dec.segment - dec.keep_count(l, L);
         boundary += dec.keep_count(l, L);
       }
-    CHECK(cache.length(l, 0) == cur);
+    CHECK(tc.len(l, 0) == cur);
   }
+  tc.audit();
 }
 
 }  // namespace

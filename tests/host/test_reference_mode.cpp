@@ -1,7 +1,8 @@
 // Reference mode: the authors' PyramidInfer selection, reimplemented here as
 // literally as possible and independently of the library (double precision,
 // full causal attention matrices, stored attention rows during generation),
-// compared with PyramidCompressor position set by position set.
+// compared with PyramidCompressor position set by position set, on paged
+// caches of several page sizes and pool layouts (one page per sequence too).
 //
 // Simplification: every layer's q/k/v of a token are drawn per original token
 // up front, so a token's q/k at a layer do not depend on which tokens survived
@@ -157,10 +158,14 @@ struct Reference {
 
 std::vector<int> as_int(const std::vector<std::int32_t>& v) { return std::vector<int>(v.begin(), v.end()); }
 
-void run_reference_case(int L, int H, int Hkv, int n, int steps, std::uint32_t seed, bool full_matrix) {
+/// `page_size` 0: one page per sequence (contiguous). The sequence sits in
+/// slot 1 of 2, so slot 0 being empty must not matter either.
+void run_reference_case(int L, int H, int Hkv, int n, int steps, std::uint32_t seed, bool full_matrix,
+                        int page_size, pit::PoolKind pool) {
   using namespace pyramidinfer;
   const int d = 16;
-  INFO("L " << L << " H " << H << " Hkv " << Hkv << " n " << n << " seed " << seed);
+  INFO("L " << L << " H " << H << " Hkv " << Hkv << " n " << n << " seed " << seed << " page_size " << page_size
+            << " pool " << pit::pool_kind_name(pool) << " page seed " << pit::test_seed());
   pit::TokenData D(L, H, Hkv, d, n + steps, seed, 8, 1.5f);
   Reference ref(D, n);
   ref.full_matrix = full_matrix;
@@ -168,15 +173,18 @@ void run_reference_case(int L, int H, int Hkv, int n, int steps, std::uint32_t s
 
   CompressorConfig cfg{L, H, Hkv, d};
   PyramidCompressor<> comp(cfg);
-  KVCache<float> cache(comp.plan({n}, steps, DType::f32).shape);
-  comp.begin(cache, {n});
+  const int max_len = n + steps, seq = 1;
+  pit::TestCache<> tc(comp, {2, max_len, page_size > 0 ? page_size : pit::contiguous_page_size(max_len), pool});
+  tc.shuffle_free_list(pit::test_seed());  // pages anywhere in the pool
+  auto& cache = tc.cache();
+  comp.begin(cache, seq, n);
   int compressed_layers = 0;
   for (int l = 0; l < L; ++l) {
-    const auto T = pit::prefill_layer(comp, cache, 0, l, D);
+    const auto T = pit::prefill_layer(comp, cache, seq, l, D);
     INFO("prefill layer " << l);
     REQUIRE(as_int(T) == ref.T[std::size_t(l)]);
-    REQUIRE(as_int(pit::cache_positions(cache, l, 0)) == ref.T[std::size_t(l)]);
-    REQUIRE(as_int(comp.tokens(0)) == ref.T[std::size_t(l) + 1]);
+    REQUIRE(as_int(pit::cache_positions(cache, l, seq)) == ref.T[std::size_t(l)]);
+    REQUIRE(as_int(comp.tokens(seq)) == ref.T[std::size_t(l) + 1]);
     compressed_layers += ref.T[std::size_t(l) + 1].size() < ref.T[std::size_t(l)].size() ? 1 : 0;
   }
   CHECK(compressed_layers >= L / 2);  // the schedule really compressed
@@ -184,30 +192,31 @@ void run_reference_case(int L, int H, int Hkv, int n, int steps, std::uint32_t s
   for (int s = 0; s < steps; ++s)
     for (int l = 0; l < L; ++l) {
       const bool rf = ref.decode(l, n + s);
-      const int lf = pit::decode_layer(comp, cache, l, D, {n + s}, {n + s});
+      const int lf = pit::decode_layer(comp, cache, l, D, {{seq, n + s, n + s}});
       INFO("decode step " << s << " layer " << l);
       REQUIRE(lf == (rf ? 1 : 0));
-      REQUIRE(as_int(pit::cache_positions(cache, l, 0)) == ref.P[std::size_t(l)]);
+      REQUIRE(as_int(pit::cache_positions(cache, l, seq)) == ref.P[std::size_t(l)]);
       fires += lf;
     }
   if (steps > 0) CHECK(fires >= L);  // generation-stage compression happened
+  tc.audit();
 }
 
 }  // namespace
 
 TEST_CASE("Reference mode: MHA (H = Hkv = 4), prefill and generation", "[reference]") {
-  run_reference_case(8, 4, 4, 300, 110, 1001, true);
+  run_reference_case(8, 4, 4, 300, 110, 1001, true, 16, pit::PoolKind::nhd);
 }
 
 TEST_CASE("Reference mode: GQA (H = 8, Hkv = 2) repeats KV heads", "[reference]") {
-  run_reference_case(12, 8, 2, 360, 110, 2002, false);
+  run_reference_case(12, 8, 2, 360, 110, 2002, false, 1, pit::PoolKind::hnd);
 }
 
 TEST_CASE("Reference mode: short prompt, long generation, many decode compressions", "[reference]") {
-  run_reference_case(10, 8, 2, 120, 150, 3003, true);
+  run_reference_case(10, 8, 2, 120, 150, 3003, true, 64, pit::PoolKind::interleaved_nhd);
 }
 
 TEST_CASE("Reference mode: long prompts, prefill only", "[reference]") {
-  run_reference_case(8, 4, 4, 700, 0, 4004, false);
-  run_reference_case(8, 8, 2, 410, 0, 5005, false);
+  run_reference_case(8, 4, 4, 700, 0, 4004, false, 0, pit::PoolKind::interleaved_hnd);
+  run_reference_case(8, 8, 2, 410, 0, 5005, false, 128, pit::PoolKind::nhd);
 }

@@ -1,7 +1,9 @@
-// Scoring kernels on tiny hand-computed problems, and view-layout invariance.
+// Scoring kernels on tiny hand-computed problems, and view-layout invariance
+// (HND, NHD, and keys on scattered pages).
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -234,4 +236,70 @@ TEST_CASE("HND and NHD key views give identical scores", "[scoring][view]") {
   CHECK(nhd(0, 3, 2, 4) == x[((0 * 3 + 2) * 4 + 3) * 5 + 4]);
   const auto hnd = make_hnd(x.data(), 2, 3, 4, 5);
   CHECK(hnd(1, 2, 3, 4) == x[((1 * 3 + 2) * 4 + 3) * 5 + 4]);
+}
+
+namespace {
+
+/// The problem of `t` with its keys and positions moved onto pages of
+/// `page_size` slots in an NHD pool, scattered (odd pages, in reverse) among
+/// pages of NaN keys, so a kernel reading past the page table would show.
+struct PagedCopy {
+  std::vector<float> pool;
+  std::vector<std::int32_t> pos, table;
+  ScoreProblem<float> p;
+
+  PagedCopy(Tiny& t, int page_size) {
+    const int pages = (t.n + page_size - 1) / page_size, shift = int(std::log2(page_size));
+    for (int i = 0; i < pages; ++i) table.push_back(2 * (pages - 1 - i) + 1);
+    const std::size_t slot = std::size_t(t.Hkv) * t.d, page = std::size_t(page_size) * slot;
+    pool.assign(std::size_t(2 * pages + 1) * page, std::numeric_limits<float>::quiet_NaN());
+    pos.assign(std::size_t(2 * pages + 1) * page_size, -7);
+    for (int s = 0; s < t.n; ++s) {
+      const std::size_t at = std::size_t(table[std::size_t(s / page_size)]) * page_size + std::size_t(s % page_size);
+      pos[at] = t.pos[std::size_t(s)];
+      for (int h = 0; h < t.Hkv; ++h)
+        for (int i = 0; i < t.d; ++i) pool[at * slot + std::size_t(h) * t.d + i] = t.key(h, s, i);
+    }
+    p = t.problem();
+    const std::int64_t slots = std::int64_t(pages) * page_size;
+    p.keys = {pool.data(), {1, t.Hkv, slots, t.d}, {std::int64_t(page), t.d, std::int64_t(slot), 1}};
+    p.positions = {pos.data(), {1, t.Hkv, slots}, {page_size, 0, 1}};
+    p.pages = {table.data(), 0, shift};
+  }
+};
+
+/// Every host kernel's output on problem p, concatenated.
+std::vector<float> all_scores(const ScoreProblem<float>& p, Granularity g, int n, int w, int H, int cap) {
+  const int groups = g == Granularity::shared ? 1 : p.kv_heads(), width = n - w;
+  std::vector<float> win(std::size_t(groups) * width), norm(win.size()), posn(win.size()), lse(std::size_t(H) * cap);
+  host::window_attention_scores(p, g, 1.2f, make_contiguous(win.data(), 1, groups, width));
+  host::key_norm_scores(p, g, make_contiguous(norm.data(), 1, groups, width));
+  host::position_scores(p, g, make_contiguous(posn.data(), 1, groups, width));
+  host::window_query_lse(p, 0, 0, make_contiguous(lse.data(), 1, H, cap));
+  std::vector<float> out = win;
+  out.insert(out.end(), norm.begin(), norm.end());
+  out.insert(out.end(), posn.begin(), posn.end());
+  out.insert(out.end(), lse.begin(), lse.end());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("Paged keys and positions score bit for bit like their contiguous copy", "[scoring][paged]") {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> nd;
+  Tiny t(2, 4, 37, 8, 6, 9);
+  for (auto& x : t.keys) x = nd(rng);
+  for (auto& x : t.queries) x = nd(rng);
+  for (int s = 0; s < t.n; ++s) t.pos[std::size_t(s)] = 3 * s + 1;
+  t.ring_start = 5;
+  for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
+    const std::vector<float> want = all_scores(t.problem(), g, t.n, t.w, t.H, t.cap);
+    for (int ps : {1, 4, 16, 64}) {
+      INFO(granularity_name(g) << " page_size " << ps);
+      PagedCopy paged(t, ps);
+      const std::vector<float> got = all_scores(paged.p, g, t.n, t.w, t.H, t.cap);
+      CHECK(got == want);
+    }
+  }
 }
