@@ -5,6 +5,7 @@
 // cache, the pool and the free list as they were.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -40,13 +41,13 @@ inline void check_seq_list(const SeqList& s, int max_seqs, const char* fn) {
   PYRAMIDINFER_REQUIRE(s.batch >= 0 && s.batch <= max_seqs, fn, "batch", s.batch,
                        "must be in [0, " + std::to_string(max_seqs) + "]");
   PYRAMIDINFER_REQUIRE(s.seqs != nullptr || s.batch == 0, fn, "seqs", "nullptr", "must hold batch slots");
-  std::vector<char> seen(std::size_t(max_seqs), 0);
+  std::vector<std::int32_t> sorted(s.seqs, s.seqs + s.batch);  // O(batch), not O(max_seqs)
+  std::sort(sorted.begin(), sorted.end());
   for (int i = 0; i < s.batch; ++i) {
-    const int q = s.seqs[i];
-    if (q < 0 || q >= max_seqs || seen[std::size_t(q)])
-      throw_arg_error(fn, "seqs", "[" + std::to_string(i) + "]=" + std::to_string(q),
+    const int q = sorted[std::size_t(i)];
+    if (q < 0 || q >= max_seqs || (i > 0 && q == sorted[std::size_t(i) - 1]))
+      throw_arg_error(fn, "seqs", "slot " + std::to_string(q),
                       "must be distinct slots in [0, " + std::to_string(max_seqs) + ")");
-    seen[std::size_t(q)] = 1;
   }
 }
 
