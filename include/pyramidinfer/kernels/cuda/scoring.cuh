@@ -28,6 +28,17 @@
 // Granularity::shared every KV head of a sequence has the same score_count
 // (head 0's is used). Kernels clamp these so that nothing is read or written
 // out of bounds, but results for violating inputs are unspecified.
+//
+// Paged keys (p.pages.table set, ScoreProblem::key_row): every kernel that
+// reads keys has a bool Paged template parameter, chosen once on the host, so
+// the contiguous instantiations are unchanged; the paged ones take every key
+// row's address through the page table (KeyRows), 16-byte copies per row as
+// before. They read only slots below kv_len (clamped as above), so only the
+// table entries of the pages holding a sequence's first kv_len slots are read;
+// those must name pages of the pool (the caller's responsibility, like the
+// other device arrays: see check_problem). Results are bit-identical to the
+// contiguous kernels' on the same logical keys (same keys.shape[2]). Positions
+// are not read by any CUDA scoring kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -101,6 +112,13 @@ struct ScoreArgs {
   int partial_len;
   int fspan, frows, fstat;  // fused kernel: its FusedLayout
   int splits;               // score_mma_kernel: CTAs per cluster sharing one key block (see there)
+  // Paged keys (ScoreProblem::pages; read only by the kernels' Paged
+  // instantiations, see KeyRows): key slot j of sequence b lives in page
+  // page_table[b * table_stride + (j >> page_shift)], and k0 is the page stride.
+  // Last in the struct, so the contiguous kernels' parameters keep their offsets.
+  const std::int32_t* page_table;
+  std::int64_t table_stride;
+  int page_shift;
 
   __device__ int n(int b, int h) const {
     const int v = kv_len[b * n0 + h * n1];
@@ -129,6 +147,54 @@ struct ScoreArgs {
     c = c > out_len ? out_len : c;
     return c < 0 ? 0 : c;
   }
+};
+
+/// The key rows of one (sequence b, KV head kvh), as elements of type E
+/// (std::uint16_t for the tensor-core kernels, T for the fallbacks):
+/// rows(j) is the address of key slot j's first element. Built once per
+/// (b, kvh), so a kernel's per-row address is one call.
+///   Paged = false: the strided view, base + j * k2, exactly the arithmetic
+///     the kernels did before paging (the contiguous instantiations compile to
+///     the same code).
+///   Paged = true: every row goes through the page table (a page holds
+///     1 << page_shift rows, so rows are not a fixed stride apart across a
+///     page boundary): page_table[b * table_stride + (j >> page_shift)] *
+///     k0 + (j & mask) * k2 + kvh * k1.
+/// The kernels only ask for rows j < kv_len(b, kvh) (clamped to [1, slots]),
+/// and for row 0 in place of an invalid row, so only table entries
+/// [0, ceil(kv_len / page size)) of each sequence are read; that they hold
+/// valid pages of the pool is the caller's responsibility (see check_problem).
+template <class E, bool Paged, class T>
+struct KeyRows {
+  const E* base;
+  const ScoreArgs<T>& a;  // k2 read where a row is formed, as the kernels did
+  __device__ __forceinline__ KeyRows(const ScoreArgs<T>& args, int b, int kvh)
+      : base(reinterpret_cast<const E*>(args.keys + b * args.k0 + kvh * args.k1)), a(args) {}
+  __device__ __forceinline__ const E* operator()(int row) const { return base + std::int64_t(row) * a.k2; }
+  /// Row `row` when ok, else row 0 (a valid address for a zero-fill copy).
+  __device__ __forceinline__ const E* row_or_first(bool ok, int row) const {
+    return base + (ok ? std::int64_t(row) * a.k2 : 0);
+  }
+};
+template <class E, class T>
+struct KeyRows<E, true, T> {
+  const E* base;                // keys + kvh * k1 (+ a column offset a caller may add)
+  const std::int32_t* table;    // the sequence's page-table row
+  std::int64_t k0, k2;          // page stride, slot stride
+  int shift, mask;
+  __device__ __forceinline__ KeyRows(const ScoreArgs<T>& a, int b, int kvh)
+      : base(reinterpret_cast<const E*>(a.keys + kvh * a.k1)),
+        table(a.page_table + b * a.table_stride),
+        k0(a.k0),
+        k2(a.k2),
+        shift(a.page_shift),
+        mask((1 << a.page_shift) - 1) {}
+  __device__ __forceinline__ const E* operator()(int row) const {
+    const std::int64_t page = __ldg(table + (row >> shift));
+    return base + page * k0 + std::int64_t(row & mask) * k2;
+  }
+  /// Row `row` when ok, else row 0: the table is not read for an invalid row.
+  __device__ __forceinline__ const E* row_or_first(bool ok, int row) const { return (*this)(ok ? row : 0); }
 };
 
 // ---- tensor-core helpers ---------------------------------------------------
@@ -496,7 +562,7 @@ __device__ __forceinline__ float load_cluster(const float* p, unsigned rank) {
 
 /// Pass 1 on tensor cores: rows = window queries (r, qi) flattened r*group+qi,
 /// streamed over tiles of 32 keys. grid (row tiles, kv_heads, batch).
-template <class T, int D>
+template <class T, int D, bool Paged>
 __global__ void __launch_bounds__(kLseWarps * 32, 4) lse_mma_kernel(ScoreArgs<T> a) {
   constexpr int kThreads = kLseWarps * 32, kChunks = D * 2 / 16;  // 16-byte chunks per row
   static_assert(kTileCols * kChunks % kThreads == 0, "tile copies split evenly over threads");
@@ -509,7 +575,7 @@ __global__ void __launch_bounds__(kLseWarps * 32, 4) lse_mma_kernel(ScoreArgs<T>
   if (rows <= 0 || block_row0 >= rows) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
   const int s0 = a.ring(b, 0);
-  const std::uint16_t* kbase = reinterpret_cast<const std::uint16_t*>(a.keys + b * a.k0 + kvh * a.k1);
+  const KeyRows<std::uint16_t, Paged, T> krows(a, b, kvh);
   std::uint32_t af[kMT][D / 16][4];
   load_a_frags<D>(af, block_row0 + warp * kWarpRows, [&](int row) -> const std::uint16_t* {
     if (row >= rows) return nullptr;
@@ -530,8 +596,8 @@ __global__ void __launch_bounds__(kLseWarps * 32, 4) lse_mma_kernel(ScoreArgs<T>
 #pragma unroll
     for (int i = 0; i < kTileCols * kChunks / kThreads; ++i) {
       const int e = threadIdx.x + i * kThreads, r = e / kChunks, c = e % kChunks, key = t * kTileCols + r;
-      const bool ok = key <= block_limit;
-      cp_async16(&ks_tile[buf][r * (D + 8) + c * 8], kbase + std::int64_t(ok ? key : 0) * a.k2 + c * 8, ok);
+      const bool ok = key <= block_limit;  // block_limit <= n - 1: every row read is held
+      cp_async16(&ks_tile[buf][r * (D + 8) + c * 8], krows(ok ? key : 0) + c * 8, ok);
     }
   };
   stream_tiles(tiles, load, [&](int t, int buf) {
@@ -569,7 +635,7 @@ __device__ __forceinline__ void store_key_score(const ScoreArgs<T>& a, int b, in
 /// 256-key blocks to fill the GPU (Llama-3-8B, b1, n 8K: 26 x 8 KV heads for
 /// 264 block slots on an H200), and splitting the rows fills it without more
 /// workspace. grid (key blocks * splits, shared ? 1 : kv_heads, batch).
-template <class T, int D>
+template <class T, int D, bool Paged>
 __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArgs<T> a) {
   constexpr int kThreads = kScoreWarps * 32, kChunks = D * 2 / 16;
   constexpr int kCopies = kTileCols * kChunks / kThreads;  // 16-byte copies per thread per tile
@@ -594,10 +660,13 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArg
   float part[kMT][2] = {};
   for (int kvh = h_first; kvh < h_last; ++kvh) {
     const int w = a.w(b, kvh), begin = a.sbegin(b, kvh);
-    const std::uint16_t* kbase = reinterpret_cast<const std::uint16_t*>(a.keys + b * a.k0 + kvh * a.k1);
+    const KeyRows<std::uint16_t, Paged, T> krows(a, b, kvh);
+    // Paged: count is head 0's in shared granularity, so also stop at this
+    // head's kv_len (equal for valid inputs) rather than read unheld pages.
+    const int kv_end = Paged ? a.n(b, kvh) : 0;
     std::uint32_t af[kMT][D / 16][4];
     load_a_frags<D>(af, key0 + warp * kWarpRows, [&](int j) -> const std::uint16_t* {
-      return j < count ? kbase + std::int64_t(begin + j) * a.k2 : nullptr;
+      return j < count && (!Paged || begin + j < kv_end) ? krows(begin + j) : nullptr;
     });
     // This CTA's share of the head's query tiles: [t_begin, t_begin + tiles).
     const int all_tiles = (w * group + kTileCols - 1) / kTileCols;
@@ -782,7 +851,7 @@ __device__ __forceinline__ void load_a_frags_smem(std::uint32_t (&a)[kMT][D / 16
 
 /// grid (cs, kv_heads, batch), cluster (cs, 1, 1) when the LSE is computed
 /// and cs > 1. Rows r * group + qi (window position r, query head qi).
-template <class T, int D>
+template <class T, int D, bool Paged>
 __global__ void __launch_bounds__(kFusedThreads, 2) score_fused_kernel(ScoreArgs<T> a) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
   constexpr int kChunks = D * 2 / 16;  // 16-byte chunks per row
@@ -802,7 +871,9 @@ __global__ void __launch_bounds__(kFusedThreads, 2) score_fused_kernel(ScoreArgs
   // Keys needed: [begin, begin + count) for the scores, and [0, n) for the
   // statistics when they are computed. The cluster splits [first, needed)
   // into CTA ranges [k_lo, k_hi) of `span` keys (a multiple of 32, <= a.fspan).
-  const int scored_end = min(begin + count, a.slots);
+  // Paged: never past kv_len (count is head 0's in shared granularity; equal
+  // for valid inputs), so no row outside the sequence's pages is read.
+  const int scored_end = min(begin + count, Paged ? n : a.slots);
   const int first = compute ? 0 : min(begin, scored_end), needed = compute ? max(n, scored_end) : scored_end;
   const int span = (needed - first + cs * kTileCols - 1) / (cs * kTileCols) * kTileCols;
   const int k_lo = first + int(blockIdx.x) * span, k_hi = min(k_lo + span, needed);
@@ -839,11 +910,12 @@ __global__ void __launch_bounds__(kFusedThreads, 2) score_fused_kernel(ScoreArgs
     }
   }
   cp_async_arrive(&bars[0]);
-  const std::uint16_t* kbase = reinterpret_cast<const std::uint16_t*>(a.keys + b * a.k0 + kvh * a.k1) + c * 8;
+  KeyRows<std::uint16_t, Paged, T> krows(a, b, kvh);
+  krows.base += c * 8;
   for (int ch = 0, r = row0; ch < kFusedChunks; ++ch) {
     for (const int r_end = min(ktiles, (ch + 1) * chunk_tiles) * kTileCols; r < r_end; r += kStep) {
-      const bool ok = k_lo + r < k_hi;
-      cp_async16(&ks[r * (D + 8) + c * 8], kbase + (ok ? std::int64_t(k_lo + r) * a.k2 : 0), ok);
+      const bool ok = k_lo + r < k_hi;  // k_hi <= needed <= n
+      cp_async16(&ks[r * (D + 8) + c * 8], krows.row_or_first(ok, k_lo + r), ok);
     }
     cp_async_arrive(&bars[1 + ch]);
   }
@@ -995,7 +1067,7 @@ struct OnlineLse {
 };
 
 /// One warp per window row (b, q_head, r); grid (ceil(cap / 4), q_heads, batch).
-template <class T>
+template <class T, bool Paged>
 __global__ void __launch_bounds__(128) lse_fallback_kernel(ScoreArgs<T> a) {
   const int b = blockIdx.z, qh = blockIdx.y, kvh = qh / a.group;
   const int r = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -1004,15 +1076,15 @@ __global__ void __launch_bounds__(128) lse_fallback_kernel(ScoreArgs<T> a) {
   if (r < rb || r >= w) return;
   const int ring = a.ring(b, r), last = n - w + r;
   const T* q = a.q + b * a.q0 + qh * a.q1 + std::int64_t(ring) * a.q2;
-  const T* kb = a.keys + b * a.k0 + kvh * a.k1;
+  const KeyRows<T, Paged, T> krows(a, b, kvh);
   OnlineLse stats;
-  for (int j = lane; j <= last; j += 32) stats.fold(dot_row(a, q, kb + std::int64_t(j) * a.k2) * a.scale);
+  for (int j = lane; j <= last; j += 32) stats.fold(dot_row(a, q, krows(j)) * a.scale);  // last <= n - 1
   const float lse = stats.warp_total();
   if (lane == 0) a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(ring) * a.lo2] = lse;
 }
 
 /// One thread per scored key; grid (ceil(slots / 128), shared ? 1 : kv_heads, batch).
-template <class T>
+template <class T, bool Paged>
 __global__ void __launch_bounds__(128) score_fallback_kernel(ScoreArgs<T> a) {
   const int b = blockIdx.z;
   const int h_first = a.shared ? 0 : blockIdx.y, h_last = a.shared ? a.kv_heads : blockIdx.y + 1;
@@ -1022,7 +1094,10 @@ __global__ void __launch_bounds__(128) score_fallback_kernel(ScoreArgs<T> a) {
   float total = 0.f;
   for (int kvh = h_first; kvh < h_last; ++kvh) {
     const int w = a.w(b, kvh), begin = a.sbegin(b, kvh);
-    const T* k = a.keys + b * a.k0 + kvh * a.k1 + std::int64_t(j < count ? begin + j : begin) * a.k2;
+    const KeyRows<T, Paged, T> krows(a, b, kvh);
+    const int row = j < count ? begin + j : begin;
+    // Paged: count is head 0's when shared; stay in this head's pages.
+    const T* k = krows(Paged ? min(row, a.n(b, kvh) - 1) : row);
     float acc = 0.f;
     for (int qh = kvh * a.group; qh < (kvh + 1) * a.group; ++qh)
       for (int r = 0; r < w; ++r) {
@@ -1090,6 +1165,9 @@ ScoreArgs<T> make_args(const ScoreProblem<T>& p, Granularity g, float distance_w
   a.out_len = int(out.shape[2]);
   a.shared = g == Granularity::shared;
   a.splits = 1;
+  a.page_table = p.pages.table;
+  a.table_stride = p.pages.table_stride;
+  a.page_shift = p.pages.page_shift;
   return a;
 }
 
@@ -1115,8 +1193,24 @@ template <class T>
 void check_problem(const ScoreProblem<T>& p, const char* fn) {
   using pyramidinfer::detail::check_dim;
   using pyramidinfer::detail::check_view;
-  // The device kernels address keys as strided views; paged keys are not read here yet.
-  PYRAMIDINFER_REQUIRE(p.pages.table == nullptr, fn, "pages.table", "set", "is not supported by the CUDA scoring yet");
+  // Paged keys (p.pages.table set): what the host can see is checked here.
+  // The table itself is device memory and is not read on the host: that
+  // entries [0, ceil(kv_len(b, h) / page size)) of every sequence's row name
+  // pages of the pool p.keys describes is the caller's responsibility, as for
+  // kv_len and the other device arrays (the paged storage ops validate pages
+  // when they write them; a stale or garbage entry here is read as a page id).
+  // Slots past kv_len are never read, so their entries may hold anything.
+  // The kernels read no positions (no CUDA policy scores on them).
+  if (p.pages.table) {
+    PYRAMIDINFER_REQUIRE(p.pages.page_shift >= 0 && p.pages.page_shift <= 20, fn, "pages.page_shift",
+                         p.pages.page_shift, "must be in [0, 20]");
+    PYRAMIDINFER_REQUIRE(p.pages.table_stride >= 0, fn, "pages.table_stride", p.pages.table_stride, "must be >= 0");
+    PYRAMIDINFER_REQUIRE(p.keys.stride[0] > 0, fn, "keys.stride[0]", p.keys.stride[0],
+                         "must be > 0 (the page stride) with pages.table set");
+  } else {
+    PYRAMIDINFER_REQUIRE(p.pages.page_shift == 0 && p.pages.table_stride == 0, fn, "pages.table", "nullptr",
+                         "must point to the page table when pages.page_shift or pages.table_stride is set");
+  }
   check_view(p.keys, fn, "keys");
   check_view(p.queries, fn, "queries");
   check_view(p.kv_len, fn, "kv_len");
@@ -1144,7 +1238,7 @@ void check_problem(const ScoreProblem<T>& p, const char* fn) {
   }
 }
 
-template <class T>
+template <bool Paged, class T>
 void launch_lse(ScoreArgs<T> a, const ScoreProblem<T>& p, cudaStream_t stream) {
   const bool done = use_mma(p) && pyramidinfer::detail::dispatch_int(p.head_dim(), MmaHeadDims{}, [&](auto dc) {
                       constexpr int D = decltype(dc)::value;
@@ -1153,13 +1247,13 @@ void launch_lse(ScoreArgs<T> a, const ScoreProblem<T>& p, cudaStream_t stream) {
                         const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(
                                             std::int64_t(a.cap) * a.group, kLseRows)),
                                         unsigned(a.kv_heads), unsigned(a.batch));
-                        lse_mma_kernel<T, D><<<grid, kLseWarps * 32, 0, stream>>>(a);
+                        lse_mma_kernel<T, D, Paged><<<grid, kLseWarps * 32, 0, stream>>>(a);
                         PYRAMIDINFER_CUDA_CHECK_LAUNCH("lse_mma_kernel");
                       }
                     });
   if (!done) {
     const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(a.cap, 4)), unsigned(a.q_heads), unsigned(a.batch));
-    lse_fallback_kernel<T><<<grid, 128, 0, stream>>>(a);
+    lse_fallback_kernel<T, Paged><<<grid, 128, 0, stream>>>(a);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("lse_fallback_kernel");
   }
 }
@@ -1220,16 +1314,17 @@ FusedPlan<D> fused_plan(const ScoreProblem<T>& p, Granularity g, bool have_parti
   return f;
 }
 
-/// Lets score_fused_kernel<T, D> take the device's opt-in shared memory (once per device).
-template <class T, int D>
+/// Lets score_fused_kernel<T, D, Paged> take the device's opt-in shared memory
+/// (once per device and instantiation: the attribute is per kernel function).
+template <class T, int D, bool Paged>
 void allow_fused_smem(int optin) {
   static std::atomic<bool> done[64];
   int dev = 0;
   PYRAMIDINFER_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev >= 0 && dev < 64 && done[dev].load(std::memory_order_relaxed)) return;
   PYRAMIDINFER_CUDA_CHECK(
-      cudaFuncSetAttribute(score_fused_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-  PYRAMIDINFER_CUDA_CHECK(cudaFuncSetAttribute(score_fused_kernel<T, D>,
+      cudaFuncSetAttribute(score_fused_kernel<T, D, Paged>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  PYRAMIDINFER_CUDA_CHECK(cudaFuncSetAttribute(score_fused_kernel<T, D, Paged>,
                                                cudaFuncAttributePreferredSharedMemoryCarveout,
                                                int(cudaSharedmemCarveoutMaxShared)));
   if (dev >= 0 && dev < 64) done[dev].store(true, std::memory_order_relaxed);
@@ -1244,7 +1339,7 @@ void launch_reduce(const ScoreArgs<T>& a, std::int64_t keys, cudaStream_t stream
 }
 
 /// Launches the fused kernel when it serves p (see fused_plan); false: not launched.
-template <class T>
+template <bool Paged, class T>
 bool launch_fused(ScoreArgs<T> a, const ScoreProblem<T>& p, Granularity g, std::int64_t keys, cudaStream_t stream) {
   if constexpr (std::is_same<T, float>::value) {
     return false;  // fp32 keys take the CUDA-core kernels
@@ -1255,7 +1350,7 @@ bool launch_fused(ScoreArgs<T> a, const ScoreProblem<T>& p, Granularity g, std::
       constexpr int D = decltype(dc)::value;
       const FusedPlan<D> f = fused_plan<D>(p, g, a.partial != nullptr);
       if (f.cs == 0) return;
-      allow_fused_smem<T, D>(device_smem().optin);
+      allow_fused_smem<T, D, Paged>(device_smem().optin);
       a.fspan = f.lay.span, a.frows = f.lay.rows, a.fstat = f.lay.stat;
       cudaLaunchConfig_t cfg{};
       cfg.gridDim = dim3(unsigned(f.cs), unsigned(a.kv_heads), unsigned(a.batch));
@@ -1266,7 +1361,7 @@ bool launch_fused(ScoreArgs<T> a, const ScoreProblem<T>& p, Granularity g, std::
       cluster.id = cudaLaunchAttributeClusterDimension;
       cluster.val.clusterDim.x = unsigned(f.cs), cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
       if (a.lse == nullptr && f.cs > 1) cfg.attrs = &cluster, cfg.numAttrs = 1;  // the CTAs merge statistics
-      PYRAMIDINFER_CUDA_CHECK(cudaLaunchKernelEx(&cfg, score_fused_kernel<T, D>, a));
+      PYRAMIDINFER_CUDA_CHECK(cudaLaunchKernelEx(&cfg, score_fused_kernel<T, D, Paged>, a));
       PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_fused_kernel");
       if (a.partial) launch_reduce(a, keys, stream);
       launched = true;
@@ -1308,13 +1403,13 @@ inline int score_splits(std::int64_t blocks, std::int64_t tiles) {
 
 /// Launches score_mma_kernel over `keys` key slots, `heads` grid rows
 /// (1 or the KV heads), in clusters of score_splits CTAs.
-template <class T, int D>
+template <class T, int D, bool Paged>
 void launch_score_mma(ScoreArgs<T> a, std::int64_t keys, unsigned heads, cudaStream_t stream) {
   const std::int64_t blocks = pyramidinfer::detail::ceil_div(keys, kScoreKeys);
   a.splits = score_splits(blocks * heads * a.batch, pyramidinfer::detail::ceil_div(std::int64_t(a.cap) * a.group, kTileCols));
   const dim3 grid(unsigned(blocks * a.splits), heads, unsigned(a.batch));
   if (a.splits == 1) {
-    score_mma_kernel<T, D><<<grid, kScoreWarps * 32, 0, stream>>>(a);
+    score_mma_kernel<T, D, Paged><<<grid, kScoreWarps * 32, 0, stream>>>(a);
   } else {
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = grid;
@@ -1324,7 +1419,7 @@ void launch_score_mma(ScoreArgs<T> a, std::int64_t keys, unsigned heads, cudaStr
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = unsigned(a.splits), cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
     cfg.attrs = &cluster, cfg.numAttrs = 1;
-    PYRAMIDINFER_CUDA_CHECK(cudaLaunchKernelEx(&cfg, score_mma_kernel<T, D>, a));
+    PYRAMIDINFER_CUDA_CHECK(cudaLaunchKernelEx(&cfg, score_mma_kernel<T, D, Paged>, a));
   }
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_mma_kernel");
 }
@@ -1357,6 +1452,40 @@ std::size_t window_attention_scores_workspace_bytes(const ScoreProblem<T>& p, Gr
   return window_attention_scores_workspace_bytes(p) + detail::score_partial_bytes(p, g);
 }
 
+namespace detail {
+/// The launches of window_attention_scores once its arguments are checked and
+/// `a` is set up (workspace: the pass-1 LSE buffer first, when needed).
+template <bool Paged, class T>
+void launch_window_scores(ScoreArgs<T> a, const ScoreProblem<T>& p, Granularity g, std::int64_t keys, void* workspace,
+                          cudaStream_t stream) {
+  if (launch_fused<Paged>(a, p, g, keys, stream)) return;
+  if (!p.lse.data) {
+    float* lse = static_cast<float*>(workspace);
+    a.lse_out = lse;
+    a.lo2 = 1, a.lo1 = p.ring_capacity(), a.lo0 = std::int64_t(p.q_heads()) * p.ring_capacity();
+    a.row_begin = 0;
+    launch_lse<Paged>(a, p, stream);
+    a.lse = lse;
+    a.l0 = a.lo0, a.l1 = a.lo1, a.l2 = a.lo2;
+  }
+  const unsigned groups = g == Granularity::shared ? 1u : unsigned(p.kv_heads());
+  const bool done =
+      use_mma(p) && pyramidinfer::detail::dispatch_int(p.head_dim(), MmaHeadDims{}, [&](auto dc) {
+        constexpr int D = decltype(dc)::value;
+        static_assert(D % 16 == 0, "head_dim");
+        if constexpr (!std::is_same<T, float>::value) {
+          launch_score_mma<T, D, Paged>(a, keys, a.partial ? unsigned(p.kv_heads()) : groups, stream);
+          if (a.partial) launch_reduce(a, keys, stream);
+        }
+      });
+  if (!done) {
+    const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(keys, 128)), groups, unsigned(p.batch()));
+    score_fallback_kernel<T, Paged><<<grid, 128, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_fallback_kernel");
+  }
+}
+}  // namespace detail
+
 /// Twin of host::window_attention_scores. All views are device memory.
 template <class T>
 void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float distance_weight, ScoreView out,
@@ -1378,31 +1507,10 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
     a.partial_len = int(p.keys.shape[2]);
   }
   const std::int64_t keys = std::min<std::int64_t>(out.shape[2], p.keys.shape[2]);
-  if (detail::launch_fused(a, p, g, keys, stream)) return;
-  if (!p.lse.data) {
-    float* lse = static_cast<float*>(workspace);
-    a.lse_out = lse;
-    a.lo2 = 1, a.lo1 = p.ring_capacity(), a.lo0 = std::int64_t(p.q_heads()) * p.ring_capacity();
-    a.row_begin = 0;
-    detail::launch_lse(a, p, stream);
-    a.lse = lse;
-    a.l0 = a.lo0, a.l1 = a.lo1, a.l2 = a.lo2;
-  }
-  const unsigned groups = g == Granularity::shared ? 1u : unsigned(p.kv_heads());
-  const bool done =
-      detail::use_mma(p) && pyramidinfer::detail::dispatch_int(p.head_dim(), detail::MmaHeadDims{}, [&](auto dc) {
-        constexpr int D = decltype(dc)::value;
-        static_assert(D % 16 == 0, "head_dim");
-        if constexpr (!std::is_same<T, float>::value) {
-          detail::launch_score_mma<T, D>(a, keys, a.partial ? unsigned(p.kv_heads()) : groups, stream);
-          if (a.partial) detail::launch_reduce(a, keys, stream);
-        }
-      });
-  if (!done) {
-    const dim3 grid(unsigned(pyramidinfer::detail::ceil_div(keys, 128)), groups, unsigned(p.batch()));
-    detail::score_fallback_kernel<T><<<grid, 128, 0, stream>>>(a);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("score_fallback_kernel");
-  }
+  // Paging is a template parameter of every kernel that reads keys, chosen
+  // once here: the contiguous instantiations are the kernels as they were.
+  if (p.pages.table) detail::launch_window_scores<true>(a, p, g, keys, workspace, stream);
+  else detail::launch_window_scores<false>(a, p, g, keys, workspace, stream);
 }
 
 /// Twin of host::window_query_lse for every sequence at once: rows
@@ -1422,7 +1530,8 @@ void window_query_lse(const ScoreProblem<T>& p, int row_begin, TensorView<float,
   a.lse_out = lse_out.data;
   a.lo0 = lse_out.stride[0], a.lo1 = lse_out.stride[1], a.lo2 = lse_out.stride[2];
   a.row_begin = row_begin;
-  detail::launch_lse(a, p, stream);
+  if (p.pages.table) detail::launch_lse<true>(a, p, stream);
+  else detail::launch_lse<false>(a, p, stream);
 }
 
 /// Twin of host::attention_weight_scores: attn (b, q_head, row, slot) fp32
