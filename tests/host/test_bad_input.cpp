@@ -419,9 +419,8 @@ TEST_CASE("Compressor construction and ordering errors", "[bad][compressor]") {
   pit::TestCache<> tc(comp, {1, 8, 4});
   std::vector<float> x(8 * 4, 1.f);
   const std::int32_t pos = 0, slot = 0;
-  BAD(tc, comp.decode_append(0, tc.cache(), SeqList{&slot, 1}, make_hnd<const float>(x.data(), 1, 1, 1, 4),
-                             make_hnd<const float>(x.data(), 1, 1, 1, 4), &pos, make_hnd<const float>(x.data(), 1, 2, 1, 4)),
-      "seq");
+  const auto kv = make_hnd<const float>(x.data(), 1, 1, 1, 4), q = make_hnd<const float>(x.data(), 1, 2, 1, 4);
+  BAD(tc, comp.decode_append(0, tc.cache(), SeqList{&slot, 1}, kv, kv, &pos, q), "seq");
   BAD(tc, comp.decode_compress(0, tc.cache(), SeqList{&slot, 1}), "seq");
   BAD(tc, comp.prefill_store(0, tc.cache(), 0, make_contiguous<const float>(x.data(), 1, 8, 4),
                              make_contiguous<const float>(x.data(), 1, 8, 4)),

@@ -211,7 +211,10 @@ TEST_CASE("Planner capacity and pages per request are exactly the peak a long de
     for (int b = 0; b < 2; ++b) pit::start(comp, tc.cache(), slot[std::size_t(b)], lens[std::size_t(b)], D);
     std::vector<int> peak(static_cast<std::size_t>(L), 0);
     std::vector<std::vector<int>> peak_pages(2, std::vector<int>(std::size_t(L), 0));
-    auto token = [&](int b, int s) { return pit::DecodeToken{slot[std::size_t(b)], lens[std::size_t(b)] + s, lens[std::size_t(b)] + s}; };
+    auto token = [&](int b, int s) {
+      const int t = lens[std::size_t(b)] + s;
+      return pit::DecodeToken{slot[std::size_t(b)], t, t};
+    };
     for (int s = 0; s < steps; ++s)
       for (int l = 0; l < L; ++l) {
         pit::decode_append_layer(comp, tc.cache(), l, D, {token(0, s), token(1, s)});
