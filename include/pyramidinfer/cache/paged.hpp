@@ -114,7 +114,9 @@ struct PagedCacheShape {
   int page_size = 16;   ///< a power of two (1-256 for paged attention kernels; larger for one page per sequence)
   int num_pages = 0;    ///< pages in the engine's pool
   int max_seqs = 0;     ///< sequence slots
-  int max_seq_len = 0;  ///< most tokens one sequence holds in one layer (sizes a page-table row)
+  /// Most tokens one sequence holds in one layer, rounded up to whole pages
+  /// (max_pages() * page_size is the limit the ops enforce); sizes a page-table row.
+  int max_seq_len = 0;
 
   /// Heads that carry their own positions: 1 when selection is shared.
   int position_heads() const { return granularity == Granularity::shared ? 1 : kv_heads; }

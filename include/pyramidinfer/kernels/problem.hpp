@@ -38,8 +38,13 @@ struct SlotPages {
 /// slots [0, that slot] (causal).
 template <class T>
 struct ScoreProblem {
-  KVView<const T> keys;                            ///< (b, kv_head, slot, d)
-  TensorView<const std::int32_t, 3> positions;     ///< (b, kv_head, slot) original positions; head stride 0 when shared
+  /// (b, kv_head, slot, d) and (b, kv_head, slot): original positions, head
+  /// stride 0 when shared. When `pages` is set these are NOT plain views
+  /// (axis 0 is the page, not b): read them through key_row() and
+  /// position(), which are right in both cases. The compressor's problems
+  /// are paged, so a custom scoring must use the accessors.
+  KVView<const T> keys;
+  TensorView<const std::int32_t, 3> positions;
   TensorView<const std::int32_t, 2> kv_len;        ///< (b, kv_head) valid slots
   TensorView<const T, 4> queries;                  ///< (b, q_head, ring_slot, d) window queries after RoPE
   /// (b, q_head, ring_slot): natural-log sum of exp(scale * q.k) over the

@@ -4,7 +4,8 @@
 //     template <class T>
 //     void score(const ScoreProblem<T>& problem, Granularity g, ScoreView out) const;
 // writing one fp32 score per scored slot (see kernels/problem.hpp). Higher
-// means more important. It runs on the host; a policy that also offers
+// means more important. Keys and positions live in pages: read them with
+// problem.key_row(b, head, slot) and problem.position(b, head, slot). It runs on the host; a policy that also offers
 //     template <class T>
 //     void score(const ScoreProblem<T>&, Granularity, ScoreView, cudaStream_t) const;
 // runs on the CUDA backend too. `needs_queries` says whether the compressor

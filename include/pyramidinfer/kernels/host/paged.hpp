@@ -113,7 +113,7 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
     PYRAMIDINFER_REQUIRE(b >= 0 && n >= 0 && b + n <= rows, fn, "src.begin/count",
                          std::to_string(b) + "/" + std::to_string(n), "must lie in the " + std::to_string(rows) + " rows");
     PYRAMIDINFER_REQUIRE(len + n <= std::int64_t(c.max_pages) << c.page_shift, fn, "count", n,
-                         "overflows max_seq_len in layer " + std::to_string(layer) + " (length " +
+                         "overflows the page-table row (max_seq_len rounded up to pages) in layer " + std::to_string(layer) + " (length " +
                              std::to_string(len) + ")");
     if (src.head_rows.data) {
       PYRAMIDINFER_REQUIRE(b + n <= src.head_rows.shape[1], fn, "src.head_rows.shape[1]", src.head_rows.shape[1],
