@@ -1,18 +1,22 @@
-// PyramidCompressor: prefill and decode orchestration over a KV cache.
-//
-// Prefill, per layer l and sequence b (see README "Drop it into your engine"):
-//   1. the engine computes Q, K, V for its current tokens tokens(b) (T_l),
-//   2. prefill_store(l, cache, b, K, V) writes them into the cache,
+// PyramidCompressor: prefill and decode orchestration over the paged cache
+// (cache/paged.hpp). Sequences live in slots and begin and end on their own:
+//   begin(cache, seq, prompt_len) ... end(cache, seq) (its pages return).
+// Prefill, per sequence and layer l in order (README "Drop it into your engine"):
+//   1. the engine computes Q, K, V for its current tokens tokens(seq) (T_l),
+//   2. prefill_store(l, cache, seq, K, V) writes them into the layer's pages,
 //   3. the engine runs attention for T_l as usual,
-//   4. prefill_select(l, cache, b, window queries) scores the context with
+//   4. prefill_select(l, cache, seq, window queries) scores the context with
 //      the recent window's queries, keeps the schedule's count, and returns
 //      the indices (into T_l) of T_{l+1}: the hidden states layer l+1 computes.
-// Decode, per layer, for the whole batch:
+// Decode, per layer, for any list of live, prefilled slots:
 //   decode_append(...) before attention, decode_compress(...) after it.
 //
 // The compressor keeps each layer's recent-window queries (and their softmax
-// log-sum-exp) in a ring, so scoring never needs attention weights from the
-// engine: it works with FlashAttention-style kernels.
+// log-sum-exp) in a ring per sequence, so scoring never needs attention
+// weights from the engine: it works with FlashAttention-style kernels. Its
+// per-sequence state exists once (Seq). This is the host backend, the
+// reference; the CUDA compressor (compressor_cuda.cuh) has not moved to the
+// paged cache yet.
 #pragma once
 
 #include <algorithm>
