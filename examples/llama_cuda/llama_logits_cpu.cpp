@@ -67,10 +67,12 @@ int main(int argc, char** argv) {
         lg = e.decode(std::vector<std::int32_t>(std::size_t(B), tok));
         w.write(lg.data.data(), lg.data.size());
       }
-      std::fprintf(stderr, "policy %s: KV allocated %zu bytes (%.1f%% of full)\n", argv[3], e.plan().total_bytes,
-                   100.0 * e.plan().ratio_to_full);
-      for (int l = 0; l < e.cache().num_layers(); ++l)
-        std::fprintf(stderr, "  layer %2d cap %5d len(b0) %5d\n", l, e.cache().capacity(l), e.cache().length(l, 0));
+      std::fprintf(stderr, "policy %s: KV pool %lld pages (%.1f%% of a full cache's %lld)\n", argv[3],
+                   (long long)e.pool_pages(), 100.0 * double(e.pool_pages()) / double(e.full_pages()),
+                   (long long)e.full_pages());
+      const PagedKV<float>& kv = e.cache().kv();
+      for (int l = 0; l < kv.num_layers; ++l)
+        std::fprintf(stderr, "  layer %2d len(b0) %5d in %d pages\n", l, kv.len(l, 0), kv.pages_for(kv.len(l, 0)));
     });
     return 0;
   } catch (const std::exception& e) {
