@@ -4,6 +4,8 @@
 #include <catch2/catch.hpp>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -88,6 +90,31 @@ pyramidinfer::TensorView<U, R> on_device(const pyramidinfer::TensorView<T, R>& v
   d.shape = v.shape;
   d.stride = v.stride;
   return d;
+}
+
+/// Scores (batch, groups, out_len) from a kernel against the host reference:
+/// every scored entry (j < count[b * kvh + g]) finite and within the scoring
+/// tolerance (relative to the row's largest reference), every entry past the
+/// count still poison.
+inline void expect_scores_match(const std::vector<float>& got, const std::vector<float>& ref,
+                                const std::vector<std::int32_t>& count, int batch, int kvh, int groups, int out_len) {
+  for (int b = 0; b < batch; ++b)
+    for (int gi = 0; gi < groups; ++gi) {
+      const int cnt = count[std::size_t(b * kvh + gi)];
+      const std::size_t row = (std::size_t(b) * groups + gi) * out_len;
+      double maxref = 0;
+      for (int j = 0; j < cnt; ++j) maxref = std::max(maxref, double(std::fabs(ref[row + j])));
+      for (int j = 0; j < out_len; ++j) {
+        const std::size_t i = row + j;
+        INFO("b " << b << " g " << gi << " j " << j << " of " << cnt << " got " << got[i] << " ref " << ref[i]);
+        if (j < cnt) {
+          REQUIRE(std::isfinite(got[i]));
+          REQUIRE(std::fabs(got[i] - ref[i]) <= 2e-3 * maxref + 1e-4 * std::fabs(ref[i]) + 1e-30);
+        } else {
+          REQUIRE(is_poison(got[i]));
+        }
+      }
+    }
 }
 
 }  // namespace test
