@@ -15,6 +15,9 @@
 //     --device-trigger  CudaPyramidCompressor's device trigger mode (the chain
 //                       launches every step) instead of the host-tracked default
 //     --no-graph        decode steps launched eagerly (no CUDA graph replay)
+//     --page-size N     tokens per KV page (default 16; a power of two >= every
+//                       sequence's length is the contiguous special case: one
+//                       page per layer and sequence)
 //     --profile P       P = prefill or decode: one warm-up run only, with
 //                       cudaProfilerStart/Stop around its prefill, or around
 //                       its decode step 128 (for `ncu --profile-from-start off`);
@@ -113,7 +116,7 @@ void run(const char* shape, const char* policy, const CudaModel& model, Engine& 
   cudaGetDeviceProperties(&prop, 0);
   std::string per_layer;
   for (int l = 0; l < plan.shape.num_layers; ++l)
-    per_layer += (l ? "," : "") + std::to_string(plan.shape.layer_bytes(l));
+    per_layer += (l ? "," : "") + std::to_string(std::size_t(plan.layer_pages[std::size_t(l)]) * plan.page_bytes);
   const double steps = gen - 1;
   char date[32];
   const std::time_t now = std::time(nullptr);
@@ -123,11 +126,11 @@ void run(const char* shape, const char* policy, const CudaModel& model, Engine& 
       "\"kv_bytes\":%zu,\"kv_full_bytes\":%zu,\"kv_ratio\":%.4f,\"weight_bytes\":%zu,\"peak_device_bytes\":%zu,"
       "\"prefill_s\":%.4f,\"decode_ms_step\":%.3f,\"gen_tok_s\":%.1f,\"total_tok_s\":%.1f,"
       "\"comp_share_prefill\":%.4f,\"comp_share_decode\":%.4f,\"trigger\":\"%s\",\"graph\":%s,\"evict_launches\":%lld,"
-      "\"device\":\"%s\",\"date\":\"%s\",\"kv_layer_bytes\":[%s]}\n",
+      "\"page_size\":%d,\"device\":\"%s\",\"date\":\"%s\",\"kv_layer_bytes\":[%s]}\n",
       shape, policy, final_ratio, batch, prompt, gen, plan.total_bytes, plan.full_bytes, plan.ratio_to_full,
       model.weight_bytes(), peak, pf, dc / steps * 1e3, batch * double(gen) / (pf + dc),
       batch * double(prompt + gen) / (pf + dc), comp_pf, comp_dc, decode_trigger_name(e.compressor().decode_trigger()),
-      e.options().decode_graph ? "true" : "false", launches, prop.name, date, per_layer.c_str());
+      e.options().decode_graph ? "true" : "false", launches, e.options().page_size, prop.name, date, per_layer.c_str());
   std::fflush(stdout);
 }
 
@@ -146,10 +149,14 @@ static std::vector<T> to_host(const DBuf<T>& d, std::size_t n) {
   return h;
 }
 
-/// Largest |a - b| over fp16 arrays and over fp32 arrays (-inf == -inf counts as equal).
+/// Largest |a - b| over fp16 arrays and over fp32 arrays (-inf == -inf counts as equal; a NaN, such as a
+/// poisoned value a kernel left unwritten, counts as 1e30).
 static double max_err(const std::vector<__half>& a, const std::vector<__half>& b) {
   double e = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) e = std::max(e, double(std::fabs(__half2float(a[i]) - __half2float(b[i]))));
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs(double(__half2float(a[i])) - double(__half2float(b[i])));
+    e = std::max(e, std::isfinite(d) ? d : 1e30);
+  }
   return e;
 }
 static double max_err(const std::vector<float>& a, const std::vector<float>& b) {
@@ -159,74 +166,178 @@ static double max_err(const std::vector<float>& a, const std::vector<float>& b) 
   return e;
 }
 
-/// Prefill and decode attention against the reference on one random problem.
-static bool check_attention(int D, int H, int Hkv, std::uint32_t seed) {
-  std::mt19937 rng(seed);
+/// All bytes 0xFF: NaN in fp16 and fp32, so whatever a kernel leaves unwritten fails the comparison.
+template <class T>
+static void poison(DBuf<T>& d) {
+  LC_CUDA(cudaMemset(d.get(), 0xFF, d.size() * sizeof(T)));
+}
+
+static std::vector<__half> random_halves(std::mt19937& rng, std::size_t n, float amp) {
   std::uniform_real_distribution<float> uni(-1.f, 1.f);
-  const std::vector<int> rows_of = {1, 70, 200, 64};  // ragged, partial and full 64-row tiles
-  const int nb = int(rows_of.size()), cap = 256;
-  std::vector<std::int32_t> off{0};
-  for (int n : rows_of) off.push_back(off.back() + n);
-  const int rows = off.back();
-  // Each sequence keeps a sorted random subset of positions (token dropping): causality by position, not slot.
-  std::vector<std::int32_t> qpos(std::size_t(rows), 0), kpos(std::size_t(nb) * cap, 0), klen(std::size_t(nb), 0), row_seq;
-  for (int b = 0; b < nb; ++b) {
-    int p = int(rng() % 5);
-    for (int i = 0; i < rows_of[std::size_t(b)]; ++i) {
-      qpos[std::size_t(off[std::size_t(b)] + i)] = kpos[std::size_t(b) * cap + i] = p;
-      p += 1 + int(rng() % 3);
-      row_seq.push_back(b);
-    }
-    klen[std::size_t(b)] = rows_of[std::size_t(b)];
+  std::vector<__half> v(n);
+  for (auto& x : v) x = __float2half(uni(rng) * amp);
+  return v;
+}
+
+/// n ascending positions with gaps of 1-3 from a random start: what token dropping leaves.
+static std::vector<std::int32_t> gapped_positions(std::mt19937& rng, int n) {
+  std::vector<std::int32_t> p(std::size_t(std::max(n, 0)));
+  int x = int(rng() % 5);
+  for (auto& v : p) v = x, x += 1 + int(rng() % 3);
+  return p;
+}
+
+/// Prefill attention against the packed reference: ragged sequences (1 row, partial and full 64-row tiles),
+/// gapped positions (causality by position, not row), K/V in the engine's [rows, Hkv, d] or head-major.
+static bool check_prefill(int D, int H, int Hkv, bool head_major, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  const std::vector<int> rows_of = {1, 70, 200, 64};
+  const int nb = int(rows_of.size());
+  std::vector<std::int32_t> off{0}, qpos;
+  for (int n : rows_of) {
+    off.push_back(off.back() + n);
+    const std::vector<std::int32_t> p = gapped_positions(rng, n);
+    qpos.insert(qpos.end(), p.begin(), p.end());
   }
-  auto rnd = [&](std::size_t n, float amp) {
-    std::vector<__half> v(n);
-    for (auto& x : v) x = __float2half(uni(rng) * amp);
-    return v;
-  };
-  const DBuf<__half> q = to_device(rnd(std::size_t(rows) * H * D, 3.f));  // peaked enough that masking matters
-  const DBuf<__half> k = to_device(rnd(std::size_t(nb) * Hkv * cap * D, 1.f));
-  const DBuf<__half> v = to_device(rnd(std::size_t(nb) * Hkv * cap * D, 1.f));
-  const DBuf<std::int32_t> dqpos = to_device(qpos), dkpos = to_device(kpos), dlen = to_device(klen), doff = to_device(off),
-                           dseq = to_device(row_seq);
-  const attn::CacheView c{k.get(), v.get(), dkpos.get(), dlen.get(), cap, Hkv};
+  const int rows = off.back();
+  const DBuf<__half> q = to_device(random_halves(rng, std::size_t(rows) * H * D, 3.f));  // peaked: masking matters
+  const DBuf<__half> k = to_device(random_halves(rng, std::size_t(rows) * Hkv * D, 1.f));
+  const DBuf<__half> v = to_device(random_halves(rng, std::size_t(rows) * Hkv * D, 1.f));
+  const DBuf<std::int32_t> dqpos = to_device(qpos), doff = to_device(off);
+  const attn::PackedKV kv{k.get(), v.get(), head_major ? D : std::int64_t(Hkv) * D,
+                          head_major ? std::int64_t(rows) * D : D, Hkv};
   const float scale = 1.f / std::sqrt(float(D));
   const std::size_t no = std::size_t(rows) * H * D, nl = std::size_t(rows) * H;
   DBuf<__half> out(no), ref(no);
   DBuf<float> lse(nl), lse_ref(nl);
-  attn::prefill_attention(q.get(), dqpos.get(), doff.get(), nb, *std::max_element(rows_of.begin(), rows_of.end()), c, H, D,
-                          scale, out.get(), lse.get(), 0);
-  attn::reference_attention(q.get(), dqpos.get(), dseq.get(), rows, c, H, D, scale, ref.get(), lse_ref.get(), 0);
+  poison(out), poison(ref), poison(lse), poison(lse_ref);
+  attn::prefill_attention(q.get(), dqpos.get(), doff.get(), nb, *std::max_element(rows_of.begin(), rows_of.end()), kv,
+                          H, D, scale, out.get(), lse.get(), 0);
+  attn::reference_attention(q.get(), dqpos.get(), doff.get(), nb, rows, kv, H, D, scale, ref.get(), lse_ref.get(), 0);
   LC_CUDA(cudaDeviceSynchronize());
   const double eo = max_err(to_host(out, no), to_host(ref, no)), el = max_err(to_host(lse, nl), to_host(lse_ref, nl));
-  bool ok = eo < 1e-2 && el < 2e-3;
-  std::printf("selfcheck prefill attention d=%d H=%d Hkv=%d rows=%d: max|out-ref| %.2e, max|lse-ref| %.2e %s\n", D, H, Hkv,
-              rows, eo, el, eo < 1e-2 && el < 2e-3 ? "OK" : "FAIL");
-  // Decode: one query per sequence, at a position inside the sequence (later keys masked), 1 and several splits.
-  std::vector<std::int32_t> dpos(static_cast<std::size_t>(nb)), dseq_id(static_cast<std::size_t>(nb));
-  std::vector<__half> dq(std::size_t(nb) * H * D);
-  const std::vector<__half> qh = to_host(q, no);
-  for (int b = 0; b < nb; ++b) {
-    const int r = off[std::size_t(b)] + (rows_of[std::size_t(b)] * 2) / 3;
-    dpos[std::size_t(b)] = qpos[std::size_t(r)] + (b % 2);  // between two kept positions for odd b
-    dseq_id[std::size_t(b)] = b;
-    std::copy(qh.begin() + std::int64_t(r) * H * D, qh.begin() + std::int64_t(r + 1) * H * D,
-              dq.begin() + std::int64_t(b) * H * D);
+  const bool ok = eo < 1e-2 && el < 2e-3;
+  std::printf("selfcheck prefill attention d=%d H=%d Hkv=%d rows=%d %s: max|out-ref| %.2e, max|lse-ref| %.2e %s\n", D,
+              H, Hkv, rows, head_major ? "head-major" : "[rows,Hkv,d]", eo, el, ok ? "OK" : "FAIL");
+  return ok;
+}
+
+/// A random paged cache on the device (2 layers x 8 slots; the check reads layer 1, layer 0 holds other
+/// tokens so a wrong layer offset shows). Every sequence's pages come from a shuffled pool with spare pages
+/// of random data; table entries past a sequence's pages hold invalid ids (-1, num_pages + 3). Slot 6 has
+/// a device length past its table row (clamped: read through its one valid page, then invalid ids), slot 7
+/// a negative length (empty).
+struct TestPaged {
+  DBuf<__half> k, v;
+  DBuf<std::int32_t> table, length, positions;
+  PagedKV<half_t> kv;
+  std::vector<std::vector<std::int32_t>> pos1;  // layer 1, per slot: head 0's positions of the valid tokens
+  int max_len = 0;                              // the longest valid length in layer 1 (decode's host bound)
+};
+
+static TestPaged make_test_paged(std::mt19937& rng, int D, int Hkv, int page, PageLayout layout, bool interleaved,
+                                 int pos_heads) {
+  constexpr int kLayers = 2, kSlots = 8, kMaxLen = 320;
+  const std::vector<std::vector<int>> valid = {{33, 250, 5, 128, 0, 17, 9, 9}, {70, 1, 300, 0, 64, 200, 40, 0}};
+  int shift = 0;
+  while ((1 << shift) < page) ++shift;
+  const int max_pages = (kMaxLen + page - 1) / page;
+  int used = 0;
+  for (const auto& layer : valid)
+    for (int n : layer) used += (n + page - 1) / page;
+  const int num_pages = used + 7;  // spare pages of random data
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(num_pages));
+  for (int i = 0; i < num_pages; ++i) ids[std::size_t(i)] = i;
+  std::shuffle(ids.begin(), ids.end(), rng);
+  std::vector<std::int32_t> table(std::size_t(kLayers) * kSlots * max_pages), length(std::size_t(kLayers) * kSlots);
+  for (std::size_t i = 0; i < table.size(); ++i) table[i] = i % 2 ? -1 : num_pages + 3;
+  std::uniform_int_distribution<std::int32_t> junk(0, 999);
+  std::vector<std::int32_t> positions(std::size_t(num_pages) * page * pos_heads);
+  for (auto& p : positions) p = junk(rng);  // slots no sequence holds
+  TestPaged t;
+  t.pos1.resize(kSlots);
+  int next = 0;
+  for (int l = 0; l < kLayers; ++l)
+    for (int s = 0; s < kSlots; ++s) {
+      const int n = valid[std::size_t(l)][std::size_t(s)];
+      std::int32_t* row = table.data() + (std::size_t(l) * kSlots + s) * max_pages;
+      for (int i = 0; i < (n + page - 1) / page; ++i) row[i] = ids[std::size_t(next++)];
+      for (int hp = 0; hp < pos_heads; ++hp) {  // per-head selection: each head keeps its own positions
+        const std::vector<std::int32_t> p = gapped_positions(rng, n);
+        for (int j = 0; j < n; ++j)
+          positions[((std::size_t(row[j >> shift]) << shift) + (j & (page - 1))) * pos_heads + hp] = p[std::size_t(j)];
+        if (l == 1 && hp == 0) t.pos1[std::size_t(s)] = p;
+      }
+      length[std::size_t(l) * kSlots + s] = n;
+      if (l == 1 && s < 6) t.max_len = std::max(t.max_len, n);
+    }
+  length[kSlots + 6] = 1 << 30, length[kSlots + 7] = -5;
+  const std::size_t pool = std::size_t(num_pages) * page * Hkv * D;
+  t.k = to_device(random_halves(rng, interleaved ? 2 * pool : pool, 1.f));
+  if (!interleaved) t.v = to_device(random_halves(rng, pool, 1.f));
+  t.table = to_device(table), t.length = to_device(length), t.positions = to_device(positions);
+  half_t* k = reinterpret_cast<half_t*>(t.k.get());
+  t.kv.pool = interleaved ? make_interleaved_page_pool(k, layout, num_pages, page, Hkv, D)
+                          : make_page_pool(k, reinterpret_cast<half_t*>(t.v.get()), layout, num_pages, page, Hkv, D);
+  t.kv.table = t.table.get(), t.kv.length = t.length.get(), t.kv.positions = t.positions.get();
+  t.kv.num_layers = kLayers, t.kv.max_seqs = kSlots, t.kv.max_pages = max_pages, t.kv.pos_heads = pos_heads;
+  t.kv.page_shift = shift;
+  return t;
+}
+
+/// Decode attention over a random paged cache against the paged reference, for 1, 3 and 8 key splits. The
+/// batch is a permuted subset of slots plus an empty one, both bad-state slots and a slot id out of range; the
+/// queries sit at a sequence's last position, inside it (later keys masked) or between two kept positions.
+static bool check_decode(int D, int H, int Hkv, int page, PageLayout layout, bool interleaved, int pos_heads,
+                         std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  const TestPaged t = make_test_paged(rng, D, Hkv, page, layout, interleaved, pos_heads);
+  const std::vector<std::int32_t> seqs = {4, 0, 5, 2, 1, 3, 6, 7, 99};
+  const int B = int(seqs.size());
+  std::vector<std::int32_t> qpos(std::size_t(B), 0);
+  for (int b = 0; b < B; ++b) {
+    const int s = seqs[std::size_t(b)];
+    if (s >= int(t.pos1.size()) || t.pos1[std::size_t(s)].empty()) continue;
+    const std::vector<std::int32_t>& p = t.pos1[std::size_t(s)];
+    const int n = int(p.size());
+    qpos[std::size_t(b)] = b % 3 == 0 ? p.back() : p[std::size_t(2 * n / 3)] + b % 3 - 1;
   }
-  const DBuf<__half> ddq = to_device(dq);
-  const DBuf<std::int32_t> ddpos = to_device(dpos), ddseq = to_device(dseq_id);
-  const std::size_t dno = std::size_t(nb) * H * D, dnl = std::size_t(nb) * H;
-  DBuf<float> part(std::size_t(nb) * H * 8 * (D + 2));
-  attn::reference_attention(ddq.get(), ddpos.get(), ddseq.get(), nb, c, H, D, scale, ref.get(), lse_ref.get(), 0);
+  const DBuf<__half> q = to_device(random_halves(rng, std::size_t(B) * H * D, 3.f));
+  const DBuf<std::int32_t> dqpos = to_device(qpos), dseqs = to_device(seqs);
+  const attn::PagedLayer c{t.kv, 1, dseqs.get()};
+  const float scale = 1.f / std::sqrt(float(D));
+  const std::size_t no = std::size_t(B) * H * D, nl = std::size_t(B) * H;
+  DBuf<__half> out(no), ref(no);
+  DBuf<float> lse(nl), lse_ref(nl), part(std::size_t(B) * H * 8 * (D + 2));
+  poison(ref), poison(lse_ref);
+  attn::reference_attention(q.get(), dqpos.get(), B, c, H, D, scale, ref.get(), lse_ref.get(), 0);
+  LC_CUDA(cudaDeviceSynchronize());
+  const std::vector<__half> href = to_host(ref, no);
+  const std::vector<float> hlse_ref = to_host(lse_ref, nl);
+  double eo = 0, el = 0;
   for (int splits : {1, 3, 8}) {
-    attn::decode_attention(ddq.get(), ddpos.get(), nb, c, H, D, scale, splits, part.get(), out.get(), lse.get(), 0);
+    poison(out), poison(lse), poison(part);
+    attn::decode_attention(q.get(), dqpos.get(), B, c, t.max_len, H, D, scale, splits, part.get(), out.get(), lse.get(),
+                           0);
     LC_CUDA(cudaDeviceSynchronize());
-    const double e1 = max_err(to_host(out, dno), to_host(ref, dno)), e2 = max_err(to_host(lse, dnl), to_host(lse_ref, dnl));
-    const bool good = e1 < 1e-2 && e2 < 2e-3;
-    ok = ok && good;
-    std::printf("selfcheck decode attention d=%d H=%d Hkv=%d splits=%d: max|out-ref| %.2e, max|lse-ref| %.2e %s\n", D, H,
-                Hkv, splits, e1, e2, good ? "OK" : "FAIL");
+    eo = std::max(eo, max_err(to_host(out, no), href)), el = std::max(el, max_err(to_host(lse, nl), hlse_ref));
   }
+  const bool ok = eo < 1e-2 && el < 2e-3;
+  std::printf("selfcheck decode attention d=%d H=%d Hkv=%d page=%d %s%s pos_heads=%d splits=1,3,8: max|out-ref| %.2e, "
+              "max|lse-ref| %.2e %s\n",
+              D, H, Hkv, page, page_layout_name(layout), interleaved ? " interleaved" : "", pos_heads, eo, el,
+              ok ? "OK" : "FAIL");
+  return ok;
+}
+
+/// Prefill (packed rows) and decode (paged cache: page sizes 1, 16, 64, NHD and HND, separate and
+/// interleaved pools, shared and per-head positions) against the fp32 references.
+static bool check_attention(int D, int H, int Hkv, std::uint32_t seed) {
+  bool ok = check_prefill(D, H, Hkv, seed % 2 == 0, seed);
+  ok &= check_decode(D, H, Hkv, 1, PageLayout::nhd, false, 1, seed * 16 + 1);
+  ok &= check_decode(D, H, Hkv, 16, PageLayout::nhd, false, 1, seed * 16 + 2);
+  ok &= check_decode(D, H, Hkv, 16, PageLayout::hnd, true, Hkv, seed * 16 + 3);
+  ok &= check_decode(D, H, Hkv, 64, PageLayout::hnd, false, 1, seed * 16 + 4);
   return ok;
 }
 
@@ -273,6 +384,7 @@ static int selfcheck() {
   ok &= check_attention(128, 32, 32, 1);
   ok &= check_attention(128, 32, 8, 2);
   ok &= check_attention(64, 8, 2, 3);
+  ok &= check_attention(128, 8, 2, 4);
   ok &= check_decode_graph();
   std::printf("selfcheck %s\n", ok ? "PASSED" : "FAILED");
   return ok ? 0 : 1;
@@ -290,19 +402,21 @@ int main(int argc, char** argv) {
   if (argc < 6) {
     std::fprintf(stderr,
                  "usage: e2e-bench SHAPE full|pyramid|pyramid45 BATCH|fit PROMPT GEN [--comp-share] [--device-trigger] "
-                 "[--no-graph] [--profile prefill|decode]\n       e2e-bench selfcheck\n");
+                 "[--no-graph] [--page-size N] [--profile prefill|decode]\n       e2e-bench selfcheck\n");
     return 2;
   }
   try {
     const std::string shape = argv[1], policy = argv[2], batch_arg = argv[3];
     const int prompt = std::atoi(argv[4]), gen = std::atoi(argv[5]);
     bool comp = false, device_trigger = false, graph = true;
+    int page_size = EngineOptions{}.page_size;
     std::string profile;
     for (int i = 6; i < argc; ++i) {
       if (std::strcmp(argv[i], "--comp-share") == 0) comp = true;
       else if (std::strcmp(argv[i], "--profile") == 0 && i + 1 < argc) profile = argv[++i];
       else if (std::strcmp(argv[i], "--device-trigger") == 0) device_trigger = true;
       else if (std::strcmp(argv[i], "--no-graph") == 0) graph = false;
+      else if (std::strcmp(argv[i], "--page-size") == 0 && i + 1 < argc) page_size = std::atoi(argv[++i]);
       else throw std::runtime_error(std::string("unknown flag ") + argv[i]);
     }
     if (!profile.empty() && profile != "prefill" && profile != "decode")
@@ -314,13 +428,13 @@ int main(int argc, char** argv) {
       if (batch_arg == "fit") {
         std::size_t f = 0, t = 0;
         cudaMemGetInfo(&f, &t);
-        const MemoryPlan one = e.plan_for({prompt}, gen);
+        const KvPlan one = e.plan_for({prompt}, gen);
         // 80% of the card: weights + prefill work buffers (one chunk) + 1 GiB (cuBLAS, CUDA context) fixed;
         // per sequence the planned KV bytes + the compressor arena + decode buffers
         const std::size_t budget = std::size_t(0.8 * double(t));
         const std::size_t fixed = model.weight_bytes() + e.work_bytes(std::max(EngineOptions{}.prefill_chunk_rows, prompt)) +
                                   (std::size_t(1) << 30);
-        const std::size_t per = one.total_bytes + e.extra_bytes_per_sequence(prompt);
+        const std::size_t per = one.total_bytes + e.extra_bytes_per_sequence(prompt, gen);
         batch = budget > fixed ? int((budget - fixed) / per) : 0;
         std::fprintf(stderr, "fit: budget %zu, fixed %zu, %zu KV + %zu other bytes per sequence -> batch %d\n", budget,
                      fixed, one.total_bytes, per - one.total_bytes, batch);
@@ -332,6 +446,7 @@ int main(int argc, char** argv) {
     EngineOptions base;
     if (device_trigger) base.decode_trigger = DecodeTrigger::device;
     base.decode_graph = graph;
+    base.page_size = page_size;
     if (policy == "full") {
       EngineOptions o = base;
       o.compress_decode = false, o.compress_prefill = false;

@@ -1,22 +1,43 @@
 // attention.cuh - the CUDA Llama engine's attention over one layer of the
-// pyramid KV cache (keys/values [B, Hkv, cap, d] fp16, contiguous; original
-// positions [B, cap]; lengths [B]). Causal by ORIGINAL position: a query row
-// attends to the cached keys whose position is <= its own (after token
-// dropping the cache holds a subset of the prompt, so slot order alone is not
-// the rule). GQA: q head h reads kv head h / (H / Hkv). fp16 in, fp32
-// accumulation, fp16 out, and every row's softmax log-sum-exp (natural log of
-// the scaled logits, fp32, [rows, H]) for CudaPyramidCompressor.
+// pyramid KV cache. Causal by ORIGINAL position: a query row attends to the
+// keys whose position is <= its own (after token dropping the cache holds a
+// subset of the prompt, so slot order alone is not the rule). GQA: q head h
+// reads kv head h / (H / Hkv). fp16 in, fp32 accumulation, fp16 out, and
+// every row's softmax log-sum-exp (natural log of the scaled logits, fp32,
+// [rows, H]) for CudaPyramidCompressor.
+//
+// Calls (all device pointers; every call only enqueues on `stream`):
+//
+//   prefill_attention(q, qpos, off, nb, max_rows, PackedKV{k, v, row_stride, head_stride, Hkv},
+//                     H, d, scale, out, lse, stream)
+//     q [rows, H d], qpos [rows], off [nb + 1], out [rows, H d], lse [rows, H] or nullptr;
+//     K/V element (kv head g, packed row r, e) at k[r * row_stride + g * head_stride + e].
+//   decode_splits(B, H, max_len, sms, max_splits) -> splits (host only)
+//   decode_attention(q, qpos, B, PagedLayer{cache.kv(), layer, seqs}, max_len, H, d, scale,
+//                    splits, part, out, lse, stream)
+//     q [B, H d], qpos [B], seqs [B] slots, part [B, H, splits, d + 2], out [B, H d], lse [B, H] or nullptr;
+//     max_len: a host upper bound of the batch's lengths in `layer` (sizes the key splits).
+//   reference_attention(q, qpos, B, PagedLayer, H, d, scale, out, lse, stream)          (decode form)
+//   reference_attention(q, qpos, off, nb, rows, PackedKV, H, d, scale, out, lse, stream) (prefill form)
 //
 //  * prefill_attention: the packed ragged rows of a batched prefill chunk
-//    (sequence i owns rows [off[i], off[i+1]) and its cache holds the same
-//    tokens). FlashAttention-2 style on tensor cores (mma.sync m16n8k16):
-//    64 query rows of one (sequence, head) per block (4 warps of 16 rows),
-//    64-key tiles streamed through a 2-stage cp.async ring, K and V
-//    fragments by ldmatrix, online softmax in registers (no n x n scores),
-//    the position mask only on tiles that cross a row's causal limit.
-//  * decode_attention: one query row per sequence, split over the key axis
-//    (flash-decoding) so that small batches still fill the card; 16-byte
-//    loads, two keys in flight per thread; a combine kernel merges splits.
+//    (sequence i owns rows [off[i], off[i+1])); its keys and values are the
+//    same rows of the chunk's packed K/V buffers (what prefill_store copies
+//    into the cache), so the cache is not read. FlashAttention-2 style on
+//    tensor cores (mma.sync m16n8k16): 64 query rows of one (sequence, head)
+//    per block (4 warps of 16 rows), 64-key tiles streamed through a 2-stage
+//    cp.async ring, K and V fragments by ldmatrix, online softmax in
+//    registers (no n x n scores), the position mask only on tiles that cross
+//    a row's causal limit.
+//  * decode_attention: one query row per batch entry over the paged cache
+//    (PagedKV: per (layer, slot) page table, length and per-slot original
+//    positions; NHD or HND pool), split over the key axis (flash-decoding) so
+//    that small batches still fill the card; 16-byte loads (head_dim is
+//    contiguous in every pool layout), two keys in flight per thread, the
+//    next step's page ids loaded with this step's keys; a combine kernel
+//    merges splits. Device state is not trusted: a length is clamped to
+//    [0, max_pages << page_shift], a slot outside [0, max_seqs) or a page id
+//    outside [0, num_pages) reads as empty.
 //  * reference_attention: one thread per (row, head), fp32, two passes. Only
 //    for the self-check (e2e-bench selfcheck).
 #pragma once
@@ -29,19 +50,28 @@
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
-#include <pyramidinfer/pyramidinfer_cuda.cuh>
+#include <pyramidinfer/cache/paged.hpp>
+#include <pyramidinfer/core/cuda_check.cuh>
 
 namespace pyramidinfer::llama_cuda::attn {
 
-/// One layer of the cache, from the first sequence the call covers on.
-struct CacheView {
-  const __half* k;          // [B, Hkv, cap, d]
-  const __half* v;          // [B, Hkv, cap, d]
-  const std::int32_t* pos;  // [B, cap] original positions
-  const std::int32_t* len;  // [B] tokens held
-  std::int64_t cap;
+/// K and V of a prefill chunk's packed rows: element (kv head g, row r, dim e)
+/// at k[r * row_stride + g * head_stride + e] (the engine's [rows, Hkv, d]:
+/// row_stride Hkv d, head_stride d). Strides in elements, multiples of 8.
+struct PackedKV {
+  const __half* k;
+  const __half* v;
+  std::int64_t row_stride, head_stride;
   int Hkv;
+};
+
+/// One layer of the paged cache for a batch: entry b is sequence slot seqs[b].
+struct PagedLayer {
+  PagedKV<half_t> kv;
+  int layer;
+  const std::int32_t* seqs;  // [B], device
 };
 
 namespace detail {
@@ -119,7 +149,7 @@ struct PrefillArgs {
   const __half* q;           // [rows, H d]
   const std::int32_t* qpos;  // [rows]
   const std::int32_t* off;   // [nb + 1]
-  CacheView c;
+  PackedKV kv;               // keys and values: the same packed rows
   int H;
   float scale;
   __half* out;  // [rows, H d]
@@ -184,13 +214,16 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillArgs
   const int row0 = a.off[seq], n = a.off[seq + 1] - row0;
   const int tile = (gridDim.x - 1 - blockIdx.x) * kRows;  // the longest (latest) tiles start first
   if (tile >= n) return;
-  const int g = h / (a.H / a.c.Hkv);
+  const int g = h / (a.H / a.kv.Hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
-  const int len = a.c.len[seq];
-  const std::int64_t kv0 = (std::int64_t(seq) * a.c.Hkv + g) * a.c.cap * D;
-  const __half* kg = a.c.k + kv0;
-  const __half* vg = a.c.v + kv0;
-  const std::int32_t* kpos = a.c.pos + std::int64_t(seq) * a.c.cap;
+  // The sequence's keys are its own packed rows (prefill_store copies exactly
+  // these into the cache), so key j is row row0 + j at position qpos[row0 + j].
+  const int len = n;
+  const std::int64_t kstride = a.kv.row_stride;
+  const std::int64_t kv0 = std::int64_t(row0) * kstride + std::int64_t(g) * a.kv.head_stride;
+  const __half* kg = a.kv.k + kv0;
+  const __half* vg = a.kv.v + kv0;
+  const std::int32_t* kpos = a.qpos + row0;
   const std::int64_t qstride = std::int64_t(a.H) * D;
 
   // Q tile (zeros past the sequence) as the first cp.async group.
@@ -231,7 +264,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillArgs
     for (int i = threadIdx.x; i < kKeys * VEC; i += kThreads) {
       const int r = i / VEC, c = (i % VEC) * 8, j = t * kKeys + r;
       const bool ok = j < kend;
-      const std::int64_t src = std::int64_t(ok ? j : 0) * D + c;
+      const std::int64_t src = std::int64_t(ok ? j : 0) * kstride + c;
       cp_async16(kd + r * LD + c, kg + src, ok);
       cp_async16(vd + r * LD + c, vg + src, ok);
     }
@@ -337,12 +370,12 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillArgs
   }
 }
 
-// ---- decode: split-K over the cache ----------------------------------------
+// ---- decode: split-K over the paged cache ------------------------------------
 
 struct DecodeArgs {
   const __half* q;           // [B, H d]
   const std::int32_t* qpos;  // [B]
-  CacheView c;
+  PagedLayer c;
   int H, splits, split_len;
   float scale;
   __half* out;  // [B, H d]
@@ -350,22 +383,55 @@ struct DecodeArgs {
   float* part;  // [B, H, splits, d + 2]: unnormalised output, max (log2), sum
 };
 
+/// A batch entry's page-table row, the keys it reaches (max_pages <<
+/// page_shift) and its length, with the device state clamped: a slot outside
+/// [0, max_seqs) is empty, a length is cut to [0, reach].
+struct SeqPages {
+  const std::int32_t* table;
+  int reach, len;
+};
+__device__ __forceinline__ SeqPages seq_pages(const PagedLayer& c, int b) {
+  const int s = c.seqs[b];
+  if (unsigned(s) >= unsigned(c.kv.max_seqs)) return {c.kv.table, 0, 0};  // reads only table[0]
+  const int reach = c.kv.max_pages << c.kv.page_shift;  // <= INT_MAX (check_paged)
+  return {c.kv.pages(c.layer, s), reach, max(0, min(c.kv.len(c.layer, s), reach))};
+}
+
+__device__ __forceinline__ const __half* as_half(const half_t* p) { return reinterpret_cast<const __half*>(p); }
+
+/// 16-byte read-only load the compiler keeps where it is written: a plain
+/// load gets sunk next to its use (V past the K dot products, or into the
+/// softmax branch), which puts a second memory latency on every step.
+__device__ __forceinline__ uint4 ld16_nc(const __half* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
 /// Block (b, h, split): D/8 lanes share a key (16 bytes each); every thread
 /// keeps two keys in flight. Each lane group runs its own online softmax,
-/// merged through shared memory at the end.
+/// merged through shared memory at the end. A key's page id is read one step
+/// ahead, with the previous step's keys, so the table is off the load chain.
 template <int D>
 __global__ void __launch_bounds__(128) decode_attention_kernel(DecodeArgs a) {
   constexpr int TPK = D / 8;          // lanes per key
   constexpr int KPS = 128 / TPK;      // keys per block step
   const int b = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
   const int sub = threadIdx.x % TPK, slot = threadIdx.x / TPK;
-  const int g = h / (a.H / a.c.Hkv);
-  const int qp = a.qpos[b], len = a.c.len[b];
-  const int begin = split * a.split_len, end = min(len, begin + a.split_len);
-  const std::int64_t kv0 = (std::int64_t(b) * a.c.Hkv + g) * a.c.cap * D + sub * 8;
-  const __half* kg = a.c.k + kv0;
-  const __half* vg = a.c.v + kv0;
-  const std::int32_t* kpos = a.c.pos + std::int64_t(b) * a.c.cap;
+  const PagePool<half_t>& pool = a.c.kv.pool;
+  const int g = h / (a.H / pool.kv_heads);
+  const int qp = a.qpos[b];
+  const SeqPages sp = seq_pages(a.c, b);
+  // The last split also takes any keys past splits * split_len (a host bound that fell short).
+  const int begin = split * a.split_len;
+  const int stop = split + 1 == a.splits ? sp.reach : min(sp.reach, begin + a.split_len);
+  const int end = min(sp.len, stop);
+  const int shift = a.c.kv.page_shift, mask = (1 << shift) - 1;
+  const std::int64_t head0 = std::int64_t(g) * pool.head_stride + sub * 8;
+  const __half* kg = as_half(pool.k) + head0;
+  const __half* vg = as_half(pool.v) + head0;
+  const int pos_heads = a.c.kv.pos_heads;
+  const std::int32_t* kpos = a.c.kv.positions + (pos_heads > 1 ? g : 0);
 
   float q[8], acc[8];
   {
@@ -394,32 +460,49 @@ __global__ void __launch_bounds__(128) decode_attention_kernel(DecodeArgs a) {
     for (int o = TPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return s;
   };
-  auto update = [&](float s, const uint4& v) {  // s = -inf: masked or absent
-    if (s == -INFINITY) return;
-    const float mn = fmaxf(m, s), corr = exp2f(m - mn), p = exp2f(s - mn);
+  // Branch-free (behind a branch the compiler sinks V's load into it, a
+  // second memory latency a step): a masked or absent key gets p = 0 and its
+  // V (whatever the page held, NaN included) is replaced by 0.
+  auto update = [&](bool ok, float s, const uint4& v) {
+    s = ok ? s : -INFINITY;
+    const float mn = fmaxf(m, s), base = mn == -INFINITY ? 0.f : mn;  // nothing seen yet: stay at 0
+    const float corr = exp2f(m - base), p = exp2f(s - base);
     l = l * corr + p;
     const __half2* v2 = reinterpret_cast<const __half2*>(&v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(v2[i]);
+      const float2 f = ok ? __half22float2(v2[i]) : make_float2(0.f, 0.f);
       acc[2 * i] = acc[2 * i] * corr + p * f.x;
       acc[2 * i + 1] = acc[2 * i + 1] * corr + p * f.y;
     }
     m = mn;
   };
+  // Every load below is unconditional: an absent key reads an address that
+  // is always valid (table[0] of the row, slot 0 of page 0) and is masked
+  // afterwards. Conditional loads become branches that the compiler
+  // serialises (K a, then K b, then V), which costs a memory latency a step.
+  // The table is read up to the split's reach rather than its length, so the
+  // first read need not wait for the length.
+  auto page_of = [&](int j) { return __ldg(sp.table + (j < stop ? j >> shift : 0)); };
+  auto present = [&](int j, int page) { return j < end && unsigned(page) < unsigned(pool.num_pages); };
+  auto elem_of = [&](bool ok, int page, int j) {  // element offset of key j in the pool
+    return ok ? std::int64_t(page) * pool.page_stride + std::int64_t(j & mask) * pool.slot_stride : 0;
+  };
+  auto pos_of = [&](bool ok, int page, int j) {  // its original position
+    return __ldg(kpos + (ok ? ((std::int64_t(page) << shift) + (j & mask)) * pos_heads : 0));
+  };
+  int pa = page_of(begin + slot), pb = page_of(begin + slot + KPS);
   // The trip count is uniform over the block (the shuffles need whole warps).
   for (int j0 = begin; j0 < end; j0 += 2 * KPS) {
     const int ja = j0 + slot, jb = ja + KPS;
-    const bool va = ja < end, vb = jb < end;
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    const uint4 ka = va ? *reinterpret_cast<const uint4*>(kg + std::int64_t(ja) * D) : zero;
-    const uint4 kb = vb ? *reinterpret_cast<const uint4*>(kg + std::int64_t(jb) * D) : zero;
-    const uint4 vva = va ? *reinterpret_cast<const uint4*>(vg + std::int64_t(ja) * D) : zero;
-    const uint4 vvb = vb ? *reinterpret_cast<const uint4*>(vg + std::int64_t(jb) * D) : zero;
-    const bool sa_ok = va && kpos[ja] <= qp, sb_ok = vb && kpos[jb] <= qp;
+    const bool va = present(ja, pa), vb = present(jb, pb);  // an id outside the pool: empty
+    const std::int64_t ea = elem_of(va, pa, ja), eb = elem_of(vb, pb, jb);
+    const uint4 ka = ld16_nc(kg + ea), kb = ld16_nc(kg + eb), vva = ld16_nc(vg + ea), vvb = ld16_nc(vg + eb);
+    const int posa = pos_of(va, pa, ja), posb = pos_of(vb, pb, jb);
+    pa = page_of(ja + 2 * KPS), pb = page_of(jb + 2 * KPS);
     const float sa = dot(ka), sb = dot(kb);
-    update(sa_ok ? sa : -INFINITY, vva);
-    update(sb_ok ? sb : -INFINITY, vvb);
+    update(va && posa <= qp, sa, vva);
+    update(vb && posb <= qp, sb, vvb);
   }
 
   __shared__ float sm[KPS], sl[KPS], sacc[KPS][D + 1];
@@ -467,34 +550,76 @@ __global__ void decode_combine_kernel(DecodeArgs a) {
 
 // ---- reference ----------------------------------------------------------------
 
-/// Thread (row, h): max, then sum and output, in fp32 over every visible key.
-template <int D>
-__global__ void reference_attention_kernel(const __half* q, const std::int32_t* qpos, const std::int32_t* row_seq,
-                                           int rows, CacheView c, int H, float scale, __half* out, float* lse) {
-  const int row = blockIdx.x, h = threadIdx.x;
-  if (row >= rows || h >= H) return;
-  const int seq = row_seq[row], g = h / (H / c.Hkv), qp = qpos[row];
-  const __half* qr = q + std::int64_t(row) * H * D + h * D;
-  const std::int64_t kv0 = (std::int64_t(seq) * c.Hkv + g) * c.cap * D;
-  const std::int32_t* kpos = c.pos + std::int64_t(seq) * c.cap;
-  auto logit = [&](int j) {
+/// One key for the reference; k == nullptr: absent (skipped).
+struct RefKey {
+  const __half* k;
+  const __half* v;
+  int pos;
+};
+
+/// fp32 softmax attention of one query row over keys key_at(0..n): max, then
+/// sum and output, over every present key whose position is <= qp.
+template <int D, class KeyAt>
+__device__ void reference_row(const __half* qr, int qp, int n, KeyAt key_at, float scale, __half* out, float* lse) {
+  auto logit = [&](const RefKey& key) {
     float s = 0.f;
-    for (int e = 0; e < D; ++e) s += __half2float(qr[e]) * __half2float(c.k[kv0 + std::int64_t(j) * D + e]);
+    for (int e = 0; e < D; ++e) s += __half2float(qr[e]) * __half2float(key.k[e]);
     return s * scale;
   };
   float M = -INFINITY;
-  for (int j = 0; j < c.len[seq]; ++j)
-    if (kpos[j] <= qp) M = fmaxf(M, logit(j));
+  for (int j = 0; j < n; ++j) {
+    const RefKey key = key_at(j);
+    if (key.k && key.pos <= qp) M = fmaxf(M, logit(key));
+  }
   float L = 0.f, acc[D];
   for (int e = 0; e < D; ++e) acc[e] = 0.f;
-  for (int j = 0; j < c.len[seq]; ++j) {
-    if (kpos[j] > qp) continue;
-    const float p = expf(logit(j) - M);
+  for (int j = 0; j < n; ++j) {
+    const RefKey key = key_at(j);
+    if (!key.k || key.pos > qp) continue;
+    const float p = expf(logit(key) - M);
     L += p;
-    for (int e = 0; e < D; ++e) acc[e] += p * __half2float(c.v[kv0 + std::int64_t(j) * D + e]);
+    for (int e = 0; e < D; ++e) acc[e] += p * __half2float(key.v[e]);
   }
-  for (int e = 0; e < D; ++e) out[std::int64_t(row) * H * D + h * D + e] = __float2half(L > 0.f ? acc[e] / L : 0.f);
-  if (lse) lse[std::int64_t(row) * H + h] = M + logf(L);
+  for (int e = 0; e < D; ++e) out[e] = __float2half(L > 0.f ? acc[e] / L : 0.f);
+  if (lse) *lse = M + logf(L);
+}
+
+/// Thread (b, h) over the paged cache, through PagedKV's own accessors (not
+/// the kernel's addressing), with the same rules for bad device state.
+template <int D>
+__global__ void reference_paged_kernel(const __half* q, const std::int32_t* qpos, int B, PagedLayer c, int H,
+                                       float scale, __half* out, float* lse) {
+  const int b = blockIdx.x, h = threadIdx.x;
+  if (b >= B || h >= H) return;
+  const PagedKV<half_t>& kv = c.kv;
+  const int s = c.seqs[b], g = h / (H / kv.pool.kv_heads);
+  const bool live = s >= 0 && s < kv.max_seqs;
+  const int n = live ? max(0, min(kv.len(c.layer, s), kv.max_pages << kv.page_shift)) : 0;
+  auto key_at = [&](int j) {
+    const int page = kv.pages(c.layer, s)[j >> kv.page_shift];
+    if (page < 0 || page >= kv.pool.num_pages) return RefKey{nullptr, nullptr, 0};
+    return RefKey{as_half(kv.k_slot(c.layer, s, j, g)), as_half(kv.v_slot(c.layer, s, j, g)),
+                  kv.position(c.layer, s, j, g)};
+  };
+  const std::int64_t o = std::int64_t(b) * H + h;
+  reference_row<D>(q + o * D, qpos[b], n, key_at, scale, out + o * D, lse ? lse + o : nullptr);
+}
+
+/// Thread (row, h) over the packed rows of the row's own sequence.
+template <int D>
+__global__ void reference_packed_kernel(const __half* q, const std::int32_t* qpos, const std::int32_t* off, int nb,
+                                        int rows, PackedKV kv, int H, float scale, __half* out, float* lse) {
+  const int row = blockIdx.x, h = threadIdx.x;
+  if (row >= rows || h >= H) return;
+  int s = 0;
+  while (s + 1 < nb && off[s + 1] <= row) ++s;
+  const int row0 = off[s], g = h / (H / kv.Hkv);
+  auto key_at = [&](int j) {
+    const std::int64_t e = std::int64_t(row0 + j) * kv.row_stride + std::int64_t(g) * kv.head_stride;
+    return RefKey{kv.k + e, kv.v + e, qpos[row0 + j]};
+  };
+  const std::int64_t o = std::int64_t(row) * H + h;
+  reference_row<D>(q + o * D, qpos[row], off[s + 1] - row0, key_at, scale, out + o * D, lse ? lse + o : nullptr);
 }
 
 /// Calls f(std::integral_constant<int, D>) for the supported head dims.
@@ -505,15 +630,46 @@ void dispatch_head_dim(int d, F&& f) {
   else throw std::runtime_error("llama_cuda attention: head_dim must be 64 or 128");
 }
 
+// ---- host-side argument checks (no device reads) -------------------------------
+
+inline void require(bool ok, const char* fn, const char* what) {
+  if (!ok) throw std::invalid_argument(std::string("llama_cuda attention ") + fn + ": " + what);
+}
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+inline void check_packed(const PackedKV& kv, int H, const char* fn) {
+  require(kv.Hkv > 0 && H > 0 && H % kv.Hkv == 0, fn, "H must be a positive multiple of kv.Hkv");
+  // 16-byte loads of every (row, head): 16-byte aligned bases, strides in whole 8-element vectors.
+  require(aligned16(kv.k) && aligned16(kv.v) && kv.row_stride % 8 == 0 && kv.head_stride % 8 == 0, fn,
+          "K/V must be 16-byte aligned with row_stride and head_stride multiples of 8");
+}
+
+inline void check_paged(const PagedLayer& c, int H, int d, const char* fn) {
+  const PagePool<half_t>& p = c.kv.pool;
+  require(p.kv_heads > 0 && H > 0 && H % p.kv_heads == 0, fn, "H must be a positive multiple of kv.pool.kv_heads");
+  require(p.head_dim == d, fn, "kv.pool.head_dim must equal d");
+  require(c.kv.page_shift >= 0 && c.kv.page_shift <= 20 && p.page_size == (1 << c.kv.page_shift), fn,
+          "kv.pool.page_size must be 1 << kv.page_shift");
+  require(c.layer >= 0 && c.layer < c.kv.num_layers, fn, "layer must be in [0, kv.num_layers)");
+  require(c.kv.max_pages > 0 && (std::int64_t(c.kv.max_pages) << c.kv.page_shift) <= INT_MAX, fn,
+          "kv.max_pages << kv.page_shift must be in [1, INT_MAX]");
+  require(c.seqs && c.kv.table && c.kv.length && c.kv.positions && c.kv.pos_heads >= 1, fn,
+          "seqs and the cache state must be set");
+  require(aligned16(p.k) && aligned16(p.v) && p.page_stride % 8 == 0 && p.slot_stride % 8 == 0 &&
+              p.head_stride % 8 == 0,
+          fn, "the page pool must be 16-byte aligned with strides multiples of 8");
+}
+
 }  // namespace detail
 
 /// Prefill: nb sequences of packed rows (off: [nb + 1] device offsets, max_rows
-/// the longest on the host), cache view from the first of them on.
+/// the longest on the host); keys and values are the same rows of kv.
 inline void prefill_attention(const __half* q, const std::int32_t* qpos, const std::int32_t* off, int nb, int max_rows,
-                              const CacheView& c, int H, int d, float scale, __half* out, float* lse,
+                              const PackedKV& kv, int H, int d, float scale, __half* out, float* lse,
                               cudaStream_t stream) {
   if (nb <= 0 || max_rows <= 0) return;
-  const detail::PrefillArgs a{q, qpos, off, c, H, scale, out, lse};
+  detail::check_packed(kv, H, "prefill_attention");
+  const detail::PrefillArgs a{q, qpos, off, kv, H, scale, out, lse};
   detail::dispatch_head_dim(d, [&](auto dc) {
     constexpr int D = decltype(dc)::value;
     constexpr int smem = detail::prefill_smem_bytes<D>();
@@ -527,17 +683,28 @@ inline void prefill_attention(const __half* q, const std::int32_t* qpos, const s
 
 /// Key-axis splits for decode: enough blocks to fill the card (about 16
 /// blocks of 128 threads per SM), at least 128 keys each, at most max_splits.
-inline int decode_splits(int B, int H, std::int64_t cap, int sms, int max_splits) {
+/// max_len: a host upper bound of the batch's lengths in the layer.
+inline int decode_splits(int B, int H, std::int64_t max_len, int sms, int max_splits) {
   const int blocks = std::max(1, B * H);
   const int want = (16 * sms + blocks - 1) / blocks;
-  return std::max(1, std::min({want, int(cap / 128), max_splits}));
+  return std::max(1, std::min({want, int(std::min<std::int64_t>(max_len / 128, max_splits)), max_splits}));
 }
 
-/// Decode: row b is sequence b's query at position qpos[b]. part: [B, H,
-/// splits, d + 2] floats (splits from decode_splits).
-inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, const CacheView& c, int H, int d,
-                             float scale, int splits, float* part, __half* out, float* lse, cudaStream_t stream) {
-  const int split_len = int((c.cap + splits - 1) / splits);
+/// Decode: batch entry b is sequence slot c.seqs[b] of layer c.layer, its
+/// query at position qpos[b]. max_len: a host upper bound of those sequences'
+/// lengths (sizes the splits; keys past it fall to the last split, so a low
+/// bound costs balance, not correctness). part: [B, H, splits, d + 2] floats
+/// (splits from decode_splits; unused when 1).
+inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, const PagedLayer& c,
+                             std::int64_t max_len, int H, int d, float scale, int splits, float* part, __half* out,
+                             float* lse, cudaStream_t stream) {
+  if (B <= 0) return;
+  detail::check_paged(c, H, d, "decode_attention");
+  detail::require(splits >= 1 && (splits == 1 || part), "decode_attention", "splits must be >= 1 (part set when > 1)");
+  // No sequence holds more than its table row addresses.
+  const std::int64_t cap = std::int64_t(c.kv.max_pages) << c.kv.page_shift;
+  const std::int64_t n = std::max<std::int64_t>(1, std::min(max_len, cap));
+  const int split_len = int((n + splits - 1) / splits);
   const detail::DecodeArgs a{q, qpos, c, H, splits, split_len, scale, out, lse, part};
   detail::dispatch_head_dim(d, [&](auto dc) {
     constexpr int D = decltype(dc)::value;
@@ -547,16 +714,30 @@ inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, c
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("decode_attention_kernel");
 }
 
-/// The self-check's reference: row r belongs to sequence row_seq[r] (device).
-inline void reference_attention(const __half* q, const std::int32_t* qpos, const std::int32_t* row_seq, int rows,
-                                const CacheView& c, int H, int d, float scale, __half* out, float* lse,
-                                cudaStream_t stream) {
+/// The decode self-check's reference: entry b is slot c.seqs[b] (as decode_attention).
+inline void reference_attention(const __half* q, const std::int32_t* qpos, int B, const PagedLayer& c, int H, int d,
+                                float scale, __half* out, float* lse, cudaStream_t stream) {
+  if (B <= 0) return;
+  detail::check_paged(c, H, d, "reference_attention");
   detail::dispatch_head_dim(d, [&](auto dc) {
     constexpr int D = decltype(dc)::value;
-    detail::reference_attention_kernel<D><<<unsigned(rows), unsigned(H), 0, stream>>>(q, qpos, row_seq, rows, c, H,
-                                                                                        scale, out, lse);
+    detail::reference_paged_kernel<D><<<unsigned(B), unsigned(H), 0, stream>>>(q, qpos, B, c, H, scale, out, lse);
   });
-  PYRAMIDINFER_CUDA_CHECK_LAUNCH("reference_attention_kernel");
+  PYRAMIDINFER_CUDA_CHECK_LAUNCH("reference_paged_kernel");
+}
+
+/// The prefill self-check's reference: rows [0, rows) of nb packed sequences (as prefill_attention).
+inline void reference_attention(const __half* q, const std::int32_t* qpos, const std::int32_t* off, int nb, int rows,
+                                const PackedKV& kv, int H, int d, float scale, __half* out, float* lse,
+                                cudaStream_t stream) {
+  if (nb <= 0 || rows <= 0) return;
+  detail::check_packed(kv, H, "reference_attention");
+  detail::dispatch_head_dim(d, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    detail::reference_packed_kernel<D><<<unsigned(rows), unsigned(H), 0, stream>>>(q, qpos, off, nb, rows, kv, H,
+                                                                                     scale, out, lse);
+  });
+  PYRAMIDINFER_CUDA_CHECK_LAUNCH("reference_packed_kernel");
 }
 
 }  // namespace pyramidinfer::llama_cuda::attn

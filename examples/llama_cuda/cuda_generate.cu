@@ -26,10 +26,10 @@ GenerateResult drive(Engine& e, const GenerateRequest& r, const std::function<vo
   out.decode_s = std::chrono::duration<double>(Clock::now() - t1).count();
   e.check();
   const auto& plan = e.plan();
-  for (int l = 0; l < e.cache().num_layers(); ++l) {
-    out.layer_bytes.push_back(plan.shape.layer_bytes(l));
-    out.layer_cap.push_back(e.cache().capacity(l));
-    out.layer_len.push_back(e.cache().length(l, 0));
+  for (int l = 0; l < plan.shape.num_layers; ++l) {
+    out.layer_bytes.push_back(std::size_t(plan.layer_pages[std::size_t(l)]) * plan.page_bytes);
+    out.layer_cap.push_back(plan.layer_cap[std::size_t(l)]);
+    out.layer_len.push_back(e.length_sync(l, 0));
   }
   out.total_bytes = plan.total_bytes, out.full_bytes = plan.full_bytes, out.ratio_to_full = plan.ratio_to_full;
   cudaDeviceProp prop{};

@@ -1,8 +1,10 @@
 // llama_cuda.cuh - a CUDA Llama forward (fp16 weights, fp32 accumulation and
-// residual stream) whose KV cache is pyramidinfer's KVCache<half_t,
-// CudaBackend>, orchestrated by the library's CudaPyramidCompressor
-// (token-dropping pyramid prefill, on-device decode compression with the
-// host-tracked trigger). Twin of examples/generate/pyramid_engine.hpp (CPU).
+// residual stream) whose KV cache is a pyramidinfer paged cache in memory the
+// engine owns (PagedKVCache<half_t>: one page pool for every layer, a free
+// list, page tables), orchestrated by the library's
+// PyramidCompressor<..., CudaBackend> (token-dropping pyramid prefill,
+// on-device decode compression with the host-tracked trigger). Sequence b of
+// a batch lives in slot b. Twin of examples/generate/pyramid_engine.hpp (CPU).
 //
 //   CudaModel model = CudaModel::from_gguf(GgufFile::open(path));   // or CudaModel::random(shape, seed)
 //   CudaEngine<CosineSchedule> engine(model, EngineOptions{...}, CosineSchedule{0.9});
@@ -12,13 +14,13 @@
 // Prefill is batched across sequences (ragged: rows of all sequences of a
 // chunk are concatenated, no padding; chunks bound the work buffers): one set
 // of GEMMs per layer for the chunk, one batched prefill_store, one
-// tensor-core attention launch over the cache (attention.cuh: causal by
-// original position) that also writes every row's log-sum-exp, then one
+// tensor-core attention launch over the chunk's packed K/V (attention.cuh:
+// causal by original position) that also writes every row's log-sum-exp, then one
 // batched prefill_select (handed the rows' LSE, so no separate LSE pass) and
 // gather_next for the whole chunk: only T_{l+1} goes on.
 // Decode appends one token per sequence to every layer (decode_append),
-// attends over [B, Hkv, cap_l, d] with per-sequence lengths and original
-// positions (GQA, split over the keys), hands the softmax LSE to
+// attends over each sequence's pages with its length and original positions
+// (GQA, split over the keys), hands the softmax LSE to
 // decode_set_lse, and calls decode_compress, which launches nothing on steps
 // where no layer fires. Decode steps are replayed as CUDA graphs (see
 // decode_device).
@@ -34,6 +36,7 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -341,7 +344,8 @@ struct EngineOptions {
   bool compress_decode = true;
   bool compress_prefill = true;        // false: every layer keeps T_0 (full cache)
   bool time_compression = false;       // CUDA events around every compression call (no extra syncs)
-  DecodeTrigger decode_trigger = DecodeTrigger::host;  // CudaPyramidCompressor's trigger mode
+  DecodeTrigger decode_trigger = DecodeTrigger::host;  // the compressor's trigger mode
+  int page_size = 16;                  // tokens per KV page (a power of two)
   int prefill_chunk_rows = 16384;      // batched prefill: sequences per chunk up to this many rows
   bool decode_graph = true;            // replay decode steps as CUDA graphs (off while timing compression)
 };
@@ -371,10 +375,21 @@ class PinnedBuf {
   std::size_t n_ = 0;
 };
 
-/// The engine: one model, one batch at a time, orchestrated by CudaPyramidCompressor.
+/// The paged KV footprint of a batch: the pages each layer needs at its peak
+/// (the pool holds their sum) against a full cache's pages.
+struct KvPlan {
+  PagedCacheShape shape;
+  std::vector<std::int64_t> layer_pages;  ///< per layer, every sequence, at the peak
+  std::vector<int> layer_cap;             ///< per layer, the most slots any sequence holds
+  std::int64_t pages = 0, full_pages = 0;
+  std::size_t page_bytes = 0, total_bytes = 0, full_bytes = 0;
+  double ratio_to_full = 1;
+};
+
+/// The engine: one model, one batch at a time, orchestrated by the CUDA compressor.
 template <class Schedule = CosineSchedule, class Decode = DecodeSchedule<CosineSchedule>>
 class CudaEngine {
-  using Compressor = CudaPyramidCompressor<RecentWindowScoring, TopKSelection, Schedule, Decode>;
+  using Compressor = PyramidCompressor<RecentWindowScoring, TopKSelection, Schedule, Decode, CudaBackend>;
 
  public:
   CudaEngine(const CudaModel& model, EngineOptions opt, Schedule schedule = {}, Decode decode = {})
@@ -410,9 +425,16 @@ class CudaEngine {
 
   cudaStream_t stream() const { return stream_; }
   const EngineOptions& options() const { return opt_; }
-  const MemoryPlan& plan() const { return plan_; }
-  const KVCache<half_t, CudaBackend>& cache() const { return *cache_; }
+  const KvPlan& plan() const { return plan_; }
+  const PagedKVCache<half_t>& cache() const { return *cache_; }
   const Compressor& compressor() const { return pc_; }
+  /// Slots layer l of sequence b holds now (synchronises).
+  int length_sync(int l, int b) const {
+    std::int32_t n = 0;
+    LC_CUDA(cudaStreamSynchronize(stream_));
+    LC_CUDA(cudaMemcpy(&n, &cache_->kv().len(l, b), sizeof(n), cudaMemcpyDeviceToHost));
+    return n;
+  }
   /// Milliseconds inside compression calls (prefill: prefill_select + gather_next;
   /// decode: decode_compress) when time_compression is on. Synchronises.
   double compression_ms() {
@@ -433,13 +455,42 @@ class CudaEngine {
     }
   }
 
-  /// The plan a batch of these prompt lengths would get (no allocation).
-  MemoryPlan plan_for(const std::vector<int>& lens, int max_new) const { return pc_.plan(lens, max_new, DType::f16); }
-  /// Device bytes per sequence besides the KV cache (compressor arena, decode buffers), an upper bound.
-  std::size_t extra_bytes_per_sequence(int prompt_len) const {
+  /// The pages a batch of these prompt lengths would get (no allocation).
+  KvPlan plan_for(const std::vector<int>& lens, int max_new) const {
     const LlamaShape& s = m_.shape();
-    return pc_.arena_bytes_per_sequence(prompt_len, 2) + std::size_t(s.vocab) * 4 +
-           std::size_t(s.n_heads) * kMaxSplits * (s.head_dim + 2) * 4 + std::size_t(s.dim) * 64;
+    KvPlan p;
+    PagedCacheShape& c = p.shape;
+    c.num_layers = s.n_layers, c.kv_heads = s.n_kv_heads, c.head_dim = s.head_dim, c.dtype = DType::f16;
+    c.granularity = opt_.selection.granularity, c.page_size = opt_.page_size;
+    c.max_seqs = int(lens.size()), c.max_seq_len = 1;
+    p.layer_pages.assign(std::size_t(s.n_layers), 0);
+    p.layer_cap.assign(std::size_t(s.n_layers), 1);
+    const std::int64_t ps = opt_.page_size;
+    for (int n : lens) {
+      const RequestPages r = pc_.pages(n, max_new, opt_.page_size);
+      const LayerTrace t = pc_.trace(n, max_new);
+      for (int l = 0; l < s.n_layers; ++l) {
+        p.layer_pages[std::size_t(l)] += r.peak[std::size_t(l)];
+        p.layer_cap[std::size_t(l)] = std::max(p.layer_cap[std::size_t(l)], t.capacity[std::size_t(l)]);
+      }
+      p.pages += r.total_peak;
+      p.full_pages += std::int64_t(s.n_layers) * ((n + std::max(max_new, 0) + ps - 1) / ps);
+      c.max_seq_len = std::max(c.max_seq_len, n + std::max(max_new, 0));
+    }
+    c.num_pages = int(p.pages);
+    p.page_bytes = std::size_t(2) * opt_.page_size * s.n_kv_heads * s.head_dim * sizeof(__half);
+    p.total_bytes = std::size_t(p.pages) * p.page_bytes;
+    p.full_bytes = std::size_t(p.full_pages) * p.page_bytes;
+    p.ratio_to_full = p.full_bytes ? double(p.total_bytes) / double(p.full_bytes) : 1.0;
+    return p;
+  }
+  /// Device bytes per sequence besides its KV pages (compressor state, decode buffers), an upper bound.
+  std::size_t extra_bytes_per_sequence(int prompt_len, int max_new) const {
+    const LlamaShape& s = m_.shape();
+    const std::size_t ints = std::size_t(prompt_len + max_new) * 4 * 16;  // token lists and scratch per slot
+    const std::size_t ring = std::size_t(pc_.ring_rows_for(prompt_len)) * s.n_layers * s.n_heads * (s.head_dim * 2 + 4);
+    return ring + ints + std::size_t(s.vocab) * 4 + std::size_t(s.n_heads) * kMaxSplits * (s.head_dim + 2) * 4 +
+           std::size_t(s.dim) * 64;
   }
   /// Device bytes of the prefill work buffers for `rows` rows.
   std::size_t work_bytes(int rows) const {
@@ -465,12 +516,10 @@ class CudaEngine {
                                       std::to_string(lens.size() - 1) + " is outside [0, " + std::to_string(s.vocab) +
                                       ")");
     }
-    plan_ = pc_.plan(lens, max_new_tokens, DType::f16);
     ensure_rope_table(*std::max_element(lens.begin(), lens.end()) + std::max(max_new_tokens, 0) + 1);
     LC_CUDA(cudaStreamSynchronize(stream_));
-    cache_.reset();
-    cache_ = std::make_unique<KVCache<half_t, CudaBackend>>(plan_.shape);
-    pc_.begin(*cache_, lens, stream_);
+    make_cache(lens, max_new_tokens);
+    for (int b = 0; b < B; ++b) pc_.begin(*cache_, b, lens[std::size_t(b)], stream_);
     B_ = B;
     // chunks of sequences, each <= prefill_chunk_rows rows (one sequence at least)
     std::vector<int> chunk_begin{0};
@@ -508,22 +557,24 @@ class CudaEngine {
       for (int l = 0; l < L; ++l) {
         off[0] = 0;
         for (int i = 0; i < nb; ++i) off[std::size_t(i + 1)] = off[std::size_t(i)] + pc_.token_count(b0 + i);
+        const SeqList chunk{slots_.data() + b0, nb};
         rows = off[std::size_t(nb)];
         std::int32_t* ho = pinned_.get() + max_rows + (c * L + std::size_t(l)) * (B + 1);
         std::int32_t* dof = offs_dev_.get() + (c * L + std::size_t(l)) * (B + 1);
         std::copy(off.begin(), off.end(), ho);
         LC_CUDA(cudaMemcpyAsync(dof, ho, sizeof(std::int32_t) * (nb + 1), cudaMemcpyHostToDevice, stream_));
-        pc_.packed_positions(b0, nb, pos_.get(), stream_);
+        pc_.packed_positions(chunk, pos_.get(), stream_);
         layer_qkv(l, rows, pos_.get());
         {  // K, V of every packed row as (kv_head, row, d)
           const std::int64_t kvd = std::int64_t(Hkv) * d;
           const TensorView<const half_t, 3> kv{reinterpret_cast<const half_t*>(k_.get()), {Hkv, rows, d}, {d, kvd, 1}};
           const TensorView<const half_t, 3> vv{reinterpret_cast<const half_t*>(v_.get()), {Hkv, rows, d}, {d, kvd, 1}};
-          pc_.prefill_store(l, *cache_, b0, nb, kv, vv, stream_);
+          pc_.prefill_store(l, *cache_, chunk, kv, vv, stream_);
         }
         int longest = 0;
         for (int i = 0; i < nb; ++i) longest = std::max(longest, off[std::size_t(i + 1)] - off[std::size_t(i)]);
-        attn::prefill_attention(q_.get(), pos_.get(), dof, nb, longest, cache_view(l, b0), H, d, attn_scale(), att_.get(),
+        const attn::PackedKV pkv{k_.get(), v_.get(), std::int64_t(Hkv) * d, d, Hkv};
+        attn::prefill_attention(q_.get(), pos_.get(), dof, nb, longest, pkv, H, d, attn_scale(), att_.get(),
                                 lse_rows_.get(), stream_);
         layer_finish(l, rows);
         if (!compress) continue;
@@ -531,9 +582,9 @@ class CudaEngine {
           const TensorView<const half_t, 3> q{reinterpret_cast<const half_t*>(q_.get()), {H, rows, d},
                                               {d, std::int64_t(H) * d, 1}};
           const TensorView<const float, 2> lse{lse_rows_.get(), {H, rows}, {1, H}};
-          const DevicePrefillBatch sel = pc_.prefill_select(l, *cache_, b0, nb, q, lse, stream_);
+          const DevicePrefillBatch sel = pc_.prefill_select(l, *cache_, chunk, q, lse, stream_);
           if (l + 1 < L)
-            pc_.gather_next(b0, nb, hv(h_.get(), 0, rows), TensorView<float, 2>{h2_.get(), {sel.rows, s.dim}, {s.dim, 1}},
+            pc_.gather_next(chunk, hv(h_.get(), 0, rows), TensorView<float, 2>{h2_.get(), {sel.rows, s.dim}, {s.dim, 1}},
                             stream_);
         });
         if (l + 1 < L) std::swap(h_, h2_);
@@ -630,8 +681,13 @@ class CudaEngine {
   const float* device_logits() const { return logits_.get(); }
   int batch() const { return B_; }
 
-  /// Checks the cache's overflow flag (synchronises).
-  void check() { cache_->check_status(stream_); }
+  /// Throws if a paged op refused work (its PagedStatus bits; synchronises).
+  void check() {
+    std::int32_t bits = 0;
+    LC_CUDA(cudaStreamSynchronize(stream_));
+    LC_CUDA(cudaMemcpy(&bits, cache_->kv().status, sizeof(bits), cudaMemcpyDeviceToHost));
+    if (bits != 0) throw std::runtime_error("CudaEngine: the paged cache refused work, status bits " + std::to_string(bits));
+  }
 
  private:
   static CompressorConfig make_cfg(const LlamaShape& s, const EngineOptions& o) {
@@ -656,16 +712,19 @@ class CudaEngine {
     const TensorView<const float, 2> lv{dlse_.get(), {B, H}, {H, 1}};
     const bool ring = opt_.compress_decode;
     fired_.assign(std::size_t(s.n_layers), '0');
+    const SeqList all{slots_.data(), B};
     for (int l = 0; l < s.n_layers; ++l) {
       layer_qkv(l, B, dpos_.get());
-      pc_.decode_append(l, *cache_, kv, vv, dpos_.get(), qv, TensorView<const float, 2>{}, stream_);
-      const attn::CacheView c = cache_view(l, 0);
-      attn::decode_attention(q_.get(), dpos_.get(), B, c, H, d, attn_scale(), attn::decode_splits(B, H, c.cap, sms_, kMaxSplits),
-                             part_.get(), att_.get(), ring ? dlse_.get() : nullptr, stream_);
-      if (ring) pc_.decode_set_lse(l, lv, stream_);
+      pc_.decode_append(l, *cache_, all, kv, vv, dpos_.get(), qv, TensorView<const float, 2>{}, stream_);
+      const attn::PagedLayer c{cache_->kv(), l, dslots_.get()};
+      const int max_len = plan_.layer_cap[std::size_t(l)];
+      attn::decode_attention(q_.get(), dpos_.get(), B, c, max_len, H, d, attn_scale(),
+                             attn::decode_splits(B, H, max_len, sms_, kMaxSplits), part_.get(), att_.get(),
+                             ring ? dlse_.get() : nullptr, stream_);
+      if (ring) pc_.decode_set_lse(l, *cache_, all, lv, stream_);
       layer_finish(l, B);
       if (ring) {
-        timed([&] { pc_.decode_compress(l, *cache_, stream_); });
+        timed([&] { pc_.decode_compress(l, *cache_, all, stream_); });
         if (pc_.decode_fired() != 0) fired_[std::size_t(l)] = '1';  // -1 (device trigger): always launches
       }
     }
@@ -732,14 +791,36 @@ class CudaEngine {
   float attn_scale() const { return 1.f / std::sqrt(float(m_.shape().head_dim)); }
 
   /// Layer l of the cache from sequence seq0 on (a prefill chunk's first sequence, or 0).
-  attn::CacheView cache_view(int l, int seq0) const {
-    const auto K = cache_->keys(l);
-    const auto P = cache_->positions(l);
-    const auto N = cache_->lengths(l);
-    return attn::CacheView{reinterpret_cast<const __half*>(K.data) + std::int64_t(seq0) * K.stride[0],
-                           reinterpret_cast<const __half*>(cache_->values(l).data) + std::int64_t(seq0) * K.stride[0],
-                           P.data + std::int64_t(seq0) * P.stride[0], N.data + std::int64_t(seq0) * N.stride[0],
-                           K.shape[2], m_.shape().n_kv_heads};
+  /// The batch's paged cache in engine-owned memory: a pool of exactly the
+  /// pages the batch needs at its peak, every page on the free list (popped
+  /// 0, 1, ...), zeroed state, and the compressor's state with a ring pool of
+  /// the batch's windows. Setup, not a per-step call: it allocates and syncs.
+  void make_cache(const std::vector<int>& lens, int max_new) {
+    plan_ = plan_for(lens, max_new);
+    const PagedCacheShape& sh = plan_.shape;
+    const std::size_t half = std::size_t(sh.num_pages) * sh.page_size * sh.kv_heads * sh.head_dim;
+    cache_.reset();
+    pool_.resize(2 * half);
+    state_.resize(sh.state_bytes());
+    std::vector<std::int32_t> free(std::size_t(sh.num_pages) + 1);
+    for (int i = 0; i < sh.num_pages; ++i) free[std::size_t(i)] = sh.num_pages - 1 - i;
+    free.back() = sh.num_pages;  // the count
+    free_.upload(free.data(), free.size(), stream_);
+    LC_CUDA(cudaMemsetAsync(state_.get(), 0, sh.state_bytes(), stream_));
+    half_t* k = reinterpret_cast<half_t*>(pool_.get());
+    const PagePool<half_t> pool =
+        make_page_pool(k, k + half, PageLayout::nhd, sh.num_pages, sh.page_size, sh.kv_heads, sh.head_dim);
+    cache_ = std::make_unique<PagedKVCache<half_t>>(
+        sh, pool, FreePageList{free_.get(), free_.get() + sh.num_pages, sh.num_pages}, state_.get(), state_.size());
+    std::int64_t ring_rows = 0;
+    for (int n : lens) ring_rows += pc_.ring_rows_for(n);
+    const std::size_t bytes = pc_.state_bytes(*cache_, ring_rows);
+    comp_mem_.resize(bytes);
+    pc_.attach(*cache_, ring_rows, comp_mem_.get(), bytes, stream_);
+    slots_.resize(lens.size());
+    std::iota(slots_.begin(), slots_.end(), 0);
+    dslots_.upload(slots_.data(), slots_.size(), stream_);
+    LC_CUDA(cudaStreamSynchronize(stream_));  // the host vectors above are pageable
   }
 
   void layer_finish(int l, int n) {
@@ -785,8 +866,12 @@ class CudaEngine {
   std::vector<cudaEvent_t> events_;
   std::size_t ev_used_ = 0;
   double comp_ms_ = 0, comp_prefill_ms_ = 0;
-  MemoryPlan plan_;
-  std::unique_ptr<KVCache<half_t, CudaBackend>> cache_;
+  KvPlan plan_;
+  DBuf<__half> pool_;
+  DBuf<unsigned char> state_, comp_mem_;
+  DBuf<std::int32_t> free_, dslots_;
+  std::vector<std::int32_t> slots_;  ///< 0 .. B - 1: sequence b in slot b
+  std::unique_ptr<PagedKVCache<half_t>> cache_;
   int B_ = 0;
   PinnedBuf<std::int32_t> pinned_;
   DBuf<float> h_, h2_, qkv_, logits_, lse_rows_, dlse_, part_;

@@ -25,10 +25,11 @@ void run(Engine& engine, const llama_io::TokenFile& t, int vocab, const std::str
   }
   engine.check();
   const auto& plan = engine.plan();
-  std::fprintf(stderr, "batch %d, %zu decode steps, KV allocated %zu bytes (%.1f%% of full)\n", B, t.feed.size(),
-               plan.total_bytes, 100.0 * plan.ratio_to_full);
-  for (int l = 0; l < engine.cache().num_layers(); ++l)
-    std::fprintf(stderr, "  layer %2d cap %5d len(b0) %5d\n", l, engine.cache().capacity(l), engine.cache().length(l, 0));
+  std::fprintf(stderr, "batch %d, %zu decode steps, KV pages %lld = %zu bytes (%.1f%% of full)\n", B, t.feed.size(),
+               (long long)plan.pages, plan.total_bytes, 100.0 * plan.ratio_to_full);
+  for (int l = 0; l < plan.shape.num_layers; ++l)
+    std::fprintf(stderr, "  layer %2d pages %6lld cap %5d len(b0) %5d\n", l, (long long)plan.layer_pages[std::size_t(l)],
+                 plan.layer_cap[std::size_t(l)], engine.length_sync(l, 0));
 }
 
 int main(int argc, char** argv) {

@@ -15,8 +15,8 @@
 // log-sum-exp) in a ring per sequence, so scoring never needs attention
 // weights from the engine: it works with FlashAttention-style kernels. Its
 // per-sequence state exists once (Seq). This is the host backend, the
-// reference; the CUDA compressor (compressor_cuda.cuh) has not moved to the
-// paged cache yet.
+// reference; the CUDA backend (compressor_cuda.cuh) takes the same calls plus
+// a stream, and batches of sequences in one call.
 #pragma once
 
 #include <algorithm>
@@ -79,18 +79,17 @@ void check_window_queries(const CompressorConfig& cfg, int w, const TensorView<c
     check_dim(lse, 1, w, fn, "window_lse");
   }
 }
-inline void check_compressor_cache(const CompressorConfig& cfg, Granularity g, const CacheShape& s, const char* fn) {
-  PYRAMIDINFER_REQUIRE(s.num_layers == cfg.num_layers && s.kv_heads == cfg.kv_heads && s.head_dim == cfg.head_dim, fn,
-                       "cache", "shape mismatch", "must match the compressor's layers, kv_heads and head_dim");
-  PYRAMIDINFER_REQUIRE(s.granularity == g, fn, "cache.granularity", granularity_name(s.granularity),
-                       "must match the selection policy's granularity");
-}
 
 }  // namespace detail
 
+/// The compressor. Backend = HostBackend (this definition) is the reference;
+/// Backend = CudaBackend (compressor_cuda.cuh) runs the same calls on the
+/// device, stream-ordered.
 template <class Scoring = RecentWindowScoring, class Selection = TopKSelection, class Schedule = CosineSchedule,
-          class Decode = DecodeSchedule<CosineSchedule>>
+          class Decode = DecodeSchedule<CosineSchedule>, class Backend = HostBackend>
 class PyramidCompressor {
+  static_assert(std::is_same<Backend, HostBackend>::value,
+                "PyramidCompressor<..., CudaBackend> is defined in <pyramidinfer/pyramidinfer_cuda.cuh>");
   static_assert(is_scoring_v<Scoring>,
                 "Scoring policy must provide `static constexpr bool needs_queries` and "
                 "`template <class T> void score(const ScoreProblem<T>&, Granularity, ScoreView) const`");
@@ -127,13 +126,6 @@ class PyramidCompressor {
   float scale() const { return cfg_.softmax_scale > 0.f ? cfg_.softmax_scale : 1.0f / std::sqrt(float(cfg_.head_dim)); }
   ModelShape model_shape(DType dtype) const {
     return {cfg_.num_layers, cfg_.num_heads, cfg_.kv_heads, cfg_.head_dim, dtype};
-  }
-
-  /// The memory plan (and so the cache shape) for these prompts and
-  /// `decode_steps` appended tokens.
-  MemoryPlan plan(const std::vector<int>& prompt_lens, int decode_steps, DType dtype) const {
-    return plan_memory(model_shape(dtype), prompt_lens, decode_steps, cfg_.recent_ratio, selection_, schedule_,
-                       decode_, cfg_.compress_decode, cfg_.prefill_mode);
   }
 
   /// Slots each layer holds after prefill and at most, for one prompt.

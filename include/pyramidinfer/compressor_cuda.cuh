@@ -1,80 +1,54 @@
-// CudaPyramidCompressor: the device twin of PyramidCompressor (compressor.hpp),
-// driving a KVCache<T, CudaBackend>. Same semantics, stream-ordered on device
-// memory. (A separate class rather than a PyramidCompressor specialisation:
-// every call takes a cudaStream_t and prefill_select returns device indices,
-// so the signatures differ anyway; the host class stays the definition.)
+// PyramidCompressor<..., CudaBackend>: the compressor on the device, over a
+// paged cache in device memory (cache/paged.hpp). The same calls as the host
+// reference (compressor.hpp) plus a stream; prefill and decode take a batch of
+// sequence slots (SeqList, host array) and give the same bytes as the host.
 //
-// Memory: begin() allocates ONE device arena (cudaMalloc) sized from the
-// prompts and the cache's plan: per layer the query ring (window queries in T
-// and their LSE in fp32, ring = the largest window), ring state, decode
-// boundaries, the token lists of the current prefill layer, and every
-// workspace the scoring, top-k, compaction and decode-eviction calls ask for
-// through their size queries. Nothing is allocated after begin() (the arena
-// is reused by a later begin() when it is big enough). arena_bytes() reports it.
+// Memory is the caller's (CUB style): state_bytes(cache, ring_rows) sizes
+// it, attach(cache, ring_rows, memory, bytes, stream) takes it. It holds
+//   * the window-query ring: a pool of `ring_rows` rows, each a window query
+//     of every layer (queries in T, LSE in fp32). begin() takes a sequence's
+//     window(prompt_len) rows from the pool on the host (ring_rows_for() says
+//     how many; can_begin() whether they are free), end() gives them back. So
+//     every sequence holds exactly its own window, never the longest's;
+//   * per slot: ring and decode state, and the prefill token lists (ints,
+//     max_seq_len of them per list: 4 + 4 * head sets ints per token of
+//     capacity, small beside the KV pages a token needs);
+//   * the scratch of one call over all slots and the workspaces of the
+//     scoring, top-k and paged ops, each from its size query.
+// Nothing is allocated after attach().
+//
+// Per step (prefill_store / prefill_select / gather_next / decode_append /
+// decode_set_lse / decode_compress): no allocation, no synchronisation, only
+// enqueued work, except where the host needs a count only the device knows:
+//   * per_kv_head + PrefillMode::drop_tokens: |T_{l+1}| is the size of the
+//     union of the heads' selections: one read-back per prefill_select;
+//   * a Selection without score_free_count (e.g. TopPSelection): its
+//     device_keep_counts hook reads the scores back.
+// Each batched call uploads its slot list as kernel parameters (one small
+// launch; none when the list equals the previous call's).
 //
 // Decode trigger, two modes (set_decode_trigger):
 //  * DecodeTrigger::host (the default): the host tracks every layer's length
-//    and decode boundary per sequence (and head set). They are host-known:
-//    prefill counts are score-free for TopKSelection (and read back for other
-//    selections), every decode_append adds one token, and a firing keeps a
-//    known count. So decode_compress knows exactly which steps fire and
-//    launches the settle + eviction chain only on those: zero launches on the
-//    other steps (15 of every 16 with the default segment). Requires that
-//    every append to the cache between begin() and the end of decode goes
-//    through decode_append. Not for CUDA-graph capture: a captured step would
-//    freeze one step's launch decision.
-//  * DecodeTrigger::device: decode_compress always launches the chain and
-//    the per-sequence trigger is evaluated on the device (no host state is
-//    consulted), so one captured decode step can be replayed as a CUDA graph
-//    for every step (tests/cuda/test_compressor.cu does so).
-// Both modes give identical caches (the device trigger still filters which
-// sequences compress when the host mode launches).
+//    and decode boundary per slot. They are host-known when counts are
+//    score-free: every decode_append adds one token, and a firing keeps a
+//    known count. So decode_compress launches the eviction chain only for the
+//    sequences that fire, and nothing on the other steps (15 of every 16 with
+//    the default segment). Requires that every append between begin() and
+//    end() goes through decode_append. A captured step freezes one step's
+//    decision: keep one graph per firing pattern (examples/llama_cuda does).
+//  * DecodeTrigger::device: decode_compress always launches the chain for the
+//    whole batch and each sequence's trigger is evaluated on the device, so one
+//    captured decode step replays as a CUDA graph for every step.
+// Both modes give identical caches.
 //
-// Host synchronisation:
-//  * decode_append / decode_set_lse / decode_compress: none, no allocation.
-//    The lazy LSE of window queries that came without one (settled over the
-//    then-current cache right before a firing compression, exactly like the
-//    host's settle_pending_lse), scoring, top-k, compaction and the boundary
-//    update all run on the device. decode_compress returns nothing (the host
-//    returns how many fired; decode_fired() gives the host-mode count), and a
-//    layer overflow is reported by cache.check_status(stream) (which syncs).
-//  * decode_set_lse(layer, lse): an engine whose attention produces the
-//    softmax log-sum-exp (FlashAttention-style) AFTER decode_append (which
-//    must precede attention: the new key is attended) hands it over here, so
-//    no lazy settle pass runs for it.
-//  * prefill: none in shared granularity with TopKSelection (counts are
-//    score-free and computed on the host from the known lengths). Two places
-//    sync, because the host needs a count that only the device knows; a
-//    batched call syncs once for its whole range of sequences:
-//      - per_kv_head + PrefillMode::drop_tokens: |T_{l+1}| is the size of the
-//        union of the heads' selections: one read-back of 4 bytes per
-//        sequence per prefill_select (the engine needs it to size layer
-//        l+1's work);
-//      - a Selection other than TopKSelection (score-dependent keep_count,
-//        e.g. TopPSelection): the scores are read back to call keep_count.
-//
-// Scoring: RecentWindowScoring and AccumulatedAttentionScoring (window
-// attention, kernels/cuda/scoring.cuh). KeyNormScoring / PositionScoring have
-// no CUDA implementation here: a static_assert says so.
-//
-// Prefill, layer by layer, over a ragged batch. Batched (what an engine's
-// batched prefill wants): for a range of sequences [b0, b0 + nb) whose rows
-// are PACKED (sequence b0 + i owns rows [off_i, off_i + token_count(b0 + i)),
-// off_0 = 0): packed_positions(b0, nb, pos) (RoPE positions of T_l),
-// prefill_store(l, cache, b0, nb, K, V), the engine's attention,
-// prefill_select(l, cache, b0, nb, Q, LSE) (Q, LSE of every packed row; the
-// compressor takes each sequence's window), gather_next(b0, nb, hidden, out)
-// -> the packed hidden states of T_{l+1}. Each call is a fixed number of
-// launches whatever nb (kernels/cuda/prefill_batch.cuh); with shared
-// granularity, TopKSelection, drop_tokens and the engine's LSE a layer costs
-//   packed_positions 2, prefill_store 2, gather_next 2, prefill_select 5 +
-//   scoring (1-2) + top-k (1, or 2 for long rows: a memset and one cooperative kernel)
-// (no engine LSE: +2; layer_local: +3, the compaction of the layer);
-// the keep counts travel as kernel parameters, one more launch per 896
-// (sequence, head set) pairs. The per-sequence calls (prefill_store(l, cache,
-// b, K, V), prefill_select(l, cache, b, window_q, window_lse),
-// gather_next(b, hidden, out), tokens(b)) are the same code with nb = 1, in
-// any order across sequences; both give identical bytes.
+// Prefill, layer by layer, for a batch whose rows are PACKED in batch order
+// (entry i owns rows [off_i, off_i + token_count(slot_i)), off_0 = 0):
+// packed_positions (RoPE positions of T_l), prefill_store(l, K, V), the
+// engine's attention, prefill_select(l, Q, LSE) (Q, LSE of every packed row,
+// or of one sequence's window rows only; the compressor takes each window),
+// gather_next(hidden, out) -> the packed hidden states of T_{l+1}. A fixed
+// number of launches whatever the batch (kernels/cuda/prefill_batch.cuh).
+// Policies run on the device through their hooks (policy/device_hooks.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -85,201 +59,106 @@
 #include <type_traits>
 #include <vector>
 
-#include "cache/kv_cache_cuda.cuh"
+#include "cache/paged.hpp"
 #include "compressor.hpp"
 #include "core/cuda_check.cuh"
 #include "core/workspace.hpp"
 #include "kernels/cuda/compact.cuh"
+#include "kernels/cuda/decode_ring.cuh"
+#include "kernels/cuda/paged.cuh"
 #include "kernels/cuda/prefill_batch.cuh"
-#include "kernels/cuda/scoring.cuh"
 #include "kernels/cuda/select.cuh"
+#include "policy/device_hooks.cuh"
 
 namespace pyramidinfer {
-
-/// Which scoring policies have a CUDA path, and their window distance weight.
-template <class S>
-struct CudaWindowScoring : std::false_type {};
-template <>
-struct CudaWindowScoring<RecentWindowScoring> : std::true_type {
-  static float weight(const RecentWindowScoring& s) { return s.distance_weight; }
-};
-template <>
-struct CudaWindowScoring<AccumulatedAttentionScoring> : std::true_type {
-  static float weight(const AccumulatedAttentionScoring&) { return 1.0f; }
-};
-
-namespace cuda {
-namespace detail {
-
-/// out[r * row_stride + i] = i for i < n, r < rows. grid (ceil(n / 256), <= rows).
-static __global__ void comp_iota_kernel(std::int32_t* out, int n, int rows, std::int64_t row_stride) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  for (int r = blockIdx.y; r < rows; r += gridDim.y) out[r * row_stride + i] = i;
-}
-
-static __global__ void comp_fill_kernel(std::int32_t* out, int n, int value) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = value;
-}
-
-/// One decode query per sequence into the ring (the window slides). grid (batch).
-template <class T>
-__global__ void comp_push_decode_kernel(KVView<const T> q, TensorView<const float, 2> lse, T* ring_q, float* ring_lse,
-                                        int cap, int d, int q_heads, std::int32_t* start, std::int32_t* count,
-                                        std::int32_t* pending, const std::int32_t* window) {
-  const int b = blockIdx.x;
-  const int s = start[b], c = count[b], w = window[b], pend = pending[b];
-  const int slot = (s + c) % cap;
-  // kUnroll loads in flight per thread before any store (one at a time, a
-  // 4096-element row took ~10 us of latency per layer).
-  constexpr int kUnroll = 8;
-  for (int i0 = threadIdx.x; i0 < q_heads * d; i0 += kUnroll * blockDim.x) {
-    T x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = i0 + u * blockDim.x;
-      if (i < q_heads * d) x[u] = q(b, i / d, 0, i % d);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = i0 + u * blockDim.x;
-      if (i < q_heads * d) ring_q[((std::int64_t(b) * q_heads + i / d) * cap + slot) * d + i % d] = x[u];
-    }
-  }
-  if (lse.data)
-    for (int qh = threadIdx.x; qh < q_heads; qh += blockDim.x)
-      ring_lse[(std::int64_t(b) * q_heads + qh) * cap + slot] = lse(b, qh);
-  __syncthreads();  // everyone has read the state
-  if (threadIdx.x == 0) {
-    int nc = c;
-    if (c == w) start[b] = (s + 1) % cap;
-    else nc = c + 1;
-    count[b] = nc;
-    pending[b] = lse.data ? 0 : min(pend + 1, nc);
-  }
-}
-
-/// The newest ring row's LSE of every sequence (decode_set_lse). grid (batch).
-static __global__ void comp_set_lse_kernel(TensorView<const float, 2> lse, float* ring_lse, int cap, int q_heads,
-                                           const std::int32_t* start, const std::int32_t* count,
-                                           std::int32_t* pending) {
-  const int b = blockIdx.x;
-  const int c = count[b];
-  if (c <= 0) return;
-  const int slot = (start[b] + c - 1) % cap;
-  for (int qh = threadIdx.x; qh < q_heads; qh += blockDim.x)
-    ring_lse[(std::int64_t(b) * q_heads + qh) * cap + slot] = lse(b, qh);
-  __syncthreads();
-  // pending counts the newest rows without LSE: only a lone newest one is cleared
-  // (older pending rows stay pending, and this row is then recomputed, harmlessly).
-  if (threadIdx.x == 0 && pending[b] == 1) pending[b] = 0;
-}
-
-/// Whether sequence b's decode compression fires now (evict_trigger_kernel's
-/// rule, evaluated on head set 0 like the host).
-struct Trigger {
-  bool on;  // false: every sequence in range counts as firing (prefill)
-  const std::int32_t* bound;
-  int ph, segment;
-  __device__ bool fires(int b, int n0, int w) const {
-    if (!on) return true;
-    const int c = bound[b * ph];
-    return c >= 0 && n0 - w - c >= segment;
-  }
-};
-
-/// LSE of the pending window rows [w - pending, w) over the slots each sees
-/// now (host settle_pending_lse). One warp per row; grid (ceil(cap / 4), q_heads, nb).
-template <class T>
-__global__ void __launch_bounds__(128) comp_settle_kernel(KVView<const T> keys, TensorView<const std::int32_t, 2> len,
-                                                          const T* ring_q, float* ring_lse, const std::int32_t* start,
-                                                          const std::int32_t* pending, const std::int32_t* window,
-                                                          int cap, int d, int q_heads, int group, float scale,
-                                                          Trigger trig, int b0) {
-  const int b = b0 + blockIdx.z, qh = blockIdx.y, kvh = qh / group;
-  const int r = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int w = window[b], pend = pending[b];
-  if (pend <= 0 || r < w - pend || r >= w) return;
-  if (!trig.fires(b, len(b, 0), w)) return;
-  const int n = len(b, kvh), last = n - w + r;
-  const int ring = (start[b] + r) % cap;
-  const T* q = ring_q + ((std::int64_t(b) * q_heads + qh) * cap + ring) * d;
-  OnlineLse stats;
-  for (int j = lane; j <= last; j += 32) {
-    float acc = 0.f;
-    for (int i = 0; i < d; ++i) acc = fmaf(to_float(q[i]), to_float(keys(b, kvh, j, i)), acc);
-    stats.fold(acc * scale);
-  }
-  const float lse = stats.warp_total();
-  if (lane == 0) ring_lse[(std::int64_t(b) * q_heads + qh) * cap + ring] = lse;
-}
-
-/// pending = 0 where the settle kernel ran. grid (ceil(nb / 128)).
-static __global__ void comp_clear_pending_kernel(TensorView<const std::int32_t, 2> len, std::int32_t* pending,
-                                                 const std::int32_t* window, Trigger trig, int b0, int nb) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= nb) return;
-  const int b = b0 + i;
-  if (trig.fires(b, len(b, 0), window[b])) pending[b] = 0;
-}
-
-}  // namespace detail
-}  // namespace cuda
 
 /// Who decides whether a layer's decode compression fires (see the top).
 enum class DecodeTrigger { host, device };
 
 inline const char* decode_trigger_name(DecodeTrigger t) { return t == DecodeTrigger::host ? "host" : "device"; }
 
-/// What the per-sequence prefill_select returns: indices into T_l (device
-/// memory, ascending) of the tokens layer l+1 computes; valid until the next
-/// prefill_select of the same sequence.
-struct DevicePrefillSelection {
-  const std::int32_t* index = nullptr;
-  int count = 0;
-};
-
-/// What the batched prefill_select returns for sequences [b0, b0 + nb):
-/// sequence b0 + i's indices into its own T_l (device memory, ascending) are
-/// index[i * stride + j] for j < token_count(b0 + i) (now |T_{l+1}|, known on
-/// the host); rows is their sum, the packed row count of layer l+1. Valid
-/// until the next prefill_select of those sequences.
+/// What prefill_select returns for a batch: entry i's indices into its own
+/// T_l (device memory, ascending) are index[slot_i * stride + j] for j <
+/// token_count(slot_i) (now |T_{l+1}|, known on the host); rows is their sum,
+/// the packed row count of layer l+1. Valid until the sequence's next prefill_select.
 struct DevicePrefillBatch {
   const std::int32_t* index = nullptr;
   std::int64_t stride = 0;
   int rows = 0;
 };
 
-template <class Scoring = RecentWindowScoring, class Selection = TopKSelection, class Schedule = CosineSchedule,
-          class Decode = DecodeSchedule<CosineSchedule>>
-class CudaPyramidCompressor {
-  static_assert(CudaWindowScoring<Scoring>::value,
-                "CudaPyramidCompressor: this Scoring policy has no CUDA implementation; use RecentWindowScoring or "
-                "AccumulatedAttentionScoring (KeyNormScoring and PositionScoring run on the host PyramidCompressor)");
+namespace detail {
+
+/// First-fit ranges of a pool of rows, kept on the host (begin() and end()
+/// are host calls; nothing here touches the device).
+class RowRanges {
+ public:
+  void reset(std::int64_t rows) { free_.assign(1, {0, rows}), rows_ = rows; }
+  std::int64_t rows() const { return rows_; }
+  bool fits(std::int64_t n) const {
+    for (const Range& r : free_) if (r.len >= n) return true;
+    return false;
+  }
+  /// Start of n rows, or -1 when no free range is that long.
+  std::int64_t take(std::int64_t n) {
+    for (std::size_t i = 0; i < free_.size(); ++i) {
+      if (free_[i].len < n) continue;
+      const std::int64_t at = free_[i].start;
+      free_[i].start += n, free_[i].len -= n;
+      if (free_[i].len == 0) free_.erase(free_.begin() + std::ptrdiff_t(i));
+      return at;
+    }
+    return -1;
+  }
+  void give(std::int64_t start, std::int64_t n) {
+    auto it = std::lower_bound(free_.begin(), free_.end(), start,
+                               [](const Range& r, std::int64_t s) { return r.start < s; });
+    it = free_.insert(it, {start, n});
+    if (it + 1 != free_.end() && it->start + it->len == (it + 1)->start) it->len += (it + 1)->len, free_.erase(it + 1);
+    if (it != free_.begin() && (it - 1)->start + (it - 1)->len == it->start)
+      (it - 1)->len += it->len, free_.erase(it);
+  }
+
+ private:
+  struct Range {
+    std::int64_t start, len;
+  };
+  std::vector<Range> free_;
+  std::int64_t rows_ = 0;
+};
+
+}  // namespace detail
+
+template <class Scoring, class Selection, class Schedule, class Decode>
+class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
+  using Host = PyramidCompressor<Scoring, Selection, Schedule, Decode, HostBackend>;
+  static_assert(has_device_score<Scoring, float>::value,
+                "PyramidCompressor<..., CudaBackend>: the Scoring policy has no device hook. Define "
+                "`device_score(const Policy&, const ScoreProblem<T>&, Granularity, ScoreView, void* workspace, "
+                "std::size_t workspace_bytes, cudaStream_t)` and `device_score_workspace_bytes(const Policy&, "
+                "const ScoreProblem<T>&, Granularity)` next to the policy (policy/device_hooks.cuh)");
+  static_assert(has_score_free_count<Selection>::value || has_device_keep_counts<Selection>::value,
+                "PyramidCompressor<..., CudaBackend>: the Selection policy has no device path. Declare "
+                "`static constexpr bool score_free_count = true` if keep_count ignores the scores, or define "
+                "`device_keep_counts(const Policy&, ...)` next to it (policy/device_hooks.cuh)");
 
  public:
-  explicit CudaPyramidCompressor(const CompressorConfig& cfg, Scoring scoring = {}, Selection selection = {},
-                                 Schedule schedule = {}, Decode decode = {})
-      : host_(cfg, scoring, selection, schedule, decode) {  // validates like the host
-    PYRAMIDINFER_REQUIRE(cfg.lse_base == LseBase::natural, "CudaPyramidCompressor", "cfg.lse_base", "base2",
-                         "is not supported by the contiguous CUDA compressor: pass natural-log LSE");
-  }
-  ~CudaPyramidCompressor() {
-    if (arena_) cudaFree(arena_);
-  }
-  CudaPyramidCompressor(const CudaPyramidCompressor&) = delete;
-  CudaPyramidCompressor& operator=(const CudaPyramidCompressor&) = delete;
+  explicit PyramidCompressor(const CompressorConfig& cfg, Scoring scoring = {}, Selection selection = {},
+                             Schedule schedule = {}, Decode decode = {})
+      : host_(cfg, scoring, selection, schedule, decode) {}  // validates like the host
+  PyramidCompressor(const PyramidCompressor&) = delete;
+  PyramidCompressor& operator=(const PyramidCompressor&) = delete;
 
   const CompressorConfig& config() const { return host_.config(); }
+  const Scoring& scoring() const { return host_.scoring(); }
+  const Selection& selection() const { return host_.selection(); }
+  const Schedule& schedule() const { return host_.schedule(); }
+  const Decode& decode_schedule() const { return host_.decode_schedule(); }
   float scale() const { return host_.scale(); }
-  ModelShape model_shape(DType dtype) const { return host_.model_shape(dtype); }
-  MemoryPlan plan(const std::vector<int>& prompt_lens, int decode_steps, DType dtype) const {
-    return host_.plan(prompt_lens, decode_steps, dtype);
-  }
   LayerTrace trace(int prompt_len, int decode_steps) const { return host_.trace(prompt_len, decode_steps); }
-  /// Bytes of the device arena begin() allocated (ring, state, workspaces).
-  std::size_t arena_bytes() const { return arena_bytes_; }
+  RequestPages pages(int prompt_len, int decode_steps, int page_size) const {
+    return host_.pages(prompt_len, decode_steps, page_size);
+  }
 
   /// Decode trigger mode (see the top): host (default) or device (graph capture).
   void set_decode_trigger(DecodeTrigger t) { trigger_ = t; }
@@ -287,734 +166,259 @@ class CudaPyramidCompressor {
   /// Host mode: sequences whose compression fired in the last decode_compress
   /// (-1 in device mode, where only the device knows).
   int decode_fired() const { return trigger_ == DecodeTrigger::host ? last_fired_ : -1; }
-  /// How many times decode_compress launched the eviction chain since begin().
+  /// How many times decode_compress launched the eviction chain since attach().
   long long evict_launches() const { return evict_launches_; }
-  /// Bytes of the arena per sequence for these prompt lengths (upper bound,
-  /// for batch sizing): ring queries + LSE, and per prompt token the token
-  /// lists, slot maps, scores, picks, kept lists and scoring partials that a
-  /// whole-batch prefill_select holds at once.
-  std::size_t arena_bytes_per_sequence(int prompt_len, std::size_t elem_bytes) const {
-    const std::size_t w = std::size_t(window_length(prompt_len, cfg().recent_ratio));
-    const std::size_t layers = cfg().compress_decode ? std::size_t(cfg().num_layers) : 1;
-    return layers * cfg().num_heads * w * (cfg().head_dim * elem_bytes + 4) +
-           std::size_t(prompt_len) * 4 * (6 + 5 * std::size_t(head_sets()) + std::size_t(cfg().kv_heads));
+
+  // ---- memory -------------------------------------------------------------
+
+  /// Ring-pool rows a sequence with this prompt holds from begin() to end().
+  std::int64_t ring_rows_for(int prompt_len) const { return window_length(prompt_len, config().recent_ratio); }
+
+  /// Device bytes attach() takes for this cache and a ring pool of ring_rows rows.
+  template <class T>
+  std::size_t state_bytes(const PagedKVCache<T>& cache, std::int64_t ring_rows) const {
+    check_attach(cache, ring_rows, "PyramidCompressor<CudaBackend>::state_bytes");
+    return layout<T>(cache, ring_rows, nullptr, 0).bytes;
   }
 
-  /// Starts a batch: one prompt length per sequence. Clears `cache` (enqueued
-  /// on `stream`); allocates the arena once (no allocation after this).
+  /// Takes `memory` (device, >= state_bytes(cache, ring_rows)) for `cache`,
+  /// ends every sequence it knew, and zeroes the memory on `stream`.
   template <class T>
-  void begin(KVCache<T, CudaBackend>& cache, const std::vector<int>& prompt_lens, cudaStream_t stream) {
-    const char* fn = "CudaPyramidCompressor::begin";
-    seqs_.clear();  // a new batch may have another size
-    check_cache(cache, fn);
-    const int B = cache.shape().batch;
-    PYRAMIDINFER_REQUIRE(int(prompt_lens.size()) == B, fn, "prompt_lens.size()", prompt_lens.size(),
-                         "must equal the cache's batch " + std::to_string(B));
-    PYRAMIDINFER_REQUIRE(B <= 65535, fn, "batch", B, "must be <= 65535 (one grid axis spans the batch)");
-    long long total = 0;
-    for (std::size_t b = 0; b < prompt_lens.size(); ++b) {
-      PYRAMIDINFER_REQUIRE(prompt_lens[b] > 0, fn, ("prompt_lens[" + std::to_string(b) + "]").c_str(), prompt_lens[b],
-                           "must be > 0 (empty sequences are not allowed)");
-      total += prompt_lens[b];
-    }
-    // Packed row offsets are 32-bit on the device.
-    PYRAMIDINFER_REQUIRE(total <= 0x7fffffff, fn, "prompt_lens", total, "must sum to < 2^31 tokens");
-    dtype_ = DTypeOf<T>::value;
-    batch_ = B;
-    seqs_.assign(std::size_t(B), {});
-    ring_cap_ = 1;
-    max_prompt_ = 1;
-    for (int b = 0; b < B; ++b) {
-      Seq& s = seqs_[std::size_t(b)];
-      s.prompt = prompt_lens[std::size_t(b)];
-      s.window = window_length(s.prompt, cfg().recent_ratio);
-      s.n = s.prompt;
-      s.head_count.assign(std::size_t(head_sets()), s.prompt);
-      s.stored.assign(std::size_t(cfg().num_layers), 0);
-      s.selected.assign(std::size_t(cfg().num_layers), 0);
-      ring_cap_ = std::max(ring_cap_, s.window);
-      max_prompt_ = std::max(max_prompt_, s.prompt);
-    }
-    const std::size_t need = layout<T>(cache, nullptr, 0).bytes;
-    if (need > arena_cap_) {
-      if (arena_) PYRAMIDINFER_CUDA_CHECK(cudaFree(arena_));
-      arena_ = nullptr;
-      arena_cap_ = 0;
-      PYRAMIDINFER_CUDA_CHECK(cudaMalloc(&arena_, need));
-      arena_cap_ = need;
-    }
-    arena_bytes_ = need;
-    m_ = layout<T>(cache, arena_, arena_cap_);
-    // Host-tracked decode state: lengths and boundaries per (layer, sequence, head set).
-    const std::size_t hs = std::size_t(cfg().num_layers) * B * head_sets();
-    hlen_.assign(hs, 0);
-    hbound_.assign(hs, -1);
-    hcap_.resize(std::size_t(cfg().num_layers));
-    for (int l = 0; l < cfg().num_layers; ++l) hcap_[std::size_t(l)] = cache.capacity(l);
+  void attach(const PagedKVCache<T>& cache, std::int64_t ring_rows, void* memory, std::size_t bytes,
+              cudaStream_t stream) {
+    const char* fn = "PyramidCompressor<CudaBackend>::attach";
+    check_attach(cache, ring_rows, fn);
+    const std::size_t need = layout<T>(cache, ring_rows, nullptr, 0).bytes;
+    PYRAMIDINFER_REQUIRE(memory != nullptr && bytes >= need, fn, "bytes", bytes,
+                         "must be >= state_bytes() = " + std::to_string(need) + " (and memory non-null)");
+    m_ = layout<T>(cache, ring_rows, memory, bytes);
+    shape_ = cache.shape();
+    attached_ = true;
+    seqs_.assign(std::size_t(shape_.max_seqs), Seq{});
+    hlen_.assign(std::size_t(shape_.num_layers) * shape_.max_seqs, 0);
+    hbound_.assign(hlen_.size(), -1);
+    ring_.reset(ring_rows);
+    uploaded_.clear();
     last_fired_ = 0;
     evict_launches_ = 0;
-    // Zero the ring (stale LSE reads stay finite) and the state (cur = 0), then set it.
-    PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(arena_, 0, need, stream));
-    const int L = cfg().num_layers, ph = head_sets();
-    launch_fill(m_.bound, L * B * ph, -1, stream);  // -1: no prefill yet (the trigger never fires)
-    launch_fill(m_.ones, B, 1, stream);
-    std::vector<int> windows(std::size_t(B), 0), counts(std::size_t(B), 0);
-    for (int b = 0; b < B; ++b) {
-      windows[std::size_t(b)] = seqs_[std::size_t(b)].window;
-      counts[std::size_t(b)] = seqs_[std::size_t(b)].prompt;
-    }
-    upload_ints(windows, m_.window, stream);
-    upload_ints(counts, m_.n, stream);
-    cuda::detail::comp_begin_kernel<<<unsigned((B * ph + 255) / 256), 256, 0, stream>>>(state(), B);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_begin_kernel");
-    // T_0 = 0 .. prompt - 1 and every slot map the identity (the lists run to
-    // the longest prompt: entries past a sequence's count are never read).
-    launch_iota(m_.tok[0], max_prompt_, B, max_prompt_, stream);
-    launch_iota(m_.tidx[0], max_prompt_, B * ph, max_prompt_, stream);
-    cache.clear(stream);
+    PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(memory, 0, need, stream));
+    fill_constants(stream);
   }
 
-  int batch() const { return batch_; }
-  int window(int b) const { return seq(b).window; }
-  /// |T_l| of sequence b: the tokens the engine computes at the current prefill layer.
-  int token_count(int b) const { return seq(b).n; }
-  /// T_l's original positions (device memory, ascending, token_count(b) of them).
-  const std::int32_t* tokens(int b) const { return m_.tok[seq(b).cur] + std::size_t(b) * max_prompt_; }
+  // ---- sequences -----------------------------------------------------------
 
-  /// T_l's original positions of sequences [b0, b0 + nb), packed (sequence
-  /// b0 + i from row off_i = token_count(b0) + ... + token_count(b0 + i - 1)):
-  /// dst is device memory for their sum. One launch (two when nb > 1).
-  void packed_positions(int b0, int nb, std::int32_t* dst, cudaStream_t stream) const {
-    const char* fn = "CudaPyramidCompressor::packed_positions";
-    check_range(b0, nb, fn);
+  /// Whether a sequence with this prompt finds its ring rows now.
+  bool can_begin(int prompt_len) const {
+    return attached_ && prompt_len > 0 && ring_.fits(ring_rows_for(prompt_len));
+  }
+
+  /// Starts sequence `seq` (a free slot of `cache`) with a prompt of
+  /// `prompt_len` tokens: its ring rows come from the pool (host), its state
+  /// is set on `stream`. Its layers must be empty (end() leaves them so).
+  template <class T>
+  void begin(PagedKVCache<T>& cache, int seq, int prompt_len, cudaStream_t stream) {
+    const char* fn = "PyramidCompressor<CudaBackend>::begin";
+    check_cache(cache, fn);
+    cache.check_seq(seq, fn);
+    PYRAMIDINFER_REQUIRE(prompt_len > 0 && prompt_len <= shape_.max_seq_len, fn, "prompt_len", prompt_len,
+                         "must be in [1, max_seq_len = " + std::to_string(shape_.max_seq_len) + "]");
+    PYRAMIDINFER_REQUIRE(!seqs_[std::size_t(seq)].live, fn, "seq", seq, "is already live: end() it first");
+    const int w = window_length(prompt_len, config().recent_ratio);
+    const std::int64_t base = ring_.take(w);
+    PYRAMIDINFER_REQUIRE(base >= 0, fn, "prompt_len", prompt_len,
+                         "needs " + std::to_string(w) + " free ring rows (pool of " + std::to_string(ring_.rows()) +
+                             "): end() a sequence or attach a larger pool (can_begin() asks first)");
+    Seq s;
+    s.live = true;
+    s.prompt = prompt_len;
+    s.window = w;
+    s.ring_base = base;
+    s.n = s.stored_count = prompt_len;
+    seqs_[std::size_t(seq)] = s;
+    for (int l = 0; l < shape_.num_layers; ++l) hlen_[hidx(l, seq)] = 0, hbound_[hidx(l, seq)] = -1;
+    cuda::detail::BeginArgs a;
+    a.s = state();
+    a.window = m_.window;
+    a.ring_base = m_.ring_base;
+    a.bound = m_.bound;
+    a.ring_start = m_.ring_start, a.ring_count = m_.ring_count, a.pending = m_.pending;
+    a.slot = seq, a.prompt = prompt_len, a.win = w, a.base = int(base);
+    a.layers = shape_.num_layers, a.slots_total = shape_.max_seqs;
+    const int n = std::max(prompt_len, shape_.num_layers);
+    cuda::detail::comp_begin_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_begin_kernel");
+  }
+
+  /// Ends sequence `seq`: its pages in every layer go back to the free list
+  /// (enqueued), its ring rows to the pool.
+  template <class T>
+  void end(PagedKVCache<T>& cache, int seq, cudaStream_t stream) {
+    const char* fn = "PyramidCompressor<CudaBackend>::end";
+    check_cache(cache, fn);
+    live_seq(seq, fn);
+    const std::int32_t one = seq;
+    const SeqList list{upload_slots(SeqList{&one, 1}, stream), 1};
+    cuda::paged_release(cache.kv(), list, m_.paged_ws, m_.paged_ws_bytes, stream);
+    ring_.give(seqs_[std::size_t(seq)].ring_base, seqs_[std::size_t(seq)].window);
+    seqs_[std::size_t(seq)] = Seq{};
+  }
+
+  bool live(int seq) const { return attached_ && seq >= 0 && seq < shape_.max_seqs && seqs_[std::size_t(seq)].live; }
+  int window(int seq) const { return live_seq(seq, "PyramidCompressor<CudaBackend>::window").window; }
+  /// Prefill layers done for `seq` (prefill_select calls); decode needs all.
+  int prefilled_layers(int seq) const {
+    return live_seq(seq, "PyramidCompressor<CudaBackend>::prefilled_layers").prefilled;
+  }
+  /// |T_l| of `seq`: the tokens the engine computes at the current prefill layer.
+  int token_count(int seq) const { return live_seq(seq, "PyramidCompressor<CudaBackend>::token_count").n; }
+  /// T_l's original positions (device memory, ascending, token_count(seq) of them).
+  const std::int32_t* tokens(int seq) const {
+    live_seq(seq, "PyramidCompressor<CudaBackend>::tokens");
+    return m_.tok[seqs_[std::size_t(seq)].cur] + std::size_t(seq) * shape_.max_seq_len;
+  }
+  /// Packed rows of T_l of a batch (the sum of token_count).
+  std::int64_t packed_rows(const SeqList& batch) const {
+    std::int64_t rows = 0;
+    for (int i = 0; i < batch.batch; ++i) rows += seqs_[std::size_t(batch.seqs[i])].n;
+    return rows;
+  }
+
+  // ---- prefill ---------------------------------------------------------------
+
+  /// T_l's original positions of the batch, packed, into dst (device, packed_rows(batch) ints).
+  void packed_positions(const SeqList& batch, std::int32_t* dst, cudaStream_t stream) {
+    const char* fn = "PyramidCompressor<CudaBackend>::packed_positions";
+    check_batch(batch, fn);
     PYRAMIDINFER_REQUIRE(dst != nullptr, fn, "dst", "nullptr",
-                         "must point to " + std::to_string(packed_rows(b0, nb)) + " device ints");
-    const std::int32_t* off = packed_offsets(m_.n, b0, nb, stream);
-    const dim3 grid(unsigned((max_count(b0, nb) + 255) / 256), unsigned(nb));
-    cuda::detail::comp_packed_positions_kernel<<<grid, 256, 0, stream>>>(state(), off, b0, dst);
+                         "must point to " + std::to_string(packed_rows(batch)) + " device ints");
+    const std::int32_t* slots = upload_slots(batch, stream);
+    offsets(slots, batch.batch, m_.n, nullptr, stream);
+    const dim3 grid(unsigned((max_count(batch) + 255) / 256), unsigned(batch.batch));
+    cuda::detail::comp_packed_positions_kernel<<<grid, 256, 0, stream>>>(state(), slots, m_.off, dst);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_packed_positions_kernel");
   }
 
-  /// Prefill step 2, one sequence: k, v are (kv_head, token, d) device views
-  /// over T_l of sequence b. Per-head mode: each head keeps the tokens it selected.
+  /// Prefill step 2: k, v are (kv_head, row, d) device views over the batch's
+  /// packed rows of T_l; each sequence's layer takes pages from the free list.
+  /// In per-head mode each head keeps only the tokens it selected.
   template <class T>
-  void prefill_store(int layer, KVCache<T, CudaBackend>& cache, int b, TensorView<const T, 3> k,
+  void prefill_store(int layer, PagedKVCache<T>& cache, const SeqList& batch, TensorView<const T, 3> k,
                      TensorView<const T, 3> v, cudaStream_t stream) {
-    seq(b);
-    store_range(layer, cache, b, 1, k, v, stream, "CudaPyramidCompressor::prefill_store");
-  }
-
-  /// Prefill step 2, sequences [b0, b0 + nb) at once: k, v are
-  /// (kv_head, row, d) device views over their PACKED rows of T_l (sequence
-  /// b0 + i owns rows [off_i, off_i + token_count(b0 + i)), off_0 = 0).
-  /// Two launches (one when nb == 1), whatever nb.
-  template <class T>
-  void prefill_store(int layer, KVCache<T, CudaBackend>& cache, int b0, int nb, TensorView<const T, 3> k,
-                     TensorView<const T, 3> v, cudaStream_t stream) {
-    store_range(layer, cache, b0, nb, k, v, stream, "CudaPyramidCompressor::prefill_store");
-  }
-
-  /// Prefill step 4, one sequence: window_q (q_head, row, d) device view of
-  /// the queries of the last window(b) tokens of T_l, oldest first;
-  /// window_lse (q_head, row) their LSE if the engine has it (else data = nullptr).
-  template <class T>
-  DevicePrefillSelection prefill_select(int layer, KVCache<T, CudaBackend>& cache, int b,
-                                        TensorView<const T, 3> window_q, TensorView<const float, 2> window_lse,
-                                        cudaStream_t stream) {
-    seq(b);
-    const DevicePrefillBatch r = select_range(layer, cache, b, 1, window_q, window_lse, true, stream,
-                                              "CudaPyramidCompressor::prefill_select");
-    return {r.index, r.rows};
-  }
-
-  /// Prefill step 4, sequences [b0, b0 + nb) at once: q (q_head, row, d) the
-  /// queries of ALL their packed rows of T_l (each sequence's last window(b)
-  /// rows are its window), lse (q_head, row) those rows' LSE from the
-  /// engine's attention, or data == nullptr (then computed). A fixed number
-  /// of launches whatever nb (see the top); a host sync only where the
-  /// per-sequence call has one, once for the whole range.
-  template <class T>
-  DevicePrefillBatch prefill_select(int layer, KVCache<T, CudaBackend>& cache, int b0, int nb,
-                                    TensorView<const T, 3> q, TensorView<const float, 2> lse, cudaStream_t stream) {
-    return select_range(layer, cache, b0, nb, q, lse, false, stream, "CudaPyramidCompressor::prefill_select");
-  }
-
-  /// dst[i, :] = hidden[index[i], :]: the hidden states (rows of T_l) layer
-  /// l+1 computes for sequence b, after prefill_select. hidden has
-  /// |T_l| rows, dst at least |T_{l+1}| = token_count(b).
-  template <class U>
-  void gather_next(int b, TensorView<const U, 2> hidden, TensorView<U, 2> dst, cudaStream_t stream) const {
-    seq(b);
-    gather_range(b, 1, hidden, dst, stream, "CudaPyramidCompressor::gather_next");
-  }
-
-  /// The same for sequences [b0, b0 + nb): hidden holds their packed rows of
-  /// T_l (exactly), dst receives their packed rows of T_{l+1} (offsets: prefix
-  /// sums of the new token_count; dst may have more rows). Two launches (one when nb == 1).
-  template <class U>
-  void gather_next(int b0, int nb, TensorView<const U, 2> hidden, TensorView<U, 2> dst, cudaStream_t stream) const {
-    gather_range(b0, nb, hidden, dst, stream, "CudaPyramidCompressor::gather_next");
-  }
-
-  /// Decode, before attention: one token per sequence. k, v (b, kv_head, 1, d),
-  /// q (b, q_head, 1, d) device views, pos [batch] device positions, lse
-  /// (b, q_head) device or data = nullptr. No sync, no allocation.
-  template <class T>
-  void decode_append(int layer, KVCache<T, CudaBackend>& cache, KVView<const T> k, KVView<const T> v,
-                     const std::int32_t* pos, KVView<const T> q, TensorView<const float, 2> lse, cudaStream_t stream) {
-    const char* fn = "CudaPyramidCompressor::decode_append";
-    check_cache(cache, fn);
-    check_layer(layer, fn);
-    PYRAMIDINFER_REQUIRE(!seqs_.empty() && dtype_ == DTypeOf<T>::value, fn, "state", "no batch",
-                         "needs begin() (with this element type) and a prefill first");
-    PYRAMIDINFER_REQUIRE(pos != nullptr, fn, "pos", "nullptr", "must hold one device position per sequence");
-    const int B = batch_;
+    const char* fn = "PyramidCompressor<CudaBackend>::prefill_store";
+    check_step(layer, cache, batch, fn);
+    const std::int64_t rows = packed_rows(batch);
     for (auto* x : {&k, &v}) {
       const char* name = x == &k ? "k" : "v";
-      detail::check_view(*x, fn, name);
-      detail::check_dim(*x, 0, B, fn, name);
-      detail::check_dim(*x, 1, cfg().kv_heads, fn, name);
-      detail::check_dim(*x, 2, 1, fn, name);
-      detail::check_dim(*x, 3, cfg().head_dim, fn, name);
-    }
-    detail::check_view(q, fn, "q");
-    detail::check_dim(q, 0, B, fn, "q");
-    detail::check_dim(q, 1, cfg().num_heads, fn, "q");
-    detail::check_dim(q, 3, cfg().head_dim, fn, "q");
-    if (lse.data) {
-      detail::check_view(lse, fn, "lse");
-      detail::check_dim(lse, 0, B, fn, "lse");
-      detail::check_dim(lse, 1, cfg().num_heads, fn, "lse");
-    }
-    cache.append(layer, k, v, TensorView<const std::int32_t, 2>{pos, {B, 1}, {1, 1}}, m_.ones, stream);
-    const int cap = hcap_[std::size_t(layer)];
-    for (int b = 0; b < B; ++b)
-      for (int p = 0; p < head_sets(); ++p) {
-        int& n = hlen_[hidx(layer, b, p)];
-        if (n + 1 <= cap) ++n;  // the append kernel's rule (an overflow leaves the length)
-      }
-    if (!cfg().compress_decode) return;  // the ring serves decode compression only
-    cuda::detail::comp_push_decode_kernel<T><<<unsigned(B), 512, 0, stream>>>(
-        q, lse, ring_q<T>(layer), ring_lse(layer), ring_cap_, cfg().head_dim, cfg().num_heads,
-        m_.ring_start + layer * B, m_.ring_count + layer * B, m_.pending + layer * B, m_.window);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_decode_kernel");
-  }
-
-  /// Decode, after attention and before decode_compress: the LSE (b, q_head)
-  /// (device, fp32) of the softmax row of the query decode_append pushed for
-  /// `layer`, from the engine's attention. Optional (without it the row is
-  /// settled lazily before a firing). No sync, no allocation.
-  void decode_set_lse(int layer, TensorView<const float, 2> lse, cudaStream_t stream) {
-    const char* fn = "CudaPyramidCompressor::decode_set_lse";
-    check_layer(layer, fn);
-    PYRAMIDINFER_REQUIRE(!seqs_.empty(), fn, "state", "no batch", "needs begin() and a prefill first");
-    detail::check_view(lse, fn, "lse");
-    detail::check_dim(lse, 0, batch_, fn, "lse");
-    detail::check_dim(lse, 1, cfg().num_heads, fn, "lse");
-    if (!cfg().compress_decode) return;
-    const int B = batch_;
-    cuda::detail::comp_set_lse_kernel<<<unsigned(B), 64, 0, stream>>>(lse, ring_lse(layer), ring_cap_, cfg().num_heads,
-                                                                     m_.ring_start + layer * B,
-                                                                     m_.ring_count + layer * B, m_.pending + layer * B);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_set_lse_kernel");
-  }
-
-  /// Decode, after attention: every sequence whose layer has `segment` tokens
-  /// between its compressed part and its window is compressed, on the device.
-  /// Host trigger mode: launches nothing unless one fires. No sync, no allocation.
-  template <class T>
-  void decode_compress(int layer, KVCache<T, CudaBackend>& cache, cudaStream_t stream) {
-    const char* fn = "CudaPyramidCompressor::decode_compress";
-    check_cache(cache, fn);
-    check_layer(layer, fn);
-    PYRAMIDINFER_REQUIRE(!seqs_.empty() && dtype_ == DTypeOf<T>::value, fn, "state", "no batch",
-                         "needs begin() (with this element type) and a prefill first");
-    if (!cfg().compress_decode) return;
-    const DecodeEvictArgs<T> e = evict_args<T>(layer);
-    if (trigger_ == DecodeTrigger::host) {
-      // The device trigger's rule on the host twin: kv_len - window - bound >= segment.
-      int fired = 0;
-      for (int b = 0; b < batch_; ++b) {
-        bool any = false;
-        for (int p = 0; p < head_sets(); ++p) {
-          const std::size_t i = hidx(layer, b, p);
-          any |= hbound_[i] >= 0 && hlen_[i] - seqs_[std::size_t(b)].window - hbound_[i] >= e.segment;
-        }
-        fired += any ? 1 : 0;
-      }
-      last_fired_ = fired;
-      if (fired == 0) return;  // zero launches on a non-firing step
-      for (int b = 0; b < batch_; ++b)
-        for (int p = 0; p < head_sets(); ++p) {
-          const std::size_t i = hidx(layer, b, p);
-          if (hbound_[i] >= 0 && hlen_[i] - seqs_[std::size_t(b)].window - hbound_[i] >= e.segment) {
-            hlen_[i] += e.keep - e.segment;
-            hbound_[i] += e.keep;
-          }
-        }
-    }
-    settle(layer, cache, 0, batch_, true, stream);
-    cache.decode_evict(layer, e, m_.evict_ws, m_.evict_ws_bytes, stream);
-    ++evict_launches_;
-  }
-
-  /// Where sequence b's compressed part ends in `layer` (synchronous read: tests).
-  int boundary(int layer, int b, int head = 0) const {
-    check_layer(layer, "CudaPyramidCompressor::boundary");
-    seq(b);
-    int v = 0;
-    const std::size_t i = (std::size_t(layer) * batch_ + b) * head_sets() + (per_head() ? head : 0);
-    // Waits for all streams: the work may sit on a non-blocking stream.
-    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());
-    PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(&v, m_.bound + i, sizeof(int), cudaMemcpyDeviceToHost));
-    return v;
-  }
-
- private:
-  struct Seq {
-    int prompt = 0, window = 0;
-    int n = 0;                    ///< |T_l|
-    int prev_n = 0;               ///< |T_l| of the last prefill_select (0: none yet): gather_next's input rows
-    int cur = 0;                  ///< which token / tidx buffer holds T_l
-    std::vector<int> head_count;  ///< per head set: tokens it stores at the current layer
-    std::vector<char> stored, selected;
-  };
-  struct Mem {
-    unsigned char* ring_q = nullptr;  ///< [L][B, QH, cap, d] T
-    float* ring_lse = nullptr;        ///< [L][B, QH, cap]
-    std::int32_t *ring_start = nullptr, *ring_count = nullptr, *pending = nullptr;  ///< [L][B]
-    std::int32_t* bound = nullptr;   ///< [L][B][ph]
-    std::int32_t* window = nullptr;  ///< [B]
-    std::int32_t* ones = nullptr;    ///< [B]
-    // Prefill state, the device twin of Seq (see kernels/cuda/prefill_batch.cuh).
-    std::int32_t *n = nullptr, *prev_n = nullptr, *cur = nullptr;  ///< [B]
-    std::int32_t* head_len = nullptr;           ///< [B][ph]
-    std::int32_t* tok[2] = {nullptr, nullptr};  ///< [B][P]
-    std::int32_t* tidx[2] = {nullptr, nullptr}; ///< [B][ph][P]
-    std::int32_t* next_index = nullptr;         ///< [B][P]
-    std::int32_t* next_count = nullptr;         ///< [B]
-    // Scratch of one (batched) prefill call; sized for the whole batch.
-    std::int32_t *off = nullptr, *off2 = nullptr;       ///< [B + 1] packed row offsets of a range
-    std::int32_t* rank = nullptr;                       ///< [B][P]
-    std::int32_t *begin = nullptr, *count = nullptr;    ///< [B][kv_heads]
-    std::int32_t *topk_n = nullptr, *topk_k = nullptr;  ///< [B][ph] context and keep counts
-    float* scores = nullptr;                    ///< [B][ph][P]
-    std::int32_t* pick = nullptr;               ///< [B][ph][P]
-    std::int32_t* kept = nullptr;               ///< [B][ph][max capacity]
-    std::int32_t* kept_count = nullptr;         ///< [B][ph]
-    void* score_ws = nullptr;
-    std::size_t score_ws_bytes = 0;
-    void* topk_ws = nullptr;
-    std::size_t topk_ws_bytes = 0;
-    void* compact_ws = nullptr;
-    std::size_t compact_ws_bytes = 0;
-    void* evict_ws = nullptr;
-    std::size_t evict_ws_bytes = 0;
-    std::size_t bytes = 0;
-  };
-
-  bool per_head() const { return selection().granularity == Granularity::per_kv_head; }
-  std::size_t hidx(int layer, int b, int p) const {
-    return (std::size_t(layer) * batch_ + std::size_t(b)) * head_sets() + std::size_t(p);
-  }
-  /// The ring holds every layer when decode compresses, else one layer (prefill only, reused).
-  int ring_layer(int layer) const { return cfg().compress_decode ? layer : 0; }
-  int ring_layers() const { return cfg().compress_decode ? cfg().num_layers : 1; }
-  int head_sets() const { return per_head() ? cfg().kv_heads : 1; }
-
-  const Seq& seq(int b) const {
-    PYRAMIDINFER_REQUIRE(b >= 0 && b < batch_, "CudaPyramidCompressor", "b", b,
-                         "must be in [0, " + std::to_string(batch_) + ")");
-    return seqs_[std::size_t(b)];
-  }
-  void check_layer(int layer, const char* fn) const { pyramidinfer::detail::check_compressor_layer(cfg(), layer, fn); }
-  template <class T>
-  void check_cache(const KVCache<T, CudaBackend>& cache, const char* fn) const {
-    pyramidinfer::detail::check_compressor_cache(cfg(), selection().granularity, cache.shape(), fn);
-    PYRAMIDINFER_REQUIRE(seqs_.empty() || cache.shape().batch == batch_, fn, "cache.batch", cache.shape().batch,
-                         "must match begin()'s batch");
-  }
-  template <class T>
-  void check_layer_range(int layer, int b0, int nb, const KVCache<T, CudaBackend>& cache, const char* fn) const {
-    check_cache(cache, fn);
-    check_layer(layer, fn);
-    check_range(b0, nb, fn);
-    PYRAMIDINFER_REQUIRE(dtype_ == DTypeOf<T>::value, fn, "T", dtype_name(DTypeOf<T>::value),
-                         "must be the element type begin() saw");
-  }
-  /// Sequences [b0, b0 + nb) must exist (nb >= 1).
-  void check_range(int b0, int nb, const char* fn) const {
-    PYRAMIDINFER_REQUIRE(!seqs_.empty(), fn, "state", "no batch", "needs begin() first");
-    PYRAMIDINFER_REQUIRE(b0 >= 0 && b0 < batch_, fn, "b0", b0, "must be in [0, " + std::to_string(batch_) + ")");
-    PYRAMIDINFER_REQUIRE(nb >= 1 && nb <= batch_ - b0, fn, "nb", nb,
-                         "must be in [1, " + std::to_string(batch_ - b0) + "] (sequences b0 .. batch - 1)");
-  }
-  /// Packed rows of T_l of the range: the sum of token_count.
-  std::int64_t packed_rows(int b0, int nb) const {
-    std::int64_t rows = 0;
-    for (int b = b0; b < b0 + nb; ++b) rows += seqs_[std::size_t(b)].n;
-    return rows;
-  }
-  int max_count(int b0, int nb) const {
-    int m = 1;
-    for (int b = b0; b < b0 + nb; ++b) m = std::max(m, seqs_[std::size_t(b)].n);
-    return m;
-  }
-  /// The window queries of a batched prefill_select: every packed row of T_l.
-  template <class T>
-  void check_packed_queries(const TensorView<const T, 3>& q, const TensorView<const float, 2>& lse, std::int64_t rows,
-                            const char* fn) const {
-    detail::check_view(q, fn, "q");
-    detail::check_dim(q, 0, cfg().num_heads, fn, "q");
-    detail::check_dim(q, 1, rows, fn, "q");
-    detail::check_dim(q, 2, cfg().head_dim, fn, "q");
-    if (lse.data) {
-      detail::check_view(lse, fn, "lse");
-      detail::check_dim(lse, 0, cfg().num_heads, fn, "lse");
-      detail::check_dim(lse, 1, rows, fn, "lse");
-    }
-  }
-
-  template <class T>
-  T* ring_q(int layer) const {
-    return reinterpret_cast<T*>(m_.ring_q) +
-           std::size_t(ring_layer(layer)) * batch_ * cfg().num_heads * ring_cap_ * cfg().head_dim;
-  }
-  float* ring_lse(int layer) const {
-    return m_.ring_lse + std::size_t(ring_layer(layer)) * batch_ * cfg().num_heads * ring_cap_;
-  }
-  cuda::detail::PrefillState state() const {
-    cuda::detail::PrefillState s;
-    s.n = m_.n;
-    s.prev_n = m_.prev_n;
-    s.cur = m_.cur;
-    s.head_len = m_.head_len;
-    s.window = m_.window;
-    for (int i = 0; i < 2; ++i) s.tok[i] = m_.tok[i], s.tidx[i] = m_.tidx[i];
-    s.next_index = m_.next_index;
-    s.next_count = m_.next_count;
-    s.ph = head_sets();
-    s.P = max_prompt_;
-    return s;
-  }
-
-  void launch_fill(std::int32_t* p, int n, int value, cudaStream_t stream) {
-    if (n <= 0) return;
-    cuda::detail::comp_fill_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(p, n, value);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_fill_kernel");
-  }
-  void launch_iota(std::int32_t* p, int n, int rows, std::int64_t row_stride, cudaStream_t stream) {
-    if (n <= 0 || rows <= 0) return;
-    const dim3 grid(unsigned((n + 255) / 256), unsigned(std::min(rows, 65535)));
-    cuda::detail::comp_iota_kernel<<<grid, 256, 0, stream>>>(p, n, rows, row_stride);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_iota_kernel");
-  }
-  /// Calls f on consecutive IntChunks of v (host values that travel as kernel parameters).
-  template <class F>
-  static void for_each_chunk(const std::vector<int>& v, F&& f) {
-    cuda::detail::IntChunk c;
-    for (std::size_t first = 0; first < v.size(); first += cuda::detail::kChunkInts) {
-      c.first = int(first);
-      c.count = int(std::min<std::size_t>(v.size() - first, cuda::detail::kChunkInts));
-      std::copy_n(v.data() + first, c.count, c.v);
-      f(c);
-    }
-  }
-  void upload_ints(const std::vector<int>& v, std::int32_t* dst, cudaStream_t stream) {
-    for_each_chunk(v, [&](const cuda::detail::IntChunk& c) {
-      cuda::detail::comp_upload_kernel<<<1, 256, 0, stream>>>(c, dst);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_upload_kernel");
-    });
-  }
-  /// Packed row offsets of [b0, b0 + nb) from per-sequence counts (a [B]
-  /// device array) into m_.off (and of counts2 into m_.off2); nullptr for
-  /// one sequence, whose rows start at 0.
-  const std::int32_t* packed_offsets(const std::int32_t* counts, int b0, int nb, cudaStream_t stream,
-                                     const std::int32_t* counts2 = nullptr) const {
-    if (nb == 1) return nullptr;
-    cuda::detail::comp_offsets_kernel<<<1, cuda::detail::kScanThreads, 0, stream>>>(
-        counts + b0, m_.off, counts2 ? counts2 + b0 : nullptr, m_.off2, nb);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_offsets_kernel");
-    return m_.off;
-  }
-  /// Scoring ranges and top-k counts of the range's (sequence, head set)
-  /// entries; keep[(b - b0) * ph + p] from the host (one launch per IntChunk).
-  void launch_prep(int b0, const std::vector<int>& keep, cudaStream_t stream) {
-    cuda::detail::PrepArgs a;
-    a.head_len = m_.head_len;
-    a.window = m_.window;
-    a.begin = m_.begin;
-    a.count = m_.count;
-    a.topk_n = m_.topk_n;
-    a.topk_k = m_.topk_k;
-    a.b0 = b0;
-    a.ph = head_sets();
-    a.kv_heads = cfg().kv_heads;
-    for_each_chunk(keep, [&](const cuda::detail::IntChunk& c) {
-      cuda::detail::comp_prep_kernel<<<1, 256, 0, stream>>>(a, c);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_prep_kernel");
-    });
-  }
-
-  /// The scoring problem of sequences [b0, b0 + nb).
-  template <class T>
-  ScoreProblem<T> problem(int layer, const KVCache<T, CudaBackend>& cache, int b0, int nb) const {
-    ScoreProblem<T> p;
-    const int QH = cfg().num_heads, H = cfg().kv_heads, d = cfg().head_dim;
-    const auto keys = cache.keys(layer);
-    p.keys = {keys.data + b0 * keys.stride[0], {nb, keys.shape[1], keys.shape[2], keys.shape[3]}, keys.stride};
-    const auto pos = cache.positions(layer);
-    p.positions = {pos.data + b0 * pos.stride[0], {nb, pos.shape[1], pos.shape[2]}, pos.stride};
-    const auto len = cache.lengths(layer);
-    p.kv_len = {len.data + b0 * len.stride[0], {nb, len.shape[1]}, len.stride};
-    p.queries =
-        make_contiguous<const T>(ring_q<T>(layer) + std::size_t(b0) * QH * ring_cap_ * d, nb, QH, ring_cap_, d);
-    p.lse = make_contiguous<const float>(ring_lse(layer) + std::size_t(b0) * QH * ring_cap_, nb, QH, ring_cap_);
-    p.ring_start = m_.ring_start + layer * batch_ + b0;
-    p.window_len = m_.window + b0;
-    p.score_begin = make_contiguous<const std::int32_t>(m_.begin + std::size_t(b0) * H, nb, H);
-    p.score_count = make_contiguous<const std::int32_t>(m_.count + std::size_t(b0) * H, nb, H);
-    p.scale = scale();
-    return p;
-  }
-
-  /// prefill_store of sequences [b0, b0 + nb): offsets (nb > 1) + one copy kernel.
-  template <class T>
-  void store_range(int layer, KVCache<T, CudaBackend>& cache, int b0, int nb, TensorView<const T, 3> k,
-                   TensorView<const T, 3> v, cudaStream_t stream, const char* fn) {
-    check_layer_range<T>(layer, b0, nb, cache, fn);
-    const std::int64_t rows = packed_rows(b0, nb);
-    for (auto* x : {&k, &v}) {
-      const char* name = x == &k ? "k" : "v";
-      detail::check_view(*x, fn, name, 0);
-      detail::check_dim(*x, 0, cfg().kv_heads, fn, name);
+      pyramidinfer::detail::check_view(*x, fn, name, 0);
+      pyramidinfer::detail::check_dim(*x, 0, config().kv_heads, fn, name);
       PYRAMIDINFER_REQUIRE(x->shape[1] == rows, fn, (std::string(name) + ".shape[1]").c_str(), x->shape[1],
-                           std::string(nb == 1 ? "must equal the current token count " :
-                                                 "must equal the packed token count (sum of token_count) ") +
-                               std::to_string(rows));
-      detail::check_dim(*x, 2, cfg().head_dim, fn, name);
+                           "must equal the packed token count (sum of token_count) " + std::to_string(rows));
+      pyramidinfer::detail::check_dim(*x, 2, config().head_dim, fn, name);
     }
-    int max_c = 1;
-    for (int b = b0; b < b0 + nb; ++b) {
-      const Seq& s = seqs_[std::size_t(b)];
-      PYRAMIDINFER_REQUIRE(!s.stored[std::size_t(layer)], fn, "layer", layer,
-                           "was already stored for sequence " + std::to_string(b));
-      for (int c : s.head_count) {
-        PYRAMIDINFER_REQUIRE(c <= cache.capacity(layer), fn, "count", c,
-                             "overflows layer " + std::to_string(layer) + " capacity " +
-                                 std::to_string(cache.capacity(layer)) + " (sequence " + std::to_string(b) + ")");
-        max_c = std::max(max_c, c);
-      }
+    for (int i = 0; i < batch.batch; ++i) {
+      const Seq& s = seqs_[std::size_t(batch.seqs[i])];
+      PYRAMIDINFER_REQUIRE(layer == s.prefilled && !s.stored, fn, "layer", layer,
+                           s.stored ? "was already stored for slot " + std::to_string(batch.seqs[i])
+                                    : "is out of order for slot " + std::to_string(batch.seqs[i]) +
+                                          ": its next prefill layer is " + std::to_string(s.prefilled));
     }
     // Validated: from here on nothing throws on user input.
-    cuda::detail::StoreArgs<T> a;
-    a.k = k;
-    a.v = v;
-    a.ck = cache.keys(layer);
-    a.cv = cache.values(layer);
-    a.cpos = cache.positions(layer);
-    a.clen = cache.lengths(layer);
+    const std::int32_t* slots = upload_slots(batch, stream);
+    offsets(slots, batch.batch, m_.n, nullptr, stream);
+    cuda::detail::StoreSourceArgs a;
     a.s = state();
-    a.off = packed_offsets(m_.n, b0, nb, stream);
-    a.b0 = b0;
-    using cuda::detail::kRowWarps;
-    const dim3 grid(unsigned((max_c + kRowWarps - 1) / kRowWarps), unsigned(cfg().kv_heads), unsigned(nb));
-    using cuda::detail::rows_vectorizable;
-    if (rows_vectorizable(k) && rows_vectorizable(v) && rows_vectorizable(a.ck) && rows_vectorizable(a.cv))
-      cuda::detail::comp_store_kernel<T, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
-    else
-      cuda::detail::comp_store_kernel<T, T><<<grid, kRowWarps * 32, 0, stream>>>(a);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_store_kernel");
-    for (int b = b0; b < b0 + nb; ++b) {
-      Seq& s = seqs_[std::size_t(b)];
-      for (int p = 0; p < head_sets(); ++p) hlen_[hidx(layer, b, p)] = s.head_count[std::size_t(p)];
-      s.stored[std::size_t(layer)] = 1;
+    a.slots = slots;
+    a.off = m_.off;
+    a.begin = m_.src_begin, a.count = m_.src_count, a.pos = m_.pos_packed;
+    a.head_rows = per_head() ? m_.head_rows : nullptr;
+    a.rows = rows;
+    const dim3 grid(unsigned((max_count(batch) + 255) / 256), unsigned(batch.batch));
+    cuda::detail::comp_store_source_kernel<<<grid, 256, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_store_source_kernel");
+    AppendSource<T> src;
+    src.k = rows_view(k);
+    src.v = rows_view(v);
+    src.pos = m_.pos_packed;
+    src.begin = m_.src_begin;
+    src.count = m_.src_count;
+    if (per_head()) src.head_rows = {m_.head_rows, {head_sets(), rows}, {rows, 1}};
+    cuda::paged_append(cache.kv(), layer, SeqList{slots, batch.batch}, src, m_.paged_ws, m_.paged_ws_bytes, stream);
+    for (int i = 0; i < batch.batch; ++i) {
+      Seq& s = seqs_[std::size_t(batch.seqs[i])];
+      hlen_[hidx(layer, batch.seqs[i])] = s.stored_count;
+      s.stored = true;
     }
   }
 
-  /// prefill_select of sequences [b0, b0 + nb). window_only: q / lse hold
-  /// just the window rows of the one sequence (the per-sequence API).
+  /// Prefill step 4: q (q_head, row, d) holds the queries (after RoPE) of the
+  /// batch's packed rows of T_l, or, for a batch of one, just its window
+  /// rows; lse (q_head, row) their softmax LSE from the engine's attention,
+  /// or data == nullptr (then computed). Keeps the schedule's count per
+  /// sequence; the returned indices pick T_{l+1} out of T_l.
   template <class T>
-  DevicePrefillBatch select_range(int layer, KVCache<T, CudaBackend>& cache, int b0, int nb, TensorView<const T, 3> q,
-                                  TensorView<const float, 2> lse, bool window_only, cudaStream_t stream,
-                                  const char* fn) {
-    check_layer_range<T>(layer, b0, nb, cache, fn);
-    if (window_only) pyramidinfer::detail::check_window_queries(cfg(), seqs_[std::size_t(b0)].window, q, lse, true, fn);
-    else check_packed_queries(q, lse, packed_rows(b0, nb), fn);
-    const int ph = head_sets(), QH = cfg().num_heads, B = batch_, P = max_prompt_;
-    int max_w = 1;
-    for (int b = b0; b < b0 + nb; ++b) {
-      const Seq& s = seqs_[std::size_t(b)];
-      PYRAMIDINFER_REQUIRE(s.stored[std::size_t(layer)] && !s.selected[std::size_t(layer)], fn, "layer", layer,
-                           "must be stored with prefill_store (and selected once) for sequence " + std::to_string(b));
-      max_w = std::max(max_w, s.window);
+  DevicePrefillBatch prefill_select(int layer, PagedKVCache<T>& cache, const SeqList& batch,
+                                    TensorView<const T, 3> q, TensorView<const float, 2> lse, cudaStream_t stream) {
+    const char* fn = "PyramidCompressor<CudaBackend>::prefill_select";
+    check_step(layer, cache, batch, fn);
+    const bool window_only = check_select_queries(batch, q, lse, fn);
+    for (int i = 0; i < batch.batch; ++i) {
+      const Seq& s = seqs_[std::size_t(batch.seqs[i])];
+      PYRAMIDINFER_REQUIRE(layer == s.prefilled && s.stored, fn, "layer", layer,
+                           "has not been stored with prefill_store for slot " + std::to_string(batch.seqs[i]));
     }
-    // Host twin of the counts, entry e = (b - b0) * ph + p: context and keep
-    // (exact for TopKSelection; a bound otherwise, fixed after scoring).
-    const double ratio = schedule().keep_ratio(layer, cfg().num_layers);
-    std::vector<int> ctx(std::size_t(nb) * ph), keep(ctx.size());
-    for (int i = 0; i < nb; ++i)
-      for (int p = 0; p < ph; ++p) {
-        const Seq& s = seqs_[std::size_t(b0 + i)];
-        const std::size_t e = std::size_t(i) * ph + p;
-        ctx[e] = s.head_count[std::size_t(p)] - s.window;
-        keep[e] = selection().max_keep(ctx[e], ratio);
-      }
+    const double ratio = schedule().keep_ratio(layer, config().num_layers);
+    std::vector<int> ctx(std::size_t(batch.batch) * head_sets()), keep(ctx.size());
+    for (std::size_t e = 0; e < ctx.size(); ++e) {
+      const Seq& s = seqs_[std::size_t(batch.seqs[e / head_sets()])];
+      ctx[e] = s.stored_count - s.window;
+      keep[e] = selection().max_keep(ctx[e], ratio);  // exact when score-free; fixed after scoring otherwise
+    }
     // Validated: from here on nothing throws on user input.
-    // 1. window queries into the ring; 2. their LSE if the engine has none.
-    {
-      cuda::detail::WindowArgs<T> a;
-      a.q = q;
-      a.lse = lse;
-      a.ring_q = ring_q<T>(layer);
-      a.ring_lse = ring_lse(layer);
-      a.start = m_.ring_start + layer * B;
-      a.count = m_.ring_count + layer * B;
-      a.pending = m_.pending + layer * B;
-      a.s = state();
-      a.off = window_only ? nullptr : packed_offsets(m_.n, b0, nb, stream);
-      a.b0 = b0;
-      a.cap = ring_cap_;
-      a.d = cfg().head_dim;
-      a.q_heads = QH;
-      a.window_only = window_only;
-      using cuda::detail::kRowWarps;
-      const dim3 grid(unsigned((std::int64_t(max_w) * QH + kRowWarps - 1) / kRowWarps), unsigned(nb));
-      // The ring's rows are contiguous and 16-byte aligned when q's are.
-      if (cuda::detail::rows_vectorizable(q))
-        cuda::detail::comp_push_window_kernel<T, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
-      else
-        cuda::detail::comp_push_window_kernel<T, T><<<grid, kRowWarps * 32, 0, stream>>>(a);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_window_kernel");
-    }
-    if (!lse.data) settle(layer, cache, b0, nb, false, stream);
-    // 3. score the context of every (sequence, head set).
-    launch_prep(b0, keep, stream);
-    float* scores = m_.scores + std::size_t(b0) * ph * P;
-    cuda::window_attention_scores<T>(problem<T>(layer, cache, b0, nb), selection().granularity,
-                                     CudaWindowScoring<Scoring>::weight(scoring()), make_contiguous(scores, nb, ph, P),
-                                     m_.score_ws, m_.score_ws_bytes, stream);
-    if constexpr (!std::is_same<Selection, TopKSelection>::value) {
-      // Score-dependent count: read the scores back (one host sync for the range, see the top).
-      std::vector<float> h(std::size_t(nb) * ph * P);
-      PYRAMIDINFER_CUDA_CHECK(cudaMemcpyAsync(h.data(), scores, h.size() * sizeof(float), cudaMemcpyDeviceToHost, stream));
-      PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
-      for (std::size_t e = 0; e < keep.size(); ++e) keep[e] = selection().keep_count(h.data() + e * P, ctx[e], ratio);
-      launch_prep(b0, keep, stream);
-    }
-    // 4. top-k with sinks, one row per (sequence, head set).
-    std::int32_t* pick = m_.pick + std::size_t(b0) * ph * P;
-    cuda::topk_indices(make_contiguous<const float>(scores, nb, ph, P),
-                       make_contiguous<const std::int32_t>(m_.topk_n + std::size_t(b0) * ph, nb, ph),
-                       make_contiguous<const std::int32_t>(m_.topk_k + std::size_t(b0) * ph, nb, ph), selection().sinks,
-                       make_contiguous(pick, nb, ph, P), m_.topk_ws, m_.topk_ws_bytes, stream);
-    // 5. T_{l+1} (drop_tokens) or the layer's own compaction (layer_local).
-    const bool drop = cfg().prefill_mode == PrefillMode::drop_tokens;
-    if (drop) {
-      cuda::detail::NextArgs a;
-      a.s = state();
-      a.pick = m_.pick;
-      a.keep = m_.topk_k;
-      a.rank = m_.rank;
-      a.b0 = b0;
-      cuda::detail::comp_next_tokens_kernel<<<unsigned(nb), cuda::detail::kNextThreads, 0, stream>>>(a);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_next_tokens_kernel");
-    } else {
-      const int cap = cache.capacity(layer);
-      cuda::detail::LocalKeptArgs a;
-      a.len = cache.lengths(layer);
-      a.pick = m_.pick;
-      a.keep = m_.topk_k;
-      a.window = m_.window;
-      a.kept = m_.kept;
-      a.kept_count = m_.kept_count;
-      a.b0 = b0;
-      a.nb = nb;
-      a.ph = ph;
-      a.P = P;
-      a.cap = cap;
-      const dim3 grid(unsigned((cap + 255) / 256), unsigned(ph), unsigned(B));
-      cuda::detail::comp_local_kept_kernel<<<grid, 256, 0, stream>>>(a);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_local_kept_kernel");
-      cache.compact(layer, make_contiguous<const std::int32_t>(m_.kept, B, ph, cap),
-                    make_contiguous<const std::int32_t>(m_.kept_count, B, ph), m_.compact_ws, m_.compact_ws_bytes,
-                    stream);
-      const dim3 ngrid(unsigned((max_count(b0, nb) + 255) / 256), unsigned(nb));
-      cuda::detail::comp_local_next_kernel<<<ngrid, 256, 0, stream>>>(state(), b0);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_local_next_kernel");
-    }
-    // 6. the state advances; decode starts from here for this layer.
-    {
-      cuda::detail::FinishArgs a;
-      a.s = state();
-      a.len = cache.lengths(layer);
-      a.bound = m_.bound + std::size_t(layer) * B * ph;
-      a.keep = m_.topk_k;
-      a.b0 = b0;
-      a.nb = nb;
-      a.drop_tokens = drop;
-      cuda::detail::comp_finish_select_kernel<<<unsigned((nb + 127) / 128), 128, 0, stream>>>(a);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_finish_select_kernel");
-    }
-    // The host twin. Per KV head, |T_{l+1}| is the size of the union of the
-    // heads' selections, known only on the device: one read-back for the range.
-    std::vector<int> next_n(std::size_t(nb), 0);
-    if (drop && ph > 1) {
-      PYRAMIDINFER_CUDA_CHECK(cudaMemcpyAsync(next_n.data(), m_.next_count + b0, sizeof(int) * std::size_t(nb),
-                                              cudaMemcpyDeviceToHost, stream));
-      PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
-    }
-    DevicePrefillBatch out;
-    out.index = m_.next_index + std::size_t(b0) * P;
-    out.stride = P;
-    for (int i = 0; i < nb; ++i) {
-      const int b = b0 + i;
-      Seq& s = seqs_[std::size_t(b)];
-      for (int p = 0; p < ph; ++p) {
-        const int kept = keep[std::size_t(i) * ph + p] + s.window;
-        const int stored = drop ? s.head_count[std::size_t(p)] : kept;  // the layer's length from now on
-        hlen_[hidx(layer, b, p)] = stored;
-        hbound_[hidx(layer, b, p)] = stored - 1;
-        s.head_count[std::size_t(p)] = drop ? kept : s.n;
-      }
-      s.prev_n = s.n;
-      if (drop) s.n = ph > 1 ? next_n[std::size_t(i)] : keep[std::size_t(i)] + s.window;
-      s.cur ^= 1;
-      s.selected[std::size_t(layer)] = 1;
-      out.rows += s.n;
-    }
-    return out;
+    const std::int32_t* slots = upload_slots(batch, stream);
+    offsets(slots, batch.batch, m_.n, nullptr, stream);
+    push_window<T>(layer, batch, slots, q, lse, window_only, stream);
+    if (!lse.data) settle<T>(layer, cache, batch, slots, cuda::detail::Trigger{}, stream);
+    const int width = std::max(1, *std::max_element(ctx.begin(), ctx.end()));
+    score_context<T>(layer, cache, batch, slots, ratio, width, ctx, keep, stream);
+    const bool drop = config().prefill_mode == PrefillMode::drop_tokens;
+    if (drop) next_tokens(slots, batch.batch, width, stream);
+    else keep_in_layer<T>(layer, cache, batch, slots, width, keep, stream);
+    finish_select<T>(layer, cache, batch, slots, drop, stream);
+    return advance(layer, batch, keep, drop, stream);
   }
 
-  /// gather_next of sequences [b0, b0 + nb): offsets (nb > 1) + one copy kernel.
+  /// dst = the hidden states (packed rows of T_l in `hidden`, exactly) that
+  /// layer l+1 computes, packed in batch order; dst may have more rows.
   template <class U>
-  void gather_range(int b0, int nb, TensorView<const U, 2> hidden, TensorView<U, 2> dst, cudaStream_t stream,
-                    const char* fn) const {
-    check_range(b0, nb, fn);
+  void gather_next(const SeqList& batch, TensorView<const U, 2> hidden, TensorView<U, 2> dst, cudaStream_t stream) {
+    const char* fn = "PyramidCompressor<CudaBackend>::gather_next";
+    check_batch(batch, fn);
     std::int64_t in_rows = 0, out_rows = 0;
-    for (int b = b0; b < b0 + nb; ++b) {
-      const Seq& s = seqs_[std::size_t(b)];
-      PYRAMIDINFER_REQUIRE(s.prev_n > 0, fn, "b", b, "has no prefill_select yet (nothing to gather)");
+    for (int i = 0; i < batch.batch; ++i) {
+      const Seq& s = seqs_[std::size_t(batch.seqs[i])];
+      PYRAMIDINFER_REQUIRE(s.prev_n > 0, fn, "seqs[i]", batch.seqs[i], "has no prefill_select yet (nothing to gather)");
       in_rows += s.prev_n;
       out_rows += s.n;
     }
-    detail::check_view(hidden, fn, "hidden", 0);
-    detail::check_view(dst, fn, "dst", 0);
+    pyramidinfer::detail::check_view(hidden, fn, "hidden", 0);
+    pyramidinfer::detail::check_view(dst, fn, "dst", 0);
     PYRAMIDINFER_REQUIRE(hidden.shape[0] == in_rows, fn, "hidden.shape[0]", hidden.shape[0],
-                         "must equal the (packed) token count of the selected layer, " + std::to_string(in_rows));
+                         "must equal the packed token count of the selected layer, " + std::to_string(in_rows));
     PYRAMIDINFER_REQUIRE(dst.shape[0] >= out_rows, fn, "dst.shape[0]", dst.shape[0],
-                         "must be >= the (packed) token count of the next layer, " + std::to_string(out_rows));
-    detail::check_dim(dst, 1, hidden.shape[1], fn, "dst");
+                         "must be >= the packed token count of the next layer, " + std::to_string(out_rows));
+    pyramidinfer::detail::check_dim(dst, 1, hidden.shape[1], fn, "dst");
     if (hidden.shape[1] == 0) return;
+    const std::int32_t* slots = upload_slots(batch, stream);
+    offsets(slots, batch.batch, m_.prev_n, m_.n, stream);
     cuda::detail::GatherArgs<U> a;
     a.src = hidden;
     a.dst = dst;
     a.s = state();
-    a.src_off = packed_offsets(m_.prev_n, b0, nb, stream, m_.n);
-    a.dst_off = a.src_off ? m_.off2 : nullptr;
-    a.b0 = b0;
+    a.slots = slots;
+    a.src_off = m_.off;
+    a.dst_off = m_.off2;
     using cuda::detail::kRowWarps;
-    const dim3 grid(unsigned((max_count(b0, nb) + kRowWarps - 1) / kRowWarps), unsigned(nb));
+    const dim3 grid(unsigned((max_count(batch) + kRowWarps - 1) / kRowWarps), unsigned(batch.batch));
     if (cuda::detail::rows_vectorizable(hidden) && cuda::detail::rows_vectorizable(dst))
       cuda::detail::comp_gather_packed_kernel<U, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
     else
@@ -1022,133 +426,663 @@ class CudaPyramidCompressor {
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_gather_packed_kernel");
   }
 
+  // ---- decode ------------------------------------------------------------------
+
+  /// Decode, before attention: one token per listed sequence. k, v (i,
+  /// kv_head, 1, d), q (i, q_head, 1, d) device views for batch entry i,
+  /// pos [batch] device positions, lse (i, q_head) device or data = nullptr.
+  /// A sequence whose last page is full takes one from the free list.
   template <class T>
-  DecodeEvictArgs<T> evict_args(int layer) const {
-    DecodeEvictArgs<T> e;
-    const int B = batch_;
-    e.queries = make_contiguous<const T>(ring_q<T>(layer), B, cfg().num_heads, ring_cap_, cfg().head_dim);
-    e.lse = make_contiguous<const float>(ring_lse(layer), B, cfg().num_heads, ring_cap_);  // settled: the stored rows
-    e.ring_start = m_.ring_start + layer * B;
-    e.window_len = m_.window;
-    e.bound = m_.bound + std::size_t(layer) * B * head_sets();
-    e.segment = decode().segment;
-    e.keep = decode().keep_count(layer, cfg().num_layers);
-    e.scale = scale();
-    e.distance_weight = CudaWindowScoring<Scoring>::weight(scoring());
-    return e;
+  void decode_append(int layer, PagedKVCache<T>& cache, const SeqList& batch, KVView<const T> k, KVView<const T> v,
+                     const std::int32_t* pos, KVView<const T> q, TensorView<const float, 2> lse,
+                     cudaStream_t stream) {
+    const char* fn = "PyramidCompressor<CudaBackend>::decode_append";
+    check_decode(layer, cache, batch, fn);
+    check_decode_views(batch.batch, k, v, pos, q, lse, fn);
+    // Validated: from here on nothing throws on user input.
+    const std::int32_t* slots = upload_slots(batch, stream);
+    AppendSource<T> src;
+    src.k = {k.data, {k.shape[0], k.shape[1], k.shape[3]}, {k.stride[0], k.stride[1], k.stride[3]}};
+    src.v = {v.data, {v.shape[0], v.shape[1], v.shape[3]}, {v.stride[0], v.stride[1], v.stride[3]}};
+    src.pos = pos;
+    src.begin = m_.iota;
+    src.count = m_.ones;
+    cuda::paged_append(cache.kv(), layer, SeqList{slots, batch.batch}, src, m_.paged_ws, m_.paged_ws_bytes, stream);
+    const std::int64_t cap = std::int64_t(cache.kv().max_pages) << cache.kv().page_shift;
+    for (int i = 0; i < batch.batch; ++i) {
+      int& n = hlen_[hidx(layer, batch.seqs[i])];
+      if (n + 1 <= cap) ++n;  // the append's rule (a refused append leaves the length)
+    }
+    if (!config().compress_decode) return;  // the ring serves decode compression only
+    cuda::detail::comp_push_decode_kernel<T><<<unsigned(batch.batch), 512, 0, stream>>>(ring<T>(layer), slots, q, lse);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_decode_kernel");
   }
 
-  /// Settles pending LSE rows of sequences [b0, b0 + nb) of `layer`; with
-  /// `trigger`, only of sequences whose decode compression fires now.
+  /// Decode, after attention and before decode_compress: the LSE (i, q_head)
+  /// (device, fp32) of the query decode_append pushed for `layer`, from the
+  /// engine's attention. Optional: without it the row is settled lazily
+  /// before a firing.
   template <class T>
-  void settle(int layer, const KVCache<T, CudaBackend>& cache, int b0, int nb, bool trigger, cudaStream_t stream) {
-    const int B = batch_, QH = cfg().num_heads;
-    cuda::detail::Trigger trig{trigger, m_.bound + std::size_t(layer) * B * head_sets(), head_sets(), decode().segment};
-    const auto len = cache.lengths(layer);
-    const dim3 grid(unsigned((ring_cap_ + 3) / 4), unsigned(QH), unsigned(nb));
-    cuda::detail::comp_settle_kernel<T><<<grid, 128, 0, stream>>>(
-        KVView<const T>(cache.keys(layer)), TensorView<const std::int32_t, 2>(len), ring_q<T>(layer), ring_lse(layer),
-        m_.ring_start + layer * B, m_.pending + layer * B, m_.window, ring_cap_, cfg().head_dim, QH,
-        QH / cfg().kv_heads, scale(), trig, b0);
+  void decode_set_lse(int layer, PagedKVCache<T>& cache, const SeqList& batch, TensorView<const float, 2> lse,
+                      cudaStream_t stream) {
+    const char* fn = "PyramidCompressor<CudaBackend>::decode_set_lse";
+    check_decode(layer, cache, batch, fn);
+    pyramidinfer::detail::check_view(lse, fn, "lse");
+    pyramidinfer::detail::check_dim(lse, 0, batch.batch, fn, "lse");
+    pyramidinfer::detail::check_dim(lse, 1, config().num_heads, fn, "lse");
+    if (!config().compress_decode) return;
+    const std::int32_t* slots = upload_slots(batch, stream);
+    cuda::detail::comp_set_lse_kernel<T><<<unsigned(batch.batch), 64, 0, stream>>>(ring<T>(layer), slots, lse);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_set_lse_kernel");
+  }
+
+  /// Decode, after attention: every listed sequence whose layer has `segment`
+  /// tokens between its compressed part and its window is compressed on the
+  /// device; emptied pages go to the free list. Host trigger mode launches
+  /// nothing unless one fires.
+  template <class T>
+  void decode_compress(int layer, PagedKVCache<T>& cache, const SeqList& batch, cudaStream_t stream) {
+    const char* fn = "PyramidCompressor<CudaBackend>::decode_compress";
+    check_decode(layer, cache, batch, fn);
+    if (!config().compress_decode) return;
+    const int seg = decode_schedule().segment, keep = decode_schedule().keep_count(layer, config().num_layers);
+    std::vector<std::int32_t> firing;
+    int width = int(std::int64_t(cache.kv().max_pages) << cache.kv().page_shift);
+    if (trigger_ == DecodeTrigger::host) {
+      width = 1;
+      for (int i = 0; i < batch.batch; ++i) {
+        const int b = batch.seqs[i];
+        const std::size_t e = hidx(layer, b);
+        if (hbound_[e] < 0 || hlen_[e] - seqs_[std::size_t(b)].window - hbound_[e] < seg) continue;
+        firing.push_back(b);
+        hlen_[e] += keep - seg;
+        hbound_[e] += keep;
+        width = std::max(width, hlen_[e]);
+      }
+      last_fired_ = int(firing.size());
+      if (firing.empty()) return;  // zero launches on a non-firing step
+    }
+    const SeqList list = trigger_ == DecodeTrigger::host ? SeqList{firing.data(), int(firing.size())} : batch;
+    const std::int32_t* slots = upload_slots(list, stream);
+    evict<T>(layer, cache, list, slots, seg, keep, width, stream);
+    ++evict_launches_;
+  }
+
+  /// Where `seq`'s compressed part ends in `layer`. Synchronises the device
+  /// (for tests and tools).
+  int boundary_sync(int layer, int seq) const {
+    const char* fn = "PyramidCompressor<CudaBackend>::boundary_sync";
+    pyramidinfer::detail::check_compressor_layer(config(), layer, fn);
+    PYRAMIDINFER_REQUIRE(layer < live_seq(seq, fn).prefilled, fn, "layer", layer,
+                         "has not been prefilled for this sequence");
+    int v = 0;
+    PYRAMIDINFER_CUDA_CHECK(cudaDeviceSynchronize());  // the work may sit on any stream
+    PYRAMIDINFER_CUDA_CHECK(cudaMemcpy(&v, m_.bound + hidx(layer, seq), sizeof(int), cudaMemcpyDeviceToHost));
+    return v;
+  }
+
+ private:
+  /// The host's part of a sequence: call order and the counts that size work.
+  struct Seq {
+    bool live = false;
+    int prompt = 0, window = 0;
+    std::int64_t ring_base = 0;
+    int n = 0;             ///< |T_l|
+    int prev_n = 0;        ///< |T_l| of the last prefill_select (0: none yet)
+    int stored_count = 0;  ///< tokens every head set stores at the current layer
+    int cur = 0;           ///< which token buffer holds T_l
+    int prefilled = 0;     ///< layers whose prefill_select ran
+    bool stored = false;   ///< layer `prefilled` was stored, its selection is next
+  };
+  struct Mem {
+    unsigned char* ring_q = nullptr;  ///< [ring layers][rows][q_heads][d] T
+    float* ring_lse = nullptr;        ///< [ring layers][rows][q_heads]
+    std::int32_t *ring_base = nullptr, *window = nullptr;                           ///< [S]
+    std::int32_t *ring_start = nullptr, *ring_count = nullptr, *pending = nullptr;  ///< [L][S]
+    std::int32_t* bound = nullptr;                                                  ///< [L][S]
+    // Prefill state (kernels/cuda/prefill_batch.cuh).
+    std::int32_t *n = nullptr, *prev_n = nullptr, *cur = nullptr, *head_len = nullptr, *next_count = nullptr;  ///< [S]
+    std::int32_t* tok[2] = {nullptr, nullptr};   ///< [S][P]
+    std::int32_t* tidx[2] = {nullptr, nullptr};  ///< [S][ph][P]
+    std::int32_t *next_index = nullptr, *rank = nullptr;  ///< [S][P]
+    // Scratch of one call.
+    std::int32_t *slots = nullptr, *iota = nullptr, *ones = nullptr;  ///< [S]
+    std::int32_t *off = nullptr, *off2 = nullptr;                     ///< [S + 1]
+    std::int32_t *src_begin = nullptr, *src_count = nullptr;          ///< [S]
+    std::int32_t *pos_packed = nullptr, *head_rows = nullptr;         ///< [S * P], [ph][S * P]
+    std::int32_t *begin = nullptr, *count = nullptr;                  ///< [S][kv_heads]
+    std::int32_t *topk_n = nullptr, *topk_k = nullptr;                ///< [S][ph]
+    float* scores = nullptr;                                          ///< [S][ph][slot capacity]
+    std::int32_t *pick = nullptr, *kept = nullptr;                    ///< [S][ph][slot capacity]
+    std::int32_t *kept_count = nullptr, *fired = nullptr;             ///< [S]
+    void *score_ws = nullptr, *topk_ws = nullptr, *paged_ws = nullptr;
+    std::size_t score_ws_bytes = 0, topk_ws_bytes = 0, paged_ws_bytes = 0, bytes = 0;
+  };
+
+  bool per_head() const { return selection().granularity == Granularity::per_kv_head; }
+  int head_sets() const { return per_head() ? config().kv_heads : 1; }
+  std::size_t hidx(int layer, int seq) const { return std::size_t(layer) * shape_.max_seqs + std::size_t(seq); }
+  int ring_layer(int layer) const { return config().compress_decode ? layer : 0; }
+  int ring_layers() const { return config().compress_decode ? config().num_layers : 1; }
+  int slot_capacity() const { return int(std::int64_t(shape_.max_pages()) << shape_.page_shift()); }
+
+  // ---- checks ------------------------------------------------------------------
+
+  template <class T>
+  void check_attach(const PagedKVCache<T>& cache, std::int64_t ring_rows, const char* fn) const {
+    const PagedCacheShape& s = cache.shape();
+    PYRAMIDINFER_REQUIRE(s.num_layers == config().num_layers && s.kv_heads == config().kv_heads &&
+                             s.head_dim == config().head_dim,
+                         fn, "cache", "shape mismatch", "must match the compressor's layers, kv_heads and head_dim");
+    PYRAMIDINFER_REQUIRE(s.granularity == selection().granularity, fn, "cache.granularity",
+                         granularity_name(s.granularity), "must match the selection policy's granularity");
+    PYRAMIDINFER_REQUIRE(s.max_seqs <= 65535, fn, "cache.max_seqs", s.max_seqs,
+                         "must be <= 65535 (one grid axis spans the slots)");
+    PYRAMIDINFER_REQUIRE(ring_rows >= 1 && ring_rows <= 0x7fffffff, fn, "ring_rows", ring_rows, "must be in [1, 2^31)");
+    // Every packed row index of a call (at most max_seqs * max_seq_len) is 32-bit.
+    PYRAMIDINFER_REQUIRE(std::int64_t(s.max_seqs) * s.max_seq_len <= 0x7fffffff, fn, "cache.max_seqs * max_seq_len",
+                         std::int64_t(s.max_seqs) * s.max_seq_len, "must be < 2^31");
+  }
+  template <class T>
+  void check_cache(const PagedKVCache<T>& cache, const char* fn) const {
+    PYRAMIDINFER_REQUIRE(attached_, fn, "state", "not attached", "needs attach() first");
+    const PagedCacheShape& s = cache.shape();
+    PYRAMIDINFER_REQUIRE(s.num_layers == shape_.num_layers && s.max_seqs == shape_.max_seqs &&
+                             s.max_seq_len == shape_.max_seq_len && s.page_size == shape_.page_size &&
+                             s.kv_heads == shape_.kv_heads && s.head_dim == shape_.head_dim && s.dtype == shape_.dtype &&
+                             s.granularity == shape_.granularity,
+                         fn, "cache", "shape mismatch", "must be the cache attach() saw");
+    PYRAMIDINFER_REQUIRE(DTypeOf<T>::value == shape_.dtype, fn, "T", dtype_name(DTypeOf<T>::value),
+                         "must be the element type attach() saw");
+  }
+  const Seq& live_seq(int seq, const char* fn) const {
+    PYRAMIDINFER_REQUIRE(live(seq), fn, "seq", seq, "is not a live sequence: begin() it first");
+    return seqs_[std::size_t(seq)];
+  }
+  /// A non-empty batch of distinct live slots.
+  void check_batch(const SeqList& batch, const char* fn) const {
+    PYRAMIDINFER_REQUIRE(attached_, fn, "state", "not attached", "needs attach() first");
+    PYRAMIDINFER_REQUIRE(batch.batch >= 1, fn, "batch.batch", batch.batch, "must be >= 1");
+    pyramidinfer::detail::check_seq_list(batch, shape_.max_seqs, fn);
+    for (int i = 0; i < batch.batch; ++i) live_seq(batch.seqs[i], fn);
+  }
+  template <class T>
+  void check_step(int layer, const PagedKVCache<T>& cache, const SeqList& batch, const char* fn) const {
+    check_cache(cache, fn);
+    pyramidinfer::detail::check_compressor_layer(config(), layer, fn);
+    check_batch(batch, fn);
+  }
+  template <class T>
+  void check_decode(int layer, const PagedKVCache<T>& cache, const SeqList& batch, const char* fn) const {
+    check_step(layer, cache, batch, fn);
+    for (int i = 0; i < batch.batch; ++i)
+      PYRAMIDINFER_REQUIRE(seqs_[std::size_t(batch.seqs[i])].prefilled == config().num_layers, fn, "seqs[i]",
+                           batch.seqs[i], "has not finished its prefill");
+  }
+  template <class T>
+  void check_decode_views(int B, const KVView<const T>& k, const KVView<const T>& v, const std::int32_t* pos,
+                          const KVView<const T>& q, const TensorView<const float, 2>& lse, const char* fn) const {
+    using pyramidinfer::detail::check_dim;
+    using pyramidinfer::detail::check_view;
+    PYRAMIDINFER_REQUIRE(pos != nullptr, fn, "pos", "nullptr", "must hold one device position per sequence");
+    for (auto* x : {&k, &v}) {
+      const char* name = x == &k ? "k" : "v";
+      check_view(*x, fn, name);
+      check_dim(*x, 0, B, fn, name);
+      check_dim(*x, 1, config().kv_heads, fn, name);
+      check_dim(*x, 2, 1, fn, name);
+      check_dim(*x, 3, config().head_dim, fn, name);
+    }
+    check_view(q, fn, "q");
+    check_dim(q, 0, B, fn, "q");
+    check_dim(q, 1, config().num_heads, fn, "q");
+    check_dim(q, 2, 1, fn, "q");
+    check_dim(q, 3, config().head_dim, fn, "q");
+    if (lse.data) {
+      check_view(lse, fn, "lse");
+      check_dim(lse, 0, B, fn, "lse");
+      check_dim(lse, 1, config().num_heads, fn, "lse");
+    }
+  }
+  /// prefill_select's queries: every packed row, or (one sequence) its
+  /// window rows only. Returns whether they are the window rows only.
+  template <class T>
+  bool check_select_queries(const SeqList& batch, const TensorView<const T, 3>& q,
+                            const TensorView<const float, 2>& lse, const char* fn) const {
+    using pyramidinfer::detail::check_dim;
+    const std::int64_t rows = packed_rows(batch);
+    const int w = seqs_[std::size_t(batch.seqs[0])].window;
+    const bool window_only = batch.batch == 1 && q.shape[1] == w && rows != w;
+    pyramidinfer::detail::check_view(q, fn, "q");
+    check_dim(q, 0, config().num_heads, fn, "q");
+    if (!window_only) check_dim(q, 1, rows, fn, "q");
+    check_dim(q, 2, config().head_dim, fn, "q");
+    if (lse.data) {
+      pyramidinfer::detail::check_view(lse, fn, "lse");
+      check_dim(lse, 0, config().num_heads, fn, "lse");
+      check_dim(lse, 1, q.shape[1], fn, "lse");
+    }
+    return window_only;
+  }
+
+  /// The longest window of any live sequence (a bound the pooled ring's kernels size their grids by).
+  int max_window() const {
+    int w = 1;
+    for (const Seq& s : seqs_) w = s.live ? std::max(w, s.window) : w;
+    return w;
+  }
+  int max_count(const SeqList& batch) const {
+    int m = 1;
+    for (int i = 0; i < batch.batch; ++i) m = std::max(m, seqs_[std::size_t(batch.seqs[i])].n);
+    return m;
+  }
+  template <class T>
+  static TensorView<const T, 3> rows_view(TensorView<const T, 3> x) {  // (head, row, d) as (row, head, d)
+    return {x.data, {x.shape[1], x.shape[0], x.shape[2]}, {x.stride[1], x.stride[0], x.stride[2]}};
+  }
+
+  // ---- device state ----------------------------------------------------------------
+
+  cuda::detail::PrefillState state() const {
+    cuda::detail::PrefillState s;
+    s.n = m_.n, s.prev_n = m_.prev_n, s.cur = m_.cur, s.head_len = m_.head_len, s.window = m_.window;
+    for (int i = 0; i < 2; ++i) s.tok[i] = m_.tok[i], s.tidx[i] = m_.tidx[i];
+    s.next_index = m_.next_index;
+    s.next_count = m_.next_count;
+    s.ph = head_sets();
+    s.P = shape_.max_seq_len;
+    return s;
+  }
+  template <class T>
+  cuda::detail::RingArgs<T> ring(int layer) const {
+    const std::int64_t rows = ring_.rows(), QH = config().num_heads, d = config().head_dim;
+    const std::int64_t rl = ring_layer(layer), S = shape_.max_seqs;
+    cuda::detail::RingArgs<T> r;
+    r.q = reinterpret_cast<T*>(m_.ring_q) + rl * rows * QH * d;
+    r.lse = m_.ring_lse + rl * rows * QH;
+    r.base = m_.ring_base;
+    r.window = m_.window;
+    r.start = m_.ring_start + layer * S, r.count = m_.ring_count + layer * S, r.pending = m_.pending + layer * S;
+    r.d = int(d), r.q_heads = int(QH);
+    return r;
+  }
+
+  /// The batch's slots in device memory: uploaded as kernel parameters, or
+  /// already there when the previous call had the same list.
+  const std::int32_t* upload_slots(const SeqList& batch, cudaStream_t stream) {
+    if (uploaded_.size() == std::size_t(batch.batch) && std::equal(uploaded_.begin(), uploaded_.end(), batch.seqs))
+      return m_.slots;
+    uploaded_.assign(batch.seqs, batch.seqs + batch.batch);
+    for (int first = 0; first < batch.batch; first += cuda::detail::kChunkInts) {
+      cuda::detail::IntChunk c;
+      c.first = first;
+      c.count = std::min(batch.batch - first, cuda::detail::kChunkInts);
+      std::copy_n(batch.seqs + first, c.count, c.v);
+      cuda::detail::comp_upload_kernel<<<1, 256, 0, stream>>>(c, m_.slots);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_upload_kernel");
+    }
+    return m_.slots;
+  }
+  /// Packed row offsets of the batch into m_.off (and of counts_b into m_.off2).
+  void offsets(const std::int32_t* slots, int nb, const std::int32_t* counts_a, const std::int32_t* counts_b,
+               cudaStream_t stream) const {
+    cuda::detail::comp_offsets_kernel<<<1, cuda::detail::kScanThreads, 0, stream>>>(slots, counts_a, m_.off, counts_b,
+                                                                                    m_.off2, nb);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_offsets_kernel");
+  }
+
+  /// The scoring problem of one layer over every slot (a slot outside the
+  /// call scores nothing: its count is 0), keys through the page tables,
+  /// window queries from the ring pool.
+  template <class T>
+  ScoreProblem<T> problem(int layer, const PagedKVCache<T>& cache) const {
+    const PagedKV<T>& c = cache.kv();
+    const int S = shape_.max_seqs, H = config().kv_heads, QH = config().num_heads, d = config().head_dim;
+    const std::int64_t rows = ring_.rows(), slots = slot_capacity();
+    const cuda::detail::RingArgs<T> r = ring<T>(layer);
+    ScoreProblem<T> p;
+    p.keys = {c.pool.k, {S, H, slots, d}, {c.pool.page_stride, c.pool.head_stride, c.pool.slot_stride, 1}};
+    p.positions = {c.positions, {S, H, slots},
+                   {std::int64_t(c.page_size()) * c.pos_heads, c.pos_heads > 1 ? 1 : 0, c.pos_heads}};
+    p.pages = {c.table + std::int64_t(layer) * S * c.max_pages, c.max_pages, c.page_shift};
+    p.kv_len = {c.length + std::int64_t(layer) * S, {S, H}, {1, 0}};
+    p.queries = {r.q, {S, QH, rows, d}, {0, d, std::int64_t(QH) * d, 1}};
+    p.lse = {r.lse, {S, QH, rows}, {0, 1, QH}};
+    p.ring_base = m_.ring_base;
+    p.max_window_len = max_window();
+    p.ring_start = r.start;
+    p.window_len = m_.window;
+    p.score_begin = make_contiguous<const std::int32_t>(m_.begin, S, H);
+    p.score_count = make_contiguous<const std::int32_t>(m_.count, S, H);
+    p.scale = scale();
+    return p;
+  }
+
+  // ---- prefill steps ---------------------------------------------------------------
+
+  template <class T>
+  void push_window(int layer, const SeqList& batch, const std::int32_t* slots, TensorView<const T, 3> q,
+                   TensorView<const float, 2> lse, bool window_only, cudaStream_t stream) {
+    const cuda::detail::RingArgs<T> r = ring<T>(layer);
+    cuda::detail::WindowArgs<T> a;
+    a.q = q;
+    a.lse = lse;
+    a.ring_q = r.q, a.ring_lse = r.lse, a.ring_base = r.base;
+    a.start = r.start, a.count = r.count, a.pending = r.pending;
+    a.s = state();
+    a.slots = slots;
+    a.off = m_.off;
+    a.d = config().head_dim;
+    a.q_heads = config().num_heads;
+    a.window_only = window_only;
+    int max_w = 1;
+    for (int i = 0; i < batch.batch; ++i) max_w = std::max(max_w, seqs_[std::size_t(batch.seqs[i])].window);
+    using cuda::detail::kRowWarps;
+    const dim3 grid(unsigned((std::int64_t(max_w) * a.q_heads + kRowWarps - 1) / kRowWarps), unsigned(batch.batch));
+    if (cuda::detail::rows_vectorizable(q))  // the ring's rows are contiguous and 16-byte aligned when q's are
+      cuda::detail::comp_push_window_kernel<T, uint4><<<grid, kRowWarps * 32, 0, stream>>>(a);
+    else
+      cuda::detail::comp_push_window_kernel<T, T><<<grid, kRowWarps * 32, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_window_kernel");
+  }
+
+  /// Settles the pending LSE rows of the listed sequences that `trig` passes.
+  template <class T>
+  void settle(int layer, const PagedKVCache<T>& cache, const SeqList& list, const std::int32_t* slots,
+              cuda::detail::Trigger trig, cudaStream_t stream) {
+    int max_w = 1;
+    for (int i = 0; i < list.batch; ++i) max_w = std::max(max_w, seqs_[std::size_t(list.seqs[i])].window);
+    const int QH = config().num_heads;
+    const cuda::detail::RingArgs<T> r = ring<T>(layer);
+    const dim3 grid(unsigned((max_w + 3) / 4), unsigned(QH), unsigned(list.batch));
+    cuda::detail::comp_settle_kernel<T><<<grid, 128, 0, stream>>>(cache.kv(), layer, r, slots, QH / config().kv_heads,
+                                                                  scale(), trig);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_settle_kernel");
-    cuda::detail::comp_clear_pending_kernel<<<unsigned((nb + 127) / 128), 128, 0, stream>>>(
-        TensorView<const std::int32_t, 2>(len), m_.pending + layer * B, m_.window, trig, b0, nb);
+    cuda::detail::comp_clear_pending_kernel<T><<<unsigned((list.batch + 127) / 128), 128, 0, stream>>>(r, slots, trig,
+                                                                                                       list.batch);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_clear_pending_kernel");
   }
 
-  /// Carves the arena (base == nullptr: sizes only).
+  /// Scores every (sequence, head set)'s context and picks its top keep[e]
+  /// (score-dependent counts are settled here, through the selection hook).
   template <class T>
-  Mem layout(const KVCache<T, CudaBackend>& cache, void* base, std::size_t cap_bytes) {
-    const std::size_t L = std::size_t(cfg().num_layers), B = std::size_t(batch_), QH = std::size_t(cfg().num_heads),
-                      H = std::size_t(cfg().kv_heads), ph = std::size_t(head_sets()), P = std::size_t(max_prompt_),
-                      R = std::size_t(ring_cap_), d = std::size_t(cfg().head_dim);
+  void score_context(int layer, const PagedKVCache<T>& cache, const SeqList& batch, const std::int32_t* slots,
+                     double ratio, int width, const std::vector<int>& ctx, std::vector<int>& keep,
+                     cudaStream_t stream) {
+    const int S = shape_.max_seqs, ph = head_sets();
+    launch_prep(slots, batch.batch, keep, stream);
+    const ScoreView scores = make_contiguous(m_.scores, S, ph, width);
+    device_score(scoring(), problem<T>(layer, cache), selection().granularity, scores, m_.score_ws, m_.score_ws_bytes,
+                 stream);
+    if constexpr (!has_score_free_count<Selection>::value) {
+      std::vector<std::int32_t> rows(keep.size());
+      for (std::size_t e = 0; e < rows.size(); ++e) rows[e] = batch.seqs[e / ph] * ph + int(e % ph);
+      device_keep_counts(selection(), TensorView<const float, 3>(scores), rows, width, ctx, ratio, keep, stream);
+      launch_prep(slots, batch.batch, keep, stream);
+    }
+    cuda::topk_indices(make_contiguous<const float>(m_.scores, S, ph, width),
+                       make_contiguous<const std::int32_t>(m_.topk_n, S, ph),
+                       make_contiguous<const std::int32_t>(m_.topk_k, S, ph), selection().sinks,
+                       make_contiguous(m_.pick, S, ph, width), m_.topk_ws, m_.topk_ws_bytes, stream);
+  }
+  /// Scoring ranges and top-k counts of the batch; keep[z * ph + p] from the host.
+  void launch_prep(const std::int32_t* slots, int nb, const std::vector<int>& keep, cudaStream_t stream) {
+    cuda::detail::PrepArgs a;
+    a.s = state();
+    a.slots = slots;
+    a.begin = m_.begin, a.count = m_.count, a.topk_n = m_.topk_n, a.topk_k = m_.topk_k;
+    a.nb = nb, a.slots_total = shape_.max_seqs, a.ph = head_sets(), a.kv_heads = config().kv_heads;
+    for (std::size_t first = 0; first < keep.size(); first += cuda::detail::kChunkInts) {
+      cuda::detail::IntChunk c;
+      c.first = int(first);
+      c.count = int(std::min<std::size_t>(keep.size() - first, cuda::detail::kChunkInts));
+      std::copy_n(keep.data() + first, c.count, c.v);
+      cuda::detail::comp_prep_kernel<<<1, 256, 0, stream>>>(a, c);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_prep_kernel");
+    }
+  }
+
+  /// Drop-tokens mode: T_{l+1} of every sequence of the batch.
+  void next_tokens(const std::int32_t* slots, int nb, int width, cudaStream_t stream) {
+    cuda::detail::NextArgs a;
+    a.s = state();
+    a.slots = slots;
+    a.pick = m_.pick;
+    a.keep = m_.topk_k;
+    a.rank = m_.rank;
+    a.pick_stride = width;
+    cuda::detail::comp_next_tokens_kernel<<<unsigned(nb), cuda::detail::kNextThreads, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_next_tokens_kernel");
+  }
+
+  /// Layer-local mode: the layer keeps its selection and window (emptied
+  /// pages go back); every token goes on to the next layer.
+  template <class T>
+  void keep_in_layer(int layer, PagedKVCache<T>& cache, const SeqList& batch, const std::int32_t* slots, int width,
+                     const std::vector<int>& keep, cudaStream_t stream) {
+    const int ph = head_sets();
+    int cap = 1;
+    for (std::size_t e = 0; e < keep.size(); ++e)
+      cap = std::max(cap, keep[e] + seqs_[std::size_t(batch.seqs[e / ph])].window);
+    cuda::detail::LocalKeptArgs a;
+    a.s = state();
+    a.slots = slots;
+    a.pick = m_.pick;
+    a.keep = m_.topk_k;
+    a.kept = m_.kept;
+    a.kept_count = m_.kept_count;
+    a.pick_stride = width;
+    a.cap = cap;
+    const dim3 grid(unsigned((cap + 255) / 256), unsigned(ph), unsigned(batch.batch));
+    cuda::detail::comp_local_kept_kernel<<<grid, 256, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_local_kept_kernel");
+    cuda::paged_compact(cache.kv(), layer, SeqList{slots, batch.batch},
+                        make_contiguous<const std::int32_t>(m_.kept, batch.batch, ph, cap), m_.kept_count, m_.paged_ws,
+                        m_.paged_ws_bytes, stream);
+    const dim3 ngrid(unsigned((max_count(batch) + 255) / 256), unsigned(batch.batch));
+    cuda::detail::comp_local_next_kernel<<<ngrid, 256, 0, stream>>>(state(), slots);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_local_next_kernel");
+  }
+
+  template <class T>
+  void finish_select(int layer, const PagedKVCache<T>& cache, const SeqList& batch, const std::int32_t* slots,
+                     bool drop, cudaStream_t stream) {
+    cuda::detail::FinishArgs a;
+    a.s = state();
+    a.slots = slots;
+    a.len = cache.kv().length + std::int64_t(layer) * shape_.max_seqs;
+    a.bound = m_.bound + hidx(layer, 0);
+    a.keep = m_.topk_k;
+    a.nb = batch.batch;
+    a.drop_tokens = drop;
+    cuda::detail::comp_finish_select_kernel<<<unsigned((batch.batch + 127) / 128), 128, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_finish_select_kernel");
+  }
+
+  /// The host's part after a prefill_select. Per KV head, |T_{l+1}| is the
+  /// size of the union of the heads' selections, known only on the device:
+  /// one read-back for the batch.
+  DevicePrefillBatch advance(int layer, const SeqList& batch, const std::vector<int>& keep, bool drop,
+                             cudaStream_t stream) {
+    const int ph = head_sets();
+    std::vector<int> next_n(std::size_t(shape_.max_seqs), 0);
+    if (drop && ph > 1) {
+      PYRAMIDINFER_CUDA_CHECK(cudaMemcpyAsync(next_n.data(), m_.next_count, sizeof(int) * next_n.size(),
+                                              cudaMemcpyDeviceToHost, stream));
+      PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+    DevicePrefillBatch out;
+    out.index = m_.next_index;
+    out.stride = shape_.max_seq_len;
+    for (int i = 0; i < batch.batch; ++i) {
+      const int b = batch.seqs[i];
+      Seq& s = seqs_[std::size_t(b)];
+      const int kept = keep[std::size_t(i) * ph] + s.window;  // every head set keeps the same count
+      hlen_[hidx(layer, b)] = drop ? s.stored_count : kept;   // the layer's length from now on
+      hbound_[hidx(layer, b)] = hlen_[hidx(layer, b)] - 1;
+      s.stored_count = drop ? kept : s.n;
+      s.prev_n = s.n;
+      if (drop) s.n = ph > 1 ? next_n[std::size_t(b)] : kept;
+      s.cur ^= 1;
+      s.stored = false;
+      ++s.prefilled;
+      out.rows += s.n;
+    }
+    return out;
+  }
+
+  // ---- decode eviction ---------------------------------------------------------------
+
+  /// Settle, trigger, segment scores, top-k, kept lists, compaction and
+  /// boundaries of the listed sequences of `layer`.
+  template <class T>
+  void evict(int layer, PagedKVCache<T>& cache, const SeqList& list, const std::int32_t* slots, int seg, int keep,
+             int width, cudaStream_t stream) {
+    const int S = shape_.max_seqs, ph = head_sets(), nb = list.batch;
+    cuda::detail::EvictArgs a;
+    a.trig.on = trigger_ == DecodeTrigger::device;
+    a.trig.bound = m_.bound + hidx(layer, 0);
+    a.trig.len = cache.kv().length + std::int64_t(layer) * S;
+    a.trig.window = m_.window;
+    a.trig.segment = seg;
+    a.slots = slots;
+    a.bound = m_.bound + hidx(layer, 0);
+    a.fired = m_.fired;
+    a.begin = m_.begin, a.count = m_.count, a.topk_n = m_.topk_n, a.topk_k = m_.topk_k;
+    a.pick = m_.pick;
+    a.kept = m_.kept;
+    a.kept_count = m_.kept_count;
+    a.nb = nb, a.slots_total = S, a.ph = ph, a.kv_heads = config().kv_heads;
+    a.segment = seg, a.keep = keep, a.cap = width;
+    settle<T>(layer, cache, list, slots, a.trig, stream);
+    cuda::detail::comp_evict_trigger_kernel<<<1, 256, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_evict_trigger_kernel");
+    device_score(scoring(), problem<T>(layer, cache), selection().granularity, make_contiguous(m_.scores, S, ph, seg),
+                 m_.score_ws, m_.score_ws_bytes, stream);
+    if (keep > 0)
+      cuda::topk_indices(make_contiguous<const float>(m_.scores, S, ph, seg),
+                         make_contiguous<const std::int32_t>(m_.topk_n, S, ph),
+                         make_contiguous<const std::int32_t>(m_.topk_k, S, ph), 0, make_contiguous(m_.pick, S, ph, keep),
+                         m_.topk_ws, m_.topk_ws_bytes, stream);
+    const dim3 grid(unsigned((width + 255) / 256), unsigned(ph), unsigned(nb));
+    cuda::detail::comp_evict_kept_kernel<<<grid, 256, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_evict_kept_kernel");
+    cuda::paged_compact(cache.kv(), layer, SeqList{slots, nb},
+                        make_contiguous<const std::int32_t>(m_.kept, nb, ph, width), m_.kept_count, m_.paged_ws,
+                        m_.paged_ws_bytes, stream);
+    cuda::detail::comp_evict_bound_kernel<<<unsigned((nb + 127) / 128), 128, 0, stream>>>(a);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_evict_bound_kernel");
+  }
+
+  // ---- memory layout -------------------------------------------------------------------
+
+  /// The product of these sizes, checked.
+  template <class... S>
+  static std::size_t elems(const char* fn, S... sizes) {
+    return std::size_t(pyramidinfer::detail::checked_product(fn, "state size", std::int64_t(sizes)...));
+  }
+  /// Carves the state memory (base == nullptr: sizes only).
+  template <class T>
+  Mem layout(const PagedKVCache<T>& cache, std::int64_t ring_rows, void* base, std::size_t cap_bytes) const {
+    const PagedCacheShape& sh = cache.shape();
+    const char* fn = "PyramidCompressor<CudaBackend>::state_bytes";
+    const std::int64_t L = sh.num_layers, S = sh.max_seqs, QH = config().num_heads, H = sh.kv_heads, d = sh.head_dim,
+                       P = sh.max_seq_len, C = std::int64_t(sh.max_pages()) << sh.page_shift(), ph = head_sets(),
+                       RL = ring_layers();
     WorkspaceCarver c(base, cap_bytes);
     Mem m;
-    const std::size_t RL = std::size_t(ring_layers());
-    m.ring_q = c.take<unsigned char>(RL * B * QH * R * d * sizeof(T));
-    m.ring_lse = c.take<float>(RL * B * QH * R);
-    m.ring_start = c.take<std::int32_t>(L * B);
-    m.ring_count = c.take<std::int32_t>(L * B);
-    m.pending = c.take<std::int32_t>(L * B);
-    m.bound = c.take<std::int32_t>(L * B * ph);
-    m.window = c.take<std::int32_t>(B);
-    m.ones = c.take<std::int32_t>(B);
+    m.ring_q = c.take<unsigned char>(elems(fn, RL, ring_rows, QH, d, std::int64_t(sizeof(T))));
+    m.ring_lse = c.take<float>(elems(fn, RL, ring_rows, QH));
+    m.ring_base = c.take<std::int32_t>(elems(fn, S));
+    m.window = c.take<std::int32_t>(elems(fn, S));
+    m.ring_start = c.take<std::int32_t>(elems(fn, L, S));
+    m.ring_count = c.take<std::int32_t>(elems(fn, L, S));
+    m.pending = c.take<std::int32_t>(elems(fn, L, S));
+    m.bound = c.take<std::int32_t>(elems(fn, L, S));
+    m.n = c.take<std::int32_t>(elems(fn, S));
+    m.prev_n = c.take<std::int32_t>(elems(fn, S));
+    m.cur = c.take<std::int32_t>(elems(fn, S));
+    m.head_len = c.take<std::int32_t>(elems(fn, S));
+    m.next_count = c.take<std::int32_t>(elems(fn, S));
     for (int i = 0; i < 2; ++i) {
-      m.tok[i] = c.take<std::int32_t>(B * P);
-      m.tidx[i] = c.take<std::int32_t>(B * ph * P);
+      m.tok[i] = c.take<std::int32_t>(elems(fn, S, P));
+      m.tidx[i] = c.take<std::int32_t>(elems(fn, S, ph, P));
     }
-    m.next_index = c.take<std::int32_t>(B * P);
-    m.next_count = c.take<std::int32_t>(B);
-    m.n = c.take<std::int32_t>(B);
-    m.prev_n = c.take<std::int32_t>(B);
-    m.cur = c.take<std::int32_t>(B);
-    m.head_len = c.take<std::int32_t>(B * ph);
-    // Scratch of one prefill call, for the whole batch at once.
-    m.off = c.take<std::int32_t>(B + 1);
-    m.off2 = c.take<std::int32_t>(B + 1);
-    m.rank = c.take<std::int32_t>(B * P);
-    m.begin = c.take<std::int32_t>(B * H);
-    m.count = c.take<std::int32_t>(B * H);
-    m.topk_n = c.take<std::int32_t>(B * ph);
-    m.topk_k = c.take<std::int32_t>(B * ph);
-    m.scores = c.take<float>(B * ph * P);
-    m.pick = c.take<std::int32_t>(B * ph * P);
-    int max_cap = 1;
-    for (int l = 0; l < cfg().num_layers; ++l) max_cap = std::max(max_cap, cache.capacity(l));
-    m.kept = c.take<std::int32_t>(B * ph * std::size_t(max_cap));
-    m.kept_count = c.take<std::int32_t>(B * ph);
-    // Workspaces, each from its size query, for the whole batch: a range of
-    // any size then finds what it needs, so every range (a single sequence
-    // included) takes the same kernel paths and gives the same bytes.
-    // (Prefill scoring always has the LSE rows: given, or settled first, so
-    // window scoring needs no pass 1.)
-    {
-      ScoreProblem<T> p;
-      p.keys = make_contiguous<const T>(static_cast<const T*>(nullptr), int(B), int(H), max_cap, int(d));
-      p.queries = make_contiguous<const T>(static_cast<const T*>(nullptr), int(B), int(QH), int(R), int(d));
-      p.lse = make_contiguous<const float>(reinterpret_cast<const float*>(kWorkspaceAlignment), int(B), int(QH), int(R));
-      m.score_ws_bytes = cuda::window_attention_scores_workspace_bytes(p, selection().granularity);
-    }
+    m.next_index = c.take<std::int32_t>(elems(fn, S, P));
+    m.rank = c.take<std::int32_t>(elems(fn, S, P));
+    m.slots = c.take<std::int32_t>(elems(fn, S));
+    m.iota = c.take<std::int32_t>(elems(fn, S));
+    m.ones = c.take<std::int32_t>(elems(fn, S));
+    m.off = c.take<std::int32_t>(elems(fn, S + 1));
+    m.off2 = c.take<std::int32_t>(elems(fn, S + 1));
+    m.src_begin = c.take<std::int32_t>(elems(fn, S));
+    m.src_count = c.take<std::int32_t>(elems(fn, S));
+    m.pos_packed = c.take<std::int32_t>(elems(fn, S, P));
+    m.head_rows = c.take<std::int32_t>(ph > 1 ? elems(fn, ph, S, P) : 0);
+    m.begin = c.take<std::int32_t>(elems(fn, S, H));
+    m.count = c.take<std::int32_t>(elems(fn, S, H));
+    m.topk_n = c.take<std::int32_t>(elems(fn, S, ph));
+    m.topk_k = c.take<std::int32_t>(elems(fn, S, ph));
+    m.scores = c.take<float>(elems(fn, S, ph, C));
+    m.pick = c.take<std::int32_t>(elems(fn, S, ph, C));
+    m.kept = c.take<std::int32_t>(elems(fn, S, ph, C));
+    m.kept_count = c.take<std::int32_t>(elems(fn, S));
+    m.fired = c.take<std::int32_t>(elems(fn, S));
+    workspaces<T>(cache, ring_rows, m);
     m.score_ws = c.take<unsigned char>(m.score_ws_bytes);
-    m.topk_ws_bytes = 0;  // not monotonic in the row count (long rows go multi-block only up to a row limit)
-    for (std::size_t nb = 1; nb <= B; ++nb)
-      m.topk_ws_bytes = std::max(m.topk_ws_bytes, cuda::topk_indices_workspace_bytes(int(nb * ph), int(P)));
     m.topk_ws = c.take<unsigned char>(m.topk_ws_bytes);
-    std::size_t cws = 0, ews = 0;
-    for (int l = 0; l < cfg().num_layers; ++l) {
-      cws = std::max(cws, cache.compact_workspace_bytes(l));
-      DecodeEvictArgs<T> e;
-      e.queries = make_contiguous<const T>(static_cast<const T*>(nullptr), int(B), int(QH), int(R), int(d));
-      e.lse = make_contiguous<const float>(reinterpret_cast<const float*>(kWorkspaceAlignment), int(B), int(QH), int(R));
-      e.segment = decode().segment;
-      e.keep = decode().keep_count(l, cfg().num_layers);
-      ews = std::max(ews, cache.decode_evict_workspace_bytes(l, e));
-    }
-    m.compact_ws_bytes = cws;
-    m.compact_ws = c.take<unsigned char>(cws);
-    m.evict_ws_bytes = ews;
-    m.evict_ws = c.take<unsigned char>(ews);
+    m.paged_ws = c.take<unsigned char>(m.paged_ws_bytes);
     m.bytes = c.bytes();
     return m;
   }
 
-  const CompressorConfig& cfg() const { return host_.config(); }
-  const Scoring& scoring() const { return host_.scoring(); }
-  const Selection& selection() const { return host_.selection(); }
-  const Schedule& schedule() const { return host_.schedule(); }
-  const Decode& decode() const { return host_.decode_schedule(); }
+  /// Workspace sizes, each from its size query over the largest call.
+  template <class T>
+  void workspaces(const PagedKVCache<T>& cache, std::int64_t ring_rows, Mem& m) const {
+    const PagedCacheShape& sh = cache.shape();
+    const PagePool<T>& pool = cache.kv().pool;
+    const int S = sh.max_seqs, QH = config().num_heads, d = sh.head_dim, ph = head_sets();
+    const int C = int(std::int64_t(sh.max_pages()) << sh.page_shift());
+    ScoreProblem<T> p;  // the views problem() builds; scoring always has the ring's LSE
+    p.keys = {pool.k, {S, sh.kv_heads, C, d}, {pool.page_stride, pool.head_stride, pool.slot_stride, 1}};
+    p.queries = {static_cast<const T*>(nullptr), {S, QH, ring_rows, d}, {0, d, std::int64_t(QH) * d, 1}};
+    p.lse = {reinterpret_cast<const float*>(kWorkspaceAlignment), {S, QH, ring_rows}, {0, 1, QH}};
+    p.pages = {cache.kv().table, cache.kv().max_pages, cache.kv().page_shift};
+    m.score_ws_bytes = device_score_workspace_bytes(scoring(), p, selection().granularity);
+    m.topk_ws_bytes = 0;  // prefill rows are up to C long, decode rows one segment
+    for (int w : {C, std::max(1, decode_schedule().segment)})
+      m.topk_ws_bytes = std::max(m.topk_ws_bytes, cuda::topk_indices_workspace_bytes(S * ph, w));
+    m.paged_ws_bytes = cuda::detail::paged_workspace_bytes(S);
+  }
+  /// iota and ones, the decode append's source ranges, set once.
+  void fill_constants(cudaStream_t stream) const {
+    const int S = shape_.max_seqs;
+    std::vector<int> ids(static_cast<std::size_t>(S)), ones(static_cast<std::size_t>(S), 1);
+    for (int i = 0; i < S; ++i) ids[std::size_t(i)] = i;
+    fill_ints(ids, m_.iota, stream);
+    fill_ints(ones, m_.ones, stream);
+  }
+  static void fill_ints(const std::vector<int>& v, std::int32_t* dst, cudaStream_t stream) {
+    for (std::size_t first = 0; first < v.size(); first += cuda::detail::kChunkInts) {
+      cuda::detail::IntChunk c;
+      c.first = int(first);
+      c.count = int(std::min<std::size_t>(v.size() - first, cuda::detail::kChunkInts));
+      std::copy_n(v.data() + first, c.count, c.v);
+      cuda::detail::comp_upload_kernel<<<1, 256, 0, stream>>>(c, dst);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_upload_kernel");
+    }
+  }
 
-  /// Validation, plan, trace, and the one copy of the config and policies.
-  PyramidCompressor<Scoring, Selection, Schedule, Decode> host_;
-  std::vector<Seq> seqs_;
-  int batch_ = 0, ring_cap_ = 1, max_prompt_ = 1;
-  DType dtype_ = DType::f32;
+  Host host_;  ///< validation, trace, and the one copy of the config and policies
+  PagedCacheShape shape_{};
+  bool attached_ = false;
+  std::vector<Seq> seqs_;           ///< by slot
+  std::vector<int> hlen_, hbound_;  ///< host twin of lengths / boundaries [L][S]
+  detail::RowRanges ring_;
+  std::vector<std::int32_t> uploaded_;  ///< the slot list m_.slots holds
   DecodeTrigger trigger_ = DecodeTrigger::host;
-  std::vector<int> hlen_, hbound_, hcap_;  ///< host twin of lengths / boundaries [L][B][ph], capacities [L]
   int last_fired_ = 0;
   long long evict_launches_ = 0;
-  void* arena_ = nullptr;
-  std::size_t arena_cap_ = 0, arena_bytes_ = 0;
   Mem m_;
 };
 

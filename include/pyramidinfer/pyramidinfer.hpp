@@ -17,7 +17,6 @@
 #include "kernels/host/scoring.hpp"
 #include "kernels/host/select.hpp"
 #include "cache/planner.hpp"
-#include "cache/kv_cache.hpp"
 #include "cache/paged.hpp"
 #include "cache/paged_storage.hpp"
 #include "compressor.hpp"

@@ -7,5 +7,4 @@
 #include "kernels/cuda/select.cuh"
 #include "kernels/cuda/compact.cuh"
 #include "kernels/cuda/paged.cuh"
-#include "cache/kv_cache_cuda.cuh"
 #include "compressor_cuda.cuh"

@@ -3,9 +3,11 @@
 #include <pyramidinfer/pyramidinfer.hpp>
 
 namespace pyramidinfer {
-template class KVCache<half_t, HostBackend>;
-template class KVCache<bfloat16_t, HostBackend>;
-template class KVCache<float, HostBackend>;
+template class PagedKVCache<half_t, HostBackend>;
+template class PagedKVCache<bfloat16_t, HostBackend>;
+template class PagedKVCache<float, HostBackend>;
+template class HostPagedStorage<half_t>;
+template class HostPagedStorage<float>;
 template class PyramidCompressor<>;
 template class PyramidCompressor<KeyNormScoring, TopPSelection, GeometricSchedule>;
 }  // namespace pyramidinfer

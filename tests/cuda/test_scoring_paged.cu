@@ -18,6 +18,7 @@
 #include <limits>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using namespace pyramidinfer;
@@ -254,6 +255,158 @@ void run_case(PagedScoreCase<T>& c, cudaStream_t stream) {
   }
 }
 
+/// c's window queries and LSE rows moved into one pool of rows
+/// (ScoreProblem::ring_base): the rings at shuffled bases, each starting at a
+/// new random row, with NaN rows between them (a read outside a ring shows as
+/// a NaN score). At least c.cap rows, so that max_window_len = c.cap sizes
+/// the launches exactly as the per-sequence rings do.
+template <class T>
+struct PooledRings {
+  int rows = 0;
+  std::vector<std::int32_t> base, start;
+  std::vector<T> q;        // (q_head, row, d)
+  std::vector<float> lse;  // (q_head, row); empty without given LSE
+
+  /// Pool row of window query r of sequence b.
+  int row(const PagedScoreCase<T>& c, int b, int r) const {
+    const int w = c.win[std::size_t(b)];
+    return base[std::size_t(b)] + (start[std::size_t(b)] + r) % w;
+  }
+  /// Row of the same query in c's per-sequence ring (axis 2).
+  static int batch_row(const PagedScoreCase<T>& c, int b, int r) { return (c.ring[std::size_t(b)] + r) % c.cap; }
+};
+
+template <class T>
+PooledRings<T> pool_rings(const PagedScoreCase<T>& c) {
+  PooledRings<T> pr;
+  std::vector<int> order(static_cast<std::size_t>(c.batch));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), test::rng());
+  pr.base.assign(std::size_t(c.batch), 0);
+  for (int b : order) {
+    pr.rows += test::rand_int(0, 3);
+    pr.base[std::size_t(b)] = pr.rows;
+    pr.rows += c.win[std::size_t(b)];
+  }
+  pr.rows = std::max(pr.rows + test::rand_int(0, 3), c.cap);
+  for (int b = 0; b < c.batch; ++b) pr.start.push_back(test::rand_int(0, c.win[std::size_t(b)] - 1));
+  const int hq = c.kvh * c.group;
+  pr.q.assign(std::size_t(hq) * pr.rows * c.d, nan_value<T>());
+  if (c.with_lse) pr.lse.assign(std::size_t(hq) * pr.rows, std::numeric_limits<float>::quiet_NaN());
+  for (int b = 0; b < c.batch; ++b)
+    for (int qh = 0; qh < hq; ++qh)
+      for (int r = 0; r < c.win[std::size_t(b)]; ++r) {
+        const std::size_t from = (std::size_t(b) * hq + qh) * c.cap + std::size_t(PooledRings<T>::batch_row(c, b, r));
+        const std::size_t to = std::size_t(qh) * pr.rows + std::size_t(pr.row(c, b, r));
+        std::copy_n(c.q.begin() + std::ptrdiff_t(from) * c.d, c.d, pr.q.begin() + std::ptrdiff_t(to) * c.d);
+        if (c.with_lse) pr.lse[to] = c.lse[from];
+      }
+  return pr;
+}
+
+/// Scoring with the window queries in a pool of rows: window_attention_scores
+/// and window_query_lse over paged and contiguous keys against the host
+/// reference over the same pooled problem. With `bound` (max_window_len =
+/// c.cap) the launches are sized as for per-sequence rings, and the bytes
+/// must equal those of the per-sequence problem.
+template <class T>
+void run_pooled_case(PagedScoreCase<T>& c, bool bound, cudaStream_t stream) {
+  const PooledRings<T> pr = pool_rings(c);
+  const int hq = c.kvh * c.group;
+  const float dw = float(test::rand_int(1, 8));
+  INFO(c.describe() << " pooled rows " << pr.rows << (bound ? " max_window_len = cap" : " no window bound") << " dw "
+                    << dw);
+  DeviceBuffer<T> dpool(c.pool_data), dflat(c.flat), dq(c.q), dqp(pr.q);
+  DeviceBuffer<std::int32_t> dtable(c.table), dlen(c.len), dring(c.ring), dwin(c.win), dbeg(c.begin), dcnt(c.count);
+  DeviceBuffer<std::int32_t> dbase(pr.base), dstart(pr.start);
+  DeviceBuffer<float> dl(std::max<std::size_t>(1, c.lse.size())), dlp(std::max<std::size_t>(1, pr.lse.size()));
+  if (c.with_lse) dl.upload(c.lse), dlp.upload(pr.lse);
+  const float* lse_d = c.with_lse ? dl.ptr : nullptr;
+  // The per-sequence problem -> the pooled one (queries (1, H, rows, d); LSE
+  // (batch, H, rows) with a 0 batch stride: both axis-0 forms are accepted).
+  auto pooled = [&](ScoreProblem<T> p, const T* q, const float* lse, const std::int32_t* base, const std::int32_t* start) {
+    p.queries = make_contiguous<const T>(q, 1, hq, pr.rows, c.d);
+    p.lse = {};
+    if (lse) p.lse = {lse, {c.batch, hq, pr.rows}, {0, pr.rows, 1}};
+    p.ring_start = start;
+    p.ring_base = base;
+    p.max_window_len = bound ? c.cap : 0;
+    return p;
+  };
+  const float* plse_d = c.with_lse ? dlp.ptr : nullptr;
+  const ScoreProblem<T> pp[2] = {
+      c.paged(dpool.ptr, dtable.ptr, dq.ptr, lse_d, dlen.ptr, dring.ptr, dwin.ptr, dbeg.ptr, dcnt.ptr),
+      c.contiguous(dflat.ptr, dq.ptr, lse_d, dlen.ptr, dring.ptr, dwin.ptr, dbeg.ptr, dcnt.ptr)};
+  const ScoreProblem<T> hp =
+      pooled(c.paged(c.pool_data.data(), c.table.data(), c.q.data(), nullptr, c.len.data(), c.ring.data(),
+                     c.win.data(), c.begin.data(), c.count.data()),
+             pr.q.data(), c.with_lse ? pr.lse.data() : nullptr, pr.base.data(), pr.start.data());
+
+  const int groups = c.g == Granularity::shared ? 1 : c.kvh, out_len = c.slots + 2;
+  const std::size_t out_n = std::size_t(c.batch) * groups * out_len;
+  std::vector<float> ref(out_n, std::numeric_limits<float>::quiet_NaN());
+  host::window_attention_scores(hp, c.g, dw, make_contiguous(ref.data(), c.batch, groups, out_len));
+  const bool split = test::rand_int(0, 1) == 1;
+  auto run = [&](const ScoreProblem<T>& p) {
+    const std::size_t wsb = split ? pcu::window_attention_scores_workspace_bytes(p, c.g)
+                                  : pcu::window_attention_scores_workspace_bytes(p);
+    DeviceBuffer<unsigned char> ws(std::max<std::size_t>(wsb, 1));  // poisoned
+    DeviceBuffer<float> dout(out_n);                                // poisoned
+    pcu::window_attention_scores<T>(p, c.g, dw, make_contiguous(dout.ptr, c.batch, groups, out_len), ws.ptr, wsb,
+                                    stream);
+    PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return dout.download();
+  };
+  const int row_begin = test::rand_int(0, 2);
+  const std::size_t lse_n = std::size_t(hq) * pr.rows;
+  auto run_lse = [&](const ScoreProblem<T>& p) {
+    DeviceBuffer<float> out(lse_n);  // poisoned
+    pcu::window_query_lse<T>(p, row_begin, make_contiguous(out.ptr, 1, hq, pr.rows), stream);
+    PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return out.download();
+  };
+  std::vector<float> lref(lse_n);
+  std::memset(lref.data(), 0xFF, lref.size() * sizeof(float));
+  for (int b = 0; b < c.batch; ++b)
+    if (row_begin < c.win[std::size_t(b)])
+      host::window_query_lse(hp, b, row_begin, make_contiguous(lref.data(), 1, hq, pr.rows));
+
+  for (int k = 0; k < 2; ++k) {
+    INFO((k == 0 ? "paged keys" : "contiguous keys") << " split_ws " << split);
+    const ScoreProblem<T> p = pooled(pp[k], dqp.ptr, plse_d, dbase.ptr, dstart.ptr);
+    const std::vector<float> got = run(p);
+    test::expect_scores_match(got, ref, c.count, c.batch, c.kvh, groups, out_len);
+    if (bound) REQUIRE(std::memcmp(got.data(), run(pp[k]).data(), out_n * sizeof(float)) == 0);
+
+    INFO("window_query_lse row_begin " << row_begin);
+    const std::vector<float> lp = run_lse(p);
+    for (std::size_t i = 0; i < lse_n; ++i) {
+      if (test::is_poison(lref[i])) {
+        INFO("lse wrote pool row " << i << " outside every ring's [row_begin, window)");
+        REQUIRE(test::is_poison(lp[i]));
+      } else {
+        INFO("lse i " << i << " got " << lp[i] << " ref " << lref[i]);
+        REQUIRE(std::fabs(lp[i] - lref[i]) <= 1e-3f * std::max(1.0f, std::fabs(lref[i])));
+      }
+    }
+    if (bound) {
+      // The per-sequence rings' statistics, row for row.
+      DeviceBuffer<float> out(std::size_t(c.batch) * hq * c.cap);
+      pcu::window_query_lse<T>(pp[k], row_begin, make_contiguous(out.ptr, c.batch, hq, c.cap), stream);
+      PYRAMIDINFER_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const std::vector<float> lb = out.download();
+      for (int b = 0; b < c.batch; ++b)
+        for (int qh = 0; qh < hq; ++qh)
+          for (int r = row_begin; r < c.win[std::size_t(b)]; ++r) {
+            const float x = lb[(std::size_t(b) * hq + qh) * c.cap + std::size_t(PooledRings<T>::batch_row(c, b, r))];
+            const float y = lp[std::size_t(qh) * pr.rows + std::size_t(pr.row(c, b, r))];
+            INFO("lse b " << b << " qh " << qh << " r " << r);
+            REQUIRE(std::memcmp(&x, &y, sizeof(float)) == 0);
+          }
+    }
+  }
+}
+
 /// Sequence lengths of one random case: kind 0 short (1 included), 1 up to
 /// the fused kernels' range, 2 long (the two-pass kernels).
 std::vector<int> random_lens(int batch, int kind) {
@@ -333,6 +486,71 @@ TEMPLATE_TEST_CASE("paged scoring: CUDA-core fallback kernels", "[scoring][paged
       ++rep;
       run_case(c, st.s);
     }
+}
+
+// Window queries in one pool of rows (ScoreProblem::ring_base): tensor-core
+// (f16/bf16, head_dim 64/128, fused and two-pass lengths) and CUDA-core
+// (fp32, head_dim 40) kernels, paged and contiguous keys, both granularities,
+// LSE given and computed, launches sized by max_window_len or by the pool.
+TEMPLATE_TEST_CASE("pooled window-query rings score like the host and like per-sequence rings",
+                   "[scoring][paged][ring]", half_t, bfloat16_t, float) {
+  test::Stream st;
+  const bool fp32 = std::is_same<TestType, float>::value;
+  int rep = 0;
+  for (Granularity g : {Granularity::shared, Granularity::per_kv_head})
+    for (bool with_lse : {false, true})
+      for (int kind : {0, 1, 2}) {
+        const int d = fp32 ? 64 : (kind == 0 && rep % 2 == 1) ? 40 : rep % 2 ? 64 : 128;
+        const int group = std::vector<int>{1, 4, 8}[std::size_t(rep % 3)];
+        const int kvh = group == 8 ? test::rand_int(1, 2) : test::rand_int(1, 3);
+        const int batch = test::rand_int(2, kind == 2 ? 3 : 4);
+        const int cap = test::rand_int(1, kind == 2 ? (group == 8 ? 64 : 100) : 120);
+        const int page_size = std::vector<int>{1, 16, 64, 128}[std::size_t(rep % 4)];
+        const bool full = test::rand_int(0, 3) == 0, bound = rep % 2 == 0;
+        ++rep;
+        auto c = make_case<TestType>(d, g, batch, kvh, group, cap, page_size, random_lens(batch, kind), with_lse, full);
+        run_pooled_case(c, bound, st.s);
+      }
+}
+
+TEST_CASE("pooled rings: bad ring views are rejected before launching", "[scoring][ring][args]") {
+  test::Stream st;
+  auto c = make_case<half_t>(64, Granularity::shared, 2, 1, 2, 8, 16, {20, 30}, true);
+  const PooledRings<half_t> pr = pool_rings(c);
+  DeviceBuffer<half_t> dpool(c.pool_data), dqp(pr.q);
+  DeviceBuffer<std::int32_t> dtable(c.table), dlen(c.len), dwin(c.win), dbeg(c.begin), dcnt(c.count);
+  DeviceBuffer<std::int32_t> dbase(pr.base), dstart(pr.start);
+  DeviceBuffer<float> dl(pr.lse), dout(std::size_t(2 * c.slots)), dlse(std::size_t(2 * 2) * pr.rows);
+  ScoreProblem<half_t> good =
+      c.paged(dpool.ptr, dtable.ptr, dqp.ptr, nullptr, dlen.ptr, dstart.ptr, dwin.ptr, dbeg.ptr, dcnt.ptr);
+  good.queries = make_contiguous<const half_t>(dqp.ptr, 1, 2, pr.rows, 64);
+  good.lse = make_contiguous<const float>(dl.ptr, 1, 2, pr.rows);
+  good.ring_base = dbase.ptr;
+  auto scores = [&](const ScoreProblem<half_t>& p) {
+    pcu::window_attention_scores(p, Granularity::shared, 1.f, make_contiguous(dout.ptr, 2, 1, c.slots), nullptr, 0,
+                                 st.s);
+  };
+  auto lse = [&](const ScoreProblem<half_t>& p, int rows0) {
+    pcu::window_query_lse(p, 0, make_contiguous(dlse.ptr, rows0, 2, pr.rows), st.s);
+  };
+  scores(good);
+  lse(good, 1);
+  lse(good, 2);
+  st.sync();
+  for (int bad = 0; bad < 4; ++bad) {
+    ScoreProblem<half_t> p = good;
+    if (bad == 0) p.queries.shape[0] = 3;  // neither 1 nor the batch
+    if (bad == 1) p.lse.shape[0] = 3;
+    if (bad == 2) p.lse.shape[2] = pr.rows - 1;
+    if (bad == 3) p.max_window_len = -1;
+    INFO("bad " << bad);
+    REQUIRE_THROWS_AS(scores(p), Error);
+    if (bad != 1 && bad != 2) REQUIRE_THROWS_AS(lse(p, 1), Error);  // window_query_lse ignores p.lse
+  }
+  REQUIRE_THROWS_AS(lse(good, 3), Error);
+  ScoreProblem<half_t> unpooled = good;
+  unpooled.ring_base = nullptr;  // axis 0 of size 1 is then wrong (batch 2)
+  REQUIRE_THROWS_AS(scores(unpooled), Error);
 }
 
 TEST_CASE("paged scoring rejects bad page arguments before launching", "[scoring][paged][args]") {

@@ -1,6 +1,6 @@
 // Bad input: every rejected argument throws pyramidinfer::Error naming it, and
-// a throwing call leaves the cache (for the paged cache: pool, free list and
-// state memory) byte for byte unchanged.
+// a throwing call leaves the paged cache (pool, free list and state memory)
+// byte for byte unchanged.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -34,8 +34,8 @@ std::string arg(const char* name) { return std::string("argument '") + name + "'
     if (!threw_) FAIL_CHECK("no exception from: " #expr);          \
   } while (0)
 
-// Throws naming `name` and leaves every byte of `store` (a pit::TestCache,
-// or a KVCache) unchanged.
+// Throws naming `name` and leaves every byte of `store` (a pit::TestCache)
+// unchanged.
 #define BAD(store, expr, name)                                \
   do {                                                        \
     const auto before_ = snapshot_of(store);                  \
@@ -49,50 +49,6 @@ namespace {
 template <class T>
 std::vector<unsigned char> snapshot_of(const pit::TestCache<T>& tc) {
   return tc.snapshot();
-}
-
-/// Every byte of K, V, positions and lengths of a KVCache over its capacity.
-std::vector<unsigned char> snapshot_of(const KVCache<float>& c) {
-  std::vector<unsigned char> out;
-  const CacheShape& s = c.shape();
-  auto put = [&](const void* src, std::size_t bytes) {
-    const auto* u = static_cast<const unsigned char*>(src);
-    out.insert(out.end(), u, u + bytes);
-  };
-  for (int l = 0; l < s.num_layers; ++l) {
-    const auto k = c.keys(l), v = c.values(l);
-    const auto p = c.positions(l);
-    const auto n = c.lengths(l);
-    for (int b = 0; b < s.batch; ++b)
-      for (int h = 0; h < s.kv_heads; ++h) {
-        for (int t = 0; t < c.capacity(l); ++t) {
-          put(&k(b, h, t, 0), sizeof(float) * std::size_t(s.head_dim));
-          put(&v(b, h, t, 0), sizeof(float) * std::size_t(s.head_dim));
-          put(&p(b, h, t), sizeof(std::int32_t));
-        }
-        put(&n(b, h), sizeof(std::int32_t));
-      }
-  }
-  return out;
-}
-
-/// Writes deterministic bytes into every slot of a KVCache, then empties it,
-/// so all of its memory is initialised before a snapshot compares it.
-void fill_then_clear(KVCache<float>& c) {
-  const CacheShape& s = c.shape();
-  for (int l = 0; l < s.num_layers; ++l)
-    for (int b = 0; b < s.batch; ++b)
-      for (int h = 0; h < s.position_heads(); ++h) {
-        const int nh = s.position_heads() == 1 ? s.kv_heads : 1, cap = c.capacity(l);
-        std::vector<float> x(std::size_t(nh) * cap * s.head_dim);
-        for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(int(i % 97) - 48) * 0.25f + float(l);
-        std::vector<std::int32_t> pos(static_cast<std::size_t>(cap));
-        for (int t = 0; t < cap; ++t) pos[std::size_t(t)] = 1000 + t;
-        c.append(l, b, make_contiguous<const float>(x.data(), nh, cap, s.head_dim),
-                 make_contiguous<const float>(x.data(), nh, cap, s.head_dim), pos.data(), cap,
-                 s.position_heads() == 1 ? -1 : h);
-      }
-  c.clear();
 }
 
 }  // namespace
@@ -132,18 +88,18 @@ TEST_CASE("Bad input to policies, kernels and the planner names the argument", "
   THROWS_NAMING(window_length(0, 0.2), "prompt_len");
   THROWS_NAMING(window_length(10, 1.0), "recent_ratio");
   THROWS_NAMING(window_length(10, -0.1), "recent_ratio");
-  const ModelShape m{4, 8, 2, 16, DType::f16};
   const TopKSelection sel;
-  THROWS_NAMING(plan_memory(m, {}, 10, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}), "prompt_lens.size()");
-  THROWS_NAMING(plan_memory(m, {10, 0}, 10, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}), "prompt_lens[1]");
-  THROWS_NAMING(plan_memory(m, {10}, -1, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}), "decode_steps");
-  THROWS_NAMING(plan_memory(ModelShape{4, 3, 2, 16}, {10}, 1, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}),
-                "model.num_heads");
-  THROWS_NAMING(plan_memory(ModelShape{0, 8, 2, 16}, {10}, 1, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}),
-                "model.num_layers");
-  THROWS_NAMING(plan_memory(ModelShape{4, 8, 2, 0}, {10}, 1, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}),
-                "model.head_dim");
-  THROWS_NAMING(plan_memory(m, {10}, 1, 0.2, sel, CosineSchedule{3.0}, DecodeSchedule<>{}), "final_ratio");
+  THROWS_NAMING(trace_layers(4, 0, 10, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}, true), "prompt_len");
+  THROWS_NAMING(trace_layers(4, 10, -1, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}, true), "decode_steps");
+  THROWS_NAMING(trace_layers(0, 10, 1, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}, true), "num_layers");
+  THROWS_NAMING(trace_layers(4, 10, 1, 0.2, sel, CosineSchedule{3.0}, DecodeSchedule<>{}, true), "final_ratio");
+  THROWS_NAMING(trace_layers(4, 10, 1, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{0, 0.9, {}}, true), "decode.segment");
+  const LayerTrace tr = trace_layers(4, 10, 1, 0.2, sel, CosineSchedule{}, DecodeSchedule<>{}, true);
+  THROWS_NAMING(request_pages(tr, 0), "page_size");
+  PyramidCompressor<> pc(CompressorConfig{4, 8, 2, 16});
+  THROWS_NAMING(pc.pages(10, 1, -1), "page_size");
+  THROWS_NAMING(pc.trace(-3, 1), "prompt_len");
+  THROWS_NAMING(pc.pages(10, -2, 16), "decode_steps");
 
   char buf[300];
   WorkspaceCarver wc(buf, sizeof buf);
@@ -216,43 +172,6 @@ TEST_CASE("Bad scoring problems name the argument", "[bad][scoring]") {
   THROWS_NAMING(host::attention_weight_scores(make_contiguous<const float>(attn.data(), 1, 2, 2, 10), &w5, &sb, &sc, 2,
                                               Granularity::shared, 1.2f, o),
                 "window_len");
-}
-
-TEST_CASE("Bad input to KVCache leaves it unchanged", "[bad][cache]") {
-  THROWS_NAMING(KVCache<float>(CacheShape{0, 1, 1, 4, DType::f32, Granularity::shared, {}}), "shape.num_layers");
-  THROWS_NAMING(KVCache<float>(CacheShape{1, 0, 1, 4, DType::f32, Granularity::shared, {4}}), "shape.batch");
-  THROWS_NAMING(KVCache<float>(CacheShape{1, 1, -1, 4, DType::f32, Granularity::shared, {4}}), "shape.kv_heads");
-  THROWS_NAMING(KVCache<float>(CacheShape{1, 1, 1, -2, DType::f32, Granularity::shared, {4}}), "shape.head_dim");
-  THROWS_NAMING(KVCache<float>(CacheShape{1, 1, 1, 4, DType::f16, Granularity::shared, {4}}), "shape.dtype");
-  THROWS_NAMING(KVCache<float>(CacheShape{2, 1, 1, 4, DType::f32, Granularity::shared, {4}}), "shape.capacity.size()");
-  THROWS_NAMING(KVCache<float>(CacheShape{2, 1, 1, 4, DType::f32, Granularity::shared, {4, 0}}), "shape.capacity[l]");
-
-  KVCache<float> c(CacheShape{2, 2, 2, 4, DType::f32, Granularity::shared, {6, 5}});
-  fill_then_clear(c);
-  std::vector<float> k(2 * 6 * 4, 1.f);
-  std::vector<std::int32_t> pos(6, 3);
-  auto kv = [&](int heads, int tokens, int d) { return make_contiguous<const float>(k.data(), heads, tokens, d); };
-  c.append(0, 1, kv(2, 4, 4), kv(2, 4, 4), pos.data(), 4);
-  BAD(c, c.append(0, 1, kv(2, 3, 4), kv(2, 3, 4), pos.data(), 3), "count");  // 4 + 3 > 6
-  BAD(c, c.append(1, 0, kv(2, 6, 4), kv(2, 6, 4), pos.data(), 6), "count");  // 6 > 5
-  BAD(c, c.append(0, 0, kv(2, 2, 4), kv(2, 2, 4), pos.data(), -1), "count");
-  BAD(c, c.append(0, 0, kv(2, 2, 3), kv(2, 2, 4), pos.data(), 2), "k");
-  BAD(c, c.append(0, 0, kv(2, 2, 4), kv(1, 2, 4), pos.data(), 2), "v");
-  BAD(c, c.append(0, 0, kv(2, 1, 4), kv(2, 1, 4), pos.data(), 2), "k");  // too few tokens
-  BAD(c, c.append(0, 0, kv(2, 2, 4), kv(2, 2, 4), nullptr, 2), "pos");
-  BAD(c, c.append(0, 0, kv(1, 2, 4), kv(1, 2, 4), pos.data(), 2, 0), "head");
-  BAD(c, c.append(2, 0, kv(2, 2, 4), kv(2, 2, 4), pos.data(), 2), "layer");
-  BAD(c, c.append(0, 2, kv(2, 2, 4), kv(2, 2, 4), pos.data(), 2), "b");
-  const std::int32_t desc[2] = {2, 1}, big[2] = {1, 4}, ok[2] = {0, 3};
-  BAD(c, c.compact(0, 1, desc, 2), "kept");
-  BAD(c, c.compact(0, 1, big, 2), "kept");
-  BAD(c, c.compact(0, 1, ok, 5), "count");
-  BAD(c, c.compact(0, 1, ok, 2, 1), "head");
-  BAD(c, c.clear(-1), "b");
-  THROWS_NAMING(c.length(0, 0, 2), "head");
-  THROWS_NAMING(c.keys(-1), "layer");
-  c.compact(0, 1, ok, 2);  // the valid call still works afterwards
-  CHECK(c.length(0, 1) == 2);
 }
 
 namespace {
@@ -413,6 +332,8 @@ TEST_CASE("Compressor construction and ordering errors", "[bad][compressor]") {
   THROWS_NAMING((PyramidCompressor<>{cfg, {}, {}, {}, DecodeSchedule<>{0, 0.9, {}}}), "decode.segment");
   THROWS_NAMING((PyramidCompressor<>{CompressorConfig{0, 4, 2, 8}}), "model.num_layers");
   THROWS_NAMING((PyramidCompressor<>{CompressorConfig{4, 5, 2, 8}}), "model.num_heads");
+  THROWS_NAMING((PyramidCompressor<>{CompressorConfig{4, 4, 0, 8}}), "model.kv_heads");
+  THROWS_NAMING((PyramidCompressor<>{CompressorConfig{4, 4, 2, 0}}), "model.head_dim");
 
   // Nothing before begin().
   PyramidCompressor<> comp(CompressorConfig{2, 2, 1, 4});

@@ -29,10 +29,11 @@ TEST_CASE("Prefill: |T_l| compounds floor(C * ratio_l) with the min_context rule
     }
   }
   CHECK(expect.back() < 700);  // the rule really bites on this input
-  const MemoryPlan plan = comp.plan({n}, 0, DType::f32);
   const LayerTrace tr = trace_layers(L, n, 0, 0.2, TopKSelection{}, CosineSchedule{}, DecodeSchedule<>{}, true);
   CHECK(tr.prefill_len == expect);
-  CHECK(plan.shape.capacity == expect);
+  CHECK(tr.capacity == expect);  // no decode: the most a layer holds is its prefill
+  CHECK(comp.trace(n, 0).prefill_len == expect);
+  CHECK(comp.trace(n, 0).capacity == expect);
 
   pit::TestCache<> tc(comp, {1, n, 16});
   auto& cache = tc.cache();
@@ -186,8 +187,6 @@ TEST_CASE("per_kv_head selection equals one shared compressor per KV head", "[co
   CompressorConfig cfg{L, H, Hkv, d};
   using Per = PyramidCompressor<RecentWindowScoring, TopKSelection>;
   Per per(cfg, {}, TopKSelection{4, 64, Granularity::per_kv_head});
-  const MemoryPlan plan = per.plan({n}, steps, DType::f32);
-  CHECK(plan.shape.granularity == Granularity::per_kv_head);
   pit::TestCache<> ptc(per, {1, n + steps, 16, pit::PoolKind::hnd});
   auto& pc = ptc.cache();
   per.begin(pc, 0, n);

@@ -92,9 +92,10 @@ TEST_CASE("A custom step schedule and even-position scoring drive the compressor
   CompressorConfig cfg{L, 2, 1, 4};
   using Comp = PyramidCompressor<custom::EvenPositionScoring, TopKSelection, custom::StepSchedule>;
   Comp comp(cfg, {}, TopKSelection{2, 64, Granularity::shared}, custom::StepSchedule{0.5});
-  const MemoryPlan plan = comp.plan({n}, 0, DType::f32);
+  const LayerTrace trace = comp.trace(n, 0);
   // Planner follows the custom schedule: 300, 300, 300, then 239 -> 119 -> 59 <= 64 -> stays.
-  CHECK(plan.shape.capacity == std::vector<int>{300, 300, 300, 119 + 61});
+  CHECK(trace.prefill_len == std::vector<int>{300, 300, 300, 119 + 61});
+  CHECK(trace.capacity == std::vector<int>{300, 300, 300, 119 + 61});
   INFO("seed " << pit::test_seed() << " (PYRAMIDINFER_TEST_SEED replays)");
   pit::TestCache<> tc(comp, {3, n, 16});
   tc.shuffle_free_list(pit::test_seed());

@@ -303,3 +303,217 @@ TEST_CASE("Paged keys and positions score bit for bit like their contiguous copy
     }
   }
 }
+
+namespace {
+
+/// The same window queries (and LSE rows) of a batch stored two ways: in
+/// per-sequence rings (b, q_head, cap) and in one pool of rows, the
+/// sequences' rings at permuted bases with NaN rows between them (a read
+/// outside a ring would show). Window query r of (b, q_head) is
+/// Q(b, q_head, r) in both; the rings start at different rows in each.
+struct RingBatch {
+  int B = 4, Hkv = 2, H = 6, d = 8, cap = 9, slots = 0, rows = 0;
+  std::vector<int> n{23, 9, 40, 14};
+  std::vector<std::int32_t> win{3, 5, 1, 9};
+  std::vector<float> keys, q_batch, q_pool, lse_batch, lse_pool;
+  std::vector<std::int32_t> len, begin, count, start_batch, start_pool, base;
+
+  RingBatch(std::mt19937& rng, Granularity g) {
+    std::normal_distribution<float> nd;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    slots = *std::max_element(n.begin(), n.end());
+    keys.assign(std::size_t(B) * Hkv * slots * d, nan);
+    for (int b = 0; b < B; ++b) {
+      const int room = n[std::size_t(b)] - win[std::size_t(b)];
+      const int c0 = std::uniform_int_distribution<int>(0, room)(rng);
+      for (int h = 0; h < Hkv; ++h) {
+        for (int s = 0; s < n[std::size_t(b)]; ++s)
+          for (int i = 0; i < d; ++i) keys[((std::size_t(b) * Hkv + h) * slots + s) * d + i] = nd(rng);
+        len.push_back(n[std::size_t(b)]);
+        const int c = g == Granularity::shared ? c0 : std::uniform_int_distribution<int>(0, room)(rng);
+        count.push_back(c);
+        begin.push_back(g == Granularity::shared && h > 0 ? begin[std::size_t(b) * Hkv]
+                                                          : std::uniform_int_distribution<int>(0, room - c)(rng));
+      }
+      start_batch.push_back(std::uniform_int_distribution<int>(0, cap - 1)(rng));
+      start_pool.push_back(std::uniform_int_distribution<int>(0, win[std::size_t(b)] - 1)(rng));
+    }
+    // Pool: rings in the order 2, 0, 3, 1, two NaN rows before each, three after.
+    base.assign(std::size_t(B), 0);
+    for (int b : {2, 0, 3, 1}) {
+      rows += 2;
+      base[std::size_t(b)] = rows;
+      rows += win[std::size_t(b)];
+    }
+    rows += 3;
+    q_batch.assign(std::size_t(B) * H * cap * d, nan);
+    q_pool.assign(std::size_t(H) * rows * d, nan);
+    lse_batch.assign(std::size_t(B) * H * cap, nan);
+    lse_pool.assign(std::size_t(H) * rows, nan);
+    for (int b = 0; b < B; ++b)
+      for (int qh = 0; qh < H; ++qh)
+        for (int r = 0; r < win[std::size_t(b)]; ++r) {
+          const std::size_t bi = batch_row(b, qh, r), pi = pool_row(b, qh, r);
+          for (int i = 0; i < d; ++i) q_batch[bi * d + i] = q_pool[pi * d + i] = nd(rng);
+          lse_batch[bi] = lse_pool[pi] = 2.0f + nd(rng);  // stale statistics: any finite values
+        }
+  }
+  std::size_t batch_row(int b, int qh, int r) const {
+    return (std::size_t(b) * H + qh) * cap + std::size_t((start_batch[std::size_t(b)] + r) % cap);
+  }
+  std::size_t pool_row(int b, int qh, int r) const {
+    const int w = win[std::size_t(b)];
+    return std::size_t(qh) * rows + std::size_t(base[std::size_t(b)] + (start_pool[std::size_t(b)] + r) % w);
+  }
+  ScoreProblem<float> common() const {
+    ScoreProblem<float> p;
+    p.keys = make_hnd<const float>(keys.data(), B, Hkv, slots, d);
+    p.kv_len = make_contiguous<const std::int32_t>(len.data(), B, Hkv);
+    p.window_len = win.data();
+    p.score_begin = make_contiguous<const std::int32_t>(begin.data(), B, Hkv);
+    p.score_count = make_contiguous<const std::int32_t>(count.data(), B, Hkv);
+    p.scale = 0.4f;
+    return p;
+  }
+  ScoreProblem<float> per_batch(bool with_lse) const {
+    ScoreProblem<float> p = common();
+    p.queries = make_contiguous<const float>(q_batch.data(), B, H, cap, d);
+    if (with_lse) p.lse = make_contiguous<const float>(lse_batch.data(), B, H, cap);
+    p.ring_start = start_batch.data();
+    return p;
+  }
+  /// Pooled: axis 0 of the views is not indexed; give it a stride that would
+  /// leave the buffers if it were.
+  ScoreProblem<float> pooled(bool with_lse) const {
+    ScoreProblem<float> p = common();
+    p.queries = make_contiguous<const float>(q_pool.data(), B, H, rows, d);
+    p.queries.stride[0] = std::int64_t(1) << 40;
+    if (with_lse) {
+      p.lse = make_contiguous<const float>(lse_pool.data(), 1, H, rows);
+      p.lse.stride[0] = std::int64_t(1) << 40;
+    }
+    p.ring_start = start_pool.data();
+    p.ring_base = base.data();
+    return p;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("ring_span keeps every row of a ring inside the axis, whatever the values", "[scoring][ring]") {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> any(-50, 50);
+  const std::int32_t big[] = {std::numeric_limits<std::int32_t>::min(), std::numeric_limits<std::int32_t>::max()};
+  for (int rep = 0; rep < 2000; ++rep) {
+    const int rows = 1 + rep % 17;
+    const std::int32_t base = rep % 97 == 0 ? big[rep % 2] : any(rng), win = rep % 89 == 0 ? big[rep % 2] : any(rng);
+    const std::int32_t start = rep % 83 == 0 ? big[rep % 2] : any(rng);
+    for (bool pooled : {false, true}) {
+      const RingSpan s = ring_span(pooled ? &base : nullptr, &start, &win, 0, rows);
+      INFO("rows " << rows << " base " << base << " window " << win << " start " << start << " pooled " << pooled);
+      REQUIRE(s.cap >= 1);
+      REQUIRE(s.start >= 0);
+      REQUIRE(s.start < s.cap);
+      for (int r = 0; r < s.cap; ++r) {
+        REQUIRE(s.row(r) >= 0);
+        REQUIRE(s.row(r) < rows);
+      }
+    }
+  }
+  // Valid values are taken as they are.
+  const std::int32_t base = 5, win = 4, start = 3;
+  const RingSpan s = ring_span(&base, &start, &win, 0, 12);
+  CHECK(s.row(0) == 8);
+  CHECK(s.row(1) == 5);
+  CHECK(s.row(3) == 7);
+}
+
+TEST_CASE("Pooled window-query rings score bit for bit like per-sequence rings", "[scoring][ring]") {
+  std::mt19937 rng(17);
+  for (Granularity g : {Granularity::shared, Granularity::per_kv_head})
+    for (bool with_lse : {false, true}) {
+      INFO(granularity_name(g) << (with_lse ? " lse given" : " lse computed"));
+      const RingBatch rb(rng, g);
+      const ScoreProblem<float> pb = rb.per_batch(with_lse);
+      ScoreProblem<float> pp = rb.pooled(with_lse);
+      for (int b = 0; b < rb.B; ++b)
+        for (int r = 0; r < rb.win[std::size_t(b)]; ++r) {
+          REQUIRE(std::size_t(pp.ring_row(b, r)) == rb.pool_row(b, 0, r));
+          REQUIRE(std::size_t(pb.ring_row(b, r)) == rb.batch_row(b, 0, r) - std::size_t(b) * rb.H * rb.cap);
+        }
+      const int groups = g == Granularity::shared ? 1 : rb.Hkv, width = rb.slots + 1;
+      std::vector<float> sb(std::size_t(rb.B) * groups * width, -99.f), sp = sb;
+      // lse_out: rows the kernel must not touch stay -7.
+      std::vector<float> ob(rb.lse_batch.size(), -7.f), op(rb.lse_pool.size(), -7.f);
+      ScoreProblem<float> pbo = pb;
+      pbo.lse_out = make_contiguous(ob.data(), rb.B, rb.H, rb.cap);
+      pp.lse_out = make_contiguous(op.data(), rb.B, rb.H, rb.rows);
+      pp.lse_out.stride[0] = std::int64_t(1) << 40;
+      host::window_attention_scores(pbo, g, 1.2f, make_contiguous(sb.data(), rb.B, groups, width));
+      host::window_attention_scores(pp, g, 1.2f, make_contiguous(sp.data(), rb.B, groups, width));
+      CHECK(sb == sp);
+      for (int b = 0; b < rb.B; ++b)
+        for (int gi = 0; gi < groups; ++gi)
+          if (rb.count[std::size_t(b) * rb.Hkv + gi] > 0) CHECK(sb[(std::size_t(b) * groups + gi) * width] != -99.f);
+      // Same LSE rows, each where its layout keeps it; every other row untouched.
+      std::size_t written = 0;
+      for (int b = 0; b < rb.B; ++b)
+        for (int qh = 0; qh < rb.H; ++qh)
+          for (int r = 0; r < rb.win[std::size_t(b)]; ++r) {
+            const float x = ob[rb.batch_row(b, qh, r)], y = op[rb.pool_row(b, qh, r)];
+            CHECK(x == y);
+            CHECK((with_lse ? x == -7.f : std::isfinite(x)));
+            ++written;
+          }
+      CHECK(std::count(op.begin(), op.end(), -7.f) == std::ptrdiff_t(op.size() - (with_lse ? 0 : written)));
+      CHECK(std::count(ob.begin(), ob.end(), -7.f) == std::ptrdiff_t(ob.size() - (with_lse ? 0 : written)));
+
+      // window_query_lse from a later row, sequence by sequence.
+      std::vector<float> lb(rb.lse_batch.size(), -7.f), lp(rb.lse_pool.size(), -7.f);
+      for (int b = 0; b < rb.B; ++b) {
+        const int row_begin = std::min(2, rb.win[std::size_t(b)] - 1);
+        host::window_query_lse(pb, b, row_begin, make_contiguous(lb.data(), rb.B, rb.H, rb.cap));
+        host::window_query_lse(pp, b, row_begin, make_contiguous(lp.data(), 1, rb.H, rb.rows));
+        for (int qh = 0; qh < rb.H; ++qh)
+          for (int r = 0; r < rb.win[std::size_t(b)]; ++r) {
+            const float x = lb[rb.batch_row(b, qh, r)], y = lp[rb.pool_row(b, qh, r)];
+            CHECK(x == y);
+            CHECK((r < row_begin ? x == -7.f : std::isfinite(x)));
+          }
+      }
+    }
+}
+
+TEST_CASE("Pooled rings reject what would leave the pool or share rows", "[scoring][ring][args]") {
+  std::mt19937 rng(19);
+  RingBatch rb(rng, Granularity::per_kv_head);
+  const int width = rb.slots;
+  std::vector<float> out(std::size_t(rb.B) * rb.Hkv * width);
+  std::vector<float> lse(std::size_t(rb.H) * rb.rows);
+  auto run = [&](const ScoreProblem<float>& p) {
+    host::window_attention_scores(p, Granularity::per_kv_head, 1.2f, make_contiguous(out.data(), rb.B, rb.Hkv, width));
+  };
+  run(rb.pooled(false));
+  ScoreProblem<float> p = rb.pooled(false);
+  p.max_window_len = 9;  // the largest window: fine
+  run(p);
+  p.max_window_len = 8;
+  CHECK_THROWS_AS(run(p), Error);
+  const std::vector<std::int32_t> base = rb.base, start = rb.start_pool;
+  for (int bad = 0; bad < 5; ++bad) {
+    rb.base = base, rb.start_pool = start;
+    if (bad == 0) rb.base[0] = -1;
+    if (bad == 1) rb.base[3] = rb.rows - rb.win[3] + 1;  // past the pool's end
+    if (bad == 2) rb.base[1] = rb.base[0] + 1;            // overlaps sequence 0's ring
+    if (bad == 3) rb.start_pool[1] = rb.win[1];           // ring_start >= window
+    if (bad == 4) rb.start_pool[1] = -1;
+    INFO("bad " << bad);
+    CHECK_THROWS_AS(run(rb.pooled(false)), Error);
+    // window_query_lse checks the one ring it writes (an overlap is another
+    // sequence's business there).
+    const int seq[] = {0, 3, -1, 1, 1};
+    if (seq[bad] >= 0)
+      CHECK_THROWS_AS(host::window_query_lse(rb.pooled(false), seq[bad], 0, make_contiguous(lse.data(), 1, rb.H, rb.rows)),
+                      Error);
+  }
+}

@@ -1,15 +1,19 @@
-// Memory planner: for a model shape, prompts, a generation length and the
-// policies, how many slots each layer ever needs and what that costs.
-// The KV cache container is sized from this plan, so the planner's bytes are
-// exactly the bytes the container allocates.
+// Planner: for one prompt, a generation length and the policies, how many
+// slots each layer of the sequence holds after prefill and at most
+// (trace_layers), and so how many pages it needs in the paged cache
+// (request_pages, cache/paged.hpp). Every count is computed in checked
+// 64-bit arithmetic, in time independent of the prompt and generation
+// lengths; a per-layer count that does not fit an int throws Error.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
+#include "../core/checked.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
 #include "../policy/granularity.hpp"
@@ -17,6 +21,7 @@
 
 namespace pyramidinfer {
 
+/// A model's attention shape (the compressor validates its config as one).
 struct ModelShape {
   int num_layers = 0;
   int num_heads = 0;  ///< query heads
@@ -25,39 +30,22 @@ struct ModelShape {
   DType dtype = DType::f16;
 };
 
-/// The layout the container allocates: one capacity per layer.
-struct CacheShape {
-  int num_layers = 0;
-  int batch = 0;
-  int kv_heads = 0;
-  int head_dim = 0;
-  DType dtype = DType::f16;
-  Granularity granularity = Granularity::shared;
-  std::vector<int> capacity;  ///< slots per sequence and head, per layer
-
-  /// Heads that carry their own positions and lengths: 1 when shared.
-  int position_heads() const { return granularity == Granularity::shared ? 1 : kv_heads; }
-
-  std::size_t layer_bytes(int layer) const {
-    const std::size_t slots = std::size_t(batch) * std::size_t(capacity[std::size_t(layer)]);
-    const std::size_t kv = 2 * slots * std::size_t(kv_heads) * std::size_t(head_dim) * dtype_bytes(dtype);
-    const std::size_t pos = slots * std::size_t(position_heads()) * sizeof(std::int32_t);
-    const std::size_t len = std::size_t(batch) * std::size_t(position_heads()) * sizeof(std::int32_t);
-    return kv + pos + len;
-  }
-  std::size_t total_bytes() const {
-    std::size_t t = 0;
-    for (int l = 0; l < num_layers; ++l) t += layer_bytes(l);
-    return t;
-  }
-};
+namespace detail {
+inline void check_model(const ModelShape& m, const char* fn) {
+  PYRAMIDINFER_REQUIRE(m.num_layers > 0, fn, "model.num_layers", m.num_layers, "must be > 0");
+  PYRAMIDINFER_REQUIRE(m.kv_heads > 0, fn, "model.kv_heads", m.kv_heads, "must be > 0");
+  PYRAMIDINFER_REQUIRE(m.num_heads > 0 && m.num_heads % m.kv_heads == 0, fn, "model.num_heads", m.num_heads,
+                       "must be a positive multiple of kv_heads");
+  PYRAMIDINFER_REQUIRE(m.head_dim > 0, fn, "model.head_dim", m.head_dim, "must be > 0");
+}
+}  // namespace detail
 
 /// The window every layer keeps for a prompt of n tokens: 1 + floor(ratio * n).
 inline int window_length(int prompt_len, double recent_ratio) {
   PYRAMIDINFER_REQUIRE(prompt_len > 0, "window_length", "prompt_len", prompt_len, "must be > 0");
   PYRAMIDINFER_REQUIRE(recent_ratio >= 0.0 && recent_ratio < 1.0, "window_length", "recent_ratio", recent_ratio,
                        "must be in [0, 1)");
-  return 1 + int(prompt_len * recent_ratio);
+  return 1 + int(prompt_len * recent_ratio);  // < 1 + prompt_len: no overflow
 }
 
 /// Per-layer slot counts of one sequence through prefill and `decode_steps`
@@ -80,31 +68,81 @@ enum class PrefillMode {
   layer_local,
 };
 
+namespace detail {
+
+/// The most slots a layer holds over `steps` decode steps, in closed form.
+/// The layer starts at `held` slots (window `w`, compressed part ending at
+/// slot held - 1) after prefill wrote `written`. Each step appends one slot
+/// (the peak is taken there), then, when `compress`, the gap between the
+/// compressed part and the window grows by one; when it reaches `segment`
+/// those slots shrink to `keep` and the gap drops back by exactly `segment`.
+/// The gap starts at 1 - w, so compressions fire at steps
+/// first + j * segment (first = segment + w - 2, j = 0, 1, ...), and just
+/// before firing j the layer holds held + segment + w - 1 + j * keep slots.
+/// Between firings it only grows, so the peak is the largest firing or the
+/// last step. Every term is a checked non-negative 64-bit size.
+inline std::int64_t decode_peak(std::int64_t written, std::int64_t held, std::int64_t w, std::int64_t steps,
+                                bool compress, std::int64_t segment, std::int64_t keep, const char* fn) {
+  std::int64_t peak = written;
+  if (steps == 0) return peak;
+  const std::int64_t last = checked_add(held, steps, fn, "held slots + decode_steps");  // before step steps-1's compression
+  if (!compress) return std::max(peak, last);
+  const std::int64_t first = checked_add(segment, w, fn, "decode segment + window") - 2;
+  // Firings at steps < n: none when n <= first, else (n - 1 - first) / segment + 1.
+  auto fired_before = [&](std::int64_t n) { return n > first ? (n - 1 - first) / segment + 1 : 0; };
+  const std::int64_t fired = fired_before(steps);
+  const std::int64_t shrink = segment - keep;  // >= 0: checked by the caller
+  const std::int64_t at_last = last - checked_mul(fired_before(steps - 1), shrink, fn, "decode shrink");
+  peak = std::max(peak, at_last);
+  if (fired > 0) {
+    const std::int64_t base = checked_add(held, first + 1, fn, "held slots + decode segment + window");
+    peak = std::max(peak, checked_add(base, checked_mul(fired - 1, keep, fn, "decode keep"), fn, "decode peak"));
+  }
+  return peak;
+}
+
+/// A slot count, which must fit the int the cache and LayerTrace use.
+inline int slots_as_int(std::int64_t slots, int layer, int prompt_len, int decode_steps, const char* fn) {
+  if (slots > std::int64_t(std::numeric_limits<int>::max()))
+    throw_arg_error(fn, "decode_steps", decode_steps,
+                    "with prompt_len = " + std::to_string(prompt_len) + " would have layer " + std::to_string(layer) +
+                        " hold " + std::to_string(slots) + " slots, more than an int (2^31 - 1) counts");
+  return int(slots);
+}
+
+}  // namespace detail
+
 template <class Selection, class Schedule, class Decode>
 LayerTrace trace_layers(int num_layers, int prompt_len, int decode_steps, double recent_ratio,
                         const Selection& sel, const Schedule& sched, const Decode& decode, bool compress_decode,
                         PrefillMode mode = PrefillMode::drop_tokens) {
-  PYRAMIDINFER_REQUIRE(num_layers > 0, "trace_layers", "num_layers", num_layers, "must be > 0");
-  PYRAMIDINFER_REQUIRE(decode_steps >= 0, "trace_layers", "decode_steps", decode_steps, "must be >= 0");
+  const char* fn = "trace_layers";
+  PYRAMIDINFER_REQUIRE(num_layers > 0, fn, "num_layers", num_layers, "must be > 0");
+  PYRAMIDINFER_REQUIRE(decode_steps >= 0, fn, "decode_steps", decode_steps, "must be >= 0");
   const int w = window_length(prompt_len, recent_ratio);
+  const int segment = decode.segment;
+  if (compress_decode)
+    PYRAMIDINFER_REQUIRE(segment > 0, fn, "decode.segment", segment, "must be > 0");
   LayerTrace t;
+  t.prefill_len.reserve(std::size_t(num_layers));
+  t.capacity.reserve(std::size_t(num_layers));
   int context = prompt_len - w;
   for (int l = 0; l < num_layers; ++l) {
     const double ratio = sched.keep_ratio(l, num_layers);
-    const int written = context + w;  // what prefill_store writes
-    const int held = mode == PrefillMode::drop_tokens ? written : sel.max_keep(context, ratio) + w;
-    t.prefill_len.push_back(held);
-    int peak = written, cur = held, boundary = held - 1;
+    const int kept = sel.max_keep(context, ratio);
+    PYRAMIDINFER_REQUIRE(kept >= 0 && kept <= context, fn, "selection.max_keep", kept,
+                         "must be in [0, context = " + std::to_string(context) + "]");
+    const int written = context + w;  // what prefill_store writes: <= prompt_len
+    const int held = mode == PrefillMode::drop_tokens ? written : kept + w;
     const int keep = decode.keep_count(l, num_layers);
-    for (int s = 0; s < decode_steps; ++s) {
-      peak = std::max(peak, ++cur);
-      if (compress_decode && cur - w - boundary >= decode.segment) {
-        cur -= decode.segment - keep;
-        boundary += keep;
-      }
-    }
-    t.capacity.push_back(peak);
-    if (mode == PrefillMode::drop_tokens) context = sel.max_keep(context, ratio);
+    if (compress_decode)
+      PYRAMIDINFER_REQUIRE(keep >= 0 && keep <= segment, fn, "decode.keep_count", keep,
+                           "must be in [0, decode.segment = " + std::to_string(segment) + "]");
+    t.prefill_len.push_back(held);
+    t.capacity.push_back(detail::slots_as_int(
+        detail::decode_peak(written, held, w, decode_steps, compress_decode, segment, keep, fn), l, prompt_len,
+        decode_steps, fn));
+    if (mode == PrefillMode::drop_tokens) context = kept;
   }
   return t;
 }
@@ -120,73 +158,25 @@ struct RequestPages {
 };
 
 inline RequestPages request_pages(const LayerTrace& t, int page_size) {
-  PYRAMIDINFER_REQUIRE(page_size > 0, "request_pages", "page_size", page_size, "must be > 0");
+  const char* fn = "request_pages";
+  PYRAMIDINFER_REQUIRE(page_size > 0, fn, "page_size", page_size, "must be > 0");
+  PYRAMIDINFER_REQUIRE(t.prefill_len.size() == t.capacity.size(), fn, "trace.prefill_len.size()",
+                       t.prefill_len.size(), "must equal trace.capacity.size() = " + std::to_string(t.capacity.size()));
+  // Slots -> pages in 64 bits: slots + page_size - 1 may pass INT_MAX; the quotient fits an int.
+  auto pages = [&](int slots, const char* what) {
+    PYRAMIDINFER_REQUIRE(slots >= 0, fn, what, slots, "must be >= 0");
+    return int((std::int64_t(slots) + page_size - 1) / page_size);
+  };
   RequestPages r;
+  r.after_prefill.reserve(t.capacity.size());
+  r.peak.reserve(t.capacity.size());
   for (std::size_t l = 0; l < t.capacity.size(); ++l) {
-    r.after_prefill.push_back((t.prefill_len[l] + page_size - 1) / page_size);
-    r.peak.push_back((t.capacity[l] + page_size - 1) / page_size);
-    r.total_after_prefill += r.after_prefill.back();
-    r.total_peak += r.peak.back();
+    r.after_prefill.push_back(pages(t.prefill_len[l], "trace.prefill_len[l]"));
+    r.peak.push_back(pages(t.capacity[l], "trace.capacity[l]"));
+    r.total_after_prefill = detail::checked_add(r.total_after_prefill, r.after_prefill.back(), fn, "total_after_prefill");
+    r.total_peak = detail::checked_add(r.total_peak, r.peak.back(), fn, "total_peak");
   }
   return r;
-}
-
-struct MemoryPlan {
-  CacheShape shape;
-  std::vector<std::size_t> layer_bytes;
-  std::size_t total_bytes = 0;
-  std::size_t full_bytes = 0;  ///< a full cache of the same batch: prompt + decode_steps slots per layer
-  double ratio_to_full = 1.0;
-};
-
-namespace detail {
-inline void check_model(const ModelShape& m, const char* fn) {
-  PYRAMIDINFER_REQUIRE(m.num_layers > 0, fn, "model.num_layers", m.num_layers, "must be > 0");
-  PYRAMIDINFER_REQUIRE(m.kv_heads > 0, fn, "model.kv_heads", m.kv_heads, "must be > 0");
-  PYRAMIDINFER_REQUIRE(m.num_heads > 0 && m.num_heads % m.kv_heads == 0, fn, "model.num_heads", m.num_heads,
-                       "must be a positive multiple of kv_heads");
-  PYRAMIDINFER_REQUIRE(m.head_dim > 0, fn, "model.head_dim", m.head_dim, "must be > 0");
-}
-}  // namespace detail
-
-/// Plans a batch of prompts (ragged: one length each).
-template <class Selection, class Schedule, class Decode>
-MemoryPlan plan_memory(const ModelShape& model, const std::vector<int>& prompt_lens, int decode_steps,
-                       double recent_ratio, const Selection& sel, const Schedule& sched, const Decode& decode,
-                       bool compress_decode = true, PrefillMode mode = PrefillMode::drop_tokens) {
-  const char* fn = "plan_memory";
-  detail::check_model(model, fn);
-  PYRAMIDINFER_REQUIRE(!prompt_lens.empty(), fn, "prompt_lens.size()", 0, "must be > 0");
-  MemoryPlan p;
-  p.shape = CacheShape{model.num_layers, int(prompt_lens.size()), model.kv_heads, model.head_dim, model.dtype,
-                       sel.granularity, std::vector<int>(std::size_t(model.num_layers), 0)};
-  CacheShape full = p.shape;
-  for (std::size_t b = 0; b < prompt_lens.size(); ++b) {
-    PYRAMIDINFER_REQUIRE(prompt_lens[b] > 0, fn, ("prompt_lens[" + std::to_string(b) + "]").c_str(), prompt_lens[b],
-                         "must be > 0");
-    const LayerTrace t =
-        trace_layers(model.num_layers, prompt_lens[b], decode_steps, recent_ratio, sel, sched, decode, compress_decode, mode);
-    for (int l = 0; l < model.num_layers; ++l) {
-      p.shape.capacity[std::size_t(l)] = std::max(p.shape.capacity[std::size_t(l)], t.capacity[std::size_t(l)]);
-      full.capacity[std::size_t(l)] = std::max(full.capacity[std::size_t(l)], prompt_lens[b] + decode_steps);
-    }
-  }
-  for (int l = 0; l < model.num_layers; ++l) p.layer_bytes.push_back(p.shape.layer_bytes(l));
-  p.total_bytes = p.shape.total_bytes();
-  p.full_bytes = full.total_bytes();
-  p.ratio_to_full = double(p.total_bytes) / double(p.full_bytes);
-  return p;
-}
-
-/// The largest batch of `prompt_len`-token prompts whose cache fits `budget_bytes`.
-template <class Selection, class Schedule, class Decode>
-int max_batch(const ModelShape& model, int prompt_len, int decode_steps, double recent_ratio, const Selection& sel,
-              const Schedule& sched, const Decode& decode, std::size_t budget_bytes, bool compress_decode = true,
-              PrefillMode mode = PrefillMode::drop_tokens) {
-  const MemoryPlan one =
-      plan_memory(model, {prompt_len}, decode_steps, recent_ratio, sel, sched, decode, compress_decode, mode);
-  // Every byte of the plan scales with the batch, so the answer is a division.
-  return int(budget_bytes / one.total_bytes);
 }
 
 }  // namespace pyramidinfer

@@ -22,6 +22,9 @@ namespace pyramidinfer {
 /// or below `min_context`, in which case keep all (and never compress a
 /// context of `min_context` tokens or fewer).
 struct TopKSelection {
+  /// keep_count never looks at the scores, so a device backend knows every
+  /// count on the host, without reading scores back.
+  static constexpr bool score_free_count = true;
   int sinks = 4;
   int min_context = 64;
   Granularity granularity = Granularity::shared;

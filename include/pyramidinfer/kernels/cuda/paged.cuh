@@ -52,6 +52,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <string>
@@ -70,7 +71,7 @@ namespace detail {
 constexpr int kPagedPlanThreads = 512;   // the one block that plans an op
 constexpr int kPagedCheckThreads = 128;  // one block per sequence: its index list, its pages
 constexpr int kPagedCopyThreads = 256;   // append: rows into pages
-constexpr int kPagedMoveThreads = 256;   // compaction: one block per (sequence, KV head)
+constexpr int kPagedMoveThreads = 256;   // compaction: persistent blocks, one tile at a time
 constexpr int kPagedMoveItems = 4;       // vectors of K (and of V) per thread and chunk
 constexpr int kPagedDupSlots = 1 << 16;  // slots per pass of the duplicate test (two 8 KiB bitmaps)
 constexpr int kPagedMaxBatch = 1 << 30;  // keeps every `i += blockDim.x` loop inside int
@@ -86,7 +87,8 @@ struct PagedPlan {
   std::int32_t* count;  ///< append: rows it appends; compact: slots it keeps
   std::int64_t* pages;  ///< append: pages it takes; compact, release: pages it gives back
   std::int64_t* start;  ///< append: pages taken before it; compact, release: free-list index of its first push
-  std::int64_t* rows;   ///< append, batch + 1 entries: its first row among all the rows appended
+  std::int64_t* rows;   ///< batch + 1 entries; append: its first row among all the rows appended;
+                        ///< compact: its first mover ticket (rows[batch]: all the tickets)
   std::int32_t* top;    ///< append: *free.count before the op
 };
 
@@ -321,13 +323,169 @@ __global__ void __launch_bounds__(kPagedCopyThreads)
 }
 
 // ---- compact ----------------------------------------------------------------
+//
+// The mover. Per (sequence, KV head) ("stream"), slot kept[j] moves to slot j
+// for j < count, in place, through the page table. Seen as a flat array of
+// vectors (e = j * vecs + v, v the 16-byte vector or element of the row), each
+// stream is cut into tiles of kPagedTile destination vectors; tile t of a
+// stream writes destination rows [r_lo, r_hi] (the first and last may be
+// partial) and reads the source rows kept[r_lo..r_hi]. The tiles of all
+// streams run in parallel, so one long sequence spreads over the whole GPU
+// (the former mover walked a stream's tiles in order in one block: a 32K
+// prompt ran on kv_heads blocks).
+//
+// Why it is race-free. Kept lists strictly ascend, so kept[j] >= j: a source
+// vector (s, v), s = kept[j] > j, has a larger flat index than its
+// destination (j, v). (Rows with kept[j] == j stay: neither read nor written,
+// as on the host.) Every destination vector is written once, by the one tile
+// that holds it. Hence:
+//   * no tile reads a moved value: tile t's sources lie in tiles >= t, and a
+//     tile writes only inside itself, so an earlier tile never writes them,
+//     and a later tile (or t itself) writes them only after t has read them:
+//   * write-after-read, the one hazard: tile w overwrites (s, v) that tile
+//     r <= w reads. Within a tile (r == w) every thread loads all its sources
+//     before a block barrier and stores after it. Across tiles (r < w) tile w
+//     stores only after every earlier tile of its stream whose source rows
+//     meet its destination rows [r_lo, r_hi] has published "read done". The
+//     source rows of tile r lie inside [kept[first row of r], kept[last row
+//     of r]] (the list ascends), so the test "kept[last row of r] >= r_lo and
+//     kept[first row of r] <= r_hi" catches every such r (and at most a few
+//     more, which only cost a wait). Both halves are monotone in r, so the
+//     tiles to wait for form a range, found by two warps with a 32-way search.
+//   * positions move with vector 0 of their row: the same tiles, the same
+//     argument (by head 0's stream when positions are shared, by head h's
+//     stream, column h, when they are per head). Different streams touch
+//     disjoint bytes: distinct pages per sequence, distinct (slot, head) rows
+//     and position words.
+//   * "read done" is published only when the block's loads have completed:
+//     values held in registers feed a barrier predicate, and cp.async copies
+//     are waited for (cp.async.wait_all) before that barrier. A waiting tile
+//     reads the flag with ld.acquire and stores after a block barrier.
+// Deadlock freedom: blocks are persistent (no more than fit on the device)
+// and take tiles by ticket from one counter, a block taking its next ticket
+// while it works on the current one. Sequence i owns tickets [rows[i],
+// rows[i + 1]) (prefix sums made by the plan kernel), tile-major then head,
+// so a tile waits only for tiles of SMALLER tickets, and it publishes before
+// it waits. Take m, the smallest ticket taken and not yet published: the
+// block holding it is either working on it (its loads and publish wait for
+// nothing), or holds it as its next ticket while it finishes a smaller,
+// already published tile whose waits are for tickets < m, all published; so
+// m gets published, whatever the residency. Tiles that hold no vectors (tile
+// 0 of a sequence that keeps nothing) are never waited for.
+// This is compact_kv_inplace's scheme (kernels/cuda/compact.cuh, 73-89% of
+// copy bandwidth on an H200) over page tables.
+//
+// Workspace: after the plan, one ticket counter (zeroed by the plan kernel)
+// and one int "read done" flag per tile of every (sequence, KV head), i.e.
+// batch * kv_heads * ceil(min(kept.shape[2], max_pages << page_shift) * vecs
+// / kPagedTile) ints: 4 bytes per 16 KiB of K (plus 16 KiB of V) the widest
+// kept list could move, and no staging of the moved bytes. The check kernel
+// zeroes the flags a sequence will use, so the launch count stays three.
+
+constexpr int kPagedTile = kPagedMoveItems * kPagedMoveThreads;  // destination vectors of one tile
+constexpr int kPagedMoveMinBlocks = 5;  // 16-byte vectors staged in shared memory: 32 KiB per block
+
+// Device helpers of the mover (the same as compact.cuh's; this header stands
+// alone). 16-byte vectors are staged in shared memory by cp.async (sm_80 and
+// later), not held in registers, so more blocks, and more loads, fit on a
+// multiprocessor; each thread reads back only its own slots, after its own
+// wait. Loads and stores stream (evict first): every byte is touched once.
+__device__ __forceinline__ void paged_async_copy16(uint4* smem, const uint4* gmem) {
+  const unsigned s = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+/// Returns once every copy this thread issued has landed (its global reads are done).
+__device__ __forceinline__ void paged_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+/// Loads *p into `reg`, or (kAsync, 16-byte vectors only) into *slot.
+template <bool kAsync, class V>
+__device__ __forceinline__ void paged_stage_load(const V* p, V& reg, uint4* slot) {
+  if constexpr (kAsync) paged_async_copy16(slot, reinterpret_cast<const uint4*>(p));
+  else if constexpr (std::is_same<V, uint4>::value) reg = __ldcs(p);
+  else reg = *p;
+}
+/// The value paged_stage_load put in place (after paged_async_wait_all when kAsync).
+template <bool kAsync, class V>
+__device__ __forceinline__ V paged_staged(const V& reg, const uint4* slot) {
+  if constexpr (kAsync) return *reinterpret_cast<const V*>(slot);
+  else return reg;
+}
+template <class V>
+__device__ __forceinline__ void paged_store(V* p, const V& x) {
+  if constexpr (std::is_same<V, uint4>::value) __stcs(p, x);
+  else *p = x;
+}
+
+/// Up to 32 bits of a loaded value, so that a barrier predicate depends on it.
+template <class V>
+__device__ __forceinline__ unsigned paged_low_word(const V& x) {
+  unsigned w = 0;
+  memcpy(&w, &x, sizeof(V) < sizeof(unsigned) ? sizeof(V) : sizeof(unsigned));
+  return w;
+}
+
+__device__ __forceinline__ int paged_ld_acquire(const int* p) {
+  int x;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(x) : "l"(p) : "memory");
+  return x;
+}
+
+/// First x in [0, n) with pred(x) true (n if none), for a pred that is false
+/// then true. Called by a whole warp; a round probes 32 evenly spaced points,
+/// so the search costs ceil(log32 n) dependent loads.
+template <class Pred>
+__device__ int paged_warp_first_true(int n, Pred pred) {
+  const int lane = int(threadIdx.x % 32);
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int step = (hi - lo + 31) / 32;
+    const int x = lo + lane * step;
+    const unsigned probed = __ballot_sync(0xffffffffu, x < hi);
+    const unsigned yes = __ballot_sync(0xffffffffu, x < hi && pred(x));
+    const int no = __popc(probed & ~yes);  // false probes: the first `no` lanes
+    if (no == 0) return lo;
+    const int next_lo = lo + (no - 1) * step + 1;  // past the last false probe
+    hi = min(hi, lo + no * step);                  // at the first true one
+    lo = next_lo;
+  }
+  return lo;
+}
+
+/// The compaction's part of the workspace, carved after the plan.
+struct PagedCompactScratch {
+  unsigned long long* ticket;  ///< next tile ticket (the plan kernel zeroes it)
+  std::int32_t* flags;         ///< [batch][kv_heads][tiles]: tile's "read done" (the check kernel zeroes)
+  int tiles;                   ///< flag stride: the most tiles one (sequence, head) can have
+};
+
+inline PagedCompactScratch carve_paged_compact(WorkspaceCarver& w, int batch, int kv_heads, std::int64_t tiles) {
+  PagedCompactScratch s;
+  s.ticket = w.take<unsigned long long>(1);
+  s.flags = w.take<std::int32_t>(std::size_t(std::max(batch, 0)) * std::size_t(std::max(kv_heads, 0)) *
+                                 std::size_t(std::max<std::int64_t>(tiles, 0)));
+  s.tiles = int(std::min<std::int64_t>(tiles, INT_MAX));
+  return s;
+}
+
+/// Tiles of a stream that keeps `n` rows of `vecs` vectors.
+__host__ __device__ __forceinline__ std::int64_t paged_compact_tiles(std::int64_t n, int vecs) {
+  return (n * vecs + kPagedTile - 1) / kPagedTile;
+}
+
+/// e / vecs for a flat vector index (a shift when vecs is a power of two).
+struct PagedVecDiv {
+  int vecs, shift;  // shift < 0: divide
+  __device__ __forceinline__ int row(std::int64_t e) const { return int(shift >= 0 ? e >> shift : e / vecs); }
+};
 
 /// One block per sequence: slot, stored length, count, and every kept index
-/// of every position head strictly ascending inside [0, length).
+/// of every position head strictly ascending inside [0, length). A sequence
+/// that passes zeroes the "read done" flags of its tiles.
 template <class T>
 __global__ void __launch_bounds__(kPagedCheckThreads)
     paged_compact_check_kernel(PagedKV<T> c, int layer, const std::int32_t* seqs,
-                               TensorView<const std::int32_t, 3> kept, const std::int32_t* count, PagedPlan p) {
+                               TensorView<const std::int32_t, 3> kept, const std::int32_t* count, PagedPlan p,
+                               PagedCompactScratch w, int vecs) {
   __shared__ int s_bits, s_len, s_count;
   const int i = blockIdx.x;
   if (threadIdx.x == 0) {
@@ -357,6 +515,14 @@ __global__ void __launch_bounds__(kPagedCheckThreads)
     }
     if (__syncthreads_or(bad)) bits = kPagedBadIndex;
   }
+  if (bits == 0) {  // count <= min(length, kept.shape[2]): at most w.tiles tiles
+    const std::int64_t tiles = paged_compact_tiles(s_count, vecs), heads = c.pool.kv_heads;
+    std::int32_t* f = w.flags + std::int64_t(i) * heads * w.tiles;
+    for (std::int64_t e = threadIdx.x; e < heads * tiles; e += blockDim.x) {
+      const std::int64_t h = e / tiles;
+      f[h * w.tiles + (e - h * tiles)] = 0;
+    }
+  }
   if (threadIdx.x != 0) return;
   p.bits[i] = bits;
   p.len[i] = s_len;
@@ -368,10 +534,14 @@ __global__ void __launch_bounds__(kPagedCheckThreads)
 /// then the pushes in batch order while they fit the room left in the free
 /// list; start[i] is where sequence i's first push goes. Compaction's new
 /// lengths are written here (layer >= 0); release clears them in its pusher,
-/// after reading them (layer < 0).
+/// after reading them (layer < 0). Compaction (vecs > 0) also numbers the
+/// mover's tickets: sequence i that goes ahead owns [rows[i], rows[i + 1]),
+/// kv_heads per tile (at least one tile: tile 0 of head 0 pushes the pages),
+/// rows[batch] is the total, and the ticket counter starts at 0.
 template <class T>
 __global__ void __launch_bounds__(kPagedPlanThreads)
-    paged_push_plan_kernel(PagedKV<T> c, int layer, const std::int32_t* seqs, int batch, PagedPlan p) {
+    paged_push_plan_kernel(PagedKV<T> c, int layer, const std::int32_t* seqs, int batch, PagedPlan p, int vecs = 0,
+                           unsigned long long* ticket = nullptr) {
   __shared__ int s_bits;
   __shared__ unsigned long long s_pushed;
   if (threadIdx.x == 0) s_bits = 0, s_pushed = 0;
@@ -392,66 +562,155 @@ __global__ void __launch_bounds__(kPagedPlanThreads)
         if (n > 0) atomicMax(&s_pushed, (unsigned long long)(s + n));
         if (layer >= 0) c.len(layer, p.slot[i]) = p.count[i];
       });
+  if (vecs > 0) {  // p.bits[i] is final and was written by this thread (i % blockDim.x)
+    const long long tickets = paged_block_scan(
+        batch,
+        [&](int i) {
+          if (p.bits[i]) return 0ll;
+          const long long t = paged_compact_tiles(p.count[i], vecs);
+          return (long long)c.pool.kv_heads * (t > 0 ? t : 1);
+        },
+        [&](int i, long long s) { p.rows[i] = s; });
+    if (threadIdx.x == 0) p.rows[batch] = tickets, *ticket = 0;
+  }
   if (threadIdx.x == 0) {  // s_bits, s_pushed: complete since the scan's last barrier
     if (s_pushed) *c.free.count = top + int(s_pushed);
     if (s_bits) atomicOr(c.status, s_bits);
   }
 }
 
-/// One block per (sequence, KV head): slot kept[j] moves to slot j, in
-/// ascending chunks of kPagedMoveItems * kPagedMoveThreads vectors (flat index
-/// j * vecs + v). A chunk reads all its sources into registers, then, after a
-/// barrier, writes: one of its destinations may be the source of another of
-/// its rows. One barrier per chunk is enough: a moved source kept[j] > j lies
-/// past every destination of this and earlier chunks, so writes of chunk k
-/// never reach what chunk k + 1 reads, and chunk k's reads all precede the
-/// barrier that any thread crosses before writing. Slots already in place
-/// (kept[j] == j) stay, as on the host. Block (i, head 0) pushes the tail pages.
-template <class T, class V>
-__global__ void __launch_bounds__(kPagedMoveThreads)
-    paged_compact_move_kernel(PagedKV<T> c, int layer, TensorView<const std::int32_t, 3> kept, PagedPlan p, int vecs) {
-  constexpr int U = kPagedMoveItems, kChunk = U * kPagedMoveThreads;
-  const int i = blockIdx.x / c.pool.kv_heads, h = blockIdx.x % c.pool.kv_heads;
-  if (p.bits[i] != 0) return;  // the whole block leaves together
-  const int keep = p.count[i], mask = c.pool.page_size - 1;
-  const std::int32_t* table = c.pages(layer, p.slot[i]);
-  if (h == 0) {  // the emptied tail pages, in table order, where the plan made room
-    const int first = c.pages_for(keep);
-    for (std::int64_t x = threadIdx.x; x < p.pages[i]; x += blockDim.x) c.free.pages[p.start[i] + x] = table[first + x];
+/// The persistent mover (see the top of this section). Warp 2 takes the
+/// tickets and finds their sequence; per tile: (0) tile 0 of head 0 pushes the
+/// sequence's emptied tail pages; (1) every thread loads its sources (K, V,
+/// and positions of the rows starting in the tile); (2) warps 0 and 1 find
+/// the earlier tiles to wait for; (3) the block publishes "read done"; (4) it
+/// waits for those tiles; (5) it stores. A source or destination page id
+/// outside the pool skips that row, as the former mover did.
+template <class T, class V, bool kAsync>
+__global__ void __launch_bounds__(kPagedMoveThreads, kAsync ? kPagedMoveMinBlocks : 4)
+    paged_compact_move_kernel(PagedKV<T> c, int layer, TensorView<const std::int32_t, 3> kept, PagedPlan p,
+                              PagedCompactScratch w, int batch, PagedVecDiv vd) {
+  static_assert(!kAsync || std::is_same<V, uint4>::value, "shared-memory staging moves 16-byte vectors");
+  constexpr int U = kPagedMoveItems, N = kPagedMoveThreads;
+  constexpr unsigned kAll = 0xffffffffu;
+  __shared__ unsigned long long s_ticket[2];
+  __shared__ int s_seq[2], s_wait[2];
+  __shared__ uint4 s_stage[kAsync ? 2 * U * N : 1];
+  const int warp = int(threadIdx.x / 32), lane = int(threadIdx.x % 32);
+  const unsigned long long total = (unsigned long long)p.rows[batch];
+  // By warp 2: ticket t's sequence (the last i with rows[i] <= t) into slot `at`.
+  auto resolve = [&](unsigned long long t, int at) {
+    int i = 0;
+    if (t < total) i = paged_warp_first_true(batch, [&](int x) { return (unsigned long long)p.rows[x + 1] > t; });
+    if (lane == 0) s_ticket[at] = t, s_seq[at] = i;
+  };
+  if (warp == 2) {
+    unsigned long long t = 0;
+    if (lane == 0) t = atomicAdd(w.ticket, 1ull);
+    resolve(__shfl_sync(kAll, t, 0), 0);
   }
-  const int hp = c.pos_heads > 1 ? h : 0;
-  const bool move_pos = h < c.pos_heads;  // shared positions move with head 0 only
-  const std::int64_t total = std::int64_t(keep) * vecs;
-  for (std::int64_t e0 = 0; e0 < total; e0 += kChunk) {
-    V kx[U], vx[U];
-    std::int32_t px[U], dst[U], col[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      dst[u] = -1, col[u] = 0, px[u] = 0;
-      const std::int64_t e = e0 + u * kPagedMoveThreads + threadIdx.x;
-      if (e >= total) continue;
-      const int j = int(e / vecs), v = int(e - std::int64_t(j) * vecs);
-      const int from = kept(i, hp, j);
-      if (from == j) continue;
-      const std::int32_t sp = table[from >> c.page_shift];
-      if (!paged_page_ok(sp, c.pool.num_pages)) continue;
-      const int so = from & mask;
-      kx[u] = *paged_vec<V>(c.pool.k_at(sp, so, h), v);
-      vx[u] = *paged_vec<V>(c.pool.v_at(sp, so, h), v);
-      if (move_pos && v == 0) px[u] = *paged_pos(c, sp, so, hp);
-      dst[u] = j, col[u] = v;
+  __syncthreads();
+  const int heads = c.pool.kv_heads, vecs = vd.vecs, mask = c.pool.page_size - 1;
+  V kx[kAsync ? 1 : U], vx[kAsync ? 1 : U];
+  std::int32_t px[U];
+  uint4* const slots = s_stage + (kAsync ? threadIdx.x : 0);  // this thread's: K's U, then V's U, N apart
+  for (int round = 0;; round ^= 1) {
+    const unsigned long long tk = s_ticket[round];
+    if (tk >= total) return;  // the whole block leaves together
+    unsigned long long next = 0;
+    if (warp == 2 && lane == 0) next = atomicAdd(w.ticket, 1ull);  // in flight during this tile
+    const int i = s_seq[round];
+    const long long local = (long long)(tk - (unsigned long long)p.rows[i]);
+    const int tile = int(local / heads), h = int(local - (long long)tile * heads);
+    const std::int32_t* table = c.pages(layer, p.slot[i]);
+    const int keep = p.count[i];
+    if (tile == 0 && h == 0) {  // (0) the emptied tail pages, in table order, where the plan made room
+      const int first = c.pages_for(keep);
+      for (std::int64_t x = threadIdx.x; x < p.pages[i]; x += N) c.free.pages[p.start[i] + x] = table[first + x];
     }
-    __syncthreads();
+    const std::int64_t nvec = std::int64_t(keep) * vecs, e0 = std::int64_t(tile) * kPagedTile;
+    if (e0 < nvec) {  // the same in every thread: the branch holds barriers
+      const std::int64_t e1 = e0 + kPagedTile < nvec ? e0 + kPagedTile : nvec;
+      const int r_lo = vd.row(e0), r_hi = vd.row(e1 - 1);
+      const int p_first = r_lo + (e0 != std::int64_t(r_lo) * vecs ? 1 : 0);  // first row whose vector 0 is here
+      const int hp = c.pos_heads > 1 ? h : 0;
+      const bool move_pos = h < c.pos_heads;  // shared positions move with head 0 only
+      std::int32_t* flags = w.flags + (std::int64_t(i) * heads + h) * w.tiles;
+      // (1) loads; bit u of `move` / `pmove`: item u changes place
+      unsigned move = 0, pmove = 0;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (dst[u] < 0) continue;
-      const std::int32_t dp = table[dst[u] >> c.page_shift];
-      if (!paged_page_ok(dp, c.pool.num_pages)) continue;
-      const int doff = dst[u] & mask;
-      *paged_vec<V>(c.pool.k_at(dp, doff, h), col[u]) = kx[u];
-      *paged_vec<V>(c.pool.v_at(dp, doff, h), col[u]) = vx[u];
-      if (move_pos && col[u] == 0) *paged_pos(c, dp, doff, hp) = px[u];
+      for (int u = 0; u < U; ++u) {
+        const std::int64_t e = e0 + u * N + threadIdx.x;
+        if (e >= e1) continue;
+        const int j = vd.row(e), v = int(e - std::int64_t(j) * vecs);
+        const int from = kept(i, hp, j);
+        if (from == j) continue;  // already in place, as on the host
+        const std::int32_t sp = table[from >> c.page_shift];
+        if (!paged_page_ok(sp, c.pool.num_pages)) continue;
+        const int so = from & mask;
+        paged_stage_load<kAsync>(paged_vec<const V>(c.pool.k_at(sp, so, h), v), kx[kAsync ? 0 : u], slots + u * N);
+        paged_stage_load<kAsync>(paged_vec<const V>(c.pool.v_at(sp, so, h), v), vx[kAsync ? 0 : u], slots + (U + u) * N);
+        move |= 1u << u;
+      }
+      if (move_pos) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int j = p_first + u * N + int(threadIdx.x);
+          if (j > r_hi) continue;
+          const int from = kept(i, hp, j);
+          if (from == j) continue;
+          const std::int32_t sp = table[from >> c.page_shift];
+          if (!paged_page_ok(sp, c.pool.num_pages)) continue;
+          px[u] = *paged_pos(c, sp, from & mask, hp);
+          pmove |= 1u << u;
+        }
+      }
+      // (2) earlier tiles cc < tile whose source rows meet [r_lo, r_hi]: [s_wait[0], s_wait[1])
+      if (warp < 2) {
+        const bool upper = warp == 1;
+        const int x = paged_warp_first_true(tile, [&](int cc) {
+          if (upper) return kept(i, hp, vd.row(std::int64_t(cc) * kPagedTile)) > r_hi;
+          return kept(i, hp, vd.row(std::int64_t(cc + 1) * kPagedTile - 1)) >= r_lo;
+        });
+        if (lane == 0) s_wait[warp] = x;
+      }
+      // (3) every load of the block has completed: publish "read done"
+      if (kAsync) paged_async_wait_all();
+      unsigned acc = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!kAsync && (move >> u & 1u)) acc |= paged_low_word(kx[kAsync ? 0 : u]) ^ paged_low_word(vx[kAsync ? 0 : u]);
+        if (pmove >> u & 1u) acc |= unsigned(px[u]);
+      }
+      const int odd = __syncthreads_or(acc == 0x9e3779b9u);
+      if (threadIdx.x == 0) atomicExch(flags + tile, 1 + odd);  // nonzero either way
+      // (4) wait for the tiles found in (2)
+      for (int cc = s_wait[0] + int(threadIdx.x); cc < s_wait[1]; cc += N)
+        while (paged_ld_acquire(flags + cc) == 0) {
+        }
+      __syncthreads();  // all waits done before any store
+      // (5) stores
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!(move >> u & 1u)) continue;
+        const std::int64_t e = e0 + u * N + threadIdx.x;
+        const int j = vd.row(e), v = int(e - std::int64_t(j) * vecs);
+        const std::int32_t dp = table[j >> c.page_shift];
+        if (!paged_page_ok(dp, c.pool.num_pages)) continue;
+        const int doff = j & mask;
+        paged_store(paged_vec<V>(c.pool.k_at(dp, doff, h), v), paged_staged<kAsync>(kx[kAsync ? 0 : u], slots + u * N));
+        paged_store(paged_vec<V>(c.pool.v_at(dp, doff, h), v), paged_staged<kAsync>(vx[kAsync ? 0 : u], slots + (U + u) * N));
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!(pmove >> u & 1u)) continue;
+        const int j = p_first + u * N + int(threadIdx.x);
+        const std::int32_t dp = table[j >> c.page_shift];
+        if (paged_page_ok(dp, c.pool.num_pages)) *paged_pos(c, dp, j & mask, hp) = px[u];
+      }
     }
+    if (warp == 2) resolve(__shfl_sync(kAll, next, 0), round ^ 1);
+    __syncthreads();  // the next ticket is visible; s_wait is free again
   }
 }
 
@@ -643,6 +902,53 @@ bool paged_rows_vectorizable(const TensorView<const T, 3>& x) {
          (x.stride[0] * e) % 16 == 0 && (x.stride[1] * e) % 16 == 0;
 }
 
+/// Blocks of `kKernel` (kPagedMoveThreads threads) that fit on the current
+/// device at once: the persistent mover's grid. Cached per device (the
+/// queries would add host time to every call); no stream work, so a call may
+/// be captured in a graph.
+template <auto kKernel>
+int paged_resident_blocks() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // 0: not asked yet
+  int dev = 0;
+  PYRAMIDINFER_CUDA_CHECK(cudaGetDevice(&dev));
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached) {
+    if (const int n = cache[dev].load(std::memory_order_relaxed)) return n;
+  }
+  int sms = 0, per_sm = 0;
+  PYRAMIDINFER_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  PYRAMIDINFER_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kPagedMoveThreads, 0));
+  const int n = std::max(1, sms * per_sm);
+  if (cached) cache[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+/// Vectors per pool row the compaction moves: 16 bytes each, or elements.
+template <class T>
+int paged_move_vecs(const PagePool<T>& p) {
+  return paged_pool_vectorizable(p) ? int(std::int64_t(p.head_dim) * std::int64_t(sizeof(T)) / 16) : p.head_dim;
+}
+
+/// Flag stride of the compaction: the tiles of a (sequence, KV head) that
+/// keeps as many rows as `kept` has room for, and no more than a page-table
+/// row holds (valid counts never pass either).
+template <class T>
+std::int64_t paged_compact_flag_tiles(const PagedKV<T>& c, const TensorView<const std::int32_t, 3>& kept) {
+  const std::int64_t cap = std::int64_t(std::max(c.max_pages, 0)) << std::max(c.page_shift, 0);
+  const std::int64_t width = std::max<std::int64_t>(0, std::min<std::int64_t>(kept.shape[2], cap));
+  return paged_compact_tiles(width, std::max(paged_move_vecs(c.pool), 0));
+}
+
+/// The compaction's workspace: the plan, then the ticket and the flags.
+template <class T>
+std::size_t paged_compact_bytes(const PagedKV<T>& c, int batch, const TensorView<const std::int32_t, 3>& kept) {
+  WorkspaceCarver w;
+  carve_paged_plan(w, batch);
+  carve_paged_compact(w, batch, c.pool.kv_heads, paged_compact_flag_tiles(c, kept));
+  return w.bytes();
+}
+
 }  // namespace detail
 
 /// Workspace bytes for paged_append with these arguments (only s.batch
@@ -706,18 +1012,26 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
     launch(T{});
 }
 
-/// Workspace bytes for paged_compact with these arguments (only s.batch matters).
+/// Workspace bytes for paged_compact with these arguments: the plan (one entry
+/// per sequence), a ticket counter and one int flag per tile of 1024 moved
+/// vectors of every (sequence, KV head) at the widest count kept.shape[2]
+/// allows (capped at max_pages << page_shift). What matters: s.batch,
+/// kept.shape[2], and the pool's kv_heads, head_dim and alignment (16-byte
+/// vectors or elements). For LLaMA-2-7B (32 KV heads, d 128, fp16) and a 32K
+/// kept list: 64 KiB, against 1 GiB of K and V such a list could move.
 template <class T>
-std::size_t paged_compact_workspace_bytes(const PagedKV<T>&, int, const SeqList& s, TensorView<const std::int32_t, 3>,
-                                          const std::int32_t*) {
-  return detail::paged_workspace_bytes(s.batch);
+std::size_t paged_compact_workspace_bytes(const PagedKV<T>& c, int, const SeqList& s,
+                                          TensorView<const std::int32_t, 3> kept, const std::int32_t*) {
+  return detail::paged_compact_bytes(c, s.batch, kept);
 }
 
 /// Keeps slots kept(i, pos_head, 0..count[i]) of each listed sequence's
 /// `layer`, in order, packed into its first pages; the pages left empty go to
 /// the free list (batch order, then table order) and the length becomes
 /// count[i]. seqs, kept and count are device memory. Three launches: check,
-/// plan, move (none when batch is 0).
+/// plan, move (none when batch is 0); the mover spreads every sequence's rows
+/// over the whole GPU (see "compact" above), so one long prompt moves at
+/// close to copy bandwidth.
 template <class T>
 void paged_compact(const PagedKV<T>& c, int layer, const SeqList& s, TensorView<const std::int32_t, 3> kept,
                    const std::int32_t* count, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
@@ -730,20 +1044,39 @@ void paged_compact(const PagedKV<T>& c, int layer, const SeqList& s, TensorView<
   pyramidinfer::detail::check_dim(kept, 1, c.pos_heads, fn, "kept");
   PYRAMIDINFER_REQUIRE(std::int64_t(s.batch) * c.pool.kv_heads <= INT_MAX, fn, "batch*kv_heads",
                        std::int64_t(s.batch) * c.pool.kv_heads, "must fit in a grid (2^31 - 1 blocks)");
-  const detail::PagedPlan p = detail::paged_plan(workspace, workspace_bytes, s.batch, fn);
+  const std::int64_t tiles = detail::paged_compact_flag_tiles(c, kept);
+  PYRAMIDINFER_REQUIRE(tiles <= INT_MAX, fn, "kept.shape[2]*head_dim", tiles,
+                       "makes more than 2^31 - 1 tiles of 1024 vectors per (sequence, head)");
+  const std::size_t need = detail::paged_compact_bytes(c, s.batch, kept);
+  PYRAMIDINFER_REQUIRE(workspace != nullptr && workspace_bytes >= need, fn, "workspace_bytes", workspace_bytes,
+                       "must be >= " + std::to_string(need) + " (and workspace non-null)");
+  WorkspaceCarver carver(workspace, workspace_bytes);
+  const detail::PagedPlan p = detail::carve_paged_plan(carver, s.batch);
+  const detail::PagedCompactScratch w = detail::carve_paged_compact(carver, s.batch, c.pool.kv_heads, tiles);
+  const bool vec = detail::paged_pool_vectorizable(c.pool);
+  const int vecs = detail::paged_move_vecs(c.pool);
   detail::paged_compact_check_kernel<T>
-      <<<s.batch, detail::kPagedCheckThreads, 0, stream>>>(c, layer, s.seqs, kept, count, p);
+      <<<s.batch, detail::kPagedCheckThreads, 0, stream>>>(c, layer, s.seqs, kept, count, p, w, vecs);
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_compact_check_kernel");
-  detail::paged_push_plan_kernel<T><<<1, detail::kPagedPlanThreads, 0, stream>>>(c, layer, s.seqs, s.batch, p);
+  detail::paged_push_plan_kernel<T>
+      <<<1, detail::kPagedPlanThreads, 0, stream>>>(c, layer, s.seqs, s.batch, p, vecs, w.ticket);
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_push_plan_kernel");
   auto launch = [&](auto vec_tag) {
     using V = decltype(vec_tag);
-    const int vecs = int(std::int64_t(c.pool.head_dim) * std::int64_t(sizeof(T)) / std::int64_t(sizeof(V)));
-    detail::paged_compact_move_kernel<T, V>
-        <<<s.batch * c.pool.kv_heads, detail::kPagedMoveThreads, 0, stream>>>(c, layer, kept, p, vecs);
+    constexpr bool kAsync = std::is_same<V, uint4>::value;
+    constexpr auto kernel = detail::paged_compact_move_kernel<T, V, kAsync>;
+    int shift = -1;
+    if ((vecs & (vecs - 1)) == 0)
+      for (shift = 0; (1 << shift) < vecs; ++shift) {
+      }
+    // Persistent: no more blocks than fit at once, nor than there can be tickets.
+    const std::int64_t tickets = std::int64_t(s.batch) * c.pool.kv_heads * std::max<std::int64_t>(1, tiles);
+    const int grid = int(std::min<std::int64_t>(tickets, detail::paged_resident_blocks<kernel>()));
+    kernel<<<grid, detail::kPagedMoveThreads, 0, stream>>>(c, layer, kept, p, w, s.batch,
+                                                           detail::PagedVecDiv{vecs, shift});
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_compact_move_kernel");
   };
-  if (detail::paged_pool_vectorizable(c.pool)) launch(uint4{});
+  if (vec) launch(uint4{});
   else launch(T{});
 }
 

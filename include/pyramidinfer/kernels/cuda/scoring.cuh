@@ -20,14 +20,28 @@
 // score_fused_kernel).
 //
 // The per-sequence arrays of the ScoreProblem (kv_len, window_len, ring_start,
-// score_begin, score_count, lse) are read on the device, so the caller
-// guarantees what host::detail::check_score_problem would check on them:
-// 1 <= kv_len <= keys.shape[2]; 1 <= window_len <= min(kv_len, ring capacity);
-// 0 <= ring_start < ring capacity; score_begin >= 0 and score_begin +
-// score_count <= kv_len - window_len; score_count <= scores.shape[2]; in
-// Granularity::shared every KV head of a sequence has the same score_count
-// (head 0's is used). Kernels clamp these so that nothing is read or written
-// out of bounds, but results for violating inputs are unspecified.
+// ring_base, score_begin, score_count, lse) are read on the device, so the
+// caller guarantees what host::detail::check_score_problem and check_rings
+// would check on them: 1 <= kv_len <= keys.shape[2]; 1 <= window_len <=
+// min(kv_len, ring capacity); 0 <= ring_start < ring capacity; score_begin >= 0
+// and score_begin + score_count <= kv_len - window_len; score_count <=
+// scores.shape[2]; in Granularity::shared every KV head of a sequence has the
+// same score_count (head 0's is used). Kernels clamp these so that nothing is
+// read or written out of bounds, but results for violating inputs are
+// unspecified.
+//
+// Pooled window-query rings (p.ring_base set, ScoreProblem::ring_row): every
+// query / LSE address is formed through RingSpan::row() of ScoreArgs::ring(b),
+// i.e. ring_span() of problem.hpp, the function the host reference uses. The
+// ring capacity is then window_len[b] and the caller also guarantees 0 <=
+// ring_base[b] <= queries.shape[2] - window_len[b], window_len[b] <=
+// max_window_len (when set), and rings of different sequences that do not
+// overlap (pass 1 writes the LSE of a ring's rows). ring_span() clamps the
+// window into [1, pool rows] and the base into [0, rows - window], so a
+// garbage base or window reads and writes only rows of the pool. Launches are
+// sized by ScoreProblem::window_bound() instead of the ring capacity. The
+// non-pooled kernels pay one test of a kernel parameter per block (axis 0 of
+// the pooled views is dropped by zeroing its stride in make_args).
 //
 // Paged keys (p.pages.table set, ScoreProblem::key_row): every kernel that
 // reads keys has a bool Paged template parameter, chosen once on the host, so
@@ -38,7 +52,7 @@
 // those must name pages of the pool (the caller's responsibility, like the
 // other device arrays: see check_problem). Results are bit-identical to the
 // contiguous kernels' on the same logical keys (same keys.shape[2]). Positions
-// are not read by any CUDA scoring kernel.
+// are not read here (score_simple.cuh's position_scores reads them).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -119,6 +133,11 @@ struct ScoreArgs {
   const std::int32_t* page_table;
   std::int64_t table_stride;
   int page_shift;
+  // Window-query rings (ScoreProblem::ring): ring_base set = pooled; rows =
+  // queries.shape[2]. `cap` above is the window bound (window_bound()), which
+  // equals rows when the rings are not pooled.
+  const std::int32_t* ring_base;
+  int rows;
 
   __device__ int n(int b, int h) const {
     const int v = kv_len[b * n0 + h * n1];
@@ -131,11 +150,10 @@ struct ScoreArgs {
     v = v > nn ? nn : v;
     return v < 1 ? 1 : v;
   }
-  __device__ int ring(int b, int r) const {
-    int s = ring_start[b] % cap;
-    s = s < 0 ? s + cap : s;
-    return (s + r) % cap;
-  }
+  /// Sequence b's ring: ring_span() (problem.hpp), exactly as the host reads
+  /// it. Every query / LSE row of every kernel is ring(b).row(r), r < w(b, h)
+  /// (<= the ring's capacity, so row() needs no division).
+  __device__ RingSpan ring(int b) const { return ring_span(ring_base, ring_start, window_len, b, rows); }
   __device__ int sbegin(int b, int h) const {
     const int v = begin[b * b0 + h * b1];
     return v < 0 ? 0 : v;
@@ -392,9 +410,6 @@ struct RowCursor {
   }
 };
 
-/// Ring slot of window position r (0 <= r < cap) given slot s0 of position 0.
-__device__ __forceinline__ int ring_slot(int s0, int r, int cap) { return s0 + r >= cap ? s0 + r - cap : s0 + r; }
-
 /// Merges online softmax statistics (max m2, sum l2 of 2^(x - m2)) into
 /// (m, l), log2 domain; an empty side has m = -inf.
 __device__ __forceinline__ void merge_stats(float& m, float& l, float m2, float l2) {
@@ -574,14 +589,13 @@ __global__ void __launch_bounds__(kLseWarps * 32, 4) lse_mma_kernel(ScoreArgs<T>
   const int block_row0 = blockIdx.x * kLseRows;
   if (rows <= 0 || block_row0 >= rows) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
-  const int s0 = a.ring(b, 0);
+  const RingSpan ring = a.ring(b);
   const KeyRows<std::uint16_t, Paged, T> krows(a, b, kvh);
   std::uint32_t af[kMT][D / 16][4];
   load_a_frags<D>(af, block_row0 + warp * kWarpRows, [&](int row) -> const std::uint16_t* {
     if (row >= rows) return nullptr;
     const int r = rb + row / a.group, qh = kvh * a.group + row % a.group;
-    return reinterpret_cast<const std::uint16_t*>(a.q + b * a.q0 + qh * a.q1 +
-                                                  std::int64_t(ring_slot(s0, r, a.cap)) * a.q2);
+    return reinterpret_cast<const std::uint16_t*>(a.q + b * a.q0 + qh * a.q1 + std::int64_t(ring.row(r)) * a.q2);
   });
   WarpRowLse stats;
   stats.reset(block_row0 + warp * kWarpRows, [&](int row) { return row < rows ? n - w + rb + row / a.group : -1; });
@@ -613,7 +627,7 @@ __global__ void __launch_bounds__(kLseWarps * 32, 4) lse_mma_kernel(ScoreArgs<T>
       const int row = block_row0 + warp * kWarpRows + mt * 16 + g + hf * 8;
       if (tg == 0 && row < rows) {
         const int r = rb + row / a.group, qh = kvh * a.group + row % a.group;
-        a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(ring_slot(s0, r, a.cap)) * a.lo2] =
+        a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(ring.row(r)) * a.lo2] =
             (stats.m[mt][hf] + log2f(stats.l[mt][hf])) / kLog2e;
       }
     }
@@ -654,7 +668,8 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArg
   if (key0 >= count) return;  // the whole cluster (same key block) returns
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
   const float sl2 = a.scale * kLog2e;
-  const int s0 = a.ring(b, 0), group = a.group;
+  const RingSpan ring = a.ring(b);
+  const int group = a.group;
   // Each tile advances the flattened query row by kTileCols.
   const int dr = kTileCols / group, dq = kTileCols % group;
   float part[kMT][2] = {};
@@ -688,13 +703,13 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArg
       for (int i = 0; i < kCopies; ++i) {
         const int e = threadIdx.x + i * kThreads, c = e % kChunks;
         const bool ok = qrow[i].r < w;
-        const std::int64_t off = ok ? qrow[i].qi * a.q1 + std::int64_t(ring_slot(s0, qrow[i].r, a.cap)) * a.q2 : 0;
+        const std::int64_t off = ok ? qrow[i].qi * a.q1 + std::int64_t(ring.row(qrow[i].r)) * a.q2 : 0;
         cp_async16(&qs_tile[buf][(e / kChunks) * (D + 8) + c * 8], qbase + off + c * 8, ok);
         qrow[i].advance(dr, dq, group);
       }
       if (threadIdx.x < kTileCols) {
         const bool ok = lrow.r < w;
-        const std::int64_t off = ok ? lrow.qi * a.l1 + std::int64_t(ring_slot(s0, lrow.r, a.cap)) * a.l2 : 0;
+        const std::int64_t off = ok ? lrow.qi * a.l1 + std::int64_t(ring.row(lrow.r)) * a.l2 : 0;
         cp_async4(&s_lw[buf][threadIdx.x][0], lbase + off, ok);  // padding rows: 0
         s_lw[buf][threadIdx.x][1] = ok ? weight(lrow.r) : 0.f;   // and weight 0
         lrow.advance(dr, dq, group);
@@ -879,7 +894,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) score_fused_kernel(ScoreArgs
   const int k_lo = first + int(blockIdx.x) * span, k_hi = min(k_lo + span, needed);
   const int ktiles = (k_hi - k_lo + kTileCols - 1) / kTileCols;  // <= 0: no keys here
   const int chunk_tiles = max(1, (ktiles + kFusedChunks - 1) / kFusedChunks);
-  const int s0 = a.ring(b, 0);
+  const RingSpan ring = a.ring(b);
   const RowWeight weight = row_weight(w, a.distance_weight);
   if (threadIdx.x == 0)
     for (int i = 0; i <= kFusedChunks; ++i) mbar_init(&bars[i], kFusedThreads);
@@ -887,7 +902,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) score_fused_kernel(ScoreArgs
     for (int row = threadIdx.x; row < qtiles * kWarpRows; row += kFusedThreads) {
       const bool ok = row < rows;
       const int r = ok ? row / group : 0, qh = kvh * group + (ok ? row % group : 0);
-      const float lse = a.lse[b * a.l0 + qh * a.l1 + std::int64_t(ring_slot(s0, r, a.cap)) * a.l2];
+      const float lse = a.lse[b * a.l0 + qh * a.l1 + std::int64_t(ring.row(r)) * a.l2];
       row_lw[row] = ok ? make_float2(lse * kLog2e, weight(r)) : make_float2(0.f, 0.f);
     }
   __syncthreads();  // barriers initialised
@@ -904,7 +919,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) score_fused_kernel(ScoreArgs
     const int dr = kStep / group, dq = kStep % group;
     for (int row = row0; row < qtiles * kWarpRows; row += kStep) {
       const bool ok = row < rows;
-      const std::int64_t off = ok ? cur.qi * a.q1 + std::int64_t(ring_slot(s0, cur.r, a.cap)) * a.q2 : 0;
+      const std::int64_t off = ok ? cur.qi * a.q1 + std::int64_t(ring.row(cur.r)) * a.q2 : 0;
       cp_async16(&qs[row * (D + 8) + c * 8], qbase + off, ok);
       cur.advance(dr, dq, group);
     }
@@ -1074,13 +1089,13 @@ __global__ void __launch_bounds__(128) lse_fallback_kernel(ScoreArgs<T> a) {
   const int n = a.n(b, kvh), w = a.w(b, kvh);
   const int rb = a.row_begin < 0 ? 0 : a.row_begin;
   if (r < rb || r >= w) return;
-  const int ring = a.ring(b, r), last = n - w + r;
-  const T* q = a.q + b * a.q0 + qh * a.q1 + std::int64_t(ring) * a.q2;
+  const int row = a.ring(b).row(r), last = n - w + r;
+  const T* q = a.q + b * a.q0 + qh * a.q1 + std::int64_t(row) * a.q2;
   const KeyRows<T, Paged, T> krows(a, b, kvh);
   OnlineLse stats;
   for (int j = lane; j <= last; j += 32) stats.fold(dot_row(a, q, krows(j)) * a.scale);  // last <= n - 1
   const float lse = stats.warp_total();
-  if (lane == 0) a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(ring) * a.lo2] = lse;
+  if (lane == 0) a.lse_out[b * a.lo0 + qh * a.lo1 + std::int64_t(row) * a.lo2] = lse;
 }
 
 /// One thread per scored key; grid (ceil(slots / 128), shared ? 1 : kv_heads, batch).
@@ -1091,6 +1106,7 @@ __global__ void __launch_bounds__(128) score_fallback_kernel(ScoreArgs<T> a) {
   const int count = a.scount(b, h_first);
   const int j = blockIdx.x * 128 + threadIdx.x;
   if (blockIdx.x * 128 >= count) return;
+  const RingSpan ring = a.ring(b);
   float total = 0.f;
   for (int kvh = h_first; kvh < h_last; ++kvh) {
     const int w = a.w(b, kvh), begin = a.sbegin(b, kvh);
@@ -1101,9 +1117,9 @@ __global__ void __launch_bounds__(128) score_fallback_kernel(ScoreArgs<T> a) {
     float acc = 0.f;
     for (int qh = kvh * a.group; qh < (kvh + 1) * a.group; ++qh)
       for (int r = 0; r < w; ++r) {
-        const int ring = a.ring(b, r);
-        const T* q = a.q + b * a.q0 + qh * a.q1 + std::int64_t(ring) * a.q2;
-        const float lse = a.lse[b * a.l0 + qh * a.l1 + std::int64_t(ring) * a.l2];
+        const int qrow = ring.row(r);
+        const T* q = a.q + b * a.q0 + qh * a.q1 + std::int64_t(qrow) * a.q2;
+        const float lse = a.lse[b * a.l0 + qh * a.l1 + std::int64_t(qrow) * a.l2];
         acc += distance_row_weight(r, w, a.distance_weight) * expf(dot_row(a, q, k) * a.scale - lse);
       }
     total += acc / (float(w) * float(a.shared ? a.q_heads : a.group));
@@ -1159,7 +1175,7 @@ ScoreArgs<T> make_args(const ScoreProblem<T>& p, Granularity g, float distance_w
   a.kv_heads = p.kv_heads();
   a.q_heads = p.q_heads();
   a.group = p.q_heads() / p.kv_heads();
-  a.cap = p.ring_capacity();
+  a.cap = p.window_bound();
   a.d = p.head_dim();
   a.slots = int(p.keys.shape[2]);
   a.out_len = int(out.shape[2]);
@@ -1168,6 +1184,9 @@ ScoreArgs<T> make_args(const ScoreProblem<T>& p, Granularity g, float distance_w
   a.page_table = p.pages.table;
   a.table_stride = p.pages.table_stride;
   a.page_shift = p.pages.page_shift;
+  a.ring_base = p.ring_base;
+  a.rows = p.ring_capacity();
+  if (p.ring_base) a.q0 = 0, a.l0 = 0;  // one pool of rows: axis 0 is not indexed
   return a;
 }
 
@@ -1189,8 +1208,11 @@ bool use_mma(const ScoreProblem<T>& p) {
 
 using MmaHeadDims = pyramidinfer::detail::IntList<64, 128>;
 
+/// The host-visible part of a problem that every CUDA scoring kernel reads:
+/// keys, their paging and the per-(sequence, KV head) views. Device values
+/// (lengths, counts, the page table) are not read here: see the file comment.
 template <class T>
-void check_problem(const ScoreProblem<T>& p, const char* fn) {
+void check_key_problem(const ScoreProblem<T>& p, const char* fn) {
   using pyramidinfer::detail::check_dim;
   using pyramidinfer::detail::check_view;
   // Paged keys (p.pages.table set): what the host can see is checked here.
@@ -1200,7 +1222,6 @@ void check_problem(const ScoreProblem<T>& p, const char* fn) {
   // kv_len and the other device arrays (the paged storage ops validate pages
   // when they write them; a stale or garbage entry here is read as a page id).
   // Slots past kv_len are never read, so their entries may hold anything.
-  // The kernels read no positions (no CUDA policy scores on them).
   if (p.pages.table) {
     PYRAMIDINFER_REQUIRE(p.pages.page_shift >= 0 && p.pages.page_shift <= 20, fn, "pages.page_shift",
                          p.pages.page_shift, "must be in [0, 20]");
@@ -1212,7 +1233,6 @@ void check_problem(const ScoreProblem<T>& p, const char* fn) {
                          "must point to the page table when pages.page_shift or pages.table_stride is set");
   }
   check_view(p.keys, fn, "keys");
-  check_view(p.queries, fn, "queries");
   check_view(p.kv_len, fn, "kv_len");
   check_view(p.score_begin, fn, "score_begin");
   check_view(p.score_count, fn, "score_count");
@@ -1222,20 +1242,46 @@ void check_problem(const ScoreProblem<T>& p, const char* fn) {
   check_dim(p.score_begin, 1, p.kv_heads(), fn, "score_begin");
   check_dim(p.score_count, 0, p.batch(), fn, "score_count");
   check_dim(p.score_count, 1, p.kv_heads(), fn, "score_count");
-  check_dim(p.queries, 0, p.batch(), fn, "queries");
+  PYRAMIDINFER_REQUIRE(p.window_len != nullptr, fn, "window_len", "nullptr", "must point to [batch] device ints");
+  PYRAMIDINFER_REQUIRE(p.batch() <= 65535 && p.kv_heads() <= 65535, fn, "keys.shape",
+                       std::to_string(p.batch()) + "x" + std::to_string(p.kv_heads()), "must be <= 65535 per axis");
+}
+
+/// Axis 0 of a ring view (queries, lse, lse_out): the batch, or with pooled
+/// rings (not indexed there) 1 or the batch.
+template <class T, class V>
+void check_ring_batch(const ScoreProblem<T>& p, const V& v, const char* fn, const char* name) {
+  if (p.ring_base && v.shape[0] == 1) return;
+  pyramidinfer::detail::check_dim(v, 0, p.batch(), fn, name);
+}
+
+/// check_key_problem plus the window's queries, their rings and statistics.
+template <class T>
+void check_problem(const ScoreProblem<T>& p, const char* fn) {
+  using pyramidinfer::detail::check_dim;
+  check_key_problem(p, fn);
+  pyramidinfer::detail::check_view(p.queries, fn, "queries");
+  check_ring_batch(p, p.queries, fn, "queries");
   check_dim(p.queries, 3, p.head_dim(), fn, "queries");
   PYRAMIDINFER_REQUIRE(p.ring_start != nullptr, fn, "ring_start", "nullptr", "must point to [batch] device ints");
-  PYRAMIDINFER_REQUIRE(p.window_len != nullptr, fn, "window_len", "nullptr", "must point to [batch] device ints");
+  PYRAMIDINFER_REQUIRE(p.max_window_len >= 0, fn, "max_window_len", p.max_window_len, "must be >= 0");
   PYRAMIDINFER_REQUIRE(p.q_heads() % p.kv_heads() == 0, fn, "queries.shape[1]", p.q_heads(),
                        "must be a multiple of kv_heads = " + std::to_string(p.kv_heads()));
-  PYRAMIDINFER_REQUIRE(p.batch() <= 65535 && p.kv_heads() <= 65535 && p.q_heads() <= 65535, fn, "keys.shape",
-                       std::to_string(p.batch()) + "x" + std::to_string(p.kv_heads()), "must be <= 65535 per axis");
+  PYRAMIDINFER_REQUIRE(p.q_heads() <= 65535, fn, "queries.shape[1]", p.q_heads(), "must be <= 65535");
   PYRAMIDINFER_REQUIRE(std::isfinite(p.scale), fn, "scale", p.scale, "must be finite");
   if (p.lse.data) {
-    check_dim(p.lse, 0, p.batch(), fn, "lse");
+    check_ring_batch(p, p.lse, fn, "lse");
     check_dim(p.lse, 1, p.q_heads(), fn, "lse");
     check_dim(p.lse, 2, p.ring_capacity(), fn, "lse");
   }
+}
+
+/// The scores view of granularity g: (batch, 1 or kv_heads, any length).
+template <class T>
+void check_scores(const ScoreProblem<T>& p, Granularity g, const ScoreView& out, const char* fn) {
+  pyramidinfer::detail::check_view(out, fn, "scores", 0);
+  pyramidinfer::detail::check_dim(out, 0, p.batch(), fn, "scores");
+  pyramidinfer::detail::check_dim(out, 1, g == Granularity::shared ? 1 : p.kv_heads(), fn, "scores");
 }
 
 template <bool Paged, class T>
@@ -1296,7 +1342,7 @@ struct FusedPlan {
 template <int D, class T>
 FusedPlan<D> fused_plan(const ScoreProblem<T>& p, Granularity g, bool have_partial) {
   FusedPlan<D> f;
-  const std::int64_t rows = (std::int64_t(p.ring_capacity()) * (p.q_heads() / p.kv_heads()) + 31) / 32 * 32;
+  const std::int64_t rows = (std::int64_t(p.window_bound()) * (p.q_heads() / p.kv_heads()) + 31) / 32 * 32;
   // (The row bound only keeps the sizes small; shared memory decides below.)
   if (p.keys.shape[2] > kFusedMaxSlots || rows > kFusedMaxSlots) return f;
   if (g == Granularity::shared && p.kv_heads() > 1 && !have_partial) return f;
@@ -1427,11 +1473,13 @@ void launch_score_mma(ScoreArgs<T> a, std::int64_t keys, unsigned heads, cudaStr
 }  // namespace detail
 
 /// Scratch bytes for window_attention_scores: the pass-1 LSE buffer
-/// (batch x q_heads x ring capacity floats) when p.lse.data is null, else 0.
+/// (batch x q_heads x ring capacity floats; with pooled rings q_heads x pool
+/// rows, the rows being the sequences' own) when p.lse.data is null, else 0.
 template <class T>
 std::size_t window_attention_scores_workspace_bytes(const ScoreProblem<T>& p) {
   if (p.lse.data) return 0;
-  return align_up(sizeof(float) * std::size_t(p.batch()) * std::size_t(p.q_heads()) * std::size_t(p.ring_capacity()));
+  const std::size_t seqs = p.ring_base ? 1 : std::size_t(p.batch());
+  return align_up(sizeof(float) * seqs * std::size_t(p.q_heads()) * std::size_t(p.ring_capacity()));
 }
 
 namespace detail {
@@ -1462,7 +1510,7 @@ void launch_window_scores(ScoreArgs<T> a, const ScoreProblem<T>& p, Granularity 
   if (!p.lse.data) {
     float* lse = static_cast<float*>(workspace);
     a.lse_out = lse;
-    a.lo2 = 1, a.lo1 = p.ring_capacity(), a.lo0 = std::int64_t(p.q_heads()) * p.ring_capacity();
+    a.lo2 = 1, a.lo1 = p.ring_capacity(), a.lo0 = p.ring_base ? 0 : std::int64_t(p.q_heads()) * p.ring_capacity();
     a.row_begin = 0;
     launch_lse<Paged>(a, p, stream);
     a.lse = lse;
@@ -1492,9 +1540,7 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
                              void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
   const char* fn = "cuda::window_attention_scores";
   detail::check_problem(p, fn);
-  pyramidinfer::detail::check_view(out, fn, "scores", 0);
-  pyramidinfer::detail::check_dim(out, 0, p.batch(), fn, "scores");
-  pyramidinfer::detail::check_dim(out, 1, g == Granularity::shared ? 1 : p.kv_heads(), fn, "scores");
+  detail::check_scores(p, g, out, fn);
   PYRAMIDINFER_REQUIRE(std::isfinite(distance_weight), fn, "distance_weight", distance_weight, "must be finite");
   const std::size_t need = window_attention_scores_workspace_bytes(p);
   PYRAMIDINFER_REQUIRE(workspace_bytes >= need && (need == 0 || workspace != nullptr), fn, "workspace_bytes",
@@ -1515,20 +1561,21 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
 
 /// Twin of host::window_query_lse for every sequence at once: rows
 /// [row_begin, window_len[b]) of every query head, written to
-/// lse_out(b, q_head, ring_slot) (natural log). p.lse is ignored.
+/// lse_out(b, q_head, ring row) (natural log; pooled rings: axis 0 is not
+/// indexed, see ScoreProblem::ring_at). p.lse is ignored.
 template <class T>
 void window_query_lse(const ScoreProblem<T>& p, int row_begin, TensorView<float, 3> lse_out, cudaStream_t stream) {
   const char* fn = "cuda::window_query_lse";
   detail::check_problem(p, fn);
   PYRAMIDINFER_REQUIRE(row_begin >= 0, fn, "row_begin", row_begin, "must be >= 0");
   pyramidinfer::detail::check_view(lse_out, fn, "lse_out");
-  pyramidinfer::detail::check_dim(lse_out, 0, p.batch(), fn, "lse_out");
+  detail::check_ring_batch(p, lse_out, fn, "lse_out");
   pyramidinfer::detail::check_dim(lse_out, 1, p.q_heads(), fn, "lse_out");
   pyramidinfer::detail::check_dim(lse_out, 2, p.ring_capacity(), fn, "lse_out");
   ScoreView dummy{nullptr, {p.batch(), 1, 0}, {0, 0, 0}};
   auto a = detail::make_args(p, Granularity::per_kv_head, 1.0f, dummy);
   a.lse_out = lse_out.data;
-  a.lo0 = lse_out.stride[0], a.lo1 = lse_out.stride[1], a.lo2 = lse_out.stride[2];
+  a.lo0 = p.ring_base ? 0 : lse_out.stride[0], a.lo1 = lse_out.stride[1], a.lo2 = lse_out.stride[2];
   a.row_begin = row_begin;
   if (p.pages.table) detail::launch_lse<true>(a, p, stream);
   else detail::launch_lse<false>(a, p, stream);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../../policy/granularity.hpp"
@@ -58,6 +59,44 @@ void check_score_problem(const ScoreProblem<T>& p, Granularity g, const ScoreVie
   }
 }
 
+/// The window-query rings of sequences [b0, b1) (host memory here): what
+/// ring_span() would clamp must already be in range, and pooled rings must
+/// not overlap (an overlap would make one sequence's lse_out rows another's).
+template <class T>
+void check_rings(const ScoreProblem<T>& p, int b0, int b1, const char* fn) {
+  using pyramidinfer::detail::throw_arg_error;
+  if (p.queries.data == nullptr) throw_arg_error(fn, "queries", "nullptr", "must hold the window's queries");
+  if (p.ring_start == nullptr) throw_arg_error(fn, "ring_start", "nullptr", "must point to [batch] ring starts");
+  if (p.window_len == nullptr) throw_arg_error(fn, "window_len", "nullptr", "must point to [batch] lengths");
+  if (p.kv_heads() < 1 || p.q_heads() % p.kv_heads() != 0)
+    throw_arg_error(fn, "queries.shape[1]", p.q_heads(), "must be a multiple of kv_heads");
+  const int rows = p.ring_capacity();
+  if (p.ring_base && p.max_window_len < 0) throw_arg_error(fn, "max_window_len", p.max_window_len, "must be >= 0");
+  std::vector<std::pair<int, int>> spans;  // pooled: (base, window) of each ring
+  for (int b = b0; b < b1; ++b) {
+    const int w = p.window_len[b], start = p.ring_start[b];
+    if (w < 1 || w > rows)
+      throw_arg_error(fn, "window_len", w, "must be in [1, queries.shape[2] = " + std::to_string(rows) + "]");
+    const int cap = p.ring_base ? w : rows;
+    if (start < 0 || start >= cap)
+      throw_arg_error(fn, "ring_start", start, "must be in [0, ring capacity = " + std::to_string(cap) + ")");
+    if (!p.ring_base) continue;
+    const int base = p.ring_base[b];
+    if (base < 0 || base > rows - w)
+      throw_arg_error(fn, "ring_base", base,
+                      "must be in [0, queries.shape[2] - window_len = " + std::to_string(rows - w) + "]");
+    if (p.max_window_len > 0 && w > p.max_window_len)
+      throw_arg_error(fn, "window_len", w, "must be <= max_window_len = " + std::to_string(p.max_window_len));
+    spans.emplace_back(base, w);
+  }
+  std::sort(spans.begin(), spans.end());
+  for (std::size_t i = 1; i < spans.size(); ++i)
+    if (spans[i].first < spans[i - 1].first + spans[i - 1].second)
+      throw_arg_error(fn, "ring_base", spans[i].first,
+                      "overlaps the ring at rows [" + std::to_string(spans[i - 1].first) + ", " +
+                          std::to_string(spans[i - 1].first + spans[i - 1].second) + ")");
+}
+
 /// Keys of one (sequence, KV head) as contiguous fp32 rows, so the inner loops
 /// run over plain arrays whatever the view's layout and element type.
 template <class T>
@@ -80,11 +119,11 @@ constexpr int kRowTile = 8;  ///< window rows scored together: each key is read 
 template <class T>
 void tile_logits(const ScoreProblem<T>& p, int b, int qh, int r0, int rows, const std::vector<float>& keys,
                  int count, std::vector<float>& out) {
-  const int d = p.head_dim(), cap = p.ring_capacity();
+  const int d = p.head_dim();
   std::vector<float> qt(std::size_t(d) * kRowTile, 0.f);
   for (int t = 0; t < rows; ++t) {
-    const int ring = (p.ring_start[b] + r0 + t) % cap;
-    for (int i = 0; i < d; ++i) qt[std::size_t(i) * kRowTile + t] = to_float(p.queries(b, qh, ring, i));
+    const T* q = p.query_row(b, qh, r0 + t);
+    for (int i = 0; i < d; ++i) qt[std::size_t(i) * kRowTile + t] = to_float(q[i * p.queries.stride[3]]);
   }
   out.resize(std::size_t(kRowTile) * std::max(count, 1));
   for (int j = 0; j < count; ++j) {
@@ -121,14 +160,10 @@ template <class T>
 void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float distance_weight, ScoreView out) {
   const char* fn = "host::window_attention_scores";
   detail::check_score_problem(p, g, out, fn);
-  if (p.queries.data == nullptr || p.ring_start == nullptr)
-    pyramidinfer::detail::throw_arg_error(fn, "queries", "nullptr", "must hold the window's queries");
-  if (p.q_heads() % p.kv_heads() != 0)
-    pyramidinfer::detail::throw_arg_error(fn, "queries.shape[1]", p.q_heads(), "must be a multiple of kv_heads");
-  const int group = p.q_heads() / p.kv_heads(), cap = p.ring_capacity();
+  detail::check_rings(p, 0, p.batch(), fn);
+  const int group = p.q_heads() / p.kv_heads();
   for (int b = 0; b < p.batch(); ++b) {
     const int w = p.window_len[b];
-    if (w > cap) pyramidinfer::detail::throw_arg_error(fn, "window_len", w, "must be <= ring capacity");
     for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
       const int n = p.kv_len(b, kvh), begin = p.score_begin(b, kvh), count = p.score_count(b, kvh);
       // Without given statistics every row needs all the slots it saw.
@@ -141,10 +176,10 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
           const int rows = std::min(detail::kRowTile, w - r0);
           detail::tile_logits(p, b, qh, r0, rows, keys, needed, logits);
           for (int t = 0; t < rows; ++t) {
-            const int r = r0 + t, ring = (p.ring_start[b] + r) % cap;
+            const int r = r0 + t;
             const float* row = logits.data() + std::size_t(t) * needed;
-            const float lse = p.lse.data ? p.lse(b, qh, ring) : detail::logsumexp(row, n - w + r + 1);
-            if (!p.lse.data && p.lse_out.data) p.lse_out(b, qh, ring) = lse;
+            const float lse = p.lse.data ? p.ring_at(p.lse, b, qh, r) : detail::logsumexp(row, n - w + r + 1);
+            if (!p.lse.data && p.lse_out.data) p.ring_at(p.lse_out, b, qh, r) = lse;
             const double wr = distance_row_weight(r, w, distance_weight);
             for (int j = 0; j < count; ++j) acc[std::size_t(j)] += wr * double(std::exp(row[begin + j] - lse));
           }
@@ -161,11 +196,13 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
 }
 
 /// Log-sum-exp of window rows [row_begin, window_len[b]) of sequence b over the
-/// slots each sees now, written to lse_out(b, q_head, ring_slot). The
+/// slots each sees now, written to lse_out(b, q_head, ring row) (the row as
+/// ScoreProblem::ring_at() finds it: pooled rings ignore axis 0). The
 /// compressor stores these so later scoring reuses the rows' own statistics.
 template <class T>
 void window_query_lse(const ScoreProblem<T>& p, int b, int row_begin, TensorView<float, 3> lse_out) {
-  const int group = p.q_heads() / p.kv_heads(), cap = p.ring_capacity(), w = p.window_len[b];
+  detail::check_rings(p, b, b + 1, "host::window_query_lse");
+  const int group = p.q_heads() / p.kv_heads(), w = p.window_len[b];
   for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
     const int n = p.kv_len(b, kvh);
     const std::vector<float> keys = detail::load_keys(p, b, kvh, n);
@@ -176,7 +213,7 @@ void window_query_lse(const ScoreProblem<T>& p, int b, int row_begin, TensorView
         detail::tile_logits(p, b, qh, r0, rows, keys, n, logits);
         for (int t = 0; t < rows; ++t) {
           const int r = r0 + t;
-          lse_out(b, qh, (p.ring_start[b] + r) % cap) = detail::logsumexp(logits.data() + std::size_t(t) * n, n - w + r + 1);
+          p.ring_at(lse_out, b, qh, r) = detail::logsumexp(logits.data() + std::size_t(t) * n, n - w + r + 1);
         }
       }
   }
