@@ -120,10 +120,16 @@ struct Twin {
           state.ptr, state.n * 4),
         ws(workspace_bytes(d.kv(), s.max_seqs)) {}
 
+  /// Room for any call on up to `batch` sequences: compaction's workspace
+  /// grows with the kept lists' width, which counts past a page-table row
+  /// (max_pages << page_shift) never need.
   static std::size_t workspace_bytes(const PagedKV<T>& c, int batch) {
     const SeqList all{nullptr, batch};
     const std::size_t a = pcu::paged_append_workspace_bytes(c, 0, all, AppendSource<T>{});
-    const std::size_t b = pcu::paged_compact_workspace_bytes(c, 0, all, {}, nullptr);
+    const auto widest = make_contiguous<const std::int32_t>(nullptr, batch, c.pos_heads,
+                                                            std::int64_t(c.max_pages) << c.page_shift);
+    const std::size_t b = pcu::paged_compact_workspace_bytes(c, 0, all, widest, nullptr);
+    REQUIRE(b > pcu::paged_compact_workspace_bytes(c, 0, all, {}, nullptr));  // the tile flags
     const std::size_t r = pcu::paged_release_workspace_bytes(c, all);
     REQUIRE(a > 0);
     return std::max(a, std::max(b, r));
@@ -202,6 +208,7 @@ struct Twin {
   }
   void compact(int layer, const Kept& k) {
     DeviceBuffer<std::int32_t> ds(k.seqs), dk(k.kept), dc(k.count);
+    ws.poison();  // the op must set up its ticket and tile flags itself
     host::paged_compact(hkv(), layer, SeqList{k.seqs.data(), k.batch()}, k.view(k.kept.data()), k.count.data());
     pcu::paged_compact(dkv(), layer, SeqList{ds.ptr, k.batch()}, k.view(dk.ptr), dc.ptr, ws.ptr, ws.n, st.s);
     st.sync();
@@ -710,6 +717,16 @@ TEST_CASE("Device paged ops reject what the host can see before enqueuing anythi
   CHECK_THROWS_AS(pcu::paged_compact(tw.dkv(), 0, dr.list(), make_contiguous<const std::int32_t>(dk.ptr, 2, 2, 4),
                                      nullptr, tw.ws.ptr, tw.ws.n, tw.st.s),
                   Error);
+  {
+    // Compaction's workspace grows with the kept lists' width (its tile flags).
+    const auto narrow = make_contiguous<const std::int32_t>(dk.ptr, 2, 2, 1);
+    const auto wide = make_contiguous<const std::int32_t>(dk.ptr, 2, 2, 4);
+    const std::size_t need = pcu::paged_compact_workspace_bytes(tw.dkv(), 0, dr.list(), wide, dc.ptr);
+    CHECK(need >= pcu::paged_compact_workspace_bytes(tw.dkv(), 0, dr.list(), narrow, dc.ptr));
+    CHECK_THROWS_WITH(pcu::paged_compact(tw.dkv(), 0, dr.list(), wide, dc.ptr, tw.ws.ptr, need - 1, tw.st.s),
+                      Catch::Contains("workspace_bytes"));
+    CHECK_THROWS_AS(pcu::paged_compact(tw.dkv(), 0, dr.list(), wide, dc.ptr, nullptr, need, tw.st.s), Error);
+  }
   CHECK_THROWS_AS(pcu::paged_release(tw.dkv(), SeqList{dr.seqs.ptr, -1}, tw.ws.ptr, tw.ws.n, tw.st.s), Error);
   CHECK_THROWS_AS(pcu::export_page_table(tw.dkv(), 0, dr.list(), nullptr, dk.ptr, 4, dc.ptr, tw.st.s), Error);
   CHECK_THROWS_AS(pcu::export_page_table(tw.dkv(), 0, dr.list(), dk.ptr, dk.ptr, -1, dc.ptr, tw.st.s), Error);
@@ -810,6 +827,7 @@ TEMPLATE_TEST_CASE("A paged decode step (append one row, compact) replays from a
       dk.upload(r.k), dv.upload(r.v), dpos.upload(r.pos);
       if (head_rows) dhr.upload(r.head_rows);
       dkept.upload(k.kept), dkc.upload(k.count);
+      tw.ws.poison();  // each replay sets up its own tickets and tile flags
       PYRAMIDINFER_CUDA_CHECK(cudaGraphLaunch(exec, tw.st.s));
       tw.st.sync();
       host::paged_append(tw.hkv(), layer, SeqList{slots.data(), B}, r.host());
@@ -928,4 +946,203 @@ TEST_CASE("Device paged ops over large batches: many scan rounds, two duplicate 
   tw.same("release the rest");
   pit::audit_pages(tw.hkv(), s);
   CHECK(tw.h.free_count == s.num_pages);
+}
+
+// ---- compaction of long sequences --------------------------------------------
+//
+// The mover cuts every (sequence, KV head) into tiles of 1024 vectors that run
+// in parallel and wait for one another only where a tile overwrites slots an
+// earlier tile still has to read. These cases give it one and two long
+// sequences (thousands of tiles per head) with kept lists of every shape that
+// matters for that hazard: a random 60%, the tail only (every source far from
+// its destination), one slot dropped at the front (every tile overwrites the
+// previous tile's last source row), a dropped block, a kept prefix (rows that
+// stay), evenly spread, nothing, everything. Pages are scattered (a shuffled
+// free list), the workspace and the free list above its count are poisoned,
+// and every byte is compared with the host op.
+
+namespace {
+
+/// Rows for long sequences: contiguous (row, head, d), cheap values.
+template <class T>
+Rows<T> long_rows(std::mt19937& rng, const IV& seqs, const IV& count, int heads, int dim) {
+  Rows<T> r;
+  r.seqs = seqs, r.count = count, r.heads = heads, r.dim = dim;
+  std::int64_t at = 0;
+  for (int c : count) {
+    r.begin.push_back(std::int32_t(at));
+    at += c;
+  }
+  r.rows = at;
+  r.s0 = std::int64_t(heads) * dim, r.s1 = dim, r.s2 = 1;
+  r.k.resize(std::size_t(std::max<std::int64_t>(1, at * heads * dim)));
+  r.v.resize(r.k.size());
+  for (auto& x : r.k) x = from_float<T>(float(int(rng() % 4001) - 2000) / 16.f);
+  for (auto& x : r.v) x = from_float<T>(float(int(rng() % 4001) - 2000) / 16.f);
+  r.pos.resize(std::size_t(at));
+  for (auto& p : r.pos) p = std::int32_t(rng() % 1000000);
+  return r;
+}
+
+/// An ascending list of c of the slots [0, n) in one of five shapes: 0 a
+/// random subset, 1 the last c, 2 all but one dropped block (at the front
+/// when `front`), 3 a kept prefix then a random subset, 4 evenly spread.
+IV long_kept(std::mt19937& rng, int n, int c, int shape, bool front) {
+  IV out;
+  out.reserve(std::size_t(c));
+  auto subset = [&](int lo, int m) {  // m random slots of [lo, n), ascending
+    IV all(static_cast<std::size_t>(n - lo));
+    std::iota(all.begin(), all.end(), lo);
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(std::size_t(m));
+    std::sort(all.begin(), all.end());
+    out.insert(out.end(), all.begin(), all.end());
+  };
+  switch (shape) {
+    case 0: subset(0, c); break;
+    case 1:
+      for (int j = n - c; j < n; ++j) out.push_back(j);
+      break;
+    case 2: {
+      const int drop = n - c, at = front ? 0 : int(rng() % std::uint32_t(c + 1));
+      for (int j = 0; j < n; ++j)
+        if (j < at || j >= at + drop) out.push_back(j);
+      break;
+    }
+    case 3: {
+      const int prefix = int(rng() % std::uint32_t(c + 1));
+      for (int j = 0; j < prefix; ++j) out.push_back(j);
+      subset(prefix, c - prefix);
+      break;
+    }
+    default:
+      for (int j = 0; j < c; ++j) out.push_back(int(std::int64_t(j) * n / c));
+      break;
+  }
+  REQUIRE(int(out.size()) == c);
+  return out;
+}
+
+/// What one round keeps of a sequence of n slots: count and, per position
+/// head, a shape (-1: each head draws its own).
+struct LongKeep {
+  int count, shape;
+  bool front = false;
+};
+
+/// One (sequence set, kept lists) round: the sequences are ended, appended
+/// afresh (so each round starts from scattered pages), compacted, compared.
+template <class T>
+void long_round(Twin<T>& tw, std::mt19937& rng, const Rows<T>& rows, const IV& seqs, const std::vector<LongKeep>& keep,
+                const char* what) {
+  INFO(what);
+  IV all(static_cast<std::size_t>(tw.shape.max_seqs));
+  std::iota(all.begin(), all.end(), 0);
+  tw.release(all);
+  tw.append(0, rows);
+  tw.same("append");
+  Kept k;
+  k.seqs = seqs;
+  k.pos_heads = tw.shape.position_heads();
+  k.head_major = rng() % 2 == 0;
+  int widest = 1;
+  for (int q : seqs) widest = std::max(widest, tw.len(0, q));
+  k.width = widest + int(rng() % 5);
+  k.kept.resize(std::size_t(k.batch()) * k.pos_heads * k.width);
+  for (auto& x : k.kept) x = std::int32_t(rng() % 100000) - 50000;  // junk past the counts
+  for (int i = 0; i < k.batch(); ++i) {
+    const int n = tw.len(0, seqs[std::size_t(i)]);
+    const LongKeep& kp = keep[std::size_t(i)];
+    REQUIRE(kp.count <= n);
+    k.count.push_back(kp.count);
+    for (int h = 0; h < k.pos_heads; ++h) {
+      const int shape = kp.shape >= 0 ? kp.shape : int(rng() % 5);
+      const IV list = long_kept(rng, n, kp.count, shape, kp.front);
+      for (int j = 0; j < kp.count; ++j) k.at(i, h, j) = list[std::size_t(j)];
+    }
+  }
+  // Poison the free list above its count (host and device alike): the pushes
+  // must write exactly the host's entries.
+  for (std::size_t x = std::size_t(tw.h.free_count); x < tw.h.free_pages.size(); ++x) tw.h.free_pages[x] = -2;
+  tw.free_pages.upload(tw.h.free_pages);
+  tw.compact(0, k);  // poisons the workspace first
+  tw.same("compact");
+}
+
+/// Sequences of n0 and n1 slots (slots 0 and 2; slot 1 alone holds n1) in one
+/// layer of 2 KV heads, every round of kept lists, then release and audit.
+template <class T>
+void run_long(int page_size, Granularity g, pit::PoolKind kind, int head_dim, int n0, int n1, std::uint32_t seed) {
+  PagedCacheShape s = make_shape(page_size, g, DTypeOf<T>::value, 2, head_dim, n1);
+  s.num_layers = 1;
+  s.max_seqs = 3;
+  s.num_pages = (n0 + page_size - 1) / page_size + (n1 + page_size - 1) / page_size + 3;
+  Twin<T> tw(s, kind);
+  std::mt19937 rng(seed);
+  std::shuffle(tw.h.free_pages.begin(), tw.h.free_pages.end(), rng);  // scattered pages on both sides
+  tw.free_pages.upload(tw.h.free_pages);
+  const Rows<T> one = long_rows<T>(rng, {1}, {n1}, s.kv_heads, head_dim);
+  const Rows<T> two = long_rows<T>(rng, {2, 0}, {n1, n0}, s.kv_heads, head_dim);
+  const int c1 = int(0.6 * n1), c0 = int(0.6 * n0);
+  long_round(tw, rng, one, {1}, {{c1, 0}}, "one sequence, a random 60%");
+  long_round(tw, rng, one, {1}, {{c1, -1}}, "one sequence, 60% in a shape per head");
+  long_round(tw, rng, two, {2, 0}, {{c1, 0}, {c0, -1}}, "two sequences, 60%");
+  long_round(tw, rng, two, {0, 2}, {{n0 - 1, 2, true}, {c1, 1}}, "two sequences: slot 0 dropped; the tail kept");
+  long_round(tw, rng, two, {2, 0}, {{n1 / 2, 4}, {c0, 2}}, "two sequences: evenly spread; a dropped block");
+  long_round(tw, rng, two, {0, 2}, {{0, 0}, {n1, 0}}, "two sequences: nothing kept; everything kept");
+  long_round(tw, rng, one, {1}, {{1 + int(rng() % std::uint32_t(n1)), 3}}, "one sequence: a prefix then a random subset");
+  IV all(static_cast<std::size_t>(s.max_seqs));
+  std::iota(all.begin(), all.end(), 0);
+  tw.release(all);
+  tw.same("release all");
+  pit::audit_pages(tw.hkv(), s);
+  CHECK(tw.h.free_count == s.num_pages);
+}
+
+}  // namespace
+
+TEST_CASE("Device paged_compact of one and two long sequences gives the host's bytes",
+          "[cuda][paged][compact][long][big]") {
+  const std::uint32_t seed = std::uint32_t(test::rng()());
+  INFO("seed " << seed);
+  for (int page_size : {1, 16, 64, 128})
+    for (pit::PoolKind kind : {pit::PoolKind::nhd, pit::PoolKind::hnd})
+      for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
+        INFO("page_size " << page_size << " pool " << pit::pool_kind_name(kind) << " granularity "
+                          << granularity_name(g));
+        {
+          INFO("half_t, head_dim 64");
+          run_long<half_t>(page_size, g, kind, 64, 20000, 33000, seed + std::uint32_t(page_size));
+        }
+        {
+          INFO("float, head_dim 32");
+          run_long<float>(page_size, g, kind, 32, 20000, 33000, seed + 3 * std::uint32_t(page_size));
+        }
+      }
+  for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
+    INFO("granularity " << granularity_name(g));
+    {
+      INFO("float, head_dim 6 (24-byte rows, element by element), page 16, NHD");
+      run_long<float>(16, g, pit::PoolKind::nhd, 6, 20000, 33000, seed + 5);
+    }
+    {
+      INFO("half_t, head_dim 128, page 64, interleaved HND");
+      run_long<half_t>(64, g, pit::PoolKind::interleaved_hnd, 128, 20000, 33000, seed + 7);
+    }
+  }
+}
+
+TEST_CASE("Device paged_compact of a few thousand slots: many tiles per head, every kept shape",
+          "[cuda][paged][compact][long]") {
+  // Small enough for the sanitizers (no [big] tag).
+  const std::uint32_t seed = std::uint32_t(test::rng()());
+  INFO("seed " << seed);
+  for (int page_size : {1, 16})
+    for (pit::PoolKind kind : {pit::PoolKind::nhd, pit::PoolKind::hnd})
+      for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
+        INFO("page_size " << page_size << " pool " << pit::pool_kind_name(kind) << " granularity "
+                          << granularity_name(g));
+        run_long<half_t>(page_size, g, kind, 64, 1500, 2600, seed + std::uint32_t(page_size));
+      }
+  run_long<float>(16, Granularity::per_kv_head, pit::PoolKind::hnd, 6, 1500, 2600, seed + 9);
 }

@@ -39,9 +39,11 @@
 // overlap (pass 1 writes the LSE of a ring's rows). ring_span() clamps the
 // window into [1, pool rows] and the base into [0, rows - window], so a
 // garbage base or window reads and writes only rows of the pool. Launches are
-// sized by ScoreProblem::window_bound() instead of the ring capacity. The
-// non-pooled kernels pay one test of a kernel parameter per block (axis 0 of
-// the pooled views is dropped by zeroing its stride in make_args).
+// sized by ScoreProblem::window_bound() instead of the ring capacity (set
+// max_window_len, or the bound is min(pool rows, keys.shape[2])). Non-pooled
+// problems pay one test of a kernel parameter per ring(b), taken once per
+// block or thread (checked in the SASS: the tile loaders' loop is no longer);
+// axis 0 of the pooled views is dropped by zeroing its stride in make_args.
 //
 // Paged keys (p.pages.table set, ScoreProblem::key_row): every kernel that
 // reads keys has a bool Paged template parameter, chosen once on the host, so
