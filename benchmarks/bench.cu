@@ -1,5 +1,6 @@
 // Benchmark driver: device ceilings (copy bandwidth, cuBLAS fp16 GEMM) and the
-// pyramidinfer CUDA kernels on LLaMA-2-13B and Llama-3-8B shapes, one process.
+// pyramidinfer CUDA kernels on LLaMA-2-13B and Llama-3-8B shapes (and the paged
+// compaction on a LLaMA-2-7B layer), one process.
 // Prints one CSV line per measurement:  ours,<case>,<median ms>,<floor ms>,<note>
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
@@ -289,6 +290,179 @@ static void bench_compact(const char* tag, int B, int H, int n, int d, int keep,
          "frac_copy_bw=" + std::to_string(bytes / g_bw * 1e3 / ms));
 }
 
+// The paged compaction's former mover (before the tiled, persistent one), kept
+// here only to time the two in one process: one block per (sequence, KV
+// head) walks the kept list in ascending chunks, loads, barrier, stores.
+template <class T, class V>
+__global__ void __launch_bounds__(pcu::detail::kPagedMoveThreads)
+    former_paged_move_kernel(pi::PagedKV<T> c, int layer, pi::TensorView<const int, 3> kept, pcu::detail::PagedPlan p,
+                             int vecs) {
+  namespace d = pcu::detail;
+  constexpr int U = d::kPagedMoveItems, kChunk = U * d::kPagedMoveThreads;
+  const int i = blockIdx.x / c.pool.kv_heads, h = blockIdx.x % c.pool.kv_heads;
+  if (p.bits[i] != 0) return;
+  const int keep = p.count[i], mask = c.pool.page_size - 1;
+  const int* table = c.pages(layer, p.slot[i]);
+  if (h == 0) {
+    const int first = c.pages_for(keep);
+    for (long long x = threadIdx.x; x < p.pages[i]; x += blockDim.x) c.free.pages[p.start[i] + x] = table[first + x];
+  }
+  const int hp = c.pos_heads > 1 ? h : 0;
+  const bool move_pos = h < c.pos_heads;
+  const long long total = (long long)keep * vecs;
+  for (long long e0 = 0; e0 < total; e0 += kChunk) {
+    V kx[U], vx[U];
+    int px[U], dst[U], col[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      dst[u] = -1, col[u] = 0, px[u] = 0;
+      const long long e = e0 + u * d::kPagedMoveThreads + threadIdx.x;
+      if (e >= total) continue;
+      const int j = int(e / vecs), v = int(e - (long long)j * vecs);
+      const int from = kept(i, hp, j);
+      if (from == j) continue;
+      const int sp = table[from >> c.page_shift];
+      if (!d::paged_page_ok(sp, c.pool.num_pages)) continue;
+      const int so = from & mask;
+      kx[u] = *d::paged_vec<V>(c.pool.k_at(sp, so, h), v);
+      vx[u] = *d::paged_vec<V>(c.pool.v_at(sp, so, h), v);
+      if (move_pos && v == 0) px[u] = *d::paged_pos(c, sp, so, hp);
+      dst[u] = j, col[u] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (dst[u] < 0) continue;
+      const int dp = table[dst[u] >> c.page_shift];
+      if (!d::paged_page_ok(dp, c.pool.num_pages)) continue;
+      const int doff = dst[u] & mask;
+      *d::paged_vec<V>(c.pool.k_at(dp, doff, h), col[u]) = kx[u];
+      *d::paged_vec<V>(c.pool.v_at(dp, doff, h), col[u]) = vx[u];
+      if (move_pos && col[u] == 0) *d::paged_pos(c, dp, doff, hp) = px[u];
+    }
+  }
+}
+
+// Paged in-place compaction (cuda::paged_compact): one sequence of n slots in
+// a LLaMA-2-7B layer (32 KV heads, d 128, fp16) on pages of `page` slots,
+// scattered over the pool (a shuffled page table, as after continuous
+// batching), keeping about keep_pct% of its slots (hash-chosen, ascending;
+// the peer of nothing: this case rates us against the copy engine only).
+// Timed: the whole op (check, plan, move) on a fresh copy of the pool and
+// state each time (the untimed setup). Reported against a cudaMemcpyAsync of
+// the same byte count (the K and V bytes that change place: read once,
+// written once, as the copy does) under the same harness, in this process.
+static void bench_paged_compact(const char* tag, int n, int heads, int d, int page, int keep_pct,
+                                pi::PageLayout layout, cudaStream_t s) {
+  const std::string name = std::string("paged_compact_") + tag + "_" + (layout == pi::PageLayout::nhd ? "nhd" : "hnd");
+  if (!wanted(name)) return;
+  pi::PagedCacheShape sh;
+  sh.num_layers = 1;
+  sh.kv_heads = heads;
+  sh.head_dim = d;
+  sh.dtype = pi::DType::f16;
+  sh.granularity = pi::Granularity::shared;
+  sh.page_size = page;
+  sh.max_seqs = 1;
+  sh.max_seq_len = n;
+  const int held = (n + page - 1) / page;
+  sh.num_pages = held + held / 16 + 1;  // some free pages besides the sequence's
+  const size_t page_elems = size_t(page) * heads * d, half_elems = size_t(sh.num_pages) * page_elems;
+  Buf<pi::half_t> kv(2 * half_elems), kv0(2 * half_elems);
+  frand(kv0, 41);
+  const size_t state_bytes = sh.state_bytes();
+  Buf<char> state(state_bytes), state0(state_bytes);
+  Buf<int> freep(size_t(sh.num_pages)), freep0(size_t(sh.num_pages)), freec(1), freec0(1);
+  const pi::PagePool<pi::half_t> pool =
+      pi::make_page_pool(kv.p, kv.p + half_elems, layout, sh.num_pages, page, heads, d);
+  const pi::PagedKVCache<pi::half_t, pi::CudaBackend> cache(sh, pool, pi::FreePageList{freep.p, freec.p, sh.num_pages},
+                                                            state.p, state_bytes);
+  // The state's host image: the table row (shuffled pages), length n,
+  // positions = slot index, status 0; the other pages on the free list.
+  std::vector<int> hstate(state_bytes / 4, 0), perm(size_t(sh.num_pages));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937(7));
+  const pi::PagedCacheShape::Offsets o = sh.offsets("bench_paged_compact");
+  for (int p = 0; p < held; ++p) hstate[size_t(o.table + p)] = perm[size_t(p)];
+  hstate[size_t(o.length)] = n;
+  for (int t = 0; t < n; ++t) hstate[size_t(o.positions) + size_t(perm[size_t(t / page)]) * page + t % page] = t;
+  const std::vector<int> hfree(perm.begin() + held, perm.end()), hcount{sh.num_pages - held};
+  CK(cudaMemcpy(state0.p, hstate.data(), state_bytes, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(freep0.p, hfree.data(), hfree.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(freec0.p, hcount.data(), 4, cudaMemcpyHostToDevice));
+  std::vector<int> kept;
+  for (int j = 0; j < n; ++j)
+    if (int(host_hash(unsigned(j), 77u) % 100u) < keep_pct) kept.push_back(j);
+  const int count = int(kept.size());
+  long long moved_rows = 0;
+  for (int j = 0; j < count; ++j) moved_rows += kept[size_t(j)] != j;
+  const std::vector<int> hseq{0}, hcnt{count};
+  Buf<int> dkept(kept.size()), dseq(1), dcnt(1);
+  CK(cudaMemcpy(dkept.p, kept.data(), kept.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dseq.p, hseq.data(), 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dcnt.p, hcnt.data(), 4, cudaMemcpyHostToDevice));
+  const pi::SeqList list{dseq.p, 1};
+  const auto kv_kept = pi::make_contiguous<const int>(dkept.p, 1, 1, count);
+  const size_t wsb = pcu::paged_compact_workspace_bytes(cache.kv(), 0, list, kv_kept, dcnt.p);
+  Buf<char> ws(wsb);
+  auto reset = [&] {
+    CK(cudaMemcpyAsync(kv.p, kv0.p, kv.n * sizeof(pi::half_t), cudaMemcpyDeviceToDevice, s));
+    CK(cudaMemcpyAsync(state.p, state0.p, state_bytes, cudaMemcpyDeviceToDevice, s));
+    CK(cudaMemcpyAsync(freep.p, freep0.p, freep.n * 4, cudaMemcpyDeviceToDevice, s));
+    CK(cudaMemcpyAsync(freec.p, freec0.p, 4, cudaMemcpyDeviceToDevice, s));
+  };
+  const float ms = median_ms([&] { pcu::paged_compact(cache.kv(), 0, list, kv_kept, dcnt.p, ws.p, wsb, s); }, 20, s,
+                             reset);
+  // The op went ahead: status 0, length count, the tail pages on the free list.
+  int status = -1, len = -1, fcount = -1;
+  CK(cudaStreamSynchronize(s));
+  CK(cudaMemcpy(&status, cache.kv().status, 4, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(&len, cache.kv().length, 4, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(&fcount, freec.p, 4, cudaMemcpyDeviceToHost));
+  const int expect_free = sh.num_pages - (count + page - 1) / page;
+  const double bytes = double(moved_rows) * heads * d * sizeof(pi::half_t) * 2;  // K and V
+  const float copy_ms = median_ms([&] {
+    CK(cudaMemcpyAsync(kv.p, kv0.p, size_t(bytes), cudaMemcpyDeviceToDevice, s));
+  }, 20, s);
+  report(name, ms, copy_ms,
+         "moved_MB=" + std::to_string(bytes / 1e6) + " GBps=" + std::to_string(bytes / (ms * 1e-3) / 1e9) +
+             " copy_GBps=" + std::to_string(bytes / (copy_ms * 1e-3) / 1e9) +
+             " frac_copy_bw=" + std::to_string(copy_ms / ms) + " ws_bytes=" + std::to_string(wsb) +
+             ((status == 0 && len == count && fcount == expect_free) ? " check=ok" : " check=FAILED"));
+  // The former mover alone (its check and plan are the untimed setup, made by
+  // the current kernels, which leave it the same plan entries it read).
+  {
+    namespace dd = pcu::detail;
+    pi::WorkspaceCarver carver(ws.p, wsb);
+    const dd::PagedPlan plan = dd::carve_paged_plan(carver, 1);
+    const dd::PagedCompactScratch scratch =
+        dd::carve_paged_compact(carver, 1, heads, cache.kv().pos_heads, dd::paged_compact_width(cache.kv(), kv_kept),
+                                dd::paged_compact_flag_tiles(cache.kv(), kv_kept));
+    const int vecs = dd::paged_move_vecs(cache.kv().pool);
+    const bool vec = dd::paged_pool_vectorizable(cache.kv().pool);
+    auto plan_setup = [&] {
+      reset();
+      dd::paged_compact_check_kernel<pi::half_t><<<dim3(1, unsigned(scratch.chunks)), dd::kPagedCheckThreads, 0, s>>>(
+          cache.kv(), 0, dseq.p, kv_kept, dcnt.p, plan, scratch, vecs);
+      dd::paged_push_plan_kernel<pi::half_t><<<1, dd::kPagedPlanThreads, 0, s>>>(
+          cache.kv(), 0, dseq.p, 1, plan, vecs, scratch.ticket, scratch.verdict, scratch.chunks);
+      CK(cudaGetLastError());
+    };
+    const float old_ms = median_ms([&] {
+      if (vec)
+        former_paged_move_kernel<pi::half_t, uint4>
+            <<<heads, dd::kPagedMoveThreads, 0, s>>>(cache.kv(), 0, kv_kept, plan, vecs);
+      else
+        former_paged_move_kernel<pi::half_t, pi::half_t>
+            <<<heads, dd::kPagedMoveThreads, 0, s>>>(cache.kv(), 0, kv_kept, plan, vecs);
+      CK(cudaGetLastError());
+    }, 10, s, plan_setup);
+    report(name + "_former_mover", old_ms, copy_ms,
+           "GBps=" + std::to_string(bytes / (old_ms * 1e-3) / 1e9) + " frac_copy_bw=" +
+               std::to_string(copy_ms / old_ms) + " new_op_speedup=" + std::to_string(old_ms / ms));
+  }
+}
+
 int main(int argc, char** argv) {
   int dev = 0;
   if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {
@@ -328,6 +502,10 @@ int main(int argc, char** argv) {
       bench_compact(t.c_str(), B, 8, n, 128, n / 2, s);
     }
   }
+  // Paged in-place compaction of one 32K prompt keeping 60%: LLaMA-2-7B layer
+  // (32 KV heads, d 128, fp16), pages of 16, both pool layouts.
+  for (pi::PageLayout layout : {pi::PageLayout::nhd, pi::PageLayout::hnd})
+    bench_paged_compact("l2_7b_n32768_keep60_p16", 32768, 32, 128, 16, 60, layout, s);
   // Llama-3-8B per-KV-head scoring, batch 1 and 4, 32K and 128K slots.
   if (!quick)
     for (int n : {32768, 131072})

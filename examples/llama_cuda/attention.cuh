@@ -31,7 +31,8 @@
 //    a row's causal limit.
 //  * decode_attention: one query row per batch entry over the paged cache
 //    (PagedKV: per (layer, slot) page table, length and per-slot original
-//    positions; NHD or HND pool), split over the key axis (flash-decoding) so
+//    positions, per KV head when selection is per head; NHD or HND pool,
+//    separate or interleaved), split over the key axis (flash-decoding) so
 //    that small batches still fill the card; 16-byte loads (head_dim is
 //    contiguous in every pool layout), two keys in flight per thread, the
 //    next step's page ids loaded with this step's keys; a combine kernel
@@ -51,6 +52,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include <pyramidinfer/cache/paged.hpp>
 #include <pyramidinfer/core/cuda_check.cuh>
@@ -399,14 +401,7 @@ __device__ __forceinline__ SeqPages seq_pages(const PagedLayer& c, int b) {
 
 __device__ __forceinline__ const __half* as_half(const half_t* p) { return reinterpret_cast<const __half*>(p); }
 
-/// 16-byte read-only load the compiler keeps where it is written: a plain
-/// load gets sunk next to its use (V past the K dot products, or into the
-/// softmax branch), which puts a second memory latency on every step.
-__device__ __forceinline__ uint4 ld16_nc(const __half* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
+__device__ __forceinline__ uint4 ld16(const __half* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
 /// Block (b, h, split): D/8 lanes share a key (16 bytes each); every thread
 /// keeps two keys in flight. Each lane group runs its own online softmax,
@@ -463,7 +458,7 @@ __global__ void __launch_bounds__(128, 10) decode_attention_kernel(DecodeArgs a)
     for (int o = TPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     return s;
   };
-  // Branch-free (behind a branch the compiler sinks V's load into it, a
+  // Branch-free (behind a branch the compiler sinks V's load into it: a
   // second memory latency a step): a masked or absent key gets p = 0 and its
   // V (whatever the page held, NaN included) is replaced by 0.
   auto update = [&](bool ok, float s, const uint4& v) {
@@ -483,9 +478,9 @@ __global__ void __launch_bounds__(128, 10) decode_attention_kernel(DecodeArgs a)
   // Every load below is unconditional: an absent key reads an address that
   // is always valid (table[0] of the row, slot 0 of page 0) and is masked
   // afterwards. Conditional loads become branches that the compiler
-  // serialises (K a, then K b, then V), which costs a memory latency a step.
-  // The table is read up to the split's reach rather than its length, so the
-  // first read need not wait for the length.
+  // serialises (K a, then K b, then V): a memory latency each. The table is
+  // read up to the split's reach rather than its length, so the first read
+  // need not wait for the length.
   auto page_of = [&](int j) { return __ldg(sp.table + (j < stop ? j >> shift : 0)); };
   auto present = [&](int j, int page) { return j < end && unsigned(page) < unsigned(pool.num_pages); };
   auto elem_of = [&](bool ok, int page, int j) {  // element offset of key j in the pool
@@ -500,7 +495,7 @@ __global__ void __launch_bounds__(128, 10) decode_attention_kernel(DecodeArgs a)
     const int ja = j0 + slot, jb = ja + KPS;
     const bool va = present(ja, pa), vb = present(jb, pb);  // an id outside the pool: empty
     const std::int64_t ea = elem_of(va, pa, ja), eb = elem_of(vb, pb, jb);
-    const uint4 ka = ld16_nc(kg + ea), kb = ld16_nc(kg + eb), vva = ld16_nc(vg + ea), vvb = ld16_nc(vg + eb);
+    const uint4 ka = ld16(kg + ea), kb = ld16(kg + eb), vva = ld16(vg + ea), vvb = ld16(vg + eb);
     const int posa = pos_of(va, pa, ja), posb = pos_of(vb, pb, jb);
     pa = page_of(ja + 2 * KPS), pb = page_of(jb + 2 * KPS);
     const float sa = dot(ka), sb = dot(kb);
@@ -653,6 +648,7 @@ inline void check_paged(const PagedLayer& c, int H, int d, const char* fn) {
   const PagePool<half_t>& p = c.kv.pool;
   require(p.kv_heads > 0 && H > 0 && H % p.kv_heads == 0, fn, "H must be a positive multiple of kv.pool.kv_heads");
   require(p.head_dim == d, fn, "kv.pool.head_dim must equal d");
+  require(p.num_pages > 0, fn, "kv.pool.num_pages must be > 0 (absent keys read page 0)");
   require(c.kv.page_shift >= 0 && c.kv.page_shift <= 20 && p.page_size == (1 << c.kv.page_shift), fn,
           "kv.pool.page_size must be 1 << kv.page_shift");
   require(c.layer >= 0 && c.layer < c.kv.num_layers, fn, "layer must be in [0, kv.num_layers)");
@@ -692,14 +688,15 @@ inline void prefill_attention(const __half* q, const std::int32_t* qpos, const s
 inline int decode_splits(int B, int H, std::int64_t max_len, int sms, int max_splits) {
   const int blocks = std::max(1, B * H);
   const int want = (16 * sms + blocks - 1) / blocks;
-  return std::max(1, std::min({want, int(std::min<std::int64_t>(max_len / 128, max_splits)), max_splits}));
+  return std::max(1, std::min(want, int(std::min<std::int64_t>(max_len / 128, max_splits))));
 }
 
 /// Decode: batch entry b is sequence slot c.seqs[b] of layer c.layer, its
 /// query at position qpos[b]. max_len: a host upper bound of those sequences'
 /// lengths (sizes the splits; keys past it fall to the last split, so a low
-/// bound costs balance, not correctness). part: [B, H, splits, d + 2] floats
-/// (splits from decode_splits; unused when 1).
+/// or stale bound, as in a replayed CUDA graph, costs balance, not
+/// correctness). part: [B, H, splits, d + 2] floats (splits from
+/// decode_splits; unused when 1).
 inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, const PagedLayer& c,
                              std::int64_t max_len, int H, int d, float scale, int splits, float* part, __half* out,
                              float* lse, cudaStream_t stream) {

@@ -1052,7 +1052,13 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     m.topk_ws_bytes = 0;  // prefill rows are up to C long, decode rows one segment
     for (int w : {C, std::max(1, decode_schedule().segment)})
       m.topk_ws_bytes = std::max(m.topk_ws_bytes, cuda::topk_indices_workspace_bytes(S * ph, w));
-    m.paged_ws_bytes = cuda::detail::paged_workspace_bytes(S);
+    // The paged ops of a call over at most every slot; compaction's kept
+    // lists are at most (slots, head sets, slot capacity).
+    const SeqList all{nullptr, S};
+    const auto kept = make_contiguous<const std::int32_t>(static_cast<const std::int32_t*>(nullptr), S, ph, C);
+    m.paged_ws_bytes = std::max({cuda::paged_append_workspace_bytes(cache.kv(), 0, all, AppendSource<T>{}),
+                                 cuda::paged_release_workspace_bytes(cache.kv(), all),
+                                 cuda::paged_compact_workspace_bytes(cache.kv(), 0, all, kept, nullptr)});
   }
   /// iota and ones, the decode append's source ranges, set once.
   void fill_constants(cudaStream_t stream) const {

@@ -473,7 +473,13 @@ struct Run {
     // Capture fails (cudaErrorStreamCaptureUnsupported / Invalidated) on any
     // synchronising call or allocation inside the step.
     PYRAMIDINFER_CUDA_CHECK(cudaStreamBeginCapture(st.s, cudaStreamCaptureModeGlobal));
-    for (int l = 0; l < L; ++l) device_layer(l, list, x, st.s);
+    try {
+      for (int l = 0; l < L; ++l) device_layer(l, list, x, st.s);
+    } catch (...) {  // end the capture, or every later test's CUDA call fails
+      cudaStreamEndCapture(st.s, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      throw;
+    }
     PYRAMIDINFER_CUDA_CHECK(cudaStreamEndCapture(st.s, &graph));
     PYRAMIDINFER_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
     int fired = 0;

@@ -5,6 +5,8 @@
 // source layouts. Untrusted device input is refused per sequence: the status
 // bit is set and the state equals the host op run on the sequences that pass.
 // The CSR export, and one decode step captured in a CUDA graph and replayed.
+// Compaction of one and two long sequences (the tiled mover's in-place
+// hazards at thousands of tiles per head): [compact][long], the largest [big].
 #include "test_util.cuh"
 
 #include "../host/paged_helpers.hpp"
@@ -1034,13 +1036,13 @@ struct LongKeep {
 /// afresh (so each round starts from scattered pages), compacted, compared.
 template <class T>
 void long_round(Twin<T>& tw, std::mt19937& rng, const Rows<T>& rows, const IV& seqs, const std::vector<LongKeep>& keep,
-                const char* what) {
+                const char* what, bool check_append = false) {
   INFO(what);
   IV all(static_cast<std::size_t>(tw.shape.max_seqs));
   std::iota(all.begin(), all.end(), 0);
   tw.release(all);
   tw.append(0, rows);
-  tw.same("append");
+  if (check_append) tw.same("append");  // otherwise the comparison after the compaction covers it
   Kept k;
   k.seqs = seqs;
   k.pos_heads = tw.shape.position_heads();
@@ -1084,13 +1086,14 @@ void run_long(int page_size, Granularity g, pit::PoolKind kind, int head_dim, in
   const Rows<T> one = long_rows<T>(rng, {1}, {n1}, s.kv_heads, head_dim);
   const Rows<T> two = long_rows<T>(rng, {2, 0}, {n1, n0}, s.kv_heads, head_dim);
   const int c1 = int(0.6 * n1), c0 = int(0.6 * n0);
-  long_round(tw, rng, one, {1}, {{c1, 0}}, "one sequence, a random 60%");
+  long_round(tw, rng, one, {1}, {{c1, 0}}, "one sequence, a random 60%", true);
   long_round(tw, rng, one, {1}, {{c1, -1}}, "one sequence, 60% in a shape per head");
-  long_round(tw, rng, two, {2, 0}, {{c1, 0}, {c0, -1}}, "two sequences, 60%");
+  long_round(tw, rng, two, {2, 0}, {{c1, 0}, {c0, -1}}, "two sequences, 60%", true);
   long_round(tw, rng, two, {0, 2}, {{n0 - 1, 2, true}, {c1, 1}}, "two sequences: slot 0 dropped; the tail kept");
   long_round(tw, rng, two, {2, 0}, {{n1 / 2, 4}, {c0, 2}}, "two sequences: evenly spread; a dropped block");
   long_round(tw, rng, two, {0, 2}, {{0, 0}, {n1, 0}}, "two sequences: nothing kept; everything kept");
-  long_round(tw, rng, one, {1}, {{1 + int(rng() % std::uint32_t(n1)), 3}}, "one sequence: a prefix then a random subset");
+  long_round(tw, rng, one, {1}, {{1 + int(rng() % std::uint32_t(n1)), 3}},
+             "one sequence: a prefix then a random subset");
   IV all(static_cast<std::size_t>(s.max_seqs));
   std::iota(all.begin(), all.end(), 0);
   tw.release(all);

@@ -383,6 +383,8 @@ __global__ void __launch_bounds__(kPagedCopyThreads)
 // zeroes the flags a sequence will use, so the launch count stays three.
 
 constexpr int kPagedTile = kPagedMoveItems * kPagedMoveThreads;  // destination vectors of one tile
+constexpr int kPagedCheckChunk = 8192;  // kept entries per check block (a long list spreads over many)
+constexpr int kPagedCheckUnroll = 8;    // independent loads per thread in flight while checking
 constexpr int kPagedMoveMinBlocks = 5;  // 16-byte vectors staged in shared memory: 32 KiB per block
 
 // Device helpers of the mover (the same as compact.cuh's; this header stands
@@ -455,14 +457,30 @@ __device__ int paged_warp_first_true(int n, Pred pred) {
 struct PagedCompactScratch {
   unsigned long long* ticket;  ///< next tile ticket (the plan kernel zeroes it)
   std::int32_t* flags;         ///< [batch][kv_heads][tiles]: tile's "read done" (the check kernel zeroes)
+  std::int32_t* verdict;       ///< [batch][chunks]: kPagedBadIndex when a check block found a bad entry
   int tiles;                   ///< flag stride: the most tiles one (sequence, head) can have
+  int chunks;                  ///< check blocks per sequence
+  std::int64_t chunk;          ///< kept entries (over all position heads) per check block
 };
 
-inline PagedCompactScratch carve_paged_compact(WorkspaceCarver& w, int batch, int kv_heads, std::int64_t tiles) {
+/// Check blocks per sequence for `entries` kept entries (pos_heads times the
+/// widest count): chunks of kPagedCheckChunk entries, fewer and longer past
+/// 65535 chunks (the grid's y extent).
+inline std::int64_t paged_check_chunk(std::int64_t entries) {
+  const std::int64_t most = 65535;
+  return std::max<std::int64_t>(kPagedCheckChunk, (entries + most - 1) / most);
+}
+
+inline PagedCompactScratch carve_paged_compact(WorkspaceCarver& w, int batch, int kv_heads, int pos_heads,
+                                               std::int64_t width, std::int64_t tiles) {
+  const std::size_t b = std::size_t(std::max(batch, 0));
+  const std::int64_t entries = std::int64_t(std::max(pos_heads, 1)) * std::max<std::int64_t>(width, 0);
   PagedCompactScratch s;
+  s.chunk = paged_check_chunk(entries);
+  s.chunks = int(std::max<std::int64_t>(1, (entries + s.chunk - 1) / s.chunk));
   s.ticket = w.take<unsigned long long>(1);
-  s.flags = w.take<std::int32_t>(std::size_t(std::max(batch, 0)) * std::size_t(std::max(kv_heads, 0)) *
-                                 std::size_t(std::max<std::int64_t>(tiles, 0)));
+  s.flags = w.take<std::int32_t>(b * std::size_t(std::max(kv_heads, 0)) * std::size_t(std::max<std::int64_t>(tiles, 0)));
+  s.verdict = w.take<std::int32_t>(b * std::size_t(s.chunks));
   s.tiles = int(std::min<std::int64_t>(tiles, INT_MAX));
   return s;
 }
@@ -478,16 +496,20 @@ struct PagedVecDiv {
   __device__ __forceinline__ int row(std::int64_t e) const { return int(shift >= 0 ? e >> shift : e / vecs); }
 };
 
-/// One block per sequence: slot, stored length, count, and every kept index
-/// of every position head strictly ascending inside [0, length). A sequence
-/// that passes zeroes the "read done" flags of its tiles.
+/// Block (i, b) checks sequence i: slot, stored length, count (every block the
+/// same), then chunk b of its kept entries (pos_heads * count of them, flat
+/// h * count + j): strictly ascending inside [0, length). Its verdict goes to
+/// verdict[i][b] (the plan kernel ORs them into bits[i]); block (i, 0) writes
+/// the plan entries. A sequence whose slot, length and count pass has its
+/// tiles' "read done" flags zeroed, a share by each block. The same rules as
+/// one block per sequence, spread so that a long list is checked by many SMs.
 template <class T>
 __global__ void __launch_bounds__(kPagedCheckThreads)
     paged_compact_check_kernel(PagedKV<T> c, int layer, const std::int32_t* seqs,
                                TensorView<const std::int32_t, 3> kept, const std::int32_t* count, PagedPlan p,
                                PagedCompactScratch w, int vecs) {
   __shared__ int s_bits, s_len, s_count;
-  const int i = blockIdx.x;
+  const int i = blockIdx.x, b = blockIdx.y;
   if (threadIdx.x == 0) {
     const std::int64_t cap = std::int64_t(c.max_pages) << c.page_shift;
     const std::int32_t q = seqs[i], n = count[i];
@@ -501,30 +523,39 @@ __global__ void __launch_bounds__(kPagedCheckThreads)
       else if (n < 0 || n > len || n > kept.shape[2]) bits = kPagedBadIndex;
     }
     s_bits = bits, s_len = len, s_count = n;
-    p.slot[i] = q;
+    if (b == 0) p.slot[i] = q;
   }
   __syncthreads();
-  int bits = s_bits;  // the same in every thread: the branch below holds a barrier
+  const int bits = s_bits;  // the same in every thread
+  bool bad = false;
   if (bits == 0) {
-    const std::int64_t n = s_count;
-    bool bad = false;
-    for (std::int64_t e = threadIdx.x; e < c.pos_heads * n; e += blockDim.x) {
-      const std::int64_t h = e / n, j = e - h * n;
-      const std::int32_t x = kept(i, h, j);
-      bad = bad || x < 0 || x >= s_len || (j > 0 && x <= kept(i, h, j - 1));
+    const std::int64_t n = s_count, lo = std::int64_t(b) * w.chunk;
+    const std::int64_t end = c.pos_heads * n, hi = lo + w.chunk < end ? lo + w.chunk : end;
+    for (std::int64_t e0 = lo + threadIdx.x; e0 < hi; e0 += std::int64_t(kPagedCheckUnroll) * blockDim.x) {
+#pragma unroll
+      for (int u = 0; u < kPagedCheckUnroll; ++u) {  // loads first, no early exit: they overlap
+        const std::int64_t e = e0 + std::int64_t(u) * blockDim.x;
+        if (e >= hi) continue;
+        const std::int64_t h = e / n, j = e - h * n;
+        const std::int32_t x = kept(i, h, j), prev = j > 0 ? kept(i, h, j - 1) : -1;
+        bad |= (x < 0) | (x >= s_len) | (x <= prev);
+      }
     }
-    if (__syncthreads_or(bad)) bits = kPagedBadIndex;
-  }
-  if (bits == 0) {  // count <= min(length, kept.shape[2]): at most w.tiles tiles
-    const std::int64_t tiles = paged_compact_tiles(s_count, vecs), heads = c.pool.kv_heads;
+    // count <= min(length, kept.shape[2]): at most w.tiles tiles per head
+    const std::int64_t tiles = paged_compact_tiles(n, vecs), heads = c.pool.kv_heads, all = heads * tiles;
+    const std::int64_t share = (all + gridDim.y - 1) / gridDim.y, f0 = std::int64_t(b) * share;
+    const std::int64_t f1 = f0 + share < all ? f0 + share : all;
     std::int32_t* f = w.flags + std::int64_t(i) * heads * w.tiles;
-    for (std::int64_t e = threadIdx.x; e < heads * tiles; e += blockDim.x) {
+    for (std::int64_t e = f0 + threadIdx.x; e < f1; e += blockDim.x) {
       const std::int64_t h = e / tiles;
       f[h * w.tiles + (e - h * tiles)] = 0;
     }
   }
+  const bool any_bad = __syncthreads_or(bad);
   if (threadIdx.x != 0) return;
-  p.bits[i] = bits;
+  w.verdict[std::int64_t(i) * gridDim.y + b] = any_bad ? kPagedBadIndex : 0;
+  if (b != 0) return;
+  p.bits[i] = bits;  // and kPagedBadIndex from the verdicts, in the plan
   p.len[i] = s_len;
   p.count[i] = s_count;
   p.pages[i] = bits ? 0 : c.pages_for(s_len) - c.pages_for(s_count);
@@ -534,17 +565,24 @@ __global__ void __launch_bounds__(kPagedCheckThreads)
 /// then the pushes in batch order while they fit the room left in the free
 /// list; start[i] is where sequence i's first push goes. Compaction's new
 /// lengths are written here (layer >= 0); release clears them in its pusher,
-/// after reading them (layer < 0). Compaction (vecs > 0) also numbers the
+/// after reading them (layer < 0). Compaction first ORs in its check blocks'
+/// verdicts (kPagedBadIndex), and (vecs > 0) also numbers the
 /// mover's tickets: sequence i that goes ahead owns [rows[i], rows[i + 1]),
 /// kv_heads per tile (at least one tile: tile 0 of head 0 pushes the pages),
 /// rows[batch] is the total, and the ticket counter starts at 0.
 template <class T>
 __global__ void __launch_bounds__(kPagedPlanThreads)
     paged_push_plan_kernel(PagedKV<T> c, int layer, const std::int32_t* seqs, int batch, PagedPlan p, int vecs = 0,
-                           unsigned long long* ticket = nullptr) {
+                           unsigned long long* ticket = nullptr, const std::int32_t* verdict = nullptr,
+                           int chunks = 0) {
   __shared__ int s_bits;
   __shared__ unsigned long long s_pushed;
   if (threadIdx.x == 0) s_bits = 0, s_pushed = 0;
+  if (verdict) {  // compaction: the check blocks' verdicts, chunks per sequence
+    for (std::int64_t x = threadIdx.x; x < std::int64_t(batch) * chunks; x += blockDim.x)
+      if (verdict[x]) atomicOr(&p.bits[x / chunks], verdict[x]);
+    __syncthreads();  // bits[] final (but for duplicates and the free list) before anyone reads them
+  }
   paged_mark_duplicates(seqs, batch, c.max_seqs, [&](int i) { p.bits[i] |= kPagedBadSequence; });
   const std::int32_t top = *c.free.count;
   const long long room = top >= 0 && top <= c.free.capacity ? (long long)c.free.capacity - top : 0;
@@ -647,9 +685,9 @@ __global__ void __launch_bounds__(kPagedMoveThreads, kAsync ? kPagedMoveMinBlock
         if (from == j) continue;  // already in place, as on the host
         const std::int32_t sp = table[from >> c.page_shift];
         if (!paged_page_ok(sp, c.pool.num_pages)) continue;
-        const int so = from & mask;
-        paged_stage_load<kAsync>(paged_vec<const V>(c.pool.k_at(sp, so, h), v), kx[kAsync ? 0 : u], slots + u * N);
-        paged_stage_load<kAsync>(paged_vec<const V>(c.pool.v_at(sp, so, h), v), vx[kAsync ? 0 : u], slots + (U + u) * N);
+        const int so = from & mask, r = kAsync ? 0 : u;
+        paged_stage_load<kAsync>(paged_vec<const V>(c.pool.k_at(sp, so, h), v), kx[r], slots + u * N);
+        paged_stage_load<kAsync>(paged_vec<const V>(c.pool.v_at(sp, so, h), v), vx[r], slots + (U + u) * N);
         move |= 1u << u;
       }
       if (move_pos) {
@@ -679,7 +717,8 @@ __global__ void __launch_bounds__(kPagedMoveThreads, kAsync ? kPagedMoveMinBlock
       unsigned acc = 0;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if (!kAsync && (move >> u & 1u)) acc |= paged_low_word(kx[kAsync ? 0 : u]) ^ paged_low_word(vx[kAsync ? 0 : u]);
+        const int r = kAsync ? 0 : u;
+        if (!kAsync && (move >> u & 1u)) acc |= paged_low_word(kx[r]) ^ paged_low_word(vx[r]);
         if (pmove >> u & 1u) acc |= unsigned(px[u]);
       }
       const int odd = __syncthreads_or(acc == 0x9e3779b9u);
@@ -697,9 +736,9 @@ __global__ void __launch_bounds__(kPagedMoveThreads, kAsync ? kPagedMoveMinBlock
         const int j = vd.row(e), v = int(e - std::int64_t(j) * vecs);
         const std::int32_t dp = table[j >> c.page_shift];
         if (!paged_page_ok(dp, c.pool.num_pages)) continue;
-        const int doff = j & mask;
-        paged_store(paged_vec<V>(c.pool.k_at(dp, doff, h), v), paged_staged<kAsync>(kx[kAsync ? 0 : u], slots + u * N));
-        paged_store(paged_vec<V>(c.pool.v_at(dp, doff, h), v), paged_staged<kAsync>(vx[kAsync ? 0 : u], slots + (U + u) * N));
+        const int doff = j & mask, r = kAsync ? 0 : u;
+        paged_store(paged_vec<V>(c.pool.k_at(dp, doff, h), v), paged_staged<kAsync>(kx[r], slots + u * N));
+        paged_store(paged_vec<V>(c.pool.v_at(dp, doff, h), v), paged_staged<kAsync>(vx[r], slots + (U + u) * N));
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -934,10 +973,13 @@ int paged_move_vecs(const PagePool<T>& p) {
 /// keeps as many rows as `kept` has room for, and no more than a page-table
 /// row holds (valid counts never pass either).
 template <class T>
-std::int64_t paged_compact_flag_tiles(const PagedKV<T>& c, const TensorView<const std::int32_t, 3>& kept) {
+std::int64_t paged_compact_width(const PagedKV<T>& c, const TensorView<const std::int32_t, 3>& kept) {
   const std::int64_t cap = std::int64_t(std::max(c.max_pages, 0)) << std::max(c.page_shift, 0);
-  const std::int64_t width = std::max<std::int64_t>(0, std::min<std::int64_t>(kept.shape[2], cap));
-  return paged_compact_tiles(width, std::max(paged_move_vecs(c.pool), 0));
+  return std::max<std::int64_t>(0, std::min<std::int64_t>(kept.shape[2], cap));
+}
+template <class T>
+std::int64_t paged_compact_flag_tiles(const PagedKV<T>& c, const TensorView<const std::int32_t, 3>& kept) {
+  return paged_compact_tiles(paged_compact_width(c, kept), std::max(paged_move_vecs(c.pool), 0));
 }
 
 /// The compaction's workspace: the plan, then the ticket and the flags.
@@ -945,7 +987,8 @@ template <class T>
 std::size_t paged_compact_bytes(const PagedKV<T>& c, int batch, const TensorView<const std::int32_t, 3>& kept) {
   WorkspaceCarver w;
   carve_paged_plan(w, batch);
-  carve_paged_compact(w, batch, c.pool.kv_heads, paged_compact_flag_tiles(c, kept));
+  carve_paged_compact(w, batch, c.pool.kv_heads, c.pos_heads, paged_compact_width(c, kept),
+                      paged_compact_flag_tiles(c, kept));
   return w.bytes();
 }
 
@@ -1052,14 +1095,15 @@ void paged_compact(const PagedKV<T>& c, int layer, const SeqList& s, TensorView<
                        "must be >= " + std::to_string(need) + " (and workspace non-null)");
   WorkspaceCarver carver(workspace, workspace_bytes);
   const detail::PagedPlan p = detail::carve_paged_plan(carver, s.batch);
-  const detail::PagedCompactScratch w = detail::carve_paged_compact(carver, s.batch, c.pool.kv_heads, tiles);
+  const detail::PagedCompactScratch w = detail::carve_paged_compact(
+      carver, s.batch, c.pool.kv_heads, c.pos_heads, detail::paged_compact_width(c, kept), tiles);
   const bool vec = detail::paged_pool_vectorizable(c.pool);
   const int vecs = detail::paged_move_vecs(c.pool);
-  detail::paged_compact_check_kernel<T>
-      <<<s.batch, detail::kPagedCheckThreads, 0, stream>>>(c, layer, s.seqs, kept, count, p, w, vecs);
+  detail::paged_compact_check_kernel<T><<<dim3(unsigned(s.batch), unsigned(w.chunks)), detail::kPagedCheckThreads, 0,
+                                          stream>>>(c, layer, s.seqs, kept, count, p, w, vecs);
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_compact_check_kernel");
-  detail::paged_push_plan_kernel<T>
-      <<<1, detail::kPagedPlanThreads, 0, stream>>>(c, layer, s.seqs, s.batch, p, vecs, w.ticket);
+  detail::paged_push_plan_kernel<T><<<1, detail::kPagedPlanThreads, 0, stream>>>(c, layer, s.seqs, s.batch, p, vecs,
+                                                                                  w.ticket, w.verdict, w.chunks);
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_push_plan_kernel");
   auto launch = [&](auto vec_tag) {
     using V = decltype(vec_tag);
