@@ -445,7 +445,7 @@ static void bench_paged_compact(const char* tag, int n, int heads, int d, int pa
       dd::paged_compact_check_kernel<pi::half_t><<<dim3(1, unsigned(scratch.chunks)), dd::kPagedCheckThreads, 0, s>>>(
           cache.kv(), 0, dseq.p, kv_kept, dcnt.p, plan, scratch, vecs);
       dd::paged_push_plan_kernel<pi::half_t><<<1, dd::kPagedPlanThreads, 0, s>>>(
-          cache.kv(), 0, dseq.p, 1, plan, vecs, scratch.ticket, scratch.verdict, scratch.chunks);
+          cache.kv(), 0, dseq.p, 1, plan, vecs, scratch.ticket, scratch.verdict, scratch.first, scratch.chunks);
       CK(cudaGetLastError());
     };
     const float old_ms = median_ms([&] {

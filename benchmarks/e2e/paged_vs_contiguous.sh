@@ -30,6 +30,13 @@ for b in contiguous paged; do
   [ -x build-cmp/e2e-$b ] || { tail -20 "$OUT/build_$( [ $b = paged ] && echo paged || echo base ).log"; echo "BUILD FAILED: $b"; exit 1; }
 done
 build-cmp/e2e-paged selfcheck > "$OUT/selfcheck.log" 2>&1; echo "selfcheck rc=$?"; grep -E "FAIL|selfcheck" "$OUT/selfcheck.log" | head -20
+if [ -n "${PROFILE:-}" ]; then  # one decode step of each, kernel by kernel (ncu durations)
+  for b in contiguous paged; do
+    timeout 200 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+      build-cmp/e2e-$b llama2-7b pyramid 32 512 256 --profile decode > "$OUT/ncu_$b.csv" 2> "$OUT/ncu_$b.err"
+    python3 benchmarks/e2e/ncu_summary.py "$OUT/ncu_$b.csv" "$b decode step" | head -30
+  done
+fi
 R="$OUT/cmp.jsonl"
 : > "$R"
 for rep in 1 2 3; do

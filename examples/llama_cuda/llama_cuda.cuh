@@ -577,17 +577,20 @@ class CudaEngine {
         attn::prefill_attention(q_.get(), pos_.get(), dof, nb, longest, pkv, H, d, attn_scale(), att_.get(),
                                 lse_rows_.get(), stream_);
         layer_finish(l, rows);
-        if (!compress) continue;
         timed([&] {  // the whole chunk at once: queries and LSE of every packed row
           const TensorView<const half_t, 3> q{reinterpret_cast<const half_t*>(q_.get()), {H, rows, d},
                                               {d, std::int64_t(H) * d, 1}};
           const TensorView<const float, 2> lse{lse_rows_.get(), {H, rows}, {1, H}};
+          // A full cache keeps everything: the compressor skips scoring when
+          // nothing can drop, and T_{l+1} = T_l needs no gather.
           const DevicePrefillBatch sel = pc_.prefill_select(l, *cache_, chunk, q, lse, stream_);
-          if (l + 1 < L)
+          if (!compress && sel.rows != rows)
+            throw std::logic_error("CudaEngine: compress_prefill is off but the schedule dropped tokens");
+          if (compress && l + 1 < L)
             pc_.gather_next(chunk, hv(h_.get(), 0, rows), TensorView<float, 2>{h2_.get(), {sel.rows, s.dim}, {s.dim, 1}},
                             stream_);
         });
-        if (l + 1 < L) std::swap(h_, h2_);
+        if (compress && l + 1 < L) std::swap(h_, h2_);
       }
       // each sequence's last row (always kept: it is in the window) -> final norm and logits
       for (int i = 0; i < nb; ++i) last_host[b0 + i] = off[std::size_t(i + 1)] - 1;

@@ -378,6 +378,12 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     offsets(slots, batch.batch, m_.n, nullptr, stream);
     push_window<T>(layer, batch, slots, q, lse, window_only, stream);
     if (!lse.data) settle<T>(layer, cache, batch, slots, cuda::detail::Trigger{}, stream);
+    if (keep == ctx) {  // nothing can drop (e.g. a keep ratio of 1): no scoring, T_{l+1} = T_l
+      launch_prep(slots, batch.batch, keep, stream);
+      keep_everything(slots, batch, stream);
+      finish_select<T>(layer, cache, batch, slots, false, stream);
+      return advance(layer, batch, keep, false, stream);
+    }
     const int width = std::max(1, *std::max_element(ctx.begin(), ctx.end()));
     score_context<T>(layer, cache, batch, slots, ratio, width, ctx, keep, stream);
     const bool drop = config().prefill_mode == PrefillMode::drop_tokens;
@@ -879,8 +885,13 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     cuda::paged_compact(cache.kv(), layer, SeqList{slots, batch.batch},
                         make_contiguous<const std::int32_t>(m_.kept, batch.batch, ph, cap), m_.kept_count, m_.paged_ws,
                         m_.paged_ws_bytes, stream);
-    const dim3 ngrid(unsigned((max_count(batch) + 255) / 256), unsigned(batch.batch));
-    cuda::detail::comp_local_next_kernel<<<ngrid, 256, 0, stream>>>(state(), slots);
+    keep_everything(slots, batch, stream);
+  }
+
+  /// Every token stays in the layer and goes on: the identity selection.
+  void keep_everything(const std::int32_t* slots, const SeqList& batch, cudaStream_t stream) {
+    const dim3 grid(unsigned((max_count(batch) + 255) / 256), unsigned(batch.batch));
+    cuda::detail::comp_local_next_kernel<<<grid, 256, 0, stream>>>(state(), slots);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_local_next_kernel");
   }
 

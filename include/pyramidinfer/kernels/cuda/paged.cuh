@@ -83,7 +83,7 @@ struct PagedPlan {
   std::int32_t* bits;   ///< PagedStatus bits; 0: the sequence goes ahead
   std::int32_t* slot;   ///< its slot (valid when bits == 0)
   std::int32_t* len;    ///< its length in the layer before the op
-  std::int32_t* begin;  ///< append: its first source row
+  std::int32_t* begin;  ///< append: its first source row; compact: its first tile that moves rows
   std::int32_t* count;  ///< append: rows it appends; compact: slots it keeps
   std::int64_t* pages;  ///< append: pages it takes; compact, release: pages it gives back
   std::int64_t* start;  ///< append: pages taken before it; compact, release: free-list index of its first push
@@ -370,20 +370,38 @@ __global__ void __launch_bounds__(kPagedCopyThreads)
 // block holding it is either working on it (its loads and publish wait for
 // nothing), or holds it as its next ticket while it finishes a smaller,
 // already published tile whose waits are for tickets < m, all published; so
-// m gets published, whatever the residency. Tiles that hold no vectors (tile
-// 0 of a sequence that keeps nothing) are never waited for.
+// m gets published, whatever the residency. Tiles that hold no vectors (the
+// one ticket of a sequence that keeps nothing) are never waited for.
+// Rows that stay take no ticket: kept[j] - j never decreases along the list,
+// so the rows with kept[j] == j are a prefix [0, m), and once a row moves
+// every later one does. The check finds m (the least over position heads),
+// the plan starts the sequence's tickets at tile skip = m * vecs / kPagedTile
+// (every tile below it holds only rows that stay, in every head: it reads
+// and writes nothing, so no tile needs to wait for it, and the wait search
+// starts at skip). A decode step that evicts near the end of a long sequence
+// pays for the suffix it moves, not for the whole list.
 // This is compact_kv_inplace's scheme (kernels/cuda/compact.cuh, 73-89% of
 // copy bandwidth on an H200) over page tables.
 //
-// Workspace: after the plan, one ticket counter (zeroed by the plan kernel)
-// and one int "read done" flag per tile of every (sequence, KV head), i.e.
-// batch * kv_heads * ceil(min(kept.shape[2], max_pages << page_shift) * vecs
-// / kPagedTile) ints: 4 bytes per 16 KiB of K (plus 16 KiB of V) the widest
-// kept list could move, and no staging of the moved bytes. The check kernel
-// zeroes the flags a sequence will use, so the launch count stays three.
+// The check spreads too: a sequence's kept entries are checked in chunks of
+// kPagedCheckChunk by up to 65535 blocks, each writing a verdict word that
+// the plan kernel ORs into the sequence's bits (same rules, same bits as one
+// block per sequence; a 32K list per head no longer waits on one SM), and
+// the first row it saw move, of which the plan takes the least (m above).
+//
+// Workspace: after the plan, one ticket counter (zeroed by the plan kernel),
+// one int "read done" flag per tile of every (sequence, KV head), i.e.
+// batch * kv_heads * ceil(W * vecs / kPagedTile) ints with W = min(
+// kept.shape[2], max_pages << page_shift), and two ints (verdict, first row)
+// per check block, batch * min(65535, pos_heads * ceil(W / kPagedCheckChunk))
+// blocks: 4 bytes per 16 KiB of K (plus 16 KiB of V) the widest kept list
+// could move, and no staging of the moved bytes. Every word is written
+// before it is read within the call (the check kernel zeroes the flags a
+// sequence will use), so the launch count stays three and the caller need
+// not clear anything.
 
 constexpr int kPagedTile = kPagedMoveItems * kPagedMoveThreads;  // destination vectors of one tile
-constexpr int kPagedCheckChunk = 8192;  // kept entries per check block (a long list spreads over many)
+constexpr int kPagedCheckChunk = 8192;  // kept entries (of one head) per check chunk: long lists spread
 constexpr int kPagedCheckUnroll = 8;    // independent loads per thread in flight while checking
 constexpr int kPagedMoveMinBlocks = 5;  // 16-byte vectors staged in shared memory: 32 KiB per block
 
@@ -458,29 +476,25 @@ struct PagedCompactScratch {
   unsigned long long* ticket;  ///< next tile ticket (the plan kernel zeroes it)
   std::int32_t* flags;         ///< [batch][kv_heads][tiles]: tile's "read done" (the check kernel zeroes)
   std::int32_t* verdict;       ///< [batch][chunks]: kPagedBadIndex when a check block found a bad entry
+  std::int32_t* first;         ///< [batch][chunks]: the first row j with kept[j] != j a check block saw
   int tiles;                   ///< flag stride: the most tiles one (sequence, head) can have
-  int chunks;                  ///< check blocks per sequence
-  std::int64_t chunk;          ///< kept entries (over all position heads) per check block
+  int chunks;                  ///< check blocks per sequence (gridDim.y of the check)
+  int chunk;                   ///< kept entries of one head per check chunk
 };
-
-/// Check blocks per sequence for `entries` kept entries (pos_heads times the
-/// widest count): chunks of kPagedCheckChunk entries, fewer and longer past
-/// 65535 chunks (the grid's y extent).
-inline std::int64_t paged_check_chunk(std::int64_t entries) {
-  const std::int64_t most = 65535;
-  return std::max<std::int64_t>(kPagedCheckChunk, (entries + most - 1) / most);
-}
 
 inline PagedCompactScratch carve_paged_compact(WorkspaceCarver& w, int batch, int kv_heads, int pos_heads,
                                                std::int64_t width, std::int64_t tiles) {
   const std::size_t b = std::size_t(std::max(batch, 0));
-  const std::int64_t entries = std::int64_t(std::max(pos_heads, 1)) * std::max<std::int64_t>(width, 0);
   PagedCompactScratch s;
-  s.chunk = paged_check_chunk(entries);
-  s.chunks = int(std::max<std::int64_t>(1, (entries + s.chunk - 1) / s.chunk));
+  s.chunk = kPagedCheckChunk;
+  const std::int64_t per_head = (std::max<std::int64_t>(width, 0) + s.chunk - 1) / s.chunk;
+  const std::int64_t chunks = std::int64_t(std::max(pos_heads, 1)) * per_head;
+  s.chunks = int(std::min<std::int64_t>(std::max<std::int64_t>(chunks, 1), 65535));  // the grid's y extent
   s.ticket = w.take<unsigned long long>(1);
-  s.flags = w.take<std::int32_t>(b * std::size_t(std::max(kv_heads, 0)) * std::size_t(std::max<std::int64_t>(tiles, 0)));
+  s.flags = w.take<std::int32_t>(b * std::size_t(std::max(kv_heads, 0)) *
+                                 std::size_t(std::max<std::int64_t>(tiles, 0)));
   s.verdict = w.take<std::int32_t>(b * std::size_t(s.chunks));
+  s.first = w.take<std::int32_t>(b * std::size_t(s.chunks));
   s.tiles = int(std::min<std::int64_t>(tiles, INT_MAX));
   return s;
 }
@@ -496,21 +510,26 @@ struct PagedVecDiv {
   __device__ __forceinline__ int row(std::int64_t e) const { return int(shift >= 0 ? e >> shift : e / vecs); }
 };
 
-/// Block (i, b) checks sequence i: slot, stored length, count (every block the
-/// same), then chunk b of its kept entries (pos_heads * count of them, flat
-/// h * count + j): strictly ascending inside [0, length). Its verdict goes to
-/// verdict[i][b] (the plan kernel ORs them into bits[i]); block (i, 0) writes
-/// the plan entries. A sequence whose slot, length and count pass has its
-/// tiles' "read done" flags zeroed, a share by each block. The same rules as
-/// one block per sequence, spread so that a long list is checked by many SMs.
+/// Block (i, b) of gridDim.y checks sequence i: slot, stored length, count
+/// (every block the same), then its share of the kept entries: chunk c of the
+/// pos_heads * ceil(count / w.chunk) chunks (w.chunk entries of one head
+/// each) for c = b, b + gridDim.y, ...: strictly ascending inside [0,
+/// length). Its verdict goes to verdict[i][b] (the plan kernel ORs them into
+/// bits[i]), and the first row it saw with kept[j] != j to first[i][b] (the
+/// plan takes the least); block (i, 0) writes the plan entries. A sequence whose slot,
+/// length and count pass has its tiles' "read done" flags zeroed, a share by
+/// each block. The same rules as one block per sequence, spread so that a
+/// long list is checked by many SMs, its loads in flight together.
 template <class T>
 __global__ void __launch_bounds__(kPagedCheckThreads)
     paged_compact_check_kernel(PagedKV<T> c, int layer, const std::int32_t* seqs,
                                TensorView<const std::int32_t, 3> kept, const std::int32_t* count, PagedPlan p,
                                PagedCompactScratch w, int vecs) {
-  __shared__ int s_bits, s_len, s_count;
+  constexpr int U = kPagedCheckUnroll;
+  __shared__ int s_bits, s_len, s_count, s_first;
   const int i = blockIdx.x, b = blockIdx.y;
   if (threadIdx.x == 0) {
+    s_first = INT_MAX;
     const std::int64_t cap = std::int64_t(c.max_pages) << c.page_shift;
     const std::int32_t q = seqs[i], n = count[i];
     std::int32_t len = 0;
@@ -529,16 +548,26 @@ __global__ void __launch_bounds__(kPagedCheckThreads)
   const int bits = s_bits;  // the same in every thread
   bool bad = false;
   if (bits == 0) {
-    const std::int64_t n = s_count, lo = std::int64_t(b) * w.chunk;
-    const std::int64_t end = c.pos_heads * n, hi = lo + w.chunk < end ? lo + w.chunk : end;
-    for (std::int64_t e0 = lo + threadIdx.x; e0 < hi; e0 += std::int64_t(kPagedCheckUnroll) * blockDim.x) {
+    const std::int64_t n = s_count, per_head = (n + w.chunk - 1) / w.chunk;
+    for (std::int64_t ch = b; ch < c.pos_heads * per_head; ch += gridDim.y) {
+      const std::int64_t h = ch / per_head, j0 = (ch - h * per_head) * w.chunk;
+      const std::int64_t j1 = j0 + w.chunk < n ? j0 + w.chunk : n;
+      for (std::int64_t jb = j0 + threadIdx.x; jb < j1; jb += std::int64_t(U) * blockDim.x) {
+        std::int32_t x[U], prev[U];
 #pragma unroll
-      for (int u = 0; u < kPagedCheckUnroll; ++u) {  // loads first, no early exit: they overlap
-        const std::int64_t e = e0 + std::int64_t(u) * blockDim.x;
-        if (e >= hi) continue;
-        const std::int64_t h = e / n, j = e - h * n;
-        const std::int32_t x = kept(i, h, j), prev = j > 0 ? kept(i, h, j - 1) : -1;
-        bad |= (x < 0) | (x >= s_len) | (x <= prev);
+        for (int u = 0; u < U; ++u) {  // every load first: they are in flight together
+          const std::int64_t j = jb + std::int64_t(u) * blockDim.x;
+          x[u] = j < j1 ? kept(i, h, j) : 0;
+          prev[u] = j < j1 && j > 0 ? kept(i, h, j - 1) : -1;
+        }
+        int first = INT_MAX;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const std::int64_t j = jb + std::int64_t(u) * blockDim.x;
+          bad |= (x[u] < 0) | (x[u] >= s_len) | (x[u] <= prev[u]);
+          if (j < j1 && x[u] != j && j < first) first = int(j);
+        }
+        if (first != INT_MAX) atomicMin(&s_first, first);
       }
     }
     // count <= min(length, kept.shape[2]): at most w.tiles tiles per head
@@ -551,11 +580,13 @@ __global__ void __launch_bounds__(kPagedCheckThreads)
       f[h * w.tiles + (e - h * tiles)] = 0;
     }
   }
-  const bool any_bad = __syncthreads_or(bad);
+  const bool any_bad = __syncthreads_or(bad);  // also publishes s_first
   if (threadIdx.x != 0) return;
   w.verdict[std::int64_t(i) * gridDim.y + b] = any_bad ? kPagedBadIndex : 0;
+  w.first[std::int64_t(i) * gridDim.y + b] = s_first;
   if (b != 0) return;
-  p.bits[i] = bits;  // and kPagedBadIndex from the verdicts, in the plan
+  p.bits[i] = bits;          // and kPagedBadIndex from the verdicts, in the plan
+  p.begin[i] = INT_MAX;      // the plan makes it the first tile that moves anything
   p.len[i] = s_len;
   p.count[i] = s_count;
   p.pages[i] = bits ? 0 : c.pages_for(s_len) - c.pages_for(s_count);
@@ -568,20 +599,23 @@ __global__ void __launch_bounds__(kPagedCheckThreads)
 /// after reading them (layer < 0). Compaction first ORs in its check blocks'
 /// verdicts (kPagedBadIndex), and (vecs > 0) also numbers the
 /// mover's tickets: sequence i that goes ahead owns [rows[i], rows[i + 1]),
-/// kv_heads per tile (at least one tile: tile 0 of head 0 pushes the pages),
-/// rows[batch] is the total, and the ticket counter starts at 0.
+/// kv_heads per tile from tile begin[i] on, the first that holds a row that
+/// moves (at least one tile: its first ticket pushes the pages), rows[batch]
+/// is the total, and the ticket counter starts at 0.
 template <class T>
 __global__ void __launch_bounds__(kPagedPlanThreads)
     paged_push_plan_kernel(PagedKV<T> c, int layer, const std::int32_t* seqs, int batch, PagedPlan p, int vecs = 0,
                            unsigned long long* ticket = nullptr, const std::int32_t* verdict = nullptr,
-                           int chunks = 0) {
+                           const std::int32_t* first = nullptr, int chunks = 0) {
   __shared__ int s_bits;
   __shared__ unsigned long long s_pushed;
   if (threadIdx.x == 0) s_bits = 0, s_pushed = 0;
-  if (verdict) {  // compaction: the check blocks' verdicts, chunks per sequence
-    for (std::int64_t x = threadIdx.x; x < std::int64_t(batch) * chunks; x += blockDim.x)
+  if (verdict) {  // compaction: the check blocks' verdicts and first moving rows, chunks per sequence
+    for (std::int64_t x = threadIdx.x; x < std::int64_t(batch) * chunks; x += blockDim.x) {
       if (verdict[x]) atomicOr(&p.bits[x / chunks], verdict[x]);
-    __syncthreads();  // bits[] final (but for duplicates and the free list) before anyone reads them
+      if (first[x] != INT_MAX) atomicMin(&p.begin[x / chunks], first[x]);
+    }
+    __syncthreads();  // bits[] and begin[] final (but for duplicates and the free list) before anyone reads them
   }
   paged_mark_duplicates(seqs, batch, c.max_seqs, [&](int i) { p.bits[i] |= kPagedBadSequence; });
   const std::int32_t top = *c.free.count;
@@ -605,8 +639,11 @@ __global__ void __launch_bounds__(kPagedPlanThreads)
         batch,
         [&](int i) {
           if (p.bits[i]) return 0ll;
-          const long long t = paged_compact_tiles(p.count[i], vecs);
-          return (long long)c.pool.kv_heads * (t > 0 ? t : 1);
+          // Tiles below the first row that moves (in any head) hold rows that stay: no tickets.
+          const long long t = paged_compact_tiles(p.count[i], vecs), m = p.begin[i];
+          const long long skip = m == INT_MAX ? t : m * vecs / kPagedTile;
+          p.begin[i] = int(skip);
+          return (long long)c.pool.kv_heads * (t - skip > 0 ? t - skip : 1);
         },
         [&](int i, long long s) { p.rows[i] = s; });
     if (threadIdx.x == 0) p.rows[batch] = tickets, *ticket = 0;
@@ -618,8 +655,8 @@ __global__ void __launch_bounds__(kPagedPlanThreads)
 }
 
 /// The persistent mover (see the top of this section). Warp 2 takes the
-/// tickets and finds their sequence; per tile: (0) tile 0 of head 0 pushes the
-/// sequence's emptied tail pages; (1) every thread loads its sources (K, V,
+/// tickets and finds their sequence; per tile: (0) the sequence's first
+/// ticket pushes its emptied tail pages; (1) every thread loads its sources (K, V,
 /// and positions of the rows starting in the tile); (2) warps 0 and 1 find
 /// the earlier tiles to wait for; (3) the block publishes "read done"; (4) it
 /// waits for those tiles; (5) it stores. A source or destination page id
@@ -659,10 +696,11 @@ __global__ void __launch_bounds__(kPagedMoveThreads, kAsync ? kPagedMoveMinBlock
     if (warp == 2 && lane == 0) next = atomicAdd(w.ticket, 1ull);  // in flight during this tile
     const int i = s_seq[round];
     const long long local = (long long)(tk - (unsigned long long)p.rows[i]);
-    const int tile = int(local / heads), h = int(local - (long long)tile * heads);
+    const int skip = p.begin[i];  // tiles below it hold rows that stay, in every head: no tickets
+    const int tile = skip + int(local / heads), h = int(local % heads);
     const std::int32_t* table = c.pages(layer, p.slot[i]);
     const int keep = p.count[i];
-    if (tile == 0 && h == 0) {  // (0) the emptied tail pages, in table order, where the plan made room
+    if (local == 0) {  // (0) the emptied tail pages, in table order, where the plan made room
       const int first = c.pages_for(keep);
       for (std::int64_t x = threadIdx.x; x < p.pages[i]; x += N) c.free.pages[p.start[i] + x] = table[first + x];
     }
@@ -703,13 +741,15 @@ __global__ void __launch_bounds__(kPagedMoveThreads, kAsync ? kPagedMoveMinBlock
           pmove |= 1u << u;
         }
       }
-      // (2) earlier tiles cc < tile whose source rows meet [r_lo, r_hi]: [s_wait[0], s_wait[1])
+      // (2) earlier tiles cc < tile whose source rows meet [r_lo, r_hi]: [s_wait[0], s_wait[1]).
+      // Tiles below `skip` read nothing (and take no ticket): the search starts there.
       if (warp < 2) {
         const bool upper = warp == 1;
-        const int x = paged_warp_first_true(tile, [&](int cc) {
-          if (upper) return kept(i, hp, vd.row(std::int64_t(cc) * kPagedTile)) > r_hi;
-          return kept(i, hp, vd.row(std::int64_t(cc + 1) * kPagedTile - 1)) >= r_lo;
-        });
+        const int x = skip + paged_warp_first_true(tile - skip, [&](int k) {
+                        const std::int64_t cc = skip + k;
+                        if (upper) return kept(i, hp, vd.row(cc * kPagedTile)) > r_hi;
+                        return kept(i, hp, vd.row((cc + 1) * kPagedTile - 1)) >= r_lo;
+                      });
         if (lane == 0) s_wait[warp] = x;
       }
       // (3) every load of the block has completed: publish "read done"
@@ -1056,12 +1096,13 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
 }
 
 /// Workspace bytes for paged_compact with these arguments: the plan (one entry
-/// per sequence), a ticket counter and one int flag per tile of 1024 moved
+/// per sequence), a ticket counter, one int flag per tile of 1024 moved
 /// vectors of every (sequence, KV head) at the widest count kept.shape[2]
-/// allows (capped at max_pages << page_shift). What matters: s.batch,
-/// kept.shape[2], and the pool's kv_heads, head_dim and alignment (16-byte
-/// vectors or elements). For LLaMA-2-7B (32 KV heads, d 128, fp16) and a 32K
-/// kept list: 64 KiB, against 1 GiB of K and V such a list could move.
+/// allows (capped at max_pages << page_shift), and one int per check block.
+/// What matters: s.batch, kept.shape[2], pos_heads, and the pool's kv_heads,
+/// head_dim and alignment (16-byte vectors or elements). For LLaMA-2-7B (32
+/// KV heads, d 128, fp16) and one 32K kept list: about 66 KB, against 1 GiB of
+/// K and V such a list could move.
 template <class T>
 std::size_t paged_compact_workspace_bytes(const PagedKV<T>& c, int, const SeqList& s,
                                           TensorView<const std::int32_t, 3> kept, const std::int32_t*) {
@@ -1103,7 +1144,8 @@ void paged_compact(const PagedKV<T>& c, int layer, const SeqList& s, TensorView<
                                           stream>>>(c, layer, s.seqs, kept, count, p, w, vecs);
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_compact_check_kernel");
   detail::paged_push_plan_kernel<T><<<1, detail::kPagedPlanThreads, 0, stream>>>(c, layer, s.seqs, s.batch, p, vecs,
-                                                                                  w.ticket, w.verdict, w.chunks);
+                                                                                  w.ticket, w.verdict, w.first,
+                                                                                  w.chunks);
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_push_plan_kernel");
   auto launch = [&](auto vec_tag) {
     using V = decltype(vec_tag);
