@@ -731,9 +731,9 @@ __global__ void __launch_bounds__(kPagedMoveThreads, kAsync ? kPagedMoveMinBlock
       if (move_pos) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const int j = p_first + u * N + int(threadIdx.x);
-          if (j > r_hi) continue;
-          const int from = kept(i, hp, j);
+          const std::int64_t jj = std::int64_t(p_first) + u * N + threadIdx.x;
+          if (jj > r_hi) continue;
+          const int j = int(jj), from = kept(i, hp, j);
           if (from == j) continue;
           const std::int32_t sp = table[from >> c.page_shift];
           if (!paged_page_ok(sp, c.pool.num_pages)) continue;
