@@ -10,9 +10,9 @@
 //            floor(16 * 0.5 * cosine_0.1(l)) of every 16; the same numbers as
 //            examples/generate/policies.hpp's Pyramid45)
 //     BATCH  a number, or "fit": the largest batch whose weights + work
-//            buffers + plan + compressor arena fit in 80% of the card
+//            buffers + KV pages + compressor state fit in 80% of the card
 //     --comp-share      a third run with CUDA events around the compression calls
-//     --device-trigger  CudaPyramidCompressor's device trigger mode (the chain
+//     --device-trigger  the CUDA compressor's device trigger mode (the chain
 //                       launches every step) instead of the host-tracked default
 //     --no-graph        decode steps launched eagerly (no CUDA graph replay)
 //     --page-size N     tokens per KV page (default 16; a power of two >= every
@@ -24,8 +24,10 @@
 //                       prints no JSON
 //
 //   e2e-bench selfcheck
-//     On random data: the engine's prefill (tensor-core) and decode (split)
-//     attention against a plain fp32 reference (ragged sequences, sparse
+//     On random data: the engine's prefill attention (tensor-core, over the
+//     chunk's packed K/V) and decode attention (split, over a paged cache:
+//     page sizes 1/16/64, NHD/HND/interleaved pools, shuffled pages, bad
+//     device state) against a plain fp32 reference (ragged sequences, sparse
 //     original positions, GQA, head dims 64 and 128), and a small pyramid
 //     model decoded with and without CUDA graphs (logits must agree). Prints
 //     one line per check and exits 1 if any fails.

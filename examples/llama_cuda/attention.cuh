@@ -4,7 +4,7 @@
 // subset of the prompt, so slot order alone is not the rule). GQA: q head h
 // reads kv head h / (H / Hkv). fp16 in, fp32 accumulation, fp16 out, and
 // every row's softmax log-sum-exp (natural log of the scaled logits, fp32,
-// [rows, H]) for CudaPyramidCompressor.
+// [rows, H]) for the CUDA compressor.
 //
 // Calls (all device pointers; every call only enqueues on `stream`):
 //
