@@ -181,8 +181,9 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     return layout<T>(cache, ring_rows, nullptr, 0).bytes;
   }
 
-  /// Takes `memory` (device, >= state_bytes(cache, ring_rows)) for `cache`,
-  /// ends every sequence it knew, and zeroes the memory on `stream`.
+  /// Takes `memory` (device, >= state_bytes(cache, ring_rows)) for `cache`
+  /// and zeroes it on `stream`. Sequences begun before are forgotten, not
+  /// ended: end() them first, or attach to a cache whose layers are empty.
   template <class T>
   void attach(const PagedKVCache<T>& cache, std::int64_t ring_rows, void* memory, std::size_t bytes,
               cudaStream_t stream) {
