@@ -25,7 +25,8 @@
 //   * a Selection without score_free_count (e.g. TopPSelection): its
 //     device_keep_counts hook reads the scores back.
 // Each batched call uploads its slot list as kernel parameters (one small
-// launch; none when the list equals the previous call's).
+// launch; none when the list equals the previous call's). The engine's LSE
+// may come in natural log or base 2 (CompressorConfig::lse_base), as on the host.
 //
 // Decode trigger, two modes (set_decode_trigger):
 //  * DecodeTrigger::host (the default): the host tracks every layer's length
@@ -571,6 +572,8 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   std::size_t hidx(int layer, int seq) const { return std::size_t(layer) * shape_.max_seqs + std::size_t(seq); }
   int ring_layer(int layer) const { return config().compress_decode ? layer : 0; }
   int ring_layers() const { return config().compress_decode ? config().num_layers : 1; }
+  /// The factor that turns the engine's LSE into natural log (the host's, so the bytes agree).
+  float lse_scale() const { return config().lse_base == LseBase::base2 ? 0.69314718055994531f : 1.f; }
   int slot_capacity() const { return int(std::int64_t(shape_.max_pages()) << shape_.page_shift()); }
 
   // ---- checks ------------------------------------------------------------------
@@ -711,6 +714,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     r.window = m_.window;
     r.start = m_.ring_start + layer * S, r.count = m_.ring_count + layer * S, r.pending = m_.pending + layer * S;
     r.d = int(d), r.q_heads = int(QH);
+    r.lse_scale = lse_scale();
     return r;
   }
 
@@ -781,6 +785,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     a.off = m_.off;
     a.d = config().head_dim;
     a.q_heads = config().num_heads;
+    a.lse_scale = lse_scale();
     a.window_only = window_only;
     int max_w = 1;
     for (int i = 0; i < batch.batch; ++i) max_w = std::max(max_w, seqs_[std::size_t(batch.seqs[i])].window);

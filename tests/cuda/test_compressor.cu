@@ -94,6 +94,8 @@ struct Data {
   T* V(int l, int r, int h, int t) { return &v[(((std::size_t(l) * R + r) * H + h) * N + t) * d]; }
   T* Q(int l, int r, int qh, int t) { return &q[(((std::size_t(l) * R + r) * QH + qh) * N + t) * d]; }
   float LSE(int l, int r, int qh, int t) const { return lse[((std::size_t(l) * R + r) * QH + qh) * N + t]; }
+  /// The same LSE in base 2, as FlashInfer hands it over.
+  float LSE2(int l, int r, int qh, int t) const { return LSE(l, r, qh, t) * 1.4426950408889634f; }
 };
 
 /// The host buffers' bytes mirrored in device memory, with a cache over them.
@@ -130,6 +132,7 @@ struct Case {
   bool churn = false;    ///< slot 1 ends a third of the way in; a new request takes it
   bool lse_late = false; ///< decode LSE through decode_set_lse after the append (needs decode_lse)
   bool graph = false;    ///< the decode step replays from one captured CUDA graph
+  bool base2 = false;    ///< the engine's LSE comes in base 2 (FlashInfer's)
 };
 
 template <class T, class Scoring>
@@ -172,6 +175,7 @@ struct Run {
   static CompressorConfig config(const Case& cs) {
     CompressorConfig x{L, QH, H, d};
     x.prefill_mode = cs.mode;
+    x.lse_base = cs.base2 ? LseBase::base2 : LseBase::natural;
     return x;
   }
   static TopKSelection selection(const Case& cs) {
@@ -241,7 +245,7 @@ struct Run {
         }
         for (int qh = 0; qh < QH; ++qh) {
           std::copy_n(D.Q(l, r, qh, t), d, &p.q[(std::size_t(qh) * p.rows + row) * d]);
-          p.lse[std::size_t(qh) * p.rows + row] = D.LSE(l, r, qh, t);
+          p.lse[std::size_t(qh) * p.rows + row] = c.base2 ? D.LSE2(l, r, qh, t) : D.LSE(l, r, qh, t);
         }
         p.pos.push_back(t);
         ++row;
@@ -362,7 +366,7 @@ struct Run {
         }
         for (int qh = 0; qh < QH; ++qh) {
           std::copy_n(D.Q(l, r, qh, t), d, &x.hq[((std::size_t(l) * n + i) * QH + qh) * d]);
-          x.hl[(std::size_t(l) * n + i) * QH + qh] = D.LSE(l, r, qh, t);
+          x.hl[(std::size_t(l) * n + i) * QH + qh] = c.base2 ? D.LSE2(l, r, qh, t) : D.LSE(l, r, qh, t);
         }
       }
     }
@@ -537,6 +541,7 @@ TEMPLATE_TEST_CASE("CUDA compressor gives the host compressor's bytes through pr
       {S, local, false, false, 100, Ht, true, true},
       {P, local, true, true, 100, Ht, false},
       {P, local, true, true, 100, Dt, true, true, true},
+      {S, drop, true, true, 100, Ht, true, false, true, false, true},  // FlashInfer's base-2 LSE
   };
   int i = 0;
   for (const Case& c : cases) run_case<T>(c, RecentWindowScoring{}, paging(i++));

@@ -33,6 +33,7 @@ struct RingArgs {
   const std::int32_t* window = nullptr;     ///< [S] ring capacity of each slot
   std::int32_t *start = nullptr, *count = nullptr, *pending = nullptr;  ///< [S]
   int d = 1, q_heads = 1;
+  float lse_scale = 1.f;  ///< to natural log: 1, or ln 2 for an engine's base-2 LSE (the host's factor)
 
   __device__ std::int64_t row(int b, int r) const { return base[b] + (start[b] + r) % window[b]; }
 };
@@ -94,7 +95,7 @@ __global__ void comp_push_decode_kernel(RingArgs<T> r, const std::int32_t* slots
     }
   }
   if (lse.data)
-    for (int qh = threadIdx.x; qh < r.q_heads; qh += blockDim.x) r.lse[row * r.q_heads + qh] = lse(z, qh);
+    for (int qh = threadIdx.x; qh < r.q_heads; qh += blockDim.x) r.lse[row * r.q_heads + qh] = lse(z, qh) * r.lse_scale;
   __syncthreads();  // everyone has read the state
   if (threadIdx.x == 0) {
     int nc = c;
@@ -111,7 +112,7 @@ __global__ void comp_set_lse_kernel(RingArgs<T> r, const std::int32_t* slots, Te
   const int z = blockIdx.x, b = slots[z], c = r.count[b];
   if (c <= 0) return;
   const std::int64_t row = r.row(b, c - 1);
-  for (int qh = threadIdx.x; qh < r.q_heads; qh += blockDim.x) r.lse[row * r.q_heads + qh] = lse(z, qh);
+  for (int qh = threadIdx.x; qh < r.q_heads; qh += blockDim.x) r.lse[row * r.q_heads + qh] = lse(z, qh) * r.lse_scale;
   __syncthreads();
   // pending counts the newest rows without LSE: only a lone newest one is cleared
   // (older pending rows stay pending, and this row is then recomputed, harmlessly).

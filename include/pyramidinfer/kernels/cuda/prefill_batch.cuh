@@ -150,6 +150,7 @@ struct WindowArgs {
   const std::int32_t* slots = nullptr;
   const std::int32_t* off = nullptr;  ///< [nb + 1] packed offsets of T_l
   int d = 1, q_heads = 1;
+  float lse_scale = 1.f;     ///< to natural log: 1, or ln 2 for an engine's base-2 LSE
   bool window_only = false;  ///< q / lse hold just the window rows of one sequence
 };
 
@@ -165,7 +166,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) comp_push_window_kernel(Window
   const std::int64_t row = a.window_only ? r : a.off[z] + a.s.n[b] - w + r;
   const std::int64_t slot = std::int64_t(a.ring_base[b] + r) * a.q_heads + qh;
   copy_row<T, V>(a.ring_q + slot * a.d, 1, &a.q(qh, row, 0), a.q.stride[2], a.d, lane);
-  if (lane == 0 && a.lse.data) a.ring_lse[slot] = a.lse(qh, row);
+  if (lane == 0 && a.lse.data) a.ring_lse[slot] = a.lse(qh, row) * a.lse_scale;
   if (item == 0 && lane == 0) {
     a.start[b] = 0;
     a.count[b] = w;
