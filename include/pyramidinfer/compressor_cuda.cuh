@@ -15,7 +15,9 @@
 //     capacity, small beside the KV pages a token needs);
 //   * the scratch of one call over all slots and the workspaces of the
 //     scoring, top-k and paged ops, each from its size query.
-// Nothing is allocated after attach().
+// Nothing is allocated after attach(). The state and the scratch are shared
+// by all calls, so calls must run in order: on one stream, or on streams the
+// engine orders.
 //
 // Per step (prefill_store / prefill_select / gather_next / decode_append /
 // decode_set_lse / decode_compress): no allocation, no synchronisation, only
