@@ -1,0 +1,621 @@
+// pyramidinfer._core: the CPU binding of the header-only library.
+//
+// Arrays come in through nanobind's ndarray (DLPack or the buffer protocol)
+// and are used in place: every input becomes a TensorView over the caller's
+// memory with the caller's strides, so a transposed or sliced numpy array is
+// read where it lies. Inputs are checked here (device, dtype, rank, strides)
+// and by the library (shapes, ranges); every rejection raises
+// pyramidinfer.Error (a ValueError) carrying pyramidinfer::Error's message,
+// which names the function and the argument.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <pyramidinfer/pyramidinfer.hpp>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace pi = pyramidinfer;
+
+namespace {
+
+using Array = nb::ndarray<nb::ro>;  // any dtype, rank, layout; read-only arrays accepted
+using OptArray = std::optional<Array>;
+
+[[noreturn]] void fail(const char* fn, const char* arg, const std::string& value, const std::string& req) {
+  pi::detail::throw_arg_error(fn, arg, value, req);
+}
+
+std::string dtype_name(nb::dlpack::dtype dt) {
+  std::string kind;
+  switch (nb::dlpack::dtype_code(dt.code)) {
+    case nb::dlpack::dtype_code::Int: kind = "int"; break;
+    case nb::dlpack::dtype_code::UInt: kind = "uint"; break;
+    case nb::dlpack::dtype_code::Float: kind = "float"; break;
+    case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
+    case nb::dlpack::dtype_code::Complex: kind = "complex"; break;
+    case nb::dlpack::dtype_code::Bool: kind = "bool"; break;
+    default: kind = "code" + std::to_string(int(dt.code)) + "_"; break;
+  }
+  return kind + std::to_string(int(dt.bits));
+}
+
+template <class T>
+const char* expected_dtype();
+template <>
+const char* expected_dtype<float>() { return "float32"; }
+
+template <class A>
+std::string shape_str(const A& a) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+/// Device and dtype of an input.
+template <class T, class A>
+void check_array(const A& a, const char* fn, const char* name) {
+  if (a.device_type() != nb::device::cpu::value)
+    fail(fn, name,
+         a.device_type() == nb::device::cuda::value ? std::string("a CUDA array")
+                                                    : "an array on DLPack device type " + std::to_string(a.device_type()),
+         "must be a CPU array (the CUDA binding is not built in this version)");
+  if (a.dtype() != nb::dtype<T>())
+    fail(fn, name, "array of dtype " + dtype_name(a.dtype()), std::string("must have dtype ") + expected_dtype<T>());
+}
+
+/// A rank-R view over the array's memory with its strides; a rank R - 1
+/// array gets a leading axis of size 1 when `allow_unbatched`.
+template <class T, int R, class A = Array>
+pi::TensorView<T, R> view(const A& a, const char* fn, const char* name, bool allow_unbatched = false) {
+  check_array<std::remove_const_t<T>>(a, fn, name);
+  const int nd = int(a.ndim());
+  const int lead = (allow_unbatched && nd == R - 1) ? 1 : 0;
+  if (nd + lead != R)
+    fail(fn, name, "array of shape " + shape_str(a),
+         "must have " + std::to_string(R) + " dimensions" +
+             (allow_unbatched ? " (or " + std::to_string(R - 1) + " without the batch axis)" : ""));
+  pi::TensorView<T, R> v;
+  v.data = static_cast<T*>(a.data());
+  if (lead) v.shape[0] = 1, v.stride[0] = 0;
+  for (int i = 0; i < nd; ++i) {
+    v.shape[i + lead] = std::int64_t(a.shape(std::size_t(i)));
+    v.stride[i + lead] = a.stride(std::size_t(i));
+    if (v.stride[i + lead] < 0)
+      fail(fn, name, "array with stride[" + std::to_string(i) + "] = " + std::to_string(v.stride[i + lead]),
+           "must have non-negative strides");
+  }
+  return v;
+}
+
+/// A 1-D integer array (int32 or int64) as int32 values: sequence slots and
+/// positions, a handful per call.
+std::vector<std::int32_t> int_list(const Array& a, const char* fn, const char* name) {
+  if (a.device_type() != nb::device::cpu::value) fail(fn, name, "an array on a non-CPU device", "must be a CPU array");
+  if (a.ndim() != 1) fail(fn, name, "array of shape " + shape_str(a), "must have 1 dimension");
+  const auto dt = a.dtype();
+  const bool i32 = dt == nb::dtype<std::int32_t>(), i64 = dt == nb::dtype<std::int64_t>();
+  if (!i32 && !i64) fail(fn, name, "array of dtype " + dtype_name(dt), "must have dtype int32 or int64");
+  std::vector<std::int32_t> out(a.shape(0));
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const std::int64_t off = std::int64_t(i) * a.stride(0);
+    const std::int64_t x = i32 ? static_cast<const std::int32_t*>(a.data())[off]
+                               : static_cast<const std::int64_t*>(a.data())[off];
+    if (x < INT32_MIN || x > INT32_MAX) fail(fn, name, std::to_string(x), "must fit in int32");
+    out[i] = std::int32_t(x);
+  }
+  return out;
+}
+
+/// A new numpy array that owns its memory.
+template <class T>
+nb::ndarray<nb::numpy, T> new_array(std::vector<std::size_t> shape) {
+  std::size_t n = 1;
+  for (std::size_t s : shape) n *= s;
+  T* p = new T[n > 0 ? n : 1]();
+  nb::capsule owner(p, [](void* q) noexcept { delete[] static_cast<T*>(q); });
+  return nb::ndarray<nb::numpy, T>(p, shape.size(), shape.data(), owner);
+}
+
+template <class T>
+nb::ndarray<nb::numpy, T> to_array(const std::vector<T>& v) {
+  auto a = new_array<T>({v.size()});
+  std::copy(v.begin(), v.end(), a.data());
+  return a;
+}
+
+pi::Granularity parse_granularity(const std::string& s, const char* fn) {
+  if (s == "shared") return pi::Granularity::shared;
+  if (s == "per_kv_head") return pi::Granularity::per_kv_head;
+  fail(fn, "granularity", "'" + s + "'", "must be 'shared' or 'per_kv_head'");
+}
+
+// --------------------------------------------------------------------------
+// Array-in, array-out kernels.
+
+/// Recent-window scores of the context slots [0, n - w) of each sequence:
+/// keys (b, kv_head, n, d), queries (b, q_head, w, d) the last w tokens'
+/// queries (oldest first), lse optional (b, q_head, w).
+nb::ndarray<nb::numpy, float> window_attention_scores(const Array& keys, const Array& queries, const OptArray& lse,
+                                                      float scale, float distance_weight,
+                                                      const std::string& granularity) {
+  const char* fn = "window_attention_scores";
+  const bool batched = keys.ndim() == 4;
+  const pi::Granularity g = parse_granularity(granularity, fn);
+  pi::ScoreProblem<float> p;
+  p.keys = view<const float, 4>(keys, fn, "keys", true);
+  p.queries = view<const float, 4>(queries, fn, "queries", true);
+  if (int(queries.ndim()) != int(keys.ndim()))
+    fail(fn, "queries", "array of shape " + shape_str(queries),
+         "must have as many dimensions as keys " + shape_str(keys));
+  const std::int64_t B = p.keys.shape[0], n = p.keys.shape[2], w = p.queries.shape[2];
+  if (p.queries.shape[0] != B) fail(fn, "queries", "array of shape " + shape_str(queries), "must have keys' batch size");
+  if (p.queries.shape[3] != p.keys.shape[3])
+    fail(fn, "queries", "array of shape " + shape_str(queries),
+         "must have keys' head_dim " + std::to_string(p.keys.shape[3]) + " on its last axis");
+  if (w < 1 || w > n)
+    fail(fn, "queries", "array of shape " + shape_str(queries),
+         "must hold a window of 1 to keys' n = " + std::to_string(n) + " rows");
+  if (p.keys.shape[1] < 1 || p.queries.shape[1] % p.keys.shape[1] != 0)
+    fail(fn, "queries", "array of shape " + shape_str(queries), "must have a multiple of keys' kv_heads query heads");
+  if (n > INT32_MAX || B > INT32_MAX) fail(fn, "keys", "array of shape " + shape_str(keys), "is too large");
+  if (lse) {
+    p.lse = view<const float, 3>(*lse, fn, "lse", true);
+    if (int(lse->ndim()) + 1 != int(keys.ndim()) || p.lse.shape[0] != B || p.lse.shape[1] != p.queries.shape[1] ||
+        p.lse.shape[2] != w)
+      fail(fn, "lse", "array of shape " + shape_str(*lse), "must be queries' shape without head_dim");
+  }
+  const std::int32_t len = std::int32_t(n), zero = 0, count = std::int32_t(n - w);
+  std::vector<std::int32_t> ring_start(static_cast<std::size_t>(B), 0), window(static_cast<std::size_t>(B), std::int32_t(w));
+  p.kv_len = {&len, {B, p.keys.shape[1]}, {0, 0}};
+  p.score_begin = {&zero, {B, p.keys.shape[1]}, {0, 0}};
+  p.score_count = {&count, {B, p.keys.shape[1]}, {0, 0}};
+  p.ring_start = ring_start.data();
+  p.window_len = window.data();
+  if (!(scale >= 0.f) || !std::isfinite(scale)) fail(fn, "scale", std::to_string(scale), "must be finite and >= 0");
+  p.scale = scale > 0.f ? scale : 1.0f / std::sqrt(float(p.keys.shape[3]));
+  const std::size_t groups = g == pi::Granularity::shared ? 1 : std::size_t(p.keys.shape[1]);
+  auto out = new_array<float>(batched ? std::vector<std::size_t>{std::size_t(B), groups, std::size_t(count)}
+                                      : std::vector<std::size_t>{groups, std::size_t(count)});
+  if (count > 0)
+    pi::host::window_attention_scores(p, g, distance_weight,
+                                      pi::make_contiguous(out.data(), B, std::int64_t(groups), std::int64_t(count)));
+  return out;
+}
+
+/// Top-k retention over each row of scores ((n,) or (rows, n)): the first
+/// min(sinks, k) slots, then the best others; ascending int32 indices.
+nb::ndarray<nb::numpy, std::int32_t> topk_indices(const Array& scores, int k, int sinks) {
+  const char* fn = "topk_indices";
+  const bool rows2 = scores.ndim() == 2;
+  const pi::TensorView<const float, 2> s = view<const float, 2>(scores, fn, "scores", true);
+  if (s.shape[1] > INT32_MAX) fail(fn, "scores", "array of shape " + shape_str(scores), "is too long");
+  const int n = int(s.shape[1]);
+  PYRAMIDINFER_REQUIRE(k >= 0 && k <= n, fn, "k", k, "must be in [0, n = " + std::to_string(n) + "]");
+  PYRAMIDINFER_REQUIRE(sinks >= 0, fn, "sinks", sinks, "must be >= 0");
+  auto out = new_array<std::int32_t>(rows2 ? std::vector<std::size_t>{std::size_t(s.shape[0]), std::size_t(k)}
+                                           : std::vector<std::size_t>{std::size_t(k)});
+  std::vector<float> row;  // only for rows whose elements are not adjacent
+  for (std::int64_t r = 0; r < s.shape[0]; ++r) {
+    const float* base = s.data + r * s.stride[0];
+    if (s.stride[1] != 1 && n > 0) {
+      row.resize(std::size_t(n));
+      for (int j = 0; j < n; ++j) row[std::size_t(j)] = base[j * s.stride[1]];
+      base = row.data();
+    }
+    pi::host::topk_indices(base, n, k, sinks, out.data() + r * k);
+  }
+  return out;
+}
+
+/// In place: rows kept[i] -> i of every (batch, head) of x ((b, h, n, d) or
+/// (h, n, d), float32, writable, any strides). Returns len(kept).
+int compact_rows(nb::handle x_obj, const Array& kept) {
+  const char* fn = "compact_rows";
+  nb::ndarray<> x;
+  if (!nb::try_cast(x_obj, x, false)) {
+    Array ro;
+    if (nb::try_cast(x_obj, ro, false)) fail(fn, "x", "a read-only array", "must be writable (it is compacted in place)");
+    fail(fn, "x", std::string("a ") + nb::inst_name(x_obj).c_str() + " object", "must be an array");
+  }
+  const pi::KVView<float> v = view<float, 4>(x, fn, "x", true);
+  const std::vector<std::int32_t> idx = int_list(kept, fn, "kept");
+  if (v.shape[2] > INT32_MAX) fail(fn, "x", "array of shape " + shape_str(x), "is too long");
+  const int n = int(v.shape[2]), count = int(idx.size());
+  pi::host::check_ascending(idx.data(), count, n, fn, "kept");
+  for (std::int64_t b = 0; b < v.shape[0]; ++b)
+    for (std::int64_t h = 0; h < v.shape[1]; ++h) pi::host::compact_rows(v, int(b), int(h), idx.data(), count, n);
+  return count;
+}
+
+/// out[i] = src[idx[i]] for the rows of src ((n, c) float32, any strides) and
+/// ascending idx: the hidden states the next prefill layer computes.
+nb::ndarray<nb::numpy, float> gather_rows(const Array& src, const Array& idx) {
+  const char* fn = "gather_rows";
+  const pi::TensorView<const float, 2> s = view<const float, 2>(src, fn, "src");
+  const std::vector<std::int32_t> i = int_list(idx, fn, "idx");
+  if (s.shape[0] > INT32_MAX) fail(fn, "src", "array of shape " + shape_str(src), "is too long");
+  pi::host::check_ascending(i.data(), int(i.size()), int(s.shape[0]), fn, "idx");
+  auto out = new_array<float>({i.size(), std::size_t(s.shape[1])});
+  pi::host::gather_rows(s, i.data(), int(i.size()),
+                        pi::make_contiguous(out.data(), std::int64_t(i.size()), s.shape[1]));
+  return out;
+}
+
+// --------------------------------------------------------------------------
+// The host paged cache (fp32), owning its pool, free list and state.
+
+struct Cache {
+  pi::PagedCacheShape shape;
+  pi::PageLayout layout;
+  std::unique_ptr<pi::HostPagedStorage<float>> storage;
+
+  Cache(int num_layers, int kv_heads, int head_dim, int num_pages, int max_seqs, int max_seq_len, int page_size,
+        const std::string& granularity, const std::string& layout_name) {
+    const char* fn = "PagedCache";
+    shape = {num_layers,  kv_heads, head_dim, pi::DType::f32, parse_granularity(granularity, fn),
+             page_size,   num_pages, max_seqs, max_seq_len};
+    if (layout_name == "nhd" || layout_name == "NHD") layout = pi::PageLayout::nhd;
+    else if (layout_name == "hnd" || layout_name == "HND") layout = pi::PageLayout::hnd;
+    else fail(fn, "layout", "'" + layout_name + "'", "must be 'nhd' or 'hnd'");
+    shape.check(fn);
+    storage = std::make_unique<pi::HostPagedStorage<float>>(shape, layout);
+  }
+  pi::PagedKVCache<float>& cache() { return storage->cache(); }
+  const pi::PagedKV<float>& kv() const { return storage->cache().kv(); }
+
+  int length(int layer, int seq) const {
+    storage->cache().check_layer(layer, "PagedCache::length");
+    storage->cache().check_seq(seq, "PagedCache::length");
+    return kv().len(layer, seq);
+  }
+  nb::ndarray<nb::numpy, std::int32_t> page_table(int layer, int seq) const {
+    const int n = length(layer, seq);
+    const std::int32_t* pages = kv().pages(layer, seq);
+    return to_array(std::vector<std::int32_t>(pages, pages + kv().pages_for(n)));
+  }
+  nb::ndarray<nb::numpy, std::int32_t> positions(int layer, int seq, int head) const {
+    const int n = length(layer, seq);
+    PYRAMIDINFER_REQUIRE(head >= 0 && head < shape.kv_heads, "PagedCache::positions", "head", head,
+                         "must be in [0, " + std::to_string(shape.kv_heads) + ")");
+    std::vector<std::int32_t> p(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) p[std::size_t(i)] = kv().position(layer, seq, i, head);
+    return to_array(p);
+  }
+  /// A copy of one layer's K or V of a sequence, (kv_head, len, d).
+  nb::ndarray<nb::numpy, float> gather(int layer, int seq, bool values) const {
+    const int n = length(layer, seq);
+    auto out = new_array<float>({std::size_t(shape.kv_heads), std::size_t(n), std::size_t(shape.head_dim)});
+    for (int h = 0; h < shape.kv_heads; ++h)
+      for (int i = 0; i < n; ++i) {
+        const float* src = values ? kv().v_slot(layer, seq, i, h) : kv().k_slot(layer, seq, i, h);
+        std::copy(src, src + shape.head_dim, out.data() + (std::size_t(h) * n + i) * shape.head_dim);
+      }
+    return out;
+  }
+  /// The K or V page pool itself (no copy): (pages, page_size, kv_heads, d)
+  /// for NHD, (pages, kv_heads, page_size, d) for HND.
+  nb::ndarray<nb::numpy, float> pool(nb::handle self, bool values) {
+    const pi::PagePool<float>& p = cache().pool();
+    const std::size_t a = std::size_t(layout == pi::PageLayout::nhd ? shape.page_size : shape.kv_heads);
+    const std::size_t b = std::size_t(layout == pi::PageLayout::nhd ? shape.kv_heads : shape.page_size);
+    const std::size_t dims[4] = {std::size_t(shape.num_pages), a, b, std::size_t(shape.head_dim)};
+    return nb::ndarray<nb::numpy, float>(values ? p.v : p.k, 4, dims, self);
+  }
+};
+
+// --------------------------------------------------------------------------
+// The compressor: one interface over the policy combinations.
+
+struct CompressorBase {
+  virtual ~CompressorBase() = default;
+  virtual const pi::CompressorConfig& config() const = 0;
+  virtual bool needs_queries() const = 0;
+  virtual pi::Granularity granularity() const = 0;
+  virtual double keep_ratio(int layer) const = 0;
+  virtual int decode_keep(int layer) const = 0;
+  virtual void begin(pi::PagedKVCache<float>&, int, int) = 0;
+  virtual void end(pi::PagedKVCache<float>&, int) = 0;
+  virtual bool live(int) const = 0;
+  virtual int window(int) const = 0;
+  virtual int prefilled_layers(int) const = 0;
+  virtual const std::vector<std::int32_t>& tokens(int) const = 0;
+  virtual int boundary(int, int) const = 0;
+  virtual void prefill_store(int, pi::PagedKVCache<float>&, int, pi::TensorView<const float, 3>,
+                             pi::TensorView<const float, 3>) = 0;
+  virtual const std::vector<std::int32_t>& prefill_select(int, pi::PagedKVCache<float>&, int,
+                                                          pi::TensorView<const float, 3>,
+                                                          pi::TensorView<const float, 2>) = 0;
+  virtual void decode_append(int, pi::PagedKVCache<float>&, const pi::SeqList&, pi::KVView<const float>,
+                             pi::KVView<const float>, const std::int32_t*, pi::KVView<const float>,
+                             pi::TensorView<const float, 2>) = 0;
+  virtual int decode_compress(int, pi::PagedKVCache<float>&, const pi::SeqList&) = 0;
+  virtual pi::LayerTrace trace(int, int) const = 0;
+  virtual pi::RequestPages pages(int, int, int) const = 0;
+};
+
+// Schedules reach the compressor as the per-layer table the named schedule
+// computes (its own keep_ratio, so the doubles are the same bits).
+using Decode = pi::DecodeSchedule<pi::CosineSchedule>;
+
+template <class Scoring, class Selection>
+struct CompressorImpl final : CompressorBase {
+  pi::PyramidCompressor<Scoring, Selection, pi::TableSchedule, Decode> pc;
+  CompressorImpl(const pi::CompressorConfig& c, Scoring sc, Selection se, pi::TableSchedule sch, Decode d)
+      : pc(c, sc, se, std::move(sch), d) {}
+
+  const pi::CompressorConfig& config() const override { return pc.config(); }
+  bool needs_queries() const override { return Scoring::needs_queries; }
+  pi::Granularity granularity() const override { return pc.selection().granularity; }
+  double keep_ratio(int layer) const override { return pc.schedule().keep_ratio(layer, pc.config().num_layers); }
+  int decode_keep(int layer) const override { return pc.decode_schedule().keep_count(layer, pc.config().num_layers); }
+  void begin(pi::PagedKVCache<float>& c, int s, int n) override { pc.begin(c, s, n); }
+  void end(pi::PagedKVCache<float>& c, int s) override { pc.end(c, s); }
+  bool live(int s) const override { return pc.live(s); }
+  int window(int s) const override { return pc.window(s); }
+  int prefilled_layers(int s) const override { return pc.prefilled_layers(s); }
+  const std::vector<std::int32_t>& tokens(int s) const override { return pc.tokens(s); }
+  int boundary(int l, int s) const override { return pc.boundary(l, s); }
+  void prefill_store(int l, pi::PagedKVCache<float>& c, int s, pi::TensorView<const float, 3> k,
+                     pi::TensorView<const float, 3> v) override {
+    pc.prefill_store(l, c, s, k, v);
+  }
+  const std::vector<std::int32_t>& prefill_select(int l, pi::PagedKVCache<float>& c, int s,
+                                                  pi::TensorView<const float, 3> q,
+                                                  pi::TensorView<const float, 2> lse) override {
+    return pc.prefill_select(l, c, s, q, lse);
+  }
+  void decode_append(int l, pi::PagedKVCache<float>& c, const pi::SeqList& b, pi::KVView<const float> k,
+                     pi::KVView<const float> v, const std::int32_t* pos, pi::KVView<const float> q,
+                     pi::TensorView<const float, 2> lse) override {
+    pc.decode_append(l, c, b, k, v, pos, q, lse);
+  }
+  int decode_compress(int l, pi::PagedKVCache<float>& c, const pi::SeqList& b) override {
+    return pc.decode_compress(l, c, b);
+  }
+  pi::LayerTrace trace(int n, int steps) const override { return pc.trace(n, steps); }
+  pi::RequestPages pages(int n, int steps, int page) const override { return pc.pages(n, steps, page); }
+};
+
+struct Compressor {
+  std::unique_ptr<CompressorBase> impl;
+  std::string scoring, selection, schedule;
+};
+
+template <class Scoring>
+std::unique_ptr<CompressorBase> make_with_selection(const pi::CompressorConfig& c, Scoring sc,
+                                                    const std::string& selection, int sinks, int min_context,
+                                                    double mass, pi::Granularity g, pi::TableSchedule sch,
+                                                    Decode d) {
+  if (selection == "topk")
+    return std::make_unique<CompressorImpl<Scoring, pi::TopKSelection>>(
+        c, sc, pi::TopKSelection{sinks, min_context, g}, std::move(sch), d);
+  if (selection == "topp")
+    return std::make_unique<CompressorImpl<Scoring, pi::TopPSelection>>(
+        c, sc, pi::TopPSelection{mass, sinks, min_context, g}, std::move(sch), d);
+  fail("PyramidCompressor", "selection", "'" + selection + "'", "must be 'topk' or 'topp'");
+}
+
+std::vector<double> schedule_table(const std::string& name, double ratio, const std::vector<double>& table,
+                                   int num_layers) {
+  const char* fn = "PyramidCompressor";
+  PYRAMIDINFER_REQUIRE(num_layers > 0, fn, "num_layers", num_layers, "must be > 0");
+  std::vector<double> r;
+  for (int l = 0; l < num_layers; ++l) {
+    if (name == "cosine") r.push_back(pi::CosineSchedule{ratio}.keep_ratio(l, num_layers));
+    else if (name == "linear") r.push_back(pi::LinearSchedule{ratio}.keep_ratio(l, num_layers));
+    else if (name == "geometric") r.push_back(pi::GeometricSchedule{ratio}.keep_ratio(l, num_layers));
+    else if (name == "uniform") r.push_back(pi::UniformSchedule{ratio}.keep_ratio(l, num_layers));
+    else if (name == "table") return table;  // TableSchedule checks it
+    else fail(fn, "schedule", "'" + name + "'", "must be 'cosine', 'linear', 'geometric', 'uniform' or 'table'");
+  }
+  return r;
+}
+
+Compressor make_compressor(int num_layers, int num_heads, int kv_heads, int head_dim, double recent_ratio,
+                           float softmax_scale, bool compress_decode, const std::string& prefill_mode,
+                           const std::string& lse_base, const std::string& scoring, float distance_weight,
+                           const std::string& selection, int sinks, int min_context, double mass,
+                           const std::string& granularity, const std::string& schedule, double schedule_ratio,
+                           const std::vector<double>& schedule_table_in, int decode_segment, double decode_gen_ratio,
+                           double decode_final_ratio) {
+  const char* fn = "PyramidCompressor";
+  pi::CompressorConfig c;
+  c.num_layers = num_layers;
+  c.num_heads = num_heads;
+  c.kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.recent_ratio = recent_ratio;
+  c.softmax_scale = softmax_scale;
+  c.compress_decode = compress_decode;
+  if (prefill_mode == "drop_tokens") c.prefill_mode = pi::PrefillMode::drop_tokens;
+  else if (prefill_mode == "layer_local") c.prefill_mode = pi::PrefillMode::layer_local;
+  else fail(fn, "prefill_mode", "'" + prefill_mode + "'", "must be 'drop_tokens' or 'layer_local'");
+  if (lse_base == "natural") c.lse_base = pi::LseBase::natural;
+  else if (lse_base == "base2") c.lse_base = pi::LseBase::base2;
+  else fail(fn, "lse_base", "'" + lse_base + "'", "must be 'natural' or 'base2'");
+  const pi::Granularity g = parse_granularity(granularity, fn);
+  pi::TableSchedule sch{schedule_table(schedule, schedule_ratio, schedule_table_in, num_layers)};
+  Decode d;
+  d.segment = decode_segment;
+  d.gen_ratio = decode_gen_ratio;
+  d.schedule = pi::CosineSchedule{decode_final_ratio};
+  Compressor out;
+  out.scoring = scoring;
+  out.selection = selection;
+  out.schedule = schedule;
+  if (scoring == "recent_window")
+    out.impl = make_with_selection(c, pi::RecentWindowScoring{distance_weight}, selection, sinks, min_context, mass,
+                                   g, std::move(sch), d);
+  else if (scoring == "accumulated_attention")
+    out.impl = make_with_selection(c, pi::AccumulatedAttentionScoring{}, selection, sinks, min_context, mass, g,
+                                   std::move(sch), d);
+  else if (scoring == "key_norm")
+    out.impl = make_with_selection(c, pi::KeyNormScoring{}, selection, sinks, min_context, mass, g, std::move(sch), d);
+  else if (scoring == "position")
+    out.impl = make_with_selection(c, pi::PositionScoring{}, selection, sinks, min_context, mass, g, std::move(sch), d);
+  else
+    fail(fn, "scoring", "'" + scoring + "'",
+         "must be 'recent_window', 'accumulated_attention', 'key_norm' or 'position'");
+  return out;
+}
+
+nb::dict trace_dict(const pi::LayerTrace& t) {
+  nb::dict d;
+  d["prefill_len"] = t.prefill_len;
+  d["capacity"] = t.capacity;
+  return d;
+}
+
+nb::dict pages_dict(const pi::RequestPages& r) {
+  nb::dict d;
+  d["after_prefill"] = r.after_prefill;
+  d["peak"] = r.peak;
+  d["total_after_prefill"] = r.total_after_prefill;
+  d["total_peak"] = r.total_peak;
+  return d;
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "pyramidinfer's CPU binding (header-only C++ library); arrays are used in place";
+  nb::exception<pi::Error>(m, "Error", PyExc_ValueError);
+
+  m.def("window_attention_scores", &window_attention_scores, "keys"_a, "queries"_a, "lse"_a = nb::none(),
+        "scale"_a = 0.f, "distance_weight"_a = 1.2f, "granularity"_a = "shared",
+        "Recent-window attention scores of the context slots [0, n - w).\n\n"
+        "keys (b, kv_heads, n, d) and queries (b, q_heads, w, d) float32 (or without b):\n"
+        "the queries are the last w tokens' (after RoPE), oldest first. lse, optional\n"
+        "(b, q_heads, w): their softmax log-sum-exp. scale 0 means 1/sqrt(d).\n"
+        "Returns float32 (b, groups, n - w), groups 1 when shared, kv_heads per_kv_head.");
+  m.def("topk_indices", &topk_indices, "scores"_a, "k"_a, "sinks"_a = 0,
+        "Keeps min(sinks, k) leading slots and the best others of each row of scores\n"
+        "((n,) or (rows, n) float32): ascending int32 indices, (k,) or (rows, k).\n"
+        "Higher first, NaN last, ties to the lower index.");
+
+  m.def("compact_rows", &compact_rows, "x"_a, "kept"_a,
+        "In place: moves rows kept[i] -> i along axis -2 of x ((b, h, n, d) or (h, n, d)\n"
+        "float32, writable, any strides) in every (b, h); kept ascending. Returns len(kept).");
+  m.def("gather_rows", &gather_rows, "src"_a, "idx"_a,
+        "out[i] = src[idx[i]] for src (n, c) float32 and ascending idx: a new (len(idx), c) array.");
+
+  nb::class_<Cache>(m, "PagedCache",
+                    "The host paged KV cache (float32): a page pool, a free-page stack and the\n"
+                    "per-layer page tables, owned by this object.")
+      .def(nb::init<int, int, int, int, int, int, int, const std::string&, const std::string&>(), "num_layers"_a,
+           "kv_heads"_a, "head_dim"_a, "num_pages"_a, "max_seqs"_a, "max_seq_len"_a, "page_size"_a = 16,
+           "granularity"_a = "shared", "layout"_a = "nhd")
+      .def_prop_ro("num_layers", [](const Cache& c) { return c.shape.num_layers; })
+      .def_prop_ro("kv_heads", [](const Cache& c) { return c.shape.kv_heads; })
+      .def_prop_ro("head_dim", [](const Cache& c) { return c.shape.head_dim; })
+      .def_prop_ro("page_size", [](const Cache& c) { return c.shape.page_size; })
+      .def_prop_ro("num_pages", [](const Cache& c) { return c.shape.num_pages; })
+      .def_prop_ro("max_seqs", [](const Cache& c) { return c.shape.max_seqs; })
+      .def_prop_ro("max_seq_len", [](const Cache& c) { return c.shape.max_seq_len; })
+      .def_prop_ro("granularity", [](const Cache& c) { return std::string(pi::granularity_name(c.shape.granularity)); })
+      .def_prop_ro("layout", [](const Cache& c) { return std::string(c.layout == pi::PageLayout::nhd ? "nhd" : "hnd"); })
+      .def_prop_ro("free_pages", [](const Cache& c) { return c.storage->free_pages(); })
+      .def("length", &Cache::length, "layer"_a, "seq"_a, "Tokens sequence `seq` holds in `layer`.")
+      .def("page_table", &Cache::page_table, "layer"_a, "seq"_a, "The pages of (layer, seq), in order (a copy).")
+      .def("positions", &Cache::positions, "layer"_a, "seq"_a, "head"_a = 0,
+           "Original positions of the tokens (layer, seq) holds (a copy).")
+      .def("keys", [](const Cache& c, int l, int s) { return c.gather(l, s, false); }, "layer"_a, "seq"_a,
+           "A copy of (layer, seq)'s keys, (kv_heads, length, head_dim).")
+      .def("values", [](const Cache& c, int l, int s) { return c.gather(l, s, true); }, "layer"_a, "seq"_a,
+           "A copy of (layer, seq)'s values, (kv_heads, length, head_dim).")
+      .def_prop_ro("k_pool", [](nb::handle self) { return nb::cast<Cache&>(self).pool(self, false); },
+                   "The K page pool, no copy (NHD: pages, page_size, kv_heads, d).")
+      .def_prop_ro("v_pool", [](nb::handle self) { return nb::cast<Cache&>(self).pool(self, true); },
+                   "The V page pool, no copy.");
+
+  nb::class_<Compressor>(m, "_Compressor")
+      .def_prop_ro("scoring", [](const Compressor& c) { return c.scoring; })
+      .def_prop_ro("selection", [](const Compressor& c) { return c.selection; })
+      .def_prop_ro("schedule", [](const Compressor& c) { return c.schedule; })
+      .def_prop_ro("num_layers", [](const Compressor& c) { return c.impl->config().num_layers; })
+      .def_prop_ro("num_heads", [](const Compressor& c) { return c.impl->config().num_heads; })
+      .def_prop_ro("kv_heads", [](const Compressor& c) { return c.impl->config().kv_heads; })
+      .def_prop_ro("head_dim", [](const Compressor& c) { return c.impl->config().head_dim; })
+      .def_prop_ro("recent_ratio", [](const Compressor& c) { return c.impl->config().recent_ratio; })
+      .def_prop_ro("needs_queries", [](const Compressor& c) { return c.impl->needs_queries(); })
+      .def_prop_ro("granularity",
+                   [](const Compressor& c) { return std::string(pi::granularity_name(c.impl->granularity())); })
+      .def("keep_ratio", [](const Compressor& c, int l) { return c.impl->keep_ratio(l); }, "layer"_a)
+      .def("decode_keep", [](const Compressor& c, int l) { return c.impl->decode_keep(l); }, "layer"_a)
+      .def("begin", [](Compressor& c, Cache& cache, int seq, int n) { c.impl->begin(cache.cache(), seq, n); },
+           "cache"_a, "seq"_a, "prompt_len"_a)
+      .def("end", [](Compressor& c, Cache& cache, int seq) { c.impl->end(cache.cache(), seq); }, "cache"_a, "seq"_a)
+      .def("live", [](const Compressor& c, int seq) { return c.impl->live(seq); }, "seq"_a)
+      .def("window", [](const Compressor& c, int seq) { return c.impl->window(seq); }, "seq"_a)
+      .def("prefilled_layers", [](const Compressor& c, int seq) { return c.impl->prefilled_layers(seq); }, "seq"_a)
+      .def("tokens", [](const Compressor& c, int seq) { return to_array(c.impl->tokens(seq)); }, "seq"_a)
+      .def("boundary", [](const Compressor& c, int l, int seq) { return c.impl->boundary(l, seq); }, "layer"_a,
+           "seq"_a)
+      .def(
+          "prefill_store",
+          [](Compressor& c, int layer, Cache& cache, int seq, const Array& k, const Array& v) {
+            const char* fn = "PyramidCompressor::prefill_store";
+            c.impl->prefill_store(layer, cache.cache(), seq, view<const float, 3>(k, fn, "k"), view<const float, 3>(v, fn, "v"));
+          },
+          "layer"_a, "cache"_a, "seq"_a, "k"_a, "v"_a)
+      .def(
+          "prefill_select",
+          [](Compressor& c, int layer, Cache& cache, int seq, const OptArray& q, const OptArray& lse) {
+            const char* fn = "PyramidCompressor::prefill_select";
+            pi::TensorView<const float, 3> qv{};
+            pi::TensorView<const float, 2> lv{};
+            if (q) qv = view<const float, 3>(*q, fn, "window_q");
+            else if (c.impl->needs_queries())
+              fail(fn, "window_q", "None", "must hold the window's queries for scoring '" + c.scoring + "'");
+            if (lse) lv = view<const float, 2>(*lse, fn, "window_lse");
+            return to_array(c.impl->prefill_select(layer, cache.cache(), seq, qv, lv));
+          },
+          "layer"_a, "cache"_a, "seq"_a, "window_q"_a = nb::none(), "window_lse"_a = nb::none())
+      .def(
+          "decode_append",
+          [](Compressor& c, int layer, Cache& cache, const Array& seqs, const Array& k, const Array& v,
+             const Array& pos, const OptArray& q, const OptArray& lse) {
+            const char* fn = "PyramidCompressor::decode_append";
+            const std::vector<std::int32_t> s = int_list(seqs, fn, "seqs"), p = int_list(pos, fn, "pos");
+            if (p.size() != s.size())
+              fail(fn, "pos", "array of length " + std::to_string(p.size()),
+                   "must hold one position per sequence (" + std::to_string(s.size()) + ")");
+            pi::KVView<const float> qv{};
+            pi::TensorView<const float, 2> lv{};
+            if (q) qv = view<const float, 4>(*q, fn, "q");
+            else if (c.impl->needs_queries())
+              fail(fn, "q", "None", "must hold the new tokens' queries for scoring '" + c.scoring + "'");
+            if (lse) lv = view<const float, 2>(*lse, fn, "lse");
+            c.impl->decode_append(layer, cache.cache(), pi::SeqList{s.data(), int(s.size())},
+                                  view<const float, 4>(k, fn, "k"), view<const float, 4>(v, fn, "v"), p.data(), qv, lv);
+          },
+          "layer"_a, "cache"_a, "seqs"_a, "k"_a, "v"_a, "pos"_a, "q"_a = nb::none(), "lse"_a = nb::none())
+      .def(
+          "decode_compress",
+          [](Compressor& c, int layer, Cache& cache, const Array& seqs) {
+            const std::vector<std::int32_t> s = int_list(seqs, "PyramidCompressor::decode_compress", "seqs");
+            return c.impl->decode_compress(layer, cache.cache(), pi::SeqList{s.data(), int(s.size())});
+          },
+          "layer"_a, "cache"_a, "seqs"_a)
+      .def("trace", [](const Compressor& c, int n, int steps) { return trace_dict(c.impl->trace(n, steps)); },
+           "prompt_len"_a, "decode_steps"_a = 0)
+      .def("pages",
+           [](const Compressor& c, int n, int steps, int page) { return pages_dict(c.impl->pages(n, steps, page)); },
+           "prompt_len"_a, "decode_steps"_a, "page_size"_a);
+
+  m.def("_make_compressor", &make_compressor, "num_layers"_a, "num_heads"_a, "kv_heads"_a, "head_dim"_a,
+        "recent_ratio"_a, "softmax_scale"_a, "compress_decode"_a, "prefill_mode"_a, "lse_base"_a, "scoring"_a,
+        "distance_weight"_a, "selection"_a, "sinks"_a, "min_context"_a, "mass"_a, "granularity"_a, "schedule"_a,
+        "schedule_ratio"_a, "schedule_table"_a, "decode_segment"_a, "decode_gen_ratio"_a, "decode_final_ratio"_a);
+}
