@@ -32,6 +32,11 @@ class PyramidEngine {
   /// `max_new_tokens` decode steps; sequence b lives in slot b. Returns the
   /// logits after each prompt's last token, [batch x vocab].
   Matrix prefill(const std::vector<std::vector<std::int32_t>>& prompts, int max_new_tokens) {
+    // The previous requests' sequences end first (the compressor refuses to
+    // begin a sequence that is still live).
+    if (storage_)
+      for (int b = 0; b < cache().shape().max_seqs; ++b)
+        if (pc_.live(b)) pc_.end(cache(), b);
     make_storage(prompts, max_new_tokens);
     next_position_.clear();
     compression_seconds_ = 0.0;

@@ -1,7 +1,11 @@
 // pyramid-generate: prompt in, text out (streamed), with a pyramid KV cache.
 //
 //   pyramid-generate [--model PATH] [--policy NAME] [--ratio R] [--recent-ratio R]
-//                    [--max-tokens N] [--device cpu|cuda] [--raw] PROMPT...
+//                    [--max-tokens N] [--device cpu|cuda] [--raw] [--] PROMPT...
+//
+// The command line is strict (options.hpp, cli.hpp): unknown flags, bad
+// numbers and an empty prompt are errors (exit 2) that name the flag and the
+// value; --help lists the options.
 //
 // --device cuda (CUDA builds only) runs examples/llama_cuda's fp16 forward on
 // the GPU with the policies full and pyramid.
@@ -18,6 +22,7 @@
 #include <string>
 
 #include "generate/pyramid_engine.hpp"
+#include "generate/options.hpp"
 #include "generate/policies.hpp"
 #include "llama/generate.hpp"
 #include "llama/tokenizer.hpp"
@@ -31,16 +36,7 @@ using namespace pyramidinfer;
 using namespace pyramidinfer::llama;
 using Clock = std::chrono::steady_clock;
 
-struct Options {
-  std::string model = std::getenv("PYRAMIDINFER_MODEL") ? std::getenv("PYRAMIDINFER_MODEL")
-                                                        : std::string(PYRAMIDINFER_REPO_ROOT) +
-                                                              "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-  PolicyOptions policy;
-  int max_tokens = 96;
-  std::string device = "cpu";
-  bool raw = false;
-  std::string prompt;
-};
+using Options = GenerateOptions;
 
 /// With no prompt given: a question about the opening of Moby-Dick, long
 /// enough (about 600 tokens) that prefill compresses.
@@ -52,46 +48,28 @@ std::string default_prompt() {
          "\n\nWhat name does the narrator ask to be called by, and where does he go when he feels gloomy?";
 }
 
-[[noreturn]] void usage(const std::string& why) {
-  std::cerr << "pyramid-generate: " << why << "\n"
-            << "usage: pyramid-generate [--model PATH] [--policy NAME] [--ratio R] [--recent-ratio R]\n"
-            << "                        [--max-tokens N] [--device cpu|cuda] [--raw] PROMPT...\n"
-            << "policies: " << policy_help() << "\n";
-  std::exit(2);
-}
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto value = [&]() -> std::string {
-      if (i + 1 >= argc) usage("missing value after " + a);
-      return argv[++i];
-    };
-    if (a == "--model") o.model = value();
-    else if (a == "--policy") o.policy.name = value();
-    else if (a == "--ratio") o.policy.ratio = std::stod(value());
-    else if (a == "--recent-ratio") o.policy.recent_ratio = std::stod(value());
-    else if (a == "--max-tokens") o.max_tokens = std::stoi(value());
-    else if (a == "--device") o.device = value();
-    else if (a == "--raw") o.raw = true;
-    else if (a == "--help" || a == "-h") usage("help");
-    else o.prompt += (o.prompt.empty() ? "" : " ") + a;
-  }
-  if (o.prompt.empty()) o.prompt = default_prompt();
 #ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
-  if (o.device != "cpu" && o.device != "cuda") usage("--device " + o.device + ": cpu or cuda");
+constexpr bool kCudaBuilt = true;
 #else
-  if (o.device != "cpu") usage("--device " + o.device + ": this build runs on cpu only (configure with CUDA for cuda)");
+constexpr bool kCudaBuilt = false;
 #endif
-  if (o.max_tokens < 1) usage("--max-tokens must be >= 1");
-  return o;
+
+/// The prompt and the tokens to generate must fit the model's context (and
+/// so 32-bit positions): a clear error instead of a long run or an overflow.
+void check_context(const LlamaConfig& c, std::size_t prompt_tokens, int max_tokens) {
+  if (c.context_length == 0) return;
+  if (prompt_tokens + std::size_t(max_tokens) > c.context_length)
+    throw cli::UsageError("--max-tokens '" + std::to_string(max_tokens) + "': the prompt (" +
+                          std::to_string(prompt_tokens) + " tokens) + " + std::to_string(max_tokens) +
+                          " new tokens exceed the model's context length of " + std::to_string(c.context_length) +
+                          " tokens");
 }
 
 template <class Compressor>
 void run(const Model& model, const Tokenizer& tok, const Options& o, Compressor pc) {
   const std::string text = o.raw ? o.prompt : tok.apply_chat_template({{"user", o.prompt}}, true);
   const std::vector<std::int32_t> prompt = tok.encode(text);
+  check_context(model.config(), prompt.size(), o.max_tokens);
   const std::int32_t stop = o.raw ? tok.eos_id() : tok.token_id("<|im_end|>");
   PyramidEngine<Compressor> engine(model, std::move(pc));
 
@@ -132,11 +110,12 @@ void run(const Model& model, const Tokenizer& tok, const Options& o, Compressor 
 }
 
 #ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
-void run_cuda(const Tokenizer& tok, const Options& o) {
+void run_cuda(const GgufFile& file, const Tokenizer& tok, const Options& o) {
   llama_cuda::GenerateRequest r;
   r.model_path = o.model;
   const std::string text = o.raw ? o.prompt : tok.apply_chat_template({{"user", o.prompt}}, true);
   r.prompt = tok.encode(text);
+  check_context(LlamaConfig::from_gguf(file), r.prompt.size(), o.max_tokens);
   r.stop = o.raw ? tok.eos_id() : tok.token_id("<|im_end|>");
   r.max_tokens = o.max_tokens;
   r.policy = o.policy.name;
@@ -162,19 +141,33 @@ void run_cuda(const Tokenizer& tok, const Options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  Options o;
   try {
-    const Options o = parse(argc, argv);
+    o = parse_generate_options(argc, argv, kCudaBuilt);
+  } catch (const cli::UsageError& e) {
+    std::cerr << "pyramid-generate: " << e.what() << "\n(pyramid-generate --help lists the options)\n";
+    return 2;
+  }
+  if (o.help) {
+    std::cout << generate_usage();
+    return 0;
+  }
+  if (o.prompt.empty()) o.prompt = default_prompt();
+  try {
     const GgufFile file = GgufFile::open(o.model);
     const Tokenizer tok = Tokenizer::from_gguf(file);
 #ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
     if (o.device == "cuda") {
-      run_cuda(tok, o);
+      run_cuda(file, tok, o);
       return 0;
     }
 #endif
     const Model model = Model::from_gguf(file);
     with_policy(model.config(), o.policy, [&](auto pc) { run(model, tok, o, std::move(pc)); });
     return 0;
+  } catch (const cli::UsageError& e) {
+    std::cerr << "pyramid-generate: " << e.what() << "\n";
+    return 2;
   } catch (const std::exception& e) {
     std::cerr << "pyramid-generate: " << e.what() << "\n";
     return 1;

@@ -1,0 +1,224 @@
+// options.hpp - the command lines of pyramid-generate and pyramid-eval, parsed
+// with cli.hpp's strict rules (see there: unknown flags, trailing junk, 1e3 as
+// an integer, nan, out-of-range values and empty lists are all errors that
+// name the flag and the value). tests/cli calls these parsers directly and
+// runs the tools with bad command lines.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "generate/cli.hpp"
+#include "generate/policies.hpp"
+
+namespace pyramidinfer::llama {
+
+/// $PYRAMIDINFER_MODEL, else the model examples/fetch_model.sh fetches.
+inline std::string default_model_path() {
+  const char* env = std::getenv("PYRAMIDINFER_MODEL");
+  if (env && *env) return env;
+  return std::string(PYRAMIDINFER_REPO_ROOT) + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+inline bool known_policy(const std::string& name) {
+  for (const auto& n : policy_names())
+    if (n == name) return true;
+  return false;
+}
+
+inline std::string policy_list() {
+  std::string s;
+  for (const auto& n : policy_names()) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
+/// Why `--ratio` / `--recent-ratio` mean nothing for a policy ("" when they apply).
+inline std::string ratio_ignored_because(const std::string& policy) {
+  if (policy == "full") return "policy 'full' keeps every token and has no ratio";
+  if (policy == "pyramid45") return "policy 'pyramid45' uses fixed settings (policies.hpp)";
+  return "";
+}
+
+inline constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
+
+// ---------------------------------------------------------------- generate
+
+struct GenerateOptions {
+  std::string model = default_model_path();
+  PolicyOptions policy;
+  int max_tokens = 96;
+  std::string device = "cpu";
+  bool raw = false;
+  bool help = false;
+  /// Empty when no prompt was given: the tool then uses its built-in example.
+  std::string prompt;
+};
+
+inline std::string generate_usage() {
+  return "usage: pyramid-generate [--model PATH] [--policy NAME] [--ratio R] [--recent-ratio R]\n"
+         "                        [--max-tokens N] [--device cpu|cuda] [--raw] [--] PROMPT...\n"
+         "  --model PATH        GGUF file (default $PYRAMIDINFER_MODEL, then models/SmolLM2-135M-Instruct.Q4_1.gguf)\n"
+         "  --policy NAME       one of: " +
+         policy_list() +
+         " (default pyramid)\n"
+         "  --ratio R           in (0, 1]: the pyramid's final ratio, or the share each layer keeps (layer-local\n"
+         "                      policies); not for full or pyramid45\n"
+         "  --recent-ratio R    in [0, 1): the recent window's share of the prompt; not for full or pyramid45\n"
+         "  --max-tokens N      tokens to generate, >= 1 (prompt + N must fit the model's context; default 96)\n"
+         "  --device cpu|cuda   cuda only in CUDA builds, with the policies full and pyramid\n"
+         "  --raw               no chat template: the prompt is the model's input as is\n"
+         "  PROMPT...           the words are joined with spaces; use -- before a prompt that starts with '-'.\n"
+         "                      With no prompt, a question about the opening of Moby-Dick (about 700 tokens).\n"
+         "Integers are whole decimal numbers (no 1e3, no 5x); flags may be written --flag=value.\n"
+         "policies: " +
+         policy_help() + "\n";
+}
+
+/// Parses pyramid-generate's command line; throws cli::UsageError.
+inline GenerateOptions parse_generate_options(int argc, const char* const* argv, bool cuda_built) {
+  using namespace cli;
+  GenerateOptions o;
+  std::string ratio_text, recent_text;
+  bool ratio_given = false, recent_given = false;
+  Parser p("pyramid-generate");
+  p.value("--model",
+          [&](const std::string& v) {
+            if (v.empty()) throw UsageError("--model '': empty path");
+            o.model = v;
+          })
+      .value("--policy", [&](const std::string& v) { o.policy.name = v; })
+      .value("--ratio",
+             [&](const std::string& v) {
+               o.policy.ratio = parse_real("--ratio", v, 0.0, 1.0, Bounds::open_low);
+               ratio_text = v, ratio_given = true;
+             })
+      .value("--recent-ratio",
+             [&](const std::string& v) {
+               o.policy.recent_ratio = parse_real("--recent-ratio", v, 0.0, 1.0, Bounds::open_high);
+               recent_text = v, recent_given = true;
+             })
+      .value("--max-tokens", [&](const std::string& v) { o.max_tokens = int(parse_int("--max-tokens", v, 1, kIntMax)); })
+      .value("--device", [&](const std::string& v) { o.device = v; })
+      .toggle("--raw", [&] { o.raw = true; })
+      .toggle("--help", [&] { o.help = true; })
+      .toggle("-h", [&] { o.help = true; });
+  const std::vector<std::string> words = p.parse(argc, argv, /*positional=*/true);
+  if (o.help) return o;
+
+  if (!known_policy(o.policy.name))
+    throw UsageError("--policy " + in_quotes(o.policy.name) + ": unknown policy; one of: " + policy_list());
+  if (o.device != "cpu" && o.device != "cuda") throw UsageError("--device " + in_quotes(o.device) + ": cpu or cuda");
+  if (o.device == "cuda" && !cuda_built)
+    throw UsageError("--device 'cuda': this build runs on cpu only (configure with CUDA for cuda)");
+  if (o.device == "cuda" && o.policy.name != "full" && o.policy.name != "pyramid")
+    throw UsageError("--policy " + in_quotes(o.policy.name) + ": --device cuda supports the policies full and pyramid");
+  const std::string why = ratio_ignored_because(o.policy.name);
+  if (ratio_given && !why.empty()) throw UsageError("--ratio " + in_quotes(ratio_text) + " does not apply: " + why);
+  if (recent_given && !why.empty())
+    throw UsageError("--recent-ratio " + in_quotes(recent_text) + " does not apply: " + why);
+
+  if (!words.empty()) {
+    for (const auto& w : words) o.prompt += (o.prompt.empty() ? "" : " ") + w;
+    if (o.prompt.find_first_not_of(" \t\r\n\f\v") == std::string::npos)
+      throw UsageError("empty prompt " + in_quotes(o.prompt) +
+                       ": give some text, or no prompt at all for the built-in example");
+  }
+  return o;
+}
+
+// -------------------------------------------------------------------- eval
+
+struct EvalOptions {
+  std::string model = default_model_path();
+  std::string text = std::string(PYRAMIDINFER_REPO_ROOT) + "/examples/data/moby_dick_ch1-3.txt";
+  int prefill = 1024, cont = 64, passages = 2, passkey_trials = 3;
+  std::vector<std::string> policies = policy_names();
+  std::vector<double> fractions = {1.0, 0.7, 0.5, 0.3};
+  std::string out = "pyramid_eval";
+  bool help = false;
+};
+
+/// Upper bound of --passages and --passkey-trials.
+inline constexpr std::int64_t kMaxRepeats = 1000000;
+
+inline std::string eval_usage() {
+  return "usage: pyramid-eval [--model PATH] [--text FILE] [--prefill N] [--continue M]\n"
+         "                    [--passages P] [--passkey-trials K] [--policies a,b,...]\n"
+         "                    [--fractions 1,0.7,...] [--out PREFIX]\n"
+         "  --prefill N         prompt tokens, >= 16 (default 1024)\n"
+         "  --continue M        teacher-forced tokens scored after the prompt, >= 1 (default 64);\n"
+         "                      the text needs more than N + M tokens, the model's context N + M\n"
+         "  --passages P        perplexity passages, 0.." +
+         std::to_string(kMaxRepeats) +
+         " (default 2)\n"
+         "  --passkey-trials K  passkey prompts, 0.." +
+         std::to_string(kMaxRepeats) +
+         " (default 3)\n"
+         "  --policies LIST     comma-separated, of: " +
+         policy_list() +
+         "\n"
+         "  --fractions LIST    KV budgets, each in (0, 1] (1: the full cache only; default 1,0.7,0.5,0.3)\n"
+         "  --out PREFIX        writes PREFIX.csv and PREFIX.json (default pyramid_eval)\n"
+         "Integers are whole decimal numbers (no 1e3, no 5x); flags may be written --flag=value.\n";
+}
+
+/// Parses pyramid-eval's command line; throws cli::UsageError.
+inline EvalOptions parse_eval_options(int argc, const char* const* argv) {
+  using namespace cli;
+  EvalOptions o;
+  Parser p("pyramid-eval");
+  const auto path = [](const char* flag, std::string& dst) {
+    return [flag, &dst](const std::string& v) {
+      if (v.empty()) throw UsageError(std::string(flag) + " '': empty path");
+      dst = v;
+    };
+  };
+  p.value("--model", path("--model", o.model))
+      .value("--text", path("--text", o.text))
+      .value("--out", path("--out", o.out))
+      .value("--prefill", [&](const std::string& v) { o.prefill = int(parse_int("--prefill", v, 16, kIntMax)); })
+      .value("--continue", [&](const std::string& v) { o.cont = int(parse_int("--continue", v, 1, kIntMax)); })
+      .value("--passages",
+             [&](const std::string& v) { o.passages = int(parse_int("--passages", v, 0, kMaxRepeats)); })
+      .value("--passkey-trials",
+             [&](const std::string& v) { o.passkey_trials = int(parse_int("--passkey-trials", v, 0, kMaxRepeats)); })
+      .value("--policies",
+             [&](const std::string& v) {
+               o.policies = parse_list("--policies", v);
+               for (std::size_t i = 0; i < o.policies.size(); ++i) {
+                 if (!known_policy(o.policies[i]))
+                   throw UsageError("--policies " + in_quotes(v) + ": unknown policy " + in_quotes(o.policies[i]) +
+                                    "; one of: " + policy_list());
+                 for (std::size_t j = 0; j < i; ++j)
+                   if (o.policies[j] == o.policies[i])
+                     throw UsageError("--policies " + in_quotes(v) + ": " + in_quotes(o.policies[i]) + " twice");
+               }
+             })
+      .value("--fractions",
+             [&](const std::string& v) {
+               o.fractions.clear();
+               for (const auto& f : parse_list("--fractions", v))
+                 o.fractions.push_back(parse_real("--fractions", f, 0.0, 1.0, Bounds::open_low));
+             })
+      .toggle("--help", [&] { o.help = true; })
+      .toggle("-h", [&] { o.help = true; });
+  p.parse(argc, argv, /*positional=*/false);
+  if (o.help) return o;
+  // Budget-swept policies get one row per fraction below 1: with none they
+  // would be dropped without a word.
+  bool below_one = false;
+  for (double f : o.fractions) below_one = below_one || f < 1.0;
+  for (const auto& name : o.policies)
+    if (!below_one && name != "full" && name != "pyramid" && name != "pyramid45")
+      throw UsageError("--policies " + in_quotes(name) +
+                       ": this policy runs at the --fractions below 1 only, and there are none; add one (e.g. "
+                       "--fractions 1,0.5)");
+  if (o.passages == 0 && o.passkey_trials == 0)
+    throw UsageError("--passages 0 and --passkey-trials 0: nothing to evaluate");
+  return o;
+}
+
+}  // namespace pyramidinfer::llama
