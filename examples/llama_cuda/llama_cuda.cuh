@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -477,6 +478,8 @@ class CudaEngine {
       p.full_pages += std::int64_t(s.n_layers) * ((n + std::max(max_new, 0) + ps - 1) / ps);
       c.max_seq_len = std::max(c.max_seq_len, n + std::max(max_new, 0));
     }
+    if (p.pages > std::numeric_limits<std::int32_t>::max())
+      throw std::invalid_argument("CudaEngine: the batch needs " + std::to_string(p.pages) + " pages, more than 2^31 - 1");
     c.num_pages = int(p.pages);
     p.page_bytes = std::size_t(2) * opt_.page_size * s.n_kv_heads * s.head_dim * sizeof(__half);
     p.total_bytes = std::size_t(p.pages) * p.page_bytes;
