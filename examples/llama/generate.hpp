@@ -32,6 +32,7 @@ inline std::vector<std::int32_t> generate_greedy(const Model& model, const std::
                                                  std::size_t max_new_tokens, std::int32_t stop_id,
                                                  const std::function<void(std::int32_t)>& on_token = {}) {
     std::vector<std::int32_t> generated;
+    model.config().check_sequence_length(prompt.size(), max_new_tokens);
     if (prompt.empty() || max_new_tokens == 0) return generated;
     FullKvCache cache = model.make_full_cache(prompt.size() + max_new_tokens);
     Matrix hidden = model.forward(prompt, iota_positions(0, prompt.size()), cache);
@@ -53,6 +54,7 @@ inline std::vector<std::int32_t> generate_greedy(const Model& model, const std::
 // prefixes, computed with one full-cache prefill; perplexity = exp(result).
 inline double mean_negative_log_likelihood(const Model& model, const std::vector<std::int32_t>& ids) {
     if (ids.size() < 2) return 0.0;
+    model.config().check_sequence_length(ids.size(), 0);
     FullKvCache cache = model.make_full_cache(ids.size());
     const Matrix hidden = model.forward(ids, iota_positions(0, ids.size()), cache);
     double total = 0.0;

@@ -9,6 +9,8 @@
 // is used, and any inconsistency throws FormatError naming the field.
 #pragma once
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -19,6 +21,10 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace pyramidinfer::llama {
 
@@ -262,6 +268,13 @@ inline std::string printable(const std::string& s) {
     return out;
 }
 
+// "[576 x 49152]" (ggml order: the row length first).
+inline std::string dims_string(const std::vector<std::int64_t>& dims) {
+    std::string out = "[";
+    for (std::size_t i = 0; i < dims.size(); ++i) out += (i ? " x " : "") + std::to_string(dims[i]);
+    return out + "]";
+}
+
 inline bool is_valid_type(std::uint32_t raw) { return raw <= static_cast<std::uint32_t>(GgufType::Float64); }
 
 // Appends one element of scalar `type` to `value`.
@@ -330,18 +343,36 @@ public:
     static constexpr std::uint32_t kMaxDims = 4;
     static constexpr std::uint64_t kMaxAlignment = 1u << 20;
 
-    // Reads the whole file into memory and parses it.
+    // Reads the whole file into memory and parses it. Only regular files are
+    // accepted: a FIFO would block in open()/read() forever and a directory
+    // reports a nonsense size, so the type is checked on the open descriptor
+    // (O_NONBLOCK keeps open() itself from waiting for a FIFO writer).
     static GgufFile open(const std::string& path) {
-        std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
-        if (!file) throw std::runtime_error("GGUF: cannot open '" + path + "'");
-        if (std::fseek(file.get(), 0, SEEK_END) != 0) throw std::runtime_error("GGUF: cannot seek '" + path + "'");
-        const long size = std::ftell(file.get());
-        if (size < 0 || std::fseek(file.get(), 0, SEEK_SET) != 0) {
-            throw std::runtime_error("GGUF: cannot determine the size of '" + path + "'");
+        const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0) throw FormatError("GGUF: cannot open '" + path + "': " + std::strerror(errno));
+        struct FdCloser {
+            int fd;
+            ~FdCloser() { ::close(fd); }
+        } closer{fd};
+        struct stat st {};
+        if (::fstat(fd, &st) != 0) throw FormatError("GGUF: cannot stat '" + path + "': " + std::strerror(errno));
+        if (!S_ISREG(st.st_mode)) {
+            throw FormatError("GGUF: '" + path + "' is " + file_kind(st.st_mode) +
+                              ", not a regular file; a model must be a regular GGUF file");
         }
-        std::vector<std::uint8_t> bytes(static_cast<std::size_t>(size));
-        if (std::fread(bytes.data(), 1, bytes.size(), file.get()) != bytes.size()) {
-            throw std::runtime_error("GGUF: error reading '" + path + "'");
+        if (st.st_size < 0 || static_cast<std::uint64_t>(st.st_size) > std::numeric_limits<std::size_t>::max()) {
+            throw FormatError("GGUF: '" + path + "' has unusable size " + std::to_string(st.st_size));
+        }
+        std::vector<std::uint8_t> bytes(static_cast<std::size_t>(st.st_size));
+        std::size_t done = 0;
+        while (done < bytes.size()) {
+            const ssize_t n = ::read(fd, bytes.data() + done, bytes.size() - done);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {  // 0: the file shrank while we read it
+                throw FormatError("GGUF: error reading '" + path + "' at byte " + std::to_string(done) + " of " +
+                                  std::to_string(bytes.size()) + (n < 0 ? std::string(": ") + std::strerror(errno) : ""));
+            }
+            done += static_cast<std::size_t>(n);
         }
         return from_bytes(std::move(bytes));
     }
@@ -506,7 +537,9 @@ private:
     }
 
     // The data section starts at the next multiple of the alignment; every
-    // tensor must lie inside it and be aligned.
+    // tensor must lie inside it and be aligned. Offsets are relative to the
+    // data section, so no tensor can reach back into the header, metadata or
+    // tensor table.
     void locate_data_section(detail::ByteCursor& in) {
         const std::uint64_t end_of_table = in.position();
         data_offset_ = (end_of_table + alignment_ - 1) / alignment_ * alignment_;
@@ -525,6 +558,61 @@ private:
                                   ", " + std::to_string(info.n_bytes) + " bytes) extends past the end of the file");
             }
         }
+        check_tensors_tile_data_section(data_size);
+    }
+
+    // Writers (llama.cpp, gguf-py) place tensors back to back, each padded to
+    // the alignment. Requiring exactly that layout catches tensors that share
+    // bytes and - since a tensor's size follows from its type and shape - a
+    // type or shape that was changed while the result still fits the file:
+    // it leaves a gap or an overlap next to the tensor.
+    void check_tensors_tile_data_section(std::uint64_t data_size) const {
+        std::vector<const GgufTensorInfo*> by_offset;
+        for (const GgufTensorInfo& info : tensors_) by_offset.push_back(&info);
+        std::stable_sort(by_offset.begin(), by_offset.end(),
+                         [](const GgufTensorInfo* a, const GgufTensorInfo* b) { return a->offset < b->offset; });
+        std::uint64_t expected = 0;  // where the next tensor must start
+        const GgufTensorInfo* previous = nullptr;
+        for (const GgufTensorInfo* info : by_offset) {
+            if (info->offset < expected) {
+                throw FormatError("GGUF: tensor '" + detail::printable(info->name) + "' at offset " +
+                                  std::to_string(info->offset) + " overlaps " + describe(*previous) +
+                                  " (the type or shape of one of them is wrong, or they share bytes)");
+            }
+            if (info->offset > expected) {
+                throw FormatError("GGUF: gap of " + std::to_string(info->offset - expected) + " bytes before tensor '" +
+                                  detail::printable(info->name) + "' at offset " + std::to_string(info->offset) +
+                                  (previous ? ", after " + describe(*previous) : std::string(" at the start of the data section")) +
+                                  " (a type or shape does not match the bytes stored)");
+            }
+            expected = padded(info->offset + info->n_bytes);  // cannot overflow: both are <= data_size
+            previous = info;
+        }
+        // The last tensor may or may not be padded; anything beyond is not ours.
+        const std::uint64_t used = previous ? previous->offset + previous->n_bytes : 0;
+        if (data_size > padded(used)) {
+            throw FormatError("GGUF: " + std::to_string(data_size - used) + " bytes follow the end of the " +
+                              (previous ? "last " + describe(*previous) : std::string("tensor table")) + "; the data section has " +
+                              std::to_string(data_size) + " bytes but the tensor table accounts for " +
+                              std::to_string(used) + " (a type or shape does not match the bytes stored)");
+        }
+    }
+
+    std::uint64_t padded(std::uint64_t n) const { return (n + alignment_ - 1) / alignment_ * alignment_; }
+
+    static std::string describe(const GgufTensorInfo& info) {
+        return "tensor '" + detail::printable(info.name) + "' (offset " + std::to_string(info.offset) + ", " +
+               ggml_type_traits(static_cast<std::uint32_t>(info.type))->name + " " + detail::dims_string(info.dims) +
+               " = " + std::to_string(info.n_bytes) + " bytes)";
+    }
+
+    static std::string file_kind(mode_t mode) {
+        if (S_ISDIR(mode)) return "a directory";
+        if (S_ISFIFO(mode)) return "a FIFO";
+        if (S_ISCHR(mode)) return "a character device";
+        if (S_ISBLK(mode)) return "a block device";
+        if (S_ISSOCK(mode)) return "a socket";
+        return "a special file";
     }
 
     static std::string to_hex(std::uint32_t v) {

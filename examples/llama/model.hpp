@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -44,10 +45,7 @@ struct LlamaConfig {
     // Reads and sanity-checks the llama.* keys (bounds keep a corrupted file
     // from requesting absurd allocations before the tensor shapes are seen).
     static LlamaConfig from_gguf(const GgufFile& file) {
-        const GgufValue* arch = file.find("general.architecture");
-        if (!arch || arch->type != GgufType::String || arch->as_string() != "llama") {
-            throw FormatError("model: general.architecture must be \"llama\"");
-        }
+        check_architecture(file);
         LlamaConfig c;
         c.n_layers = size_key(file, "llama.block_count", 1, 1024);
         c.dim = size_key(file, "llama.embedding_length", 1, 1 << 16);
@@ -72,13 +70,48 @@ struct LlamaConfig {
         } else {
             const GgufValue& tokens = file.at("tokenizer.ggml.tokens");
             c.vocab_size = tokens.strings.size();
+            if (c.vocab_size == 0 || c.vocab_size != tokens.size()) {
+                throw FormatError("model: llama.vocab_size is missing and tokenizer.ggml.tokens is not a non-empty "
+                                  "string array");
+            }
+        }
+        // The tokenizer's ids index the embedding rows, so the two must agree.
+        if (const GgufValue* tokens = file.find("tokenizer.ggml.tokens")) {
+            if (tokens->size() != c.vocab_size) {
+                throw FormatError("model: tokenizer.ggml.tokens has " + std::to_string(tokens->size()) +
+                                  " entries but llama.vocab_size is " + std::to_string(c.vocab_size));
+            }
         }
         if (file.find("llama.rope.freq_base")) c.rope_base = float_key(file, "llama.rope.freq_base");
         c.rms_eps = float_key(file, "llama.attention.layer_norm_rms_epsilon");
         return c;
     }
 
+    // Throws unless a sequence of `prompt_tokens` followed by `new_tokens`
+    // generated ones fits llama.context_length: positions beyond it were
+    // never trained (RoPE extrapolates badly) and would only waste memory.
+    void check_sequence_length(std::size_t prompt_tokens, std::size_t new_tokens) const {
+        if (prompt_tokens > context_length || new_tokens > context_length - prompt_tokens) {
+            throw std::invalid_argument("model: prompt of " + std::to_string(prompt_tokens) + " tokens plus " +
+                                        std::to_string(new_tokens) + " new tokens exceeds llama.context_length " +
+                                        std::to_string(context_length));
+        }
+    }
+
 private:
+    static void check_architecture(const GgufFile& file) {
+        const GgufValue* arch = file.find("general.architecture");
+        if (!arch) throw FormatError("model: general.architecture is missing (need \"llama\")");
+        if (arch->type != GgufType::String) {
+            throw FormatError("model: general.architecture has value type " +
+                              std::to_string(static_cast<unsigned>(arch->type)) + ", not a string (need \"llama\")");
+        }
+        if (arch->as_string() != "llama") {
+            throw FormatError("model: general.architecture is \"" + detail::printable(arch->as_string()) +
+                              "\"; only \"llama\" is supported");
+        }
+    }
+
     static std::size_t size_key(const GgufFile& file, const std::string& key, std::size_t lo, std::size_t hi) {
         const GgufValue& v = file.at(key);
         if (v.is_array() || v.ints.size() != 1 || v.ints[0] < static_cast<std::int64_t>(lo) ||
@@ -99,6 +132,74 @@ private:
         return static_cast<float>(x);
     }
 };
+
+// The shape (ggml order) of every tensor a llama model of config `c` reads.
+// output.weight is optional (absent when tied to the token embeddings).
+inline std::map<std::string, std::vector<std::int64_t>> llama_tensor_shapes(const LlamaConfig& c) {
+    const auto dims = [](std::size_t a, std::size_t b = 0) {
+        std::vector<std::int64_t> d{static_cast<std::int64_t>(a)};
+        if (b) d.push_back(static_cast<std::int64_t>(b));
+        return d;
+    };
+    const std::size_t kv_dim = c.n_kv_heads * c.head_dim;
+    std::map<std::string, std::vector<std::int64_t>> shapes = {
+        {"token_embd.weight", dims(c.dim, c.vocab_size)},
+        {"output_norm.weight", dims(c.dim)},
+        {"output.weight", dims(c.dim, c.vocab_size)},
+    };
+    for (std::size_t l = 0; l < c.n_layers; ++l) {
+        const std::string p = "blk." + std::to_string(l) + ".";
+        shapes[p + "attn_norm.weight"] = dims(c.dim);
+        shapes[p + "attn_q.weight"] = dims(c.dim, c.dim);
+        shapes[p + "attn_k.weight"] = dims(c.dim, kv_dim);
+        shapes[p + "attn_v.weight"] = dims(c.dim, kv_dim);
+        shapes[p + "attn_output.weight"] = dims(c.dim, c.dim);
+        shapes[p + "ffn_norm.weight"] = dims(c.dim);
+        shapes[p + "ffn_gate.weight"] = dims(c.dim, c.ffn_dim);
+        shapes[p + "ffn_up.weight"] = dims(c.dim, c.ffn_dim);
+        shapes[p + "ffn_down.weight"] = dims(c.ffn_dim, c.dim);
+    }
+    return shapes;
+}
+
+// Checks the tensor table against the config before anything is
+// dequantised: llama.block_count must match the layers in the file (a
+// smaller count would silently drop layers), every tensor must be one the
+// model reads (an unknown one, e.g. rope_freqs.weight, changes the maths we
+// do not implement) and have the expected shape, and none may be missing.
+inline void check_llama_tensor_table(const GgufFile& file, const LlamaConfig& c) {
+    std::size_t layers_in_file = 0;
+    for (const GgufTensorInfo& t : file.tensors()) {
+        if (t.name.compare(0, 4, "blk.") != 0) continue;
+        std::size_t layer = 0, i = 4;
+        for (; i < t.name.size() && i < 12 && t.name[i] >= '0' && t.name[i] <= '9'; ++i) {
+            layer = layer * 10 + static_cast<std::size_t>(t.name[i] - '0');
+        }
+        if (i > 4) layers_in_file = std::max(layers_in_file, layer + 1);
+    }
+    if (layers_in_file != c.n_layers) {
+        throw FormatError("model: llama.block_count is " + std::to_string(c.n_layers) + " but the file has tensors for " +
+                          std::to_string(layers_in_file) + " layers (blk.0 .. blk." +
+                          (layers_in_file ? std::to_string(layers_in_file - 1) : std::string("?")) + ")");
+    }
+    const auto shapes = llama_tensor_shapes(c);
+    for (const GgufTensorInfo& t : file.tensors()) {
+        auto it = shapes.find(t.name);
+        if (it == shapes.end()) {
+            throw FormatError("model: tensor '" + detail::printable(t.name) + "' " + detail::dims_string(t.dims) +
+                              " is not used by a llama model; refusing a file with unexpected tensors");
+        }
+        if (t.dims != it->second) {
+            throw FormatError("model: tensor '" + detail::printable(t.name) + "' has dims " +
+                              detail::dims_string(t.dims) + ", expected " + detail::dims_string(it->second));
+        }
+    }
+    for (const auto& [name, dims] : shapes) {
+        if (name != "output.weight" && !file.find_tensor(name)) {
+            throw FormatError("model: missing tensor '" + name + "' " + detail::dims_string(dims));
+        }
+    }
+}
 
 // Q (after RoPE), K (after RoPE) and V of the current tokens of one layer.
 struct LayerQkv {
@@ -123,6 +224,7 @@ public:
         Model m;
         m.config_ = LlamaConfig::from_gguf(file);
         const LlamaConfig& c = m.config_;
+        check_llama_tensor_table(file, c);
         m.token_embedding_ = load_matrix(file, "token_embd.weight", c.vocab_size, c.dim);
         m.output_norm_ = load_vector(file, "output_norm.weight", c.dim);
         if (file.find_tensor("output.weight")) m.output_ = load_matrix(file, "output.weight", c.vocab_size, c.dim);
@@ -163,6 +265,7 @@ public:
     // of `hidden` ([T, dim], the residual stream entering `layer`).
     LayerQkv layer_qkv(std::size_t layer, const Matrix& hidden, const std::vector<std::int32_t>& positions) const {
         check_rows(hidden, positions, "layer_qkv");
+        check_positions(positions);
         const LayerWeights& w = layers_.at(layer);
         const LlamaConfig& c = config_;
         const Matrix x = rms_norm(hidden, w.attn_norm, c.rms_eps);
@@ -254,6 +357,18 @@ private:
         const GgufTensorInfo& info = file.tensor(name);
         check_shape(info, {static_cast<std::int64_t>(n)});
         return file.tensor_as_float(info);
+    }
+
+    // Last line of defence for engines that did not call
+    // config().check_sequence_length() up front.
+    void check_positions(const std::vector<std::int32_t>& positions) const {
+        for (std::int32_t p : positions) {
+            if (p < 0 || static_cast<std::size_t>(p) >= config_.context_length) {
+                throw std::invalid_argument("Model::layer_qkv: position " + std::to_string(p) +
+                                            " is outside [0, llama.context_length " +
+                                            std::to_string(config_.context_length) + ")");
+            }
+        }
     }
 
     void check_rows(const Matrix& hidden, const std::vector<std::int32_t>& positions, const char* who) const {

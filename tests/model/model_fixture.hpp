@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "llama/generate.hpp"
 #include "llama/gguf.hpp"
@@ -29,6 +30,17 @@ inline void require_model_file() {
         FAIL("model file " << path << " not found: run examples/fetch_model.sh "
              "(or set PYRAMIDINFER_MODEL to a SmolLM2-135M-Instruct Q4_1 GGUF)");
     }
+}
+
+// One read() call: istreambuf_iterator takes seconds per 100 MB unoptimised.
+inline std::vector<std::uint8_t> read_file_bytes(const std::string& path) {
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    REQUIRE(in);
+    std::vector<std::uint8_t> bytes(static_cast<std::size_t>(in.tellg()));
+    in.seekg(0);
+    in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    REQUIRE(in);
+    return bytes;
 }
 
 inline const GgufFile& real_file() {

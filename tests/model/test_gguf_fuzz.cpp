@@ -41,8 +41,7 @@ Outcome try_load(const std::vector<std::uint8_t>& bytes, std::size_t size, bool 
 
 std::vector<std::uint8_t> read_model_bytes() {
     require_model_file();
-    std::ifstream in(model_path(), std::ios::binary);
-    return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    return read_file_bytes(model_path());
 }
 
 std::size_t fuzz_iterations() {
