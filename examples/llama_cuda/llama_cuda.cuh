@@ -48,6 +48,7 @@
 
 #ifndef PYRAMIDINFER_LLAMA_CUDA_NO_GGUF
 #include "llama/gguf.hpp"
+#include "llama/model.hpp"
 #endif
 
 namespace pyramidinfer::llama_cuda {
@@ -244,6 +245,9 @@ class CudaModel {
 
 #ifndef PYRAMIDINFER_LLAMA_CUDA_NO_GGUF
   static CudaModel from_gguf(const llama::GgufFile& f) {
+    // The CPU model's checks first (architecture, block count, every tensor's
+    // shape and type, nothing extra): the reads below trust them.
+    llama::check_llama_tensor_table(f, llama::LlamaConfig::from_gguf(f));
     CudaModel m;
     LlamaShape& s = m.shape_;
     auto ikey = [&](const std::string& k) { return int(f.at(k).ints.at(0)); };
