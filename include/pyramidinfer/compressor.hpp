@@ -75,6 +75,7 @@ void check_window_queries(const CompressorConfig& cfg, int w, const TensorView<c
     check_dim(q, 2, cfg.head_dim, fn, "window_q");
   }
   if (lse.data) {
+    check_view(lse, fn, "window_lse");
     check_dim(lse, 0, cfg.num_heads, fn, "window_lse");
     check_dim(lse, 1, w, fn, "window_lse");
   }
@@ -148,6 +149,10 @@ class PyramidCompressor {
     cache.check_seq(seq, fn);
     PYRAMIDINFER_REQUIRE(prompt_len > 0 && prompt_len <= cache.shape().max_seq_len, fn, "prompt_len", prompt_len,
                          "must be in [1, max_seq_len = " + std::to_string(cache.shape().max_seq_len) + "]");
+    // Layer 0 stores the whole prompt: it must fit in the pool's pages.
+    const std::int64_t pool_slots = std::int64_t(cache.shape().num_pages) * std::int64_t(cache.shape().page_size);
+    PYRAMIDINFER_REQUIRE(prompt_len <= pool_slots, fn, "prompt_len", prompt_len,
+                         "must be <= the pool's num_pages * page_size = " + std::to_string(pool_slots));
     PYRAMIDINFER_REQUIRE(std::size_t(seq) >= seqs_.size() || !seqs_[std::size_t(seq)].live, fn, "seq", seq,
                          "is already live: end() it first");
     for (int l = 0; l < cfg_.num_layers; ++l)
@@ -287,14 +292,10 @@ class PyramidCompressor {
       detail::check_dim(q, 1, cfg_.num_heads, fn, "q");
       detail::check_dim(q, 3, cfg_.head_dim, fn, "q");
     }
-    std::vector<std::int32_t> begin(static_cast<std::size_t>(B)), count(static_cast<std::size_t>(B), 1);
-    for (int i = 0; i < B; ++i) begin[std::size_t(i)] = i;
-    AppendSource<T> src;
+    AppendSource<T> src;  // begin and count null: the decode form, row i to entry i
     src.k = {k.data, {k.shape[0], k.shape[1], k.shape[3]}, {k.stride[0], k.stride[1], k.stride[3]}};
     src.v = {v.data, {v.shape[0], v.shape[1], v.shape[3]}, {v.stride[0], v.stride[1], v.stride[3]}};
     src.pos = pos;
-    src.begin = begin.data();
-    src.count = count.data();
     host::paged_append(cache.kv(), layer, batch, src);  // validates (pages, length), then writes
     for (int i = 0; i < B; ++i) push_decode_query(seqs_[std::size_t(batch.seqs[i])], layer, i, q, lse);
   }

@@ -206,7 +206,6 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     last_fired_ = 0;
     evict_launches_ = 0;
     PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(memory, 0, need, stream));
-    fill_constants(stream);
   }
 
   // ---- sequences -----------------------------------------------------------
@@ -454,9 +453,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     AppendSource<T> src;
     src.k = {k.data, {k.shape[0], k.shape[1], k.shape[3]}, {k.stride[0], k.stride[1], k.stride[3]}};
     src.v = {v.data, {v.shape[0], v.shape[1], v.shape[3]}, {v.stride[0], v.stride[1], v.stride[3]}};
-    src.pos = pos;
-    src.begin = m_.iota;
-    src.count = m_.ones;
+    src.pos = pos;  // begin and count null: the decode form, row i to entry i
     cuda::paged_append(cache.kv(), layer, SeqList{slots, batch.batch}, src, m_.paged_ws, m_.paged_ws_bytes, stream);
     const std::int64_t cap = std::int64_t(cache.kv().max_pages) << cache.kv().page_shift;
     for (int i = 0; i < batch.batch; ++i) {
@@ -556,7 +553,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     std::int32_t* tidx[2] = {nullptr, nullptr};  ///< [S][ph][P]
     std::int32_t *next_index = nullptr, *rank = nullptr;  ///< [S][P]
     // Scratch of one call.
-    std::int32_t *slots = nullptr, *iota = nullptr, *ones = nullptr;  ///< [S]
+    std::int32_t* slots = nullptr;  ///< [S]
     std::int32_t *off = nullptr, *off2 = nullptr;                     ///< [S + 1]
     std::int32_t *src_begin = nullptr, *src_count = nullptr;          ///< [S]
     std::int32_t *pos_packed = nullptr, *head_rows = nullptr;         ///< [S * P], [ph][S * P]
@@ -1030,8 +1027,6 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     m.next_index = c.take<std::int32_t>(elems(fn, S, P));
     m.rank = c.take<std::int32_t>(elems(fn, S, P));
     m.slots = c.take<std::int32_t>(elems(fn, S));
-    m.iota = c.take<std::int32_t>(elems(fn, S));
-    m.ones = c.take<std::int32_t>(elems(fn, S));
     m.off = c.take<std::int32_t>(elems(fn, S + 1));
     m.off2 = c.take<std::int32_t>(elems(fn, S + 1));
     m.src_begin = c.take<std::int32_t>(elems(fn, S));
@@ -1079,25 +1074,6 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
                                  cuda::paged_release_workspace_bytes(cache.kv(), all),
                                  cuda::paged_compact_workspace_bytes(cache.kv(), 0, all, kept, nullptr)});
   }
-  /// iota and ones, the decode append's source ranges, set once.
-  void fill_constants(cudaStream_t stream) const {
-    const int S = shape_.max_seqs;
-    std::vector<int> ids(static_cast<std::size_t>(S)), ones(static_cast<std::size_t>(S), 1);
-    for (int i = 0; i < S; ++i) ids[std::size_t(i)] = i;
-    fill_ints(ids, m_.iota, stream);
-    fill_ints(ones, m_.ones, stream);
-  }
-  static void fill_ints(const std::vector<int>& v, std::int32_t* dst, cudaStream_t stream) {
-    for (std::size_t first = 0; first < v.size(); first += cuda::detail::kChunkInts) {
-      cuda::detail::IntChunk c;
-      c.first = int(first);
-      c.count = int(std::min<std::size_t>(v.size() - first, cuda::detail::kChunkInts));
-      std::copy_n(v.data() + first, c.count, c.v);
-      cuda::detail::comp_upload_kernel<<<1, 256, 0, stream>>>(c, dst);
-      PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_upload_kernel");
-    }
-  }
-
   Host host_;  ///< validation, trace, and the one copy of the config and policies
   PagedCacheShape shape_{};
   bool attached_ = false;

@@ -52,6 +52,12 @@ struct Rows {
   }
   /// The same rows for the batch entries `keep` only (what the host runs when
   /// the device refuses the others).
+  /// Entry i appends row i alone: the calls may leave begin and count null.
+  bool decode_form() const {
+    for (std::size_t i = 0; i < seqs.size(); ++i)
+      if (begin[i] != std::int32_t(i) || count[i] != 1) return false;
+    return true;
+  }
   Rows subset(const std::vector<int>& keep) const {
     Rows r = *this;
     r.seqs.clear(), r.begin.clear(), r.count.clear();
@@ -68,9 +74,11 @@ struct DeviceRows {
   DeviceBuffer<std::int32_t> seqs, begin, count, pos, head_rows;
   DeviceBuffer<T> k, v;
   AppendSource<T> src;
-  explicit DeviceRows(const Rows<T>& r)
+  /// null_ranges: the decode form (begin and count null; r.decode_form()).
+  explicit DeviceRows(const Rows<T>& r, bool null_ranges = false)
       : seqs(r.seqs), begin(r.begin), count(r.count), pos(r.pos), head_rows(r.head_rows), k(r.k), v(r.v) {
-    src = r.source(k.ptr, v.ptr, pos.ptr, begin.ptr, count.ptr, head_rows.ptr);
+    src = null_ranges ? r.source(k.ptr, v.ptr, pos.ptr, nullptr, nullptr, head_rows.ptr)
+                      : r.source(k.ptr, v.ptr, pos.ptr, begin.ptr, count.ptr, head_rows.ptr);
   }
   SeqList list() const { return {seqs.ptr, int(seqs.n)}; }
 };
@@ -202,9 +210,12 @@ struct Twin {
 
   // ---- the ops on both sides (valid input) ----
 
-  void append(int layer, const Rows<T>& r) {
-    DeviceRows<T> dr(r);
-    host::paged_append(hkv(), layer, SeqList{r.seqs.data(), int(r.seqs.size())}, r.host());
+  /// null_ranges: both sides take the decode form (r.decode_form() holds).
+  void append(int layer, const Rows<T>& r, bool null_ranges = false) {
+    DeviceRows<T> dr(r, null_ranges);
+    AppendSource<T> hs = r.host();
+    if (null_ranges) hs.begin = hs.count = nullptr;
+    host::paged_append(hkv(), layer, SeqList{r.seqs.data(), int(r.seqs.size())}, hs);
     pcu::paged_append(dkv(), layer, dr.list(), dr.src, ws.ptr, ws.n, st.s);
     st.sync();
   }
@@ -254,14 +265,16 @@ struct Twin {
 /// contiguous (row, head, d), 1 head-major, 2 padded rows starting off a
 /// 16-byte boundary, 3 a stride of 2 along d (both force element copies).
 /// head_mode 0: none, 1: head h takes row begin + (t + h) % count, 2: any row.
+/// decode: no rows between the sequences' ranges (with counts of 1, entry i
+/// appends row i: the decode form).
 template <class T>
 Rows<T> random_rows(std::mt19937& rng, const IV& seqs, const IV& count, int heads, int dim, int pos_heads,
-                    int head_mode, int layout) {
+                    int head_mode, int layout, bool decode = false) {
   Rows<T> r;
   r.seqs = seqs, r.count = count, r.heads = heads, r.dim = dim, r.pos_heads = pos_heads;
   std::int64_t at = 0;
   for (int c : count) {
-    at += rng() % 2;  // rows no sequence appends
+    if (!decode) at += rng() % 2;  // rows no sequence appends
     r.begin.push_back(std::int32_t(at));
     at += c;
   }
@@ -360,7 +373,8 @@ void run_random(const PagedCacheShape& s, pit::PoolKind kind, std::uint32_t seed
         count.push_back(decode ? std::min(room, 1) : int(rng() % std::uint32_t(std::min(room, 70) + 1)));
       }
       const int head_mode = ph > 1 ? int(rng() % 3) : int(rng() % 2) * 2;
-      tw.append(layer, random_rows<T>(rng, batch, count, s.kv_heads, s.head_dim, ph, head_mode, int(rng() % 4)));
+      const Rows<T> r = random_rows<T>(rng, batch, count, s.kv_heads, s.head_dim, ph, head_mode, int(rng() % 4), decode);
+      tw.append(layer, r, r.decode_form() && rng() % 2 == 0);
       tw.same("append");
     } else if (op == 2) {
       tw.compact(layer, random_kept(rng, tw, layer, batch));
@@ -444,6 +458,11 @@ struct RefusalCase {
   Rows<T> rows(const IV& seqs, const IV& count, int head_mode = 0) {
     return random_rows<T>(rng, seqs, count, shape.kv_heads, shape.head_dim, shape.position_heads(), head_mode, 0);
   }
+  /// One row per sequence, entry i appending row i (the decode form).
+  Rows<T> decode_rows(const IV& seqs) {
+    return random_rows<T>(rng, seqs, IV(seqs.size(), 1), shape.kv_heads, shape.head_dim, shape.position_heads(), 0,
+                          0, true);
+  }
   void grow(const IV& seqs, const IV& count) {
     tw.append(0, rows(seqs, count));
     tw.same("setup");
@@ -462,9 +481,10 @@ struct RefusalCase {
     host();
     tw.same(what);
   }
+  /// null_ranges: the device takes the decode form (begin and count null).
   void append_refused(std::int32_t bits, const Rows<T>& r, const std::vector<int>& pass, const char* what,
-                      const std::function<void()>& fix = {}) {
-    DeviceRows<T> dr(r);
+                      const std::function<void()>& fix = {}, bool null_ranges = false) {
+    DeviceRows<T> dr(r, null_ranges);
     const Rows<T> ok = r.subset(pass);
     expect(
         bits, [&] { pcu::paged_append(tw.dkv(), 0, dr.list(), dr.src, tw.ws.ptr, tw.ws.n, tw.st.s); },
@@ -564,6 +584,46 @@ TEST_CASE("Device paged_append on a short or corrupt free list takes pages in ba
     CHECK(c.tw.device_int(c.tw.free_count.ptr) == c.shape.num_pages + 3);  // nothing popped, nothing written
     c.tw.set_device_int(c.tw.free_count.ptr, count);
   });
+}
+
+TEST_CASE("Device decode-form appends on a short or corrupt free list take pages in batch order",
+          "[cuda][paged][refuse][decode]") {
+  const std::uint32_t seed = std::uint32_t(test::rng()());
+  INFO("seed " << seed);
+  // 12 pages, page size 4: sequences 0..3 hold 2 + 2 + 1 + 3 = 8, 4 stay free.
+  RefusalCase<float> c(seed, Granularity::shared, 12);
+  const auto decode = [&](std::int32_t bits, const IV& seqs, const std::vector<int>& pass, const char* what,
+                          const std::function<void()>& fix = {}) {
+    c.append_refused(bits, c.decode_rows(seqs), pass, what, fix, true);
+  };
+  c.grow({4}, {8});  // 2 free
+  decode(0, {1, 4, 0}, {0, 1, 2}, "1 and 4 (length 8) take the last two pages, 0 needs none");
+  REQUIRE(c.tw.h.free_count == 0);
+  decode(kPagedNoFreePage, {5, 2}, {1}, "none left: 5 (empty) is refused, 2 (length 3) needs no page");
+  decode(kPagedBadSequence, {2, 0, 2, 7, -3}, {1}, "duplicates and slots out of range");
+  c.tw.release({4});
+  c.tw.same("release");
+  REQUIRE(c.tw.h.free_count == 3);
+  std::int32_t* top = c.tw.free_pages.ptr + c.tw.h.free_count - 1;
+  const std::int32_t saved_top = c.tw.h.free_pages[std::size_t(c.tw.h.free_count - 1)];
+  c.tw.set_device_int(top, -1);
+  REQUIRE(c.tw.len(0, 2) == 4);
+  decode(kPagedNoFreePage, {5, 2}, {}, "the top page id is not a page: both needers refused",
+         [&] { c.tw.set_device_int(top, saved_top); });
+  std::int32_t* below = top - 1;
+  const std::int32_t saved_below = c.tw.h.free_pages[std::size_t(c.tw.h.free_count - 2)];
+  c.tw.set_device_int(below, 1 << 20);
+  decode(kPagedNoFreePage, {5, 2}, {0}, "usable pages stop at the bad id",
+         [&] { c.tw.set_device_int(below, saved_below); });
+  const std::int32_t count = c.tw.h.free_count;
+  c.tw.set_device_int(c.tw.free_count.ptr, -4);  // below zero: no usable page
+  decode(kPagedNoFreePage, {2, 0}, {1}, "a negative free count", [&] {
+    CHECK(c.tw.device_int(c.tw.free_count.ptr) == -4);  // nothing popped
+    c.tw.set_device_int(c.tw.free_count.ptr, count);
+  });
+  c.grow({3}, {5});  // length 15 of max_seq_len 16
+  decode(0, {3}, {0}, "the last slot of the table");
+  decode(kPagedTableFull, {3, 0}, {1}, "a full table");
 }
 
 TEST_CASE("Device paged_compact refuses bad kept lists and full free lists per sequence", "[cuda][paged][refuse]") {
@@ -881,6 +941,52 @@ std::vector<int> append_oracle(const Twin<T>& tw, int layer, const Rows<T>& r, s
 
 }  // namespace
 
+TEST_CASE("Device decode-form appends under random batches with bad entries equal the oracle and the host",
+          "[cuda][paged][decode]") {
+  const std::uint32_t seed = std::uint32_t(test::rng()());
+  INFO("seed " << seed);
+  std::mt19937 rng(seed);
+  for (Granularity g : {Granularity::shared, Granularity::per_kv_head})
+    for (int page_size : {1, 4, 16}) {
+      INFO("page_size " << page_size << " granularity " << granularity_name(g));
+      PagedCacheShape s = make_shape(page_size, g, DType::f16, 2, 8, 12);
+      s.num_layers = 2;
+      s.max_seqs = 9;
+      s.num_pages = std::max(3, 2 * 12 / page_size);  // short: appends run out of pages
+      Twin<half_t> tw(s, pit::PoolKind::interleaved_hnd);
+      for (int step = 0; step < 80; ++step) {
+        INFO("step " << step);
+        IV seqs;
+        for (int q = 0; q < s.max_seqs; ++q)
+          if (rng() % 2) seqs.push_back(q);
+        if (rng() % 4 == 0 && !seqs.empty()) seqs.push_back(seqs[rng() % seqs.size()]);  // a duplicate
+        if (rng() % 5 == 0) seqs.push_back(rng() % 2 ? -1 : s.max_seqs);                // out of range
+        std::shuffle(seqs.begin(), seqs.end(), rng);
+        const int layer = int(rng() % 2);
+        if (rng() % 6 == 0) {  // end some sequences: their pages come back
+          IV ending;
+          for (int q = 0; q < s.max_seqs; ++q)
+            if (rng() % 3 == 0) ending.push_back(q);
+          tw.release(ending);
+          tw.same("release");
+          continue;
+        }
+        const Rows<half_t> r = random_rows<half_t>(rng, seqs, IV(seqs.size(), 1), s.kv_heads, s.head_dim,
+                                                   s.position_heads(), 0, int(rng() % 4), true);
+        std::int32_t bits = 0;
+        const std::vector<int> pass = append_oracle(tw, layer, r, bits);
+        DeviceRows<half_t> dr(r, true);
+        pcu::paged_append(tw.dkv(), layer, dr.list(), dr.src, tw.ws.ptr, tw.ws.n, tw.st.s);
+        tw.st.sync();
+        CHECK(tw.device_int(tw.status_ptr()) == bits);
+        tw.set_device_int(tw.status_ptr(), 0);
+        const Rows<half_t> ok = r.subset(pass);
+        host::paged_append(tw.hkv(), layer, SeqList{ok.seqs.data(), int(ok.seqs.size())}, ok.host());
+        tw.same("decode append");
+      }
+    }
+}
+
 TEST_CASE("Device paged ops over large batches: many scan rounds, two duplicate passes, a free list that runs out",
           "[cuda][paged][large]") {
   const std::uint32_t seed = std::uint32_t(test::rng()());
@@ -934,6 +1040,14 @@ TEST_CASE("Device paged ops over large batches: many scan rounds, two duplicate 
   }
   tw.compact(0, random_kept(rng, tw, 0, live));
   tw.same("compact all");
+  {  // the decode form past kPagedDecodeMaxBatch: the three-kernel path with no begin/count
+    REQUIRE(live.size() > 1024);
+    IV seqs;
+    for (int q : live)
+      if (tw.len(0, q) < 32) seqs.push_back(q);
+    tw.append(0, random_rows<float>(rng, seqs, IV(seqs.size(), 1), 1, 8, 1, 0, int(rng() % 4), true), true);
+    tw.same("decode-form append of many sequences");
+  }
   tw.check_export(0, live);
   IV first(live.begin(), live.begin() + 700), rest(live.begin() + 700, live.end());
   tw.release(first);

@@ -117,19 +117,35 @@ TEST_CASE("Bad input to policies, kernels and the planner names the argument", "
                 "dst");
 }
 
-TEST_CASE("Bad scoring problems name the argument", "[bad][scoring]") {
-  std::vector<float> keys(2 * 10 * 4, 0.5f), q(2 * 3 * 4, 0.1f);
+namespace {
+
+/// One sequence, one KV head of 10 keys (d = 4), two query heads with a
+/// 3-query window, scores over slots [0, 7): a valid problem tests then break.
+struct SmallProblem {
+  std::vector<float> keys = std::vector<float>(10 * 4, 0.5f), q = std::vector<float>(2 * 3 * 4, 0.1f);
   std::vector<std::int32_t> len = {10}, begin = {0}, count = {7};
   std::int32_t ring = 0, win = 3;
   ScoreProblem<float> p;
-  p.keys = make_hnd<const float>(keys.data(), 1, 1, 10, 4);
-  p.kv_len = make_contiguous<const std::int32_t>(len.data(), 1, 1);
-  p.queries = make_contiguous<const float>(q.data(), 1, 2, 3, 4);
-  p.ring_start = &ring;
-  p.window_len = &win;
-  p.score_begin = make_contiguous<const std::int32_t>(begin.data(), 1, 1);
-  p.score_count = make_contiguous<const std::int32_t>(count.data(), 1, 1);
-  p.scale = 0.5f;
+  SmallProblem() {
+    p.keys = make_hnd<const float>(keys.data(), 1, 1, 10, 4);
+    p.kv_len = make_contiguous<const std::int32_t>(len.data(), 1, 1);
+    p.queries = make_contiguous<const float>(q.data(), 1, 2, 3, 4);
+    p.ring_start = &ring;
+    p.window_len = &win;
+    p.score_begin = make_contiguous<const std::int32_t>(begin.data(), 1, 1);
+    p.score_count = make_contiguous<const std::int32_t>(count.data(), 1, 1);
+    p.scale = 0.5f;
+  }
+  SmallProblem(const SmallProblem&) = delete;
+};
+
+}  // namespace
+
+TEST_CASE("Bad scoring problems name the argument", "[bad][scoring]") {
+  SmallProblem sp;
+  ScoreProblem<float>& p = sp.p;
+  auto &len = sp.len, &begin = sp.begin, &count = sp.count;
+  std::int32_t& win = sp.win;
   std::vector<float> out(8);
   auto o = make_contiguous(out.data(), 1, 1, 8);
   host::window_attention_scores(p, Granularity::shared, 1.2f, o);  // valid
@@ -151,8 +167,8 @@ TEST_CASE("Bad scoring problems name the argument", "[bad][scoring]") {
   THROWS_NAMING(host::key_norm_scores(p, Granularity::shared, make_contiguous(out.data(), 1, 1, 6)), "scores.shape[2]");
   p.keys.stride[2] = -4;
   THROWS_NAMING(host::key_norm_scores(p, Granularity::shared, o), "keys");
-  p.keys = make_hnd<const float>(keys.data(), 1, 1, 10, 4);
-  p.queries = make_contiguous<const float>(q.data(), 1, 3, 2, 4);
+  p.keys = make_hnd<const float>(sp.keys.data(), 1, 1, 10, 4);
+  p.queries = make_contiguous<const float>(sp.q.data(), 1, 3, 2, 4);
   std::vector<float> kv2(2 * 10 * 4);
   p.keys = make_hnd<const float>(kv2.data(), 1, 2, 10, 4);
   len = {10, 10};
@@ -360,9 +376,13 @@ TEST_CASE("Compressor construction and ordering errors", "[bad][compressor]") {
 TEST_CASE("per_kv_head prefill_store without enough free pages changes nothing", "[bad][per_head]") {
   CompressorConfig cfg{2, 4, 2, 4};
   PyramidCompressor<RecentWindowScoring, TopKSelection> comp(cfg, {}, TopKSelection{4, 64, Granularity::per_kv_head});
-  pit::TestCache<> tc(comp, {1, 40, 8, pit::PoolKind::hnd, 4});  // 40 tokens need 5 pages
-  comp.begin(tc.cache(), 0, 40);
+  // 40 tokens need 5 pages: the pool has 5, but slot 1 holds one of them.
+  pit::TestCache<> tc(comp, {2, 40, 8, pit::PoolKind::hnd, 5});
   std::vector<float> k(2 * 40 * 4, 1.f), q(4 * 9 * 4, 1.f);
+  comp.begin(tc.cache(), 1, 8);
+  comp.prefill_store(0, tc.cache(), 1, make_contiguous<const float>(k.data(), 2, 8, 4),
+                     make_contiguous<const float>(k.data(), 2, 8, 4));
+  comp.begin(tc.cache(), 0, 40);
   BAD(tc, comp.prefill_store(0, tc.cache(), 0, make_contiguous<const float>(k.data(), 2, 40, 4),
                              make_contiguous<const float>(k.data(), 2, 40, 4)),
       "free pages");
@@ -408,4 +428,156 @@ TEST_CASE("NaN and infinite scores have defined behaviour in the compressor", "[
   std::sort(expect.begin(), expect.end());
   for (int p = 159; p < 200; ++p) expect.push_back(p);
   CHECK(T == expect);
+}
+
+// Every view a public host entry point takes is checked the same way:
+// negative strides, extents whose last offset overflows int64, shapes that do
+// not match the keys, null pointers.
+TEST_CASE("Unchecked views of host kernels are rejected naming the argument", "[bad][views]") {
+  std::vector<float> lse(2 * 3, 0.f), out(8, -7.f);
+  SmallProblem sp;
+  ScoreProblem<float>& p = sp.p;
+  const std::vector<float>& q = sp.q;
+  std::int32_t& ring = sp.ring;
+  auto o = make_contiguous(out.data(), 1, 1, 8);
+  host::window_attention_scores(p, Granularity::shared, 1.2f, o);  // valid
+  const std::vector<float> out_before = out;
+  auto unchanged = [&] { CHECK(out == out_before); };
+
+  // (a) check_view: a stride of 2^62 overflows the last offset.
+  auto huge = p;
+  huge.keys.stride[1] = std::int64_t(1) << 62;
+  huge.keys.shape[1] = 1;
+  huge.keys.stride[2] = std::int64_t(1) << 62;
+  THROWS_NAMING(host::key_norm_scores(huge, Granularity::shared, o), "keys");
+  auto huge_out = o;
+  huge_out.stride[2] = std::int64_t(1) << 62;
+  THROWS_NAMING(host::key_norm_scores(p, Granularity::shared, huge_out), "scores");
+  unchanged();
+
+  // (b) queries' head_dim and batch against the keys.
+  auto bad = p;
+  bad.queries = make_contiguous<const float>(q.data(), 1, 2, 3, 3);
+  THROWS_NAMING(host::window_attention_scores(bad, Granularity::shared, 1.2f, o), "queries");
+  bad.queries = make_contiguous<const float>(q.data(), 2, 1, 3, 4);
+  bad.queries.shape[1] = 2;
+  THROWS_NAMING(host::window_attention_scores(bad, Granularity::shared, 1.2f, o), "queries");
+  bad = p;
+  bad.queries.stride[2] = -4;
+  THROWS_NAMING(host::window_attention_scores(bad, Granularity::shared, 1.2f, o), "queries");
+  unchanged();
+  // The LSE views' shapes and strides.
+  bad = p;
+  bad.lse = make_contiguous<const float>(lse.data(), 1, 2, 2);
+  THROWS_NAMING(host::window_attention_scores(bad, Granularity::shared, 1.2f, o), "lse");
+  bad.lse = make_contiguous<const float>(lse.data(), 1, 2, 3);
+  bad.lse.stride[2] = -1;
+  THROWS_NAMING(host::window_attention_scores(bad, Granularity::shared, 1.2f, o), "lse");
+  bad = p;
+  bad.lse_out = make_contiguous(lse.data(), 1, 1, 3);
+  THROWS_NAMING(host::window_attention_scores(bad, Granularity::shared, 1.2f, o), "lse_out");
+  unchanged();
+  // Null window_len, negative ring_start.
+  bad = p;
+  bad.window_len = nullptr;
+  THROWS_NAMING(host::window_attention_scores(bad, Granularity::shared, 1.2f, o), "window_len");
+  THROWS_NAMING(host::key_norm_scores(bad, Granularity::shared, o), "window_len");
+  ring = -1;
+  THROWS_NAMING(host::window_attention_scores(p, Granularity::shared, 1.2f, o), "ring_start");
+  ring = 0;
+  // Negative-stride output.
+  auto neg_out = make_contiguous(out.data() + 7, 1, 1, 8);
+  neg_out.stride[2] = -1;
+  THROWS_NAMING(host::window_attention_scores(p, Granularity::shared, 1.2f, neg_out), "scores");
+  THROWS_NAMING(host::key_norm_scores(p, Granularity::shared, neg_out), "scores");
+  unchanged();
+
+  // window_query_lse: its output view, b, row_begin.
+  std::vector<float> lo(2 * 3, -5.f);
+  const std::vector<float> lo_before = lo;
+  auto lv = make_contiguous(lo.data(), 1, 2, 3);
+  host::window_query_lse(p, 0, 0, lv);  // valid
+  lo = lo_before;
+  auto lneg = lv;
+  lneg.stride[1] = -3;
+  THROWS_NAMING(host::window_query_lse(p, 0, 0, lneg), "lse_out");
+  THROWS_NAMING(host::window_query_lse(p, 0, 0, make_contiguous(lo.data(), 1, 2, 2)), "lse_out");
+  THROWS_NAMING(host::window_query_lse(p, 1, 0, lv), "b");
+  THROWS_NAMING(host::window_query_lse(p, 0, 4, lv), "row_begin");
+  bad = p;
+  bad.queries = make_contiguous<const float>(q.data(), 1, 2, 3, 3);
+  THROWS_NAMING(host::window_query_lse(bad, 0, 0, lv), "queries");
+  CHECK(lo == lo_before);
+
+  // position_scores: the positions' shape.
+  std::vector<std::int32_t> pos(5, 0);
+  p.positions = make_contiguous<const std::int32_t>(pos.data(), 1, 1, 5);
+  THROWS_NAMING(host::position_scores(p, Granularity::shared, o), "positions.shape[2]");
+  unchanged();
+
+  // attention_weight_scores: null pointers and a negative-stride output.
+  std::vector<float> attn(2 * 2 * 10, 0.1f);
+  const std::int32_t w2 = 2, sb = 0, sc = 4;
+  auto av = make_contiguous<const float>(attn.data(), 1, 2, 2, 10);
+  THROWS_NAMING(host::attention_weight_scores(av, nullptr, &sb, &sc, 2, Granularity::shared, 1.2f, o), "window_len");
+  THROWS_NAMING(host::attention_weight_scores(av, &w2, &sb, &sc, 2, Granularity::shared, 1.2f, neg_out), "scores");
+  unchanged();
+
+  // Selection over raw score arrays.
+  THROWS_NAMING(host::topp_count(nullptr, 5, 0.5, 0), "scores");
+  THROWS_NAMING(host::topp_count(out.data(), -1, 0.5, 0), "n");
+  std::vector<std::int32_t> idx(4);
+  THROWS_NAMING(host::topk_indices(nullptr, 5, 2, 0, idx.data()), "scores");
+  THROWS_NAMING(host::topk_indices(out.data(), 5, 2, 0, nullptr), "out");
+
+  // Compaction: the view, the row and the head.
+  std::vector<float> x(2 * 5 * 4);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(i);
+  const std::vector<float> x_before = x;
+  const std::int32_t kept[2] = {1, 3};
+  auto xv = make_hnd(x.data(), 1, 2, 5, 4);
+  THROWS_NAMING(host::compact_rows(xv, 1, 0, kept, 2, 5), "b");
+  THROWS_NAMING(host::compact_rows(xv, 0, 2, kept, 2, 5), "h");
+  THROWS_NAMING(host::compact_rows(xv, 0, 0, kept, 2, 6), "n");
+  auto xneg = xv;
+  xneg.stride[2] = -4;
+  THROWS_NAMING(host::compact_rows(xneg, 0, 0, kept, 2, 5), "x");
+  std::vector<std::int32_t> pv(2 * 5, 0);
+  const std::vector<std::int32_t> pv_before = pv;
+  THROWS_NAMING(host::compact_positions(make_contiguous(pv.data(), 1, 2, 5), 0, 3, kept, 2), "h");
+  THROWS_NAMING(host::compact_positions(make_contiguous(pv.data(), 1, 2, 3), 0, 0, kept, 2), "kept");
+  CHECK(x == x_before);
+  CHECK(pv == pv_before);
+}
+
+TEST_CASE("prefill_select rejects a bad window-LSE view and changes nothing", "[bad][compressor][views]") {
+  Fixture f;
+  auto& tc = f.tc;
+  auto& c = f.c;
+  auto& comp = f.comp;
+  comp.prefill_store(0, c, 1, f.kv3(f.k, 2, 30, 4), f.kv3(f.v, 2, 30, 4));
+  const int w1 = comp.window(1);
+  std::vector<float> lse(4 * 64, 0.f);
+  auto neg = make_contiguous<const float>(lse.data() + 4 * 64 - 1, 4, w1);
+  neg.stride[0] = -w1;
+  neg.stride[1] = -1;
+  BAD(tc, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 4), neg), "window_lse");
+  auto huge = make_contiguous<const float>(lse.data(), 4, w1);
+  huge.stride[0] = std::int64_t(1) << 62;
+  BAD(tc, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 4), huge), "window_lse");
+  BAD(tc, comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 4), make_contiguous<const float>(lse.data(), 3, w1)),
+      "window_lse");
+  CHECK(comp.prefilled_layers(1) == 0);
+  comp.prefill_select(0, c, 1, f.kv3(f.q, 4, w1, 4), make_contiguous<const float>(lse.data(), 4, w1));  // valid
+  CHECK(comp.prefilled_layers(1) == 1);
+}
+
+TEST_CASE("begin rejects a prompt the pool cannot hold and changes nothing", "[bad][compressor][begin]") {
+  CompressorConfig cfg{3, 4, 2, 4};
+  PyramidCompressor<> comp{cfg};
+  pit::TestCache<> tc{comp, pit::CacheSpec{1, 60, 8, pit::PoolKind::nhd, 2}};  // 16 slots in the pool
+  BAD(tc, comp.begin(tc.cache(), 0, 17), "prompt_len");
+  CHECK_FALSE(comp.live(0));
+  comp.begin(tc.cache(), 0, 16);  // fits
+  CHECK(comp.live(0));
 }

@@ -276,6 +276,46 @@ TEST_CASE("Paged append takes pages in order and compaction returns the tail pag
   CHECK(c.pages(1, 3)[1] == 2);
 }
 
+TEST_CASE("Paged append in the decode form (no begin/count) equals explicit rows i, one each", "[paged]") {
+  PagedCacheShape s = test_shape(4, Granularity::per_kv_head, DType::f32, 16);
+  s.num_pages = 12;
+  pit::PagedBuffers<float> a(s, pit::PoolKind::nhd), b(s, pit::PoolKind::hnd);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(5 * 2 * 8), v(k.size());
+  std::vector<std::int32_t> pos(5), seqs{4, 0, 2, 5}, begin{0, 1, 2, 3}, count{1, 1, 1, 1};
+  for (int step = 0; step < 9; ++step) {
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : v) x = nd(rng);
+    for (auto& p : pos) p = std::int32_t(rng() % 1000);
+    // 5 source rows, 4 entries: row 4 is not appended.
+    AppendSource<float> src{make_contiguous<const float>(k.data(), 5, 2, 8),
+                            make_contiguous<const float>(v.data(), 5, 2, 8), pos.data(), begin.data(), count.data(),
+                            {}};
+    host::paged_append(a.cache.kv(), 1, SeqList{seqs.data(), 4}, src);
+    src.begin = src.count = nullptr;
+    host::paged_append(b.cache.kv(), 1, SeqList{seqs.data(), 4}, src);
+  }
+  CHECK(*a.cache.kv().free.count == 12 - 4 * 3);
+  for (int q : seqs)
+    for (int t = 0; t < 9; ++t)
+      for (int h = 0; h < 2; ++h) {
+        CHECK(a.cache.kv().position(1, q, t, h) == b.cache.kv().position(1, q, t, h));
+        for (int d = 0; d < 8; ++d) {
+          CHECK(a.cache.kv().k_slot(1, q, t, h)[d] == b.cache.kv().k_slot(1, q, t, h)[d]);
+          CHECK(a.cache.kv().v_slot(1, q, t, h)[d] == b.cache.kv().v_slot(1, q, t, h)[d]);
+        }
+      }
+  // One of begin/count null, or fewer rows than entries: refused, nothing changes.
+  const auto before = b.snapshot();
+  AppendSource<float> half{make_contiguous<const float>(k.data(), 3, 2, 8),
+                           make_contiguous<const float>(v.data(), 3, 2, 8), pos.data(), begin.data(), nullptr, {}};
+  CHECK_THROWS_WITH(host::paged_append(b.cache.kv(), 0, SeqList{seqs.data(), 3}, half), Catch::Contains("src.begin/count"));
+  half.begin = nullptr;
+  CHECK_THROWS_WITH(host::paged_append(b.cache.kv(), 0, SeqList{seqs.data(), 4}, half), Catch::Contains("src.k.shape[0]"));
+  CHECK(b.snapshot() == before);
+}
+
 TEST_CASE("Paged ops reject bad input and change nothing", "[paged]") {
   PagedCacheShape s = test_shape(4, Granularity::per_kv_head, DType::f32, 16);
   s.num_pages = 12;

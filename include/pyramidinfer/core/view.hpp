@@ -7,6 +7,7 @@
 #include <string>
 #include <type_traits>
 
+#include "checked.hpp"
 #include "config.hpp"
 #include "error.hpp"
 
@@ -104,7 +105,18 @@ void check_view(const TensorView<T, Rank>& v, const char* function, const char* 
       throw_arg_error(function, name, "stride[" + std::to_string(a) + "]=" + std::to_string(v.stride[a]),
                       "must be >= 0");
   }
-  if (v.data == nullptr && v.numel() > 0) throw_arg_error(function, name, "nullptr", "must point to data");
+  bool empty = false;
+  for (int a = 0; a < Rank; ++a) empty = empty || v.shape[a] == 0;
+  if (empty) return;
+  if (v.data == nullptr) throw_arg_error(function, name, "nullptr", "must point to data");
+  // The last element's offset and the element count must fit in int64:
+  // the checked helpers throw when they do not.
+  std::int64_t last = 0, count = 1;
+  for (int a = 0; a < Rank; ++a) {
+    last = checked_add(last, checked_mul(v.shape[a] - 1, v.stride[a], function, name), function, name);
+    count = checked_mul(count, v.shape[a], function, name);
+  }
+  checked_add(last, 1, function, name);
 }
 
 /// Rejects a view whose axis `axis` is not exactly `expected` long.

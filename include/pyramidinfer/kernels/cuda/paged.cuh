@@ -126,7 +126,11 @@ __device__ void paged_mark_duplicates(const std::int32_t* seqs, int batch, int m
   const int passes = int((std::int64_t(max_seqs) + kPagedDupSlots - 1) / kPagedDupSlots);
   for (int pass = 0; pass < passes; ++pass) {  // slots [lo, lo + kPagedDupSlots)
     const std::int64_t lo = std::int64_t(pass) * kPagedDupSlots;
-    for (int w = threadIdx.x; w < kWords; w += blockDim.x) seen[w] = twice[w] = 0u;
+    // Only the words this pass's slots use: engines keep a few hundred slots,
+    // and the decode append runs this in every block.
+    const std::int64_t used = (max_seqs - lo + 31) / 32;
+    const int words = used < kWords ? int(used) : kWords;
+    for (int w = threadIdx.x; w < words; w += blockDim.x) seen[w] = twice[w] = 0u;
     __syncthreads();
     for (int i = threadIdx.x; i < batch; i += blockDim.x) {
       const std::int64_t q = seqs[i], x = q - lo;
@@ -190,7 +194,8 @@ __global__ void __launch_bounds__(kPagedCheckThreads)
   const int i = blockIdx.x;
   const std::int64_t rows = src.k.shape[0], cap = std::int64_t(c.max_pages) << c.page_shift;
   if (threadIdx.x == 0) {
-    const std::int32_t q = seqs[i], b = src.begin[i], n = src.count[i];
+    // Decode form (no begin/count): entry i appends row i.
+    const std::int32_t q = seqs[i], b = src.begin ? src.begin[i] : i, n = src.count ? src.count[i] : 1;
     std::int32_t len = 0;
     int bits = 0;
     if (q < 0 || q >= c.max_seqs) {
@@ -320,6 +325,108 @@ __global__ void __launch_bounds__(kPagedCopyThreads)
       if (v == 0 && h < c.pos_heads) *paged_pos(c, page, off, h) = src.pos[row];
     }
   }
+}
+
+// ---- append, decode form -----------------------------------------------------
+//
+// A decode step appends one row per sequence (row i to batch entry i, no
+// begin/count arrays). Each sequence then needs at most one page (when its
+// last page is full), so the plan is a count of the valid sequences before it
+// that need one. One launch checks, plans and copies: block i plans the whole
+// batch for itself (it is short: kPagedDecodeMaxBatch at most) and moves its
+// own row. Lengths and the free count, which every block reads while it
+// plans, change in a one-block commit launch after it. Same bytes and status
+// bits as check + plan + copy, two launches instead of three, and no
+// single-block plan on the decode path.
+
+constexpr int kPagedDecodeMaxBatch = 1024;  // past it, the per-block plan (O(batch)) costs more than it saves
+
+/// The length of slot seqs[i] and the status bits of every batch entry (in
+/// shared memory), as the check and plan kernels would set them before the
+/// free-list rule. Returns how many valid entries before i need a page.
+template <class T>
+__device__ int paged_decode_plan(const PagedKV<T>& c, int layer, const std::int32_t* seqs, int batch, int i,
+                                 std::int32_t* bits, std::int32_t* len_i) {
+  __shared__ int s_before;
+  if (threadIdx.x == 0) s_before = 0;
+  for (int j = threadIdx.x; j < batch; j += blockDim.x) bits[j] = 0;
+  paged_mark_duplicates(seqs, batch, c.max_seqs, [&](int j) { bits[j] = kPagedBadSequence; });
+  const std::int64_t cap = std::int64_t(c.max_pages) << c.page_shift;
+  const int mask = c.pool.page_size - 1;
+  int before = 0;
+  for (int j = threadIdx.x; j < batch; j += blockDim.x) {  // the same j per thread as the marks: no barrier
+    const std::int32_t q = seqs[j];
+    std::int32_t len = 0;
+    if (q < 0 || q >= c.max_seqs) {
+      bits[j] |= kPagedBadSequence;
+    } else {
+      len = c.len(layer, q);
+      if (len < 0 || len >= cap) bits[j] |= kPagedTableFull;  // no room for one more row
+    }
+    if (j < i && bits[j] == 0 && (len & mask) == 0) ++before;
+    if (j == i) *len_i = len;
+  }
+  if (before) atomicAdd(&s_before, before);
+  __syncthreads();
+  return s_before;
+}
+
+/// Block i: entry i's plan, then its row into slot len of its sequence.
+template <class T, class V>
+__global__ void __launch_bounds__(kPagedCheckThreads)
+    paged_append_decode_kernel(PagedKV<T> c, int layer, const std::int32_t* seqs, int batch, AppendSource<T> src,
+                               PagedPlan p, int vecs) {
+  __shared__ std::int32_t s_bits[kPagedDecodeMaxBatch];
+  __shared__ std::int32_t s_len;
+  const int i = blockIdx.x;
+  const int start = paged_decode_plan(c, layer, seqs, batch, i, s_bits, &s_len);
+  int bits = s_bits[i];
+  const int len = s_len, mask = c.pool.page_size - 1;
+  const bool needs = bits == 0 && (len & mask) == 0;
+  const std::int32_t top = *c.free.count;
+  const std::int32_t have = top >= 0 && top <= c.free.capacity ? top : 0;
+  if (needs) {  // the free-list rule: pops [0, start] from the top must all be page ids
+    bool bad = start >= have;
+    for (int m = threadIdx.x; !bad && m <= start; m += blockDim.x)
+      bad = !paged_page_ok(c.free.pages[have - 1 - m], c.pool.num_pages);
+    if (__syncthreads_or(bad)) bits = kPagedNoFreePage;
+  }
+  if (threadIdx.x == 0) {
+    p.bits[i] = bits;
+    p.pages[i] = needs && bits == 0 ? 1 : 0;
+    if (i == 0) *p.top = have;
+    if (bits) atomicOr(c.status, bits);
+  }
+  if (bits) return;
+  const int pi = len >> c.page_shift, off = len & mask;
+  std::int32_t* table = c.pages(layer, seqs[i]);
+  const std::int32_t page = needs ? c.free.pages[have - 1 - start] : table[pi];
+  if (!paged_page_ok(page, c.pool.num_pages)) return;  // a corrupt table entry: write nothing through it
+  if (threadIdx.x == 0 && needs) table[pi] = page;
+  for (int k = threadIdx.x; k < c.pool.kv_heads * vecs; k += blockDim.x) {
+    const int h = k / vecs, v = k - h * vecs;
+    const T* ks = &src.k(i, h, 0);
+    const T* vs = &src.v(i, h, 0);
+    if constexpr (std::is_same<V, uint4>::value) {
+      *paged_vec<V>(c.pool.k_at(page, off, h), v) = *paged_vec<const V>(ks, v);
+      *paged_vec<V>(c.pool.v_at(page, off, h), v) = *paged_vec<const V>(vs, v);
+    } else {
+      c.pool.k_at(page, off, h)[v] = ks[v * src.k.stride[2]];
+      c.pool.v_at(page, off, h)[v] = vs[v * src.v.stride[2]];
+    }
+    if (v == 0 && h < c.pos_heads) *paged_pos(c, page, off, h) = src.pos[i];
+  }
+}
+
+/// One block of batch threads: the new lengths and free count.
+template <class T>
+__global__ void __launch_bounds__(kPagedDecodeMaxBatch)
+    paged_append_decode_commit_kernel(PagedKV<T> c, int layer, const std::int32_t* seqs, int batch, PagedPlan p) {
+  const int i = threadIdx.x;
+  const bool go = i < batch && p.bits[i] == 0;
+  if (go) c.len(layer, seqs[i]) += 1;
+  const int taken = __syncthreads_count(go && p.pages[i] != 0);
+  if (i == 0 && taken) *c.free.count = *p.top - taken;
 }
 
 // ---- compact ----------------------------------------------------------------
@@ -1045,7 +1152,9 @@ std::size_t paged_append_workspace_bytes(const PagedKV<T>&, int, const SeqList& 
 /// sequence's `layer`, taking a page from the free list whenever a sequence's
 /// last page is full (sequences in batch order, pages in table order). seqs,
 /// begin, count, pos and head_rows are device memory. Three launches: check,
-/// plan, copy (none when batch is 0).
+/// plan, copy (none when batch is 0). With begin and count both null (the
+/// decode form) entry i appends row i; without head_rows and for batches up
+/// to kPagedDecodeMaxBatch that takes two launches (plan-and-copy, commit).
 template <class T>
 void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const AppendSource<T>& src, void* workspace,
                   std::size_t workspace_bytes, cudaStream_t stream) {
@@ -1053,8 +1162,7 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
   using pyramidinfer::detail::check_dim;
   using pyramidinfer::detail::check_view;
   detail::check_paged_call(c, layer, true, s, fn);
-  PYRAMIDINFER_REQUIRE(s.batch == 0 || (src.begin && src.count), fn, "src.begin/count", "nullptr",
-                       "must hold one device entry per sequence");
+  pyramidinfer::detail::check_append_ranges(s, src, fn);
   PYRAMIDINFER_REQUIRE(src.pos || src.k.shape[0] == 0, fn, "src.pos", "nullptr", "must hold one position per row");
   for (const auto* x : {&src.k, &src.v}) {
     const char* name = x == &src.k ? "src.k" : "src.v";
@@ -1072,6 +1180,21 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
   }
   if (s.batch == 0) return;
   const detail::PagedPlan p = detail::paged_plan(workspace, workspace_bytes, s.batch, fn);
+  const bool vectorizable = detail::paged_pool_vectorizable(c.pool) && detail::paged_rows_vectorizable(src.k) &&
+                            detail::paged_rows_vectorizable(src.v);
+  if (!src.begin && !src.head_rows.data && s.batch <= detail::kPagedDecodeMaxBatch) {
+    auto launch = [&](auto vec_tag) {
+      using V = decltype(vec_tag);
+      const int vecs = int(std::int64_t(c.pool.head_dim) * std::int64_t(sizeof(T)) / std::int64_t(sizeof(V)));
+      detail::paged_append_decode_kernel<T, V>
+          <<<s.batch, detail::kPagedCheckThreads, 0, stream>>>(c, layer, s.seqs, s.batch, src, p, vecs);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_append_decode_kernel");
+    };
+    vectorizable ? launch(uint4{}) : launch(T{});
+    detail::paged_append_decode_commit_kernel<T><<<1, s.batch, 0, stream>>>(c, layer, s.seqs, s.batch, p);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_append_decode_commit_kernel");
+    return;
+  }
   detail::paged_append_check_kernel<T><<<s.batch, detail::kPagedCheckThreads, 0, stream>>>(c, layer, s.seqs, src, p);
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_append_check_kernel");
   detail::paged_append_plan_kernel<T><<<1, detail::kPagedPlanThreads, 0, stream>>>(c, layer, s.seqs, s.batch, p);
@@ -1088,11 +1211,7 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
         <<<grid, detail::kPagedCopyThreads, 0, stream>>>(c, layer, src, s.batch, p, vecs);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("paged_append_copy_kernel");
   };
-  if (detail::paged_pool_vectorizable(c.pool) && detail::paged_rows_vectorizable(src.k) &&
-      detail::paged_rows_vectorizable(src.v))
-    launch(uint4{});
-  else
-    launch(T{});
+  vectorizable ? launch(uint4{}) : launch(T{});
 }
 
 /// Workspace bytes for paged_compact with these arguments: the plan (one entry

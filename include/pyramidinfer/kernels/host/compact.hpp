@@ -26,7 +26,12 @@ inline void check_ascending(const std::int32_t* idx, int count, int n, const cha
 /// forward copy safe: the destination never overtakes a row still to be read.
 template <class T>
 void compact_rows(KVView<T> x, int b, int h, const std::int32_t* kept, int count, int n) {
-  check_ascending(kept, count, n, "host::compact_rows", "kept");
+  const char* fn = "host::compact_rows";
+  pyramidinfer::detail::check_view(x, fn, "x", 0);
+  PYRAMIDINFER_REQUIRE(b >= 0 && b < x.shape[0], fn, "b", b, "must be in [0, x.shape[0] = " + std::to_string(x.shape[0]) + ")");
+  PYRAMIDINFER_REQUIRE(h >= 0 && h < x.shape[1], fn, "h", h, "must be in [0, x.shape[1] = " + std::to_string(x.shape[1]) + ")");
+  PYRAMIDINFER_REQUIRE(n >= 0 && n <= x.shape[2], fn, "n", n, "must be in [0, x.shape[2] = " + std::to_string(x.shape[2]) + "]");
+  check_ascending(kept, count, n, fn, "kept");
   for (int i = 0; i < count; ++i)
     if (kept[i] != i)
       for (std::int64_t d = 0; d < x.shape[3]; ++d) x(b, h, i, d) = x(b, h, kept[i], d);
@@ -34,6 +39,11 @@ void compact_rows(KVView<T> x, int b, int h, const std::int32_t* kept, int count
 
 /// Same for a per-slot side array such as original positions.
 inline void compact_positions(TensorView<std::int32_t, 3> pos, int b, int h, const std::int32_t* kept, int count) {
+  const char* fn = "host::compact_positions";
+  pyramidinfer::detail::check_view(pos, fn, "pos", 0);
+  PYRAMIDINFER_REQUIRE(b >= 0 && b < pos.shape[0], fn, "b", b, "must be in [0, pos.shape[0] = " + std::to_string(pos.shape[0]) + ")");
+  PYRAMIDINFER_REQUIRE(h >= 0 && h < pos.shape[1], fn, "h", h, "must be in [0, pos.shape[1] = " + std::to_string(pos.shape[1]) + ")");
+  check_ascending(kept, count, int(pos.shape[2]), fn, "kept");
   for (int i = 0; i < count; ++i) pos(b, h, i) = pos(b, h, kept[i]);
 }
 

@@ -20,6 +20,7 @@ namespace pyramidinfer {
 /// [begin[i], begin[i] + count[i]). With per-head selection, head_rows
 /// (pos_head, row) may redirect head h's t-th row to row head_rows(h, begin[i]
 /// + t): each head stores its own tokens; without it every head stores the same.
+/// The decode form leaves begin and count null: entry i appends row i.
 template <class T>
 struct AppendSource {
   TensorView<const T, 3> k, v;
@@ -49,6 +50,17 @@ inline void check_seq_list(const SeqList& s, int max_seqs, const char* fn) {
       throw_arg_error(fn, "seqs", "slot " + std::to_string(q),
                       "must be distinct slots in [0, " + std::to_string(max_seqs) + ")");
   }
+}
+
+/// begin and count are both set, or both null (the decode form: entry i
+/// appends row i, so the source holds at least batch rows).
+template <class T>
+void check_append_ranges(const SeqList& s, const AppendSource<T>& src, const char* fn) {
+  PYRAMIDINFER_REQUIRE((src.begin == nullptr) == (src.count == nullptr), fn, "src.begin/count",
+                       src.begin ? "count nullptr" : "begin nullptr",
+                       "must both hold one entry per sequence, or both be null (row i to entry i)");
+  PYRAMIDINFER_REQUIRE(src.begin || src.k.shape[0] >= s.batch, fn, "src.k.shape[0]", src.k.shape[0],
+                       "must be >= batch = " + std::to_string(s.batch) + " in the decode form (row i to entry i)");
 }
 
 inline void check_layer_index(int layer, int num_layers, const char* fn) {
@@ -92,8 +104,7 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
   const char* fn = "host::paged_append";
   pyramidinfer::detail::check_layer_index(layer, c.num_layers, fn);
   pyramidinfer::detail::check_seq_list(s, c.max_seqs, fn);
-  PYRAMIDINFER_REQUIRE(s.batch == 0 || (src.begin && src.count), fn, "src.begin/count", "nullptr",
-                       "must hold one entry per sequence");
+  pyramidinfer::detail::check_append_ranges(s, src, fn);
   PYRAMIDINFER_REQUIRE(src.pos || src.k.shape[0] == 0, fn, "src.pos", "nullptr", "must hold one position per row");
   for (const auto* x : {&src.k, &src.v}) {
     pyramidinfer::detail::check_view(*x, fn, x == &src.k ? "src.k" : "src.v", 0);
@@ -107,9 +118,12 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
     pyramidinfer::detail::check_view(src.head_rows, fn, "src.head_rows", 0);
     pyramidinfer::detail::check_dim(src.head_rows, 0, c.pos_heads, fn, "src.head_rows");
   }
+  // Entry i appends rows [first(i), first(i) + rows_of(i)).
+  auto first = [&](int i) -> std::int64_t { return src.begin ? src.begin[i] : i; };
+  auto rows_of = [&](int i) -> int { return src.count ? src.count[i] : 1; };
   std::int64_t need = 0;
   for (int i = 0; i < s.batch; ++i) {
-    const std::int64_t b = src.begin[i], n = src.count[i], len = c.len(layer, s.seqs[i]);
+    const std::int64_t b = first(i), n = rows_of(i), len = c.len(layer, s.seqs[i]);
     PYRAMIDINFER_REQUIRE(b >= 0 && n >= 0 && b + n <= rows, fn, "src.begin/count",
                          std::to_string(b) + "/" + std::to_string(n), "must lie in the " + std::to_string(rows) + " rows");
     PYRAMIDINFER_REQUIRE(len + n <= std::int64_t(c.max_pages) << c.page_shift, fn, "count", n,
@@ -128,12 +142,12 @@ void paged_append(const PagedKV<T>& c, int layer, const SeqList& s, const Append
   pyramidinfer::detail::check_free_pages(c, need, fn);
   // Validated: from here on nothing throws.
   for (int i = 0; i < s.batch; ++i) {
-    const int q = s.seqs[i], len = c.len(layer, q), n = src.count[i];
+    const int q = s.seqs[i], len = c.len(layer, q), n = rows_of(i);
     for (int p = c.pages_for(len); p < c.pages_for(len + n); ++p) c.pages(layer, q)[p] = c.free.pages[--*c.free.count];
     for (int t = 0; t < n; ++t)
       for (int h = 0; h < c.pool.kv_heads; ++h) {
         const int hp = c.pos_heads > 1 ? h : 0;
-        const std::int64_t row = src.head_rows.data ? src.head_rows(hp, src.begin[i] + t) : src.begin[i] + t;
+        const std::int64_t row = src.head_rows.data ? src.head_rows(hp, first(i) + t) : first(i) + t;
         T* kd = c.k_slot(layer, q, len + t, h);
         T* vd = c.v_slot(layer, q, len + t, h);
         for (int d = 0; d < c.pool.head_dim; ++d) kd[d] = src.k(row, h, d), vd[d] = src.v(row, h, d);

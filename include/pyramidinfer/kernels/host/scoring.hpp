@@ -59,6 +59,17 @@ void check_score_problem(const ScoreProblem<T>& p, Granularity g, const ScoreVie
   }
 }
 
+/// A (b, q_head, ring row[, d]) view: queries, lse or lse_out. Axis 0 is the
+/// batch unless the rings are pooled (then it is not indexed); axes 1 and 2
+/// are the query heads and the ring rows of queries.
+template <class T, class V>
+void check_ring_view(const ScoreProblem<T>& p, const V& v, const char* fn, const char* name) {
+  pyramidinfer::detail::check_view(v, fn, name);
+  if (!p.ring_base) pyramidinfer::detail::check_dim(v, 0, p.batch(), fn, name);
+  pyramidinfer::detail::check_dim(v, 1, p.q_heads(), fn, name);
+  pyramidinfer::detail::check_dim(v, 2, p.ring_capacity(), fn, name);
+}
+
 /// The window-query rings of sequences [b0, b1) (host memory here): what
 /// ring_span() would clamp must already be in range, and pooled rings must
 /// not overlap (an overlap would make one sequence's lse_out rows another's).
@@ -70,6 +81,12 @@ void check_rings(const ScoreProblem<T>& p, int b0, int b1, const char* fn) {
   if (p.window_len == nullptr) throw_arg_error(fn, "window_len", "nullptr", "must point to [batch] lengths");
   if (p.kv_heads() < 1 || p.q_heads() % p.kv_heads() != 0)
     throw_arg_error(fn, "queries.shape[1]", p.q_heads(), "must be a multiple of kv_heads");
+  check_ring_view(p, p.queries, fn, "queries");
+  pyramidinfer::detail::check_dim(p.queries, 3, p.head_dim(), fn, "queries");
+  if (p.lse.data) check_ring_view(p, p.lse, fn, "lse");
+  if (p.lse_out.data) check_ring_view(p, p.lse_out, fn, "lse_out");
+  if (b0 < 0 || b1 > p.batch() || b0 > b1)
+    throw_arg_error(fn, "b", b0, "must be in [0, batch = " + std::to_string(p.batch()) + ")");
   const int rows = p.ring_capacity();
   if (p.ring_base && p.max_window_len < 0) throw_arg_error(fn, "max_window_len", p.max_window_len, "must be >= 0");
   std::vector<std::pair<int, int>> spans;  // pooled: (base, window) of each ring
@@ -201,7 +218,26 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
 /// compressor stores these so later scoring reuses the rows' own statistics.
 template <class T>
 void window_query_lse(const ScoreProblem<T>& p, int b, int row_begin, TensorView<float, 3> lse_out) {
-  detail::check_rings(p, b, b + 1, "host::window_query_lse");
+  const char* fn = "host::window_query_lse";
+  {
+    using pyramidinfer::detail::throw_arg_error;
+    pyramidinfer::detail::check_view(p.keys, fn, "keys");
+    pyramidinfer::detail::check_view(p.kv_len, fn, "kv_len");
+    pyramidinfer::detail::check_dim(p.kv_len, 0, p.batch(), fn, "kv_len");
+    pyramidinfer::detail::check_dim(p.kv_len, 1, p.kv_heads(), fn, "kv_len");
+    if (b < 0 || b >= p.batch()) throw_arg_error(fn, "b", b, "must be in [0, batch = " + std::to_string(p.batch()) + ")");
+    detail::check_ring_view(p, lse_out, fn, "lse_out");
+    detail::check_rings(p, b, b + 1, fn);
+    const int w = p.window_len[b];
+    if (row_begin < 0 || row_begin > w)
+      throw_arg_error(fn, "row_begin", row_begin, "must be in [0, window_len = " + std::to_string(w) + "]");
+    for (int h = 0; h < p.kv_heads(); ++h) {
+      const int n = p.kv_len(b, h);
+      if (n < w || n > p.keys.shape[2])
+        throw_arg_error(fn, "kv_len", n,
+                        "must be in [window_len = " + std::to_string(w) + ", " + std::to_string(p.keys.shape[2]) + "]");
+    }
+  }
   const int group = p.q_heads() / p.kv_heads(), w = p.window_len[b];
   for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
     const int n = p.kv_len(b, kvh);
@@ -227,6 +263,10 @@ inline void attention_weight_scores(TensorView<const float, 4> attn, const std::
                                     int kv_heads, Granularity g, float distance_weight, ScoreView out) {
   const char* fn = "host::attention_weight_scores";
   pyramidinfer::detail::check_view(attn, fn, "attn");
+  pyramidinfer::detail::check_view(out, fn, "scores", 0);
+  PYRAMIDINFER_REQUIRE(window_len != nullptr, fn, "window_len", "nullptr", "must point to [batch] lengths");
+  PYRAMIDINFER_REQUIRE(score_begin != nullptr, fn, "score_begin", "nullptr", "must point to [batch] slots");
+  PYRAMIDINFER_REQUIRE(score_count != nullptr, fn, "score_count", "nullptr", "must point to [batch] counts");
   const int batch = int(attn.shape[0]), heads = int(attn.shape[1]), rows = int(attn.shape[2]);
   if (kv_heads < 1 || heads % kv_heads != 0)
     pyramidinfer::detail::throw_arg_error(fn, "kv_heads", kv_heads, "must divide attn.shape[1]");
@@ -281,7 +321,15 @@ void key_norm_scores(const ScoreProblem<T>& p, Granularity g, ScoreView out) {
 template <class T>
 void position_scores(const ScoreProblem<T>& p, Granularity g, ScoreView out) {
   detail::check_score_problem(p, g, out, "host::position_scores");
-  pyramidinfer::detail::check_view(p.positions, "host::position_scores", "positions");
+  const char* fn = "host::position_scores";
+  pyramidinfer::detail::check_view(p.positions, fn, "positions");
+  pyramidinfer::detail::check_dim(p.positions, 0, p.batch(), fn, "positions");
+  pyramidinfer::detail::check_dim(p.positions, 1, p.kv_heads(), fn, "positions");
+  for (int b = 0; b < p.batch(); ++b)
+    for (int h = 0; h < p.kv_heads(); ++h)
+      if (p.score_begin(b, h) + p.score_count(b, h) > p.positions.shape[2])
+        pyramidinfer::detail::throw_arg_error(fn, "positions.shape[2]", p.positions.shape[2],
+                                              "must cover score_begin + score_count");
   for (int b = 0; b < p.batch(); ++b)
     for (int kvh = 0; kvh < (g == Granularity::shared ? 1 : p.kv_heads()); ++kvh)
       for (int j = 0; j < p.score_count(b, kvh); ++j)

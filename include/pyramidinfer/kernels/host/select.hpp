@@ -50,6 +50,8 @@ inline void topk_indices(const float* scores, int n, int k, int forced_prefix, s
 inline int topp_count(const float* scores, int n, double mass, int forced_prefix) {
   const char* fn = "host::topp_count";
   PYRAMIDINFER_REQUIRE(mass > 0.0 && mass <= 1.0, fn, "mass", mass, "must be in (0, 1]");
+  PYRAMIDINFER_REQUIRE(n >= 0, fn, "n", n, "must be >= 0");
+  PYRAMIDINFER_REQUIRE(scores != nullptr || n == 0, fn, "scores", "nullptr", "must point to n scores");
   const int start = std::min(std::max(forced_prefix, 0), n);
   std::vector<double> m;
   for (int j = start; j < n; ++j) m.push_back(std::isfinite(scores[j]) && scores[j] > 0 ? scores[j] : 0.0);
