@@ -47,15 +47,7 @@ using namespace pyramidinfer;
 using namespace pyramidinfer::llama_cuda;
 using Clock = std::chrono::steady_clock;
 
-static LlamaShape shape_of(const std::string& n) {
-  LlamaShape s;
-  if (n == "llama2-7b") s = {32, 4096, 11008, 32, 32, 128, 128, 32000, 10000.f, 1e-5f};
-  else if (n == "llama2-13b") s = {40, 5120, 13824, 40, 40, 128, 128, 32000, 10000.f, 1e-5f};
-  else if (n == "llama3-8b") s = {32, 4096, 14336, 32, 8, 128, 128, 128256, 500000.f, 1e-5f};
-  else if (n == "tiny") s = {4, 256, 512, 4, 2, 64, 64, 1000, 10000.f, 1e-5f};
-  else throw std::runtime_error("unknown shape " + n);
-  return s;
-}
+static LlamaShape shape_of(const std::string& n) { return named_shape(n); }
 
 static std::size_t used_bytes() {
   std::size_t f = 0, t = 0;
@@ -345,7 +337,7 @@ static bool check_attention(int D, int H, int Hkv, std::uint32_t seed) {
 
 /// A small pyramid45-style model decoded with and without CUDA graphs: the logits must agree.
 static bool check_decode_graph() {
-  const LlamaShape s{4, 256, 512, 4, 2, 64, 64, 1000, 10000.f, 1e-5f};
+  const LlamaShape s = named_shape("tiny");
   const CudaModel model = CudaModel::random(s, 7);
   std::vector<std::vector<std::int32_t>> prompts;
   for (int n : {96, 160, 200, 128}) {

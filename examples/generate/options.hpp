@@ -113,8 +113,8 @@ inline GenerateOptions parse_generate_options(int argc, const char* const* argv,
   if (o.device != "cpu" && o.device != "cuda") throw UsageError("--device " + in_quotes(o.device) + ": cpu or cuda");
   if (o.device == "cuda" && !cuda_built)
     throw UsageError("--device 'cuda': this build runs on cpu only (configure with CUDA for cuda)");
-  if (o.device == "cuda" && o.policy.name != "full" && o.policy.name != "pyramid")
-    throw UsageError("--policy " + in_quotes(o.policy.name) + ": --device cuda supports the policies full and pyramid");
+  // Every named policy has device hooks (policy/device_hooks.cuh): --device cuda runs them all
+  // (examples/llama_cuda/policy_engine.cuh), so the policy needs no check here beyond known_policy.
   const std::string why = ratio_ignored_because(o.policy.name);
   if (ratio_given && !why.empty()) throw UsageError("--ratio " + in_quotes(ratio_text) + " does not apply: " + why);
   if (recent_given && !why.empty())

@@ -2,7 +2,7 @@
 #include <chrono>
 
 #include "llama_cuda/cuda_generate.hpp"
-#include "llama_cuda/llama_cuda.cuh"
+#include "llama_cuda/policy_engine.cuh"
 
 namespace pyramidinfer::llama_cuda {
 
@@ -41,18 +41,11 @@ GenerateResult drive(Engine& e, const GenerateRequest& r, const std::function<vo
 
 GenerateResult generate(const GenerateRequest& r, const std::function<void(std::int32_t)>& on_token) {
   const CudaModel model = CudaModel::from_gguf(llama::GgufFile::open(r.model_path));
-  EngineOptions o;
-  o.recent_ratio = r.recent_ratio;
-  if (r.policy == "full") {
-    o.compress_decode = false, o.compress_prefill = false;
-    CudaEngine<UniformSchedule> e(model, o, UniformSchedule{1.0});
-    return drive(e, r, on_token);
-  }
-  if (r.policy == "pyramid") {
-    CudaEngine<CosineSchedule> e(model, o, CosineSchedule{r.ratio});
-    return drive(e, r, on_token);
-  }
-  throw std::invalid_argument("--device cuda supports the policies full and pyramid, not '" + r.policy + "'");
+  llama::PolicyOptions po;
+  po.name = r.policy, po.ratio = r.ratio, po.recent_ratio = r.recent_ratio;
+  GenerateResult out;
+  with_cuda_engine(model, EngineOptions{}, po, [&](auto& e) { out = drive(e, r, on_token); });
+  return out;
 }
 
 }  // namespace pyramidinfer::llama_cuda

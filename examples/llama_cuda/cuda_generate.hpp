@@ -16,8 +16,8 @@ struct GenerateRequest {
   std::vector<std::int32_t> prompt;
   std::int32_t stop = -1;
   int max_tokens = 96;
-  std::string policy = "pyramid";  ///< full or pyramid
-  double ratio = 0.9;              ///< cosine final ratio (pyramid)
+  std::string policy = "pyramid";  ///< a name of examples/generate/policies.hpp
+  double ratio = 0.9;              ///< the policy's ratio (PolicyOptions::ratio)
   double recent_ratio = 0.2;
 };
 

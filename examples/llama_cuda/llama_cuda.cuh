@@ -2,14 +2,21 @@
 // residual stream) whose KV cache is a pyramidinfer paged cache in memory the
 // engine owns (PagedKVCache<half_t>: one page pool for every layer, a free
 // list, page tables), orchestrated by the library's
-// PyramidCompressor<..., CudaBackend> (token-dropping pyramid prefill,
-// on-device decode compression with the host-tracked trigger). Sequence b of
-// a batch lives in slot b. Twin of examples/generate/pyramid_engine.hpp (CPU).
+// PyramidCompressor<..., CudaBackend> (token-dropping or layer-local prefill,
+// on-device decode compression with the host-tracked trigger). Twin of
+// examples/generate/pyramid_engine.hpp (CPU).
 //
 //   CudaModel model = CudaModel::from_gguf(GgufFile::open(path));   // or CudaModel::random(shape, seed)
-//   CudaEngine<CosineSchedule> engine(model, EngineOptions{...}, CosineSchedule{0.9});
+//   PagedEngine<C> engine(model, EngineOptions{...}, host_compressor);  // any policy (policy_engine.cuh)
+//   CudaEngine<CosineSchedule> engine(model, EngineOptions{...}, CosineSchedule{0.9});  // the paper's family
+//   // static batches (sequence b in slot b):
 //   engine.prefill(prompts, max_new_tokens);      // ragged batch, logits of each prompt's last token
 //   engine.decode(tokens);                        // one step for the whole batch, no host sync
+//   // continuous batching (examples/serve):
+//   engine.open_pool(PoolSpec{...});              // one pool of a fixed size, slots, ring rows
+//   engine.begin(slot, prompt_len, max_new); engine.prefill_begun(slots, prompts);
+//   engine.decode_slots(live_slots);              // greedy, tokens stay on the device
+//   engine.end(slot);                             // pages and ring rows back
 //
 // Prefill is batched across sequences (ragged: rows of all sequences of a
 // chunk are concatenated, no padding; chunks bound the work buffers): one set
@@ -65,6 +72,15 @@ struct LlamaShape {
   int n_layers = 0, dim = 0, ffn_dim = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, rope_dims = 0, vocab = 0;
   float rope_base = 10000.f, rms_eps = 1e-5f;
 };
+
+/// The benchmark shapes (random weights): llama2-7b, llama2-13b, llama3-8b, and tiny (for checks).
+inline LlamaShape named_shape(const std::string& n) {
+  if (n == "llama2-7b") return {32, 4096, 11008, 32, 32, 128, 128, 32000, 10000.f, 1e-5f};
+  if (n == "llama2-13b") return {40, 5120, 13824, 40, 40, 128, 128, 32000, 10000.f, 1e-5f};
+  if (n == "llama3-8b") return {32, 4096, 14336, 32, 8, 128, 128, 128256, 500000.f, 1e-5f};
+  if (n == "tiny") return {4, 256, 512, 4, 2, 64, 64, 1000, 10000.f, 1e-5f};
+  throw std::invalid_argument("unknown shape '" + n + "': llama2-7b, llama2-13b, llama3-8b or tiny");
+}
 
 /// A device buffer (cudaMalloc, freed on destruction).
 template <class T>
@@ -233,6 +249,57 @@ static __global__ void fill_const_float(float* p, std::size_t n, float v) {
     p[i] = v;
 }
 
+/// ids[b] = the lowest index of row b's largest logit (NaN never wins; an
+/// all -inf or NaN row gives 0). One block of kArgmaxThreads per row; kUnroll
+/// independent loads in flight per thread (a plain strided loop made this a
+/// 50 us kernel per decode step).
+constexpr int kArgmaxThreads = 1024;
+static __global__ void __launch_bounds__(kArgmaxThreads) argmax_kernel(const float* logits, int vocab, std::int32_t* ids) {
+  constexpr int kUnroll = 4;
+  const float* row = logits + std::int64_t(blockIdx.x) * vocab;
+  float best = -INFINITY;
+  int arg = vocab;  // "none yet"
+  for (int i0 = threadIdx.x; i0 < vocab; i0 += kUnroll * kArgmaxThreads) {
+    float x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) x[u] = i0 + u * kArgmaxThreads < vocab ? row[i0 + u * kArgmaxThreads] : -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * kArgmaxThreads;
+      if (i < vocab && (x[u] > best || (x[u] == best && i < arg))) best = x[u], arg = i;
+    }
+  }
+  auto better = [](float v2, int i2, float v, int i) { return v2 > v || (v2 == v && i2 < i); };
+  for (int o = 16; o > 0; o >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, best, o);
+    const int i2 = __shfl_xor_sync(0xffffffffu, arg, o);
+    if (better(v2, i2, best, arg)) best = v2, arg = i2;
+  }
+  __shared__ float sv[kArgmaxThreads / 32];
+  __shared__ int si[kArgmaxThreads / 32];
+  if (threadIdx.x % 32 == 0) sv[threadIdx.x / 32] = best, si[threadIdx.x / 32] = arg;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kArgmaxThreads / 32; ++w)
+      if (better(sv[w], si[w], best, arg)) best = sv[w], arg = si[w];
+    ids[blockIdx.x] = arg < vocab ? arg : 0;
+  }
+}
+
+/// Continuous batching keeps each slot's next token and position on the
+/// device: ids[i], pos[i] = tok[slots[i]], pos_of[slots[i]] for the step's
+/// batch entry i (gather), and back after the step (scatter).
+static __global__ void gather_slots_kernel(const std::int32_t* slots, int B, const std::int32_t* tok,
+                                           const std::int32_t* pos_of, std::int32_t* ids, std::int32_t* pos) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < B) ids[i] = tok[slots[i]], pos[i] = pos_of[slots[i]];
+}
+static __global__ void scatter_slots_kernel(const std::int32_t* slots, int B, const std::int32_t* ids,
+                                            const std::int32_t* pos, std::int32_t* tok, std::int32_t* pos_of) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < B) tok[slots[i]] = ids[i], pos_of[slots[i]] = pos[i];
+}
+
 }  // namespace kernels
 
 /// Weights on the device: fp16 matrices ([out x in] row-major), fp32 norms.
@@ -391,18 +458,64 @@ struct KvPlan {
   double ratio_to_full = 1;
 };
 
-/// The engine: one model, one batch at a time, orchestrated by the CUDA compressor.
-template <class Schedule = CosineSchedule, class Decode = DecodeSchedule<CosineSchedule>>
-class CudaEngine {
-  using Compressor = PyramidCompressor<RecentWindowScoring, TopKSelection, Schedule, Decode, CudaBackend>;
+/// The policies of a PyramidCompressor type, and the same compressor on the CUDA backend.
+template <class C>
+struct CompressorParts;
+template <class Sc, class Sel, class Sch, class Dec, class B>
+struct CompressorParts<PyramidCompressor<Sc, Sel, Sch, Dec, B>> {
+  using Scoring = Sc;
+  using Selection = Sel;
+  using Schedule = Sch;
+  using Decode = Dec;
+  using Cuda = PyramidCompressor<Sc, Sel, Sch, Dec, CudaBackend>;
+};
+
+/// The CUDA engine's compressor for a host compressor (e.g. the one
+/// examples/generate/policies.hpp's with_policy hands out).
+template <class HostCompressor>
+using CudaCompressorOf = typename CompressorParts<HostCompressor>::Cuda;
+
+/// A persistent pool for continuous batching (PagedEngine::open_pool).
+struct PoolSpec {
+  std::int64_t num_pages = 0;  ///< KV pages shared by every layer and sequence
+  int max_seqs = 0;            ///< slots (concurrent sequences)
+  int max_seq_len = 0;         ///< the longest prompt + output any sequence may reach
+  std::int64_t ring_rows = 0;  ///< the compressor's window-query pool (ring_rows_for each live prompt)
+};
+
+/// The engine over any PyramidCompressor<..., CudaBackend>: one model, one
+/// paged cache. Two ways to drive it:
+///  * static batches: prefill(prompts) sizes a cache for exactly that batch
+///    (slot b = sequence b), then decode(tokens) / decode_device(ids);
+///  * continuous batching: open_pool(spec) once, then per request begin(slot)
+///    and prefill_begun(slots), decode_slots(live slots) per step (each
+///    slot's next token and position stay on the device, greedy), end(slot).
+template <class Compressor>
+class PagedEngine {
+  using Parts = CompressorParts<Compressor>;
 
  public:
-  CudaEngine(const CudaModel& model, EngineOptions opt, Schedule schedule = {}, Decode decode = {})
-      : m_(model), opt_(opt), pc_(make_cfg(model.shape(), opt), RecentWindowScoring{opt.distance_weight},
-                                  opt.selection, schedule, decode) {
+  using Scoring = typename Parts::Scoring;
+  using Selection = typename Parts::Selection;
+  using Schedule = typename Parts::Schedule;
+  using Decode = typename Parts::Decode;
+
+  PagedEngine(const CudaModel& model, EngineOptions opt, const CompressorConfig& cfg, Scoring scoring,
+              Selection selection, Schedule schedule, Decode decode)
+      : m_(model), opt_(opt), pc_(cfg, scoring, selection, schedule, decode) {
+    const LlamaShape& ms = model.shape();
+    if (cfg.num_layers != ms.n_layers || cfg.num_heads != ms.n_heads || cfg.kv_heads != ms.n_kv_heads ||
+        cfg.head_dim != ms.head_dim)
+      throw std::invalid_argument("PagedEngine: the compressor's config (layers " + std::to_string(cfg.num_layers) +
+                                  ", heads " + std::to_string(cfg.num_heads) + "/" + std::to_string(cfg.kv_heads) +
+                                  ", head_dim " + std::to_string(cfg.head_dim) + ") does not match the model's (" +
+                                  std::to_string(ms.n_layers) + ", " + std::to_string(ms.n_heads) + "/" +
+                                  std::to_string(ms.n_kv_heads) + ", " + std::to_string(ms.head_dim) + ")");
+    if (opt.page_size < 1 || (opt.page_size & (opt.page_size - 1)) != 0)
+      throw std::invalid_argument("PagedEngine: page_size " + std::to_string(opt.page_size) + " must be a power of two");
     const LlamaShape& s = model.shape();
     if (s.dim % 4 != 0 || s.dim > kernels::kNormMaxDim || s.head_dim % 2 != 0 || s.ffn_dim % 2 != 0)
-      throw std::invalid_argument("CudaEngine: unsupported shape (needs dim % 4 == 0, dim <= " +
+      throw std::invalid_argument("PagedEngine: unsupported shape (needs dim % 4 == 0, dim <= " +
                                   std::to_string(kernels::kNormMaxDim) + ", even head_dim and ffn_dim): dim " +
                                   std::to_string(s.dim) + ", head_dim " + std::to_string(s.head_dim) + ", ffn_dim " +
                                   std::to_string(s.ffn_dim));
@@ -418,15 +531,20 @@ class CudaEngine {
     LC_CUDA(cudaGetDevice(&dev));
     LC_CUDA(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev));
   }
-  ~CudaEngine() {
+  /// The CUDA twin of a compressor with the same policies (e.g. with_policy's host one).
+  template <class Other>
+  PagedEngine(const CudaModel& model, EngineOptions opt, const Other& pc)
+      : PagedEngine(model, opt, pc.config(), pc.scoring(), pc.selection(), pc.schedule(), pc.decode_schedule()) {}
+  ~PagedEngine() {
     cudaStreamSynchronize(stream_);
+    if (stage_event_) cudaEventDestroy(stage_event_);
     for (auto& g : graphs_) cudaGraphExecDestroy(g.second);
     for (auto& e : events_) cudaEventDestroy(e);
     cublasDestroy(blas_);
     cudaStreamDestroy(stream_);
   }
-  CudaEngine(const CudaEngine&) = delete;
-  CudaEngine& operator=(const CudaEngine&) = delete;
+  PagedEngine(const PagedEngine&) = delete;
+  PagedEngine& operator=(const PagedEngine&) = delete;
 
   cudaStream_t stream() const { return stream_; }
   const EngineOptions& options() const { return opt_; }
@@ -464,10 +582,8 @@ class CudaEngine {
   KvPlan plan_for(const std::vector<int>& lens, int max_new) const {
     const LlamaShape& s = m_.shape();
     KvPlan p;
+    p.shape = cache_shape(int(lens.size()), 1);
     PagedCacheShape& c = p.shape;
-    c.num_layers = s.n_layers, c.kv_heads = s.n_kv_heads, c.head_dim = s.head_dim, c.dtype = DType::f16;
-    c.granularity = opt_.selection.granularity, c.page_size = opt_.page_size;
-    c.max_seqs = int(lens.size()), c.max_seq_len = 1;
     p.layer_pages.assign(std::size_t(s.n_layers), 0);
     p.layer_cap.assign(std::size_t(s.n_layers), 1);
     const std::int64_t ps = opt_.page_size;
@@ -483,9 +599,9 @@ class CudaEngine {
       c.max_seq_len = std::max(c.max_seq_len, n + std::max(max_new, 0));
     }
     if (p.pages > std::numeric_limits<std::int32_t>::max())
-      throw std::invalid_argument("CudaEngine: the batch needs " + std::to_string(p.pages) + " pages, more than 2^31 - 1");
+      throw std::invalid_argument("PagedEngine: the batch needs " + std::to_string(p.pages) + " pages, more than 2^31 - 1");
     c.num_pages = int(p.pages);
-    p.page_bytes = std::size_t(2) * opt_.page_size * s.n_kv_heads * s.head_dim * sizeof(__half);
+    p.page_bytes = page_bytes();
     p.total_bytes = std::size_t(p.pages) * p.page_bytes;
     p.full_bytes = std::size_t(p.full_pages) * p.page_bytes;
     p.ratio_to_full = p.full_bytes ? double(p.total_bytes) / double(p.full_bytes) : 1.0;
@@ -512,104 +628,21 @@ class CudaEngine {
   std::vector<float> prefill(const std::vector<std::vector<std::int32_t>>& prompts, int max_new_tokens,
                              bool want_logits = true) {
     const LlamaShape& s = m_.shape();
-    const int B = int(prompts.size()), L = s.n_layers, H = s.n_heads, Hkv = s.n_kv_heads, d = s.head_dim;
-    if (B <= 0) throw std::invalid_argument("CudaEngine::prefill: empty batch");
+    const int B = int(prompts.size()), H = s.n_heads, d = s.head_dim;
+    if (B <= 0) throw std::invalid_argument("PagedEngine::prefill: empty batch");
+    check_prompts(prompts, "PagedEngine::prefill");
     std::vector<int> lens;
-    for (const auto& p : prompts) {
-      lens.push_back(int(p.size()));
-      for (std::int32_t t : p)  // the embedding lookup trusts the ids
-        if (t < 0 || t >= s.vocab)
-          throw std::invalid_argument("CudaEngine::prefill: token id " + std::to_string(t) + " of prompt " +
-                                      std::to_string(lens.size() - 1) + " is outside [0, " + std::to_string(s.vocab) +
-                                      ")");
-    }
+    for (const auto& p : prompts) lens.push_back(int(p.size()));
     ensure_rope_table(*std::max_element(lens.begin(), lens.end()) + std::max(max_new_tokens, 0) + 1);
     LC_CUDA(cudaStreamSynchronize(stream_));
     make_cache(lens, max_new_tokens);
     for (int b = 0; b < B; ++b) pc_.begin(*cache_, b, lens[std::size_t(b)], stream_);
-    B_ = B;
-    // chunks of sequences, each <= prefill_chunk_rows rows (one sequence at least)
-    std::vector<int> chunk_begin{0};
-    int max_rows = 0;
-    for (int b = 0, rows = 0; b < B; ++b) {
-      if (rows > 0 && rows + lens[std::size_t(b)] > opt_.prefill_chunk_rows) chunk_begin.push_back(b), rows = 0;
-      rows += lens[std::size_t(b)];
-      max_rows = std::max(max_rows, rows);
-    }
-    chunk_begin.push_back(B);
-    reserve_rows(std::max(max_rows, B));
-    lse_rows_.resize(std::size_t(std::max(max_rows, B)) * H);
-    // pinned staging: ids of a chunk, (B + 1) offsets per layer per chunk, B last-row indices
-    const std::size_t n_chunks = chunk_begin.size() - 1;
-    pinned_.resize(std::size_t(max_rows) + n_chunks * std::size_t(L) * (B + 1) + std::size_t(B));
-    offs_dev_.resize(n_chunks * std::size_t(L) * (B + 1));
-    last_rows_.resize(std::size_t(B));
-    xl_.resize(std::size_t(B) * s.dim);
-    std::int32_t* last_host = pinned_.get() + max_rows + n_chunks * std::size_t(L) * (B + 1);
-    const bool compress = opt_.compress_prefill;
-    const auto hv = [&](float* base, int row0, int n) {
-      return TensorView<const float, 2>{base + std::size_t(row0) * s.dim, {n, s.dim}, {s.dim, 1}};
-    };
-    for (std::size_t c = 0; c < n_chunks; ++c) {
-      const int b0 = chunk_begin[c], b1 = chunk_begin[c + 1], nb = b1 - b0;
-      if (c > 0) LC_CUDA(cudaStreamSynchronize(stream_));  // the pinned ids are reused
-      int rows = 0;
-      for (int b = b0; b < b1; ++b) {
-        std::copy(prompts[std::size_t(b)].begin(), prompts[std::size_t(b)].end(), pinned_.get() + rows);
-        rows += lens[std::size_t(b)];
-      }
-      LC_CUDA(cudaMemcpyAsync(ids_.get(), pinned_.get(), sizeof(std::int32_t) * rows, cudaMemcpyHostToDevice, stream_));
-      kernels::embed_kernel<<<rows, 256, 0, stream_>>>(m_.embedding(), ids_.get(), s.dim, h_.get());
-      std::vector<int> off(static_cast<std::size_t>(nb + 1));
-      for (int l = 0; l < L; ++l) {
-        off[0] = 0;
-        for (int i = 0; i < nb; ++i) off[std::size_t(i + 1)] = off[std::size_t(i)] + pc_.token_count(b0 + i);
-        const SeqList chunk{slots_.data() + b0, nb};
-        rows = off[std::size_t(nb)];
-        std::int32_t* ho = pinned_.get() + max_rows + (c * L + std::size_t(l)) * (B + 1);
-        std::int32_t* dof = offs_dev_.get() + (c * L + std::size_t(l)) * (B + 1);
-        std::copy(off.begin(), off.end(), ho);
-        LC_CUDA(cudaMemcpyAsync(dof, ho, sizeof(std::int32_t) * (nb + 1), cudaMemcpyHostToDevice, stream_));
-        pc_.packed_positions(chunk, pos_.get(), stream_);
-        layer_qkv(l, rows, pos_.get());
-        {  // K, V of every packed row as (kv_head, row, d)
-          const std::int64_t kvd = std::int64_t(Hkv) * d;
-          const TensorView<const half_t, 3> kv{reinterpret_cast<const half_t*>(k_.get()), {Hkv, rows, d}, {d, kvd, 1}};
-          const TensorView<const half_t, 3> vv{reinterpret_cast<const half_t*>(v_.get()), {Hkv, rows, d}, {d, kvd, 1}};
-          pc_.prefill_store(l, *cache_, chunk, kv, vv, stream_);
-        }
-        int longest = 0;
-        for (int i = 0; i < nb; ++i) longest = std::max(longest, off[std::size_t(i + 1)] - off[std::size_t(i)]);
-        const attn::PackedKV pkv{k_.get(), v_.get(), std::int64_t(Hkv) * d, d, Hkv};
-        attn::prefill_attention(q_.get(), pos_.get(), dof, nb, longest, pkv, H, d, attn_scale(), att_.get(),
-                                lse_rows_.get(), stream_);
-        layer_finish(l, rows);
-        timed([&] {  // the whole chunk at once: queries and LSE of every packed row
-          const TensorView<const half_t, 3> q{reinterpret_cast<const half_t*>(q_.get()), {H, rows, d},
-                                              {d, std::int64_t(H) * d, 1}};
-          const TensorView<const float, 2> lse{lse_rows_.get(), {H, rows}, {1, H}};
-          // A full cache keeps everything: the compressor skips scoring when
-          // nothing can drop, and T_{l+1} = T_l needs no gather.
-          const DevicePrefillBatch sel = pc_.prefill_select(l, *cache_, chunk, q, lse, stream_);
-          if (!compress && sel.rows != rows)
-            throw std::logic_error("CudaEngine: compress_prefill is off but the schedule dropped tokens");
-          if (compress && l + 1 < L)
-            pc_.gather_next(chunk, hv(h_.get(), 0, rows), TensorView<float, 2>{h2_.get(), {sel.rows, s.dim}, {s.dim, 1}},
-                            stream_);
-        });
-        if (compress && l + 1 < L) std::swap(h_, h2_);
-      }
-      // each sequence's last row (always kept: it is in the window) -> final norm and logits
-      for (int i = 0; i < nb; ++i) last_host[b0 + i] = off[std::size_t(i + 1)] - 1;
-      LC_CUDA(cudaMemcpyAsync(last_rows_.get() + b0, last_host + b0, sizeof(std::int32_t) * nb, cudaMemcpyHostToDevice,
-                              stream_));
-      rmsnorm(h_.get(), m_.output_norm(), nb, xl_.get() + std::size_t(b0) * s.dim, last_rows_.get() + b0);
-    }
-    gemm(xl_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
+    run_prefill(slots_, prompts);
     // decode buffers, sized once (no allocation in the decode loop)
     part_.resize(std::size_t(B) * H * kMaxSplits * (d + 2));
     decode_steps_ = 0;  // the first step runs eagerly (cuBLAS settles its choices outside a capture)
     dlse_.resize(std::size_t(B) * H);
+    batch_cap_ = plan_.layer_cap;
     std::vector<std::int32_t> next_pos(lens.begin(), lens.end());
     dpos_.upload(next_pos.data(), std::size_t(B), stream_);
     std::vector<float> logits;
@@ -622,6 +655,148 @@ class CudaEngine {
     flush_events();
     comp_prefill_ms_ = comp_ms_;
     return logits;
+  }
+
+  // ---- continuous batching --------------------------------------------------------
+
+  /// A persistent cache for continuous batching: `spec.num_pages` pages (all
+  /// free), `spec.max_seqs` slots, the compressor's state with a ring pool of
+  /// `spec.ring_rows`, and every work buffer sized for the largest prefill
+  /// chunk and decode batch, so later calls allocate nothing (except a
+  /// prompt longer than prefill_chunk_rows, which grows the prefill buffers
+  /// once). Setup, not a per-step call: it allocates and synchronises.
+  void open_pool(const PoolSpec& spec) {
+    const char* fn = "PagedEngine::open_pool";
+    const LlamaShape& s = m_.shape();
+    auto need = [&](bool ok, const char* what, std::int64_t v, const std::string& rule) {
+      if (!ok) throw std::invalid_argument(std::string(fn) + ": " + what + " = " + std::to_string(v) + " " + rule);
+    };
+    need(spec.num_pages >= 1 && spec.num_pages <= std::numeric_limits<std::int32_t>::max(), "num_pages", spec.num_pages,
+         "must be in [1, 2^31)");
+    need(spec.max_seqs >= 1 && spec.max_seqs <= 65535, "max_seqs", spec.max_seqs, "must be in [1, 65535]");
+    need(spec.max_seq_len >= 1, "max_seq_len", spec.max_seq_len, "must be >= 1");
+    need(spec.ring_rows >= 1, "ring_rows", spec.ring_rows, "must be >= 1");
+    PagedCacheShape sh = cache_shape(spec.max_seqs, spec.max_seq_len);
+    sh.num_pages = int(spec.num_pages);
+    LC_CUDA(cudaStreamSynchronize(stream_));
+    plan_ = KvPlan{};
+    plan_.shape = sh;
+    plan_.pages = plan_.full_pages = spec.num_pages;
+    plan_.page_bytes = page_bytes();
+    plan_.total_bytes = plan_.full_bytes =
+        std::size_t(pyramidinfer::detail::checked_mul(spec.num_pages, std::int64_t(plan_.page_bytes), fn, "pool bytes"));
+    plan_.layer_pages.assign(std::size_t(s.n_layers), 0);
+    plan_.layer_cap.assign(std::size_t(s.n_layers), spec.max_seq_len);
+    alloc_cache(sh, spec.ring_rows);
+    slots_.clear();
+    B_ = 0;
+    slot_cap_.assign(std::size_t(spec.max_seqs), std::vector<int>(std::size_t(s.n_layers), 0));
+    ensure_rope_table(spec.max_seq_len + 1);
+    const int rows = std::max(opt_.prefill_chunk_rows, spec.max_seqs);
+    reserve_rows(rows);
+    lse_rows_.resize(std::size_t(rows) * s.n_heads);
+    logits_.resize(std::size_t(spec.max_seqs) * s.vocab);
+    part_.resize(std::size_t(spec.max_seqs) * s.n_heads * kMaxSplits * (s.head_dim + 2));
+    dlse_.resize(std::size_t(spec.max_seqs) * s.n_heads);
+    dpos_.resize(std::size_t(spec.max_seqs)), dslots_.resize(std::size_t(spec.max_seqs));
+    tok_slot_.resize(std::size_t(spec.max_seqs)), pos_slot_.resize(std::size_t(spec.max_seqs));
+    stage_slots_.resize(std::size_t(3) * spec.max_seqs);
+    stage_dev_.resize(std::size_t(2) * spec.max_seqs);
+    if (!stage_event_) LC_CUDA(cudaEventCreateWithFlags(&stage_event_, cudaEventDisableTiming));
+    LC_CUDA(cudaEventRecord(stage_event_, stream_));
+    decode_steps_ = 0;
+    LC_CUDA(cudaStreamSynchronize(stream_));
+  }
+
+  /// Bytes of one KV page (K and V, every KV head).
+  std::size_t page_bytes() const {
+    const LlamaShape& s = m_.shape();
+    return std::size_t(2) * opt_.page_size * s.n_kv_heads * s.head_dim * sizeof(__half);
+  }
+  /// Bytes of the compressor's state for a cache of these slots and a ring pool of ring_rows (what open_pool takes besides the pages).
+  std::size_t compressor_bytes() const { return comp_bytes_; }
+
+  /// Whether a sequence with this prompt finds its window rows in the ring pool now.
+  bool can_begin(int prompt_len) const { return pc_.can_begin(prompt_len); }
+
+  /// Starts a request in a free slot of the open pool (host bookkeeping and
+  /// one small launch). `max_new` bounds its decode steps (sizes the decode
+  /// attention's key splits).
+  void begin(int slot, int prompt_len, int max_new) {
+    if (slot_cap_.empty()) throw std::logic_error("PagedEngine::begin: open_pool() first");
+    if (max_new < 0 || std::int64_t(prompt_len) + max_new > plan_.shape.max_seq_len)
+      throw std::invalid_argument("PagedEngine::begin: prompt_len " + std::to_string(prompt_len) + " + max_new " +
+                                  std::to_string(max_new) + " must be in [prompt_len, max_seq_len = " +
+                                  std::to_string(plan_.shape.max_seq_len) + "]");
+    pc_.begin(*cache_, slot, prompt_len, stream_);  // validates slot and length
+    slot_cap_[std::size_t(slot)] = pc_.trace(prompt_len, max_new).capacity;
+  }
+
+  /// Prefills begun slots (their prompts, in the same order), in chunks of
+  /// up to prefill_chunk_rows rows. Each slot's first token (greedy) and
+  /// position stay on the device for decode_slots. Synchronises at its end:
+  /// its pinned staging is reused by the next call (a prefill is long beside
+  /// one host round trip).
+  void prefill_begun(const std::vector<std::int32_t>& slots, const std::vector<std::vector<std::int32_t>>& prompts) {
+    const char* fn = "PagedEngine::prefill_begun";
+    if (slot_cap_.empty()) throw std::logic_error(std::string(fn) + ": open_pool() first");
+    if (slots.empty() || slots.size() != prompts.size())
+      throw std::invalid_argument(std::string(fn) + ": " + std::to_string(slots.size()) + " slots for " +
+                                  std::to_string(prompts.size()) + " prompts (one each, at least one)");
+    check_prompts(prompts, fn);
+    for (std::size_t i = 0; i < slots.size(); ++i)
+      if (pc_.token_count(slots[i]) != int(prompts[i].size()) || pc_.prefilled_layers(slots[i]) != 0)
+        throw std::invalid_argument(std::string(fn) + ": slot " + std::to_string(slots[i]) +
+                                    " was not begun with a prompt of " + std::to_string(prompts[i].size()) +
+                                    " tokens, or is already prefilled");
+    const int B = int(slots.size());
+    run_prefill(slots, prompts);
+    // first tokens and positions into the slots' device state
+    kernels::argmax_kernel<<<B, kernels::kArgmaxThreads, 0, stream_>>>(logits_.get(), m_.shape().vocab, ids_.get());
+    LC_CUDA(cudaEventSynchronize(stage_event_));  // the staging below may still be read by the last upload
+    std::int32_t* h = stage_slots_.get();
+    for (int i = 0; i < B; ++i) h[i] = slots[std::size_t(i)], h[B + i] = std::int32_t(prompts[std::size_t(i)].size());
+    LC_CUDA(cudaMemcpyAsync(stage_dev_.get(), h, sizeof(std::int32_t) * 2 * B, cudaMemcpyHostToDevice, stream_));
+    kernels::scatter_slots_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(stage_dev_.get(), B, ids_.get(),
+                                                                        stage_dev_.get() + B, tok_slot_.get(),
+                                                                        pos_slot_.get());
+    LC_CUDA(cudaEventRecord(stage_event_, stream_));
+    LC_CUDA(cudaStreamSynchronize(stream_));
+  }
+
+  /// One greedy decode step of these prefilled slots, in any order (no host
+  /// sync; replayed as a CUDA graph per batch size and firing pattern, see
+  /// decode_device). A new list is uploaded first (pinned staging, enqueued).
+  void decode_slots(const std::vector<std::int32_t>& slots) {
+    set_batch(slots);
+    const int B = B_;
+    run_step([&] {
+      kernels::gather_slots_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dslots_.get(), B, tok_slot_.get(),
+                                                                         pos_slot_.get(), ids_.get(), dpos_.get());
+      decode_step(ids_.get());
+      kernels::argmax_kernel<<<B, kernels::kArgmaxThreads, 0, stream_>>>(logits_.get(), m_.shape().vocab, ids_.get());
+      kernels::scatter_slots_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dslots_.get(), B, ids_.get(), dpos_.get(),
+                                                                          tok_slot_.get(), pos_slot_.get());
+    });
+  }
+
+  /// Ends a request: its pages go back to the free list (enqueued), its slot and ring rows are free.
+  void end(int slot) {
+    pc_.end(*cache_, slot, stream_);
+    if (std::find(slots_.begin(), slots_.end(), slot) != slots_.end()) slots_.clear();  // the next step re-uploads
+  }
+
+  /// Enqueues a copy of the device's free-page count into `dst` (pinned host memory; valid once the stream gets there).
+  void free_pages_async(std::int32_t* dst) {
+    LC_CUDA(cudaMemcpyAsync(dst, free_.get() + plan_.shape.num_pages, sizeof(std::int32_t), cudaMemcpyDeviceToHost,
+                            stream_));
+  }
+  /// The next token of a slot (synchronises; for checks).
+  std::int32_t next_token_sync(int slot) {
+    std::int32_t t = 0;
+    LC_CUDA(cudaStreamSynchronize(stream_));
+    LC_CUDA(cudaMemcpy(&t, tok_slot_.get() + slot, sizeof(t), cudaMemcpyDeviceToHost));
+    return t;
   }
 
   /// One decode step: tokens (host) -> logits [B x vocab] on the host (if want_logits).
@@ -645,7 +820,9 @@ class CudaEngine {
   }
 
   /// Greedy next tokens of the last logits into `ids` (device), for host-free decode loops.
-  void argmax_to(std::int32_t* ids);
+  void argmax_to(std::int32_t* ids) {
+    kernels::argmax_kernel<<<B_, kernels::kArgmaxThreads, 0, stream_>>>(logits_.get(), m_.shape().vocab, ids);
+  }
 
   /// One decode step on device token ids [B] (no host sync, no allocation
   /// once every firing pattern has been seen).
@@ -658,14 +835,36 @@ class CudaEngine {
   /// the step that changes its shape, so one executable graph is kept per
   /// firing pattern (with segment 16 there are at most 16 + a few) and
   /// refreshed with cudaGraphExecUpdate (kernel arguments may change, e.g.
-  /// after a new prefill reallocates the cache).
+  /// after a new prefill reallocates the cache). With continuous batching
+  /// (decode_slots) the key is the batch size and the pattern: the same size
+  /// launches the same kernels (cuBLAS picks by shape), so a new slot list
+  /// only changes arguments; an update that still fails (e.g. another number
+  /// of attention splits) instantiates the graph again.
   void decode_device(const std::int32_t* ids) {
+    run_step([&] { decode_step(ids); });
+  }
+
+  const float* device_logits() const { return logits_.get(); }
+  int batch() const { return B_; }
+
+  /// Throws if a paged op refused work (its PagedStatus bits; synchronises).
+  void check() {
+    std::int32_t bits = 0;
+    LC_CUDA(cudaStreamSynchronize(stream_));
+    LC_CUDA(cudaMemcpy(&bits, cache_->kv().status, sizeof(bits), cudaMemcpyDeviceToHost));
+    if (bits != 0) throw std::runtime_error("PagedEngine: the paged cache refused work, status bits " + std::to_string(bits));
+  }
+
+ private:
+  /// Runs `step` (a decode step's launches) eagerly, or captured and replayed as a graph (decode_device).
+  template <class F>
+  void run_step(F&& step) {
     const bool graph = opt_.decode_graph && !opt_.time_compression && decode_steps_ > 0;
     ++decode_steps_;
-    if (!graph) return decode_step(ids);
+    if (!graph) return step();
     LC_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {
-      decode_step(ids);
+      step();
     } catch (...) {
       cudaGraph_t g = nullptr;
       cudaStreamEndCapture(stream_, &g);
@@ -674,7 +873,12 @@ class CudaEngine {
     }
     cudaGraph_t g = nullptr;
     LC_CUDA(cudaStreamEndCapture(stream_, &g));
-    cudaGraphExec_t& exec = graphs_[fired_];
+    if (graphs_.size() >= kMaxGraphs) {  // bounded: a long serving run meets many batch sizes
+      LC_CUDA(cudaStreamSynchronize(stream_));
+      for (auto& e : graphs_) LC_CUDA(cudaGraphExecDestroy(e.second));
+      graphs_.clear();
+    }
+    cudaGraphExec_t& exec = graphs_[std::to_string(B_) + ":" + fired_];
     if (exec) {
       cudaGraphExecUpdateResultInfo info{};
       if (cudaGraphExecUpdate(exec, g, &info) != cudaSuccess) {  // another topology: build it again
@@ -688,22 +892,157 @@ class CudaEngine {
     LC_CUDA(cudaGraphLaunch(exec, stream_));
   }
 
-  const float* device_logits() const { return logits_.get(); }
-  int batch() const { return B_; }
-
-  /// Throws if a paged op refused work (its PagedStatus bits; synchronises).
-  void check() {
-    std::int32_t bits = 0;
-    LC_CUDA(cudaStreamSynchronize(stream_));
-    LC_CUDA(cudaMemcpy(&bits, cache_->kv().status, sizeof(bits), cudaMemcpyDeviceToHost));
-    if (bits != 0) throw std::runtime_error("CudaEngine: the paged cache refused work, status bits " + std::to_string(bits));
+  void check_prompts(const std::vector<std::vector<std::int32_t>>& prompts, const char* fn) const {
+    const LlamaShape& s = m_.shape();
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      if (prompts[i].empty()) throw std::invalid_argument(std::string(fn) + ": prompt " + std::to_string(i) + " is empty");
+      for (std::int32_t t : prompts[i])  // the embedding lookup trusts the ids
+        if (t < 0 || t >= s.vocab)
+          throw std::invalid_argument(std::string(fn) + ": token id " + std::to_string(t) + " of prompt " +
+                                      std::to_string(i) + " is outside [0, " + std::to_string(s.vocab) + ")");
+    }
   }
 
- private:
-  static CompressorConfig make_cfg(const LlamaShape& s, const EngineOptions& o) {
-    CompressorConfig c{s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim, o.recent_ratio};
-    c.compress_decode = o.compress_decode;
+  /// The decode batch is `slots` (prefilled, distinct): uploaded when it
+  /// changed, through pinned staging that the previous upload has finished
+  /// reading; the attention's per-layer key bound is the batch's largest
+  /// planned length, rounded up to a power of two so that graphs keep their
+  /// shape while the batch turns over.
+  void set_batch(const std::vector<std::int32_t>& slots) {
+    const char* fn = "PagedEngine::decode_slots";
+    if (slot_cap_.empty()) throw std::logic_error(std::string(fn) + ": open_pool() first");
+    if (slots == slots_) return;
+    const int S = plan_.shape.max_seqs, L = m_.shape().n_layers;
+    if (slots.empty() || int(slots.size()) > S)
+      throw std::invalid_argument(std::string(fn) + ": " + std::to_string(slots.size()) + " slots, must be in [1, " +
+                                  std::to_string(S) + "]");
+    std::vector<char> seen(std::size_t(S), 0);
+    for (std::int32_t b : slots) {
+      if (b < 0 || b >= S || seen[std::size_t(b)] || !pc_.live(b) || pc_.prefilled_layers(b) != L)
+        throw std::invalid_argument(std::string(fn) + ": slot " + std::to_string(b) +
+                                    " is out of range, repeated, not live or not prefilled");
+      seen[std::size_t(b)] = 1;
+    }
+    LC_CUDA(cudaEventSynchronize(stage_event_));
+    std::copy(slots.begin(), slots.end(), stage_slots_.get() + 2 * S);
+    LC_CUDA(cudaMemcpyAsync(dslots_.get(), stage_slots_.get() + 2 * S, sizeof(std::int32_t) * slots.size(),
+                            cudaMemcpyHostToDevice, stream_));
+    LC_CUDA(cudaEventRecord(stage_event_, stream_));
+    slots_ = slots;
+    B_ = int(slots.size());
+    const int reach = int(std::min<std::int64_t>(std::int64_t(plan_.shape.max_pages()) * plan_.shape.page_size,
+                                                 std::numeric_limits<int>::max()));
+    batch_cap_.assign(std::size_t(L), 1);
+    for (int l = 0; l < L; ++l) {
+      int cap = 1;
+      for (std::int32_t b : slots) cap = std::max(cap, slot_cap_[std::size_t(b)][std::size_t(l)]);
+      int p = 256;
+      while (p < cap && p < reach) p *= 2;
+      batch_cap_[std::size_t(l)] = std::min(std::max(p, cap), reach);
+    }
+  }
+
+  /// The cache shape of this model and compressor for these slots.
+  PagedCacheShape cache_shape(int max_seqs, int max_seq_len) const {
+    const LlamaShape& s = m_.shape();
+    PagedCacheShape c;
+    c.num_layers = s.n_layers, c.kv_heads = s.n_kv_heads, c.head_dim = s.head_dim, c.dtype = DType::f16;
+    c.granularity = pc_.selection().granularity, c.page_size = opt_.page_size;
+    c.max_seqs = max_seqs, c.max_seq_len = max_seq_len;
     return c;
+  }
+
+  /// The layered prefill of begun slots `slots` (prompts in the same order),
+  /// in chunks of sequences of <= prefill_chunk_rows rows (one sequence at
+  /// least): per layer one set of GEMMs, one prefill_store, one attention and
+  /// one prefill_select for the chunk; T_{l+1} is gathered only when a
+  /// sequence dropped tokens. Leaves logits_ rows [0, slots.size()) = the
+  /// last prompt token's logits, in the order of `slots`.
+  void run_prefill(const std::vector<std::int32_t>& slots, const std::vector<std::vector<std::int32_t>>& prompts) {
+    const LlamaShape& s = m_.shape();
+    const int B = int(slots.size()), L = s.n_layers, H = s.n_heads, Hkv = s.n_kv_heads, d = s.head_dim;
+    std::vector<int> lens;
+    for (const auto& p : prompts) lens.push_back(int(p.size()));
+    std::vector<int> chunk_begin{0};
+    int max_rows = 0;
+    for (int b = 0, rows = 0; b < B; ++b) {
+      if (rows > 0 && rows + lens[std::size_t(b)] > opt_.prefill_chunk_rows) chunk_begin.push_back(b), rows = 0;
+      rows += lens[std::size_t(b)];
+      max_rows = std::max(max_rows, rows);
+    }
+    chunk_begin.push_back(B);
+    reserve_rows(std::max(max_rows, B));
+    lse_rows_.resize(std::size_t(std::max(max_rows, B)) * H);
+    logits_.resize(std::size_t(B) * s.vocab);
+    // pinned staging: ids of a chunk, (B + 1) offsets per layer per chunk, B last-row indices
+    const std::size_t n_chunks = chunk_begin.size() - 1;
+    pinned_.resize(std::size_t(max_rows) + n_chunks * std::size_t(L) * (B + 1) + std::size_t(B));
+    offs_dev_.resize(n_chunks * std::size_t(L) * (B + 1));
+    last_rows_.resize(std::size_t(B));
+    xl_.resize(std::size_t(B) * s.dim);
+    std::int32_t* last_host = pinned_.get() + max_rows + n_chunks * std::size_t(L) * (B + 1);
+    const auto hv = [&](float* base, int row0, int n) {
+      return TensorView<const float, 2>{base + std::size_t(row0) * s.dim, {n, s.dim}, {s.dim, 1}};
+    };
+    for (std::size_t c = 0; c < n_chunks; ++c) {
+      const int b0 = chunk_begin[c], b1 = chunk_begin[c + 1], nb = b1 - b0;
+      if (c > 0) LC_CUDA(cudaStreamSynchronize(stream_));  // the pinned ids are reused
+      int rows = 0;
+      for (int b = b0; b < b1; ++b) {
+        std::copy(prompts[std::size_t(b)].begin(), prompts[std::size_t(b)].end(), pinned_.get() + rows);
+        rows += lens[std::size_t(b)];
+      }
+      LC_CUDA(cudaMemcpyAsync(ids_.get(), pinned_.get(), sizeof(std::int32_t) * rows, cudaMemcpyHostToDevice, stream_));
+      kernels::embed_kernel<<<rows, 256, 0, stream_>>>(m_.embedding(), ids_.get(), s.dim, h_.get());
+      std::vector<int> off(static_cast<std::size_t>(nb + 1));
+      const SeqList chunk{slots.data() + b0, nb};
+      for (int l = 0; l < L; ++l) {
+        off[0] = 0;
+        for (int i = 0; i < nb; ++i) off[std::size_t(i + 1)] = off[std::size_t(i)] + pc_.token_count(chunk.seqs[i]);
+        rows = off[std::size_t(nb)];
+        std::int32_t* ho = pinned_.get() + max_rows + (c * L + std::size_t(l)) * (B + 1);
+        std::int32_t* dof = offs_dev_.get() + (c * L + std::size_t(l)) * (B + 1);
+        std::copy(off.begin(), off.end(), ho);
+        LC_CUDA(cudaMemcpyAsync(dof, ho, sizeof(std::int32_t) * (nb + 1), cudaMemcpyHostToDevice, stream_));
+        pc_.packed_positions(chunk, pos_.get(), stream_);
+        layer_qkv(l, rows, pos_.get());
+        {  // K, V of every packed row as (kv_head, row, d)
+          const std::int64_t kvd = std::int64_t(Hkv) * d;
+          const TensorView<const half_t, 3> kv{reinterpret_cast<const half_t*>(k_.get()), {Hkv, rows, d}, {d, kvd, 1}};
+          const TensorView<const half_t, 3> vv{reinterpret_cast<const half_t*>(v_.get()), {Hkv, rows, d}, {d, kvd, 1}};
+          pc_.prefill_store(l, *cache_, chunk, kv, vv, stream_);
+        }
+        int longest = 0;
+        for (int i = 0; i < nb; ++i) longest = std::max(longest, off[std::size_t(i + 1)] - off[std::size_t(i)]);
+        const attn::PackedKV pkv{k_.get(), v_.get(), std::int64_t(Hkv) * d, d, Hkv};
+        attn::prefill_attention(q_.get(), pos_.get(), dof, nb, longest, pkv, H, d, attn_scale(), att_.get(),
+                                lse_rows_.get(), stream_);
+        layer_finish(l, rows);
+        bool dropped = false;
+        timed([&] {  // the whole chunk at once: queries and LSE of every packed row
+          const TensorView<const half_t, 3> q{reinterpret_cast<const half_t*>(q_.get()), {H, rows, d},
+                                              {d, std::int64_t(H) * d, 1}};
+          const TensorView<const float, 2> lse{lse_rows_.get(), {H, rows}, {1, H}};
+          // A full cache keeps everything: the compressor skips scoring when
+          // nothing can drop. T_{l+1} = T_l (nothing dropped, or layer-local
+          // mode, where every token goes on) needs no gather.
+          const DevicePrefillBatch sel = pc_.prefill_select(l, *cache_, chunk, q, lse, stream_);
+          dropped = sel.rows != rows;
+          if (!opt_.compress_prefill && dropped)
+            throw std::logic_error("PagedEngine: compress_prefill is off but the schedule dropped tokens");
+          if (dropped && l + 1 < L)
+            pc_.gather_next(chunk, hv(h_.get(), 0, rows), TensorView<float, 2>{h2_.get(), {sel.rows, s.dim}, {s.dim, 1}},
+                            stream_);
+        });
+        if (dropped && l + 1 < L) std::swap(h_, h2_);
+      }
+      // each sequence's last row (always kept: it is in the window) -> final norm and logits
+      for (int i = 0; i < nb; ++i) last_host[b0 + i] = off[std::size_t(i + 1)] - 1;
+      LC_CUDA(cudaMemcpyAsync(last_rows_.get() + b0, last_host + b0, sizeof(std::int32_t) * nb, cudaMemcpyHostToDevice,
+                              stream_));
+      rmsnorm(h_.get(), m_.output_norm(), nb, xl_.get() + std::size_t(b0) * s.dim, last_rows_.get() + b0);
+    }
+    gemm(xl_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
   }
 
   /// The decode step's launches (eager, or recorded by decode_device's capture).
@@ -720,14 +1059,14 @@ class CudaEngine {
     const KVView<const half_t> vv{reinterpret_cast<const half_t*>(v_.get()), {B, Hkv, 1, d}, {kvd, d, d, 1}};
     const KVView<const half_t> qv{reinterpret_cast<const half_t*>(q_.get()), {B, H, 1, d}, {qd, d, d, 1}};
     const TensorView<const float, 2> lv{dlse_.get(), {B, H}, {H, 1}};
-    const bool ring = opt_.compress_decode;
+    const bool ring = pc_.config().compress_decode;
     fired_.assign(std::size_t(s.n_layers), '0');
     const SeqList all{slots_.data(), B};
     for (int l = 0; l < s.n_layers; ++l) {
       layer_qkv(l, B, dpos_.get());
       pc_.decode_append(l, *cache_, all, kv, vv, dpos_.get(), qv, TensorView<const float, 2>{}, stream_);
       const attn::PagedLayer c{cache_->kv(), l, dslots_.get()};
-      const int max_len = plan_.layer_cap[std::size_t(l)];
+      const int max_len = batch_cap_[std::size_t(l)];
       attn::decode_attention(q_.get(), dpos_.get(), B, c, max_len, H, d, attn_scale(),
                              attn::decode_splits(B, H, max_len, sms_, kMaxSplits), part_.get(), att_.get(),
                              ring ? dlse_.get() : nullptr, stream_);
@@ -807,7 +1146,21 @@ class CudaEngine {
   /// the batch's windows. Setup, not a per-step call: it allocates and syncs.
   void make_cache(const std::vector<int>& lens, int max_new) {
     plan_ = plan_for(lens, max_new);
-    const PagedCacheShape& sh = plan_.shape;
+    std::int64_t ring_rows = 0;
+    for (int n : lens) ring_rows += pc_.ring_rows_for(n);
+    alloc_cache(plan_.shape, ring_rows);
+    slots_.resize(lens.size());
+    std::iota(slots_.begin(), slots_.end(), 0);
+    B_ = int(lens.size());
+    slot_cap_.clear();  // static batch: decode_slots is for open_pool's caches
+    dslots_.upload(slots_.data(), slots_.size(), stream_);
+    LC_CUDA(cudaStreamSynchronize(stream_));  // the host vector is pageable
+  }
+
+  /// A cache of shape `sh` in engine-owned memory: every page on the free
+  /// list (popped 0, 1, ...), zeroed state, and the compressor attached with
+  /// a ring pool of `ring_rows`. Allocates and synchronises.
+  void alloc_cache(const PagedCacheShape& sh, std::int64_t ring_rows) {
     const std::size_t half = std::size_t(sh.num_pages) * sh.page_size * sh.kv_heads * sh.head_dim;
     cache_.reset();
     pool_.resize(2 * half);
@@ -822,15 +1175,11 @@ class CudaEngine {
         make_page_pool(k, k + half, PageLayout::nhd, sh.num_pages, sh.page_size, sh.kv_heads, sh.head_dim);
     cache_ = std::make_unique<PagedKVCache<half_t>>(
         sh, pool, FreePageList{free_.get(), free_.get() + sh.num_pages, sh.num_pages}, state_.get(), state_.size());
-    std::int64_t ring_rows = 0;
-    for (int n : lens) ring_rows += pc_.ring_rows_for(n);
     const std::size_t bytes = pc_.state_bytes(*cache_, ring_rows);
     comp_mem_.resize(bytes);
+    comp_bytes_ = bytes;
     pc_.attach(*cache_, ring_rows, comp_mem_.get(), bytes, stream_);
-    slots_.resize(lens.size());
-    std::iota(slots_.begin(), slots_.end(), 0);
-    dslots_.upload(slots_.data(), slots_.size(), stream_);
-    LC_CUDA(cudaStreamSynchronize(stream_));  // the host vectors above are pageable
+    LC_CUDA(cudaStreamSynchronize(stream_));  // the free list above is pageable
   }
 
   void layer_finish(int l, int n) {
@@ -880,7 +1229,7 @@ class CudaEngine {
   DBuf<__half> pool_;
   DBuf<unsigned char> state_, comp_mem_;
   DBuf<std::int32_t> free_, dslots_;
-  std::vector<std::int32_t> slots_;  ///< 0 .. B - 1: sequence b in slot b
+  std::vector<std::int32_t> slots_;  ///< the decode batch's slots (static batches: 0 .. B - 1)
   std::unique_ptr<PagedKVCache<half_t>> cache_;
   int B_ = 0;
   PinnedBuf<std::int32_t> pinned_;
@@ -891,56 +1240,39 @@ class CudaEngine {
   int rope_rows_ = 0;
   DBuf<unsigned char> blas_ws_;
   int sms_ = 1;
-  // decode graphs: one executable per firing pattern (a '0'/'1' per layer)
+  // decode graphs: one executable per batch size and firing pattern (a '0'/'1' per layer)
   std::map<std::string, cudaGraphExec_t> graphs_;
   std::string fired_;
   long long decode_steps_ = 0;
+  std::vector<int> batch_cap_;  ///< per layer: a host bound of the decode batch's lengths
+  // continuous batching (open_pool)
+  std::vector<std::vector<int>> slot_cap_;   ///< per slot and layer: the most slots its request holds
+  DBuf<std::int32_t> tok_slot_, pos_slot_;   ///< per slot: next token, its position
+  PinnedBuf<std::int32_t> stage_slots_;      ///< [prefill slots | prefill positions | decode slots], max_seqs each
+  DBuf<std::int32_t> stage_dev_;             ///< the prefill's slots and positions on the device
+  cudaEvent_t stage_event_ = nullptr;        ///< after the last upload from stage_slots_
+  std::size_t comp_bytes_ = 0;
   static constexpr int kMaxSplits = 64;
+  static constexpr std::size_t kMaxGraphs = 512;
 };
 
-namespace kernels {
-/// ids[b] = argmax(logits[b, :]). One block per row.
-/// ids[b] = the lowest index of row b's largest logit (NaN never wins; an
-/// all -inf or NaN row gives 0). One block of kArgmaxThreads per row; kUnroll
-/// independent loads in flight per thread (a plain strided loop made this a
-/// 50 us kernel per decode step).
-constexpr int kArgmaxThreads = 1024;
-static __global__ void __launch_bounds__(kArgmaxThreads) argmax_kernel(const float* logits, int vocab, std::int32_t* ids) {
-  constexpr int kUnroll = 4;
-  const float* row = logits + std::int64_t(blockIdx.x) * vocab;
-  float best = -INFINITY;
-  int arg = vocab;  // "none yet"
-  for (int i0 = threadIdx.x; i0 < vocab; i0 += kUnroll * kArgmaxThreads) {
-    float x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) x[u] = i0 + u * kArgmaxThreads < vocab ? row[i0 + u * kArgmaxThreads] : -INFINITY;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = i0 + u * kArgmaxThreads;
-      if (i < vocab && (x[u] > best || (x[u] == best && i < arg))) best = x[u], arg = i;
-    }
-  }
-  auto better = [](float v2, int i2, float v, int i) { return v2 > v || (v2 == v && i2 < i); };
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v2 = __shfl_xor_sync(0xffffffffu, best, o);
-    const int i2 = __shfl_xor_sync(0xffffffffu, arg, o);
-    if (better(v2, i2, best, arg)) best = v2, arg = i2;
-  }
-  __shared__ float sv[kArgmaxThreads / 32];
-  __shared__ int si[kArgmaxThreads / 32];
-  if (threadIdx.x % 32 == 0) sv[threadIdx.x / 32] = best, si[threadIdx.x / 32] = arg;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < kArgmaxThreads / 32; ++w)
-      if (better(sv[w], si[w], best, arg)) best = sv[w], arg = si[w];
-    ids[blockIdx.x] = arg < vocab ? arg : 0;
-  }
+/// The compressor config of CudaEngine's EngineOptions.
+inline CompressorConfig engine_config(const LlamaShape& s, const EngineOptions& o) {
+  CompressorConfig c{s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim, o.recent_ratio};
+  c.compress_decode = o.compress_decode;
+  return c;
 }
-}  // namespace kernels
 
-template <class S, class D>
-void CudaEngine<S, D>::argmax_to(std::int32_t* ids) {
-  kernels::argmax_kernel<<<B_, kernels::kArgmaxThreads, 0, stream_>>>(logits_.get(), m_.shape().vocab, ids);
-}
+/// The paper's policy family (recent-window scoring, top-k) with any
+/// schedules, configured from EngineOptions: what e2e-bench runs.
+template <class Schedule = CosineSchedule, class Decode = DecodeSchedule<CosineSchedule>>
+class CudaEngine : public PagedEngine<PyramidCompressor<RecentWindowScoring, TopKSelection, Schedule, Decode, CudaBackend>> {
+  using Base = PagedEngine<PyramidCompressor<RecentWindowScoring, TopKSelection, Schedule, Decode, CudaBackend>>;
+
+ public:
+  CudaEngine(const CudaModel& model, EngineOptions opt, Schedule schedule = {}, Decode decode = {})
+      : Base(model, opt, engine_config(model.shape(), opt), RecentWindowScoring{opt.distance_weight}, opt.selection,
+             schedule, decode) {}
+};
 
 }  // namespace pyramidinfer::llama_cuda

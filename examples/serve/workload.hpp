@@ -78,10 +78,13 @@ inline void check_workload(const WorkloadOptions& o) {
   if (!(o.rate >= 0 && std::isfinite(o.rate))) bad("rate", std::to_string(o.rate), "must be finite and >= 0");
 }
 
-/// The requests in arrival order, ids 0, 1, ...
+/// The requests in arrival order, ids 0, 1, ... The lengths and the arrival
+/// gaps come from two streams of the seed, so the same seed gives the same
+/// requests at any rate (a Poisson run serves exactly the saturation run's
+/// requests).
 inline std::vector<Request> make_workload(const WorkloadOptions& o) {
   check_workload(o);
-  SplitMix64 rng(o.seed);
+  SplitMix64 rng(o.seed), gaps(o.seed ^ 0x5DEECE66Dull);
   std::vector<Request> out;
   out.reserve(std::size_t(o.requests));
   double t = 0;
@@ -91,7 +94,7 @@ inline std::vector<Request> make_workload(const WorkloadOptions& o) {
     const double len = std::round(o.prompt_median * std::exp(o.prompt_sigma * rng.normal()));
     r.prompt_len = int(std::min<double>(o.prompt_cap, std::max<double>(o.prompt_min, len)));
     r.output_len = rng.uniform_int(o.output_min, o.output_max);
-    if (o.rate > 0) t += -std::log(rng.open01()) / o.rate;  // exponential gaps
+    if (o.rate > 0) t += -std::log(gaps.open01()) / o.rate;  // exponential gaps
     r.arrival_s = t;
     out.push_back(r);
   }

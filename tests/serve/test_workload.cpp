@@ -32,6 +32,13 @@ TEST_CASE("make_workload: the same seed gives the same requests, another seed ot
     same &= a[i].id == b[i].id && a[i].prompt_len == b[i].prompt_len && a[i].output_len == b[i].output_len &&
             a[i].arrival_s == b[i].arrival_s;
   CHECK(same);
+  o.rate = 0;  // the same requests at another rate: only the arrivals change
+  const std::vector<Request> z = make_workload(o);
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    REQUIRE(z[i].prompt_len == a[i].prompt_len);
+    REQUIRE(z[i].output_len == a[i].output_len);
+    REQUIRE(z[i].arrival_s == 0.0);
+  }
   o.seed = 43;
   const std::vector<Request> c = make_workload(o);
   int differ = 0;

@@ -1,0 +1,117 @@
+// serve_options.hpp - the command line of pyramid-serve (examples/serve/serve.cu),
+// parsed with the tools' strict parser (examples/generate/cli.hpp). Host only.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "generate/cli.hpp"
+#include "generate/policies.hpp"
+#include "serve/workload.hpp"
+
+namespace pyramidinfer::serve {
+
+struct ServeOptions {
+  std::string shape = "llama2-7b";
+  std::vector<std::string> policies = {"full", "pyramid", "pyramid45", "snapkv"};
+  WorkloadOptions workload;  ///< requests, lengths, seed (rate comes from the mode)
+  std::string mode = "both";  ///< saturation | poisson | both (Poisson at load x the saturation rate)
+  double rate = 0;            ///< poisson mode: requests/s (0: load x a saturation run's rate)
+  double load = 0.7;
+  double pool_gb = 40;        ///< KV page pool, GiB
+  double ring_gb = 0;         ///< window-query ring pool, GiB (0: a quarter of the page pool)
+  int max_seqs = 256;
+  int prefill_tokens = 8192;  ///< prompt tokens per prefill iteration (one request at least)
+  int page_size = 16;
+  int warmup = 8;             ///< requests run (short outputs) before measuring, not reported
+  bool graph = true;
+  std::string out, steps_out;  ///< JSON lines: one per run, one per iteration ("" = none / stdout for out)
+  bool selfcheck = false;
+  bool help = false;
+};
+
+inline const std::vector<std::string>& serve_shapes() {
+  static const std::vector<std::string> s = {"llama2-7b", "llama2-13b", "llama3-8b", "tiny"};
+  return s;
+}
+
+inline std::string serve_usage() {
+  return "usage: pyramid-serve [flags]    continuous batching on random-weight LLaMA shapes, JSON lines out\n"
+         "       pyramid-serve selfcheck  GPU correctness check (page books against the device, small model)\n"
+         "  --shape S            llama2-7b | llama2-13b | llama3-8b | tiny (default llama2-7b)\n"
+         "  --policies A,B       named policies (default full,pyramid,pyramid45,snapkv)\n"
+         "  --requests N         requests per run (default 128)\n"
+         "  --prompt-median N    log-normal prompt length median (default 512); --prompt-sigma S (0.7)\n"
+         "  --prompt-cap N       longest prompt (default 8192); --output-min N, --output-max N (64, 512)\n"
+         "  --seed N             workload seed (default 1)\n"
+         "  --mode M             saturation | poisson | both (default both: Poisson at --load x saturation)\n"
+         "  --rate R             poisson: requests/s (default: --load x a saturation run's rate)\n"
+         "  --load X             in (0, 2]: Poisson rate as a share of saturation (default 0.7)\n"
+         "  --pool-gb G          KV page pool in GiB (default 40); --ring-gb G window-query pool (default pool/4)\n"
+         "  --max-seqs N         concurrent sequences (default 256); --prefill-tokens N per iteration (8192)\n"
+         "  --page-size N        tokens per page, a power of two (default 16)\n"
+         "  --warmup N           warm-up requests before measuring (default 8)\n"
+         "  --no-graph           decode steps launched eagerly\n"
+         "  --out FILE           append the run summaries (JSON lines; default stdout)\n"
+         "  --steps-out FILE     append one JSON line per iteration (pages in use, step time, HBM floor)\n";
+}
+
+/// Parses pyramid-serve's command line; throws cli::UsageError naming the flag and the value.
+inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
+  using namespace cli;
+  ServeOptions o;
+  WorkloadOptions& w = o.workload;
+  const std::int64_t kIntMax = 0x7fffffff;
+  Parser p("pyramid-serve");
+  p.value("--shape", [&](const std::string& v) { o.shape = v; })
+      .value("--policies", [&](const std::string& v) { o.policies = parse_list("--policies", v); })
+      .value("--requests", [&](const std::string& v) { w.requests = int(parse_int("--requests", v, 1, 1000000)); })
+      .value("--prompt-median", [&](const std::string& v) { w.prompt_median = parse_real("--prompt-median", v, 1, 1e6); })
+      .value("--prompt-sigma", [&](const std::string& v) { w.prompt_sigma = parse_real("--prompt-sigma", v, 0, 4); })
+      .value("--prompt-cap", [&](const std::string& v) { w.prompt_cap = int(parse_int("--prompt-cap", v, 1, 1 << 20)); })
+      .value("--output-min", [&](const std::string& v) { w.output_min = int(parse_int("--output-min", v, 1, 1 << 20)); })
+      .value("--output-max", [&](const std::string& v) { w.output_max = int(parse_int("--output-max", v, 1, 1 << 20)); })
+      .value("--seed", [&](const std::string& v) { w.seed = std::uint64_t(parse_int("--seed", v, 0, kIntMax)); })
+      .value("--mode", [&](const std::string& v) { o.mode = v; })
+      .value("--rate", [&](const std::string& v) { o.rate = parse_real("--rate", v, 0, 1e6, Bounds::open_low); })
+      .value("--load", [&](const std::string& v) { o.load = parse_real("--load", v, 0, 2, Bounds::open_low); })
+      .value("--pool-gb", [&](const std::string& v) { o.pool_gb = parse_real("--pool-gb", v, 0, 4096, Bounds::open_low); })
+      .value("--ring-gb", [&](const std::string& v) { o.ring_gb = parse_real("--ring-gb", v, 0, 4096, Bounds::open_low); })
+      .value("--max-seqs", [&](const std::string& v) { o.max_seqs = int(parse_int("--max-seqs", v, 1, 4096)); })
+      .value("--prefill-tokens",
+             [&](const std::string& v) { o.prefill_tokens = int(parse_int("--prefill-tokens", v, 1, 1 << 20)); })
+      .value("--page-size", [&](const std::string& v) { o.page_size = int(parse_int("--page-size", v, 1, 1 << 16)); })
+      .value("--warmup", [&](const std::string& v) { o.warmup = int(parse_int("--warmup", v, 0, 100000)); })
+      .value("--out", [&](const std::string& v) { o.out = v; })
+      .value("--steps-out", [&](const std::string& v) { o.steps_out = v; })
+      .toggle("--no-graph", [&] { o.graph = false; })
+      .toggle("--help", [&] { o.help = true; })
+      .toggle("-h", [&] { o.help = true; });
+  const std::vector<std::string> words = p.parse(argc, argv, /*positional=*/true);
+  if (o.help) return o;
+  if (words.size() == 1 && words[0] == "selfcheck") o.selfcheck = true;
+  else if (!words.empty()) throw UsageError("unexpected argument " + in_quotes(words[0]) + " (only 'selfcheck')");
+  bool known = false;
+  for (const auto& s : serve_shapes()) known |= s == o.shape;
+  if (!known) throw UsageError("--shape " + in_quotes(o.shape) + ": one of llama2-7b, llama2-13b, llama3-8b, tiny");
+  for (const std::string& name : o.policies) {
+    bool policy = false;
+    for (const auto& n : llama::policy_names()) policy |= n == name;
+    if (!policy) throw UsageError("--policies: unknown policy " + in_quotes(name) + "; one of: " + llama::policy_help());
+  }
+  if (o.mode != "saturation" && o.mode != "poisson" && o.mode != "both")
+    throw UsageError("--mode " + in_quotes(o.mode) + ": saturation, poisson or both");
+  if (o.rate > 0 && o.mode != "poisson")
+    throw UsageError("--rate " + std::to_string(o.rate) + " needs --mode poisson (both measures the rate first)");
+  if ((o.page_size & (o.page_size - 1)) != 0)
+    throw UsageError("--page-size " + std::to_string(o.page_size) + ": must be a power of two");
+  if (w.prompt_cap < w.prompt_min)
+    throw UsageError("--prompt-cap " + std::to_string(w.prompt_cap) + ": must be >= " + std::to_string(w.prompt_min));
+  if (w.output_max < w.output_min)
+    throw UsageError("--output-max " + std::to_string(w.output_max) + ": must be >= --output-min " +
+                     std::to_string(w.output_min));
+  return o;
+}
+
+}  // namespace pyramidinfer::serve

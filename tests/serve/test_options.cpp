@@ -1,0 +1,65 @@
+// serve's command line ([serve][options]): defaults, values, and bad input
+// named in the error.
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <vector>
+
+#include "serve/serve_options.hpp"
+
+using namespace pyramidinfer;
+using namespace pyramidinfer::serve;
+
+namespace {
+ServeOptions parse(std::vector<std::string> args) {
+  args.insert(args.begin(), "serve");
+  std::vector<const char*> v;
+  for (const auto& a : args) v.push_back(a.c_str());
+  return parse_serve_options(int(v.size()), v.data());
+}
+std::string error_of(std::vector<std::string> args) {
+  try {
+    parse(std::move(args));
+  } catch (const cli::UsageError& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST_CASE("serve options: defaults and values", "[serve][options]") {
+  const ServeOptions d = parse({});
+  CHECK(d.shape == "llama2-7b");
+  CHECK(d.policies == std::vector<std::string>{"full", "pyramid", "pyramid45", "snapkv"});
+  CHECK(d.mode == "both");
+  CHECK(d.load == 0.7);
+  CHECK(!d.selfcheck);
+  const ServeOptions o = parse({"--shape", "tiny", "--policies", "h2o,streaming", "--requests=12", "--prompt-median",
+                                "2048", "--mode", "poisson", "--rate", "1.5", "--pool-gb", "0.5", "--page-size", "64",
+                                "--no-graph", "--steps-out", "s.jsonl"});
+  CHECK(o.shape == "tiny");
+  CHECK(o.policies == std::vector<std::string>{"h2o", "streaming"});
+  CHECK(o.workload.requests == 12);
+  CHECK(o.workload.prompt_median == 2048);
+  CHECK(o.rate == 1.5);
+  CHECK(o.pool_gb == 0.5);
+  CHECK(o.page_size == 64);
+  CHECK(!o.graph);
+  CHECK(o.steps_out == "s.jsonl");
+  CHECK(parse({"selfcheck"}).selfcheck);
+}
+
+TEST_CASE("serve options: bad input names the flag and the value", "[serve][options]") {
+  CHECK_THAT(error_of({"--shape", "llama9"}), Catch::Contains("--shape 'llama9'"));
+  CHECK_THAT(error_of({"--policies", "full,bogus"}), Catch::Contains("'bogus'"));
+  CHECK_THAT(error_of({"--requests", "0"}), Catch::Contains("--requests '0'"));
+  CHECK_THAT(error_of({"--requests", "5x"}), Catch::Contains("not an integer"));
+  CHECK_THAT(error_of({"--mode", "fast"}), Catch::Contains("--mode 'fast'"));
+  CHECK_THAT(error_of({"--rate", "2"}), Catch::Contains("needs --mode poisson"));
+  CHECK_THAT(error_of({"--page-size", "24"}), Catch::Contains("power of two"));
+  CHECK_THAT(error_of({"--pool-gb", "0"}), Catch::Contains("--pool-gb '0'"));
+  CHECK_THAT(error_of({"--output-min", "100", "--output-max", "50"}), Catch::Contains("--output-max 50"));
+  CHECK_THAT(error_of({"--prompt-cap", "8"}), Catch::Contains("--prompt-cap 8"));
+  CHECK_THAT(error_of({"--bogus"}), Catch::Contains("unknown option '--bogus'"));
+  CHECK_THAT(error_of({"run"}), Catch::Contains("unexpected argument 'run'"));
+}
