@@ -962,6 +962,7 @@ TEST_CASE("Device decode-form appends under random batches with bad entries equa
         if (rng() % 4 == 0 && !seqs.empty()) seqs.push_back(seqs[rng() % seqs.size()]);  // a duplicate
         if (rng() % 5 == 0) seqs.push_back(rng() % 2 ? -1 : s.max_seqs);                // out of range
         std::shuffle(seqs.begin(), seqs.end(), rng);
+        if (int(seqs.size()) > s.max_seqs) seqs.resize(std::size_t(s.max_seqs));  // a batch holds max_seqs at most
         const int layer = int(rng() % 2);
         if (rng() % 6 == 0) {  // end some sequences: their pages come back
           IV ending;
