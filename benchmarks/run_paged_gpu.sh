@@ -3,7 +3,9 @@
 # compute-sanitizer memcheck and racecheck on the paged storage ops, the paged
 # scoring and the compressor. Logs go to $OUT. Stages ($1, default all):
 # tests (build + run), sanitize (build + both sanitizers), all; one call of
-# `all` can pass the device's 10-minute limit, two calls do not.
+# `all` can pass the device's 10-minute limit, two calls do not. SAN_TOOLS picks
+# the sanitizers, SAN_S their time limit; PYRAMIDINFER_TEST_SHORT=1 shortens the
+# randomized sweeps so that racecheck gets through every case.
 #   run(command="bash benchmarks/run_paged_gpu.sh tests", carry=[".deps"])
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,7 @@ if [ "$STAGE" != sanitize ]; then
   timeout 300 $T 2>&1 | tee "$OUT/tests.log" | tail -6
 fi
 [ "$STAGE" = tests ] && exit 0
-for tool in memcheck racecheck; do
+for tool in ${SAN_TOOLS:-memcheck racecheck}; do
   echo "== $tool [paged], [compressor]"
   timeout ${SAN_S:-220} compute-sanitizer --tool $tool --error-exitcode 3 $T "[paged],[compressor]~[big]" \
     > "$OUT/$tool.log" 2>&1

@@ -357,7 +357,7 @@ void run_random(const PagedCacheShape& s, pit::PoolKind kind, std::uint32_t seed
   Twin<T> tw(s, kind);
   std::mt19937 rng(seed);
   const int ph = s.position_heads();
-  for (int step = 0; step < 40; ++step) {
+  for (int step = 0, steps = test::short_run() ? 8 : 40; step < steps; ++step) {
     IV batch;
     for (int q = 0; q < s.max_seqs; ++q)
       if (rng() % 3 != 0) batch.push_back(q);
@@ -954,7 +954,7 @@ TEST_CASE("Device decode-form appends under random batches with bad entries equa
       s.max_seqs = 9;
       s.num_pages = std::max(3, 2 * 12 / page_size);  // short: appends run out of pages
       Twin<half_t> tw(s, pit::PoolKind::interleaved_hnd);
-      for (int step = 0; step < 80; ++step) {
+      for (int step = 0, steps = test::short_run() ? 20 : 80; step < steps; ++step) {
         INFO("step " << step);
         IV seqs;
         for (int q = 0; q < s.max_seqs; ++q)

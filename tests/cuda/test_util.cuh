@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -23,6 +24,16 @@ inline std::mt19937& rng() {
     return std::mt19937(seed);
   }();
   return g;
+}
+/// PYRAMIDINFER_TEST_SHORT=1: the long randomized sweeps run fewer steps
+/// (every configuration still runs), so compute-sanitizer's racecheck, which
+/// slows them about 100x, gets through every case.
+inline bool short_run() {
+  static const bool on = [] {
+    const char* v = std::getenv("PYRAMIDINFER_TEST_SHORT");
+    return v != nullptr && *v != '\0' && *v != '0';
+  }();
+  return on;
 }
 inline int rand_int(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng()); }
 inline float rand_normal() { return std::normal_distribution<float>(0.f, 1.f)(rng()); }
