@@ -520,7 +520,7 @@ void run_case(const Case& c, Scoring scoring, Paging pg) {
                << c.lse_late << " graph " << c.graph << " dtype " << dtype_name(DTypeOf<T>::value) << " pages "
                << pg.page_size << " " << pit::pool_kind_name(pg.kind));
   Case cc = c;
-  if (test::short_run()) cc.steps = std::min(cc.steps, 40);  // still one firing per sequence and layer
+  if (test::short_run()) cc.steps = std::min(cc.steps, 100);  // still two firings per sequence and layer
   Run<T, Scoring> r(cc, scoring, pg.page_size, pg.kind);
   r.run();
 }
