@@ -845,6 +845,8 @@ class PagedEngine {
   }
 
   const float* device_logits() const { return logits_.get(); }
+  /// Decode graphs instantiated so far (the others were replayed after an update of their arguments).
+  long long graph_builds() const { return graph_builds_; }
   int batch() const { return B_; }
 
   /// Throws if a paged op refused work (its PagedStatus bits; synchronises).
@@ -887,7 +889,10 @@ class PagedEngine {
         exec = nullptr;
       }
     }
-    if (!exec) LC_CUDA(cudaGraphInstantiate(&exec, g, 0));
+    if (!exec) {
+      LC_CUDA(cudaGraphInstantiate(&exec, g, 0));
+      ++graph_builds_;
+    }
     LC_CUDA(cudaGraphDestroy(g));
     LC_CUDA(cudaGraphLaunch(exec, stream_));
   }
@@ -1252,6 +1257,7 @@ class PagedEngine {
   DBuf<std::int32_t> stage_dev_;             ///< the prefill's slots and positions on the device
   cudaEvent_t stage_event_ = nullptr;        ///< after the last upload from stage_slots_
   std::size_t comp_bytes_ = 0;
+  long long graph_builds_ = 0;
   static constexpr int kMaxSplits = 64;
   static constexpr std::size_t kMaxGraphs = 512;
 };

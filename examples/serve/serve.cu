@@ -24,11 +24,12 @@
 // size and firing pattern) and the prefill batched; the cost is that decode
 // waits for a prefill, which --prefill-tokens bounds (it shows in TPOT p99).
 //
-// Measurement. The host runs at most two iterations ahead of the GPU; CUDA
-// events around each prefill and decode step give the times (no sync per
-// step), the device's free-page count is copied back asynchronously after
-// every step. A prefill synchronises at its end (the engine reuses its
-// pinned staging). Per decode step the physical floor is (weights + the KV
+// Measurement (serve_loop.hpp). The host runs at most three iterations
+// ahead of the GPU; CUDA events around each prefill and decode step give the
+// times (no sync per step), the device's free-page count is copied back
+// asynchronously after every step. A prefill synchronises at its end (the
+// engine reuses its pinned staging). graph_builds counts decode graphs
+// instantiated (the rest were replayed after updating their arguments). Per decode step the physical floor is (weights + the KV
 // bytes the step's attention reads) / the copy bandwidth measured in the same
 // process (a device-to-device cudaMemcpy: it reads and writes, so the
 // bandwidth is 2 x bytes / time).
@@ -49,6 +50,7 @@
 #include "llama_cuda/policy_engine.cuh"
 #include "serve/metrics.hpp"
 #include "serve/scheduler.hpp"
+#include "serve/serve_loop.hpp"
 #include "serve/serve_options.hpp"
 #include "serve/workload.hpp"
 
@@ -116,158 +118,107 @@ double copy_bandwidth() {
   return 2.0 * double(n) / (double(best) * 1e-3);
 }
 
-/// What one run reports besides ServeSummary.
-struct RunExtra {
-  int peak_concurrent = 0;
-  std::int64_t peak_pages_booked = 0, peak_pages_device = 0;
-  long long books_violations = 0;  ///< iterations where the device held more pages than the books
-  long long iterations = 0, prefills = 0, decode_steps = 0;
-  std::vector<double> floor_fraction, decode_ms;
-};
-
 /// Labels of a run, for the JSON lines.
 struct RunInfo {
   std::string shape, policy, mode;
-  double rate = 0;
 };
 
-/// One iteration in flight: its events and what happened in it.
-struct Inflight {
-  cudaEvent_t begin = nullptr, prefilled = nullptr, done = nullptr;
-  bool prefill = false, decode = false;
-  std::vector<int> admitted, decoded, finished;  ///< request indices
-  std::int64_t booked = 0, kv_slots = 0;
-  int batch = 0, slot = 0;  ///< decode batch size; index of its free-count slot
-  long long index = 0;
+/// serve_loop.hpp's timeline on CUDA events of the engine's stream.
+class CudaTimeline {
+ public:
+  class Marker {
+   public:
+    Marker() = default;
+    ~Marker() {
+      if (ev) cudaEventDestroy(ev);
+    }
+    Marker(const Marker&) = delete;
+    Marker& operator=(const Marker&) = delete;
+    cudaEvent_t ev = nullptr;
+  };
+  explicit CudaTimeline(cudaStream_t s) : s_(s) { LC_CUDA(cudaEventCreate(&start_)); }
+  ~CudaTimeline() { cudaEventDestroy(start_); }
+  CudaTimeline(const CudaTimeline&) = delete;
+  CudaTimeline& operator=(const CudaTimeline&) = delete;
+  void start() {
+    LC_CUDA(cudaStreamSynchronize(s_));
+    LC_CUDA(cudaEventRecord(start_, s_));
+    t0_ = Clock::now();
+  }
+  double now() const { return std::chrono::duration<double>(Clock::now() - t0_).count(); }
+  void sleep_until(double t) { std::this_thread::sleep_for(std::chrono::duration<double>(t - now())); }
+  void record(Marker& m) {
+    if (!m.ev) LC_CUDA(cudaEventCreate(&m.ev));
+    LC_CUDA(cudaEventRecord(m.ev, s_));
+  }
+  void wait(Marker& m) { LC_CUDA(cudaEventSynchronize(m.ev)); }
+  double seconds(Marker& m) const {
+    float ms = 0;
+    LC_CUDA(cudaEventElapsedTime(&ms, start_, m.ev));
+    return double(ms) * 1e-3;
+  }
+
+ private:
+  cudaStream_t s_;
+  cudaEvent_t start_ = nullptr;
+  Clock::time_point t0_;
 };
 
+/// serve_loop.hpp's engine on PagedEngine: prompts from the request ids, the
+/// free-page counts in pinned memory.
+template <class Engine>
+struct LoopEngine {
+  LoopEngine(Engine& engine, int vocab) : e(engine), vocab_(vocab) { counts.resize(kInflight); }
+  bool can_begin(int prompt_len) const { return e.can_begin(prompt_len); }
+  void begin(int slot, int prompt_len, int max_new) { e.begin(slot, prompt_len, max_new); }
+  void prefill(const std::vector<std::int32_t>& slots, const std::vector<const Request*>& reqs) {
+    std::vector<std::vector<std::int32_t>> prompts;
+    for (const Request* r : reqs) prompts.push_back(prompt_tokens(*r, vocab_));
+    e.prefill_begun(slots, prompts);
+  }
+  void decode(const std::vector<std::int32_t>& slots) { e.decode_slots(slots); }
+  void end(int slot) { e.end(slot); }
+  void request_free_pages(int k) { e.free_pages_async(counts.get() + k); }
+  std::int64_t free_pages(int k) const { return counts.get()[k]; }
+
+  Engine& e;
+  PinnedBuf<std::int32_t> counts;
+
+ private:
+  int vocab_;
+};
+
+/// One run of a workload on the open pool; per-iteration JSON lines to `steps`.
 template <class Engine>
 ServeSummary run_workload(Engine& e, const CudaModel& m, const std::vector<Request>& reqs, const ServeOptions& o,
-                          const RunInfo& info, double copy_bw, JsonLines* steps, RunExtra& x) {
+                          const RunInfo& info, double copy_bw, JsonLines* steps, LoopStats& st,
+                          std::vector<double>& floor_fraction, std::vector<double>& decode_ms) {
   const LlamaShape& s = m.shape();
-  const std::int64_t num_pages = e.plan().shape.num_pages;
+  const std::int64_t pool = e.plan().shape.num_pages;
   const int page_size = e.options().page_size;
   SchedulerOptions so;
-  so.max_seqs = e.plan().shape.max_seqs, so.pool_pages = num_pages, so.max_prefill_tokens = o.prefill_tokens;
+  so.max_seqs = e.plan().shape.max_seqs, so.pool_pages = pool, so.max_prefill_tokens = o.prefill_tokens;
   Scheduler sched(so, reqs, [&](const Request& r) { return page_curve(e.compressor(), r.prompt_len, r.output_len, page_size); });
+  LoopEngine<Engine> le(e, s.vocab);
+  CudaTimeline tl(e.stream());
+  const ServeSummary sum = run_loop(le, tl, sched, pool, st);
+  e.check();  // the paged ops refused nothing
+  // The physical floor of a decode step: weights + the KV bytes its attention reads, at the copy bandwidth.
   const double kv_slot_bytes = 2.0 * s.n_kv_heads * s.head_dim * sizeof(__half);
-  const double weights = double(m.weight_bytes());
-
-  constexpr int kRing = 4;  // iterations whose events and free counts may be in flight
-  std::vector<Inflight> ring(kRing);
-  for (auto& f : ring) {
-    LC_CUDA(cudaEventCreate(&f.begin));
-    LC_CUDA(cudaEventCreate(&f.prefilled));
-    LC_CUDA(cudaEventCreate(&f.done));
-  }
-  PinnedBuf<std::int32_t> free_counts;
-  free_counts.resize(kRing);
-  cudaEvent_t start;
-  LC_CUDA(cudaEventCreate(&start));
-  std::vector<RequestTimes> times(reqs.size());
-  std::vector<int> generated(reqs.size(), 0);
-  for (std::size_t i = 0; i < reqs.size(); ++i) times[i].arrival = reqs[i].arrival_s;
-
-  LC_CUDA(cudaStreamSynchronize(e.stream()));
-  LC_CUDA(cudaEventRecord(start, e.stream()));
-  const auto t0 = Clock::now();
-  auto since = [&](cudaEvent_t a, cudaEvent_t b) {
-    float ms = 0;
-    LC_CUDA(cudaEventElapsedTime(&ms, a, b));
-    return double(ms);
-  };
-  // Reads the times of a finished iteration (waits for its last event).
-  auto retire = [&](Inflight& f) {
-    LC_CUDA(cudaEventSynchronize(f.done));
-    const double t_end = since(start, f.done) * 1e-3, t_first = since(start, f.prefilled) * 1e-3;
-    for (int r : f.admitted) times[std::size_t(r)].first_token = t_first, generated[std::size_t(r)] = 1;
-    for (int r : f.decoded) ++generated[std::size_t(r)];
-    for (int r : f.finished) times[std::size_t(r)].finish = reqs[std::size_t(r)].output_len == 1 ? t_first : t_end;
-    const std::int64_t device_pages = num_pages - free_counts.get()[f.slot];
-    x.peak_pages_device = std::max(x.peak_pages_device, device_pages);
-    x.peak_pages_booked = std::max(x.peak_pages_booked, f.booked);
-    if (device_pages > f.booked) ++x.books_violations;
-    double step_ms = 0, floor_ms = 0;
-    if (f.decode) {
-      step_ms = since(f.prefill ? f.prefilled : f.begin, f.done);
-      floor_ms = (weights + double(f.kv_slots) * kv_slot_bytes) / copy_bw * 1e3;
-      x.decode_ms.push_back(step_ms);
-      x.floor_fraction.push_back(step_ms > 0 ? floor_ms / step_ms : 0);
-    }
+  for (const StepRecord& r : st.steps) {
+    const double floor_ms = r.decode_ms > 0 ? (double(m.weight_bytes()) + double(r.kv_slots) * kv_slot_bytes) / copy_bw * 1e3 : 0;
+    if (r.decode_ms > 0) floor_fraction.push_back(floor_ms / r.decode_ms), decode_ms.push_back(r.decode_ms);
     if (steps)
       steps->line("{\"policy\":" + str(info.policy) + ",\"mode\":" + str(info.mode) + ",\"prompt_median\":" +
-                  num(o.workload.prompt_median) + ",\"iter\":" + std::to_string(f.index) + ",\"t_s\":" + num(t_end) +
-                  ",\"prefill_reqs\":" + std::to_string(f.admitted.size()) + ",\"prefill_ms\":" +
-                  num(f.prefill ? since(f.begin, f.prefilled) : 0) + ",\"batch\":" + std::to_string(f.batch) +
-                  ",\"decode_ms\":" + num(step_ms) + ",\"pages_booked\":" + std::to_string(f.booked) +
-                  ",\"pages_device\":" + std::to_string(device_pages) + ",\"kv_read_bytes\":" +
-                  num(double(f.kv_slots) * kv_slot_bytes) + ",\"floor_ms\":" + num(floor_ms) +
-                  ",\"floor_fraction\":" + num(step_ms > 0 ? floor_ms / step_ms : 0) + "}");
-  };
-
-  long long pending_from = 0;  // the oldest iteration not yet retired
-  while (!sched.done()) {
-    const double now = std::chrono::duration<double>(Clock::now() - t0).count();
-    if (sched.running().empty() && sched.next_arrival() > now) {  // idle until the next arrival
-      std::this_thread::sleep_for(std::chrono::duration<double>(sched.next_arrival() - now));
-      continue;
-    }
-    Inflight& f = ring[std::size_t(sched.iteration() % kRing)];
-    if (sched.iteration() - pending_from >= kRing - 1) retire(ring[std::size_t(pending_from++ % kRing)]);
-    f.index = sched.iteration();
-    f.slot = int(f.index % kRing);
-    const Iteration it = sched.plan(now, [&](const Request& r, int slot) {
-      if (!e.can_begin(r.prompt_len)) return false;
-      e.begin(slot, r.prompt_len, r.output_len);
-      return true;
-    });
-    if (it.prefill.empty() && it.decode_slots.empty())
-      throw std::runtime_error("request " + std::to_string(sched.admitted()) + " (prompt " +
-                               std::to_string(reqs[std::size_t(sched.admitted())].prompt_len) +
-                               ") cannot start with nothing running: its window needs more ring rows than the "
-                               "pool has (raise --ring-gb)");
-    x.peak_concurrent = std::max(x.peak_concurrent, int(sched.running().size()));
-    f.admitted.clear(), f.decoded.clear(), f.finished.clear();
-    f.prefill = !it.prefill.empty(), f.decode = !it.decode_slots.empty();
-    f.booked = sched.books().in_use();
-    f.kv_slots = sched.live_kv_slots();
-    f.batch = int(it.decode_slots.size());
-    for (const Running& r : sched.running()) (r.admitted == f.index ? f.admitted : f.decoded).push_back(r.request);
-    LC_CUDA(cudaEventRecord(f.begin, e.stream()));
-    if (f.prefill) {
-      std::vector<std::int32_t> slots;
-      std::vector<std::vector<std::int32_t>> prompts;
-      for (int i : it.prefill) {
-        const Running& r = sched.running()[std::size_t(i)];
-        slots.push_back(r.slot);
-        prompts.push_back(prompt_tokens(reqs[std::size_t(r.request)], s.vocab));
-      }
-      e.prefill_begun(slots, prompts);
-      ++x.prefills;
-    }
-    LC_CUDA(cudaEventRecord(f.prefilled, e.stream()));
-    if (f.decode) {
-      e.decode_slots(it.decode_slots);
-      ++x.decode_steps;
-    }
-    LC_CUDA(cudaEventRecord(f.done, e.stream()));
-    e.free_pages_async(free_counts.get() + f.slot);
-    for (const Running& r : sched.finish()) {
-      e.end(r.slot);
-      f.finished.push_back(r.request);
-    }
+                  num(o.workload.prompt_median) + ",\"iter\":" + std::to_string(r.iteration) + ",\"t_s\":" +
+                  num(r.t_s) + ",\"prefill_reqs\":" + std::to_string(r.prefill_requests) + ",\"prefill_ms\":" +
+                  num(r.prefill_ms) + ",\"batch\":" + std::to_string(r.batch) + ",\"decode_ms\":" +
+                  num(r.decode_ms) + ",\"pages_booked\":" + std::to_string(r.pages_booked) +
+                  ",\"pages_device\":" + std::to_string(r.pages_device) + ",\"kv_read_bytes\":" +
+                  num(double(r.kv_slots) * kv_slot_bytes) + ",\"floor_ms\":" + num(floor_ms) +
+                  ",\"floor_fraction\":" + num(r.decode_ms > 0 ? floor_ms / r.decode_ms : 0) + "}");
   }
-  while (pending_from < sched.iteration()) retire(ring[std::size_t(pending_from++ % kRing)]);
-  x.iterations = sched.iteration();
-  e.check();  // the paged ops refused nothing
-  for (auto& f : ring) cudaEventDestroy(f.begin), cudaEventDestroy(f.prefilled), cudaEventDestroy(f.done);
-  cudaEventDestroy(start);
-  for (std::size_t i = 0; i < reqs.size(); ++i)
-    if (generated[i] != reqs[i].output_len)
-      throw std::logic_error("request " + std::to_string(i) + " got " + std::to_string(generated[i]) + " tokens, not " +
-                             std::to_string(reqs[i].output_len));
-  for (std::size_t i = 0; i < reqs.size(); ++i) times[i].output_len = reqs[i].output_len;
-  return summarize(times);
+  return sum;
 }
 
 std::string date_utc() {
@@ -298,8 +249,9 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const st
   if (o.warmup > 0) {
     WorkloadOptions w = o.workload;
     w.requests = o.warmup, w.output_min = w.output_max = std::min(32, o.workload.output_max), w.seed += 1000, w.rate = 0;
-    RunExtra ignore;
-    run_workload(e, m, make_workload(w), o, RunInfo{o.shape, policy, "warmup"}, copy_bw, nullptr, ignore);
+    LoopStats ignore;
+    std::vector<double> f, d;
+    run_workload(e, m, make_workload(w), o, RunInfo{o.shape, policy, "warmup"}, copy_bw, nullptr, ignore, f, d);
   }
   double saturation_rate = 0;
   std::vector<std::string> modes;
@@ -310,14 +262,15 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const st
     w.rate = mode == "saturation" ? 0 : (o.rate > 0 ? o.rate : o.load * saturation_rate);
     if (mode == "poisson" && !(w.rate > 0))
       throw std::runtime_error("--mode poisson needs --rate (or --mode both, which measures the saturation rate)");
-    RunExtra x;
-    const RunInfo info{o.shape, policy, mode, w.rate};
-    const ServeSummary r = run_workload(e, m, make_workload(w), o, info, copy_bw, steps, x);
+    LoopStats x;
+    std::vector<double> floor_fraction, decode_ms;
+    const RunInfo info{o.shape, policy, mode};
+    const ServeSummary r = run_workload(e, m, make_workload(w), o, info, copy_bw, steps, x, floor_fraction, decode_ms);
     if (mode == "saturation") saturation_rate = r.requests_per_s;
-    const double fmean = x.floor_fraction.empty()
+    const double fmean = floor_fraction.empty()
                              ? 0
-                             : std::accumulate(x.floor_fraction.begin(), x.floor_fraction.end(), 0.0) /
-                                   double(x.floor_fraction.size());
+                             : std::accumulate(floor_fraction.begin(), floor_fraction.end(), 0.0) /
+                                   double(floor_fraction.size());
     cudaDeviceProp prop{};
     LC_CUDA(cudaGetDeviceProperties(&prop, 0));
     out.line(
@@ -339,8 +292,9 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const st
         ",\"books_violations\":" + std::to_string(x.books_violations) + ",\"iterations\":" +
         std::to_string(x.iterations) + ",\"prefills\":" + std::to_string(x.prefills) + ",\"decode_steps\":" +
         std::to_string(x.decode_steps) + ",\"decode_ms_p50\":" +
-        num(x.decode_ms.empty() ? 0 : percentile(x.decode_ms, 50)) + ",\"floor_fraction_mean\":" + num(fmean) +
-        ",\"floor_fraction_p50\":" + num(x.floor_fraction.empty() ? 0 : percentile(x.floor_fraction, 50)) +
+        num(decode_ms.empty() ? 0 : percentile(decode_ms, 50)) + ",\"floor_fraction_mean\":" + num(fmean) +
+        ",\"floor_fraction_p50\":" + num(floor_fraction.empty() ? 0 : percentile(floor_fraction, 50)) +
+        ",\"graph_builds\":" + std::to_string(e.graph_builds()) +
         ",\"copy_bytes_per_s\":" + num(copy_bw) + ",\"weight_bytes\":" + std::to_string(m.weight_bytes()) +
         ",\"device\":" + str(prop.name) + ",\"date\":" + str(date_utc()) + "}");
     if (x.books_violations > 0)
