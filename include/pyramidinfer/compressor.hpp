@@ -58,6 +58,19 @@ struct CompressorConfig {
 
 namespace detail {
 
+/// Calls policy.validate(fn) where the policy has one: settings such as a
+/// top-p mass of 1.5 or NaN fail when the compressor is built.
+template <class P>
+auto validate_policy(const P& policy, const char* fn, int) -> decltype(policy.validate(fn), void()) {
+  policy.validate(fn);
+}
+template <class P>
+void validate_policy(const P&, const char*, long) {}
+template <class P>
+void validate_policy(const P& policy, const char* fn) {
+  validate_policy(policy, fn, 0);
+}
+
 /// Checks shared by the host and CUDA compressors.
 inline void check_compressor_layer(const CompressorConfig& cfg, int layer, const char* fn) {
   PYRAMIDINFER_REQUIRE(layer >= 0 && layer < cfg.num_layers, fn, "layer", layer,
@@ -113,7 +126,8 @@ class PyramidCompressor {
                          "must be in [0, 1)");
     PYRAMIDINFER_REQUIRE(cfg.softmax_scale >= 0.f && std::isfinite(cfg.softmax_scale), fn, "softmax_scale",
                          cfg.softmax_scale, "must be finite and >= 0");
-    PYRAMIDINFER_REQUIRE(selection.sinks >= 0, fn, "selection.sinks", selection.sinks, "must be >= 0");
+    detail::validate_policy(scoring, fn);
+    detail::validate_policy(selection, fn);
     PYRAMIDINFER_REQUIRE(decode.segment > 0, fn, "decode.segment", decode.segment, "must be > 0");
     for (int l = 0; l < cfg.num_layers; ++l) schedule.keep_ratio(l, cfg.num_layers);  // rejects bad ratios now
     decode.keep_count(0, cfg.num_layers);

@@ -73,6 +73,17 @@ TEST_CASE("Bad input to policies, kernels and the planner names the argument", "
   THROWS_NAMING(TopKSelection{}.max_keep(100, 0.0), "ratio");
   THROWS_NAMING(TopKSelection{}.max_keep(-1, 0.5), "context");
   THROWS_NAMING(TopPSelection{}.keep_count(nullptr, 100, -0.5), "ratio");
+  // Selection settings fail when the compressor is built, before any layer runs.
+  const CompressorConfig cfg{2, 2, 1, 4};
+  using TopPCompressor = PyramidCompressor<RecentWindowScoring, TopPSelection>;
+  THROWS_NAMING(TopPCompressor(cfg, {}, TopPSelection{1.5}), "selection.mass");
+  THROWS_NAMING(TopPCompressor(cfg, {}, TopPSelection{nan}), "selection.mass");
+  THROWS_NAMING(TopPCompressor(cfg, {}, TopPSelection{0.0}), "selection.mass");
+  THROWS_NAMING(TopPCompressor(cfg, {}, TopPSelection{0.9, 4, -1}), "selection.min_context");
+  THROWS_NAMING(PyramidCompressor<>(cfg, {}, TopKSelection{-1}), "selection.sinks");
+  THROWS_NAMING(PyramidCompressor<>(cfg, {}, TopKSelection{4, -2}), "selection.min_context");
+  TopPCompressor ok(cfg, {}, TopPSelection{1.0});  // the bounds themselves are fine
+  (void)ok;
 
   std::vector<float> s(5, 1.f);
   std::vector<std::int32_t> out(8);

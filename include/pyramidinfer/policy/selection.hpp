@@ -4,7 +4,9 @@
 //     Granularity granularity;   int sinks;
 //     int max_keep(int context, double ratio) const;   // score-free upper bound
 //     int keep_count(const float* scores, int context, double ratio) const;
-// keep_count <= max_keep <= context. The first `sinks` context tokens and the
+// keep_count <= max_keep <= context. Optional: `void validate(const char* fn)
+// const`, which the compressor calls when it is constructed (bad settings fail
+// there, before any layer runs). The first `sinks` context tokens and the
 // recent window are always kept; which others survive is the top of the
 // scores (host::topk_indices), so a policy only decides how many.
 #pragma once
@@ -37,6 +39,10 @@ struct TopKSelection {
     return k > min_context ? k : context;
   }
   int keep_count(const float*, int context, double ratio) const { return max_keep(context, ratio); }
+  void validate(const char* fn) const {
+    PYRAMIDINFER_REQUIRE(sinks >= 0, fn, "selection.sinks", sinks, "must be >= 0");
+    PYRAMIDINFER_REQUIRE(min_context >= 0, fn, "selection.min_context", min_context, "must be >= 0");
+  }
 };
 
 /// Keeps the fewest best tokens whose scores reach `mass` of the context's
@@ -55,6 +61,10 @@ struct TopPSelection {
     const int forced = std::min(sinks, context);
     const int k = forced + host::topp_count(scores, context, mass, forced);
     return std::min(cap, std::max(k, std::min(min_context, context)));
+  }
+  void validate(const char* fn) const {
+    TopKSelection{sinks, min_context}.validate(fn);
+    PYRAMIDINFER_REQUIRE(mass > 0.0 && mass <= 1.0, fn, "selection.mass", mass, "must be in (0, 1]");  // NaN too
   }
 };
 
