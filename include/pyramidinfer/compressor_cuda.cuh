@@ -225,6 +225,10 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     cache.check_seq(seq, fn);
     PYRAMIDINFER_REQUIRE(prompt_len > 0 && prompt_len <= shape_.max_seq_len, fn, "prompt_len", prompt_len,
                          "must be in [1, max_seq_len = " + std::to_string(shape_.max_seq_len) + "]");
+    // Layer 0 stores the whole prompt: it must fit in the pool's pages.
+    const std::int64_t pool_slots = std::int64_t(shape_.num_pages) * std::int64_t(shape_.page_size);
+    PYRAMIDINFER_REQUIRE(prompt_len <= pool_slots, fn, "prompt_len", prompt_len,
+                         "must be <= the pool's num_pages * page_size = " + std::to_string(pool_slots));
     PYRAMIDINFER_REQUIRE(!seqs_[std::size_t(seq)].live, fn, "seq", seq, "is already live: end() it first");
     const int w = window_length(prompt_len, config().recent_ratio);
     const std::int64_t base = ring_.take(w);

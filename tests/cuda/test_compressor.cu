@@ -595,3 +595,27 @@ TEST_CASE("CUDA compressor rejects bad calls and changes nothing", "[cuda][compr
   r.st.sync();
   r.expect_same_bytes("after rejected calls");
 }
+
+TEST_CASE("CUDA compressor begin refuses a prompt past the pool's pages and changes nothing", "[cuda][compressor]") {
+  using T = half_t;
+  PagedCacheShape s;
+  s.num_layers = 2, s.kv_heads = 1, s.head_dim = 64, s.dtype = DType::f16;
+  s.page_size = 16, s.max_seqs = 2, s.max_seq_len = 512, s.num_pages = 8;  // 128 slots in all
+  const CompressorConfig cfg{2, 2, 1, 64};
+  PyramidCompressor<RecentWindowScoring, TopKSelection, CosineSchedule, DecodeSchedule<CosineSchedule>, CudaBackend>
+      dcomp(cfg);
+  pit::PagedBuffers<T> hb(s, pit::PoolKind::nhd);
+  DevicePaged<T> db(hb, s, pit::PoolKind::nhd);
+  test::Stream st;
+  const std::int64_t rows = dcomp.ring_rows_for(512);
+  DeviceBuffer<unsigned char> mem(dcomp.state_bytes(db.cache, rows));
+  dcomp.attach(db.cache, rows, mem.ptr, mem.n, st.s);
+  st.sync();
+  const std::vector<unsigned char> before = db.snapshot();
+  CHECK_THROWS_WITH(dcomp.begin(db.cache, 0, 129, st.s), Catch::Contains("num_pages * page_size"));
+  st.sync();
+  CHECK(db.snapshot() == before);
+  CHECK(dcomp.can_begin(128));
+  dcomp.begin(db.cache, 0, 128, st.s);  // the pool's size itself fits
+  st.sync();
+}
