@@ -27,15 +27,17 @@ struct PolicyOptions {
 };
 
 inline const std::vector<std::string>& policy_names() {
-  static const std::vector<std::string> names = {"full",      "pyramid", "pyramid45", "pyramid-perhead",
-                                                 "streaming", "h2o",     "snapkv"};
+  static const std::vector<std::string> names = {"full",   "pyramid", "pyramid45", "pyramid-perhead", "pyramid-expected",
+                                                 "streaming", "h2o", "snapkv",    "expected"};
   return names;
 }
 
 inline std::string policy_help() {
   return "full (no compression), pyramid (PyramidInfer, the paper's defaults), pyramid45 (PyramidInfer with the "
          "fixed settings whose plan keeps <= 45% of a full cache at 512 + 256 tokens), pyramid-perhead (per KV head), "
-         "streaming (sinks + recent), h2o (accumulated attention), snapkv (window attention, per KV head, per layer)";
+         "pyramid-expected (PyramidInfer's token dropping and schedule, scored by expected attention), streaming (sinks + "
+         "recent), h2o (accumulated attention), snapkv (window attention, per KV head, per layer), expected (expected "
+         "attention of future queries, per KV head, per layer)";
 }
 
 /// pyramid45: the settings the planner found to keep <= 45% of a full cache at
@@ -48,6 +50,17 @@ struct Pyramid45 {
   static constexpr double recent_ratio = 0.1, final_ratio = 0.3, gen_ratio = 0.5, decode_final_ratio = 0.1;
   static constexpr int min_context = 16;
 };
+
+/// Expected-attention scoring for model `c`: the example engine rotates
+/// queries with its RoPE base and rotated dimensions in interleaved pairs
+/// (llama/tensor_ops.hpp), and the scoring must undo exactly that rotation.
+inline ExpectedAttentionScoring expected_scoring(const LlamaConfig& c) {
+  ExpectedAttentionScoring s;
+  s.rope_base = c.rope_base;
+  s.rope_dims = c.rope_dims == c.head_dim ? 0 : int(c.rope_dims);
+  s.rope_layout = RopeLayout::interleaved;
+  return s;
+}
 
 /// Calls f(compressor) with the compressor type and settings `o` names.
 template <class F>
@@ -71,6 +84,9 @@ void with_policy(const LlamaConfig& c, const PolicyOptions& o, F&& f) {
   } else if (o.name == "pyramid-perhead") {
     f(PyramidCompressor<RecentWindowScoring, TopKSelection, CosineSchedule>(cfg, {o.distance_weight}, per_head,
                                                                              CosineSchedule{o.ratio}));
+  } else if (o.name == "pyramid-expected") {
+    f(PyramidCompressor<ExpectedAttentionScoring, TopKSelection, CosineSchedule>(cfg, expected_scoring(c), shared,
+                                                                                  CosineSchedule{o.ratio}));
   } else if (o.name == "full") {
     cfg.compress_decode = false;
     f(PyramidCompressor<PositionScoring, TopKSelection, UniformSchedule>(cfg, {}, shared, UniformSchedule{1.0}));
@@ -85,6 +101,9 @@ void with_policy(const LlamaConfig& c, const PolicyOptions& o, F&& f) {
     else if (o.name == "snapkv")
       f(PyramidCompressor<RecentWindowScoring, TopKSelection, UniformSchedule, DecodeSchedule<UniformSchedule>>(
           cfg, {1.0f}, per_head, UniformSchedule{o.ratio}, flat));
+    else if (o.name == "expected")
+      f(PyramidCompressor<ExpectedAttentionScoring, TopKSelection, UniformSchedule, DecodeSchedule<UniformSchedule>>(
+          cfg, expected_scoring(c), per_head, UniformSchedule{o.ratio}, flat));
     else
       throw std::invalid_argument("unknown policy '" + o.name + "'; one of: " + policy_help());
   }

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "../core/cuda_check.cuh"
+#include "../kernels/cuda/score_expected.cuh"
 #include "../kernels/cuda/score_simple.cuh"
 #include "../kernels/cuda/scoring.cuh"
 #include "scoring.hpp"
@@ -83,6 +84,16 @@ template <class T>
 void device_score(const PositionScoring&, const ScoreProblem<T>& p, Granularity g, ScoreView out, void*, std::size_t,
                   cudaStream_t stream) {
   cuda::position_scores(p, g, out, stream);
+}
+
+template <class T>
+std::size_t device_score_workspace_bytes(const ExpectedAttentionScoring&, const ScoreProblem<T>& p, Granularity) {
+  return cuda::expected_attention_scores_workspace_bytes(p);
+}
+template <class T>
+void device_score(const ExpectedAttentionScoring& s, const ScoreProblem<T>& p, Granularity g, ScoreView out, void* ws,
+                  std::size_t ws_bytes, cudaStream_t stream) {
+  cuda::expected_attention_scores<T>(p, g, s.rope(), out, ws, ws_bytes, stream);
 }
 
 // ---- the library's score-dependent selection ------------------------------------

@@ -12,6 +12,7 @@
 // must keep the window's queries (a ring of them per layer) for this policy.
 #pragma once
 
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -61,6 +62,37 @@ struct PositionScoring {
   template <class T>
   void score(const ScoreProblem<T>& p, Granularity g, ScoreView out) const {
     host::position_scores(p, g, out);
+  }
+};
+
+/// Expected attention (in the spirit of kvpress's ExpectedAttention press):
+/// each head's future queries are modelled as a Gaussian fitted to the
+/// window's queries, moved by RoPE to the next `future_positions` positions,
+/// and a key's score is the attention such a query is expected to pay it,
+/// E[exp(q.k / sqrt(d))] = exp(mu.k / sqrt(d) + k^T Sigma k / (2d)),
+/// normalised over the keys and averaged over the heads that share the
+/// selection (host::expected_attention_scores has the details).
+///
+/// The RoPE fields must describe the engine's rotation of the queries it
+/// hands the compressor: its base (theta), rotated dimensions and pair
+/// layout. rope_base = 0 takes the queries as they are. The window itself is
+/// always kept (the compressor never scores it), as with the other window
+/// scorings. Values are not part of a ScoreProblem, so there is no
+/// value-norm weighting.
+struct ExpectedAttentionScoring {
+  static constexpr bool needs_queries = true;
+  int future_positions = 512;  ///< future positions averaged over, >= 1
+  float rope_base = 10000.0f;  ///< the engine's RoPE theta, > 1; 0: no RoPE
+  int rope_dims = 0;           ///< rotated dimensions per head (0: all)
+  RopeLayout rope_layout = RopeLayout::interleaved;
+
+  RopeFuture rope() const { return {double(rope_base), rope_dims, rope_layout, future_positions}; }
+  /// The compressor calls this when built; rope_dims <= head_dim is checked when scoring.
+  void validate(const char* fn) const { check_rope_future(rope(), std::numeric_limits<int>::max(), fn); }
+
+  template <class T>
+  void score(const ScoreProblem<T>& p, Granularity g, ScoreView out) const {
+    host::expected_attention_scores(p, g, rope(), out);
   }
 };
 

@@ -14,6 +14,7 @@
 
 #include "../../policy/granularity.hpp"
 #include "../problem.hpp"
+#include "../rope_future.hpp"
 
 namespace pyramidinfer {
 namespace host {
@@ -290,6 +291,156 @@ inline void attention_weight_scores(TensorView<const float, 4> attn, const std::
           for (int r = 0; r < w; ++r)
             acc += double(distance_row_weight(r, w, distance_weight)) * attn(b, h, rows - w + r, score_begin[b] + j);
         out(b, kvh, j) = float(acc / (double(w) * (h1 - h0)));
+      }
+    }
+  }
+}
+
+namespace detail {
+
+/// Checks what expected-attention scoring adds to a score problem: the RoPE
+/// description, and positions when it un-rotates queries.
+template <class T>
+void check_rope_future(const ScoreProblem<T>& p, const RopeFuture& r, const char* fn) {
+  using pyramidinfer::detail::throw_arg_error;
+  pyramidinfer::check_rope_future(r, p.head_dim(), fn);
+  if (r.base == 0.0) return;
+  pyramidinfer::detail::check_view(p.positions, fn, "positions");
+  pyramidinfer::detail::check_dim(p.positions, 0, p.batch(), fn, "positions");
+  pyramidinfer::detail::check_dim(p.positions, 1, p.kv_heads(), fn, "positions");
+  if (!p.pages.table)
+    for (int b = 0; b < p.batch(); ++b)
+      for (int h = 0; h < p.kv_heads(); ++h)
+        if (p.kv_len(b, h) > p.positions.shape[2])
+          throw_arg_error(fn, "positions.shape[2]", p.positions.shape[2],
+                          "must cover kv_len = " + std::to_string(p.kv_len(b, h)));
+}
+
+}  // namespace detail
+
+/// Expected-attention scores: how much attention the *future* queries of each
+/// head are expected to pay each key, estimated from the window's queries.
+///
+/// Model. A future query of query head h is a random vector x. Its law is
+/// the window's queries moved to a future position: draw a window row r
+/// uniformly, undo its own rotation (RoPE turned it by its position p_r) and
+/// rotate it to a position t + k, k uniform in 1 .. future, where t is the
+/// position of the newest cached token. We use the exact mean mu and
+/// covariance Sigma of that mixture, and treat x as Gaussian N(mu, Sigma).
+/// For a Gaussian, E[exp(s x.k)] = exp(s mu.k + s^2 k^T Sigma k / 2) (s, the
+/// softmax scale, is 1/sqrt(d)). Each key's expected un-normalised weight is
+/// normalised over the head's n keys (the keys a future query sees), then
+/// averaged over the query heads that share a selection, like the window
+/// scores.
+///
+/// Why undo and redo RoPE rather than fit the window's rotated queries as
+/// they are: the rotation of a pair moves with the position, so a Gaussian
+/// fitted to rotated queries smears the high-frequency pairs over the window
+/// and the future queries would sit at positions the window never had. In
+/// the un-rotated frame a head's queries are stable; the rotation to the
+/// next `future` positions is then applied to the statistics exactly: with
+/// m, M the mean and second moment of the un-rotated queries (R_tau the
+/// rotation to position tau),
+///   E[x] = E_k[R_{t+k}] m,   E[x x^T] = E_k[R_{t+k} M R_{t+k}^T],
+/// and both averages over k are closed-form sums of cosines and sines
+/// (rope_future.hpp), so `future` costs nothing. Rotation averaging also
+/// shrinks the fast pairs' mean towards zero and moves their energy into the
+/// covariance, which is what a query at an unknown future position does.
+///
+/// The queries must be the ones the engine rotated with `rope` (its base,
+/// rotated dimensions and pair layout); rope.base == 0 uses them as they are
+/// (an engine without RoPE, or a deliberate approximation). Cost per query
+/// head: O(w d^2) for the moments and O(n d^2) for the keys; never [w, n].
+/// p.lse and p.lse_out are not used.
+template <class T>
+void expected_attention_scores(const ScoreProblem<T>& p, Granularity g, const RopeFuture& rope, ScoreView out) {
+  const char* fn = "host::expected_attention_scores";
+  detail::check_score_problem(p, g, out, fn);
+  detail::check_rings(p, 0, p.batch(), fn);
+  detail::check_rope_future(p, rope, fn);
+  const int group = p.q_heads() / p.kv_heads(), d = p.head_dim();
+  const std::size_t dd = std::size_t(d) * std::size_t(d);
+  std::vector<RopeDim> dim(static_cast<std::size_t>(d));
+  for (int i = 0; i < d; ++i) dim[std::size_t(i)] = rope_dim(rope, d, i);
+  std::vector<double> raw(static_cast<std::size_t>(d)), m(static_cast<std::size_t>(d)), M(dd), mu(static_cast<std::size_t>(d)),
+      sigma(dd), logit;
+  std::vector<PhasePair> phase(dd);
+  for (int b = 0; b < p.batch(); ++b) {
+    const int w = p.window_len[b];
+    for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
+      const int n = p.kv_len(b, kvh), begin = p.score_begin(b, kvh), count = p.score_count(b, kvh);
+      const std::vector<float> keys = detail::load_keys(p, b, kvh, n);
+      const double t = rope.base > 0.0 ? double(p.position(b, kvh, n - 1)) : 0.0;
+      // The future-rotation averages depend on t only: shared by the group.
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j)
+          phase[std::size_t(i) * d + j] = future_phase_pair(dim[std::size_t(i)].omega, dim[std::size_t(j)].omega, t, rope.future);
+      std::vector<double> acc(static_cast<std::size_t>(count), 0.0);
+      for (int qh = kvh * group; qh < (kvh + 1) * group; ++qh) {
+        // Moments of the un-rotated window queries.
+        std::fill(m.begin(), m.end(), 0.0);
+        std::fill(M.begin(), M.end(), 0.0);
+        for (int r = 0; r < w; ++r) {
+          const T* q = p.query_row(b, qh, r);
+          const double pos = rope.base > 0.0 ? double(p.position(b, kvh, n - w + r)) : 0.0;
+          for (int i = 0; i < d; ++i) {
+            const RopeDim& e = dim[std::size_t(i)];
+            const double a = e.omega * pos;  // undo the rotation by a: angle -a
+            raw[std::size_t(i)] = std::cos(a) * double(to_float(q[i * p.queries.stride[3]])) +
+                                  e.sign * std::sin(a) * double(to_float(q[e.partner * p.queries.stride[3]]));
+          }
+          for (int i = 0; i < d; ++i) {
+            m[std::size_t(i)] += raw[std::size_t(i)];
+            for (int j = 0; j < d; ++j) M[std::size_t(i) * d + j] += raw[std::size_t(i)] * raw[std::size_t(j)];
+          }
+        }
+        for (double& x : m) x /= w;
+        for (double& x : M) x /= w;
+        // Mean and covariance after the rotation to the future positions.
+        for (int i = 0; i < d; ++i) {
+          const RopeDim& e = dim[std::size_t(i)];
+          const PhaseMean c = future_phase_mean(e.omega, t, rope.future);
+          mu[std::size_t(i)] = c.c * m[std::size_t(i)] - e.sign * c.s * m[std::size_t(e.partner)];
+        }
+        for (int i = 0; i < d; ++i) {
+          const RopeDim& ei = dim[std::size_t(i)];
+          for (int j = 0; j < d; ++j) {
+            const RopeDim& ej = dim[std::size_t(j)];
+            const PhasePair& f = phase[std::size_t(i) * d + j];
+            const auto at = [&](int a, int c) { return M[std::size_t(a) * d + c]; };
+            const double second = f.cc * at(i, j) - ej.sign * f.cs * at(i, ej.partner) -
+                                  ei.sign * f.sc * at(ei.partner, j) +
+                                  double(ei.sign * ej.sign) * f.ss * at(ei.partner, ej.partner);
+            sigma[std::size_t(i) * d + j] = second - mu[std::size_t(i)] * mu[std::size_t(j)];
+          }
+        }
+        // log E[exp(s x.k)] of every key the future query sees, normalised.
+        const double s = p.scale;
+        logit.assign(static_cast<std::size_t>(n), 0.0);
+        double top = -std::numeric_limits<double>::infinity();
+        for (int j = 0; j < n; ++j) {
+          const float* k = keys.data() + std::size_t(j) * d;
+          double lin = 0.0, quad = 0.0;
+          for (int a = 0; a < d; ++a) {
+            double row = 0.0;
+            const double* sr = sigma.data() + std::size_t(a) * d;
+            for (int c = 0; c < d; ++c) row += sr[c] * k[c];
+            lin += mu[std::size_t(a)] * k[a];
+            quad += row * k[a];
+          }
+          logit[std::size_t(j)] = s * lin + 0.5 * s * s * quad;
+          top = std::max(top, logit[std::size_t(j)]);
+        }
+        double sum = 0.0;
+        for (int j = 0; j < n; ++j) sum += std::exp(logit[std::size_t(j)] - top);
+        const double lse = top + std::log(sum);
+        for (int j = 0; j < count; ++j) acc[std::size_t(j)] += std::exp(logit[std::size_t(begin + j)] - lse);
+      }
+      const int gi = g == Granularity::shared ? 0 : kvh;
+      const double denom = g == Granularity::shared ? p.q_heads() : group;
+      for (int j = 0; j < count; ++j) {
+        const float v = float(acc[std::size_t(j)] / denom);
+        out(b, gi, j) = (g == Granularity::shared && kvh > 0) ? out(b, gi, j) + v : v;
       }
     }
   }
