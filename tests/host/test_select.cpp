@@ -91,6 +91,28 @@ std::vector<std::int32_t> lib_topk(const std::vector<float>& s, int k, int force
 
 }  // namespace
 
+TEST_CASE("TopPSelection's bound covers every smaller context, so planner traces bound top-p runs", "[select]") {
+  std::mt19937 rng(11);
+  std::vector<float> scores(700);
+  for (int min_context : {0, 1, 16, 64})
+    for (double ratio : {0.05, 0.3, 0.5, 0.7, 0.77, 0.9, 0.999, 1.0}) {
+      INFO("min_context " << min_context << " ratio " << ratio);
+      const TopKSelection topk{4, min_context};
+      const TopPSelection topp{0.5, 4, min_context};
+      int envelope = 0;  // max of TopK's count over contexts <= c
+      for (int c = 0; c <= 700; ++c) {
+        INFO("context " << c);
+        envelope = std::max(envelope, topk.max_keep(c, ratio));
+        const int bound = topp.max_keep(c, ratio);
+        CHECK(bound == envelope);  // the least monotone bound, exactly
+        for (auto& x : scores) x = std::uniform_real_distribution<float>(0.f, 1.f)(rng);
+        const int k = topp.keep_count(scores.data(), c, ratio);
+        CHECK(k <= topk.max_keep(c, ratio));  // counts themselves are unchanged: at most TopK's
+        CHECK(k <= bound);
+      }
+    }
+}
+
 TEST_CASE("topk_indices equals a brute-force sort on random quantised scores", "[select]") {
   std::mt19937 rng(1234);
   for (int trial = 0; trial < 300; ++trial) {

@@ -280,10 +280,6 @@ def test_bad_calls_name_the_argument():
         pi.PagedCache(L, KV, D, num_pages=8, max_seqs=1, max_seq_len=64, page_size=12)
 
 
-@pytest.mark.xfail(reason="library: top-p under drop_tokens can exceed the planner's per-layer count: "
-                          "TopKSelection::max_keep is not monotone in the context (a context at or below "
-                          "min_context is kept whole), so a smaller context can keep more at a later layer",
-                   strict=False)
 def test_topp_within_planner_bound():
     rng = np.random.default_rng(4)
     pc, cache = make(scoring=pi.RecentWindow(1.0), selection=pi.TopP(mass=0.5), schedule=pi.UniformSchedule(0.7))

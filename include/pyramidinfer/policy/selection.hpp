@@ -54,9 +54,23 @@ struct TopPSelection {
   int min_context = 64;
   Granularity granularity = Granularity::shared;
 
-  int max_keep(int context, double ratio) const { return TopKSelection{sinks, min_context}.max_keep(context, ratio); }
+  /// An upper bound that never falls as the context grows, which
+  /// TopKSelection's count does not: it keeps a whole context whose share
+  /// would be at or below min_context. TopK's contexts are exactly the
+  /// planner's, but a top-p count can leave the next layer a smaller context
+  /// that TopK would keep whole, so the bound covers every context up to this
+  /// one and the planner's trace stays an upper bound layer after layer.
+  int max_keep(int context, double ratio) const {
+    const int k = TopKSelection{sinks, min_context}.max_keep(context, ratio);  // validates
+    if (k == context) return k;
+    // The largest c with int(c * ratio) <= min_context (TopK keeps it whole).
+    int whole = int(std::min<double>(context, (min_context + 1.0) / ratio));
+    while (whole > 0 && int(whole * ratio) > min_context) --whole;
+    while (whole < context && int((whole + 1) * ratio) <= min_context) ++whole;
+    return std::max(k, std::min(context, whole));
+  }
   int keep_count(const float* scores, int context, double ratio) const {
-    const int cap = max_keep(context, ratio);
+    const int cap = TopKSelection{sinks, min_context}.max_keep(context, ratio);
     if (cap == context) return context;
     const int forced = std::min(sinks, context);
     const int k = forced + host::topp_count(scores, context, mass, forced);
