@@ -100,9 +100,10 @@ struct Case {
         }
       if (s.pooled) next_base += wb;
       win.push_back(wb);
+      // One scored range per sequence: shared granularity needs every head's count equal.
+      const int bg = std::uniform_int_distribution<int>(0, 2)(rng);
       for (int h = 0; h < s.kvh; ++h) {
         len.push_back(n[std::size_t(b)]);
-        const int bg = std::uniform_int_distribution<int>(0, 2)(rng);
         begin.push_back(bg);
         count.push_back(n[std::size_t(b)] - wb - bg);
         width = std::max(width, count.back() + 3);
