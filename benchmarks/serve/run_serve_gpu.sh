@@ -18,11 +18,12 @@
 #   SHAPE=llama2-7b CUDA_ARCH=90 BUDGET_S=450 (seconds for build + runs)
 #   WORKLOADS="512 2048" (prompt medians; one per call gives each the whole budget,
 #   e.g. WORKLOADS=2048 REQ2K=96 for more requests than one call fits both)
-#   SELFCHECK=1 (0 skips it)
+#   SELFCHECK=1 (0 skips it)  BUILD_DIR=build-serve-gpu
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/.out}
-mkdir -p "$OUT" build-serve-gpu
+BUILD=${BUILD_DIR:-build-serve-gpu}
+mkdir -p "$OUT" "$BUILD"
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-450}
 REQ512=${REQ512:-128}
@@ -41,15 +42,15 @@ left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 # machine without BLAS gets declarations only (pyramid-serve never calls them).
 INC=""
 echo '#include <cblas.h>' | nvcc -E -x c++ - > /dev/null 2>&1 || INC="-Ibenchmarks/serve/no_blas"
-BIN=build-serve-gpu/pyramid-serve
+BIN=$BUILD/pyramid-serve
 SUM=$( (cat $(find include examples/llama_cuda examples/serve examples/generate examples/llama -name '*.cuh' -o -name '*.hpp' -o -name '*.cu' | sort); echo "$INC $ARCH") | sha1sum)
-if [ "$(cat build-serve-gpu/src.sha 2>/dev/null)" != "$SUM" ] || [ ! -x "$BIN" ]; then
+if [ "$(cat "$BUILD/src.sha" 2>/dev/null)" != "$SUM" ] || [ ! -x "$BIN" ]; then
   echo "== build (sm_$ARCH${INC:+, no BLAS: declarations only})"
   if ! nvcc -std=c++17 -O3 -gencode arch=compute_$ARCH,code=sm_$ARCH --expt-relaxed-constexpr -Iinclude -Iexamples $INC \
       examples/serve/serve.cu -lcublas -o "$BIN" > "$OUT/build.log" 2>&1; then
     tail -30 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
   fi
-  echo "$SUM" > build-serve-gpu/src.sha
+  echo "$SUM" > "$BUILD/src.sha"
 fi
 echo "== build done at $(( $(date +%s) - START )) s"
 

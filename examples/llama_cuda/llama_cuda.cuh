@@ -409,12 +409,14 @@ class CudaModel {
   std::vector<Layer> layers_;
 };
 
+/// The engine's options. The first four configure CudaEngine's compressor;
+/// a PagedEngine built from a compressor takes them from it instead.
 struct EngineOptions {
   double recent_ratio = 0.2;
   TopKSelection selection{};           // sinks, min_context (shared granularity)
   float distance_weight = 1.2f;        // RecentWindowScoring
   bool compress_decode = true;
-  bool compress_prefill = true;        // false: every layer keeps T_0 (full cache)
+  bool compress_prefill = true;        // false: assert that every layer keeps T_0 (full cache)
   bool time_compression = false;       // CUDA events around every compression call (no extra syncs)
   DecodeTrigger decode_trigger = DecodeTrigger::host;  // the compressor's trigger mode
   int page_size = 16;                  // tokens per KV page (a power of two)
@@ -696,6 +698,11 @@ class PagedEngine {
     reserve_rows(rows);
     lse_rows_.resize(std::size_t(rows) * s.n_heads);
     logits_.resize(std::size_t(spec.max_seqs) * s.vocab);
+    // a prefill of up to `rows` rows is one chunk (the scheduler keeps it so): its staging
+    const std::size_t S1 = std::size_t(spec.max_seqs) + 1;
+    pinned_.resize(std::size_t(rows) + std::size_t(s.n_layers) * S1 + S1);
+    offs_dev_.resize(std::size_t(s.n_layers) * S1);
+    last_rows_.resize(S1), xl_.resize(S1 * s.dim);
     part_.resize(std::size_t(spec.max_seqs) * s.n_heads * kMaxSplits * (s.head_dim + 2));
     dlse_.resize(std::size_t(spec.max_seqs) * s.n_heads);
     dpos_.resize(std::size_t(spec.max_seqs)), dslots_.resize(std::size_t(spec.max_seqs));
@@ -783,6 +790,7 @@ class PagedEngine {
   /// Ends a request: its pages go back to the free list (enqueued), its slot and ring rows are free.
   void end(int slot) {
     pc_.end(*cache_, slot, stream_);
+    comp_list_.assign(1, slot), comp_list_known_ = true;
     if (std::find(slots_.begin(), slots_.end(), slot) != slots_.end()) slots_.clear();  // the next step re-uploads
   }
 
@@ -863,6 +871,10 @@ class PagedEngine {
   void run_step(F&& step) {
     const bool graph = opt_.decode_graph && !opt_.time_compression && decode_steps_ > 0;
     ++decode_steps_;
+    // The compressor uploads a slot list only when it differs from its last
+    // call's (compressor_cuda.cuh), so whether the step's first call uploads
+    // is part of the graph's shape: it goes into the key.
+    const char upload = comp_list_known_ && comp_list_ == slots_ ? '-' : 'u';
     if (!graph) return step();
     LC_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {
@@ -880,7 +892,7 @@ class PagedEngine {
       for (auto& e : graphs_) LC_CUDA(cudaGraphExecDestroy(e.second));
       graphs_.clear();
     }
-    cudaGraphExec_t& exec = graphs_[std::to_string(B_) + ":" + fired_];
+    cudaGraphExec_t& exec = graphs_[std::to_string(B_) + upload + fired_];
     if (exec) {
       cudaGraphExecUpdateResultInfo info{};
       if (cudaGraphExecUpdate(exec, g, &info) != cudaSuccess) {  // another topology: build it again
@@ -1048,6 +1060,7 @@ class PagedEngine {
       rmsnorm(h_.get(), m_.output_norm(), nb, xl_.get() + std::size_t(b0) * s.dim, last_rows_.get() + b0);
     }
     gemm(xl_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
+    comp_list_.assign(slots.begin() + chunk_begin[n_chunks - 1], slots.end()), comp_list_known_ = true;
   }
 
   /// The decode step's launches (eager, or recorded by decode_device's capture).
@@ -1082,6 +1095,9 @@ class PagedEngine {
         if (pc_.decode_fired() != 0) fired_[std::size_t(l)] = '1';  // -1 (device trigger): always launches
       }
     }
+    // the compressor's last list: the batch, or (host trigger, last layer fired) the sequences that fired
+    comp_list_known_ = !(ring && fired_.back() == '1' && pc_.decode_trigger() == DecodeTrigger::host);
+    if (comp_list_known_) comp_list_ = slots_;
     kernels::inc_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dpos_.get(), B);
     rmsnorm(h_.get(), m_.output_norm(), B, x_.get());
     gemm(x_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
@@ -1184,6 +1200,7 @@ class PagedEngine {
     comp_mem_.resize(bytes);
     comp_bytes_ = bytes;
     pc_.attach(*cache_, ring_rows, comp_mem_.get(), bytes, stream_);
+    comp_list_known_ = false;  // attach forgets the last uploaded list
     LC_CUDA(cudaStreamSynchronize(stream_));  // the free list above is pageable
   }
 
@@ -1258,6 +1275,8 @@ class PagedEngine {
   cudaEvent_t stage_event_ = nullptr;        ///< after the last upload from stage_slots_
   std::size_t comp_bytes_ = 0;
   long long graph_builds_ = 0;
+  std::vector<std::int32_t> comp_list_;  ///< the slot list of the compressor's last call (if known)
+  bool comp_list_known_ = false;
   static constexpr int kMaxSplits = 64;
   static constexpr std::size_t kMaxGraphs = 512;
 };
