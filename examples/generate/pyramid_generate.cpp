@@ -8,7 +8,7 @@
 // value; --help lists the options.
 //
 // --device cuda (CUDA builds only) runs examples/llama_cuda's fp16 forward on
-// the GPU with the policies full and pyramid.
+// the GPU with any policy (examples/llama_cuda/policy_engine.cuh).
 //
 // Prints the continuation as it is generated, then tokens/s and the KV bytes
 // per layer against a full cache. The model defaults to $PYRAMIDINFER_MODEL,
