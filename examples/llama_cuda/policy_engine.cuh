@@ -5,7 +5,8 @@
 //   with_cuda_engine(model, EngineOptions{}, PolicyOptions{"snapkv"}, [&](auto& engine) { ... });
 //
 // Every policy there has device hooks (policy/device_hooks.cuh): full,
-// pyramid, pyramid45, pyramid-perhead, streaming, h2o, snapkv.
+// pyramid, pyramid45, pyramid-perhead, pyramid-expected, streaming, h2o,
+// snapkv, expected.
 #pragma once
 
 #include <type_traits>

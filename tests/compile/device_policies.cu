@@ -44,6 +44,9 @@ static_assert(has_device_score<user::RecentFirst, half_t>::value, "a hook found 
 static_assert(!has_device_score<user::HostOnly, half_t>::value, "no hook, detected");
 static_assert(has_device_score<KeyNormScoring, float>::value && has_device_score<PositionScoring, float>::value,
               "the library's query-free scorings have hooks");
+static_assert(has_device_score<ExpectedAttentionScoring, half_t>::value &&
+                  has_device_score<AccumulatedAttentionScoring, float>::value,
+              "the library's query scorings have hooks");
 static_assert(has_score_free_count<TopKSelection>::value && !has_score_free_count<TopPSelection>::value &&
                   has_device_keep_counts<TopPSelection>::value,
               "selection paths");
@@ -75,6 +78,9 @@ using Custom = PyramidCompressor<user::RecentFirst, TopKSelection, LinearSchedul
                                  CudaBackend>;
 template void every_call<TopP, half_t>(TopP&, PagedKVCache<half_t>&, cudaStream_t);
 template void every_call<Custom, bfloat16_t>(Custom&, PagedKVCache<bfloat16_t>&, cudaStream_t);
+using Expected = PyramidCompressor<ExpectedAttentionScoring, TopKSelection, UniformSchedule,
+                                   DecodeSchedule<UniformSchedule>, CudaBackend>;
+template void every_call<Expected, float>(Expected&, PagedKVCache<float>&, cudaStream_t);
 
 }  // namespace pyramidinfer
 
