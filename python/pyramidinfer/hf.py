@@ -8,13 +8,18 @@ compute fewer tokens), and in decode each layer evicts as the paper does. The
 positions kept come from the library's C++ compressor (``pyramidinfer._core``),
 the same code the C++ engines run; tensors reach it through DLPack, in place.
 
-    cache = PyramidCache(model)                          # the paper's defaults
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+Quickstart (from the repository root, after examples/fetch_model.sh):
 
-or, as a kvpress press is used:
-
-    with pyramid(model, "snapkv", ratio=0.5):
-        out = model.generate(ids, max_new_tokens=64)
+    import torch, transformers
+    from pyramidinfer.hf import PyramidCache, pyramid
+    gguf = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = transformers.AutoTokenizer.from_pretrained("models", **gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained("models", dtype=torch.float32, **gguf)
+    ids = tok(open("examples/data/moby_dick_ch1-3.txt").read()[:2000], return_tensors="pt").input_ids
+    out = model.generate(ids, past_key_values=PyramidCache(model), max_new_tokens=32)  # the paper's defaults
+    with pyramid(model, "snapkv", ratio=0.5):  # kvpress-style: each generate() in the block
+        out = model.generate(ids, max_new_tokens=32)
+    print(tok.decode(out[0, ids.shape[1]:]))
 
 Policies (``policy=``): ``pyramid`` (the paper: token-dropping prefill, cosine
 schedule), ``pyramid-perhead`` (one selection per KV head), and the
@@ -39,6 +44,7 @@ import math
 import sys
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
@@ -319,11 +325,13 @@ class PyramidCache(Cache):
         gather of its pages (the attention reads contiguous rows)."""
         self._check_started("held")
         n = self.pages.length(layer, 0)
-        pages = torch.from_numpy(self.pages.page_table(layer, 0)).long()
+        pages = self.pages.page_table(layer, 0)
         out = []
-        for pool in (self._k_pool, self._v_pool):  # (pages, page_size, kv_heads, d), no copy
-            rows = pool.index_select(0, pages).reshape(-1, self.kv_heads, self.head_dim)[:n]
-            out.append(rows.permute(1, 0, 2).unsqueeze(0))
+        for pool in (self.pages.k_pool, self.pages.v_pool):  # (pages, page_size, kv_heads, d), no copy
+            # numpy's take: torch's index_select of these few pages costs
+            # milliseconds of thread start-up on a busy CPU.
+            rows = np.take(pool, pages, axis=0).reshape(-1, self.kv_heads, self.head_dim)[:n]
+            out.append(torch.from_numpy(np.ascontiguousarray(rows.transpose(1, 0, 2)))[None])
         return out[0], out[1]
 
     def _check_started(self, what):
@@ -338,8 +346,6 @@ class PyramidCache(Cache):
         pages = pc.pages(n, steps, self.page_size)["total_peak"]
         self.pages = PagedCache(self.num_layers, self.kv_heads, self.head_dim, num_pages=pages, max_seqs=1,
                                 max_seq_len=n + steps, page_size=self.page_size, granularity=pc.granularity)
-        self._k_pool = torch.from_numpy(self.pages.k_pool)
-        self._v_pool = torch.from_numpy(self.pages.v_pool)
         pc.begin(self.pages, 0, n)
         self.prompt_len, self.max_seq_len, self.prefilling = n, n + steps, True
         self.rows = torch.arange(n)
@@ -358,6 +364,20 @@ class PyramidCache(Cache):
             elif hidden.shape[1] != 1:
                 raise Error(f"pyramidinfer.hf.PyramidCache: {hidden.shape[1]} tokens in one forward after the "
                             "prompt; decode takes one token per forward (reset() to start a new prompt)")
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            # The forward's mask is causal over all tokens seen; the last query
+            # row sees every key unless there is padding, which we refuse (a
+            # pad would become a sink).
+            last = mask[0, :, -1]
+            if not bool((last if last.dtype == torch.bool else last == 0).all()):
+                raise Error("pyramidinfer.hf.PyramidCache: the attention mask hides tokens (padding); "
+                            "one unpadded sequence per cache is supported")
+            if not self.prefilling:
+                # One query over its own past: nothing to mask, and the mask's
+                # length (tokens seen) is not the layer's (tokens held).
+                kwargs["attention_mask"] = None
+                return args, kwargs
         if not (self.prefilling and self._drop and l > 0):
             return None
         # The hidden states are the previous layer's rows (T_{l-1}): they take
@@ -375,7 +395,6 @@ class PyramidCache(Cache):
                 kwargs["position_ids"] = kwargs["position_ids"].index_select(-1, rows)
             if kwargs.get("cache_position") is not None:
                 kwargs["cache_position"] = kwargs["cache_position"].index_select(0, rows)
-            mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 4:
                 kwargs["attention_mask"] = mask.index_select(2, rows).index_select(3, rows)
         if self._per_head:
@@ -414,10 +433,9 @@ class PyramidCache(Cache):
                         f"(1, {self.kv_heads}, n, {self.head_dim})")
         pc, l = self.compressor, layer_idx
         if self.prefilling:
-            tokens = torch.from_numpy(pc.tokens(0).astype("int64"))
             pc.prefill_store(l, self.pages, 0, k[0], v[0])
             if self._per_head and self._drop and l > 0:
-                self._fill_head_mask(l, tokens)
+                self._fill_head_mask(l, torch.from_numpy(pc.tokens(0).astype("int64")))
             w = pc.window(0)
             q = self._rope_queries(l, slice(k.shape[2] - w, None), cache_kwargs)
             nxt = pc.prefill_select(l, self.pages, 0, None if q is None else q[0])

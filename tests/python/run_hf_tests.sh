@@ -29,9 +29,8 @@ if [[ -z "${HF_NO_INSTALL:-}" ]]; then
 fi
 step bash examples/fetch_model.sh
 "$PY" - <<'PYEOF'
-import torch, transformers, gguf, pyramidinfer
-print(f"[run_hf_tests] torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"gguf {getattr(gguf, '__version__', '?')}, pyramidinfer {pyramidinfer.__version__}")
+from importlib.metadata import version
+print("[run_hf_tests] " + ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "gguf", "pyramidinfer")))
 PYEOF
 # From tests/python/hf so that `pyramidinfer` is the installed package, not python/.
 cd "$ROOT/tests/python/hf"

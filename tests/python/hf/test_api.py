@@ -167,3 +167,41 @@ def test_detach(tiny_model):
     assert tiny_model._pyramidinfer_hooks.handles
     detach(tiny_model)
     assert not hasattr(tiny_model, "_pyramidinfer_hooks")
+
+
+def test_eager_attention_agrees_with_sdpa(tiny_model):
+    """The eager attention reads the forward's 4-D mask (token dropping must
+    cut it to the kept rows, decode must drop it) where sdpa runs without one.
+    This random model's attention is nearly flat, so rounding between the two
+    kernels may flip near-ties: selections are compared by overlap, the
+    logits closely (a wrong mask would move them far)."""
+    ids = prompt(seed=3)
+    eager = transformers.LlamaForCausalLM(tiny_model.config.__class__(**{**tiny_model.config.to_dict(),
+                                                                        "attn_implementation": "eager"}))
+    eager.load_state_dict(tiny_model.state_dict())
+    eager.eval()
+    for policy in ("pyramid", "pyramid-perhead", "snapkv"):
+        a = PyramidCache(tiny_model, policy, 0.5, max_new_tokens=NEW)
+        b = PyramidCache(eager, policy, 0.5, max_new_tokens=NEW)
+        with torch.no_grad():
+            la = tiny_model(ids, past_key_values=a, use_cache=True).logits[0, -1]
+            lb = eager(ids, past_key_values=b, use_cache=True).logits[0, -1]
+            torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+            for _ in range(NEW):  # decode
+                tok = la.argmax().view(1, 1)
+                la = tiny_model(tok, past_key_values=a, use_cache=True).logits[0, -1]
+                lb = eager(tok, past_key_values=b, use_cache=True).logits[0, -1]
+                torch.testing.assert_close(la, lb, rtol=1e-3, atol=1e-3)
+        for l in range(4):
+            for h in range(2):
+                x, y = set(a.prefill_positions[l][h].tolist()), set(b.prefill_positions[l][h].tolist())
+                assert len(x) == len(y) and len(x & y) >= 0.97 * len(x), (policy, l, h)
+        assert a.lengths() == b.lengths()
+
+
+def test_padding_is_refused(tiny_model):
+    ids = prompt()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    with torch.no_grad(), pytest.raises(pi.Error, match="padding"):
+        tiny_model(ids, attention_mask=mask, past_key_values=PyramidCache(tiny_model), use_cache=True)
