@@ -108,12 +108,14 @@ class PyramidEngine {
     const TensorView<const float, 3> k{qkv.k.data.data(), {Hkv, n, d}, {d, Hkv * d, 1}};
     const TensorView<const float, 3> v{qkv.v.data.data(), {Hkv, n, d}, {d, Hkv * d, 1}};
     pc_.prefill_store(l, cache(), b, k, v);
-    model_.layer_attend_and_finish(std::size_t(l), hidden, qkv.q, positions, view(l, b));
-    // The window's queries: the last w rows, as (q_head, row, d).
+    model_.layer_attend_and_finish(std::size_t(l), hidden, qkv.q, positions, view(l, b), nullptr, &row_lse_);
+    // The window's queries: the last w rows, as (q_head, row, d), and their
+    // log-sum-exp from the attention (the compressor need not recompute it).
     const TensorView<const float, 3> qw{qkv.q.data.data() + std::size_t(n - w) * H * d, {H, w, d}, {d, H * d, 1}};
+    const TensorView<const float, 2> lse{row_lse_.data() + (n - w), {H, w}, {n, 1}};
     std::vector<std::size_t> rows;
     timed([&] {
-      const std::vector<std::int32_t>& next = pc_.prefill_select(l, cache(), b, qw);
+      const std::vector<std::int32_t>& next = pc_.prefill_select(l, cache(), b, qw, lse);
       rows.assign(next.begin(), next.end());
     });
     if (int(rows.size()) == n) return hidden;
@@ -188,6 +190,7 @@ class PyramidEngine {
   std::unique_ptr<HostPagedStorage<float>> storage_;
   std::int64_t full_pages_ = 0;
   std::vector<float> gathered_k_, gathered_v_;
+  std::vector<float> row_lse_;  ///< the attention's log-sum-exp per (q_head, row) of the layer in prefill
   std::vector<std::int32_t> gathered_pos_;
   std::vector<std::int32_t> next_position_;
   double compression_seconds_ = 0.0;

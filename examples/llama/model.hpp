@@ -282,9 +282,11 @@ public:
     // SwiGLU MLP to `hidden` in place. A query at position p sees exactly the
     // slots whose position is <= p. If `probs` is given it receives the
     // attention weights.
+    // row_lse (optional): each query row's log-sum-exp, [n_heads][T] (what a
+    // compressor's window scoring would otherwise recompute).
     void layer_attend_and_finish(std::size_t layer, Matrix& hidden, const Matrix& q,
                                  const std::vector<std::int32_t>& positions, const KvView& kv,
-                                 AttentionProbs* probs = nullptr) const {
+                                 AttentionProbs* probs = nullptr, std::vector<float>* row_lse = nullptr) const {
         check_rows(hidden, positions, "layer_attend_and_finish");
         if (q.rows != hidden.rows || q.cols != config_.n_heads * config_.head_dim) {
             throw std::invalid_argument("Model::layer_attend_and_finish: q must be [T, n_heads * head_dim]");
@@ -296,7 +298,7 @@ public:
             throw std::invalid_argument("Model::layer_attend_and_finish: invalid KvView");
         }
         const LayerWeights& w = layers_.at(layer);
-        const Matrix attn = attend(q, positions, kv, probs);
+        const Matrix attn = attend(q, positions, kv, probs, row_lse);
         // hidden += attn * Wo^T  (beta = 1 accumulates into the residual)
         matmul_transposed(attn.data.data(), attn.rows, attn.cols, attn.cols, w.wo.data(), config_.dim,
                           hidden.data.data(), hidden.cols, 1.0f);
@@ -383,7 +385,7 @@ private:
     // Grouped-query attention: query head h reads KV head h / (n_heads / n_kv_heads).
     // Per head: scores = Q_h K_g^T / sqrt(d), mask by position, softmax, * V_g.
     Matrix attend(const Matrix& q, const std::vector<std::int32_t>& positions, const KvView& kv,
-                  AttentionProbs* probs) const {
+                  AttentionProbs* probs, std::vector<float>* row_lse) const {
         const LlamaConfig& c = config_;
         const std::size_t T = q.rows, L = kv.length, d = c.head_dim;
         const std::size_t group = c.n_heads / c.n_kv_heads;
@@ -391,6 +393,7 @@ private:
         Matrix out(T, c.n_heads * d);
         std::vector<float> scores(T * L);
         if (probs) *probs = AttentionProbs{c.n_heads, T, L, std::vector<float>(c.n_heads * T * L)};
+        if (row_lse) row_lse->assign(c.n_heads * T, -std::numeric_limits<float>::infinity());
         if (L == 0) return out;
         for (std::size_t h = 0; h < c.n_heads; ++h) {
             const std::size_t g = h / group;
@@ -407,7 +410,8 @@ private:
                 for (std::size_t s = 0; s < Lg; ++s) {
                     if (slot_pos[s] > positions[t]) row[s] = -std::numeric_limits<float>::infinity();
                 }
-                softmax_row(row, Lg);
+                const float lse = softmax_row(row, Lg);
+                if (row_lse) (*row_lse)[h * T + t] = lse;
                 if (probs) std::copy(row, row + Lg, probs->data.begin() + static_cast<std::ptrdiff_t>((h * T + t) * L));
             }
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(T), static_cast<int>(d),

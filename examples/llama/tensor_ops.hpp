@@ -102,12 +102,14 @@ inline void swiglu(Matrix& gate, const Matrix& up) {
 }
 
 // In-place softmax of one row; entries equal to -inf get probability 0.
-inline void softmax_row(float* row, std::size_t n) {
+// Softmax in place; returns the row's log-sum-exp (natural log; -inf when
+// everything is masked), which a compressor can take instead of recomputing.
+inline float softmax_row(float* row, std::size_t n) {
     float max_value = -std::numeric_limits<float>::infinity();
     for (std::size_t i = 0; i < n; ++i) max_value = std::max(max_value, row[i]);
     if (max_value == -std::numeric_limits<float>::infinity()) {  // everything masked
         std::fill(row, row + n, 0.0f);
-        return;
+        return max_value;
     }
     double sum = 0.0;
     for (std::size_t i = 0; i < n; ++i) {
@@ -116,6 +118,7 @@ inline void softmax_row(float* row, std::size_t n) {
     }
     const float inv = static_cast<float>(1.0 / sum);
     for (std::size_t i = 0; i < n; ++i) row[i] *= inv;
+    return max_value + static_cast<float>(std::log(sum));
 }
 
 }  // namespace pyramidinfer::llama

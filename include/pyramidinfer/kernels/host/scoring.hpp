@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <utility>
@@ -128,12 +129,78 @@ std::vector<float> load_keys(const ScoreProblem<T>& p, int b, int kvh, int n) {
   return k;
 }
 
-constexpr int kRowTile = 8;  ///< window rows scored together: each key is read once per tile
+constexpr int kRowTile = 16;  ///< window rows scored together: each key is read once per tile
+
+// The tile's dot products are the scoring's hot loop. Compiled for the
+// engine's flags alone (x86-64's default is SSE2) they run several times
+// slower than the CPU allows, so with GCC 12+ on x86-64 the loop is also built
+// for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2, FMA), and the loader picks the
+// best level the CPU supports (target_clones; `arch=<cpu name>` would match
+// one CPU model only). Results may differ in the last bits between levels.
+#if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 12 && !defined(__clang__) && !defined(__CUDACC__)
+#define PYRAMIDINFER_HOST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PYRAMIDINFER_HOST_CLONES
+#endif
+
+/// out[t * count + j] = scale * sum_i qt[i * kRowTile + t] * keys[j * d + i]
+/// for t < rows, j < count. The queries are transposed so that one step adds
+/// a whole column of the tile: with GCC's vector extensions that is one
+/// vector FMA per key and dimension (four keys at a time, so four independent
+/// chains hide the FMA latency); other compilers get the plain loop.
+[[maybe_unused]] PYRAMIDINFER_HOST_CLONES static void tile_dots(const float* qt, const float* keys, int count, int d,
+                                                                float scale, int rows, float* out) {
+  auto put = [&](int j, const float* acc) {
+    for (int t = 0; t < rows; ++t) out[std::size_t(t) * count + j] = acc[t] * scale;
+  };
+#if defined(__GNUC__)
+  // No lambda may touch a Col: lambdas are not cloned, and would pass vectors
+  // through memory at the default ISA.
+  typedef float Col __attribute__((vector_size(kRowTile * sizeof(float))));
+  int j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const float* k = keys + std::size_t(j) * d;
+    Col a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int i = 0; i < d; ++i) {
+      Col q;
+      std::memcpy(&q, qt + std::size_t(i) * kRowTile, sizeof q);
+      a0 += q * k[i];
+      a1 += q * k[d + i];
+      a2 += q * k[2 * d + i];
+      a3 += q * k[3 * d + i];
+    }
+    const Col a[4] = {a0, a1, a2, a3};
+    for (int u = 0; u < 4; ++u) {
+      float v[kRowTile];
+      std::memcpy(v, &a[u], sizeof v);
+      put(j + u, v);
+    }
+  }
+  for (; j < count; ++j) {
+    const float* k = keys + std::size_t(j) * d;
+    Col a = {};
+    for (int i = 0; i < d; ++i) {
+      Col q;
+      std::memcpy(&q, qt + std::size_t(i) * kRowTile, sizeof q);
+      a += q * k[i];
+    }
+    float v[kRowTile];
+    std::memcpy(v, &a, sizeof v);
+    put(j, v);
+  }
+#else
+  for (int j = 0; j < count; ++j) {
+    const float* k = keys + std::size_t(j) * d;
+    float acc[kRowTile] = {};
+    for (int i = 0; i < d; ++i)
+      for (int t = 0; t < kRowTile; ++t) acc[t] += qt[std::size_t(i) * kRowTile + t] * k[i];
+    put(j, acc);
+  }
+#endif
+}
 
 /// Logits of window rows [r0, r0 + rows) (rows <= kRowTile) of query head qh
 /// against slots [0, count): out[t * count + j] = scale * q_{r0+t} . k_j.
-/// The queries are transposed so the innermost loop runs across the tile's
-/// rows with a fixed trip count, which compilers turn into one vector FMA.
 template <class T>
 void tile_logits(const ScoreProblem<T>& p, int b, int qh, int r0, int rows, const std::vector<float>& keys,
                  int count, std::vector<float>& out) {
@@ -144,16 +211,7 @@ void tile_logits(const ScoreProblem<T>& p, int b, int qh, int r0, int rows, cons
     for (int i = 0; i < d; ++i) qt[std::size_t(i) * kRowTile + t] = to_float(q[i * p.queries.stride[3]]);
   }
   out.resize(std::size_t(kRowTile) * std::max(count, 1));
-  for (int j = 0; j < count; ++j) {
-    const float* k = keys.data() + std::size_t(j) * d;
-    float acc[kRowTile] = {};
-    for (int i = 0; i < d; ++i) {
-      const float kv = k[i];
-      const float* q = &qt[std::size_t(i) * kRowTile];
-      for (int t = 0; t < kRowTile; ++t) acc[t] += q[t] * kv;
-    }
-    for (int t = 0; t < rows; ++t) out[std::size_t(t) * count + j] = acc[t] * p.scale;
-  }
+  tile_dots(qt.data(), keys.data(), count, d, p.scale, rows, out.data());
 }
 
 /// log(sum_j exp(s_j)) over logits[0, count), computed stably.
