@@ -170,9 +170,12 @@ class _Hooks:
     def __init__(self, model):
         self.active: Optional[PyramidCache] = None  # the cache of the forward in progress
         self.handles = []
-        for l, layer in enumerate(_decoder_layers(model)):
+        layers = _decoder_layers(model)
+        for l, layer in enumerate(layers):
             self.handles.append(layer.register_forward_pre_hook(self._pre_layer(l), with_kwargs=True))
             self.handles.append(layer.self_attn.q_proj.register_forward_hook(self._q_out(l)))
+        # After the last layer the cache is let go (the model does not keep it alive).
+        self.handles.append(layers[-1].register_forward_hook(lambda *_: setattr(self, "active", None)))
         self.rope = getattr(sys.modules[type(_decoder_layers(model)[0].self_attn).__module__],
                             "apply_rotary_pos_emb", None)
         if self.rope is None:
