@@ -82,6 +82,11 @@ TEST_CASE("Bad input to policies, kernels and the planner names the argument", "
   THROWS_NAMING(TopPCompressor(cfg, {}, TopPSelection{0.9, 4, -1}), "selection.min_context");
   THROWS_NAMING(PyramidCompressor<>(cfg, {}, TopKSelection{-1}), "selection.sinks");
   THROWS_NAMING(PyramidCompressor<>(cfg, {}, TopKSelection{4, -2}), "selection.min_context");
+  const float fnan = std::numeric_limits<float>::quiet_NaN();
+  THROWS_NAMING(PyramidCompressor<>(cfg, RecentWindowScoring{fnan}), "scoring.distance_weight");
+  THROWS_NAMING(PyramidCompressor<>(cfg, RecentWindowScoring{-1.f}), "scoring.distance_weight");
+  THROWS_NAMING(PyramidCompressor<>(cfg, RecentWindowScoring{std::numeric_limits<float>::infinity()}),
+                "scoring.distance_weight");
   TopPCompressor ok(cfg, {}, TopPSelection{1.0});  // the bounds themselves are fine
   (void)ok;
 

@@ -12,6 +12,7 @@
 // must keep the window's queries (a ring of them per layer) for this policy.
 #pragma once
 
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -30,6 +31,12 @@ struct RecentWindowScoring {
   template <class T>
   void score(const ScoreProblem<T>& p, Granularity g, ScoreView out) const {
     host::window_attention_scores(p, g, distance_weight, out);
+  }
+  /// The row weights run from 1 to distance_weight: a NaN, an infinity or a
+  /// negative weight would make every score meaningless.
+  void validate(const char* fn) const {
+    PYRAMIDINFER_REQUIRE(std::isfinite(distance_weight) && distance_weight >= 0.f, fn, "scoring.distance_weight",
+                         distance_weight, "must be finite and >= 0");
   }
 };
 
