@@ -23,12 +23,6 @@ inline std::string default_model_path() {
   return std::string(PYRAMIDINFER_REPO_ROOT) + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
-inline bool known_policy(const std::string& name) {
-  for (const auto& n : policy_names())
-    if (n == name) return true;
-  return false;
-}
-
 inline std::string policy_list() {
   std::string s;
   for (const auto& n : policy_names()) s += (s.empty() ? "" : ", ") + n;
@@ -108,13 +102,13 @@ inline GenerateOptions parse_generate_options(int argc, const char* const* argv,
   const std::vector<std::string> words = p.parse(argc, argv, /*positional=*/true);
   if (o.help) return o;
 
-  if (!known_policy(o.policy.name))
+  if (!is_policy(o.policy.name))
     throw UsageError("--policy " + in_quotes(o.policy.name) + ": unknown policy; one of: " + policy_list());
   if (o.device != "cpu" && o.device != "cuda") throw UsageError("--device " + in_quotes(o.device) + ": cpu or cuda");
   if (o.device == "cuda" && !cuda_built)
     throw UsageError("--device 'cuda': this build runs on cpu only (configure with CUDA for cuda)");
   // Every named policy has device hooks (policy/device_hooks.cuh): --device cuda runs them all
-  // (examples/llama_cuda/policy_engine.cuh), so the policy needs no check here beyond known_policy.
+  // (examples/llama_cuda/policy_engine.cuh), so the policy needs no check here beyond is_policy.
   const std::string why = ratio_ignored_because(o.policy.name);
   if (ratio_given && !why.empty()) throw UsageError("--ratio " + in_quotes(ratio_text) + " does not apply: " + why);
   if (recent_given && !why.empty())
@@ -214,7 +208,7 @@ inline EvalOptions parse_eval_options(int argc, const char* const* argv) {
              [&](const std::string& v) {
                o.policies = parse_list("--policies", v);
                for (std::size_t i = 0; i < o.policies.size(); ++i) {
-                 if (!known_policy(o.policies[i]))
+                 if (!is_policy(o.policies[i]))
                    throw UsageError("--policies " + in_quotes(v) + ": unknown policy " + in_quotes(o.policies[i]) +
                                     "; one of: " + policy_list());
                  for (std::size_t j = 0; j < i; ++j)

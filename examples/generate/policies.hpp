@@ -32,6 +32,12 @@ inline const std::vector<std::string>& policy_names() {
   return names;
 }
 
+inline bool is_policy(const std::string& name) {
+  for (const auto& n : policy_names())
+    if (n == name) return true;
+  return false;
+}
+
 inline std::string policy_help() {
   return "full (no compression), pyramid (PyramidInfer, the paper's defaults), pyramid45 (PyramidInfer with the "
          "fixed settings whose plan keeps <= 45% of a full cache at 512 + 256 tokens), pyramid-perhead (per KV head), "

@@ -230,8 +230,11 @@ std::string date_utc() {
 
 /// Every run of one policy: warm-up, then saturation and/or Poisson.
 template <class Engine>
-void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const std::string& policy, double copy_bw,
-                  JsonLines& out, JsonLines* steps) {
+void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const llama::PolicyOptions& po,
+                  double copy_bw, JsonLines& out, JsonLines* steps) {
+  const std::string& policy = po.name;
+  // The schedule's final ratio (pyramids) or each layer's share (layer-local); pyramid45's is fixed.
+  const double ratio = policy == "full" ? 1.0 : policy == "pyramid45" ? llama::Pyramid45::final_ratio : po.ratio;
   const LlamaShape& s = m.shape();
   const std::size_t page_bytes = e.page_bytes();
   PoolSpec spec;
@@ -275,7 +278,8 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const st
     LC_CUDA(cudaGetDeviceProperties(&prop, 0));
     out.line(
         "{\"bench\":\"serve\",\"engine\":\"ours\",\"shape\":" + str(o.shape) + ",\"policy\":" + str(policy) +
-        ",\"mode\":" + str(mode) + ",\"rate\":" + num(w.rate) + ",\"load\":" + num(mode == "poisson" && o.rate <= 0 ? o.load : 0) +
+        ",\"ratio\":" + num(ratio) + ",\"mode\":" + str(mode) + ",\"rate\":" + num(w.rate) +
+        ",\"load\":" + num(mode == "poisson" && o.rate <= 0 ? o.load : 0) +
         ",\"requests\":" + std::to_string(r.requests) + ",\"prompt_median\":" + num(w.prompt_median) +
         ",\"prompt_sigma\":" + num(w.prompt_sigma) + ",\"prompt_cap\":" + std::to_string(w.prompt_cap) +
         ",\"output_min\":" + std::to_string(w.output_min) + ",\"output_max\":" + std::to_string(w.output_max) +
@@ -317,7 +321,7 @@ bool selfcheck() {
   for (const std::string& name : llama::policy_names()) {
     llama::PolicyOptions po;
     po.name = name;
-    if (name == "streaming" || name == "h2o" || name == "snapkv") po.ratio = 0.5;
+    if (layer_local_policy(name)) po.ratio = 0.5;
     EngineOptions eo;
     eo.prefill_chunk_rows = 512;
     with_cuda_engine(model, eo, po, [&](auto& e) {
@@ -451,7 +455,16 @@ int main(int argc, char** argv) {
     for (const std::string& policy : o.policies) {
       llama::PolicyOptions po;
       po.name = policy;
-      with_cuda_engine(model, eo, po, [&](auto& e) { serve_policy(e, model, o, policy, bw, out, steps.get()); });
+      if (layer_local_policy(policy) && !o.match_budget.empty()) {  // equal memory: hold what the pyramid holds
+        llama::PolicyOptions pyramid;
+        pyramid.name = o.match_budget;
+        const llama::LlamaConfig c = policy_config(model.shape());
+        const int median = int(std::lround(o.workload.prompt_median));
+        po.ratio = llama::ratio_for_fraction(c, po, median, llama::prefill_kv_fraction(c, pyramid, median));
+        std::fprintf(stderr, "serve %s: ratio %.4f holds what %s holds after a %d-token prompt\n", policy.c_str(),
+                     po.ratio, o.match_budget.c_str(), median);
+      }
+      with_cuda_engine(model, eo, po, [&](auto& e) { serve_policy(e, model, o, po, bw, out, steps.get()); });
     }
     return 0;
   } catch (const std::exception& ex) {

@@ -17,6 +17,10 @@ struct ServeOptions {
   std::vector<std::string> policies = {"full", "pyramid", "pyramid45", "snapkv"};
   WorkloadOptions workload;  ///< requests, lengths, seed (rate comes from the mode)
   std::string mode = "both";  ///< saturation | poisson | both (Poisson at load x the saturation rate)
+  /// Layer-local policies (streaming, h2o, snapkv, expected) keep the share of the
+  /// KV this pyramid policy holds after prefilling the median prompt, so that a
+  /// row compares scoring at equal memory ("" = their default ratio, 0.9).
+  std::string match_budget = "pyramid45";
   double rate = 0;            ///< poisson mode: requests/s (0: load x a saturation run's rate)
   double load = 0.7;
   double pool_gb = 40;        ///< KV page pool, GiB
@@ -45,6 +49,8 @@ inline std::string serve_usage() {
          "  --prompt-median N    log-normal prompt length median (default 512); --prompt-sigma S (0.7)\n"
          "  --prompt-cap N       longest prompt (default 8192); --output-min N, --output-max N (64, 512)\n"
          "  --seed N             workload seed (default 1)\n"
+         "  --match-budget P     layer-local policies hold what pyramid policy P holds after the median\n"
+         "                       prompt (default pyramid45; none: their default ratio 0.9)\n"
          "  --mode M             saturation | poisson | both (default both: Poisson at --load x saturation)\n"
          "  --rate R             poisson: requests/s (default: --load x a saturation run's rate)\n"
          "  --load X             in (0, 2]: Poisson rate as a share of saturation (default 0.7)\n"
@@ -55,6 +61,11 @@ inline std::string serve_usage() {
          "  --no-graph           decode steps launched eagerly\n"
          "  --out FILE           append the run summaries (JSON lines; default stdout)\n"
          "  --steps-out FILE     append one JSON line per iteration (pages in use, step time, HBM floor)\n";
+}
+
+/// Policies that keep the same share of every layer (no pyramid): their ratio is a budget to match.
+inline bool layer_local_policy(const std::string& n) {
+  return n == "streaming" || n == "h2o" || n == "snapkv" || n == "expected";
 }
 
 /// Parses pyramid-serve's command line; throws cli::UsageError naming the flag and the value.
@@ -74,6 +85,7 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
       .value("--output-max", [&](const std::string& v) { w.output_max = int(parse_int("--output-max", v, 1, 1 << 20)); })
       .value("--seed", [&](const std::string& v) { w.seed = std::uint64_t(parse_int("--seed", v, 0, kIntMax)); })
       .value("--mode", [&](const std::string& v) { o.mode = v; })
+      .value("--match-budget", [&](const std::string& v) { o.match_budget = v == "none" ? "" : v; })
       .value("--rate", [&](const std::string& v) { o.rate = parse_real("--rate", v, 0, 1e6, Bounds::open_low); })
       .value("--load", [&](const std::string& v) { o.load = parse_real("--load", v, 0, 2, Bounds::open_low); })
       .value("--pool-gb", [&](const std::string& v) { o.pool_gb = parse_real("--pool-gb", v, 0, 4096, Bounds::open_low); })
@@ -96,10 +108,12 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
   for (const auto& s : serve_shapes()) known |= s == o.shape;
   if (!known) throw UsageError("--shape " + in_quotes(o.shape) + ": one of llama2-7b, llama2-13b, llama3-8b, tiny");
   for (const std::string& name : o.policies) {
-    bool policy = false;
-    for (const auto& n : llama::policy_names()) policy |= n == name;
-    if (!policy) throw UsageError("--policies: unknown policy " + in_quotes(name) + "; one of: " + llama::policy_help());
+    if (!llama::is_policy(name))
+      throw UsageError("--policies: unknown policy " + in_quotes(name) + "; one of: " + llama::policy_help());
   }
+  if (!o.match_budget.empty() && (o.match_budget.rfind("pyramid", 0) != 0 || !llama::is_policy(o.match_budget)))
+    throw UsageError("--match-budget " + in_quotes(o.match_budget) + ": a pyramid policy (pyramid, pyramid45, "
+                     "pyramid-perhead, pyramid-expected) or none");
   if (o.mode != "saturation" && o.mode != "poisson" && o.mode != "both")
     throw UsageError("--mode " + in_quotes(o.mode) + ": saturation, poisson or both");
   if (o.rate > 0 && o.mode != "poisson")

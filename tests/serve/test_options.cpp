@@ -33,7 +33,10 @@ TEST_CASE("serve options: defaults and values", "[serve][options]") {
   CHECK(d.policies == std::vector<std::string>{"full", "pyramid", "pyramid45", "snapkv"});
   CHECK(d.mode == "both");
   CHECK(d.load == 0.7);
+  CHECK(d.match_budget == "pyramid45");
   CHECK(!d.selfcheck);
+  CHECK(parse({"--match-budget", "none"}).match_budget.empty());
+  CHECK(parse({"--match-budget", "pyramid"}).match_budget == "pyramid");
   const ServeOptions o = parse({"--shape", "tiny", "--policies", "h2o,streaming", "--requests=12", "--prompt-median",
                                 "2048", "--mode", "poisson", "--rate", "1.5", "--pool-gb", "0.5", "--page-size", "64",
                                 "--no-graph", "--steps-out", "s.jsonl"});
@@ -55,6 +58,8 @@ TEST_CASE("serve options: bad input names the flag and the value", "[serve][opti
   CHECK_THAT(error_of({"--requests", "0"}), Catch::Contains("--requests '0'"));
   CHECK_THAT(error_of({"--requests", "5x"}), Catch::Contains("not an integer"));
   CHECK_THAT(error_of({"--mode", "fast"}), Catch::Contains("--mode 'fast'"));
+  CHECK_THAT(error_of({"--match-budget", "snapkv"}), Catch::Contains("--match-budget 'snapkv'"));
+  CHECK_THAT(error_of({"--match-budget", "pyramid9"}), Catch::Contains("--match-budget 'pyramid9'"));
   CHECK_THAT(error_of({"--rate", "2"}), Catch::Contains("needs --mode poisson"));
   CHECK_THAT(error_of({"--page-size", "24"}), Catch::Contains("power of two"));
   CHECK_THAT(error_of({"--pool-gb", "0"}), Catch::Contains("--pool-gb '0'"));
