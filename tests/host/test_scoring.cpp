@@ -2,6 +2,7 @@
 // (HND, NHD, and keys on scattered pages).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -516,4 +517,39 @@ TEST_CASE("Pooled rings reject what would leave the pool or share rows", "[scori
       CHECK_THROWS_AS(host::window_query_lse(rb.pooled(false), seq[bad], 0, make_contiguous(lse.data(), 1, rb.H, rb.rows)),
                       Error);
   }
+}
+
+TEST_CASE("add_softmax_row (vector exp) equals the double-precision sum", "[scoring]") {
+  // Sweeps the float range the exponent can take, the ends where it under- and
+  // overflows, infinities and NaN, at lengths that are not multiples of the vector width.
+  std::mt19937 g(20261204);
+  std::vector<float> x;
+  for (float v = -100.f; v <= 89.f; v += 0.0137f) x.push_back(v);
+  for (float v : {-87.5f, -87.f, -86.9f, 0.f, -0.f, 88.2f, 88.4f, 1e-8f, -1e-8f}) x.push_back(v);
+  std::shuffle(x.begin(), x.end(), g);
+  for (int count : {int(x.size()), 1, 7, 8, 9, 23}) {
+    std::vector<double> acc(std::size_t(count), 0.5);
+    const float lse = 0.75f;
+    const double w = 1.3;
+    host::detail::add_softmax_row(x.data(), lse, w, count, acc.data());
+    for (int j = 0; j < count; ++j) {
+      const float d = x[std::size_t(j)] - lse;
+      const double want = 0.5 + w * std::exp(double(d));
+      const double got = acc[std::size_t(j)];
+      if (d < -87.f) REQUIRE(got == 0.5);  // below the float range: adds nothing
+      else if (d > 88.3f) REQUIRE(std::isinf(got));
+      else REQUIRE(std::abs(got - want) <= 4e-7 * std::abs(want) + 1e-300);
+    }
+  }
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> special(16, 0.f);
+  special[1] = -inf, special[2] = inf, special[3] = nan, special[12] = nan;
+  std::vector<double> acc(special.size(), 0.0);
+  host::detail::add_softmax_row(special.data(), 0.f, 1.0, int(special.size()), acc.data());
+  CHECK(acc[0] == 1.0);
+  CHECK(acc[1] == 0.0);
+  CHECK(std::isinf(acc[2]));
+  CHECK(std::isnan(acc[3]));
+  CHECK(std::isnan(acc[12]));
+  CHECK(acc[15] == 1.0);
 }

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -199,6 +200,65 @@ constexpr int kRowTile = 16;  ///< window rows scored together: each key is read
 #endif
 }
 
+/// e^x as GCC vector code: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6
+/// polynomial (relative error about 2 ulp, like libm's expf, but
+/// vectorisable), 2^n through the exponent bits. Below -87 the result is 0 and
+/// above 88.3 infinity (the float range ends there); NaN stays NaN. GCC only
+/// (vector conditionals); other compilers and nvcc's host pass take libm.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define PYRAMIDINFER_HOST_VECTOR_EXP 1
+typedef float ExpVec __attribute__((vector_size(8 * sizeof(float))));
+typedef std::int32_t ExpInts __attribute__((vector_size(8 * sizeof(std::int32_t))));
+// In place and always inlined: the cloned caller compiles it for its own ISA,
+// and no vector crosses a call boundary at the default ISA.
+[[maybe_unused]] __attribute__((always_inline)) static inline void exp_in_place(ExpVec& x) {
+  const ExpVec lo = ExpVec{} - 87.0f, hi = ExpVec{} + 88.3f;
+  ExpVec xc = x < lo ? lo : x;  // NaN compares false and passes through
+  xc = xc > hi ? hi : xc;
+  const ExpVec t = xc * 1.44269504f + 0.5f;
+  ExpVec n = __builtin_convertvector(__builtin_convertvector(t, ExpInts), ExpVec);  // truncates
+  n = n > t ? n - 1.0f : n;                                                         // floor: n = round(x / ln2)
+  const ExpVec r = xc - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  ExpVec p = ExpVec{} + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const ExpInts bits = (__builtin_convertvector(n, ExpInts) + 127) << 23;
+  ExpVec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const ExpVec y = p * scale;
+  const ExpVec inf = ExpVec{} + std::numeric_limits<float>::infinity();
+  x = x < lo ? ExpVec{} : (x > hi ? inf : y);
+}
+#endif
+
+/// acc[j] += weight * exp(x[j] - lse) for j < count: one window row's softmax
+/// probabilities added to the slots' scores. The exponentials are the window
+/// scoring's largest cost after the dot products (a scalar expf call per slot
+/// took twice as long as the dots), so they run as vector code.
+[[maybe_unused]] PYRAMIDINFER_HOST_CLONES static void add_softmax_row(const float* x, float lse, double weight,
+                                                                      int count, double* acc) {
+  int j = 0;
+#if defined(PYRAMIDINFER_HOST_VECTOR_EXP)
+  typedef double Acc __attribute__((vector_size(8 * sizeof(double))));
+  for (; j + 8 <= count; j += 8) {
+    ExpVec v;
+    std::memcpy(&v, x + j, sizeof v);
+    v -= lse;
+    exp_in_place(v);
+    const Acc e = __builtin_convertvector(v, Acc);
+    Acc a;
+    std::memcpy(&a, acc + j, sizeof a);
+    a += weight * e;
+    std::memcpy(acc + j, &a, sizeof a);
+  }
+#endif
+  for (; j < count; ++j) acc[j] += weight * double(std::exp(x[j] - lse));
+}
+
 /// Logits of window rows [r0, r0 + rows) (rows <= kRowTile) of query head qh
 /// against slots [0, count): out[t * count + j] = scale * q_{r0+t} . k_j.
 template <class T>
@@ -257,7 +317,7 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
             const float lse = p.lse.data ? p.ring_at(p.lse, b, qh, r) : detail::logsumexp(row, n - w + r + 1);
             if (!p.lse.data && p.lse_out.data) p.ring_at(p.lse_out, b, qh, r) = lse;
             const double wr = distance_row_weight(r, w, distance_weight);
-            for (int j = 0; j < count; ++j) acc[std::size_t(j)] += wr * double(std::exp(row[begin + j] - lse));
+            detail::add_softmax_row(row + begin, lse, wr, count, acc.data());
           }
         }
       }
