@@ -21,6 +21,9 @@
 #   everything at once); at these counts one workload takes a call:
 #   WORKLOADS=512, then WORKLOADS=2048 on the next call (the build is kept).
 #   SELFCHECK=1 (0 skips it)  BUILD_DIR=build-serve-gpu
+#   MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf (real weights instead of SHAPE's random
+#   ones; the file is ~100 MB, so it travels in two carries; its 8K context needs
+#   PROMPT_CAP=7680, and its small KV needs a small pool to be the limit, e.g. POOL_GB=2)
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/.out}
@@ -69,7 +72,8 @@ run_workload() {  # median requests percent_of_the_budget_left
   if [ "$t" -lt 30 ]; then echo "== skipping median $median: ${t}s left"; return; fi
   echo "== workload median $median: $requests requests, policies $POLICIES, saturation + Poisson at 0.7 (limit ${t}s)"
   timeout "$t" "$BIN" --shape "$SHAPE" --policies "$POLICIES" --prompt-median "$median" --requests "$requests" \
-    --mode both --load 0.7 --pool-gb "$POOL_GB" --out "$OUT/serve.jsonl" --steps-out "$OUT/serve_steps.jsonl" \
+    --mode both --load 0.7 --pool-gb "$POOL_GB" ${MODEL:+--model "$MODEL"} ${PROMPT_CAP:+--prompt-cap "$PROMPT_CAP"} \
+    --out "$OUT/serve.jsonl" --steps-out "$OUT/serve_steps.jsonl" \
     > "$OUT/serve_$median.log" 2>&1
   echo "rc=$? after $(( $(date +%s) - START )) s"; tail -4 "$OUT/serve_$median.log"
 }

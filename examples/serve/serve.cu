@@ -1,6 +1,7 @@
 // pyramid-serve: a serving benchmark with continuous batching on the paged core.
-// Random fp16 weights in a LLaMA shape, the CUDA engine of examples/llama_cuda
-// (PagedEngine over one KV page pool of a fixed byte size), any named policy
+// Random fp16 weights in a LLaMA shape (or a GGUF model's real weights,
+// --model), the CUDA engine of examples/llama_cuda (PagedEngine over one KV
+// page pool of a fixed byte size), any named policy
 // of examples/generate/policies.hpp, and a seeded synthetic workload.
 //
 //   pyramid-serve --shape llama2-7b --policies full,pyramid45 --requests 128 --prompt-median 512 --mode both
@@ -46,7 +47,6 @@
 #include <thread>
 #include <vector>
 
-#define PYRAMIDINFER_LLAMA_CUDA_NO_GGUF
 #include "llama_cuda/policy_engine.cuh"
 #include "serve/metrics.hpp"
 #include "serve/scheduler.hpp"
@@ -90,7 +90,8 @@ std::string num(double v) {
 }
 std::string str(const std::string& s) { return "\"" + s + "\""; }
 
-/// Prompt tokens of a request: a fixed function of its id (random weights: the values mean nothing).
+/// Prompt tokens of a request: a fixed function of its id. The work does not
+/// depend on the values (outputs run to their set lengths), so a real model gets them too.
 std::vector<std::int32_t> prompt_tokens(const Request& r, int vocab) {
   std::vector<std::int32_t> p(static_cast<std::size_t>(r.prompt_len));
   for (int i = 0; i < r.prompt_len; ++i) p[std::size_t(i)] = std::int32_t((r.id * 7919ll + i * 104729ll) % vocab);
@@ -427,6 +428,20 @@ bool selfcheck() {
 
 }  // namespace
 
+/// The model of --model, after checking that every request fits its context
+/// (positions past llama.context_length were never trained). The run's
+/// "shape" becomes the file's name.
+CudaModel load_model(ServeOptions& o) {
+  const llama::GgufFile f = llama::GgufFile::open(o.model);
+  const llama::LlamaConfig c = llama::LlamaConfig::from_gguf(f);
+  const std::size_t longest = std::size_t(o.workload.prompt_cap) + std::size_t(o.workload.output_max);
+  if (longest > c.context_length)
+    throw std::invalid_argument("--model " + o.model + ": --prompt-cap + --output-max = " + std::to_string(longest) +
+                                " exceeds its llama.context_length " + std::to_string(c.context_length));
+  o.shape = o.model.substr(o.model.find_last_of('/') + 1);
+  return CudaModel::from_gguf(f);
+}
+
 int main(int argc, char** argv) {
   ServeOptions o;
   try {
@@ -441,7 +456,7 @@ int main(int argc, char** argv) {
   }
   try {
     if (o.selfcheck) return selfcheck() ? 0 : 1;
-    const CudaModel model = CudaModel::random(named_shape(o.shape), 42);
+    const CudaModel model = o.model.empty() ? CudaModel::random(named_shape(o.shape), 42) : load_model(o);
     const double bw = copy_bandwidth();
     std::fprintf(stderr, "pyramid-serve: %s, weights %zu bytes, device-to-device copy %.0f GB/s\n", o.shape.c_str(),
                  model.weight_bytes(), bw * 1e-9);

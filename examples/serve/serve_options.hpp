@@ -14,6 +14,7 @@ namespace pyramidinfer::serve {
 
 struct ServeOptions {
   std::string shape = "llama2-7b";
+  std::string model;  ///< a GGUF file: its real weights instead of the shape's random ones ("" = none)
   std::vector<std::string> policies = {"full", "pyramid", "pyramid45", "snapkv"};
   WorkloadOptions workload;  ///< requests, lengths, seed (rate comes from the mode)
   std::string mode = "both";  ///< saturation | poisson | both (Poisson at load x the saturation rate)
@@ -44,6 +45,8 @@ inline std::string serve_usage() {
   return "usage: pyramid-serve [flags]    continuous batching on random-weight LLaMA shapes, JSON lines out\n"
          "       pyramid-serve selfcheck  GPU correctness check (page books against the device, small model)\n"
          "  --shape S            llama2-7b | llama2-13b | llama3-8b | tiny (default llama2-7b)\n"
+         "  --model FILE         a Llama-family GGUF (e.g. SmolLM2-135M-Instruct): its real weights instead of\n"
+         "                       --shape's random ones; --prompt-cap + --output-max must fit its context length\n"
          "  --policies A,B       named policies (default full,pyramid,pyramid45,snapkv)\n"
          "  --requests N         requests per run (default 128)\n"
          "  --prompt-median N    log-normal prompt length median (default 512); --prompt-sigma S (0.7)\n"
@@ -76,6 +79,7 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
   const std::int64_t kIntMax = 0x7fffffff;
   Parser p("pyramid-serve");
   p.value("--shape", [&](const std::string& v) { o.shape = v; })
+      .value("--model", [&](const std::string& v) { o.model = v; })
       .value("--policies", [&](const std::string& v) { o.policies = parse_list("--policies", v); })
       .value("--requests", [&](const std::string& v) { w.requests = int(parse_int("--requests", v, 1, 1000000)); })
       .value("--prompt-median", [&](const std::string& v) { w.prompt_median = parse_real("--prompt-median", v, 1, 1e6); })

@@ -49,6 +49,8 @@ TEST_CASE("serve options: defaults and values", "[serve][options]") {
   CHECK(o.page_size == 64);
   CHECK(!o.graph);
   CHECK(o.steps_out == "s.jsonl");
+  CHECK(d.model.empty());
+  CHECK(parse({"--model", "models/m.gguf"}).model == "models/m.gguf");
   CHECK(parse({"selfcheck"}).selfcheck);
 }
 
