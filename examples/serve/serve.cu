@@ -426,8 +426,6 @@ bool selfcheck() {
   return all_ok;
 }
 
-}  // namespace
-
 /// The model of --model, after checking that every request fits its context
 /// (positions past llama.context_length were never trained). The run's
 /// "shape" becomes the file's name.
@@ -441,6 +439,8 @@ CudaModel load_model(ServeOptions& o) {
   o.shape = o.model.substr(o.model.find_last_of('/') + 1);
   return CudaModel::from_gguf(f);
 }
+
+}  // namespace
 
 int main(int argc, char** argv) {
   ServeOptions o;
