@@ -1,6 +1,7 @@
 // model.hpp - Llama-architecture model loaded from GGUF (weights dequantised
-// to fp32) with a CPU forward pass split into per-layer steps, so that an
-// engine can drive it layer by layer and own the KV cache:
+// to fp32 for the prefill's GEMMs; decode steps read the file's Q4_1 / Q8_0
+// blocks, see block_matvec.hpp) with a CPU forward pass split into per-layer
+// steps, so that an engine can drive it layer by layer and own the KV cache:
 //
 //   Matrix h = model.embed(ids);                       // [T, dim]
 //   for each layer l:
@@ -23,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "llama/block_matvec.hpp"
 #include "llama/gguf.hpp"
 #include "llama/kv_cache.hpp"
 #include "llama/tensor_ops.hpp"
@@ -220,27 +222,33 @@ class Model {
 public:
     static Model load(const std::string& path) { return from_gguf(GgufFile::open(path)); }
 
-    static Model from_gguf(const GgufFile& file) {
+    // decode_from_blocks: steps of at most kBlockRows rows multiply by the
+    // file's Q4_1 / Q8_0 blocks (about 5x fewer bytes than fp32; equal up to
+    // the rounding of the sums). false keeps every product in fp32 (what the
+    // parity checks against other fp32 implementations use).
+    static Model from_gguf(const GgufFile& file, bool decode_from_blocks = true) {
         Model m;
         m.config_ = LlamaConfig::from_gguf(file);
         const LlamaConfig& c = m.config_;
         check_llama_tensor_table(file, c);
-        m.token_embedding_ = load_matrix(file, "token_embd.weight", c.vocab_size, c.dim);
+        const bool blocks = decode_from_blocks;
+        m.token_embedding_ = load_weight(file, "token_embd.weight", c.vocab_size, c.dim, blocks);
         m.output_norm_ = load_vector(file, "output_norm.weight", c.dim);
-        if (file.find_tensor("output.weight")) m.output_ = load_matrix(file, "output.weight", c.vocab_size, c.dim);
+        if (file.find_tensor("output.weight"))
+            m.output_ = load_weight(file, "output.weight", c.vocab_size, c.dim, blocks);
         const std::size_t kv_dim = c.n_kv_heads * c.head_dim;
         for (std::size_t l = 0; l < c.n_layers; ++l) {
             const std::string p = "blk." + std::to_string(l) + ".";
             LayerWeights w;
             w.attn_norm = load_vector(file, p + "attn_norm.weight", c.dim);
-            w.wq = load_matrix(file, p + "attn_q.weight", c.dim, c.dim);
-            w.wk = load_matrix(file, p + "attn_k.weight", kv_dim, c.dim);
-            w.wv = load_matrix(file, p + "attn_v.weight", kv_dim, c.dim);
-            w.wo = load_matrix(file, p + "attn_output.weight", c.dim, c.dim);
+            w.wq = load_weight(file, p + "attn_q.weight", c.dim, c.dim, blocks);
+            w.wk = load_weight(file, p + "attn_k.weight", kv_dim, c.dim, blocks);
+            w.wv = load_weight(file, p + "attn_v.weight", kv_dim, c.dim, blocks);
+            w.wo = load_weight(file, p + "attn_output.weight", c.dim, c.dim, blocks);
             w.ffn_norm = load_vector(file, p + "ffn_norm.weight", c.dim);
-            w.w_gate = load_matrix(file, p + "ffn_gate.weight", c.ffn_dim, c.dim);
-            w.w_up = load_matrix(file, p + "ffn_up.weight", c.ffn_dim, c.dim);
-            w.w_down = load_matrix(file, p + "ffn_down.weight", c.dim, c.ffn_dim);
+            w.w_gate = load_weight(file, p + "ffn_gate.weight", c.ffn_dim, c.dim, blocks);
+            w.w_up = load_weight(file, p + "ffn_up.weight", c.ffn_dim, c.dim, blocks);
+            w.w_down = load_weight(file, p + "ffn_down.weight", c.dim, c.ffn_dim, blocks);
             m.layers_.push_back(std::move(w));
         }
         return m;
@@ -255,7 +263,7 @@ public:
             if (ids[t] < 0 || static_cast<std::size_t>(ids[t]) >= config_.vocab_size) {
                 throw std::out_of_range("Model::embed: token id " + std::to_string(ids[t]));
             }
-            const float* src = token_embedding_.data() + static_cast<std::size_t>(ids[t]) * config_.dim;
+            const float* src = token_embedding_.f32.data() + static_cast<std::size_t>(ids[t]) * config_.dim;
             std::copy(src, src + config_.dim, h.row(t));
         }
         return h;
@@ -269,8 +277,7 @@ public:
         const LayerWeights& w = layers_.at(layer);
         const LlamaConfig& c = config_;
         const Matrix x = rms_norm(hidden, w.attn_norm, c.rms_eps);
-        LayerQkv out{linear(x, w.wq, c.dim), linear(x, w.wk, c.n_kv_heads * c.head_dim),
-                     linear(x, w.wv, c.n_kv_heads * c.head_dim)};
+        LayerQkv out{project(x, w.wq), project(x, w.wk), project(x, w.wv)};
         apply_rope(out.q, c.n_heads, c.head_dim, c.rope_dims, positions, c.rope_base);
         apply_rope(out.k, c.n_kv_heads, c.head_dim, c.rope_dims, positions, c.rope_base);
         return out;
@@ -300,19 +307,17 @@ public:
         const LayerWeights& w = layers_.at(layer);
         const Matrix attn = attend(q, positions, kv, probs, row_lse);
         // hidden += attn * Wo^T  (beta = 1 accumulates into the residual)
-        matmul_transposed(attn.data.data(), attn.rows, attn.cols, attn.cols, w.wo.data(), config_.dim,
-                          hidden.data.data(), hidden.cols, 1.0f);
+        project(attn, w.wo, hidden, 1.0f);
         const Matrix x = rms_norm(hidden, w.ffn_norm, config_.rms_eps);
-        Matrix gate = linear(x, w.w_gate, config_.ffn_dim);
-        swiglu(gate, linear(x, w.w_up, config_.ffn_dim));
-        matmul_transposed(gate.data.data(), gate.rows, gate.cols, gate.cols, w.w_down.data(), config_.dim,
-                          hidden.data.data(), hidden.cols, 1.0f);
+        Matrix gate = project(x, w.w_gate);
+        swiglu(gate, project(x, w.w_up));
+        project(gate, w.w_down, hidden, 1.0f);
     }
 
     // Final RMSNorm and output projection: [T, vocab_size] logits.
     Matrix logits(const Matrix& hidden) const {
         const Matrix x = rms_norm(hidden, output_norm_, config_.rms_eps);
-        return linear(x, output_.empty() ? token_embedding_ : output_, config_.vocab_size);
+        return project(x, output_.f32.empty() ? token_embedding_ : output_);
     }
 
     // Runs all layers over `ids` at `positions`, appending their K/V to
@@ -333,10 +338,45 @@ public:
     }
 
 private:
-    struct LayerWeights {
-        std::vector<float> attn_norm, wq, wk, wv, wo;  // W* are [out x in]
-        std::vector<float> ffn_norm, w_gate, w_up, w_down;
+    // A [rows x cols] weight: fp32 (rows x cols, row-major), and the file's
+    // blocks when it has them and the model decodes from them.
+    struct Weight {
+        std::size_t rows = 0, cols = 0;
+        std::vector<float> f32;
+        BlockWeights blocks;
     };
+
+    struct LayerWeights {
+        std::vector<float> attn_norm, ffn_norm;
+        Weight wq, wk, wv, wo, w_gate, w_up, w_down;  // [out x in]
+    };
+
+    // Rows up to this many (decode steps, short verify chunks) take the blocks.
+    static constexpr std::size_t kBlockRows = 4;
+
+    // y [x.rows x w.rows] = beta * y + x * W^T.
+    static void project(const Matrix& x, const Weight& w, Matrix& y, float beta) {
+        if (!w.blocks.empty() && x.rows <= kBlockRows) {
+            for (std::size_t r = 0; r < x.rows; ++r) block_matvec(w.blocks, x.row(r), y.row(r), beta);
+            return;
+        }
+        matmul_transposed(x.data.data(), x.rows, x.cols, x.cols, w.f32.data(), w.rows, y.data.data(), y.cols, beta);
+    }
+
+    static Matrix project(const Matrix& x, const Weight& w) {
+        Matrix y(x.rows, w.rows);
+        project(x, w, y, 0.0f);
+        return y;
+    }
+
+    static Weight load_weight(const GgufFile& file, const std::string& name, std::size_t rows, std::size_t cols,
+                              bool blocks) {
+        Weight w;
+        w.rows = rows, w.cols = cols;
+        w.f32 = load_matrix(file, name, rows, cols);
+        if (blocks) w.blocks = BlockWeights::from_tensor(file, file.tensor(name), rows, cols);
+        return w;
+    }
 
     static void check_shape(const GgufTensorInfo& info, const std::vector<std::int64_t>& dims) {
         if (info.dims != dims) {
@@ -422,8 +462,8 @@ private:
     }
 
     LlamaConfig config_;
-    std::vector<float> token_embedding_;  // [vocab x dim]
-    std::vector<float> output_;           // [vocab x dim]; empty when tied to the embeddings
+    Weight token_embedding_;  // [vocab x dim]
+    Weight output_;           // [vocab x dim]; empty when tied to the embeddings
     std::vector<float> output_norm_;
     std::vector<LayerWeights> layers_;
 };

@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
   }
   try {
     const GgufFile file = GgufFile::open(argv[1]);
-    const Model model = Model::from_gguf(file);
+    const Model model = Model::from_gguf(file, /*decode_from_blocks=*/false);  // fp32 throughout, like the reference
     if (argc == 9) {
       const Tokenizer tok = Tokenizer::from_gguf(file);
       std::ifstream in(argv[6]);

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <numeric>
+#include <random>
 
 #include "model_fixture.hpp"
 
@@ -190,4 +191,41 @@ TEST_CASE("token-dropping prefill: later layers see a gathered subset", "[model]
     for (float x : logits.data) REQUIRE(std::isfinite(x));
     WARN("next token after dropping half the prompt tokens from layer 11 on: '"
          << real_tokenizer().token_text(argmax(logits.row(0), logits.cols)) << "'");
+}
+
+TEST_CASE("block_matvec over the file's Q4_1 and Q8_0 blocks equals the fp32 product", "[model]") {
+    // Every tensor type the model decodes from, several shapes, fresh random
+    // activations (seed printed by a failure through the tensor name).
+    const GgufFile& file = real_file();
+    const LlamaConfig c = LlamaConfig::from_gguf(file);
+    struct Case { std::string name; std::size_t rows, cols; };
+    const std::vector<Case> cases = {{"blk.0.attn_q.weight", c.dim, c.dim},
+                                     {"blk.3.ffn_down.weight", c.dim, c.ffn_dim},
+                                     {"blk.7.ffn_gate.weight", c.ffn_dim, c.dim},
+                                     {"token_embd.weight", c.vocab_size, c.dim}};
+    std::mt19937 rng(20261204);
+    std::normal_distribution<float> normal(0.f, 2.f);
+    int types_seen = 0;
+    for (const Case& k : cases) {
+        INFO(k.name);
+        const GgufTensorInfo& info = file.tensor(k.name);
+        const BlockWeights w = BlockWeights::from_tensor(file, info, k.rows, k.cols);
+        REQUIRE(!w.empty());
+        types_seen |= w.type == GgmlType::Q4_1 ? 1 : 2;
+        const std::vector<float> f32 = file.tensor_as_float(info);
+        std::vector<float> x(k.cols), y(k.rows, 7.f);
+        for (float& v : x) v = normal(rng);
+        block_matvec(w, x.data(), y.data(), 0.5f);  // beta: y = 0.5 * y + W x
+        for (std::size_t r = 0; r < k.rows; ++r) {
+            double want = 3.5, scale = 3.5;
+            for (std::size_t j = 0; j < k.cols; ++j) {
+                want += double(f32[r * k.cols + j]) * x[j];
+                scale += std::abs(double(f32[r * k.cols + j]) * x[j]);
+            }
+            REQUIRE(std::abs(y[r] - want) <= 1e-5 * scale);
+        }
+    }
+    CHECK(types_seen == 3);  // both Q4_1 and Q8_0 were exercised
+    // Other types get no blocks (the model keeps their fp32 product).
+    CHECK(BlockWeights::from_tensor(file, file.tensor("output_norm.weight"), 1, c.dim).empty());
 }

@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
   }
   try {
     const GgufFile file = GgufFile::open(argv[1]);
-    const Model model = Model::from_gguf(file);
+    const Model model = Model::from_gguf(file, /*decode_from_blocks=*/false);  // fp32 throughout, as in transformers
     const llama_io::TokenFile t = llama_io::read_tokens(argv[2]);
     PolicyOptions o;
     o.name = argv[3];
