@@ -19,8 +19,10 @@ namespace test {
 
 inline std::mt19937& rng() {
   static std::mt19937 g = [] {
-    const unsigned seed = std::random_device{}();
-    std::printf("pyramidinfer CUDA tests: seed %u\n", seed);
+    // A fresh seed per run; PYRAMIDINFER_TEST_SEED replays one (as in the host tests).
+    const char* env = std::getenv("PYRAMIDINFER_TEST_SEED");
+    const unsigned seed = env ? unsigned(std::strtoul(env, nullptr, 10)) : std::random_device{}();
+    std::printf("pyramidinfer CUDA tests: seed %u (PYRAMIDINFER_TEST_SEED=%u replays it)\n", seed, seed);
     return std::mt19937(seed);
   }();
   return g;
