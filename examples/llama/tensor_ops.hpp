@@ -49,12 +49,6 @@ inline void matmul_transposed(const float* x, std::size_t rows, std::size_t in, 
                 static_cast<int>(ldy));
 }
 
-inline Matrix linear(const Matrix& x, const std::vector<float>& w, std::size_t out) {
-    Matrix y(x.rows, out);
-    matmul_transposed(x.data.data(), x.rows, x.cols, x.cols, w.data(), out, y.data.data(), out);
-    return y;
-}
-
 // RMSNorm of each row: x / sqrt(mean(x^2) + eps) * weight.
 inline Matrix rms_norm(const Matrix& x, const std::vector<float>& weight, float eps) {
     Matrix y(x.rows, x.cols);
