@@ -38,6 +38,12 @@ inline bool is_policy(const std::string& name) {
   return false;
 }
 
+/// Policies that keep the same share of every layer (no pyramid; with_policy's
+/// layer-local branch): their ratio is a KV budget to match.
+inline bool is_layer_local(const std::string& name) {
+  return name == "streaming" || name == "h2o" || name == "snapkv" || name == "expected";
+}
+
 inline std::string policy_help() {
   return "full (no compression), pyramid (PyramidInfer, the paper's defaults), pyramid45 (PyramidInfer with the "
          "fixed settings whose plan keeps <= 45% of a full cache at 512 + 256 tokens), pyramid-perhead (per KV head), "

@@ -16,17 +16,12 @@
 #include <string>
 #include <vector>
 
+#include <pyramidinfer/kernels/host/clones.hpp>  // the library's per-ISA clones
+
 #include "llama/gguf.hpp"
 
 namespace pyramidinfer::llama {
 
-// Cloned for x86-64-v4 (AVX-512) and v3 (AVX2) with GCC 12+, as the library's
-// host scoring does; the loader picks the best the CPU supports.
-#if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 12 && !defined(__clang__) && !defined(__CUDACC__)
-#define PYRAMIDINFER_LLAMA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYRAMIDINFER_LLAMA_CLONES
-#endif
 
 // A [rows x cols] weight as the file's blocks of 32 (empty for other types).
 struct BlockWeights {
@@ -66,7 +61,7 @@ namespace detail {
 // in vector registers only through unsigned int32 with GCC; signed bytes go
 // element by element), the 128 taken back with the block sum. So a block adds
 // d * (w . x) + offset * xsum, offset = m (Q4_1) or -128 d (Q8_0).
-[[maybe_unused]] PYRAMIDINFER_LLAMA_CLONES static void block_rows(const BlockWeights& w, const float* x,
+[[maybe_unused]] PYRAMIDINFER_HOST_CLONES static void block_rows(const BlockWeights& w, const float* x,
                                                                   const float* xsum, float* y, float beta) {
     const bool q4 = w.type == GgmlType::Q4_1;
     const std::size_t nb = w.cols / 32, bytes = q4 ? 16 : 32;
@@ -115,7 +110,8 @@ namespace detail {
 
 // y[r] = beta * y[r] + w's row r . x, for one row of activations x[w.cols].
 inline void block_matvec(const BlockWeights& w, const float* x, float* y, float beta = 0.0f) {
-    std::vector<float> xsum(w.cols / 32, 0.f);
+    thread_local std::vector<float> xsum;  // reused: no allocation per decode projection
+    xsum.assign(w.cols / 32, 0.f);
     for (std::size_t b = 0; b < xsum.size(); ++b)
         for (int j = 0; j < 32; ++j) xsum[b] += x[b * 32 + j];
     detail::block_rows(w, x, xsum.data(), y, beta);

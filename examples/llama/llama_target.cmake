@@ -7,6 +7,7 @@ if(NOT TARGET pyramidinfer_llama)
   # Headers are included as "llama/<name>.hpp".
   get_filename_component(_pyramidinfer_examples_dir "${CMAKE_CURRENT_LIST_DIR}/.." ABSOLUTE)
   target_include_directories(pyramidinfer_llama INTERFACE "${_pyramidinfer_examples_dir}")
-  target_link_libraries(pyramidinfer_llama INTERFACE BLAS::BLAS)
+  # pyramidinfer: the library's host helpers (kernels/host/clones.hpp in block_matvec.hpp).
+  target_link_libraries(pyramidinfer_llama INTERFACE pyramidinfer BLAS::BLAS)
   target_compile_features(pyramidinfer_llama INTERFACE cxx_std_17)
 endif()

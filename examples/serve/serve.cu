@@ -322,7 +322,7 @@ bool selfcheck() {
   for (const std::string& name : llama::policy_names()) {
     llama::PolicyOptions po;
     po.name = name;
-    if (layer_local_policy(name)) po.ratio = 0.5;
+    if (llama::is_layer_local(name)) po.ratio = 0.5;
     EngineOptions eo;
     eo.prefill_chunk_rows = 512;
     with_cuda_engine(model, eo, po, [&](auto& e) {
@@ -470,7 +470,7 @@ int main(int argc, char** argv) {
     for (const std::string& policy : o.policies) {
       llama::PolicyOptions po;
       po.name = policy;
-      if (layer_local_policy(policy) && !o.match_budget.empty()) {  // equal memory: hold what the pyramid holds
+      if (llama::is_layer_local(policy) && !o.match_budget.empty()) {  // equal memory: hold what the pyramid holds
         llama::PolicyOptions pyramid;
         pyramid.name = o.match_budget;
         const llama::LlamaConfig c = policy_config(model.shape());

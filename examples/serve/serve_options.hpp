@@ -66,11 +66,6 @@ inline std::string serve_usage() {
          "  --steps-out FILE     append one JSON line per iteration (pages in use, step time, HBM floor)\n";
 }
 
-/// Policies that keep the same share of every layer (no pyramid): their ratio is a budget to match.
-inline bool layer_local_policy(const std::string& n) {
-  return n == "streaming" || n == "h2o" || n == "snapkv" || n == "expected";
-}
-
 /// Parses pyramid-serve's command line; throws cli::UsageError naming the flag and the value.
 inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
   using namespace cli;

@@ -194,8 +194,8 @@ TEST_CASE("token-dropping prefill: later layers see a gathered subset", "[model]
 }
 
 TEST_CASE("block_matvec over the file's Q4_1 and Q8_0 blocks equals the fp32 product", "[model]") {
-    // Every tensor type the model decodes from, several shapes, fresh random
-    // activations (seed printed by a failure through the tensor name).
+    // Every tensor type the model decodes from, several shapes, random
+    // activations from a fixed seed.
     const GgufFile& file = real_file();
     const LlamaConfig c = LlamaConfig::from_gguf(file);
     struct Case { std::string name; std::size_t rows, cols; };

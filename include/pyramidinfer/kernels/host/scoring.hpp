@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../../policy/granularity.hpp"
+#include "clones.hpp"
 #include "../problem.hpp"
 #include "../rope_future.hpp"
 
@@ -132,18 +133,7 @@ std::vector<float> load_keys(const ScoreProblem<T>& p, int b, int kvh, int n) {
 
 constexpr int kRowTile = 16;  ///< window rows scored together: each key is read once per tile
 
-// The tile's dot products are the scoring's hot loop. Compiled for the
-// engine's flags alone (x86-64's default is SSE2) they run several times
-// slower than the CPU allows, so with GCC 12+ on x86-64 the loop is also built
-// for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2, FMA), and the loader picks the
-// best level the CPU supports (target_clones; `arch=<cpu name>` would match
-// one CPU model only). Results may differ in the last bits between levels.
-#if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 12 && !defined(__clang__) && !defined(__CUDACC__)
-#define PYRAMIDINFER_HOST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYRAMIDINFER_HOST_CLONES
-#endif
-
+/// The scoring's hot loop, cloned per x86-64 level (clones.hpp):
 /// out[t * count + j] = scale * sum_i qt[i * kRowTile + t] * keys[j * d + i]
 /// for t < rows, j < count. The queries are transposed so that one step adds
 /// a whole column of the tile: with GCC's vector extensions that is one
