@@ -46,7 +46,7 @@ left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 # policies.hpp includes the CPU model's header, which includes <cblas.h>; a
 # machine without BLAS gets declarations only (pyramid-serve never calls them).
 INC=""
-echo '#include <cblas.h>' | nvcc -E -x c++ - > /dev/null 2>&1 || INC="-Ibenchmarks/serve/no_blas"
+echo '#include <cblas.h>' | nvcc -E -x c++ - > /dev/null 2>&1 || INC="-Ibenchmarks/no_blas"
 BIN=$BUILD/pyramid-serve
 SUM=$( (cat $(find include examples/llama_cuda examples/serve examples/generate examples/llama -name '*.cuh' -o -name '*.hpp' -o -name '*.cu' | sort); echo "$INC $ARCH") | sha1sum)
 if [ "$(cat "$BUILD/src.sha" 2>/dev/null)" != "$SUM" ] || [ ! -x "$BIN" ]; then

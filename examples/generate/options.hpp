@@ -52,17 +52,18 @@ struct GenerateOptions {
 };
 
 inline std::string generate_usage() {
-  return "usage: pyramid-generate [--model PATH] [--policy NAME] [--ratio R] [--recent-ratio R]\n"
+  return "usage: pyramid-generate [--model PATH] [--policy SPEC] [--ratio R] [--recent-ratio R]\n"
          "                        [--max-tokens N] [--device cpu|cuda] [--raw] [--] PROMPT...\n"
          "  --model PATH        GGUF file (default $PYRAMIDINFER_MODEL, then models/SmolLM2-135M-Instruct.Q4_1.gguf)\n"
-         "  --policy NAME       one of: " +
+         "  --policy SPEC       a policy name, one of: " +
          policy_list() +
-         " (default pyramid)\n"
+         " (default pyramid),\n"
+         "                      optionally changed: NAME:key=value:... (" + policy_spec_keys() + ")\n"
          "  --ratio R           in (0, 1]: the pyramid's final ratio, or the share each layer keeps (layer-local\n"
          "                      policies); not for full or pyramid45\n"
          "  --recent-ratio R    in [0, 1): the recent window's share of the prompt; not for full or pyramid45\n"
          "  --max-tokens N      tokens to generate, >= 1 (prompt + N must fit the model's context; default 96)\n"
-         "  --device cpu|cuda   cuda only in CUDA builds, with the policies full and pyramid\n"
+         "  --device cpu|cuda   cuda only in CUDA builds\n"
          "  --raw               no chat template: the prompt is the model's input as is\n"
          "  PROMPT...           the words are joined with spaces; use -- before a prompt that starts with '-'.\n"
          "                      With no prompt, a question about the opening of Moby-Dick (about 700 tokens).\n"
@@ -75,7 +76,7 @@ inline std::string generate_usage() {
 inline GenerateOptions parse_generate_options(int argc, const char* const* argv, bool cuda_built) {
   using namespace cli;
   GenerateOptions o;
-  std::string ratio_text, recent_text;
+  std::string ratio_text, recent_text, spec = o.policy.name;
   bool ratio_given = false, recent_given = false;
   Parser p("pyramid-generate");
   p.value("--model",
@@ -83,17 +84,9 @@ inline GenerateOptions parse_generate_options(int argc, const char* const* argv,
             if (v.empty()) throw UsageError("--model '': empty path");
             o.model = v;
           })
-      .value("--policy", [&](const std::string& v) { o.policy.name = v; })
-      .value("--ratio",
-             [&](const std::string& v) {
-               o.policy.ratio = parse_real("--ratio", v, 0.0, 1.0, Bounds::open_low);
-               ratio_text = v, ratio_given = true;
-             })
-      .value("--recent-ratio",
-             [&](const std::string& v) {
-               o.policy.recent_ratio = parse_real("--recent-ratio", v, 0.0, 1.0, Bounds::open_high);
-               recent_text = v, recent_given = true;
-             })
+      .value("--policy", [&](const std::string& v) { spec = v; })
+      .value("--ratio", [&](const std::string& v) { ratio_text = v, ratio_given = true; })
+      .value("--recent-ratio", [&](const std::string& v) { recent_text = v, recent_given = true; })
       .value("--max-tokens", [&](const std::string& v) { o.max_tokens = int(parse_int("--max-tokens", v, 1, kIntMax)); })
       .value("--device", [&](const std::string& v) { o.device = v; })
       .toggle("--raw", [&] { o.raw = true; })
@@ -102,8 +95,9 @@ inline GenerateOptions parse_generate_options(int argc, const char* const* argv,
   const std::vector<std::string> words = p.parse(argc, argv, /*positional=*/true);
   if (o.help) return o;
 
-  if (!is_policy(o.policy.name))
-    throw UsageError("--policy " + in_quotes(o.policy.name) + ": unknown policy; one of: " + policy_list());
+  o.policy = parse_policy_spec("--policy", spec);
+  if (ratio_given) o.policy.ratio = parse_real("--ratio", ratio_text, 0.0, 1.0, Bounds::open_low);
+  if (recent_given) o.policy.recent_ratio = parse_real("--recent-ratio", recent_text, 0.0, 1.0, Bounds::open_high);
   if (o.device != "cpu" && o.device != "cuda") throw UsageError("--device " + in_quotes(o.device) + ": cpu or cuda");
   if (o.device == "cuda" && !cuda_built)
     throw UsageError("--device 'cuda': this build runs on cpu only (configure with CUDA for cuda)");
@@ -133,11 +127,19 @@ inline std::vector<std::string> default_eval_texts() {
           dir + "emma_from_ch1.txt"};
 }
 
+/// Every named policy, unchanged.
+inline std::vector<PolicyOptions> default_policies() {
+  std::vector<PolicyOptions> out;
+  for (const std::string& name : policy_names()) out.push_back(parse_policy_spec("policy", name));
+  return out;
+}
+
 struct EvalOptions {
   std::string model = default_model_path();
   std::vector<std::string> texts = default_eval_texts();
   int prefill = 1024, cont = 128, passages = 24, passkey_trials = 10;
-  std::vector<std::string> policies = policy_names();
+  std::vector<PolicyOptions> policies = default_policies();
+  std::string device = "cpu";
   std::vector<double> fractions = {1.0, 0.7, 0.5, 0.3};
   std::string out = "pyramid_eval";
   bool help = false;
@@ -149,7 +151,7 @@ inline constexpr std::int64_t kMaxRepeats = 1000000;
 inline std::string eval_usage() {
   return "usage: pyramid-eval [--model PATH] [--text FILE,...] [--prefill N] [--continue M]\n"
          "                    [--passages P] [--passkey-trials K] [--policies a,b,...]\n"
-         "                    [--fractions 1,0.7,...] [--out PREFIX]\n"
+         "                    [--fractions 1,0.7,...] [--device cpu|cuda] [--out PREFIX]\n"
          "  --text FILE,...     texts to take passages from (default: the four novels in examples/data)\n"
          "  --prefill N         prompt tokens, >= 16 (default 1024; 1024 and 4096 are the usual settings)\n"
          "  --continue M        teacher-forced tokens scored after each prompt, >= 1 (default 128);\n"
@@ -162,23 +164,26 @@ inline std::string eval_usage() {
          std::to_string(kMaxRepeats) +
          " (default 10): a '[key: value]' line in N tokens of\n"
          "                      text, asked for at the end, its depth cycling over 5% .. 95%\n"
-         "  --policies LIST     comma-separated, of: " +
+         "  --policies LIST     comma-separated policy specs: a name, one of " +
          policy_list() +
-         "\n"
+         ",\n"
+         "                      optionally changed: NAME:key=value:... (" + policy_spec_keys() + ")\n"
          "                      (full is always run: every policy is compared with it passage by passage)\n"
          "  --fractions LIST    KV budgets, each in (0, 1] (1: the full cache only; default 1,0.7,0.5,0.3)\n"
+         "  --device cpu|cuda   cuda (CUDA builds only) runs all passages of a policy as one batch\n"
          "  --out PREFIX        writes PREFIX.csv and PREFIX.json (default pyramid_eval)\n"
          "Integers are whole decimal numbers (no 1e3, no 5x); flags may be written --flag=value.\n";
 }
 
 /// Policies that have a row of their own besides the --fractions sweep (the
 /// paper's settings, or fixed ones), so they run even with --fractions 1.
-inline bool has_unswept_row(const std::string& policy) {
-  return policy == "full" || policy == "pyramid" || policy == "pyramid45" || policy == "pyramid-expected";
+inline bool has_unswept_row(const PolicyOptions& p) {
+  if (!p.tweaks.text.empty()) return false;
+  return p.name == "full" || p.name == "pyramid" || p.name == "pyramid45" || p.name == "pyramid-expected";
 }
 
 /// Parses pyramid-eval's command line; throws cli::UsageError.
-inline EvalOptions parse_eval_options(int argc, const char* const* argv) {
+inline EvalOptions parse_eval_options(int argc, const char* const* argv, bool cuda_built) {
   using namespace cli;
   EvalOptions o;
   Parser p("pyramid-eval");
@@ -198,6 +203,13 @@ inline EvalOptions parse_eval_options(int argc, const char* const* argv) {
                      throw UsageError("--text " + in_quotes(v) + ": " + in_quotes(o.texts[i]) + " twice");
              })
       .value("--out", path("--out", o.out))
+      .value("--device",
+             [&](const std::string& v) {
+               if (v != "cpu" && v != "cuda") throw UsageError("--device " + in_quotes(v) + ": cpu or cuda");
+               if (v == "cuda" && !cuda_built)
+                 throw UsageError("--device 'cuda': this build runs on cpu only (configure with CUDA for cuda)");
+               o.device = v;
+             })
       .value("--prefill", [&](const std::string& v) { o.prefill = int(parse_int("--prefill", v, 16, kIntMax)); })
       .value("--continue", [&](const std::string& v) { o.cont = int(parse_int("--continue", v, 1, kIntMax)); })
       .value("--passages",
@@ -206,14 +218,11 @@ inline EvalOptions parse_eval_options(int argc, const char* const* argv) {
              [&](const std::string& v) { o.passkey_trials = int(parse_int("--passkey-trials", v, 0, kMaxRepeats)); })
       .value("--policies",
              [&](const std::string& v) {
-               o.policies = parse_list("--policies", v);
-               for (std::size_t i = 0; i < o.policies.size(); ++i) {
-                 if (!is_policy(o.policies[i]))
-                   throw UsageError("--policies " + in_quotes(v) + ": unknown policy " + in_quotes(o.policies[i]) +
-                                    "; one of: " + policy_list());
-                 for (std::size_t j = 0; j < i; ++j)
-                   if (o.policies[j] == o.policies[i])
-                     throw UsageError("--policies " + in_quotes(v) + ": " + in_quotes(o.policies[i]) + " twice");
+               o.policies.clear();
+               for (const std::string& spec : parse_list("--policies", v)) {
+                 for (const PolicyOptions& p : o.policies)
+                   if (p.label() == spec) throw UsageError("--policies " + in_quotes(v) + ": " + in_quotes(spec) + " twice");
+                 o.policies.push_back(parse_policy_spec("--policies", spec));
                }
              })
       .value("--fractions",
@@ -230,9 +239,9 @@ inline EvalOptions parse_eval_options(int argc, const char* const* argv) {
   // would be dropped without a word.
   bool below_one = false;
   for (double f : o.fractions) below_one = below_one || f < 1.0;
-  for (const auto& name : o.policies)
-    if (!below_one && !has_unswept_row(name))
-      throw UsageError("--policies " + in_quotes(name) +
+  for (const auto& p : o.policies)
+    if (!below_one && !has_unswept_row(p))
+      throw UsageError("--policies " + in_quotes(p.label()) +
                        ": this policy runs at the --fractions below 1 only, and there are none; add one (e.g. "
                        "--fractions 1,0.5)");
   if (o.passages == 0 && o.passkey_trials == 0)

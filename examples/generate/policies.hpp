@@ -3,13 +3,16 @@
 // budget (so policies are compared at the same memory).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <pyramidinfer/pyramidinfer.hpp>
 
+#include "generate/cli.hpp"
 #include "llama/model.hpp"
 
 namespace pyramidinfer::llama {
@@ -24,6 +27,21 @@ struct PolicyOptions {
   int min_context = 64;
   float distance_weight = 1.2f;
   bool compress_decode = true;
+  /// Changes a policy spec made to the named policy ("pyramid:start=8:select=head",
+  /// parse_policy_spec). A policy with any runs through with_policy's recipe path.
+  struct Tweaks {
+    std::string text;    ///< the ":key=value..." part as given ("" = none)
+    std::string score;   ///< window | expected | position | knorm
+    std::string select;  ///< shared | head
+    std::string shape;   ///< cosine | linear | geometric | uniform
+    std::string mode;    ///< drop | local
+    std::string decode;  ///< paper | flat | off
+    int start = -1;      ///< layers before it keep every token
+    float dw = -1;       ///< the window scoring's distance weight
+  } tweaks;
+
+  /// The spec as written: the name and its changes.
+  std::string label() const { return name + tweaks.text; }
 };
 
 inline const std::vector<std::string>& policy_names() {
@@ -74,6 +92,117 @@ inline ExpectedAttentionScoring expected_scoring(const LlamaConfig& c) {
   return s;
 }
 
+/// What a policy is made of, spelled out: every named policy but full and
+/// pyramid45 is one of these, and a spec's tweaks change it (with_policy runs
+/// a tweaked policy through this form). Its schedules are tables, so one
+/// compressor type per scoring covers every shape, start and mode.
+struct PolicyRecipe {
+  std::string score = "window";  ///< window (distance weight dw) | expected | position | knorm
+  bool per_head = false;         ///< one selection per KV head instead of one per layer
+  std::string shape = "cosine";  ///< the prefill schedule's shape, its final ratio the policy's ratio
+  int start = 0;                 ///< layers before it keep every token
+  bool drop = true;              ///< PyramidInfer's token dropping, else each layer on its own
+  std::string decode = "paper";  ///< paper: cosine to 0.1 of 0.9 x 16; flat: the layer's prefill share of 16; off
+  float dw = 1.2f;               ///< RecentWindowScoring's distance weight
+};
+
+/// The named policy's recipe, before tweaks.
+inline PolicyRecipe base_recipe(const std::string& name, float distance_weight) {
+  PolicyRecipe r;
+  r.dw = distance_weight;
+  if (name == "pyramid-perhead") r.per_head = true;
+  if (name == "pyramid-expected") r.score = "expected";
+  if (is_layer_local(name)) {
+    r.shape = "uniform", r.drop = false, r.decode = "flat", r.dw = 1.0f;
+    r.per_head = name == "snapkv" || name == "expected";
+    if (name == "streaming") r.score = "position";
+    if (name == "expected") r.score = "expected";
+  }
+  return r;
+}
+
+inline PolicyRecipe recipe_of(const PolicyOptions& o) {
+  PolicyRecipe r = base_recipe(o.name, o.distance_weight);
+  const PolicyOptions::Tweaks& t = o.tweaks;
+  if (!t.score.empty()) r.score = t.score;
+  if (!t.select.empty()) r.per_head = t.select == "head";
+  if (!t.shape.empty()) r.shape = t.shape;
+  if (!t.mode.empty()) r.drop = t.mode == "drop";
+  if (!t.decode.empty()) r.decode = t.decode;
+  if (t.start >= 0) r.start = t.start;
+  if (t.dw >= 0) r.dw = t.dw;
+  return r;
+}
+
+/// Layer l's ratio of the shape `r.shape` with final ratio `ratio` over the
+/// layers from r.start on (the layers before keep everything).
+inline double shape_ratio(const PolicyRecipe& r, double ratio, int l, int L) {
+  if (l < r.start) return 1.0;
+  const int n = L - r.start, i = l - r.start;
+  if (r.shape == "cosine") return CosineSchedule{ratio}.keep_ratio(i, n);
+  if (r.shape == "linear") return LinearSchedule{ratio}.keep_ratio(i, n);
+  if (r.shape == "geometric") return GeometricSchedule{ratio}.keep_ratio(i, n);
+  return UniformSchedule{ratio}.keep_ratio(i, n);
+}
+
+/// The prefill table. Token dropping compounds the ratios, so layer l holds
+/// the product of the ratios before it; a layer-local policy with a falling
+/// shape holds that same product in each layer (the pyramid's KV profile
+/// without dropping hidden states), with the uniform shape the ratio itself.
+inline TableSchedule prefill_table(const PolicyRecipe& r, double ratio, int L) {
+  TableSchedule t;
+  double held = 1.0;
+  for (int l = 0; l < L; ++l) {
+    const double x = shape_ratio(r, ratio, l, L);
+    t.ratios.push_back(r.drop || r.shape == "uniform" ? x : held);
+    held *= x;
+  }
+  return t;
+}
+
+/// Decode: "paper" keeps floor(16 * 0.9 * cosine_0.1(l)) of every 16 tokens,
+/// "flat" the share of the prompt layer l held after prefill.
+inline DecodeSchedule<TableSchedule> decode_table(const PolicyRecipe& r, double ratio, int L) {
+  DecodeSchedule<TableSchedule> d{16, 0.9, {}};
+  if (r.decode == "paper") {
+    for (int l = 0; l < L; ++l) d.schedule.ratios.push_back(CosineSchedule{0.1}.keep_ratio(l, L));
+    return d;
+  }
+  d.gen_ratio = 1.0;
+  const TableSchedule p = prefill_table(r, ratio, L);
+  double held = 1.0;
+  for (int l = 0; l < L; ++l) {
+    d.schedule.ratios.push_back(r.drop ? held : p.ratios[std::size_t(l)]);
+    held *= p.ratios[std::size_t(l)];
+  }
+  return d;
+}
+
+/// Calls f(compressor) for a recipe: one compressor type per scoring.
+template <class F>
+void with_recipe(const LlamaConfig& c, const PolicyOptions& o, const PolicyRecipe& r, F&& f) {
+  const int L = int(c.n_layers);
+  if (r.start >= L)
+    throw std::invalid_argument("policy " + o.label() + ": start " + std::to_string(r.start) +
+                                " must be below the model's " + std::to_string(L) + " layers");
+  CompressorConfig cfg{L, int(c.n_heads), int(c.n_kv_heads), int(c.head_dim), o.recent_ratio};
+  cfg.compress_decode = o.compress_decode && r.decode != "off";
+  cfg.prefill_mode = r.drop ? PrefillMode::drop_tokens : PrefillMode::layer_local;
+  const TopKSelection sel{o.sinks, o.min_context, r.per_head ? Granularity::per_kv_head : Granularity::shared};
+  const TableSchedule pre = prefill_table(r, o.ratio, L);
+  const DecodeSchedule<TableSchedule> dec = decode_table(r, o.ratio, L);
+  using Table = TableSchedule;
+  using Dec = DecodeSchedule<TableSchedule>;
+  if (r.score == "window")
+    f(PyramidCompressor<RecentWindowScoring, TopKSelection, Table, Dec>(cfg, {r.dw}, sel, pre, dec));
+  else if (r.score == "expected")
+    f(PyramidCompressor<ExpectedAttentionScoring, TopKSelection, Table, Dec>(cfg, expected_scoring(c), sel, pre, dec));
+  else if (r.score == "position")
+    f(PyramidCompressor<PositionScoring, TopKSelection, Table, Dec>(cfg, {}, sel, pre, dec));
+  else
+    f(PyramidCompressor<KeyNormScoring, TopKSelection, Table, Dec>(cfg, {}, sel, pre, dec));
+}
+
 /// Calls f(compressor) with the compressor type and settings `o` names.
 template <class F>
 void with_policy(const LlamaConfig& c, const PolicyOptions& o, F&& f) {
@@ -83,7 +212,9 @@ void with_policy(const LlamaConfig& c, const PolicyOptions& o, F&& f) {
   const TopKSelection per_head{o.sinks, o.min_context, Granularity::per_kv_head};
   // Layer-local baselines keep the same share of every segment in decode.
   const DecodeSchedule<UniformSchedule> flat{16, 1.0, UniformSchedule{o.ratio}};
-  if (o.name == "pyramid") {
+  if (!o.tweaks.text.empty()) {
+    with_recipe(c, o, recipe_of(o), f);
+  } else if (o.name == "pyramid") {
     f(PyramidCompressor<RecentWindowScoring, TopKSelection, CosineSchedule>(cfg, {o.distance_weight}, shared,
                                                                              CosineSchedule{o.ratio}));
   } else if (o.name == "pyramid45") {
@@ -119,6 +250,67 @@ void with_policy(const LlamaConfig& c, const PolicyOptions& o, F&& f) {
     else
       throw std::invalid_argument("unknown policy '" + o.name + "'; one of: " + policy_help());
   }
+}
+
+inline std::string policy_spec_keys() {
+  return "score=window|expected|position|knorm, select=shared|head, shape=cosine|linear|geometric|uniform, "
+         "start=K, mode=drop|local, decode=paper|flat|off, window=F, sinks=N, min=N, dw=F";
+}
+
+/// Parses a policy spec: a name of policy_names(), optionally followed by
+/// changes ":key=value", each key at most once:
+///   score=window|expected|position|knorm   how context tokens are scored
+///   select=shared|head                     one selection per layer, or per KV head
+///   shape=cosine|linear|geometric|uniform  the prefill schedule (its final ratio: the policy's ratio)
+///   start=K                                layers before K keep every token
+///   mode=drop|local                        token dropping, or each layer on its own
+///   decode=paper|flat|off                  decode compression (PolicyRecipe::decode)
+///   window=F  sinks=N  min=N  dw=F         recent-window share, sinks, min_context, distance weight
+/// full and pyramid45 take no changes. Errors name `flag` and the spec.
+inline PolicyOptions parse_policy_spec(const std::string& flag, const std::string& spec) {
+  using cli::UsageError;
+  const std::string at = flag + " " + cli::in_quotes(spec) + ": ";
+  const std::size_t colon = spec.find(':');
+  PolicyOptions o;
+  o.name = spec.substr(0, colon);
+  if (!is_policy(o.name)) throw UsageError(at + "unknown policy " + cli::in_quotes(o.name) + "; one of: " + policy_help());
+  if (colon == std::string::npos) return o;
+  if (o.name == "full" || o.name == "pyramid45")
+    throw UsageError(at + "policy " + cli::in_quotes(o.name) + " takes no changes");
+  o.tweaks.text = spec.substr(colon);
+  std::vector<std::string> seen;
+  std::size_t pos = colon;
+  while (pos != std::string::npos) {
+    const std::size_t next = spec.find(':', pos + 1);
+    const std::string item = spec.substr(pos + 1, next == std::string::npos ? std::string::npos : next - pos - 1);
+    pos = next;
+    const std::size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
+    if (eq == std::string::npos || value.empty()) throw UsageError(at + cli::in_quotes(item) + " is not key=value");
+    if (std::find(seen.begin(), seen.end(), key) != seen.end()) throw UsageError(at + cli::in_quotes(key) + " twice");
+    seen.push_back(key);
+    const auto one_of = [&](std::string& dst, std::initializer_list<const char*> allowed) {
+      std::string list;
+      for (const char* a : allowed) {
+        if (value == a) return void(dst = value);
+        list += (list.empty() ? "" : ", ") + std::string(a);
+      }
+      throw UsageError(at + key + "=" + cli::in_quotes(value) + ": one of " + list);
+    };
+    const std::string what = flag + " " + cli::in_quotes(spec) + " " + key;
+    if (key == "score") one_of(o.tweaks.score, {"window", "expected", "position", "knorm"});
+    else if (key == "select") one_of(o.tweaks.select, {"shared", "head"});
+    else if (key == "shape") one_of(o.tweaks.shape, {"cosine", "linear", "geometric", "uniform"});
+    else if (key == "mode") one_of(o.tweaks.mode, {"drop", "local"});
+    else if (key == "decode") one_of(o.tweaks.decode, {"paper", "flat", "off"});
+    else if (key == "start") o.tweaks.start = int(cli::parse_int(what, value, 0, 100000));
+    else if (key == "window") o.recent_ratio = cli::parse_real(what, value, 0.0, 1.0, cli::Bounds::open_high);
+    else if (key == "sinks") o.sinks = int(cli::parse_int(what, value, 0, 100000));
+    else if (key == "min") o.min_context = int(cli::parse_int(what, value, 0, 100000000));
+    else if (key == "dw") o.tweaks.dw = float(cli::parse_real(what, value, 0.0, 100.0));
+    else throw UsageError(at + "unknown key " + cli::in_quotes(key) + " (" + policy_spec_keys() + ")");
+  }
+  return o;
 }
 
 /// Share of a full cache's slots the policy holds right after prefilling a

@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -51,6 +52,9 @@
 #include "generate/pyramid_engine.hpp"
 #include "llama/generate.hpp"
 #include "llama/tokenizer.hpp"
+#ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
+#include "llama_cuda/cuda_generate.hpp"
+#endif
 
 namespace {
 
@@ -80,7 +84,8 @@ struct Paired {
 
 struct Row {
   std::string policy, budget;
-  double ratio = 1, kv_prefill = 1, kv_end = 1, nll = 0, ppl = 0, passkey = 0, seconds = 0, compress_seconds = 0;
+  double ratio = 1, kv_prefill = 0, kv_end = 0, nll = 0, ppl = 0, passkey = 0, seconds = 0, compress_seconds = 0;
+  double prefill_flops = 1;  ///< share of a full prefill's FLOPs (prefill_flops_share)
   std::vector<double> passage_nll;  ///< mean NLL per scored token, per passage
   std::vector<Lookup> lookups;
   Paired vs_full;
@@ -239,6 +244,14 @@ LookupPrompt lookup_prompt(const Tokenizer& tok, const std::vector<std::vector<s
   return p;
 }
 
+/// The lookup's answer (greedy tokens) begins with the value.
+bool answer_is(const Tokenizer& tok, const std::vector<std::int32_t>& answer, const std::string& value) {
+  std::string text = tok.decode(answer);
+  text.erase(0, text.find_first_not_of(" \t\n"));
+  const std::size_t end = text.find_first_not_of("abcdefghijklmnopqrstuvwxyz");
+  return text.substr(0, end) == value;
+}
+
 /// The greedy answer's first word is the value.
 template <class Compressor>
 bool lookup_found(PyramidEngine<Compressor>& engine, const Tokenizer& tok, const LookupPrompt& prompt) {
@@ -248,60 +261,127 @@ bool lookup_found(PyramidEngine<Compressor>& engine, const Tokenizer& tok, const
     answer.push_back(argmax(logits.row(0), logits.cols));
     if (t + 1 < kLookupAnswerTokens) logits = engine.decode({answer.back()});
   }
-  std::string text = tok.decode(answer);
-  text.erase(0, text.find_first_not_of(" \t\n"));
-  const std::size_t end = text.find_first_not_of("abcdefghijklmnopqrstuvwxyz");
-  return text.substr(0, end) == prompt.value;
+  return answer_is(tok, answer, prompt.value);
 }
 
 // --------------------------------------------------------------------- runs
 
-Row evaluate(const Model& model, const Tokenizer& tok, const std::vector<std::vector<std::int32_t>>& texts,
-             const std::vector<Passage>& passages, const Options& o, const PolicyOptions& policy,
-             const std::string& budget, Progress& progress) {
-  Row row{policy.name, budget, policy.ratio};
-  const auto t0 = std::chrono::steady_clock::now();
+/// Share of a full prefill's FLOPs the policy spends: layer l computes its
+/// |T_l| rows (projections, MLP) and causal attention over them; token
+/// dropping shrinks T_l, layer-local policies compute every token. From the
+/// planner's trace; per-head dropping computes the union of the heads'
+/// tokens, at least the trace's count.
+template <class Compressor>
+double prefill_flops_share(const LlamaConfig& c, const Compressor& pc, int n) {
+  const double d = double(c.dim), qd = double(c.n_heads * c.head_dim), kvd = double(c.n_kv_heads * c.head_dim);
+  const double per_row = 2.0 * (d * (qd + 2 * kvd) + qd * d + 3.0 * d * double(c.ffn_dim));
+  const auto flops = [&](double t) { return t * per_row + 2.0 * t * t * qd; };  // causal: half of 4 t^2 qd
+  const bool drop = pc.config().prefill_mode == PrefillMode::drop_tokens;
+  const LayerTrace trace = pc.trace(n, 0);
+  double spent = 0;
+  for (int held : trace.prefill_len) spent += flops(drop ? double(held) : double(n));
+  return spent / (double(trace.prefill_len.size()) * flops(double(n)));
+}
+
+/// The tokens of passage i: n + m from its text.
+std::vector<std::int32_t> passage_tokens(const std::vector<std::vector<std::int32_t>>& texts, const Passage& p,
+                                         const Options& o) {
+  const std::vector<std::int32_t>& text = texts[std::size_t(p.text)];
+  return {text.begin() + std::ptrdiff_t(p.begin),
+          text.begin() + std::ptrdiff_t(p.begin + std::size_t(o.prefill) + std::size_t(o.cont))};
+}
+
+/// What a policy did on every passage and lookup prompt, in order.
+struct PolicyOutcome {
+  std::vector<double> nll_sum, kv_prefill, kv_end;
+  std::vector<Lookup> lookups;
+  double compress_seconds = 0;
+};
+
+PolicyOutcome run_cpu(const Model& model, const Tokenizer& tok, const std::vector<std::vector<std::int32_t>>& texts,
+                      const std::vector<Passage>& passages, const Options& o, const PolicyOptions& policy,
+                      const std::string& budget, Progress& progress) {
+  PolicyOutcome out;
   const LlamaConfig& c = model.config();
   const std::size_t full_slots = std::size_t(c.n_layers) * c.n_kv_heads * std::size_t(o.prefill);
   with_policy(c, policy, [&](auto pc) {
     PyramidEngine<decltype(pc)> engine(model, pc);
-    double nll = 0, kvp = 0, kve = 0, kvp_sum = 0, kve_sum = 0;
+    double nll = 0;
     for (std::size_t i = 0; i < passages.size(); ++i) {
-      const std::vector<std::int32_t>& text = texts[std::size_t(passages[i].text)];
-      const std::vector<std::int32_t> tokens(
-          text.begin() + std::ptrdiff_t(passages[i].begin),
-          text.begin() + std::ptrdiff_t(passages[i].begin + std::size_t(o.prefill) + std::size_t(o.cont)));
-      const double sum = continuation_nll(engine, tokens, o.prefill, o.cont, kvp, kve, full_slots);
-      row.passage_nll.push_back(sum / o.cont);
+      double kvp = 0, kve = 0;
+      const double sum =
+          continuation_nll(engine, passage_tokens(texts, passages[i], o), o.prefill, o.cont, kvp, kve, full_slots);
+      out.compress_seconds += engine.compression_seconds();  // each prefill restarts the engine's count
+      out.nll_sum.push_back(sum), out.kv_prefill.push_back(kvp), out.kv_end.push_back(kve);
       nll += sum;
-      kvp_sum += kvp, kve_sum += kve;
-      char what[160];
-      std::snprintf(what, sizeof what, "%s %s passage %zu/%zu: ppl %.3f (so far %.3f)", policy.name.c_str(),
+      char what[200];
+      std::snprintf(what, sizeof what, "%s %s passage %zu/%zu: ppl %.3f (so far %.3f)", policy.label().c_str(),
                     budget.c_str(), i + 1, passages.size(), std::exp(sum / o.cont),
                     std::exp(nll / (double(i + 1) * o.cont)));
       progress.step(double(o.prefill) + o.cont, what);
     }
-    if (!passages.empty()) {
-      row.nll = nll / (double(passages.size()) * o.cont);
-      row.ppl = std::exp(row.nll);
-      row.kv_prefill = kvp_sum / double(passages.size());
-      row.kv_end = kve_sum / double(passages.size());
-    }
-    int found = 0;
     for (int k = 0; k < o.passkey_trials; ++k) {
       const LookupPrompt prompt = lookup_prompt(tok, texts, o.prefill, k);
       const bool ok = lookup_found(engine, tok, prompt);
-      row.lookups.push_back({prompt.depth, ok});
-      found += ok;
-      char what[160];
-      std::snprintf(what, sizeof what, "%s %s lookup %d/%d (depth %.2f): %d found so far", policy.name.c_str(),
-                    budget.c_str(), k + 1, o.passkey_trials, prompt.depth, found);
+      out.compress_seconds += engine.compression_seconds();
+      out.lookups.push_back({prompt.depth, ok});
+      char what[200];
+      std::snprintf(what, sizeof what, "%s %s lookup %d/%d (depth %.2f): %s", policy.label().c_str(), budget.c_str(),
+                    k + 1, o.passkey_trials, prompt.depth, ok ? "found" : "missed");
       progress.step(double(o.prefill) + kLookupAnswerTokens, what);
     }
-    row.passkey = o.passkey_trials ? double(found) / o.passkey_trials : 0;
-    row.compress_seconds = engine.compression_seconds();
   });
-  row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
+#ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
+/// The CUDA engine runs every passage of a policy as one batch, then every
+/// lookup prompt as another. Compression is not timed there (0).
+PolicyOutcome run_cuda(llama_cuda::Evaluator& ev, const Tokenizer& tok,
+                       const std::vector<std::vector<std::int32_t>>& texts, const std::vector<Passage>& passages,
+                       const Options& o, const PolicyOptions& policy, const std::string& budget, Progress& progress) {
+  PolicyOutcome out;
+  if (!passages.empty()) {
+    std::vector<std::vector<std::int32_t>> seqs;
+    for (const Passage& p : passages) seqs.push_back(passage_tokens(texts, p, o));
+    const llama_cuda::Evaluator::Continuation r = ev.continuation(policy, seqs, o.prefill, o.cont);
+    out.nll_sum = r.nll, out.kv_prefill = r.kv_prefill, out.kv_end = r.kv_end;
+    for (std::size_t i = 0; i < passages.size(); ++i)
+      progress.step(double(o.prefill) + o.cont, policy.label() + " " + budget + " passages (one batch)");
+  }
+  if (o.passkey_trials > 0) {
+    std::vector<LookupPrompt> prompts;
+    std::vector<std::vector<std::int32_t>> tokens;
+    for (int k = 0; k < o.passkey_trials; ++k) {
+      prompts.push_back(lookup_prompt(tok, texts, o.prefill, k));
+      tokens.push_back(prompts.back().tokens);
+    }
+    const auto answers = ev.greedy(policy, tokens, kLookupAnswerTokens);
+    for (int k = 0; k < o.passkey_trials; ++k) {
+      out.lookups.push_back({prompts[std::size_t(k)].depth,
+                             answer_is(tok, answers[std::size_t(k)], prompts[std::size_t(k)].value)});
+      progress.step(double(o.prefill) + kLookupAnswerTokens, policy.label() + " " + budget + " lookups (one batch)");
+    }
+  }
+  return out;
+}
+#endif
+
+Row finish_row(const PolicyOutcome& r, const Options& o, const PolicyOptions& policy, const std::string& budget,
+               double flops_share, double seconds) {
+  Row row{policy.label(), budget, policy.ratio};
+  const double P = double(r.nll_sum.size());
+  for (double sum : r.nll_sum) row.passage_nll.push_back(sum / o.cont), row.nll += sum / (P * o.cont);
+  for (double x : r.kv_prefill) row.kv_prefill += P > 0 ? x / P : 0.0;
+  for (double x : r.kv_end) row.kv_end += P > 0 ? x / P : 0.0;
+  row.ppl = std::exp(row.nll);
+  row.lookups = r.lookups;
+  int found = 0;
+  for (const Lookup& l : r.lookups) found += l.found;
+  row.passkey = r.lookups.empty() ? 0.0 : double(found) / double(r.lookups.size());
+  row.prefill_flops = flops_share;
+  row.compress_seconds = r.compress_seconds;
+  row.seconds = seconds;
   return row;
 }
 
@@ -356,8 +436,9 @@ void write_results(const std::vector<Row>& rows, const std::vector<Passage>& pas
   csv.precision(10);
   json.precision(10);
   csv << "policy,budget,ratio,kv_fraction_prefill,kv_fraction_end,nll,perplexity,ppl_change_mean,ppl_change_se,"
-         "ppl_change_pooled,wins,losses,ties,passkey_accuracy,seconds,compression_seconds\n";
+         "ppl_change_pooled,wins,losses,ties,passkey_accuracy,prefill_flops,seconds,compression_seconds\n";
   json << "{\"prefill\": " << o.prefill << ", \"continue\": " << o.cont << ", \"passkey_trials\": " << o.passkey_trials
+       << ", \"device\": " << json_string(o.device)
        << ",\n \"texts\": [";
   for (std::size_t i = 0; i < o.texts.size(); ++i) json << (i ? ", " : "") << json_string(o.texts[i]);
   json << "],\n \"passages\": [";
@@ -369,7 +450,7 @@ void write_results(const std::vector<Row>& rows, const std::vector<Passage>& pas
     const Paired& p = r.vs_full;
     csv << r.policy << "," << r.budget << "," << r.ratio << "," << r.kv_prefill << "," << r.kv_end << "," << r.nll
         << "," << r.ppl << "," << p.mean << "," << p.se << "," << p.pooled << "," << p.wins << "," << p.losses << ","
-        << p.ties << "," << r.passkey << "," << r.seconds << "," << r.compress_seconds << "\n";
+        << p.ties << "," << r.passkey << "," << r.prefill_flops << "," << r.seconds << "," << r.compress_seconds << "\n";
     std::vector<double> depths;
     std::vector<int> found;
     for (const Lookup& l : r.lookups) depths.push_back(l.depth), found.push_back(l.found ? 1 : 0);
@@ -381,7 +462,7 @@ void write_results(const std::vector<Row>& rows, const std::vector<Passage>& pas
          << ", \"ties\": " << p.ties << ", \"ppl_change\": " << json_array(p.change) << "},\n   \"passage_nll\": "
          << json_array(r.passage_nll) << ",\n   \"passkey_accuracy\": " << r.passkey
          << ", \"passkey_depth\": " << json_array(depths) << ", \"passkey_found\": " << json_array(found)
-         << ",\n   \"seconds\": " << r.seconds << ", \"compression_seconds\": " << r.compress_seconds << "}"
+         << ", \"prefill_flops\": " << r.prefill_flops << ",\n   \"seconds\": " << r.seconds << ", \"compression_seconds\": " << r.compress_seconds << "}"
          << (i + 1 < rows.size() ? "," : "") << "\n";
   }
   json << "]}\n";
@@ -392,16 +473,18 @@ void write_results(const std::vector<Row>& rows, const std::vector<Passage>& pas
 }
 
 void print_table(const std::vector<Row>& rows, int passages) {
-  std::fprintf(stderr, "\n%-17s %-7s %6s %6s %9s  %-22s %-9s %7s\n", "policy", "budget", "kv", "kv_end", "ppl",
-               "vs full: mean +- se", "W/L/T", "lookup");
+  int w = 17;
+  for (const Row& r : rows) w = std::max(w, int(r.policy.size()) + 1);
+  std::fprintf(stderr, "\n%-*s %-7s %6s %6s %6s %9s  %-22s %-9s %7s\n", w, "policy", "budget", "kv", "kv_end", "flops",
+               "ppl", "vs full: mean +- se", "W/L/T", "lookup");
   for (const Row& r : rows) {
     char change[48] = "-";
     if (passages > 0)
       std::snprintf(change, sizeof change, "%+7.2f%% +- %5.2f%%", 100 * r.vs_full.mean, 100 * r.vs_full.se);
     char wlt[32];
     std::snprintf(wlt, sizeof wlt, "%d/%d/%d", r.vs_full.wins, r.vs_full.losses, r.vs_full.ties);
-    std::fprintf(stderr, "%-17s %-7s %6.3f %6.3f %9.4f  %-22s %-9s %6.0f%%\n", r.policy.c_str(), r.budget.c_str(),
-                 r.kv_prefill, r.kv_end, r.ppl, change, wlt, 100 * r.passkey);
+    std::fprintf(stderr, "%-*s %-7s %6.3f %6.3f %6.3f %9.4f  %-22s %-9s %6.0f%%\n", w, r.policy.c_str(),
+                 r.budget.c_str(), r.kv_prefill, r.kv_end, r.prefill_flops, r.ppl, change, wlt, 100 * r.passkey);
   }
 }
 
@@ -410,7 +493,11 @@ void print_table(const std::vector<Row>& rows, int passages) {
 int main(int argc, char** argv) {
   Options o;
   try {
-    o = parse_eval_options(argc, argv);
+#ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
+    o = parse_eval_options(argc, argv, true);
+#else
+    o = parse_eval_options(argc, argv, false);
+#endif
   } catch (const cli::UsageError& e) {
     std::cerr << "pyramid-eval: " << e.what() << "\n(pyramid-eval --help lists the options)\n";
     return 2;
@@ -450,19 +537,18 @@ int main(int argc, char** argv) {
     // Every (policy, budget) to evaluate, the full cache first (the others
     // are compared with it), then the runs with progress.
     std::vector<std::pair<PolicyOptions, std::string>> jobs;
-    std::vector<std::string> names = o.policies;
-    if (std::find(names.begin(), names.end(), "full") == names.end()) names.insert(names.begin(), "full");
-    std::stable_partition(names.begin(), names.end(), [](const std::string& n) { return n == "full"; });
-    for (const std::string& name : names) {
-      PolicyOptions p;
-      p.name = name;
-      if (name == "full") {
+    std::vector<PolicyOptions> specs = o.policies;
+    const auto is_full = [](const PolicyOptions& p) { return p.name == "full"; };
+    if (std::none_of(specs.begin(), specs.end(), is_full)) specs.insert(specs.begin(), parse_policy_spec("policy", "full"));
+    std::stable_partition(specs.begin(), specs.end(), is_full);
+    for (PolicyOptions p : specs) {
+      if (p.name == "full") {
         p.ratio = 1.0;
         jobs.emplace_back(p, "1.00");
         continue;
       }
-      if (name == "pyramid" || name == "pyramid-expected") jobs.emplace_back(p, "paper");  // the paper's schedule
-      if (name == "pyramid45") {  // fixed settings (policies.hpp): no budget sweep
+      if (has_unswept_row(p) && p.name != "pyramid45") jobs.emplace_back(p, "paper");  // the paper's schedule
+      if (p.name == "pyramid45") {  // fixed settings (policies.hpp): no budget sweep
         p.ratio = Pyramid45::final_ratio;
         jobs.emplace_back(p, "plan45");
         continue;
@@ -475,18 +561,34 @@ int main(int argc, char** argv) {
         jobs.emplace_back(p, budget);
       }
     }
+#ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
+    std::unique_ptr<llama_cuda::Evaluator> gpu;
+    if (o.device == "cuda") {
+      gpu = std::make_unique<llama_cuda::Evaluator>(o.model);
+      std::fprintf(stderr, "device: %s (CUDA engine, fp16)\n", gpu->device().c_str());
+    }
+#endif
     Progress progress;
     progress.add((long long)jobs.size() * o.passages, double(o.prefill) + o.cont);
     progress.add((long long)jobs.size() * o.passkey_trials, double(o.prefill) + kLookupAnswerTokens);
     progress.start();
     std::vector<Row> rows;
     for (const auto& [p, budget] : jobs) {
-      rows.push_back(evaluate(model, tok, texts, passages, o, p, budget, progress));
+      const auto t0 = std::chrono::steady_clock::now();
+      PolicyOutcome r;
+#ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
+      if (gpu) r = run_cuda(*gpu, tok, texts, passages, o, p, budget, progress);
+#endif
+      if (o.device == "cpu") r = run_cpu(model, tok, texts, passages, o, p, budget, progress);
+      double flops = 1;
+      with_policy(model.config(), p, [&](const auto& pc) { flops = prefill_flops_share(model.config(), pc, o.prefill); });
+      rows.push_back(finish_row(r, o, p, budget, flops,
+                                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()));
       rows.back().vs_full = compare(rows.back(), rows.front());
-      const Row& r = rows.back();
-      std::fprintf(stderr, "%-16s %-8s ratio %.4f  kv %.3f (end %.3f)  ppl %.4f  vs full %+.2f%% +- %.2f%%  lookup %.2f  (%.1f s)\n",
-                   r.policy.c_str(), r.budget.c_str(), r.ratio, r.kv_prefill, r.kv_end, r.ppl, 100 * r.vs_full.mean,
-                   100 * r.vs_full.se, r.passkey, r.seconds);
+      const Row& w = rows.back();
+      std::fprintf(stderr, "%-16s %-8s ratio %.4f  kv %.3f (end %.3f)  flops %.3f  ppl %.4f  vs full %+.2f%% +- %.2f%%  lookup %.2f  (%.1f s)\n",
+                   w.policy.c_str(), w.budget.c_str(), w.ratio, w.kv_prefill, w.kv_end, w.prefill_flops, w.ppl,
+                   100 * w.vs_full.mean, 100 * w.vs_full.se, w.passkey, w.seconds);
     }
     print_table(rows, o.passages);
     write_results(rows, passages, o);

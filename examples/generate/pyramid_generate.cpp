@@ -88,7 +88,7 @@ void run(const Model& model, const Tokenizer& tok, const Options& o, Compressor 
   std::cout << "\n";
 
   std::fprintf(stderr, "\npolicy %s: prompt %zu tokens, prefill %.2f s (%.0f tok/s); %d generated, %.1f tok/s\n",
-               o.policy.name.c_str(), prompt.size(), prefill_s, prompt.size() / prefill_s, generated,
+               o.policy.label().c_str(), prompt.size(), prefill_s, prompt.size() / prefill_s, generated,
                generated > 1 ? (generated - 1) / decode_s : 0.0);
   std::fprintf(stderr, "compression (scoring + selection + compaction): %.3f s\n", engine.compression_seconds());
   // The pool holds the planner's pages for this request; each layer holds its own pages.
@@ -118,14 +118,12 @@ void run_cuda(const GgufFile& file, const Tokenizer& tok, const Options& o) {
   check_context(LlamaConfig::from_gguf(file), r.prompt.size(), o.max_tokens);
   r.stop = o.raw ? tok.eos_id() : tok.token_id("<|im_end|>");
   r.max_tokens = o.max_tokens;
-  r.policy = o.policy.name;
-  r.ratio = o.policy.ratio;
-  r.recent_ratio = o.policy.recent_ratio;
+  r.policy = o.policy;
   const llama_cuda::GenerateResult g =
       llama_cuda::generate(r, [&](std::int32_t t) { std::cout << tok.token_text(t) << std::flush; });
   std::cout << "\n";
   std::fprintf(stderr, "\n%s, policy %s: prompt %zu tokens, prefill %.3f s (%.0f tok/s); %d generated, %.1f tok/s\n",
-               g.device.c_str(), r.policy.c_str(), r.prompt.size(), g.prefill_s, r.prompt.size() / g.prefill_s,
+               g.device.c_str(), r.policy.label().c_str(), r.prompt.size(), g.prefill_s, r.prompt.size() / g.prefill_s,
                g.generated, g.generated > 1 ? (g.generated - 1) / g.decode_s : 0.0);
   const std::size_t full_layer = g.full_bytes / g.layer_bytes.size();
   std::fprintf(stderr, "KV bytes per layer (allocated, fp16 | slots held now / capacity) against a full cache of %zu:\n",

@@ -39,9 +39,15 @@ GenerateOptions gen(const std::vector<std::string>& args, bool cuda = false) {
   return parse_generate_options(int(v.size()) - 1, v.data(), cuda);
 }
 
-EvalOptions eval(const std::vector<std::string>& args) {
+EvalOptions eval(const std::vector<std::string>& args, bool cuda = false) {
   const auto v = argv_of(args);
-  return parse_eval_options(int(v.size()) - 1, v.data());
+  return parse_eval_options(int(v.size()) - 1, v.data(), cuda);
+}
+
+std::vector<std::string> labels(const std::vector<PolicyOptions>& v) {
+  std::vector<std::string> out;
+  for (const auto& p : v) out.push_back(p.label());
+  return out;
 }
 
 /// The UsageError's text, or "" when parsing succeeded.
@@ -60,8 +66,8 @@ bool has(const std::string& text, const std::string& part) { return text.find(pa
 std::string gen_error(const std::vector<std::string>& args, bool cuda = false) {
   return error_of([&] { gen(args, cuda); });
 }
-std::string eval_error(const std::vector<std::string>& args) {
-  return error_of([&] { eval(args); });
+std::string eval_error(const std::vector<std::string>& args, bool cuda = false) {
+  return error_of([&] { eval(args, cuda); });
 }
 
 struct Exit {
@@ -207,12 +213,47 @@ TEST_CASE("pyramid-eval: fractions in (0, 1], non-empty lists of known policies"
   CHECK(has(eval_error({"--policies", ","}), "empty item"));
   CHECK(has(eval_error({"--policies", "full,bogus"}), "unknown policy 'bogus'"));
   CHECK(has(eval_error({"--policies", "full,full"}), "'full' twice"));
-  CHECK(eval({"--policies", "full,h2o"}).policies == std::vector<std::string>{"full", "h2o"});
+  CHECK(labels(eval({"--policies", "full,h2o"}).policies) == std::vector<std::string>{"full", "h2o"});
+  CHECK(labels(eval({"--policies", "pyramid:start=4,pyramid"}).policies) ==
+        std::vector<std::string>{"pyramid:start=4", "pyramid"});
+  CHECK(has(eval_error({"--policies", "pyramid:start=4,pyramid:start=4"}), "'pyramid:start=4' twice"));
+  CHECK(has(eval_error({"--device", "cuda"}), "cpu only"));
+  CHECK(has(eval_error({"--device", "gpu"}, true), "--device 'gpu'"));
+  CHECK(eval({"--device", "cuda"}, true).device == "cuda");
   CHECK(has(eval_error({"--out", ""}), "--out ''"));
   CHECK(has(eval_error({"--policies", "full,h2o", "--fractions", "1"}), "--policies 'h2o'"));
   CHECK(eval({"--policies", "full,pyramid,pyramid45", "--fractions", "1"}).fractions == std::vector<double>{1.0});
   CHECK(has(eval_error({"--passages", "0", "--passkey-trials", "0"}), "nothing to evaluate"));
   CHECK(eval({"--help"}).help);
+}
+
+TEST_CASE("policy specs: a name and key=value changes, each checked", "[parser]") {
+  const PolicyOptions p = parse_policy_spec("--policy", "pyramid:start=6:select=head:score=expected:window=0.1:sinks=2:min=8:dw=1.5");
+  CHECK(p.name == "pyramid");
+  CHECK(p.label() == "pyramid:start=6:select=head:score=expected:window=0.1:sinks=2:min=8:dw=1.5");
+  CHECK(p.tweaks.start == 6);
+  CHECK(p.tweaks.select == "head");
+  CHECK(p.tweaks.score == "expected");
+  CHECK(p.recent_ratio == 0.1);
+  CHECK(p.sinks == 2);
+  CHECK(p.min_context == 8);
+  CHECK(p.tweaks.dw == 1.5f);
+  CHECK(parse_policy_spec("--policy", "snapkv").tweaks.text.empty());
+  const auto err = [](const std::string& spec) { return error_of([&] { parse_policy_spec("--policies", spec); }); };
+  CHECK(has(err("bogus:start=1"), "unknown policy 'bogus'"));
+  CHECK(has(err("full:start=1"), "'full' takes no changes"));
+  CHECK(has(err("pyramid45:dw=1"), "'pyramid45' takes no changes"));
+  CHECK(has(err("pyramid:"), "'' is not key=value"));
+  CHECK(has(err("pyramid:start"), "'start' is not key=value"));
+  CHECK(has(err("pyramid:start="), "'start=' is not key=value"));
+  CHECK(has(err("pyramid:start=1:start=2"), "'start' twice"));
+  CHECK(has(err("pyramid:shape=square"), "shape='square': one of cosine, linear, geometric, uniform"));
+  CHECK(has(err("pyramid:start=-1"), "--policies 'pyramid:start=-1' start '-1': out of range"));
+  CHECK(has(err("pyramid:window=1"), "window '1'"));
+  CHECK(has(err("pyramid:dw=nan"), "dw 'nan'"));
+  CHECK(has(err("pyramid:colour=red"), "unknown key 'colour'"));
+  CHECK(gen({"--policy", "snapkv:mode=drop:shape=cosine", "--ratio", "0.5"}).policy.ratio == 0.5);
+  CHECK(has(gen_error({"--policy", "h2o:select=all"}), "--policy 'h2o:select=all': select='all'"));
 }
 
 // -------------------------------------------------------------------- fuzz
@@ -226,6 +267,7 @@ const std::vector<std::string> kPieces = {
     "0", "1", "-1", "5x", "1e3", "0.5", "nan", "inf", "-inf", "2147483647", "2147483648", "-2147483648",
     "99999999999999999999", "1e999", "0x10", "", " ", ",", ",,", "1,0.5", "0,2", "full", "pyramid", "pyramid45",
     "h2o", "snapkv", "streaming", "pyramid-perhead", "full,pyramid", "cpu", "cuda", "gpu", "hello", "\xff\xfe",
+    "pyramid:start=4", "snapkv:mode=drop:shape=cosine", ":", "pyramid:", "pyramid:start", "full:dw=1", "pyramid:x=1",
     "/nonexistent/x", "out/x"};
 
 std::string random_arg(std::mt19937& rng) {
@@ -259,7 +301,7 @@ TEST_CASE("fuzz: random argument vectors give options or a UsageError", "[fuzz]"
     const auto v = argv_of(args);
     try {
       if (i % 2)
-        parse_eval_options(int(v.size()) - 1, v.data());
+        parse_eval_options(int(v.size()) - 1, v.data(), i % 4 == 1);
       else
         parse_generate_options(int(v.size()) - 1, v.data(), i % 4 == 0);
       ++accepted;

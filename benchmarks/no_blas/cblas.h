@@ -1,8 +1,9 @@
-/* cblas.h stand-in for building pyramid-serve where no BLAS is installed (the
+/* cblas.h stand-in for building CUDA tools where no BLAS is installed (the
  * device machine). examples/generate/policies.hpp includes the CPU model's
- * header, which includes <cblas.h>; pyramid-serve never runs the CPU model,
- * so these declarations are never called and need no library.
- * run_serve_gpu.sh adds this directory only when <cblas.h> is missing. */
+ * header, which includes <cblas.h>. pyramid-serve never calls it and needs
+ * no library; pyramid-eval links the CPU model's code without running it
+ * (--device cuda) and links cblas_stub.c. The device scripts add this
+ * directory only when <cblas.h> is missing. */
 #ifndef PYRAMIDINFER_NO_BLAS_CBLAS_H
 #define PYRAMIDINFER_NO_BLAS_CBLAS_H
 #ifdef __cplusplus
