@@ -32,7 +32,8 @@ inline std::string policy_list() {
 /// Why `--ratio` / `--recent-ratio` mean nothing for a policy ("" when they apply).
 inline std::string ratio_ignored_because(const std::string& policy) {
   if (policy == "full") return "policy 'full' keeps every token and has no ratio";
-  if (policy == "pyramid45") return "policy 'pyramid45' uses fixed settings (policies.hpp)";
+  if (policy == "pyramid45" || policy == "pyramid-late")
+    return "policy '" + policy + "' uses fixed settings (policies.hpp)";
   return "";
 }
 
@@ -60,8 +61,9 @@ inline std::string generate_usage() {
          " (default pyramid),\n"
          "                      optionally changed: NAME:key=value:... (" + policy_spec_keys() + ")\n"
          "  --ratio R           in (0, 1]: the pyramid's final ratio, or the share each layer keeps (layer-local\n"
-         "                      policies); not for full or pyramid45\n"
-         "  --recent-ratio R    in [0, 1): the recent window's share of the prompt; not for full or pyramid45\n"
+         "                      policies); not for full, pyramid45 or pyramid-late\n"
+         "  --recent-ratio R    in [0, 1): the recent window's share of the prompt; not for full, pyramid45 or\n"
+         "                      pyramid-late\n"
          "  --max-tokens N      tokens to generate, >= 1 (prompt + N must fit the model's context; default 96)\n"
          "  --device cpu|cuda   cuda only in CUDA builds\n"
          "  --raw               no chat template: the prompt is the model's input as is\n"
@@ -179,7 +181,8 @@ inline std::string eval_usage() {
 /// paper's settings, or fixed ones), so they run even with --fractions 1.
 inline bool has_unswept_row(const PolicyOptions& p) {
   if (!p.tweaks.text.empty()) return false;
-  return p.name == "full" || p.name == "pyramid" || p.name == "pyramid45" || p.name == "pyramid-expected";
+  return p.name == "full" || p.name == "pyramid" || p.name == "pyramid45" || p.name == "pyramid-late" ||
+         p.name == "pyramid-expected";
 }
 
 /// Parses pyramid-eval's command line; throws cli::UsageError.

@@ -547,12 +547,12 @@ int main(int argc, char** argv) {
         jobs.emplace_back(p, "1.00");
         continue;
       }
-      if (has_unswept_row(p) && p.name != "pyramid45") jobs.emplace_back(p, "paper");  // the paper's schedule
-      if (p.name == "pyramid45") {  // fixed settings (policies.hpp): no budget sweep
-        p.ratio = Pyramid45::final_ratio;
-        jobs.emplace_back(p, "plan45");
+      if (p.name == "pyramid45" || p.name == "pyramid-late") {  // fixed settings (policies.hpp): no budget sweep
+        p.ratio = p.name == "pyramid45" ? Pyramid45::final_ratio : PyramidLate::final_ratio;
+        jobs.emplace_back(p, p.name == "pyramid45" ? "plan45" : "preset");
         continue;
       }
+      if (has_unswept_row(p)) jobs.emplace_back(p, "paper");  // the paper's schedule
       for (double f : o.fractions) {
         if (f >= 1.0) continue;  // the full cache is its own row
         p.ratio = ratio_for_fraction(model.config(), p, o.prefill, f);
@@ -573,13 +573,23 @@ int main(int argc, char** argv) {
     progress.add((long long)jobs.size() * o.passkey_trials, double(o.prefill) + kLookupAnswerTokens);
     progress.start();
     std::vector<Row> rows;
+    std::vector<std::string> failed;
     for (const auto& [p, budget] : jobs) {
       const auto t0 = std::chrono::steady_clock::now();
       PolicyOutcome r;
+      // A policy that fails (e.g. a cache that refused work) is reported and
+      // skipped; the full cache, which every row is compared with, may not fail.
+      try {
 #ifdef PYRAMIDINFER_HAVE_CUDA_ENGINE
-      if (gpu) r = run_cuda(*gpu, tok, texts, passages, o, p, budget, progress);
+        if (gpu) r = run_cuda(*gpu, tok, texts, passages, o, p, budget, progress);
 #endif
-      if (o.device == "cpu") r = run_cpu(model, tok, texts, passages, o, p, budget, progress);
+        if (o.device == "cpu") r = run_cpu(model, tok, texts, passages, o, p, budget, progress);
+      } catch (const std::exception& e) {
+        if (rows.empty()) throw;
+        failed.push_back(p.label() + " " + budget + ": " + e.what());
+        std::fprintf(stderr, "FAILED %s\n", failed.back().c_str());
+        continue;
+      }
       double flops = 1;
       with_policy(model.config(), p, [&](const auto& pc) { flops = prefill_flops_share(model.config(), pc, o.prefill); });
       rows.push_back(finish_row(r, o, p, budget, flops,
@@ -593,7 +603,8 @@ int main(int argc, char** argv) {
     print_table(rows, o.passages);
     write_results(rows, passages, o);
     std::fprintf(stderr, "wrote %s.csv and %s.json\n", o.out.c_str(), o.out.c_str());
-    return 0;
+    for (const std::string& f : failed) std::fprintf(stderr, "FAILED %s\n", f.c_str());
+    return failed.empty() ? 0 : 1;
   } catch (const std::exception& e) {
     std::cerr << "pyramid-eval: " << e.what() << "\n";
     return 1;

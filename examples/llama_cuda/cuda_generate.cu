@@ -2,6 +2,8 @@
 // (teacher-forced NLL and greedy lookups, every passage in one batch).
 #include <chrono>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "llama_cuda/cuda_generate.hpp"
 #include "llama_cuda/policy_engine.cuh"
@@ -79,6 +81,16 @@ __global__ void add_nll_kernel(const float* logits, int vocab, const std::int32_
   if (threadIdx.x == 0) acc[blockIdx.x] += log(part[0]) - (double(row[target[blockIdx.x]]) - mx);
 }
 
+/// e.check(), naming the phase whose paged ops refused work.
+template <class Engine>
+void check_after(Engine& e, const char* phase) {
+  try {
+    e.check();
+  } catch (const std::exception& x) {
+    throw std::runtime_error(std::string(x.what()) + " (" + phase + ")");
+  }
+}
+
 /// Slots every sequence holds now, summed over layers (synchronises).
 template <class Engine>
 std::vector<double> held_slots(const Engine& e, int batch) {
@@ -128,6 +140,7 @@ Evaluator::Continuation Evaluator::continuation(const llama::PolicyOptions& poli
     dtargets.upload(targets.data(), targets.size(), e.stream());
     LC_CUDA(cudaMemsetAsync(acc.get(), 0, std::size_t(B) * sizeof(double), e.stream()));
     e.prefill(prompts, m, /*want_logits=*/false);
+    check_after(e, "after the prefill");
     out.kv_prefill = held_slots(e, B);
     for (double& x : out.kv_prefill) x /= double(e.plan().shape.num_layers) * n;
     for (int t = 0; t < m; ++t) {
@@ -140,7 +153,7 @@ Evaluator::Continuation Evaluator::continuation(const llama::PolicyOptions& poli
                                                         dtargets.get() + std::size_t(t) * std::size_t(B), acc.get());
       LC_CUDA(cudaGetLastError());
     }
-    e.check();
+    check_after(e, "after the decode steps");
     out.kv_end = held_slots(e, B);
     for (double& x : out.kv_end) x /= double(e.plan().shape.num_layers) * double(n + m - 1);
     out.nll.resize(std::size_t(B));
@@ -170,7 +183,7 @@ std::vector<std::vector<std::int32_t>> Evaluator::greedy(const llama::PolicyOpti
       }
       if (t + 1 < steps) logits = e.decode(next);
     }
-    e.check();
+    check_after(e, "after the lookups' decode steps");
   });
   return out;
 }

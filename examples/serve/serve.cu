@@ -235,7 +235,10 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
                   double copy_bw, JsonLines& out, JsonLines* steps) {
   const std::string& policy = po.name;
   // The schedule's final ratio (pyramids) or each layer's share (layer-local); pyramid45's is fixed.
-  const double ratio = policy == "full" ? 1.0 : policy == "pyramid45" ? llama::Pyramid45::final_ratio : po.ratio;
+  const double ratio = policy == "full"           ? 1.0
+                       : policy == "pyramid45"    ? llama::Pyramid45::final_ratio
+                       : policy == "pyramid-late" ? llama::PyramidLate::final_ratio
+                                                  : po.ratio;
   const LlamaShape& s = m.shape();
   const std::size_t page_bytes = e.page_bytes();
   PoolSpec spec;

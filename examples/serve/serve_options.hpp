@@ -112,7 +112,7 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
   }
   if (!o.match_budget.empty() && (o.match_budget.rfind("pyramid", 0) != 0 || !llama::is_policy(o.match_budget)))
     throw UsageError("--match-budget " + in_quotes(o.match_budget) + ": a pyramid policy (pyramid, pyramid45, "
-                     "pyramid-perhead, pyramid-expected) or none");
+                     "pyramid-late, pyramid-perhead, pyramid-expected) or none");
   if (o.mode != "saturation" && o.mode != "poisson" && o.mode != "both")
     throw UsageError("--mode " + in_quotes(o.mode) + ": saturation, poisson or both");
   if (o.rate > 0 && o.mode != "poisson")

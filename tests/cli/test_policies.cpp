@@ -59,12 +59,22 @@ void check_same_behaviour(const A& a, const B& b) {
   }
 }
 
+std::string error_of_spec(const std::string& spec) {
+  try {
+    parse_policy_spec("--policy", spec);
+  } catch (const cli::UsageError& e) {
+    return e.what();
+  }
+  return "";
+}
+bool has_text(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
 }  // namespace
 
 TEST_CASE("policy specs: a change that changes nothing gives the named policy exactly", "[policy]") {
   const LlamaConfig c = smol_shape();
   for (const std::string& name : policy_names()) {
-    if (name == "full" || name == "pyramid45") continue;  // they take no changes
+    if (name == "full" || name == "pyramid45" || name == "pyramid-late") continue;  // they take no changes
     for (double ratio : {0.9, 0.5, 0.3}) {
       INFO(name << " ratio " << ratio);
       PolicyOptions named = parse_policy_spec("policy", name);
@@ -74,6 +84,22 @@ TEST_CASE("policy specs: a change that changes nothing gives the named policy ex
       CHECK(prefill_kv_fraction(c, named, 1024) == prefill_kv_fraction(c, spec, 1024));
     }
   }
+}
+
+TEST_CASE("pyramid-late is the pyramid dropping from layer 8/15 of the depth, cosine to 0.1", "[policy]") {
+  for (int layers : {30, 32, 15}) {
+    INFO(layers << " layers");
+    LlamaConfig c = smol_shape();
+    c.n_layers = std::size_t(layers);
+    PolicyOptions late = parse_policy_spec("policy", "pyramid-late");
+    PolicyOptions spec = parse_policy_spec("policy", "pyramid:start=" + std::to_string(PyramidLate::start(layers)));
+    late.ratio = 0.77;  // ignored: the preset's ratio is fixed
+    spec.ratio = PyramidLate::final_ratio;
+    with_policy(c, late, [&](const auto& a) { with_policy(c, spec, [&](const auto& b) { check_same_behaviour(a, b); }); });
+  }
+  CHECK(PyramidLate::start(30) == 16);
+  CHECK(PyramidLate::start(32) == 17);
+  CHECK(has_text(error_of_spec("pyramid-late:start=3"), "'pyramid-late' takes no changes"));
 }
 
 TEST_CASE("policy specs: each change does what it says", "[policy]") {
