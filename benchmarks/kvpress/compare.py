@@ -22,9 +22,32 @@ log(ppl_method) - log(ppl_full), and for the methods both libraries have
 (SnapKV, StreamingLLM, Knorm) of log(ppl_ours) - log(ppl_kvpress).
 
     python benchmarks/kvpress/compare.py --passages 8 --out benchmarks/kvpress/results_cpu.md
+
+--eval-json FILE takes the passages from a pyramid-eval JSON instead (its
+"prefill" n, "continue" m, "texts", read from examples/data/<basename>, and
+"passages": {"text", "token_begin"}): passage i is tokens [token_begin,
+token_begin + n + m) of the whole text tokenized without special tokens (no
+BOS), as pyramid-eval does. The full cache's per-passage NLLs are checked
+against that JSON's "full" row (pyramid-eval's own, fp16 on a GPU there): the
+largest difference is printed, and the run stops (exit 1) above
+--max-full-diff (default 5e-3), which would mean misaligned passages. Then
+the table is pyramid-eval's comparison with the full cache (compare() in
+examples/generate/pyramid_eval.cpp): per passage the perplexity ratio - 1,
+expm1(nll_method - nll_full), its mean over passages and standard error,
+the pooled change expm1(mean nll_method - mean nll_full), and wins/losses/
+ties (lower/higher/equal NLL than the full cache); and the same statistics
+of the JSON's rows of our policies against the like-named kvpress presses
+(snapkv/SnapKV, streaming/StreamingLLM, expected/ExpectedAttention, at the
+same budget), so ours (GPU) and theirs (here) pair passage by passage.
+--json-out FILE writes every row (per-passage mean NLLs, the KV share held
+per passage, those statistics, times) in either mode.
+
+    python benchmarks/kvpress/compare.py --eval-json quality_n1024.json --only kvpress \
+        --budgets 0.7 0.5 --json-out benchmarks/kvpress/presses_n1024.json --out benchmarks/kvpress/presses_n1024.md
 """
 
 import argparse
+import json
 import math
 import os
 import time
@@ -61,6 +84,8 @@ OURS = {
     "knorm": ("knorm", dict(compress_decode=False)),
 }
 PAIRS = [("snapkv", "SnapKV"), ("streaming", "StreamingLLM"), ("knorm", "Knorm")]
+# pyramid-eval policy (a row of --eval-json) -> the kvpress press it pairs with
+EVAL_PAIRS = [("snapkv", "SnapKV"), ("streaming", "StreamingLLM"), ("expected", "ExpectedAttention")]
 
 
 def sync(device):
@@ -124,6 +149,54 @@ def run_kvpress(model, press, prompt, cont, device):
     return nll(logits, cont), held, t1 - t0, time.perf_counter() - t1
 
 
+def run_shared(model, presses, prompt, cont, device):
+    """The full cache and every press of `presses` from one uncompressed
+    prefill: kvpress compresses a layer's cache after that layer's attention
+    (the forward itself sees the full prompt), so all presses' prefills are
+    the same forward. A hook on each attention layer copies the layer's full
+    keys/values into one DynamicCache per press and runs the press's own
+    forward_hook on it (what `with press(model)` registers), leaving the
+    model's cache full. Returns run_full's tuple, then run_kvpress's per
+    press; the prefill time, shared, is the same in all."""
+    language_model = model.model
+    caches = [DynamicCache() for _ in presses]
+    for press in presses:
+        press.post_init_from_model(model)
+
+    def hook(module, args, kwargs, output):
+        full = kwargs["past_key_values"].layers[module.layer_idx]
+        for press, cache in zip(presses, caches):
+            cache.update(full.keys, full.values, module.layer_idx)  # a copy (concatenated to an empty tensor)
+            press.forward_hook(module, args, {**kwargs, "past_key_values": cache}, output)
+        return output
+
+    hooks = []
+    cache = DynamicCache()
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        for layer in language_model.layers:
+            layer.self_attn.rotary_emb = language_model.rotary_emb  # as BasePress.__call__ does
+            hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+        out = model(prompt[None], past_key_values=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    sync(device)
+    prefill = time.perf_counter() - t0
+    first = out.logits[0, -1]
+    L = model.config.num_hidden_layers
+    results = []
+    for c in [cache] + caches:
+        lengths = [c.layers[l].keys.shape[2] for l in range(L)]
+        go_on = continue_in_one if len(set(lengths)) == 1 else continue_one_by_one
+        t1 = time.perf_counter()
+        logits = go_on(model, c, first, len(prompt), cont)
+        sync(device)
+        results.append((nll(logits, cont), sum(lengths) / (L * len(prompt)), prefill, time.perf_counter() - t1))
+    return results
+
+
 def run_ours(model, policy, ratio, extra, prompt, cont, device):
     cache = PyramidCache(model, policy, ratio, max_new_tokens=len(cont), **extra)
     sync(device)
@@ -143,6 +216,48 @@ def mean_se(x):
     return x.mean(), (x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan"))
 
 
+def paired(nll_row, nll_full):
+    """pyramid-eval's compare() (examples/generate/pyramid_eval.cpp): per
+    passage the perplexity ratio - 1 of row against full (mean NLLs, natural
+    log), its mean over passages and standard error, the pooled change of the
+    mean NLLs, and wins/losses/ties (lower/higher/equal NLL)."""
+    d = np.subtract(nll_row, nll_full, dtype=np.float64)
+    change = np.expm1(d)
+    P = len(d)
+    return {"ppl_change_mean": float(change.mean()),
+            "ppl_change_se": float(change.std(ddof=1) / math.sqrt(P)) if P > 1 else 0.0,
+            "ppl_change_pooled": float(np.expm1(d.mean())),
+            "wins": int((d < 0).sum()), "losses": int((d > 0).sum()), "ties": int((d == 0).sum()),
+            "ppl_change": change.tolist()}
+
+
+def eval_passages(path, tok, device):
+    """Passages of a pyramid-eval JSON: (n, m, texts, [(text index, begin)],
+    token ids (n + m,) per passage, the JSON)."""
+    with open(path) as f:
+        ev = json.load(f)
+    n, m = int(ev["prefill"]), int(ev["continue"])
+    texts = [os.path.join(ROOT, "examples", "data", os.path.basename(t)) for t in ev["texts"]]
+    ids = [tok(open(t, encoding="utf-8").read(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+           for t in texts]
+    where, passages = [], []
+    for p in ev["passages"]:
+        t, b = int(p["text"]), int(p["token_begin"])
+        if b + n + m > len(ids[t]):
+            raise SystemExit(f"--eval-json: passage at token {b} of {texts[t]} runs past its {len(ids[t])} tokens")
+        where.append((t, b))
+        passages.append(ids[t][b:b + n + m].to(device))
+    return n, m, texts, where, passages, ev
+
+
+def eval_budget(s):
+    """A pyramid-eval row's budget as a number ('0.70' -> 0.7; 'paper' -> None)."""
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=os.path.join(ROOT, "models"))
@@ -151,78 +266,208 @@ def main():
     ap.add_argument("--passages", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--cont", type=int, default=64)
+    ap.add_argument("--eval-json", help="take the passages (and --prompt, --cont) from this pyramid-eval JSON")
+    ap.add_argument("--max-full-diff", type=float, default=5e-3,
+                    help="with --eval-json: stop if a passage's full-cache NLL differs from the JSON's by more")
+    ap.add_argument("--share-prefill", action="store_true",
+                    help="one prefill per passage for the full cache and all kvpress presses (run_shared)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", help="float32 (the CPU binding needs it)")
-    ap.add_argument("--only", nargs="*", help="run only these method names")
+    ap.add_argument("--only", nargs="*", help="run only these method names (substrings; the full cache always runs)")
     ap.add_argument("--threads", type=int, help="torch threads (1 is fastest on a busy CPU)")
     ap.add_argument("--out", help="write the markdown tables here too")
+    ap.add_argument("--json-out", help="write every row (per-passage NLLs, KV shares, paired statistics) here")
     a = ap.parse_args()
     if a.device != "cpu":
         raise SystemExit("pyramidinfer.hf runs on the CPU in this version (the CUDA binding is not built yet); "
                          "use --device cpu")
     if a.threads:
         torch.set_num_threads(a.threads)
+    started = time.perf_counter()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     kw = dict(gguf_file=a.gguf) if a.gguf else {}
     tok = transformers.AutoTokenizer.from_pretrained(a.model_dir, **kw)
     model = transformers.AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, a.dtype),
                                                               attn_implementation="sdpa", **kw).eval().to(a.device)
-    ids = tok(open(a.text).read(), return_tensors="pt").input_ids[0].to(a.device)
-    span = a.prompt + a.cont
-    if len(ids) < a.passages * span:
-        raise SystemExit(f"--text has {len(ids)} tokens: fewer than {a.passages} passages of {span}")
-    passages = [ids[i * span:(i + 1) * span] for i in range(a.passages)]
+    ev = None
+    if a.eval_json:
+        a.prompt, a.cont, texts, where, passages, ev = eval_passages(a.eval_json, tok, a.device)
+        a.passages = len(passages)
+        ev_rows = ev.get("rows", [])
+        ev_full = next((r for r in ev_rows if r["policy"] == "full"), None)
+        source = (f"the {a.passages} passages of {a.eval_json} "
+                  f"({', '.join(sorted({os.path.basename(t) for t in texts}))})")
+    else:
+        ids = tok(open(a.text).read(), return_tensors="pt").input_ids[0].to(a.device)
+        span = a.prompt + a.cont
+        if len(ids) < a.passages * span:
+            raise SystemExit(f"--text has {len(ids)} tokens: fewer than {a.passages} passages of {span}")
+        passages = [ids[i * span:(i + 1) * span] for i in range(a.passages)]
+        texts, where = [a.text], [(0, i * span) for i in range(a.passages)]
+        source = f"{a.passages} consecutive passages of {os.path.basename(a.text)}"
 
-    methods = [("full", None, lambda p, c: run_full(model, p, c, a.device))]
+    def wanted(name):
+        return not a.only or any(o in name for o in a.only)
+
+    # (name, budget, run(prompt, cont), details for --json-out)
+    methods = [("full", None, lambda p, c: run_full(model, p, c, a.device), {})]
     for b in a.budgets:
         for name, make in KVPRESS.items():
-            press = make(round(1 - b, 6))
-            methods.append((f"kvpress {name}", b, lambda p, c, press=press: run_kvpress(model, press, p, c, a.device)))
+            if not wanted(f"kvpress {name}"):
+                continue
+            r = round(1 - b, 6)
+            press = make(r)
+            methods.append((f"kvpress {name}", b, lambda p, c, press=press: run_kvpress(model, press, p, c, a.device),
+                            dict(library="kvpress", press=name, compression_ratio=r, _press=press)))
         for name, (policy, extra) in OURS.items():
+            if not wanted(f"ours {name} "):
+                continue
             r = ratio_for_fraction(model, a.prompt, b, policy, **extra)
             methods.append((f"ours {name} (r={r:g})", b,
                             lambda p, c, policy=policy, r=r, extra=extra: run_ours(model, policy, r, extra, p, c,
-                                                                                   a.device)))
-    if a.only:
-        methods = [m for m in methods if m[0] == "full" or any(o in m[0] for o in a.only)]
+                                                                                   a.device),
+                            dict(library="pyramidinfer", policy=name, ratio=r)))
 
-    res = {}
+    def check_full(nl):
+        """With --eval-json: the full cache's passage NLLs (a prefix of them)
+        against the JSON's full row; stops the run when misaligned."""
+        if ev is None:
+            return None
+        if ev_full is None or len(ev_full["passage_nll"]) != len(passages):
+            raise SystemExit(f"--eval-json: no full row with {len(passages)} passage NLLs to check against")
+        diff = np.subtract(nl, ev_full["passage_nll"][:len(nl)])
+        check = {"max_abs_diff": float(np.abs(diff).max()), "mean_diff": float(diff.mean()), "diff": diff.tolist()}
+        print(f"full cache vs --eval-json's full row: max |NLL difference| {check['max_abs_diff']:.2e} "
+              f"(mean {check['mean_diff']:+.2e}) over {len(nl)} passages", flush=True)
+        if check["max_abs_diff"] > a.max_full_diff:
+            raise SystemExit(f"--eval-json: full-cache NLLs differ by up to {check['max_abs_diff']:.2e} "
+                             f"> {a.max_full_diff:g}: the passages are misaligned")
+        return check
+
+    res, full_check = {}, None
+    shared = [m for m in methods if m[0] == "full" or "_press" in m[3]] if a.share_prefill else []
     with torch.no_grad():
-        for name, b, fn in methods:
-            rows = [fn(p[:a.prompt], p[a.prompt:]) for p in passages]
-            res[(name, b)] = rows
+        if shared:
+            for m in shared:
+                res[(m[0], m[1])] = []
+            for i, p in enumerate(passages):
+                t0 = time.perf_counter()
+                outs = run_shared(model, [m[3]["_press"] for m in shared[1:]], p[:a.prompt], p[a.prompt:], a.device)
+                for m, r in zip(shared, outs):
+                    res[(m[0], m[1])].append(r)
+                print(f"passage {i + 1}/{len(passages)}: full and {len(shared) - 1} presses, "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+                full_check = check_full([r[0] / a.cont for r in res[("full", None)]])
+        for name, b, fn, _ in methods:
+            t0 = time.perf_counter()
+            if (name, b) not in res:
+                res[(name, b)] = [fn(p[:a.prompt], p[a.prompt:]) for p in passages]
+            rows = res[(name, b)]
             nl = [r[0] / a.cont for r in rows]
-            print(f"{name:38s} budget {b}: ppl {math.exp(np.mean(nl)):.3f}, held {np.mean([r[1] for r in rows]):.3f}",
-                  flush=True)
+            print(f"{name:38s} budget {b}: ppl {math.exp(np.mean(nl)):.3f}, held {np.mean([r[1] for r in rows]):.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            if name == "full" and not shared:
+                full_check = check_full(nl)
 
     full = [r[0] / a.cont for r in res[("full", None)]]
+    nll_of = {k: [r[0] / a.cont for r in rows] for k, rows in res.items()}
+    stats = {k: paired(v, full) for k, v in nll_of.items()}
+    version = kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5"
     lines = [f"SmolLM2-135M ({a.gguf or a.model_dir}), {a.dtype} on {a.device}, torch {torch.__version__}, "
-             f"transformers {transformers.__version__}, kvpress {kvpress.__version__ if hasattr(kvpress, '__version__') else '0.5.5'}; "
-             f"{a.passages} passages of {a.prompt} prompt + {a.cont} continuation tokens.",
-             "", "| budget | method | KV held | ppl | Δ log ppl vs full (± s.e.) | prefill s | continuation s |",
-             "|---|---|---|---|---|---|---|"]
-    for (name, b), rows in res.items():
-        nl = [r[0] / a.cont for r in rows]
-        d, se = mean_se(np.subtract(nl, full))
-        lines.append(f"| {b if b else '-'} | {name} | {np.mean([r[1] for r in rows]):.3f} | "
-                     f"{math.exp(np.mean(nl)):.3f} | {d:+.4f} ± {se:.4f} | {np.mean([r[2] for r in rows]):.3f} | "
-                     f"{np.mean([r[3] for r in rows]):.3f} |")
-    lines += ["", "Paired, ours − kvpress (Δ log ppl ± s.e.):", "", "| budget | ours | kvpress | Δ ± s.e. |",
-              "|---|---|---|---|"]
-    for b in a.budgets:
-        for ours, theirs in PAIRS:
-            ko = next((k for k in res if k[1] == b and k[0].startswith(f"ours {ours} ")), None)
-            kt = (f"kvpress {theirs}", b)
-            if ko and kt in res:
-                d, se = mean_se([x[0] / a.cont - y[0] / a.cont for x, y in zip(res[ko], res[kt])])
-                lines.append(f"| {b} | {ko[0]} | {theirs} | {d:+.4f} ± {se:.4f} |")
+             f"transformers {transformers.__version__}, kvpress {version}; "
+             f"{source}: {a.prompt} prompt + {a.cont} continuation tokens each.", ""]
+    if ev is None:
+        lines += ["| budget | method | KV held | ppl | Δ log ppl vs full (± s.e.) | prefill s | continuation s |",
+                  "|---|---|---|---|---|---|---|"]
+        for (name, b), rows in res.items():
+            nl = nll_of[(name, b)]
+            d, se = mean_se(np.subtract(nl, full))
+            lines.append(f"| {b if b else '-'} | {name} | {np.mean([r[1] for r in rows]):.3f} | "
+                         f"{math.exp(np.mean(nl)):.3f} | {d:+.4f} ± {se:.4f} | {np.mean([r[2] for r in rows]):.3f} | "
+                         f"{np.mean([r[3] for r in rows]):.3f} |")
+        pair_lines = []
+        for b in a.budgets:
+            for ours, theirs in PAIRS:
+                ko = next((k for k in res if k[1] == b and k[0].startswith(f"ours {ours} ")), None)
+                kt = (f"kvpress {theirs}", b)
+                if ko and kt in res:
+                    d, se = mean_se([x - y for x, y in zip(nll_of[ko], nll_of[kt])])
+                    pair_lines.append(f"| {b} | {ko[0]} | {theirs} | {d:+.4f} ± {se:.4f} |")
+        if pair_lines:
+            lines += ["", "Paired, ours − kvpress (Δ log ppl ± s.e.):", "", "| budget | ours | kvpress | Δ ± s.e. |",
+                      "|---|---|---|---|"] + pair_lines
+    else:
+        lines += [f"Full cache here vs pyramid-eval's full row: max |NLL difference| over passages "
+                  f"{full_check['max_abs_diff']:.2e} (mean {full_check['mean_diff']:+.2e}).", "",
+                  "vs the full cache here, pyramid-eval's definitions (mean over passages of the perplexity "
+                  "ratio − 1 ± s.e.; pooled: of the mean NLLs; W/L/T: passages with lower/higher/equal NLL):", "",
+                  "| method | budget | KV held | ppl | change ± s.e. | pooled | W/L/T | prefill s | continuation s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (name, b), rows in res.items():
+            st = stats[(name, b)]
+            lines.append(f"| {name} | {b if b else '-'} | {np.mean([r[1] for r in rows]):.4f} | "
+                         f"{math.exp(np.mean(nll_of[(name, b)])):.3f} | "
+                         f"{100 * st['ppl_change_mean']:+.2f}% ± {100 * st['ppl_change_se']:.2f}% | "
+                         f"{100 * st['ppl_change_pooled']:+.2f}% | {st['wins']}/{st['losses']}/{st['ties']} | "
+                         f"{np.mean([r[2] for r in rows]):.2f} | {np.mean([r[3] for r in rows]):.2f} |")
+    # Our policies' rows of --eval-json against the like-named presses run here.
+    ev_pairs = []
+    if ev is not None:
+        for r in ev_rows:
+            b = eval_budget(r["budget"])
+            for ours, theirs in [("full", "full")] + EVAL_PAIRS:
+                k = ("full", None) if theirs == "full" else (f"kvpress {theirs}", b)
+                if r["policy"] == ours and k in nll_of and (theirs == "full" or b in a.budgets):
+                    ev_pairs.append(dict(policy=ours, budget=r["budget"], press=theirs,
+                                         kv_fraction_ours=r["kv_fraction_prefill"],
+                                         kv_fraction_press=float(np.mean([x[1] for x in res[k]])),
+                                         ours_vs_full=r["vs_full"]["ppl_change_mean"],
+                                         ours_vs_full_se=r["vs_full"]["ppl_change_se"],
+                                         vs_press=paired(r["passage_nll"], nll_of[k])))
+        if ev_pairs:
+            lines += ["", "Paired, our policy (pyramid-eval's row, fp16 GPU) vs the kvpress press here (fp32 CPU): "
+                      "mean over passages of exp(nll_ours − nll_press) − 1 ± s.e.; W/L/T: passages where ours "
+                      "has lower/higher/equal NLL. The full-vs-full row is the numeric floor.", "",
+                      "| ours | press | budget | KV held ours / press | ours vs its full | ours vs press | W/L/T |",
+                      "|---|---|---|---|---|---|---|"]
+            for e in ev_pairs:
+                v = e["vs_press"]
+                lines.append(f"| {e['policy']} | {e['press']} | {e['budget']} | {e['kv_fraction_ours']:.4f} / "
+                             f"{e['kv_fraction_press']:.4f} | {100 * e['ours_vs_full']:+.2f}% ± "
+                             f"{100 * e['ours_vs_full_se']:.2f}% | {100 * v['ppl_change_mean']:+.2f}% ± "
+                             f"{100 * v['ppl_change_se']:.2f}% | {v['wins']}/{v['losses']}/{v['ties']} |")
+    wall = time.perf_counter() - started
+    lines += ["", f"Wall time {wall / 60:.1f} min ({torch.get_num_threads()} torch threads)"
+              + ("; the full cache and the presses shared one prefill per passage (--share-prefill: their prefill "
+                 "time is that pass, all compressions included)." if shared else ".")]
     text = "\n".join(lines)
     print(text)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text + "\n")
+    if a.json_out:
+        out_rows = []
+        for name, b, _, details in methods:
+            rows = res[(name, b)]
+            nl = nll_of[(name, b)]
+            details = {k: v for k, v in details.items() if not k.startswith("_")}
+            out_rows.append(dict(method=name, budget=b if b is not None else 1.0, **details,
+                                 kv_fraction_prefill=float(np.mean([r[1] for r in rows])),
+                                 kv_fraction_passage=[float(r[1]) for r in rows],
+                                 nll=float(np.mean(nl)), perplexity=math.exp(np.mean(nl)), passage_nll=nl,
+                                 vs_full=stats[(name, b)],
+                                 prefill_seconds=float(np.mean([r[2] for r in rows])),
+                                 continuation_seconds=float(np.mean([r[3] for r in rows]))))
+        doc = dict(model=a.gguf or a.model_dir, dtype=a.dtype, device=a.device, torch=torch.__version__,
+                   transformers=transformers.__version__, kvpress=version, threads=torch.get_num_threads(),
+                   eval_json=a.eval_json, share_prefill=bool(shared), prefill=a.prompt, cont=a.cont, texts=texts,
+                   passages=[{"text": t, "token_begin": b} for t, b in where],
+                   full_check=full_check, rows=out_rows, eval_pairs=ev_pairs, wall_seconds=wall)
+        with open(a.json_out, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ share of a full KV cache held after prefill, each point coloured by the share
 of a full prefill's FLOPs the policy spends (token dropping saves FLOPs;
 layer-local policies spend all of them). One panel per CSV.
 
-    python3 benchmarks/quality/plot_front.py out.png "1K, tuning texts" a.csv "4K" b.csv ...
+    python3 benchmarks/quality/plot_front.py out.png "1K, tuning texts" a.csv,a2.csv "4K" b.csv ...
 
-Rows that only repeat another of the same policy (a budget the policy could
+A panel may merge several CSVs (comma-separated) of runs over the same
+passages. Rows that only repeat another of the same policy (a budget the policy could
 not go below) are drawn once. Error bars: one standard error of the paired
 per-passage change.
 """
@@ -21,9 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 LAYER_LOCAL = ("snapkv", "h2o", "expected", "streaming")
 
 
-def points(path):
+def points(paths):
     seen, out = set(), []
-    for r in csv.DictReader(open(path)):
+    rows = [r for path in paths.split(",") for r in csv.DictReader(open(path))]
+    for r in rows:
         if r["policy"] == "full":
             continue
         key = (r["policy"], round(float(r["kv_fraction_prefill"]), 4))
@@ -40,13 +42,14 @@ def panel(ax, title, rows, cmap, norm):
         x, y = 100 * float(r["kv_fraction_prefill"]), 100 * float(r["ppl_change_mean"])
         se = 100 * float(r["ppl_change_se"])
         local = name.split(":")[0] in LAYER_LOCAL or "mode=local" in name
-        marker = "*" if name == "pyramid-late" else "D" if budget == "paper" else "s" if local else "o"
+        paper = name == "pyramid" and budget == "paper"
+        marker = "*" if name == "pyramid-late" else "D" if paper else "s" if local else "o"
         size = 14 if marker == "*" else 6
         color = cmap(norm(float(r["prefill_flops"])))
         ax.errorbar(x, y, yerr=se, fmt=marker, color=color, ms=size, mec="k", mew=0.4, elinewidth=0.6, capsize=0)
-        if name == "pyramid-late" or budget == "paper":
-            ax.annotate(name if budget != "paper" else "paper defaults", (x, y), textcoords="offset points",
-                        xytext=(6, 4), fontsize=8)
+        if name == "pyramid-late" or paper:
+            ax.annotate("paper defaults" if paper else name, (x, y), textcoords="offset points",
+                        xytext=(-70, 10) if paper else (6, -12), fontsize=8)
     ax.set_title(title)
     ax.set_xlabel("KV held after prefill (% of a full cache)")
     ax.axhline(0, color="0.6", lw=0.6)
