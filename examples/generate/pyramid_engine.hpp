@@ -18,6 +18,7 @@
 
 #include <pyramidinfer/pyramidinfer.hpp>
 
+#include "generate/thread_pool.hpp"
 #include "llama/model.hpp"
 
 namespace pyramidinfer::llama {
@@ -25,8 +26,12 @@ namespace pyramidinfer::llama {
 template <class Compressor>
 class PyramidEngine {
  public:
-  PyramidEngine(const Model& model, Compressor compressor, int page_size = 16)
-      : model_(model), pc_(std::move(compressor)), page_size_(page_size) {}
+  /// The compressor's scoring runs on `threads` threads (0: one per core).
+  PyramidEngine(const Model& model, Compressor compressor, int page_size = 16, int threads = 0)
+      : model_(model), pc_(std::move(compressor)), page_size_(page_size),
+        pool_(std::make_unique<ThreadPool>(threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency())))) {
+    pc_.set_host_parallel(pool_->as_parallel_for());
+  }
 
   /// Prefills a batch of prompts (ragged: no padding) with room for
   /// `max_new_tokens` decode steps; sequence b lives in slot b. Returns the
@@ -187,6 +192,7 @@ class PyramidEngine {
   const Model& model_;
   Compressor pc_;
   int page_size_ = 16;
+  std::unique_ptr<ThreadPool> pool_;  ///< on the heap: the compressor keeps a pointer to it
   std::unique_ptr<HostPagedStorage<float>> storage_;
   std::int64_t full_pages_ = 0;
   std::vector<float> gathered_k_, gathered_v_;

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cache/paged.hpp"
+#include "core/parallel.hpp"
 #include "cache/planner.hpp"
 #include "kernels/host/paged.hpp"
 #include "kernels/host/select.hpp"
@@ -338,6 +339,11 @@ class PyramidCompressor {
     return s.boundary[std::size_t(layer)];
   }
 
+  /// Lends the engine's threads to the scoring (core/parallel.hpp); an empty
+  /// function runs everything on the calling thread. The kept tokens are the
+  /// same either way.
+  void set_host_parallel(ParallelFor parallel) { parallel_ = std::move(parallel); }
+
  private:
   struct RingState {
     int start = 0;    ///< ring row of the oldest query
@@ -469,6 +475,7 @@ class PyramidCompressor {
     p.score_begin = {&sp.begin, {1, cfg_.kv_heads}, {0, 0}};
     p.score_count = {&sp.count, {1, cfg_.kv_heads}, {0, 0}};
     p.scale = scale();
+    p.parallel = parallel_ ? &parallel_ : nullptr;
   }
 
   /// Computes the LSE of window queries that do not have one yet, over the
@@ -614,6 +621,7 @@ class PyramidCompressor {
   Schedule schedule_;
   Decode decode_;
   std::vector<Seq> seqs_;  ///< by cache slot
+  ParallelFor parallel_;   ///< the engine's threads for the scoring (may be empty)
 };
 
 }  // namespace pyramidinfer

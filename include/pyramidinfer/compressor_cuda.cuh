@@ -385,15 +385,18 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     offsets(slots, batch.batch, m_.n, nullptr, stream);
     push_window<T>(layer, batch, slots, q, lse, window_only, stream);
     if (!lse.data) settle<T>(layer, cache, batch, slots, cuda::detail::Trigger{}, stream);
-    if (keep == ctx) {  // nothing can drop (e.g. a keep ratio of 1): no scoring, T_{l+1} = T_l
+    const bool drop = config().prefill_mode == PrefillMode::drop_tokens;
+    if (keep == ctx) {  // nothing can drop (a keep ratio of 1, or contexts at min_context): no scoring
+      // T_{l+1} = T_l. Per-head dropping keeps each head's own slots (T_l is
+      // their union, as on the host); otherwise every head holds all of T_l.
+      const bool own = drop && head_sets() > 1;
       launch_prep(slots, batch.batch, keep, stream);
-      keep_everything(slots, batch, stream);
-      finish_select<T>(layer, cache, batch, slots, false, stream);
-      return advance(layer, batch, keep, false, stream);
+      keep_everything(slots, batch, own, stream);
+      finish_select<T>(layer, cache, batch, slots, own, stream);
+      return advance(layer, batch, keep, own, stream);
     }
     const int width = std::max(1, *std::max_element(ctx.begin(), ctx.end()));
     score_context<T>(layer, cache, batch, slots, ratio, width, ctx, keep, stream);
-    const bool drop = config().prefill_mode == PrefillMode::drop_tokens;
     if (drop) next_tokens(slots, batch.batch, width, stream);
     else keep_in_layer<T>(layer, cache, batch, slots, width, keep, stream);
     finish_select<T>(layer, cache, batch, slots, drop, stream);
@@ -894,14 +897,14 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     cuda::paged_compact(cache.kv(), layer, SeqList{slots, batch.batch},
                         make_contiguous<const std::int32_t>(m_.kept, batch.batch, ph, cap), m_.kept_count, m_.paged_ws,
                         m_.paged_ws_bytes, stream);
-    keep_everything(slots, batch, stream);
+    keep_everything(slots, batch, false, stream);
   }
 
   /// Every token stays in the layer and goes on: the identity selection.
-  void keep_everything(const std::int32_t* slots, const SeqList& batch, cudaStream_t stream) {
+  void keep_everything(const std::int32_t* slots, const SeqList& batch, bool own_heads, cudaStream_t stream) {
     const dim3 grid(unsigned((max_count(batch) + 255) / 256), unsigned(batch.batch));
-    cuda::detail::comp_local_next_kernel<<<grid, 256, 0, stream>>>(state(), slots);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_local_next_kernel");
+    cuda::detail::comp_keep_all_kernel<<<grid, 256, 0, stream>>>(state(), slots, own_heads);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_keep_all_kernel");
   }
 
   template <class T>

@@ -133,6 +133,8 @@ struct Case {
   bool lse_late = false; ///< decode LSE through decode_set_lse after the append (needs decode_lse)
   bool graph = false;    ///< the decode step replays from one captured CUDA graph
   bool base2 = false;    ///< the engine's LSE comes in base 2 (FlashInfer's)
+  int min_context = 32;
+  int prompt_lo = 120, prompt_hi = 220;  ///< prompt lengths, uniform
 };
 
 template <class T, class Scoring>
@@ -169,7 +171,7 @@ struct Run {
 
   std::vector<int> make_prompts() const {
     std::vector<int> p;
-    for (int r = 0; r < (c.churn ? 4 : 3); ++r) p.push_back(test::rand_int(120, 220));
+    for (int r = 0; r < (c.churn ? 4 : 3); ++r) p.push_back(test::rand_int(c.prompt_lo, c.prompt_hi));
     return p;
   }
   static CompressorConfig config(const Case& cs) {
@@ -181,7 +183,7 @@ struct Run {
   static TopKSelection selection(const Case& cs) {
     TopKSelection s;
     s.granularity = cs.gran;
-    s.min_context = 32;
+    s.min_context = cs.min_context;
     return s;
   }
   /// Pages for every request at its peak at once (the churn request too), a
@@ -544,6 +546,11 @@ TEMPLATE_TEST_CASE("CUDA compressor gives the host compressor's bytes through pr
       {P, local, true, true, 100, Ht, false},
       {P, local, true, true, 100, Dt, true, true, true},
       {S, drop, true, true, 100, Ht, true, false, true, false, true},  // FlashInfer's base-2 LSE
+      // Per-head dropping where layer 1 drops (the heads' sets differ) and
+      // layer 2's contexts are at min_context, so it keeps everything without
+      // scoring: each head must keep its own slots, not their union.
+      {P, drop, false, false, 100, Ht, true, true, false, false, false, 90, 125, 160},
+      {P, drop, true, false, 100, Ht, false, false, false, false, false, 90, 125, 160},
   };
   int i = 0;
   for (const Case& c : cases) run_case<T>(c, RecentWindowScoring{}, paging(i++));

@@ -4,8 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "helpers.hpp"
@@ -552,4 +555,38 @@ TEST_CASE("add_softmax_row (vector exp) equals the double-precision sum", "[scor
   CHECK(std::isnan(acc[3]));
   CHECK(std::isnan(acc[12]));
   CHECK(acc[15] == 1.0);
+}
+
+TEST_CASE("window_attention_scores on the engine's threads gives the same bits as on one", "[scoring][parallel]") {
+  INFO("seed " << pit::test_seed() << " (PYRAMIDINFER_TEST_SEED replays)");
+  std::mt19937 rng(pit::test_seed());
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (const int n : {600, 1800, 2500}) {
+    Tiny t(2, 6, n, 64, 40);
+    for (auto& x : t.keys) x = nd(rng);
+    for (auto& x : t.queries) x = nd(rng);
+    for (int h = 0; h < t.Hkv; ++h) t.begin[std::size_t(h)] = 3, t.count[std::size_t(h)] = n - t.w - 3;
+    host::window_query_lse(t.problem(), 0, 0, make_contiguous(t.lse.data(), 1, t.H, t.cap));
+    // Tasks run on two threads, the later ones first: any order must give the same bits.
+    ParallelFor threads = [](int tasks, const std::function<void(int)>& body) {
+      std::thread other([&] {
+        for (int i = tasks - 1; i >= 0; i -= 2) body(i);
+      });
+      for (int i = tasks - 2; i >= 0; i -= 2) body(i);
+      other.join();
+    };
+    int calls = 0;
+    ParallelFor counted = [&](int tasks, const std::function<void(int)>& body) { ++calls, threads(tasks, body); };
+    for (Granularity g : {Granularity::shared, Granularity::per_kv_head}) {
+      INFO("n " << n << ", " << granularity_name(g));
+      const std::vector<float> serial = run_window(t, g, 1.2f, true);
+      const int groups = g == Granularity::shared ? 1 : t.Hkv;
+      std::vector<float> par(serial.size(), -99.f);
+      ScoreProblem<float> p = t.problem(true);
+      p.parallel = &counted;
+      host::window_attention_scores(p, g, 1.2f, make_contiguous(par.data(), 1, groups, n - t.w));
+      CHECK(std::memcmp(serial.data(), par.data(), serial.size() * sizeof(float)) == 0);
+      CHECK(calls > 0);
+    }
+  }
 }

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "../core/config.hpp"
+#include "../core/parallel.hpp"
 #include "../core/dtype.hpp"
 #include "../core/view.hpp"
 
@@ -121,6 +122,9 @@ struct ScoreProblem {
   /// a larger window_len is clamped to it on the device. 0: no bound given.
   /// See window_bound().
   int max_window_len = 0;
+  /// Host kernels only (never read on a device): the engine's threads, or
+  /// nullptr to run on the calling thread. See core/parallel.hpp.
+  const ParallelFor* parallel = nullptr;
 
   /// Key row (b, kv_head, slot): head_dim elements with keys.stride[3] apart.
   PYRAMIDINFER_HOST_DEVICE const T* key_row(int b, int h, int slot) const {

@@ -287,16 +287,23 @@ static __global__ void comp_local_kept_kernel(LocalKeptArgs a) {
   if (blockIdx.x == 0 && threadIdx.x == 0 && p == 0) a.kept_count[z] = k + w;
 }
 
-/// Layer-local mode: every token goes on (T_{l+1} = T_l): next_index and
-/// every head set's slot map are the identity, the token list is copied to
-/// the other buffer. grid (ceil(max n / 256), nb).
-static __global__ void comp_local_next_kernel(PrefillState s, const std::int32_t* slots) {
+/// Every token goes on (T_{l+1} = T_l): next_index is the identity and the
+/// token list is copied to the other buffer. Layer-local mode (own_heads
+/// false): every head set's slot map is the identity too. A dropping layer
+/// that keeps everything (own_heads true): each head set keeps its own slots,
+/// which in per-head mode differ (T_l is their union), and next_count = n.
+/// grid (ceil(max n / 256), nb).
+static __global__ void comp_keep_all_kernel(PrefillState s, const std::int32_t* slots, bool own_heads) {
   const int b = slots[blockIdx.y], i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (own_heads && i == 0) s.next_count[b] = s.n[b];
   if (i >= s.n[b]) return;
   const int buf = s.cur[b];
   s.next_index[std::int64_t(b) * s.P + i] = i;
   s.tokens(b, buf ^ 1)[i] = s.tokens(b, buf)[i];
-  for (int p = 0; p < s.ph; ++p) s.slots(b, p, buf ^ 1)[i] = i;
+  if (!own_heads)
+    for (int p = 0; p < s.ph; ++p) s.slots(b, p, buf ^ 1)[i] = i;
+  else if (i < s.head_len[b])
+    for (int p = 0; p < s.ph; ++p) s.slots(b, p, buf ^ 1)[i] = s.slots(b, p, buf)[i];
 }
 
 struct FinishArgs {

@@ -276,12 +276,78 @@ inline float logsumexp(const float* logits, int count) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// Slots per task of the column-parallel scoring: a multiple of the vector
+/// exponential's 8 lanes, so every slot takes the same code path as in one
+/// serial pass over [begin, begin + count) and the sums are the same bits.
+constexpr int kColumnChunk = 512;
+
+/// acc[j - begin] += the window rows' weighted softmax weights of slots
+/// [j0, j1) (a sub-range of [begin, begin + count)) for every query head of
+/// KV head kvh, with the rows' LSE taken from p.lse. Each slot's sum runs
+/// over (query head, row) in the same order whatever the range, so ranges
+/// may run on different threads.
+template <class T>
+void window_scores_given_lse(const ScoreProblem<T>& p, int b, int kvh, float distance_weight, int begin, int j0, int j1,
+                             double* acc) {
+  const int w = p.window_len[b], group = p.q_heads() / p.kv_heads(), d = p.head_dim();
+  const int n = j1 - j0;
+  std::vector<float> keys(std::size_t(n) * d);
+  for (int j = 0; j < n; ++j) {
+    const T* row = p.key_row(b, kvh, j0 + j);
+    for (int i = 0; i < d; ++i) keys[std::size_t(j) * d + i] = to_float(row[i * p.keys.stride[3]]);
+  }
+  std::vector<float> qt(std::size_t(d) * kRowTile), logits(std::size_t(kRowTile) * std::max(n, 1));
+  for (int qh = kvh * group; qh < (kvh + 1) * group; ++qh)
+    for (int r0 = 0; r0 < w; r0 += kRowTile) {
+      const int rows = std::min(kRowTile, w - r0);
+      std::fill(qt.begin(), qt.end(), 0.f);
+      for (int t = 0; t < rows; ++t) {
+        const T* q = p.query_row(b, qh, r0 + t);
+        for (int i = 0; i < d; ++i) qt[std::size_t(i) * kRowTile + t] = to_float(q[i * p.queries.stride[3]]);
+      }
+      tile_dots(qt.data(), keys.data(), n, d, p.scale, rows, logits.data());
+      for (int t = 0; t < rows; ++t)
+        add_softmax_row(logits.data() + std::size_t(t) * n, p.ring_at(p.lse, b, qh, r0 + t),
+                        distance_row_weight(r0 + t, w, distance_weight), n, acc + (j0 - begin));
+    }
+}
+
+/// The same without given statistics: every row needs all the slots it saw
+/// for its LSE, so rows are computed whole (on the calling thread), and the
+/// LSE goes to p.lse_out when it is set.
+template <class T>
+void window_scores_own_lse(const ScoreProblem<T>& p, int b, int kvh, float distance_weight, int begin, int count,
+                           double* acc) {
+  const int w = p.window_len[b], group = p.q_heads() / p.kv_heads(), n = p.kv_len(b, kvh);
+  const std::vector<float> keys = load_keys(p, b, kvh, n);
+  std::vector<float> logits;
+  for (int qh = kvh * group; qh < (kvh + 1) * group; ++qh)
+    for (int r0 = 0; r0 < w; r0 += kRowTile) {
+      const int rows = std::min(kRowTile, w - r0);
+      tile_logits(p, b, qh, r0, rows, keys, n, logits);
+      for (int t = 0; t < rows; ++t) {
+        const int r = r0 + t;
+        const float* row = logits.data() + std::size_t(t) * n;
+        const float lse = logsumexp(row, n - w + r + 1);
+        if (p.lse_out.data) p.ring_at(p.lse_out, b, qh, r) = lse;
+        add_softmax_row(row + begin, lse, distance_row_weight(r, w, distance_weight), count, acc);
+      }
+    }
+}
+
+}  // namespace detail
+
 /// Recent-window attention scores (the paper's RAC) recomputed from the
 /// window's queries: weight of slot j =
 ///   mean over heads, mean over window rows r of  row_weight(r) * softmax_r(j),
 /// softmax_r over the slots query r saw. Never materialises a [w, n] matrix.
 /// With `p.lse` given the row statistics are taken from it (FlashAttention's
-/// LSE, or stale rows kept from when the query ran: the reference's decode).
+/// LSE, or stale rows kept from when the query ran: the reference's decode),
+/// and with p.parallel set too, each head's slots are split into ranges of
+/// detail::kColumnChunk that run on the engine's threads, with the same bits
+/// as on one thread.
 template <class T>
 void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float distance_weight, ScoreView out) {
   const char* fn = "host::window_attention_scores";
@@ -291,25 +357,18 @@ void window_attention_scores(const ScoreProblem<T>& p, Granularity g, float dist
   for (int b = 0; b < p.batch(); ++b) {
     const int w = p.window_len[b];
     for (int kvh = 0; kvh < p.kv_heads(); ++kvh) {
-      const int n = p.kv_len(b, kvh), begin = p.score_begin(b, kvh), count = p.score_count(b, kvh);
-      // Without given statistics every row needs all the slots it saw.
-      const int needed = p.lse.data ? begin + count : n;
-      const std::vector<float> keys = detail::load_keys(p, b, kvh, needed);
-      std::vector<float> logits;
+      const int begin = p.score_begin(b, kvh), count = p.score_count(b, kvh);
       std::vector<double> acc(std::size_t(count), 0.0);
-      for (int qh = kvh * group; qh < (kvh + 1) * group; ++qh) {
-        for (int r0 = 0; r0 < w; r0 += detail::kRowTile) {
-          const int rows = std::min(detail::kRowTile, w - r0);
-          detail::tile_logits(p, b, qh, r0, rows, keys, needed, logits);
-          for (int t = 0; t < rows; ++t) {
-            const int r = r0 + t;
-            const float* row = logits.data() + std::size_t(t) * needed;
-            const float lse = p.lse.data ? p.ring_at(p.lse, b, qh, r) : detail::logsumexp(row, n - w + r + 1);
-            if (!p.lse.data && p.lse_out.data) p.ring_at(p.lse_out, b, qh, r) = lse;
-            const double wr = distance_row_weight(r, w, distance_weight);
-            detail::add_softmax_row(row + begin, lse, wr, count, acc.data());
-          }
-        }
+      if (!p.lse.data) {
+        detail::window_scores_own_lse(p, b, kvh, distance_weight, begin, count, acc.data());
+      } else {
+        const int chunks = (count + detail::kColumnChunk - 1) / detail::kColumnChunk;
+        const auto chunk = [&](int c) {
+          const int j0 = begin + c * detail::kColumnChunk, j1 = std::min(begin + count, j0 + detail::kColumnChunk);
+          detail::window_scores_given_lse(p, b, kvh, distance_weight, begin, j0, j1, acc.data());
+        };
+        if (p.parallel && *p.parallel && chunks > 1) (*p.parallel)(chunks, chunk);
+        else for (int c = 0; c < chunks; ++c) chunk(c);
       }
       const int gi = g == Granularity::shared ? 0 : kvh;
       const double denom = double(w) * (g == Granularity::shared ? p.q_heads() : group);
