@@ -187,15 +187,17 @@ struct Run {
     return s;
   }
   /// Pages for every request at its peak at once (the churn request too), a
-  /// table row for the longest layer any reaches.
+  /// table row for the longest layer any reaches. With churn the other
+  /// sequences decode one step more (while slot 1 changes hands, run()).
   PagedCacheShape make_shape(int page_size) const {
     PagedCacheShape s;
     s.num_layers = L, s.kv_heads = H, s.head_dim = d, s.dtype = DTypeOf<T>::value;
     s.granularity = sel.granularity, s.page_size = page_size, s.max_seqs = B, s.num_pages = 0, s.max_seq_len = 1;
+    const int steps = c.steps + (c.churn ? 1 : 0);
     for (int p : prompts) {
-      s.num_pages += int(hcomp.pages(p, c.steps, page_size).total_peak);
+      s.num_pages += int(hcomp.pages(p, steps, page_size).total_peak);
       s.max_seq_len = std::max(s.max_seq_len, p);
-      for (int x : hcomp.trace(p, c.steps).capacity) s.max_seq_len = std::max(s.max_seq_len, x);
+      for (int x : hcomp.trace(p, steps).capacity) s.max_seq_len = std::max(s.max_seq_len, x);
     }
     return s;
   }
