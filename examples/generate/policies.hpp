@@ -87,7 +87,7 @@ struct Pyramid45 {
 /// but the first 8/15 of the layers (16 of SmolLM2's 30, 17 of LLaMA-2's 32)
 /// keep every token; the cosine schedule falls to 0.1 over the rest. On
 /// SmolLM2 it held 81% of a full cache after a 1K prefill and spent 80% of
-/// its prefill FLOPs, for +1.4% perplexity (+0.9% on held-out texts) where
+/// its prefill FLOPs, for +1.3% perplexity (+0.9% on held-out texts) where
 /// the paper's defaults (77%, 75%) cost +4.1% (+2.3%). Fixed: the policy's
 /// `ratio` option does not apply to it.
 struct PyramidLate {

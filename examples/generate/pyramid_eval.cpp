@@ -102,9 +102,11 @@ class Progress {
   }
   void start() { t0_ = std::chrono::steady_clock::now(); }
   /// One step of `tokens` done; `what` says which.
-  void step(double tokens, const std::string& what) {
-    ++done_steps_;
-    done_tokens_ += tokens;
+  void step(double tokens, const std::string& what) { steps(1, tokens, what); }
+  /// `count` steps of `tokens` each done at once (a batch).
+  void steps(long long count, double tokens, const std::string& what) {
+    done_steps_ += count;
+    done_tokens_ += double(count) * tokens;
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
     const double left = done_tokens_ > 0 ? elapsed * (total_tokens_ - done_tokens_) / done_tokens_ : 0.0;
     std::fprintf(stderr, "[%lld/%lld %3.0f%%, %s elapsed, ~%s left] %s\n", done_steps_, total_steps_,
@@ -346,8 +348,8 @@ PolicyOutcome run_cuda(llama_cuda::Evaluator& ev, const Tokenizer& tok,
     for (const Passage& p : passages) seqs.push_back(passage_tokens(texts, p, o));
     const llama_cuda::Evaluator::Continuation r = ev.continuation(policy, seqs, o.prefill, o.cont);
     out.nll_sum = r.nll, out.kv_prefill = r.kv_prefill, out.kv_end = r.kv_end;
-    for (std::size_t i = 0; i < passages.size(); ++i)
-      progress.step(double(o.prefill) + o.cont, policy.label() + " " + budget + " passages (one batch)");
+    progress.steps((long long)passages.size(), double(o.prefill) + o.cont,
+                   policy.label() + " " + budget + ": " + std::to_string(passages.size()) + " passages (one batch)");
   }
   if (o.passkey_trials > 0) {
     std::vector<LookupPrompt> prompts;
@@ -357,11 +359,11 @@ PolicyOutcome run_cuda(llama_cuda::Evaluator& ev, const Tokenizer& tok,
       tokens.push_back(prompts.back().tokens);
     }
     const auto answers = ev.greedy(policy, tokens, kLookupAnswerTokens);
-    for (int k = 0; k < o.passkey_trials; ++k) {
+    for (int k = 0; k < o.passkey_trials; ++k)
       out.lookups.push_back({prompts[std::size_t(k)].depth,
                              answer_is(tok, answers[std::size_t(k)], prompts[std::size_t(k)].value)});
-      progress.step(double(o.prefill) + kLookupAnswerTokens, policy.label() + " " + budget + " lookups (one batch)");
-    }
+    progress.steps(o.passkey_trials, double(o.prefill) + kLookupAnswerTokens,
+                   policy.label() + " " + budget + ": " + std::to_string(o.passkey_trials) + " lookups (one batch)");
   }
   return out;
 }
