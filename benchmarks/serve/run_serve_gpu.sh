@@ -16,7 +16,7 @@
 # counts and limits are environment variables:
 #   REQ512=384 REQ2K=100 POLICIES=full,pyramid,pyramid45,snapkv POOL_GB=40
 #   SHAPE=llama2-7b CUDA_ARCH=90 BUDGET_S=450 (seconds for build + runs)
-#   WORKLOADS="512 2048" (prompt medians). Fewer requests than these leave the
+#   WORKLOADS="512 2048" (prompt medians; WORKLOADS="" builds and selfchecks only). Fewer requests than these leave the
 #   compressed policies limited by the request count, not the pool (they admit
 #   everything at once); at these counts one workload takes a call:
 #   WORKLOADS=512, then WORKLOADS=2048 on the next call (the build is kept).
@@ -33,7 +33,7 @@ START=$(date +%s)
 BUDGET_S=${BUDGET_S:-450}
 REQ512=${REQ512:-384}
 REQ2K=${REQ2K:-100}
-WORKLOADS=${WORKLOADS:-512 2048}
+WORKLOADS=${WORKLOADS-512 2048}  # empty: build and selfcheck only
 POLICIES=${POLICIES:-full,pyramid,pyramid45,snapkv}
 POOL_GB=${POOL_GB:-40}
 SHAPE=${SHAPE:-llama2-7b}
@@ -84,6 +84,7 @@ while [ $# -gt 0 ]; do
   run_workload "$median" "$req" $(( $# > 0 ? 45 : 100 ))  # the last workload takes what is left
 done
 
+[ -s "$OUT/serve.jsonl" ] || { echo "== no workload ran (WORKLOADS='$WORKLOADS')"; exit 0; }
 echo "== results"
 python3 benchmarks/serve/plot_serve.py "$OUT/serve.jsonl" "$OUT/serve_steps.jsonl" "$OUT" | tee "$OUT/report.md"
 ls "$OUT"/*.png 2>/dev/null
