@@ -186,7 +186,13 @@ class _Hooks:
         def hook(module, args, kwargs):
             cache = kwargs.get("past_key_values")
             self.active = cache if isinstance(cache, PyramidCache) else None
-            return self.active._enter_layer(l, args, kwargs) if self.active is not None else None
+            if self.active is None:
+                return None
+            out = self.active._enter_layer(l, args, kwargs)
+            # The layer's RoPE tables (its kept rows' in a token-dropping
+            # prefill): transformers >= 5.3 no longer hands them to update().
+            self.active._tables[l] = (out[1] if out is not None else kwargs).get("position_embeddings")
+            return out
         return hook
 
     def _q_out(self, l):
@@ -243,11 +249,16 @@ class _Layer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self._cache.seen
 
-    def get_mask_sizes(self, cache_position) -> tuple:
-        return self._cache.seen + cache_position.shape[0], 0
+    def get_mask_sizes(self, query) -> tuple:
+        # transformers up to 5.2 passes the new tokens' cache_position (a
+        # tensor), later versions their count (an int).
+        n = query if isinstance(query, int) else query.shape[0]
+        return self._cache.seen + n, 0
 
-    def get_max_cache_shape(self) -> int:
+    def get_max_length(self) -> int:  # transformers >= 5.15 (no bound)
         return -1
+
+    get_max_cache_shape = get_max_length  # its name before
 
     @property
     def is_initialized(self) -> bool:
@@ -309,7 +320,8 @@ class PyramidCache(Cache):
         self.prefilling = False
         self.rows: Optional[torch.Tensor] = None  # original positions of the rows the layer computes
         self._next: Optional[torch.Tensor] = None  # rows of the previous layer that go on
-        self._queries: dict = {}
+        self._queries: dict = {}  # per layer: q_proj output (the hooks lend it)
+        self._tables: dict = {}   # per layer: the RoPE (cos, sin) the layer got
         self._mask: Optional[torch.Tensor] = None
         self.prefill_positions: list = []  # per layer, per KV head: positions held after prefill
 
@@ -416,13 +428,15 @@ class PyramidCache(Cache):
         """The queries of rows `rows` of layer l after RoPE, (1, heads, w, d)."""
         if not self.compressor.needs_queries:
             return None
-        q = self._queries.pop(l, None)
-        if q is None or cache_kwargs is None or "cos" not in cache_kwargs:
+        q, tables = self._queries.pop(l, None), self._tables.pop(l, None)
+        if cache_kwargs is not None and "cos" in cache_kwargs:  # transformers < 5.3 passes them here
+            tables = cache_kwargs["cos"], cache_kwargs["sin"]
+        if q is None or tables is None:
             raise Error("pyramidinfer.hf.PyramidCache: layer %d's queries or RoPE tables did not reach the cache "
                         "(is this a Llama-structured model with pyramidinfer's hooks attached?)" % l)
         q = q[:, rows]
         q = q.view(1, q.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cache_kwargs["cos"][:, rows], cache_kwargs["sin"][:, rows]
+        cos, sin = tables[0][:, rows], tables[1][:, rows]
         q, _ = self._hooks.rope(q, q, cos, sin)
         return q.detach()
 
