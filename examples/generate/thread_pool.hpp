@@ -40,7 +40,8 @@ class ThreadPool {
   int threads() const { return int(workers_.size()) + 1; }
 
   /// body(i) for i in [0, tasks), on every thread; returns when all are done
-  /// and rethrows the first exception a task threw.
+  /// and rethrows the first exception a task threw. One call at a time (the
+  /// engine's thread); a task must not call it again.
   void parallel_for(int tasks, const std::function<void(int)>& body) {
     if (tasks <= 0) return;
     std::unique_lock<std::mutex> lock(m_);
