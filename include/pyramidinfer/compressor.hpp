@@ -29,8 +29,8 @@
 #include <vector>
 
 #include "cache/paged.hpp"
-#include "core/parallel.hpp"
 #include "cache/planner.hpp"
+#include "core/parallel.hpp"
 #include "kernels/host/paged.hpp"
 #include "kernels/host/select.hpp"
 #include "policy/schedule.hpp"

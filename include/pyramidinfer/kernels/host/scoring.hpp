@@ -274,10 +274,6 @@ inline float logsumexp(const float* logits, int count) {
   return m + float(std::log(sum));
 }
 
-}  // namespace detail
-
-namespace detail {
-
 /// Slots per task of the column-parallel scoring: a multiple of the vector
 /// exponential's 8 lanes, so every slot takes the same code path as in one
 /// serial pass over [begin, begin + count) and the sums are the same bits.
