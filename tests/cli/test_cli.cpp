@@ -243,6 +243,7 @@ TEST_CASE("policy specs: a name and key=value changes, each checked", "[parser]"
   CHECK(has(err("bogus:start=1"), "unknown policy 'bogus'"));
   CHECK(has(err("full:start=1"), "'full' takes no changes"));
   CHECK(has(err("pyramid45:dw=1"), "'pyramid45' takes no changes"));
+  CHECK(has(err("pyramid-late:start=3"), "'pyramid-late' takes no changes"));
   CHECK(has(err("pyramid:"), "'' is not key=value"));
   CHECK(has(err("pyramid:start"), "'start' is not key=value"));
   CHECK(has(err("pyramid:start="), "'start=' is not key=value"));
