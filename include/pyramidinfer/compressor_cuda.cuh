@@ -171,6 +171,17 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   int decode_fired() const { return trigger_ == DecodeTrigger::host ? last_fired_ : -1; }
   /// How many times decode_compress launched the eviction chain since attach().
   long long evict_launches() const { return evict_launches_; }
+  /// Tokens `layer` of `seq` holds, as the host tracks them (host trigger
+  /// mode only: in device mode only the device knows after a decode step).
+  /// Lets an engine size its attention over the cache without a read-back.
+  int host_length(int layer, int seq) const {
+    const char* fn = "PyramidCompressor<CudaBackend>::host_length";
+    PYRAMIDINFER_REQUIRE(trigger_ == DecodeTrigger::host, fn, "decode trigger", "device",
+                         "must be host (in device mode the lengths live on the device only)");
+    pyramidinfer::detail::check_compressor_layer(config(), layer, fn);
+    live_seq(seq, fn);
+    return hlen_[hidx(layer, seq)];
+  }
 
   // ---- memory -------------------------------------------------------------
 

@@ -228,27 +228,32 @@ class PyramidCompressor:
             raise Error(f"pyramidinfer::PyramidCompressor: argument 'decode' = {decode!r} must be a DecodeSchedule")
         sched_ratio = getattr(sh, "final_ratio", getattr(sh, "ratio", 1.0))
         self.scoring, self.selection, self.schedule_policy, self.decode = sc, se, sh, decode
-        self._c = _core._make_compressor(
-            num_layers, num_heads, kv_heads, head_dim,
-            recent_ratio=recent_ratio,
-            softmax_scale=softmax_scale,
-            compress_decode=compress_decode,
+        self._settings = dict(
+            num_layers=num_layers, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
+            recent_ratio=float(recent_ratio),
+            softmax_scale=float(softmax_scale),
+            compress_decode=bool(compress_decode),
             prefill_mode=prefill_mode,
             lse_base=lse_base,
             scoring=sc.name,
-            distance_weight=getattr(sc, "distance_weight", 1.2),
+            distance_weight=float(getattr(sc, "distance_weight", 1.2)),
             selection=se.name,
             sinks=se.sinks,
             min_context=se.min_context,
-            mass=getattr(se, "mass", 0.9),
+            mass=float(getattr(se, "mass", 0.9)),
             granularity=se.granularity,
             schedule=sh.name,
             schedule_ratio=float(sched_ratio),
             schedule_table=[float(r) for r in getattr(sh, "ratios", ())],
             decode_segment=decode.segment,
-            decode_gen_ratio=decode.gen_ratio,
-            decode_final_ratio=decode.final_ratio,
+            decode_gen_ratio=float(decode.gen_ratio),
+            decode_final_ratio=float(decode.final_ratio),
         )
+        self._c = self._make(self._settings)
+
+    @staticmethod
+    def _make(settings):
+        return _core._make_compressor(settings)
 
     def __getattr__(self, name):  # begin, end, prefill_store, ... come from the binding
         if name == "_c":

@@ -1,4 +1,4 @@
-"""pyramidinfer.hf: PyramidInfer inside Hugging Face transformers (CPU, float32).
+"""pyramidinfer.hf: PyramidInfer inside Hugging Face transformers (CPU or CUDA).
 
 Llama-structured models (``LlamaForCausalLM`` and models built the same way,
 e.g. SmolLM2, also loaded from a GGUF with ``gguf_file=``) keep a pyramid KV
@@ -7,6 +7,10 @@ and only those tokens' hidden states go on to the next layer (deeper layers
 compute fewer tokens), and in decode each layer evicts as the paper does. The
 positions kept come from the library's C++ compressor (``pyramidinfer._core``),
 the same code the C++ engines run; tensors reach it through DLPack, in place.
+A model on a CUDA device (float16, bfloat16 or float32) runs the CUDA
+compressor (``pyramidinfer.cuda``) over a paged cache in device memory, with
+no host synchronisation in a step; a model on the CPU runs the host
+compressor in float32.
 
 Quickstart (from the repository root, after examples/fetch_model.sh):
 
@@ -29,8 +33,9 @@ its own cache: ``snapkv`` (window attention, per KV head), ``h2o``
 Any :class:`pyramidinfer.PyramidCompressor` keyword overrides the preset.
 
 Limits: batch size 1 (token dropping gives each sequence its own token set),
-one token per forward after the prompt, float32 on the CPU (the CUDA binding
-is not built yet), greedy/sampling generation (no beam search). With token
+one token per forward after the prompt, float32 on the CPU, greedy/sampling
+generation (no beam search). Attention reads a contiguous copy of each
+layer's pages (transformers' attention takes contiguous K and V). With token
 dropping a prefill forward returns logits for the rows the last layer
 computed (``cache.rows``): the last row is always the prompt's last token.
 Hooks are added to the model once (:func:`detach` removes them); they do
@@ -108,11 +113,28 @@ def _model_shape(config) -> tuple:
     return config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
+def _model_device(model) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _compressor_class(device: torch.device):
+    if device.type == "cpu":
+        return PyramidCompressor
+    if device.type != "cuda":
+        raise Error(f"pyramidinfer.hf: a model on {device} is not supported (CPU or CUDA)")
+    from . import cuda
+    if not cuda.available():
+        raise Error("pyramidinfer.hf: the model is on CUDA but pyramidinfer's CUDA extension is not built or sees "
+                    "no device (pyramidinfer.cuda.available() is False)")
+    return cuda.PyramidCompressor
+
+
 def _make_compressor(model, policy, ratio, overrides) -> tuple:
-    """(compressor, the keywords it was made with)."""
+    """(compressor, the keywords it was made with), on the model's device."""
     kw = policy_kwargs(policy, ratio) if policy is not None else {}
     kw.update(overrides)
-    return PyramidCompressor(*_model_shape(model.config), **kw), kw
+    return _compressor_class(_model_device(model))(*_model_shape(model.config), **kw), kw
 
 
 def kv_fraction(model_or_config, prompt_len: int, policy: str = "pyramid", ratio: Optional[float] = None,
@@ -299,6 +321,8 @@ class PyramidCache(Cache):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise Error(f"pyramidinfer.hf.PyramidCache: max_new_tokens = {max_new_tokens!r} must be an int >= 0")
         self.compressor, kw = _make_compressor(model, policy, ratio, compressor_kwargs)
+        self.device = _model_device(model)
+        self.dtype = next(model.parameters()).dtype
         self.num_layers, self.num_heads, self.kv_heads, self.head_dim = _model_shape(model.config)
         self.max_new_tokens, self.page_size = max_new_tokens, page_size
         self._hooks = attach(model)
@@ -313,7 +337,7 @@ class PyramidCache(Cache):
         """Forgets the sequence: the next forward is a new prompt's prefill."""
         if getattr(self, "pages", None) is not None and self.compressor.live(0):
             self.compressor.end(self.pages, 0)
-        self.pages: Optional[PagedCache] = None
+        self.pages = None  # the paged cache: PagedCache, or pyramidinfer.cuda.PagedCache on a GPU
         self.seen = 0            # tokens the model has seen (prompt + decoded)
         self.prompt_len = 0
         self.max_seq_len = 0
@@ -323,12 +347,23 @@ class PyramidCache(Cache):
         self._queries: dict = {}  # per layer: q_proj output (the hooks lend it)
         self._tables: dict = {}   # per layer: the RoPE (cos, sin) the layer got
         self._mask: Optional[torch.Tensor] = None
-        self.prefill_positions: list = []  # per layer, per KV head: positions held after prefill
+        self._prefill_positions: list = []  # per layer: (held, position heads) positions after its prefill
+        self._pos_step: Optional[torch.Tensor] = None  # the decode step's position (device int32)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     def positions(self, layer: int, head: int = 0) -> torch.Tensor:
         """Original positions of the tokens `layer` holds now (KV head `head`)."""
         self._check_started("positions")
         return torch.from_numpy(self.pages.positions(layer, 0, head))
+
+    @property
+    def prefill_positions(self) -> list:
+        """Per layer, per KV head: the positions it held right after its prefill (CPU int tensors)."""
+        per_head = self.compressor.granularity == "per_kv_head"
+        return [[p[:, h if per_head else 0].cpu() for h in range(self.kv_heads)] for p in self._prefill_positions]
 
     def lengths(self) -> list:
         """Tokens each layer holds now."""
@@ -339,6 +374,8 @@ class PyramidCache(Cache):
         """(keys, values) `layer` holds, (1, kv_heads, length, head_dim): a
         gather of its pages (the attention reads contiguous rows)."""
         self._check_started("held")
+        if self.on_cuda:
+            return self._held_cuda(layer)
         n = self.pages.length(layer, 0)
         pages = self.pages.page_table(layer, 0)
         out = []
@@ -348,6 +385,25 @@ class PyramidCache(Cache):
             rows = np.take(pool, pages, axis=0).reshape(-1, self.kv_heads, self.head_dim)[:n]
             out.append(torch.from_numpy(np.ascontiguousarray(rows.transpose(1, 0, 2)))[None])
         return out[0], out[1]
+
+    def _layer_pages(self, layer: int) -> tuple:
+        """(page ids, length) of `layer` on the GPU: the length as the host
+        tracks it, the pages a device view (no read-back)."""
+        n = self.compressor.host_length(layer, 0)
+        return self._tables[layer, 0, : -(-n // self.page_size)], n
+
+    def _held_cuda(self, layer: int) -> tuple:
+        pages, n = self._layer_pages(layer)
+        out = []
+        for pool in (self._k_pool, self._v_pool):  # (pages, page_size, kv_heads, d)
+            rows = pool.index_select(0, pages).reshape(-1, self.kv_heads, self.head_dim)[:n]
+            out.append(rows.transpose(0, 1).unsqueeze(0))
+        return out[0], out[1]
+
+    def _snapshot_positions(self, layer: int) -> torch.Tensor:
+        """Layer's held positions (length, position heads), a device copy: no read-back."""
+        pages, n = self._layer_pages(layer)
+        return self._positions.index_select(0, pages).reshape(-1, self._positions.shape[2])[:n].clone()
 
     def _check_started(self, what):
         if self.pages is None:
@@ -359,11 +415,23 @@ class PyramidCache(Cache):
         pc = self.compressor
         steps = self.max_new_tokens
         pages = pc.pages(n, steps, self.page_size)["total_peak"]
-        self.pages = PagedCache(self.num_layers, self.kv_heads, self.head_dim, num_pages=pages, max_seqs=1,
-                                max_seq_len=n + steps, page_size=self.page_size, granularity=pc.granularity)
+        shape = (self.num_layers, self.kv_heads, self.head_dim)
+        if self.on_cuda:
+            from . import cuda
+            self.pages = cuda.PagedCache(*shape, num_pages=pages, max_seqs=1, max_seq_len=n + steps,
+                                         page_size=self.page_size, dtype=self.dtype, granularity=pc.granularity,
+                                         device=self.device)
+            pc.attach(self.pages, ring_rows=pc.ring_rows_for(n))
+            # Device views (no copies) the attention's gathers read.
+            self._k_pool, self._v_pool = self.pages.k_pool, self.pages.v_pool
+            self._tables = torch.from_dlpack(self.pages.page_tables())
+            self._positions = torch.from_dlpack(self.pages.positions_view())
+        else:
+            self.pages = PagedCache(*shape, num_pages=pages, max_seqs=1, max_seq_len=n + steps,
+                                    page_size=self.page_size, granularity=pc.granularity)
         pc.begin(self.pages, 0, n)
         self.prompt_len, self.max_seq_len, self.prefilling = n, n + steps, True
-        self.rows = torch.arange(n)
+        self.rows = torch.arange(n, device=self.device)
 
     def _enter_layer(self, l: int, args: tuple, kwargs: dict):
         """Before decoder layer l: in a token-dropping prefill, give it only the
@@ -383,9 +451,10 @@ class PyramidCache(Cache):
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             # The forward's mask is causal over all tokens seen; the last query
             # row sees every key unless there is padding, which we refuse (a
-            # pad would become a sink).
+            # pad would become a sink). Every layer gets the same mask: one
+            # check (a read-back on a GPU) per forward.
             last = mask[0, :, -1]
-            if not bool((last if last.dtype == torch.bool else last == 0).all()):
+            if l == 0 and not bool((last if last.dtype == torch.bool else last == 0).all()):
                 raise Error("pyramidinfer.hf.PyramidCache: the attention mask hides tokens (padding); "
                             "one unpadded sequence per cache is supported")
             if not self.prefilling:
@@ -401,7 +470,7 @@ class PyramidCache(Cache):
         # tokens' original positions (the prompt starts at 0).
         if self._next.numel() < hidden.shape[1]:
             hidden = hidden.index_select(1, self._next)
-        rows = torch.from_numpy(self.compressor.tokens(0).astype("int64"))
+        rows = self._tokens()
         if rows.numel() < self.prompt_len:
             self.rows = rows
             if kwargs.get("position_embeddings") is not None:
@@ -416,7 +485,7 @@ class PyramidCache(Cache):
             # Each KV head attends only to the tokens it kept; the mask is
             # filled in update(), once the layer's head sets are stored.
             m = hidden.shape[1]
-            self._mask = torch.zeros(1, self.num_heads, m, m, dtype=hidden.dtype)
+            self._mask = torch.zeros(1, self.num_heads, m, m, dtype=hidden.dtype, device=hidden.device)
             kwargs["attention_mask"] = self._mask
         if args:
             args = (hidden,) + tuple(args[1:])
@@ -424,9 +493,16 @@ class PyramidCache(Cache):
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def _tokens(self) -> torch.Tensor:
+        """T_l's original positions, int64 on the model's device (a copy: the
+        compressor's buffer is rewritten at the next layer)."""
+        t = self.compressor.tokens(0)
+        return torch.from_dlpack(t).long() if self.on_cuda else torch.from_numpy(t.astype("int64"))
+
     def _rope_queries(self, l: int, rows: slice, cache_kwargs) -> Optional[torch.Tensor]:
-        """The queries of rows `rows` of layer l after RoPE, (1, heads, w, d)."""
-        if not self.compressor.needs_queries:
+        """The queries of rows `rows` of layer l after RoPE, (1, heads, w, d).
+        The CUDA compressor always takes them (its ring holds every policy's window)."""
+        if not self.compressor.needs_queries and not self.on_cuda:
             return None
         q, tables = self._queries.pop(l, None), self._tables.pop(l, None)
         if cache_kwargs is not None and "cos" in cache_kwargs:  # transformers < 5.3 passes them here
@@ -442,28 +518,64 @@ class PyramidCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs: Optional[dict] = None):
         k, v = key_states.detach(), value_states.detach()
-        if k.dtype != torch.float32 or k.device.type != "cpu":
-            raise Error(f"pyramidinfer.hf.PyramidCache: keys are {k.dtype} on {k.device}; this version runs "
-                        "float32 on the CPU (load the model with torch_dtype=torch.float32)")
-        if k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim:
-            raise Error(f"pyramidinfer.hf.PyramidCache: keys of shape {tuple(k.shape)} do not match the model's "
-                        f"(1, {self.kv_heads}, n, {self.head_dim})")
-        pc, l = self.compressor, layer_idx
+        self._check_kv(k)
         if self.prefilling:
-            pc.prefill_store(l, self.pages, 0, k[0], v[0])
-            if self._per_head and self._drop and l > 0:
-                self._fill_head_mask(l, torch.from_numpy(pc.tokens(0).astype("int64")))
-            w = pc.window(0)
-            q = self._rope_queries(l, slice(k.shape[2] - w, None), cache_kwargs)
-            nxt = pc.prefill_select(l, self.pages, 0, None if q is None else q[0])
-            self.prefill_positions.append([self.positions(l, h) for h in range(self.kv_heads)])
-            self._next = torch.from_numpy(nxt.astype("int64"))
-            if l == self.num_layers - 1:
-                self.prefilling, self.seen, self._mask = False, self.prompt_len, None
+            self._prefill_layer(layer_idx, k, v, cache_kwargs)
             return key_states, value_states  # the layer attends over all of T_l, as computed
         if k.shape[2] != 1:
             raise Error("pyramidinfer.hf.PyramidCache: decode takes one token per forward")
-        pos = self.seen
+        return self._decode_layer(layer_idx, k, v, cache_kwargs)
+
+    def _check_kv(self, k: torch.Tensor):
+        if self.on_cuda and (k.device != self.device or k.dtype != self.dtype):
+            raise Error(f"pyramidinfer.hf.PyramidCache: keys are {k.dtype} on {k.device}; the cache was made for "
+                        f"{self.dtype} on {self.device} (the model's)")
+        if not self.on_cuda and (k.dtype != torch.float32 or k.device.type != "cpu"):
+            raise Error(f"pyramidinfer.hf.PyramidCache: keys are {k.dtype} on {k.device}; on the CPU this version "
+                        "runs float32 (load the model with torch_dtype=torch.float32)")
+        if k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim:
+            raise Error(f"pyramidinfer.hf.PyramidCache: keys of shape {tuple(k.shape)} do not match the model's "
+                        f"(1, {self.kv_heads}, n, {self.head_dim})")
+
+    def _prefill_layer(self, l: int, k: torch.Tensor, v: torch.Tensor, cache_kwargs):
+        """Stores layer l's rows and selects the rows layer l + 1 computes."""
+        pc = self.compressor
+        pc.prefill_store(l, self.pages, 0, k[0], v[0])
+        if self._per_head and self._drop and l > 0:
+            self._fill_head_mask(l, self.rows)  # self.rows: T_l's positions
+        q = self._rope_queries(l, slice(k.shape[2] - pc.window(0), None), cache_kwargs)
+        if self.on_cuda:
+            index, _ = pc.prefill_select(l, self.pages, 0, q[0])
+            self._next = torch.from_dlpack(index)[0, : pc.token_count(0)].long()
+            self._prefill_positions.append(self._snapshot_positions(l))
+        else:
+            nxt = pc.prefill_select(l, self.pages, 0, None if q is None else q[0])
+            self._next = torch.from_numpy(nxt.astype("int64"))
+            self._prefill_positions.append(self._host_positions(l))
+        if l == self.num_layers - 1:
+            self.prefilling, self.seen, self._mask = False, self.prompt_len, None
+
+    def _host_positions(self, l: int) -> torch.Tensor:
+        """Layer l's held positions, (length, position heads) (the CPU cache)."""
+        heads = self.kv_heads if self._per_head else 1
+        return torch.stack([self.positions(l, h) for h in range(heads)], dim=1)
+
+    def _decode_layer(self, l: int, k: torch.Tensor, v: torch.Tensor, cache_kwargs):
+        """Appends the token, returns what layer l attends over, then lets the
+        compressor evict (after the gather, which keeps its copy)."""
+        pc, pos = self.compressor, self.seen
+        if l == 0:
+            self._check_decode_position(pos, cache_kwargs)
+        seqs = [0] if self.on_cuda else np.zeros(1, dtype=np.int32)
+        pc.decode_append(l, self.pages, seqs, k, v, self._pos_step, self._rope_queries(l, slice(None), cache_kwargs))
+        keys, values = self.held(l)  # a gather, so compression below leaves it as it is
+        pc.decode_compress(l, self.pages, seqs)
+        if l == self.num_layers - 1:
+            self.seen += 1
+        return keys, values
+
+    def _check_decode_position(self, pos: int, cache_kwargs):
+        """Once per step: the token continues the sequence and fits the pool."""
         cp = (cache_kwargs or {}).get("cache_position")
         if cp is not None and int(cp[-1]) != pos:
             raise Error(f"pyramidinfer.hf.PyramidCache: cache_position {int(cp[-1])} is not the next position "
@@ -471,13 +583,7 @@ class PyramidCache(Cache):
         if pos >= self.max_seq_len:  # the pool was planned for this many tokens
             raise Error(f"pyramidinfer.hf.PyramidCache: token {pos - self.prompt_len + 1} after the prompt is "
                         f"past max_new_tokens = {self.max_new_tokens}; make the cache with a larger one")
-        seqs, p = torch.zeros(1, dtype=torch.int32), torch.tensor([pos], dtype=torch.int32)
-        pc.decode_append(l, self.pages, seqs, k, v, p, self._rope_queries(l, slice(None), cache_kwargs))
-        keys, values = self.held(l)  # a gather, so compression below leaves it as it is
-        pc.decode_compress(l, self.pages, seqs)
-        if l == self.num_layers - 1:
-            self.seen += 1
-        return keys, values
+        self._pos_step = torch.tensor([pos], dtype=torch.int32, device=self.device)
 
     def _fill_head_mask(self, l: int, tokens: torch.Tensor):
         """Per-KV-head token dropping: head h of layer l stores only its own
@@ -486,7 +592,7 @@ class PyramidCache(Cache):
         g = self.num_heads // self.kv_heads
         causal = tokens[None, :] <= tokens[:, None]
         for h in range(self.kv_heads):
-            mine = torch.isin(tokens, self.positions(l, h).long())
+            mine = torch.isin(tokens, self.positions(l, h).long().to(tokens.device))
             allowed = causal & mine[None, :]
             self._mask[0, h * g:(h + 1) * g] = torch.where(allowed, 0.0, -math.inf)
 

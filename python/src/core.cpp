@@ -18,127 +18,19 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include <pyramidinfer/pyramidinfer.hpp>
 
+#include "arrays.hpp"
+#include "policies.hpp"
+
 namespace nb = nanobind;
 using namespace nb::literals;
 namespace pi = pyramidinfer;
+using namespace pyramidinfer::python;
 
 namespace {
-
-using Array = nb::ndarray<nb::ro>;  // any dtype, rank, layout; read-only arrays accepted
-using OptArray = std::optional<Array>;
-
-[[noreturn]] void fail(const char* fn, const char* arg, const std::string& value, const std::string& req) {
-  pi::detail::throw_arg_error(fn, arg, value, req);
-}
-
-std::string dtype_name(nb::dlpack::dtype dt) {
-  std::string kind;
-  switch (nb::dlpack::dtype_code(dt.code)) {
-    case nb::dlpack::dtype_code::Int: kind = "int"; break;
-    case nb::dlpack::dtype_code::UInt: kind = "uint"; break;
-    case nb::dlpack::dtype_code::Float: kind = "float"; break;
-    case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
-    case nb::dlpack::dtype_code::Complex: kind = "complex"; break;
-    case nb::dlpack::dtype_code::Bool: kind = "bool"; break;
-    default: kind = "code" + std::to_string(int(dt.code)) + "_"; break;
-  }
-  return kind + std::to_string(int(dt.bits));
-}
-
-template <class T>
-const char* expected_dtype();
-template <>
-const char* expected_dtype<float>() { return "float32"; }
-
-template <class A>
-std::string shape_str(const A& a) {
-  std::string s = "(";
-  for (std::size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-/// Device and dtype of an input.
-template <class T, class A>
-void check_array(const A& a, const char* fn, const char* name) {
-  if (a.device_type() != nb::device::cpu::value)
-    fail(fn, name,
-         a.device_type() == nb::device::cuda::value ? std::string("a CUDA array")
-                                                    : "an array on DLPack device type " + std::to_string(a.device_type()),
-         "must be a CPU array (the CUDA binding is not built in this version)");
-  if (a.dtype() != nb::dtype<T>())
-    fail(fn, name, "array of dtype " + dtype_name(a.dtype()), std::string("must have dtype ") + expected_dtype<T>());
-}
-
-/// A rank-R view over the array's memory with its strides; a rank R - 1
-/// array gets a leading axis of size 1 when `allow_unbatched`.
-template <class T, int R, class A = Array>
-pi::TensorView<T, R> view(const A& a, const char* fn, const char* name, bool allow_unbatched = false) {
-  check_array<std::remove_const_t<T>>(a, fn, name);
-  const int nd = int(a.ndim());
-  const int lead = (allow_unbatched && nd == R - 1) ? 1 : 0;
-  if (nd + lead != R)
-    fail(fn, name, "array of shape " + shape_str(a),
-         "must have " + std::to_string(R) + " dimensions" +
-             (allow_unbatched ? " (or " + std::to_string(R - 1) + " without the batch axis)" : ""));
-  pi::TensorView<T, R> v;
-  v.data = static_cast<T*>(a.data());
-  if (lead) v.shape[0] = 1, v.stride[0] = 0;
-  for (int i = 0; i < nd; ++i) {
-    v.shape[i + lead] = std::int64_t(a.shape(std::size_t(i)));
-    v.stride[i + lead] = a.stride(std::size_t(i));
-    if (v.stride[i + lead] < 0)
-      fail(fn, name, "array with stride[" + std::to_string(i) + "] = " + std::to_string(v.stride[i + lead]),
-           "must have non-negative strides");
-  }
-  return v;
-}
-
-/// A 1-D integer array (int32 or int64) as int32 values: sequence slots and
-/// positions, a handful per call.
-std::vector<std::int32_t> int_list(const Array& a, const char* fn, const char* name) {
-  if (a.device_type() != nb::device::cpu::value) fail(fn, name, "an array on a non-CPU device", "must be a CPU array");
-  if (a.ndim() != 1) fail(fn, name, "array of shape " + shape_str(a), "must have 1 dimension");
-  const auto dt = a.dtype();
-  const bool i32 = dt == nb::dtype<std::int32_t>(), i64 = dt == nb::dtype<std::int64_t>();
-  if (!i32 && !i64) fail(fn, name, "array of dtype " + dtype_name(dt), "must have dtype int32 or int64");
-  std::vector<std::int32_t> out(a.shape(0));
-  for (std::size_t i = 0; i < out.size(); ++i) {
-    const std::int64_t off = std::int64_t(i) * a.stride(0);
-    const std::int64_t x = i32 ? static_cast<const std::int32_t*>(a.data())[off]
-                               : static_cast<const std::int64_t*>(a.data())[off];
-    if (x < INT32_MIN || x > INT32_MAX) fail(fn, name, std::to_string(x), "must fit in int32");
-    out[i] = std::int32_t(x);
-  }
-  return out;
-}
-
-/// A new numpy array that owns its memory.
-template <class T>
-nb::ndarray<nb::numpy, T> new_array(std::vector<std::size_t> shape) {
-  std::size_t n = 1;
-  for (std::size_t s : shape) n *= s;
-  T* p = new T[n > 0 ? n : 1]();
-  nb::capsule owner(p, [](void* q) noexcept { delete[] static_cast<T*>(q); });
-  return nb::ndarray<nb::numpy, T>(p, shape.size(), shape.data(), owner);
-}
-
-template <class T>
-nb::ndarray<nb::numpy, T> to_array(const std::vector<T>& v) {
-  auto a = new_array<T>({v.size()});
-  std::copy(v.begin(), v.end(), a.data());
-  return a;
-}
-
-pi::Granularity parse_granularity(const std::string& s, const char* fn) {
-  if (s == "shared") return pi::Granularity::shared;
-  if (s == "per_kv_head") return pi::Granularity::per_kv_head;
-  fail(fn, "granularity", "'" + s + "'", "must be 'shared' or 'per_kv_head'");
-}
 
 // --------------------------------------------------------------------------
 // Array-in, array-out kernels.
@@ -153,8 +45,8 @@ nb::ndarray<nb::numpy, float> window_attention_scores(const Array& keys, const A
   const bool batched = keys.ndim() == 4;
   const pi::Granularity g = parse_granularity(granularity, fn);
   pi::ScoreProblem<float> p;
-  p.keys = view<const float, 4>(keys, fn, "keys", true);
-  p.queries = view<const float, 4>(queries, fn, "queries", true);
+  p.keys = view<const float, 4>(keys, fn, "keys", Place::cpu(), true);
+  p.queries = view<const float, 4>(queries, fn, "queries", Place::cpu(), true);
   if (int(queries.ndim()) != int(keys.ndim()))
     fail(fn, "queries", "array of shape " + shape_str(queries),
          "must have as many dimensions as keys " + shape_str(keys));
@@ -170,7 +62,7 @@ nb::ndarray<nb::numpy, float> window_attention_scores(const Array& keys, const A
     fail(fn, "queries", "array of shape " + shape_str(queries), "must have a multiple of keys' kv_heads query heads");
   if (n > INT32_MAX || B > INT32_MAX) fail(fn, "keys", "array of shape " + shape_str(keys), "is too large");
   if (lse) {
-    p.lse = view<const float, 3>(*lse, fn, "lse", true);
+    p.lse = view<const float, 3>(*lse, fn, "lse", Place::cpu(), true);
     if (int(lse->ndim()) + 1 != int(keys.ndim()) || p.lse.shape[0] != B || p.lse.shape[1] != p.queries.shape[1] ||
         p.lse.shape[2] != w)
       fail(fn, "lse", "array of shape " + shape_str(*lse), "must be queries' shape without head_dim");
@@ -198,7 +90,7 @@ nb::ndarray<nb::numpy, float> window_attention_scores(const Array& keys, const A
 nb::ndarray<nb::numpy, std::int32_t> topk_indices(const Array& scores, int k, int sinks) {
   const char* fn = "topk_indices";
   const bool rows2 = scores.ndim() == 2;
-  const pi::TensorView<const float, 2> s = view<const float, 2>(scores, fn, "scores", true);
+  const pi::TensorView<const float, 2> s = view<const float, 2>(scores, fn, "scores", Place::cpu(), true);
   if (s.shape[1] > INT32_MAX) fail(fn, "scores", "array of shape " + shape_str(scores), "is too long");
   const int n = int(s.shape[1]);
   PYRAMIDINFER_REQUIRE(k >= 0 && k <= n, fn, "k", k, "must be in [0, n = " + std::to_string(n) + "]");
@@ -228,7 +120,7 @@ int compact_rows(nb::handle x_obj, const Array& kept) {
     if (nb::try_cast(x_obj, ro, false)) fail(fn, "x", "a read-only array", "must be writable (it is compacted in place)");
     fail(fn, "x", std::string("a ") + nb::inst_name(x_obj).c_str() + " object", "must be an array");
   }
-  const pi::KVView<float> v = view<float, 4>(x, fn, "x", true);
+  const pi::KVView<float> v = view<float, 4>(x, fn, "x", Place::cpu(), true);
   const std::vector<std::int32_t> idx = int_list(kept, fn, "kept");
   if (v.shape[2] > INT32_MAX) fail(fn, "x", "array of shape " + shape_str(x), "is too long");
   const int n = int(v.shape[2]), count = int(idx.size());
@@ -265,9 +157,7 @@ struct Cache {
     const char* fn = "PagedCache";
     shape = {num_layers,  kv_heads, head_dim, pi::DType::f32, parse_granularity(granularity, fn),
              page_size,   num_pages, max_seqs, max_seq_len};
-    if (layout_name == "nhd" || layout_name == "NHD") layout = pi::PageLayout::nhd;
-    else if (layout_name == "hnd" || layout_name == "HND") layout = pi::PageLayout::hnd;
-    else fail(fn, "layout", "'" + layout_name + "'", "must be 'nhd' or 'hnd'");
+    layout = parse_layout(layout_name, fn);
     shape.check(fn);
     storage = std::make_unique<pi::HostPagedStorage<float>>(shape, layout);
   }
@@ -344,10 +234,6 @@ struct CompressorBase {
   virtual pi::RequestPages pages(int, int, int) const = 0;
 };
 
-// Schedules reach the compressor as the per-layer table the named schedule
-// computes (its own keep_ratio, so the doubles are the same bits).
-using Decode = pi::DecodeSchedule<pi::CosineSchedule>;
-
 template <class Scoring, class Selection>
 struct CompressorImpl final : CompressorBase {
   pi::PyramidCompressor<Scoring, Selection, pi::TableSchedule, Decode> pc;
@@ -392,98 +278,15 @@ struct Compressor {
   std::string scoring, selection, schedule;
 };
 
-template <class Scoring>
-std::unique_ptr<CompressorBase> make_with_selection(const pi::CompressorConfig& c, Scoring sc,
-                                                    const std::string& selection, int sinks, int min_context,
-                                                    double mass, pi::Granularity g, pi::TableSchedule sch,
-                                                    Decode d) {
-  if (selection == "topk")
-    return std::make_unique<CompressorImpl<Scoring, pi::TopKSelection>>(
-        c, sc, pi::TopKSelection{sinks, min_context, g}, std::move(sch), d);
-  if (selection == "topp")
-    return std::make_unique<CompressorImpl<Scoring, pi::TopPSelection>>(
-        c, sc, pi::TopPSelection{mass, sinks, min_context, g}, std::move(sch), d);
-  fail("PyramidCompressor", "selection", "'" + selection + "'", "must be 'topk' or 'topp'");
-}
-
-std::vector<double> schedule_table(const std::string& name, double ratio, const std::vector<double>& table,
-                                   int num_layers) {
-  const char* fn = "PyramidCompressor";
-  PYRAMIDINFER_REQUIRE(num_layers > 0, fn, "num_layers", num_layers, "must be > 0");
-  std::vector<double> r;
-  for (int l = 0; l < num_layers; ++l) {
-    if (name == "cosine") r.push_back(pi::CosineSchedule{ratio}.keep_ratio(l, num_layers));
-    else if (name == "linear") r.push_back(pi::LinearSchedule{ratio}.keep_ratio(l, num_layers));
-    else if (name == "geometric") r.push_back(pi::GeometricSchedule{ratio}.keep_ratio(l, num_layers));
-    else if (name == "uniform") r.push_back(pi::UniformSchedule{ratio}.keep_ratio(l, num_layers));
-    else if (name == "table") return table;  // TableSchedule checks it
-    else fail(fn, "schedule", "'" + name + "'", "must be 'cosine', 'linear', 'geometric', 'uniform' or 'table'");
-  }
-  return r;
-}
-
-Compressor make_compressor(int num_layers, int num_heads, int kv_heads, int head_dim, double recent_ratio,
-                           float softmax_scale, bool compress_decode, const std::string& prefill_mode,
-                           const std::string& lse_base, const std::string& scoring, float distance_weight,
-                           const std::string& selection, int sinks, int min_context, double mass,
-                           const std::string& granularity, const std::string& schedule, double schedule_ratio,
-                           const std::vector<double>& schedule_table_in, int decode_segment, double decode_gen_ratio,
-                           double decode_final_ratio) {
-  const char* fn = "PyramidCompressor";
-  pi::CompressorConfig c;
-  c.num_layers = num_layers;
-  c.num_heads = num_heads;
-  c.kv_heads = kv_heads;
-  c.head_dim = head_dim;
-  c.recent_ratio = recent_ratio;
-  c.softmax_scale = softmax_scale;
-  c.compress_decode = compress_decode;
-  if (prefill_mode == "drop_tokens") c.prefill_mode = pi::PrefillMode::drop_tokens;
-  else if (prefill_mode == "layer_local") c.prefill_mode = pi::PrefillMode::layer_local;
-  else fail(fn, "prefill_mode", "'" + prefill_mode + "'", "must be 'drop_tokens' or 'layer_local'");
-  if (lse_base == "natural") c.lse_base = pi::LseBase::natural;
-  else if (lse_base == "base2") c.lse_base = pi::LseBase::base2;
-  else fail(fn, "lse_base", "'" + lse_base + "'", "must be 'natural' or 'base2'");
-  const pi::Granularity g = parse_granularity(granularity, fn);
-  pi::TableSchedule sch{schedule_table(schedule, schedule_ratio, schedule_table_in, num_layers)};
-  Decode d;
-  d.segment = decode_segment;
-  d.gen_ratio = decode_gen_ratio;
-  d.schedule = pi::CosineSchedule{decode_final_ratio};
+Compressor make_compressor(const nb::dict& settings) {
+  const PolicyArgs a = policy_args(settings);
   Compressor out;
-  out.scoring = scoring;
-  out.selection = selection;
-  out.schedule = schedule;
-  if (scoring == "recent_window")
-    out.impl = make_with_selection(c, pi::RecentWindowScoring{distance_weight}, selection, sinks, min_context, mass,
-                                   g, std::move(sch), d);
-  else if (scoring == "accumulated_attention")
-    out.impl = make_with_selection(c, pi::AccumulatedAttentionScoring{}, selection, sinks, min_context, mass, g,
-                                   std::move(sch), d);
-  else if (scoring == "key_norm")
-    out.impl = make_with_selection(c, pi::KeyNormScoring{}, selection, sinks, min_context, mass, g, std::move(sch), d);
-  else if (scoring == "position")
-    out.impl = make_with_selection(c, pi::PositionScoring{}, selection, sinks, min_context, mass, g, std::move(sch), d);
-  else
-    fail(fn, "scoring", "'" + scoring + "'",
-         "must be 'recent_window', 'accumulated_attention', 'key_norm' or 'position'");
+  out.scoring = a.scoring, out.selection = a.selection, out.schedule = a.schedule;
+  out.impl = with_policies(a, [](const pi::CompressorConfig& c, auto sc, auto se, pi::TableSchedule sch, Decode d) {
+    using Impl = CompressorImpl<decltype(sc), decltype(se)>;
+    return std::unique_ptr<CompressorBase>(std::make_unique<Impl>(c, sc, se, std::move(sch), d));
+  });
   return out;
-}
-
-nb::dict trace_dict(const pi::LayerTrace& t) {
-  nb::dict d;
-  d["prefill_len"] = t.prefill_len;
-  d["capacity"] = t.capacity;
-  return d;
-}
-
-nb::dict pages_dict(const pi::RequestPages& r) {
-  nb::dict d;
-  d["after_prefill"] = r.after_prefill;
-  d["peak"] = r.peak;
-  d["total_after_prefill"] = r.total_after_prefill;
-  d["total_peak"] = r.total_peak;
-  return d;
 }
 
 }  // namespace
@@ -614,8 +417,5 @@ NB_MODULE(_core, m) {
            [](const Compressor& c, int n, int steps, int page) { return pages_dict(c.impl->pages(n, steps, page)); },
            "prompt_len"_a, "decode_steps"_a, "page_size"_a);
 
-  m.def("_make_compressor", &make_compressor, "num_layers"_a, "num_heads"_a, "kv_heads"_a, "head_dim"_a,
-        "recent_ratio"_a, "softmax_scale"_a, "compress_decode"_a, "prefill_mode"_a, "lse_base"_a, "scoring"_a,
-        "distance_weight"_a, "selection"_a, "sinks"_a, "min_context"_a, "mass"_a, "granularity"_a, "schedule"_a,
-        "schedule_ratio"_a, "schedule_table"_a, "decode_segment"_a, "decode_gen_ratio"_a, "decode_final_ratio"_a);
+  m.def("_make_compressor", &make_compressor, "settings"_a);
 }
