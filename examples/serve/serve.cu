@@ -6,6 +6,7 @@
 //
 //   pyramid-serve --shape llama2-7b --policies full,pyramid45 --requests 128 --prompt-median 512 --mode both
 //   pyramid-serve selfcheck
+//   pyramid-serve --requests 384 --prompt-median 512 --dump-requests reqs.jsonl   # the requests only, no GPU
 //
 // Flow (scheduler.hpp). Each iteration: admit arrived requests (FIFO) while
 // a slot is free, their page curves fit the pool's books in every future
@@ -443,6 +444,19 @@ CudaModel load_model(ServeOptions& o) {
   return CudaModel::from_gguf(f);
 }
 
+/// --dump-requests: the workload's requests for another engine. Before any CUDA
+/// call, so that it runs on a machine without a GPU. Overwrites: one file, one workload.
+int dump_requests(const ServeOptions& o) {
+  const std::string text = workload_json_lines(o.workload);  // first: a bad workload leaves the file alone
+  const bool to_stdout = o.dump_requests == "-";
+  std::FILE* f = to_stdout ? stdout : std::fopen(o.dump_requests.c_str(), "w");
+  if (!f) throw std::runtime_error("--dump-requests: cannot open '" + o.dump_requests + "' for writing");
+  const bool written = std::fputs(text.c_str(), f) >= 0 && std::fflush(f) == 0;
+  const bool closed = to_stdout || std::fclose(f) == 0;
+  if (!written || !closed) throw std::runtime_error("--dump-requests: cannot write '" + o.dump_requests + "'");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -458,6 +472,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
+    if (!o.dump_requests.empty()) return dump_requests(o);
     if (o.selfcheck) return selfcheck() ? 0 : 1;
     const CudaModel model = o.model.empty() ? CudaModel::random(named_shape(o.shape), 42) : load_model(o);
     const double bw = copy_bandwidth();

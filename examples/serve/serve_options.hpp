@@ -32,6 +32,9 @@ struct ServeOptions {
   int warmup = 8;             ///< requests run (short outputs) before measuring, not reported
   bool graph = true;
   std::string out, steps_out;  ///< JSON lines: one per run, one per iteration ("" = none / stdout for out)
+  /// Write the workload's requests here (JSON lines, "-" = stdout) and exit without a GPU,
+  /// so that another engine (benchmarks/serve/hf_serve.py) serves the same ones ("" = no).
+  std::string dump_requests;
   bool selfcheck = false;
   bool help = false;
 };
@@ -63,7 +66,15 @@ inline std::string serve_usage() {
          "  --warmup N           warm-up requests before measuring (default 8)\n"
          "  --no-graph           decode steps launched eagerly\n"
          "  --out FILE           append the run summaries (JSON lines; default stdout)\n"
-         "  --steps-out FILE     append one JSON line per iteration (pages in use, step time, HBM floor)\n";
+         "  --steps-out FILE     append one JSON line per iteration (pages in use, step time, HBM floor)\n"
+         "  --dump-requests FILE write the workload's requests (JSON lines: the workload options, then\n"
+         "                       {id, prompt_len, output_len}; - for stdout) and exit; needs no GPU\n";
+}
+
+/// A file name flag's value: "" would read as "not given" and run the benchmark instead.
+inline std::string non_empty(const std::string& flag, const std::string& v) {
+  if (v.empty()) throw cli::UsageError(flag + " " + cli::in_quotes(v) + ": needs a file name (or - for stdout)");
+  return v;
 }
 
 /// Parses pyramid-serve's command line; throws cli::UsageError naming the flag and the value.
@@ -96,6 +107,7 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
       .value("--warmup", [&](const std::string& v) { o.warmup = int(parse_int("--warmup", v, 0, 100000)); })
       .value("--out", [&](const std::string& v) { o.out = v; })
       .value("--steps-out", [&](const std::string& v) { o.steps_out = v; })
+      .value("--dump-requests", [&](const std::string& v) { o.dump_requests = non_empty("--dump-requests", v); })
       .toggle("--no-graph", [&] { o.graph = false; })
       .toggle("--help", [&] { o.help = true; })
       .toggle("-h", [&] { o.help = true; });
@@ -103,6 +115,7 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
   if (o.help) return o;
   if (words.size() == 1 && words[0] == "selfcheck") o.selfcheck = true;
   else if (!words.empty()) throw UsageError("unexpected argument " + in_quotes(words[0]) + " (only 'selfcheck')");
+  if (o.selfcheck && !o.dump_requests.empty()) throw UsageError("--dump-requests does not go with selfcheck");
   bool known = false;
   for (const auto& s : serve_shapes()) known |= s == o.shape;
   if (!known) throw UsageError("--shape " + in_quotes(o.shape) + ": one of llama2-7b, llama2-13b, llama3-8b, tiny");

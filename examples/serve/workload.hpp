@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -99,6 +100,30 @@ inline std::vector<Request> make_workload(const WorkloadOptions& o) {
     out.push_back(r);
   }
   return out;
+}
+
+/// The header line of workload_json_lines: the options that fix the requests.
+inline std::string workload_json_header(const WorkloadOptions& o) {
+  char b[320];
+  std::snprintf(b, sizeof b,
+                "{\"bench\":\"serve-workload\",\"seed\":%llu,\"requests\":%d,\"prompt_median\":%.6g,"
+                "\"prompt_sigma\":%.6g,\"prompt_min\":%d,\"prompt_cap\":%d,\"output_min\":%d,\"output_max\":%d}",
+                (unsigned long long)o.seed, o.requests, o.prompt_median, o.prompt_sigma, o.prompt_min, o.prompt_cap,
+                o.output_min, o.output_max);
+  return b;
+}
+
+/// The requests of `o` as JSON lines, the header first, so that another engine
+/// (benchmarks/serve/hf_serve.py) serves exactly these. Arrivals are left out:
+/// the list is the saturation one (rate 0), and the other engine schedules it its own way.
+inline std::string workload_json_lines(WorkloadOptions o) {
+  o.rate = 0;
+  std::string s = workload_json_header(o) + "\n";
+  for (const Request& r : make_workload(o)) {
+    s += "{\"id\":" + std::to_string(r.id) + ",\"prompt_len\":" + std::to_string(r.prompt_len) +
+         ",\"output_len\":" + std::to_string(r.output_len) + "}\n";
+  }
+  return s;
 }
 
 }  // namespace pyramidinfer::serve

@@ -2,6 +2,7 @@
 // named in the error.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -69,4 +70,26 @@ TEST_CASE("serve options: bad input names the flag and the value", "[serve][opti
   CHECK_THAT(error_of({"--prompt-cap", "8"}), Catch::Contains("--prompt-cap 8"));
   CHECK_THAT(error_of({"--bogus"}), Catch::Contains("unknown option '--bogus'"));
   CHECK_THAT(error_of({"run"}), Catch::Contains("unexpected argument 'run'"));
+}
+
+TEST_CASE("serve options: --dump-requests writes the workload's requests", "[serve][options]") {
+  CHECK(parse({}).dump_requests.empty());
+  const ServeOptions o = parse({"--requests", "5", "--prompt-median", "2048", "--seed", "3", "--dump-requests", "r.jsonl"});
+  CHECK(o.dump_requests == "r.jsonl");
+  CHECK(parse({"--dump-requests", "-"}).dump_requests == "-");
+  // "" would read as "not given" and start the GPU run instead.
+  CHECK_THAT(error_of({"--dump-requests="}), Catch::Contains("--dump-requests '': needs a file name"));
+  CHECK_THAT(error_of({"--dump-requests", "r.jsonl", "selfcheck"}), Catch::Contains("does not go with selfcheck"));
+  // The lines: the options, then exactly make_workload's requests (the saturation list).
+  const std::string text = workload_json_lines(o.workload);
+  CHECK(text.rfind("{\"bench\":\"serve-workload\",\"seed\":3,\"requests\":5,\"prompt_median\":2048,"
+                   "\"prompt_sigma\":0.7,\"prompt_min\":16,\"prompt_cap\":8192,\"output_min\":64,\"output_max\":512}\n",
+                   0) == 0);
+  std::string expected = workload_json_header(o.workload) + "\n";
+  for (const Request& r : make_workload(o.workload)) {
+    expected += "{\"id\":" + std::to_string(r.id) + ",\"prompt_len\":" + std::to_string(r.prompt_len) +
+                ",\"output_len\":" + std::to_string(r.output_len) + "}\n";
+  }
+  CHECK(text == expected);
+  CHECK(std::count(text.begin(), text.end(), '\n') == 6);
 }
