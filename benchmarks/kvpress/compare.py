@@ -9,9 +9,8 @@ logits). kvpress compresses in prefill only, so our policies run with decode
 eviction off here (compress_decode=False) for a like-for-like budget (with a
 512-token prompt it would not fire within 64 tokens anyway: it starts after
 window + 16 = 119 steps). Our policies and kvpress's PyramidKV (whose layers
-hold different lengths) run the continuation one token per forward, the
-others in one forward (the same numbers, faster on a CPU): compare
-continuation times only between rows that ran it the same way. Budgets are
+hold different lengths) score the continuation one token per forward, the
+others in one forward (the same numbers, faster on a CPU). Budgets are
 shares of a full cache's slots after prefill (0.7, 0.5): kvpress gets
 compression_ratio = 1 - budget, our policies the ratio whose planned share is
 nearest (pyramidinfer.hf.ratio_for_fraction); the share each method really
@@ -44,9 +43,29 @@ per passage, those statistics, times) in either mode.
 
     python benchmarks/kvpress/compare.py --eval-json quality_n1024.json --only kvpress \
         --budgets 0.7 0.5 --json-out benchmarks/kvpress/presses_n1024.json --out benchmarks/kvpress/presses_n1024.md
+
+--device cpu|cuda and --dtype float32|float16|bfloat16 (default float32 on
+the CPU, float16 on CUDA) place the model and the passages. A row that
+raises pyramidinfer.Error (our policies where pyramidinfer.hf does not run
+on that device or dtype) is reported as skipped, with the error; the others
+go on. benchmarks/kvpress/run_kvpress_gpu.sh runs this on the GPU machine.
+
+Times, every row measured the same way: each method first runs --warmup
+times (default 1) on the first passage, uncounted; then per passage the
+prefill (the compressed prefill forward, with kvpress's press hooks) and the
+decode time per token (the first --time-decode single-token forwards right
+after that prefill, teacher-forced with the continuation's tokens, at most
+--cont - 1 of them). Rows that score the continuation one token per forward
+time its first forwards; the others, after scoring it in one forward, cut
+their cache back to what the prefill left (DynamicCache.crop) and run those
+forwards. On CUDA the device is synchronized around every timed region. The
+tables give medians over passages (ms); --json-out has each passage's too.
 """
 
 import argparse
+import collections
+import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -58,7 +77,7 @@ import transformers
 from transformers import DynamicCache
 
 import kvpress
-from pyramidinfer import TopK
+from pyramidinfer import Error, TopK
 from pyramidinfer.hf import PyramidCache, ratio_for_fraction
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,27 +106,28 @@ PAIRS = [("snapkv", "SnapKV"), ("streaming", "StreamingLLM"), ("knorm", "Knorm")
 # pyramid-eval policy (a row of --eval-json) -> the kvpress press it pairs with
 EVAL_PAIRS = [("snapkv", "SnapKV"), ("streaming", "StreamingLLM"), ("expected", "ExpectedAttention")]
 
+# One method on one passage: the continuation's summed NLL, the share of a
+# full cache's slots held after prefill, the prefill's seconds, the decode
+# seconds per token (the first single-token forwards after the prefill) and
+# the seconds the scored continuation took (in one forward or one per token).
+Run = collections.namedtuple("Run", "nll held prefill decode continuation")
+
 
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
 
 
+def now(device):
+    """time.perf_counter() once the device has done the work queued (CUDA
+    runs asynchronously: a timed region starts and ends with this)."""
+    sync(device)
+    return time.perf_counter()
+
+
 def nll(logits, targets):
     """Summed negative log-likelihood of targets (T,) under logits (T, vocab)."""
     return float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-
-
-def run_full(model, prompt, cont, device):
-    sync(device)
-    t0 = time.perf_counter()
-    cache = DynamicCache()
-    out = model(prompt[None], past_key_values=cache, use_cache=True)
-    sync(device)
-    t1 = time.perf_counter()
-    logits = continue_in_one(model, cache, out.logits[0, -1], len(prompt), cont)
-    sync(device)
-    return nll(logits, cont), 1.0, t1 - t0, time.perf_counter() - t1
 
 
 def continue_in_one(model, cache, first, start, cont):
@@ -120,44 +140,80 @@ def continue_in_one(model, cache, first, start, cont):
     return torch.cat([first[None], rest])
 
 
-def continue_one_by_one(model, cache, first, start, cont):
-    """Teacher-forces cont[:-1] one token per forward (decode), positions
-    continuing the prompt's (a compressed cache holds fewer slots than
-    positions; with one query the attention needs no mask, so per-layer
-    lengths, as PyramidKV's, work). Returns the logits predicting cont."""
-    rows = [first]
-    for i, t in enumerate(cont[:-1]):
-        pos = torch.tensor([[start + i]], device=cont.device)
-        rows.append(model(t.view(1, 1), past_key_values=cache, position_ids=pos, use_cache=True).logits[0, -1])
-    return torch.stack(rows)
+def decode(model, cache, start, tokens):
+    """One forward per token of `tokens` (decode), positions start, start + 1,
+    ... (a compressed cache holds fewer slots than positions; with one query
+    the attention needs no mask, so per-layer lengths, as PyramidKV's and
+    ours, work). Returns each forward's logits, a list."""
+    positions = torch.arange(start, start + len(tokens), device=tokens.device)  # made once: no copy per step
+    rows = []
+    for t, pos in zip(tokens, positions):
+        rows.append(model(t.view(1, 1), past_key_values=cache, position_ids=pos.view(1, 1), use_cache=True)
+                    .logits[0, -1])
+    return rows
 
 
-def run_kvpress(model, press, prompt, cont, device):
-    cache = DynamicCache()
-    sync(device)
-    t0 = time.perf_counter()
-    with press(model):
-        out = model(prompt[None], past_key_values=cache, use_cache=True)
-    sync(device)
-    t1 = time.perf_counter()
+def continue_one_by_one(model, cache, first, start, cont, steps, device):
+    """Teacher-forces cont[:-1] one token per forward. Returns the logits
+    predicting cont and the seconds per token of the first `steps` forwards."""
+    t0 = now(device)
+    rows = decode(model, cache, start, cont[:steps])
+    per_token = (now(device) - t0) / steps
+    rows += decode(model, cache, start + steps, cont[steps:-1])
+    return torch.stack([first] + rows), per_token
+
+
+def time_decode(model, cache, held, start, cont, steps, device):
+    """Seconds per token of `steps` single-token forwards teacher-forced with
+    cont, from the prefill's state: `cache` (a DynamicCache of `held` slots in
+    every layer after the prefill, which continue_in_one extended) is cut
+    back to those slots first."""
+    cache.crop(held)
+    t0 = now(device)
+    decode(model, cache, start, cont[:steps])
+    return (now(device) - t0) / steps
+
+
+def after_prefill(model, cache, first, prompt, cont, prefill, steps, device):
+    """The Run of a DynamicCache just prefilled (`first`: the prompt's last
+    logits, `prefill`: its seconds): the continuation scored in one forward
+    when every layer holds as many slots, then timed decode from the
+    prefill's state, else scored one token per forward, its first `steps`
+    timed."""
     L = model.config.num_hidden_layers
-    held = sum(cache.layers[l].keys.shape[2] for l in range(L)) / (L * len(prompt))
-    lengths = {cache.layers[l].keys.shape[2] for l in range(L)}
-    go_on = continue_in_one if len(lengths) == 1 else continue_one_by_one
-    logits = go_on(model, cache, out.logits[0, -1], len(prompt), cont)
-    sync(device)
-    return nll(logits, cont), held, t1 - t0, time.perf_counter() - t1
+    lengths = [cache.layers[l].keys.shape[2] for l in range(L)]
+    held = sum(lengths) / (L * len(prompt))
+    t0 = now(device)
+    if len(set(lengths)) == 1:
+        logits = continue_in_one(model, cache, first, len(prompt), cont)
+        took = now(device) - t0
+        per_token = time_decode(model, cache, lengths[0], len(prompt), cont, steps, device)
+    else:
+        logits, per_token = continue_one_by_one(model, cache, first, len(prompt), cont, steps, device)
+        took = now(device) - t0
+    return Run(nll(logits, cont), held, prefill, per_token, took)
 
 
-def run_shared(model, presses, prompt, cont, device):
+def run_dynamic(model, press, prompt, cont, steps, device):
+    """The full cache (press None) or a kvpress press (compressing in the
+    prefill forward), on a DynamicCache."""
+    cache = DynamicCache()
+    t0 = now(device)
+    with press(model) if press is not None else contextlib.nullcontext():
+        out = model(prompt[None], past_key_values=cache, use_cache=True)
+    prefill = now(device) - t0
+    return after_prefill(model, cache, out.logits[0, -1], prompt, cont, prefill, steps, device)
+
+
+def run_shared(model, presses, prompt, cont, steps, device):
     """The full cache and every press of `presses` from one uncompressed
     prefill: kvpress compresses a layer's cache after that layer's attention
     (the forward itself sees the full prompt), so all presses' prefills are
     the same forward. A hook on each attention layer copies the layer's full
     keys/values into one DynamicCache per press and runs the press's own
     forward_hook on it (what `with press(model)` registers), leaving the
-    model's cache full. Returns run_full's tuple, then run_kvpress's per
-    press; the prefill time, shared, is the same in all."""
+    model's cache full. Returns the full cache's Run, then each press's; the
+    prefill time, shared, is the same in all."""
     language_model = model.model
     caches = [DynamicCache() for _ in presses]
     for press in presses:
@@ -172,8 +228,7 @@ def run_shared(model, presses, prompt, cont, device):
 
     hooks = []
     cache = DynamicCache()
-    sync(device)
-    t0 = time.perf_counter()
+    t0 = now(device)
     try:
         for layer in language_model.layers:
             layer.self_attn.rotary_emb = language_model.rotary_emb  # as BasePress.__call__ does
@@ -182,33 +237,39 @@ def run_shared(model, presses, prompt, cont, device):
     finally:
         for h in hooks:
             h.remove()
-    sync(device)
-    prefill = time.perf_counter() - t0
+    prefill = now(device) - t0
     first = out.logits[0, -1]
-    L = model.config.num_hidden_layers
-    results = []
-    for c in [cache] + caches:
-        lengths = [c.layers[l].keys.shape[2] for l in range(L)]
-        go_on = continue_in_one if len(set(lengths)) == 1 else continue_one_by_one
-        t1 = time.perf_counter()
-        logits = go_on(model, c, first, len(prompt), cont)
-        sync(device)
-        results.append((nll(logits, cont), sum(lengths) / (L * len(prompt)), prefill, time.perf_counter() - t1))
-    return results
+    return [after_prefill(model, c, first, prompt, cont, prefill, steps, device) for c in [cache] + caches]
 
 
-def run_ours(model, policy, ratio, extra, prompt, cont, device):
+def run_ours(model, policy, ratio, extra, prompt, cont, steps, device):
+    """One of our policies on a PyramidCache; the continuation one token per
+    forward (decode)."""
     cache = PyramidCache(model, policy, ratio, max_new_tokens=len(cont), **extra)
-    sync(device)
-    t0 = time.perf_counter()
-    rows = [model(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1]]
-    sync(device)
-    t1 = time.perf_counter()
+    t0 = now(device)
+    first = model(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1]
+    prefill = now(device) - t0
     held = sum(len(p[0]) for p in cache.prefill_positions) / (cache.num_layers * len(prompt))
-    for t in cont[:-1]:  # one token per forward (decode)
-        rows.append(model(t.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1])
-    sync(device)
-    return nll(torch.stack(rows), cont), held, t1 - t0, time.perf_counter() - t1
+    t0 = now(device)
+    logits, per_token = continue_one_by_one(model, cache, first, len(prompt), cont, steps, device)
+    return Run(nll(logits, cont), held, prefill, per_token, now(device) - t0)
+
+
+def run_row(fn, passages, n, warmup):
+    """fn's Run on every passage (prompt: its first n tokens) after `warmup`
+    uncounted runs on the first passage."""
+    for _ in range(warmup):
+        fn(passages[0][:n], passages[0][n:])
+    return [fn(p[:n], p[n:]) for p in passages]
+
+
+def median(rows, field):
+    return float(np.median([getattr(r, field) for r in rows]))
+
+
+def times_ms(rows):
+    """The table's time cells: median prefill ms | median decode ms per token."""
+    return f"{1e3 * median(rows, 'prefill'):.2f} | {1e3 * median(rows, 'decode'):.2f}"
 
 
 def mean_se(x):
@@ -258,7 +319,7 @@ def eval_budget(s):
         return None
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=os.path.join(ROOT, "models"))
     ap.add_argument("--gguf", default="SmolLM2-135M-Instruct.Q4_1.gguf", help="GGUF file in --model-dir ('' for a HF checkpoint dir)")
@@ -272,31 +333,92 @@ def main():
     ap.add_argument("--share-prefill", action="store_true",
                     help="one prefill per passage for the full cache and all kvpress presses (run_shared)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", help="float32 (the CPU binding needs it)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="the model's dtype (default float32 on cpu, float16 on cuda)")
+    ap.add_argument("--time-decode", type=int, default=32, metavar="N",
+                    help="decode time per token over the first N single-token forwards after the prefill "
+                         "(at most --cont - 1)")
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted runs of each method on the first passage")
     ap.add_argument("--only", nargs="*", help="run only these method names (substrings; the full cache always runs)")
     ap.add_argument("--threads", type=int, help="torch threads (1 is fastest on a busy CPU)")
     ap.add_argument("--out", help="write the markdown tables here too")
     ap.add_argument("--json-out", help="write every row (per-passage NLLs, KV shares, paired statistics) here")
     a = ap.parse_args()
-    if a.device != "cpu":
-        raise SystemExit("pyramidinfer.hf runs on the CPU in this version (the CUDA binding is not built yet); "
-                         "use --device cpu")
+    a.dtype = a.dtype or ("float16" if a.device == "cuda" else "float32")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    if a.time_decode < 1 or a.warmup < 0:
+        raise SystemExit("--time-decode must be >= 1 and --warmup >= 0")
+    return a
+
+
+def load_model(a):
+    kw = dict(gguf_file=a.gguf) if a.gguf else {}
+    tok = transformers.AutoTokenizer.from_pretrained(a.model_dir, **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, a.dtype),
+                                                              attn_implementation="sdpa", **kw).eval().to(a.device)
+    return tok, model
+
+
+def make_methods(a, model, steps):
+    """(name, budget, run(prompt, cont) -> Run, details for --json-out) of
+    every method asked for; the full cache first."""
+    def wanted(name):
+        return not a.only or any(o in name for o in a.only)
+
+    methods = [("full", None, lambda p, c: run_dynamic(model, None, p, c, steps, a.device), {})]
+    for b in a.budgets:
+        for name, make in KVPRESS.items():
+            if not wanted(f"kvpress {name}"):
+                continue
+            r = round(1 - b, 6)
+            press = make(r)
+            methods.append((f"kvpress {name}", b,
+                            lambda p, c, press=press: run_dynamic(model, press, p, c, steps, a.device),
+                            dict(library="kvpress", press=name, compression_ratio=r, _press=press)))
+        for name, (policy, extra) in OURS.items():
+            if not wanted(f"ours {name} "):
+                continue
+            r = ratio_for_fraction(model, a.prompt, b, policy, **extra)
+            methods.append((f"ours {name} (r={r:g})", b,
+                            lambda p, c, policy=policy, r=r, extra=extra: run_ours(model, policy, r, extra, p, c,
+                                                                                   steps, a.device),
+                            dict(library="pyramidinfer", policy=name, ratio=r)))
+    return methods
+
+
+def check_full(nl, ev, n_passages, max_diff):
+    """With --eval-json: the full cache's passage NLLs (a prefix of them)
+    against the JSON's full row; stops the run when misaligned."""
+    if ev is None:
+        return None
+    ev_full = next((r for r in ev.get("rows", []) if r["policy"] == "full"), None)
+    if ev_full is None or len(ev_full["passage_nll"]) != n_passages:
+        raise SystemExit(f"--eval-json: no full row with {n_passages} passage NLLs to check against")
+    diff = np.subtract(nl, ev_full["passage_nll"][:len(nl)])
+    check = {"max_abs_diff": float(np.abs(diff).max()), "mean_diff": float(diff.mean()), "diff": diff.tolist()}
+    print(f"full cache vs --eval-json's full row: max |NLL difference| {check['max_abs_diff']:.2e} "
+          f"(mean {check['mean_diff']:+.2e}) over {len(nl)} passages", flush=True)
+    if check["max_abs_diff"] > max_diff:
+        raise SystemExit(f"--eval-json: full-cache NLLs differ by up to {check['max_abs_diff']:.2e} "
+                         f"> {max_diff:g}: the passages are misaligned")
+    return check
+
+
+def main():
+    a = parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     started = time.perf_counter()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    kw = dict(gguf_file=a.gguf) if a.gguf else {}
-    tok = transformers.AutoTokenizer.from_pretrained(a.model_dir, **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, a.dtype),
-                                                              attn_implementation="sdpa", **kw).eval().to(a.device)
+    tok, model = load_model(a)
     ev = None
     if a.eval_json:
         a.prompt, a.cont, texts, where, passages, ev = eval_passages(a.eval_json, tok, a.device)
         a.passages = len(passages)
         ev_rows = ev.get("rows", [])
-        ev_full = next((r for r in ev_rows if r["policy"] == "full"), None)
         source = (f"the {a.passages} passages of {a.eval_json} "
                   f"({', '.join(sorted({os.path.basename(t) for t in texts}))})")
     else:
@@ -307,86 +429,65 @@ def main():
         passages = [ids[i * span:(i + 1) * span] for i in range(a.passages)]
         texts, where = [a.text], [(0, i * span) for i in range(a.passages)]
         source = f"{a.passages} consecutive passages of {os.path.basename(a.text)}"
+    if a.cont < 2:
+        raise SystemExit("--cont must be >= 2 (decode is timed on the continuation's tokens)")
+    steps = min(a.time_decode, a.cont - 1)
+    methods = make_methods(a, model, steps)
 
-    def wanted(name):
-        return not a.only or any(o in name for o in a.only)
-
-    # (name, budget, run(prompt, cont), details for --json-out)
-    methods = [("full", None, lambda p, c: run_full(model, p, c, a.device), {})]
-    for b in a.budgets:
-        for name, make in KVPRESS.items():
-            if not wanted(f"kvpress {name}"):
-                continue
-            r = round(1 - b, 6)
-            press = make(r)
-            methods.append((f"kvpress {name}", b, lambda p, c, press=press: run_kvpress(model, press, p, c, a.device),
-                            dict(library="kvpress", press=name, compression_ratio=r, _press=press)))
-        for name, (policy, extra) in OURS.items():
-            if not wanted(f"ours {name} "):
-                continue
-            r = ratio_for_fraction(model, a.prompt, b, policy, **extra)
-            methods.append((f"ours {name} (r={r:g})", b,
-                            lambda p, c, policy=policy, r=r, extra=extra: run_ours(model, policy, r, extra, p, c,
-                                                                                   a.device),
-                            dict(library="pyramidinfer", policy=name, ratio=r)))
-
-    def check_full(nl):
-        """With --eval-json: the full cache's passage NLLs (a prefix of them)
-        against the JSON's full row; stops the run when misaligned."""
-        if ev is None:
-            return None
-        if ev_full is None or len(ev_full["passage_nll"]) != len(passages):
-            raise SystemExit(f"--eval-json: no full row with {len(passages)} passage NLLs to check against")
-        diff = np.subtract(nl, ev_full["passage_nll"][:len(nl)])
-        check = {"max_abs_diff": float(np.abs(diff).max()), "mean_diff": float(diff.mean()), "diff": diff.tolist()}
-        print(f"full cache vs --eval-json's full row: max |NLL difference| {check['max_abs_diff']:.2e} "
-              f"(mean {check['mean_diff']:+.2e}) over {len(nl)} passages", flush=True)
-        if check["max_abs_diff"] > a.max_full_diff:
-            raise SystemExit(f"--eval-json: full-cache NLLs differ by up to {check['max_abs_diff']:.2e} "
-                             f"> {a.max_full_diff:g}: the passages are misaligned")
-        return check
-
-    res, full_check = {}, None
+    res, skipped, full_check = {}, {}, None
     shared = [m for m in methods if m[0] == "full" or "_press" in m[3]] if a.share_prefill else []
     with torch.no_grad():
         if shared:
+            presses = [m[3]["_press"] for m in shared[1:]]
             for m in shared:
                 res[(m[0], m[1])] = []
+            for _ in range(a.warmup):
+                run_shared(model, presses, passages[0][:a.prompt], passages[0][a.prompt:], steps, a.device)
             for i, p in enumerate(passages):
                 t0 = time.perf_counter()
-                outs = run_shared(model, [m[3]["_press"] for m in shared[1:]], p[:a.prompt], p[a.prompt:], a.device)
+                outs = run_shared(model, presses, p[:a.prompt], p[a.prompt:], steps, a.device)
                 for m, r in zip(shared, outs):
                     res[(m[0], m[1])].append(r)
                 print(f"passage {i + 1}/{len(passages)}: full and {len(shared) - 1} presses, "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
-                full_check = check_full([r[0] / a.cont for r in res[("full", None)]])
+                full_check = check_full([r.nll / a.cont for r in res[("full", None)]], ev, len(passages),
+                                        a.max_full_diff)
         for name, b, fn, _ in methods:
             t0 = time.perf_counter()
             if (name, b) not in res:
-                res[(name, b)] = [fn(p[:a.prompt], p[a.prompt:]) for p in passages]
+                try:
+                    res[(name, b)] = run_row(fn, passages, a.prompt, a.warmup)
+                except Error as e:  # pyramidinfer.hf refusing this device / dtype: report, skip the row
+                    skipped[(name, b)] = f"pyramidinfer.Error: {e}"
+                    print(f"{name:38s} budget {b}: SKIPPED ({skipped[(name, b)]})", flush=True)
+                    continue
             rows = res[(name, b)]
-            nl = [r[0] / a.cont for r in rows]
-            print(f"{name:38s} budget {b}: ppl {math.exp(np.mean(nl)):.3f}, held {np.mean([r[1] for r in rows]):.3f} "
+            nl = [r.nll / a.cont for r in rows]
+            print(f"{name:38s} budget {b}: ppl {math.exp(np.mean(nl)):.3f}, held {np.mean([r.held for r in rows]):.3f}, "
+                  f"prefill {1e3 * median(rows, 'prefill'):.2f} ms, decode {1e3 * median(rows, 'decode'):.2f} ms/token "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
             if name == "full" and not shared:
-                full_check = check_full(nl)
+                full_check = check_full(nl, ev, len(passages), a.max_full_diff)
 
-    full = [r[0] / a.cont for r in res[("full", None)]]
-    nll_of = {k: [r[0] / a.cont for r in rows] for k, rows in res.items()}
+    full = [r.nll / a.cont for r in res[("full", None)]]
+    nll_of = {k: [r.nll / a.cont for r in rows] for k, rows in res.items()}
     stats = {k: paired(v, full) for k, v in nll_of.items()}
-    version = kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5"
-    lines = [f"SmolLM2-135M ({a.gguf or a.model_dir}), {a.dtype} on {a.device}, torch {torch.__version__}, "
+    version = importlib.metadata.version("kvpress")
+    on = torch.cuda.get_device_name() if a.device == "cuda" else a.device
+    lines = [f"SmolLM2-135M ({a.gguf or a.model_dir}), {a.dtype} on {on}, torch {torch.__version__}, "
              f"transformers {transformers.__version__}, kvpress {version}; "
              f"{source}: {a.prompt} prompt + {a.cont} continuation tokens each.", ""]
     if ev is None:
-        lines += ["| budget | method | KV held | ppl | Δ log ppl vs full (± s.e.) | prefill s | continuation s |",
+        lines += ["| budget | method | KV held | ppl | Δ log ppl vs full (± s.e.) | prefill ms | decode ms/token |",
                   "|---|---|---|---|---|---|---|"]
-        for (name, b), rows in res.items():
-            nl = nll_of[(name, b)]
+        for name, b, _, _ in methods:
+            if (name, b) in skipped:
+                lines.append(f"| {b if b else '-'} | {name} | skipped: {skipped[(name, b)]} | | | | |")
+                continue
+            rows, nl = res[(name, b)], nll_of[(name, b)]
             d, se = mean_se(np.subtract(nl, full))
-            lines.append(f"| {b if b else '-'} | {name} | {np.mean([r[1] for r in rows]):.3f} | "
-                         f"{math.exp(np.mean(nl)):.3f} | {d:+.4f} ± {se:.4f} | {np.mean([r[2] for r in rows]):.3f} | "
-                         f"{np.mean([r[3] for r in rows]):.3f} |")
+            lines.append(f"| {b if b else '-'} | {name} | {np.mean([r.held for r in rows]):.3f} | "
+                         f"{math.exp(np.mean(nl)):.3f} | {d:+.4f} ± {se:.4f} | {times_ms(rows)} |")
         pair_lines = []
         for b in a.budgets:
             for ours, theirs in PAIRS:
@@ -403,15 +504,18 @@ def main():
                   f"{full_check['max_abs_diff']:.2e} (mean {full_check['mean_diff']:+.2e}).", "",
                   "vs the full cache here, pyramid-eval's definitions (mean over passages of the perplexity "
                   "ratio − 1 ± s.e.; pooled: of the mean NLLs; W/L/T: passages with lower/higher/equal NLL):", "",
-                  "| method | budget | KV held | ppl | change ± s.e. | pooled | W/L/T | prefill s | continuation s |",
+                  "| method | budget | KV held | ppl | change ± s.e. | pooled | W/L/T | prefill ms | decode ms/token |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for (name, b), rows in res.items():
-            st = stats[(name, b)]
-            lines.append(f"| {name} | {b if b else '-'} | {np.mean([r[1] for r in rows]):.4f} | "
+        for name, b, _, _ in methods:
+            if (name, b) in skipped:
+                lines.append(f"| {name} | {b if b else '-'} | skipped: {skipped[(name, b)]} | | | | | | |")
+                continue
+            rows, st = res[(name, b)], stats[(name, b)]
+            lines.append(f"| {name} | {b if b else '-'} | {np.mean([r.held for r in rows]):.4f} | "
                          f"{math.exp(np.mean(nll_of[(name, b)])):.3f} | "
                          f"{100 * st['ppl_change_mean']:+.2f}% ± {100 * st['ppl_change_se']:.2f}% | "
                          f"{100 * st['ppl_change_pooled']:+.2f}% | {st['wins']}/{st['losses']}/{st['ties']} | "
-                         f"{np.mean([r[2] for r in rows]):.2f} | {np.mean([r[3] for r in rows]):.2f} |")
+                         f"{times_ms(rows)} |")
     # Our policies' rows of --eval-json against the like-named presses run here.
     ev_pairs = []
     if ev is not None:
@@ -422,12 +526,13 @@ def main():
                 if r["policy"] == ours and k in nll_of and (theirs == "full" or b in a.budgets):
                     ev_pairs.append(dict(policy=ours, budget=r["budget"], press=theirs,
                                          kv_fraction_ours=r["kv_fraction_prefill"],
-                                         kv_fraction_press=float(np.mean([x[1] for x in res[k]])),
+                                         kv_fraction_press=float(np.mean([x.held for x in res[k]])),
                                          ours_vs_full=r["vs_full"]["ppl_change_mean"],
                                          ours_vs_full_se=r["vs_full"]["ppl_change_se"],
                                          vs_press=paired(r["passage_nll"], nll_of[k])))
         if ev_pairs:
-            lines += ["", "Paired, our policy (pyramid-eval's row, fp16 GPU) vs the kvpress press here (fp32 CPU): "
+            lines += ["", "Paired, our policy (pyramid-eval's row, fp16 GPU) vs the kvpress press here "
+                      f"({a.dtype} {a.device}): "
                       "mean over passages of exp(nll_ours − nll_press) − 1 ± s.e.; W/L/T: passages where ours "
                       "has lower/higher/equal NLL. The full-vs-full row is the numeric floor.", "",
                       "| ours | press | budget | KV held ours / press | ours vs its full | ours vs press | W/L/T |",
@@ -439,7 +544,11 @@ def main():
                              f"{100 * e['ours_vs_full_se']:.2f}% | {100 * v['ppl_change_mean']:+.2f}% ± "
                              f"{100 * v['ppl_change_se']:.2f}% | {v['wins']}/{v['losses']}/{v['ties']} |")
     wall = time.perf_counter() - started
-    lines += ["", f"Wall time {wall / 60:.1f} min ({torch.get_num_threads()} torch threads)"
+    lines += ["", f"Times: medians over the {len(passages)} passages after {a.warmup} uncounted run(s) of each "
+              f"method on the first; prefill: the prefill forward; decode: per token, the first {steps} "
+              f"single-token forwards after the prefill" + (" (CUDA synchronized around each)." if a.device == "cuda"
+                                                            else "."),
+              "", f"Wall time {wall / 60:.1f} min ({torch.get_num_threads()} torch threads)"
               + ("; the full cache and the presses shared one prefill per passage (--share-prefill: their prefill "
                  "time is that pass, all compressions included)." if shared else ".")]
     text = "\n".join(lines)
@@ -450,19 +559,26 @@ def main():
     if a.json_out:
         out_rows = []
         for name, b, _, details in methods:
+            details = {k: v for k, v in details.items() if not k.startswith("_")}
+            row = dict(method=name, budget=b if b is not None else 1.0, **details)
+            if (name, b) in skipped:
+                out_rows.append(dict(row, skipped=True, error=skipped[(name, b)]))
+                continue
             rows = res[(name, b)]
             nl = nll_of[(name, b)]
-            details = {k: v for k, v in details.items() if not k.startswith("_")}
-            out_rows.append(dict(method=name, budget=b if b is not None else 1.0, **details,
-                                 kv_fraction_prefill=float(np.mean([r[1] for r in rows])),
-                                 kv_fraction_passage=[float(r[1]) for r in rows],
+            out_rows.append(dict(row, kv_fraction_prefill=float(np.mean([r.held for r in rows])),
+                                 kv_fraction_passage=[float(r.held) for r in rows],
                                  nll=float(np.mean(nl)), perplexity=math.exp(np.mean(nl)), passage_nll=nl,
                                  vs_full=stats[(name, b)],
-                                 prefill_seconds=float(np.mean([r[2] for r in rows])),
-                                 continuation_seconds=float(np.mean([r[3] for r in rows]))))
-        doc = dict(model=a.gguf or a.model_dir, dtype=a.dtype, device=a.device, torch=torch.__version__,
-                   transformers=transformers.__version__, kvpress=version, threads=torch.get_num_threads(),
-                   eval_json=a.eval_json, share_prefill=bool(shared), prefill=a.prompt, cont=a.cont, texts=texts,
+                                 prefill_seconds=median(rows, "prefill"),
+                                 decode_seconds_per_token=median(rows, "decode"),
+                                 continuation_seconds=median(rows, "continuation"),
+                                 prefill_seconds_passage=[r.prefill for r in rows],
+                                 decode_seconds_per_token_passage=[r.decode for r in rows]))
+        doc = dict(model=a.gguf or a.model_dir, dtype=a.dtype, device=a.device, device_name=on,
+                   torch=torch.__version__, transformers=transformers.__version__, kvpress=version,
+                   threads=torch.get_num_threads(), eval_json=a.eval_json, share_prefill=bool(shared),
+                   prefill=a.prompt, cont=a.cont, warmup=a.warmup, decode_steps=steps, texts=texts,
                    passages=[{"text": t, "token_begin": b} for t, b in where],
                    full_check=full_check, rows=out_rows, eval_pairs=ev_pairs, wall_seconds=wall)
         with open(a.json_out, "w") as f:

@@ -390,7 +390,7 @@ class PyramidCache(Cache):
         """(page ids, length) of `layer` on the GPU: the length as the host
         tracks it, the pages a device view (no read-back)."""
         n = self.compressor.host_length(layer, 0)
-        return self._tables[layer, 0, : -(-n // self.page_size)], n
+        return self._page_tables[layer, 0, : -(-n // self.page_size)], n
 
     def _held_cuda(self, layer: int) -> tuple:
         pages, n = self._layer_pages(layer)
@@ -424,7 +424,7 @@ class PyramidCache(Cache):
             pc.attach(self.pages, ring_rows=pc.ring_rows_for(n))
             # Device views (no copies) the attention's gathers read.
             self._k_pool, self._v_pool = self.pages.k_pool, self.pages.v_pool
-            self._tables = torch.from_dlpack(self.pages.page_tables())
+            self._page_tables = torch.from_dlpack(self.pages.page_tables())
             self._positions = torch.from_dlpack(self.pages.positions_view())
         else:
             self.pages = PagedCache(*shape, num_pages=pages, max_seqs=1, max_seq_len=n + steps,

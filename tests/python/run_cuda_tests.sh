@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # The Python package's tests on a machine with a GPU: builds the package with
-# its CUDA extension (nvcc, scikit-build-core and nanobind from the machine;
-# torch and transformers are the machine's, through --system-site-packages),
-# then runs tests/python (binding tests, CPU and CUDA) and tests/python/hf
+# its CUDA extension (nvcc, scikit-build-core and nanobind from the machine's
+# Python, which also brings torch and transformers) into a folder put first on
+# PYTHONPATH (a venv would hide packages installed in the user's site), then runs tests/python (binding tests, CPU and CUDA) and tests/python/hf
 # (pyramidinfer.hf, the GPU cases among them). Each step prints its time.
 #
 #   tests/python/run_cuda_tests.sh [pytest args for both runs...]
-#   PY_VENV=dir        the environment (default build-pycuda/venv, ignored by git)
+#   PYTHON=python3     the interpreter; the package goes to build-pycuda/site (ignored by git)
 #   PY_NO_INSTALL=1    reuse the installed package
 #   CUDA_ARCHS="90"    architectures of the extension (default 80;90)
 #   SKIP_HF=1          binding tests only
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-VENV="${PY_VENV:-$ROOT/build-pycuda/venv}"
+SITE="$ROOT/build-pycuda/site"
 step() { local t0=$SECONDS; "$@"; echo "[run_cuda_tests] $* -- $((SECONDS - t0)) s" >&2; }
 
 cd "$ROOT"
-[[ -x "$VENV/bin/python" ]] || step python3 -m venv --system-site-packages "$VENV"
-PY="$VENV/bin/python"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z "${PY_NO_INSTALL:-}" ]]; then
-  step "$PY" -m pip install -q --no-build-isolation --no-deps --no-index \
+  step "$PY" -m pip install -q --no-build-isolation --no-deps --no-index --upgrade --target "$SITE" \
     -C cmake.define.CMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-80;90}" -C build-dir="$ROOT/build-pycuda/wheel" "$ROOT"
 fi
 "$PY" - <<'PYEOF'
