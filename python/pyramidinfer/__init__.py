@@ -1,6 +1,7 @@
-"""pyramidinfer: PyramidInfer's pyramid-shaped, compressed KV cache (CPU binding).
+"""pyramidinfer: PyramidInfer's pyramid-shaped, compressed KV cache.
 
-The C++ library is header-only; this package binds its host (CPU) backend.
+The C++ library is header-only; this module binds its host (CPU) backend, and
+:mod:`pyramidinfer.cuda` (built when nvcc was found) its CUDA backend.
 Arrays are taken through DLPack / the buffer protocol and used in place (no
 copies; strides are honoured). Every rejected argument raises
 :class:`pyramidinfer.Error` (a ``ValueError``) with the library's message,
