@@ -379,6 +379,10 @@ static int selfcheck() {
   ok &= check_attention(128, 32, 8, 2);
   ok &= check_attention(64, 8, 2, 3);
   ok &= check_attention(128, 8, 2, 4);
+  // Decode blocks take a whole GQA group of 2, 4 or 8 query heads; other groups one head.
+  ok &= check_attention(128, 16, 8, 5);
+  ok &= check_attention(64, 16, 2, 6);
+  ok &= check_attention(64, 9, 3, 7);
   ok &= check_decode_graph();
   std::printf("selfcheck %s\n", ok ? "PASSED" : "FAILED");
   return ok ? 0 : 1;

@@ -12,7 +12,7 @@
 //                     H, d, scale, out, lse, stream)
 //     q [rows, H d], qpos [rows], off [nb + 1], out [rows, H d], lse [rows, H] or nullptr;
 //     K/V element (kv head g, packed row r, e) at k[r * row_stride + g * head_stride + e].
-//   decode_splits(B, H, max_len, sms, max_splits) -> splits (host only)
+//   decode_splits(B, H, Hkv, max_len, sms, max_splits) -> splits (host only)
 //   decode_attention(q, qpos, B, PagedLayer{cache.kv(), layer, seqs}, max_len, H, d, scale,
 //                    splits, part, out, lse, stream)
 //     q [B, H d], qpos [B], seqs [B] slots, part [B, H, splits, d + 2], out [B, H d], lse [B, H] or nullptr;
@@ -403,21 +403,64 @@ __device__ __forceinline__ const __half* as_half(const half_t* p) { return reint
 
 __device__ __forceinline__ uint4 ld16(const __half* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
-/// Block (b, h, split): D/8 lanes share a key (16 bytes each); every thread
-/// keeps two keys in flight. Each lane group runs its own online softmax,
-/// merged through shared memory at the end. A key's page id is read one step
-/// ahead, so a step issues its K, V and position loads together: one memory
-/// latency a step. 10 blocks per SM: 48 registers (no spills with CUDA 13 at
-/// sm_80/sm_90), the occupancy the contiguous kernel had; without the bound
-/// ptxas takes 56 (9 blocks).
-template <int D>
-__global__ void __launch_bounds__(128, 10) decode_attention_kernel(DecodeArgs a) {
+/// The end of decode_attention_kernel: merges the block's KPS lane groups
+/// per head through shared memory and writes the split's partial result (or
+/// the output when there is one split). D threads write, one column each.
+template <int D, int G, int KPS>
+__device__ __forceinline__ void decode_block_merge(const DecodeArgs& a, int b, int h0, int split, int sub, int slot,
+                                                   const float (&m)[G], const float (&l)[G],
+                                                   const float (&acc)[G][8]) {
+  __shared__ float sm[KPS][G], sl[KPS][G], sacc[KPS][G][D + 1];
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    if (sub == 0) sm[slot][i] = m[i], sl[slot][i] = l[i];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sacc[slot][i][sub * 8 + e] = acc[i][e];
+  }
+  __syncthreads();
+  if (threadIdx.x >= D) return;
+  const int col = threadIdx.x;
+  for (int i = 0; i < G; ++i) {
+    const int h = h0 + i;
+    float M = -INFINITY;
+    for (int s = 0; s < KPS; ++s) M = fmaxf(M, sm[s][i]);
+    float L = 0.f, o = 0.f;
+    for (int s = 0; s < KPS; ++s) {
+      const float c = sm[s][i] == -INFINITY ? 0.f : exp2f(sm[s][i] - M);
+      L += sl[s][i] * c;
+      o += sacc[s][i][col] * c;
+    }
+    if (a.splits > 1) {
+      float* p = a.part + ((std::int64_t(b) * a.H + h) * a.splits + split) * (D + 2);
+      p[col] = o;
+      if (col == 0) p[D] = M, p[D + 1] = L;
+      continue;
+    }
+    a.out[std::int64_t(b) * a.H * D + h * D + col] = __float2half(L > 0.f ? o / L : 0.f);
+    if (a.lse && col == 0) a.lse[std::int64_t(b) * a.H + h] = M * kLn2 + logf(L);
+  }
+}
+
+/// Block (b, y, split) computes G query heads that share one KV head
+/// (y * G .. y * G + G - 1): with G = the GQA group size every K/V tile is
+/// read from memory once for the whole group, not once per query head (at
+/// large batches L2 cannot keep a tile between the group's blocks; G = 1 is
+/// the one-head block). D/8 lanes share a key (16 bytes each); every thread
+/// keeps two keys in flight. Each lane group runs its own online softmax per
+/// head, merged through shared memory at the end. A key's page id is read
+/// one step ahead, so a step issues its K, V and position loads together:
+/// one memory latency a step. G = 1: 10 blocks per SM at 48 registers (no
+/// spills with CUDA 13 at sm_80/sm_90), the occupancy the contiguous kernel
+/// had; larger G keep G softmax states a thread: G = 2 and 4 run 4 blocks
+/// per SM (93 and 128 registers), G = 8 two (no spills).
+template <int D, int G>
+__global__ void __launch_bounds__(128, G == 1 ? 10 : G == 8 ? 2 : 4) decode_attention_kernel(DecodeArgs a) {
   constexpr int TPK = D / 8;          // lanes per key
   constexpr int KPS = 128 / TPK;      // keys per block step
-  const int b = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+  const int b = blockIdx.x, h0 = blockIdx.y * G, split = blockIdx.z;
   const int sub = threadIdx.x % TPK, slot = threadIdx.x / TPK;
   const PagePool<half_t>& pool = a.c.kv.pool;
-  const int g = h / (a.H / pool.kv_heads);
+  const int g = h0 / (a.H / pool.kv_heads);
   const int qp = a.qpos[b];
   const SeqPages sp = seq_pages(a.c, b);
   // The last split also takes any keys past splits * split_len (a host bound that fell short).
@@ -431,49 +474,61 @@ __global__ void __launch_bounds__(128, 10) decode_attention_kernel(DecodeArgs a)
   const int pos_heads = a.c.kv.pos_heads;
   const std::int32_t* kpos = a.c.kv.positions + (pos_heads > 1 ? g : 0);
 
-  float q[8], acc[8];
-  {
-    const uint4 raw = *reinterpret_cast<const uint4*>(a.q + std::int64_t(b) * a.H * D + h * D + sub * 8);
+  float q[G][8], acc[G][8], m[G], l[G];
+  const float qscale = a.scale * kLog2e;
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(a.q + std::int64_t(b) * a.H * D + (h0 + i) * D + sub * 8);
     const __half2* q2 = reinterpret_cast<const __half2*>(&raw);
-    const float sl = a.scale * kLog2e;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(q2[i]);
-      q[2 * i] = f.x * sl, q[2 * i + 1] = f.y * sl;
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = __half22float2(q2[e]);
+      q[i][2 * e] = f.x * qscale, q[i][2 * e + 1] = f.y * qscale;
     }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[i][e] = 0.f;
+    m[i] = -INFINITY, l[i] = 0.f;
   }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-  float m = -INFINITY, l = 0.f;
 
-  auto dot = [&](const uint4& k) {
+  auto dot = [&](const uint4& k, float (&s)[G]) {
     const __half2* k2 = reinterpret_cast<const __half2*>(&k);
-    float s = 0.f;
+    float kf[8];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(k2[i]);
-      s += q[2 * i] * f.x + q[2 * i + 1] * f.y;
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = __half22float2(k2[e]);
+      kf[2 * e] = f.x, kf[2 * e + 1] = f.y;
     }
 #pragma unroll
-    for (int o = TPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    return s;
+    for (int i = 0; i < G; ++i) {
+      float x = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x += q[i][2 * e] * kf[2 * e] + q[i][2 * e + 1] * kf[2 * e + 1];
+#pragma unroll
+      for (int o = TPK / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+      s[i] = x;
+    }
   };
   // Branch-free (behind a branch the compiler sinks V's load into it: a
   // second memory latency a step): a masked or absent key gets p = 0 and its
   // V (whatever the page held, NaN included) is replaced by 0.
-  auto update = [&](bool ok, float s, const uint4& v) {
-    s = ok ? s : -INFINITY;
-    const float mn = fmaxf(m, s), base = mn == -INFINITY ? 0.f : mn;  // nothing seen yet: stay at 0
-    const float corr = exp2f(m - base), p = exp2f(s - base);
-    l = l * corr + p;
+  auto update = [&](bool ok, const float (&s)[G], const uint4& v) {
     const __half2* v2 = reinterpret_cast<const __half2*>(&v);
+    float vf[8];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = ok ? __half22float2(v2[i]) : make_float2(0.f, 0.f);
-      acc[2 * i] = acc[2 * i] * corr + p * f.x;
-      acc[2 * i + 1] = acc[2 * i + 1] * corr + p * f.y;
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = ok ? __half22float2(v2[e]) : make_float2(0.f, 0.f);
+      vf[2 * e] = f.x, vf[2 * e + 1] = f.y;
     }
-    m = mn;
+#pragma unroll
+    for (int i = 0; i < G; ++i) {
+      const float si = ok ? s[i] : -INFINITY;
+      const float mn = fmaxf(m[i], si), base = mn == -INFINITY ? 0.f : mn;  // nothing seen yet: stay at 0
+      const float corr = exp2f(m[i] - base), p = exp2f(si - base);
+      l[i] = l[i] * corr + p;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[i][e] = acc[i][e] * corr + p * vf[e];
+      m[i] = mn;
+    }
   };
   // Every load below is unconditional: an absent key reads an address that
   // is always valid (table[0] of the row, slot 0 of page 0) and is masked
@@ -498,34 +553,12 @@ __global__ void __launch_bounds__(128, 10) decode_attention_kernel(DecodeArgs a)
     const uint4 ka = ld16(kg + ea), kb = ld16(kg + eb), vva = ld16(vg + ea), vvb = ld16(vg + eb);
     const int posa = pos_of(va, pa, ja), posb = pos_of(vb, pb, jb);
     pa = page_of(ja + 2 * KPS), pb = page_of(jb + 2 * KPS);
-    const float sa = dot(ka), sb = dot(kb);
+    float sa[G], sb[G];
+    dot(ka, sa), dot(kb, sb);
     update(va && posa <= qp, sa, vva);
     update(vb && posb <= qp, sb, vvb);
   }
-
-  __shared__ float sm[KPS], sl[KPS], sacc[KPS][D + 1];
-  if (sub == 0) sm[slot] = m, sl[slot] = l;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) sacc[slot][sub * 8 + i] = acc[i];
-  __syncthreads();
-  if (threadIdx.x >= D) return;
-  float M = -INFINITY;
-  for (int s = 0; s < KPS; ++s) M = fmaxf(M, sm[s]);
-  float L = 0.f, o = 0.f;
-  for (int s = 0; s < KPS; ++s) {
-    const float c = sm[s] == -INFINITY ? 0.f : exp2f(sm[s] - M);
-    L += sl[s] * c;
-    o += sacc[s][threadIdx.x] * c;
-  }
-  const int col = threadIdx.x;
-  if (a.splits > 1) {
-    float* p = a.part + ((std::int64_t(b) * a.H + h) * a.splits + split) * (D + 2);
-    p[col] = o;
-    if (col == 0) p[D] = M, p[D + 1] = L;
-    return;
-  }
-  a.out[std::int64_t(b) * a.H * D + h * D + col] = __float2half(L > 0.f ? o / L : 0.f);
-  if (a.lse && col == 0) a.lse[std::int64_t(b) * a.H + h] = M * kLn2 + logf(L);
+  decode_block_merge<D, G, KPS>(a, b, h0, split, sub, slot, m, l, acc);
 }
 
 /// Merges the splits of one (b, h): D threads.
@@ -682,11 +715,18 @@ inline void prefill_attention(const __half* q, const std::int32_t* qpos, const s
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("prefill_attention_kernel");
 }
 
+/// Query heads one decode block computes: the whole GQA group when it is 2,
+/// 4 or 8 heads (its K/V read once), else 1.
+inline int decode_group(int H, int kv_heads) {
+  const int g = kv_heads > 0 && H % kv_heads == 0 ? H / kv_heads : 1;
+  return g == 2 || g == 4 || g == 8 ? g : 1;
+}
+
 /// Key-axis splits for decode: enough blocks to fill the card (about 16
 /// blocks of 128 threads per SM), at least 128 keys each, at most max_splits.
 /// max_len: a host upper bound of the batch's lengths in the layer.
-inline int decode_splits(int B, int H, std::int64_t max_len, int sms, int max_splits) {
-  const int blocks = std::max(1, B * H);
+inline int decode_splits(int B, int H, int kv_heads, std::int64_t max_len, int sms, int max_splits) {
+  const int blocks = std::max(1, B * (H / decode_group(H, kv_heads)));
   const int want = (16 * sms + blocks - 1) / blocks;
   return std::max(1, std::min(want, int(std::min<std::int64_t>(max_len / 128, max_splits))));
 }
@@ -708,9 +748,18 @@ inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, c
   const std::int64_t n = std::max<std::int64_t>(1, std::min(max_len, cap));
   const int split_len = int((n + splits - 1) / splits);
   const detail::DecodeArgs a{q, qpos, c, H, splits, split_len, scale, out, lse, part};
+  const int group = decode_group(H, c.kv.pool.kv_heads);
   detail::dispatch_head_dim(d, [&](auto dc) {
     constexpr int D = decltype(dc)::value;
-    detail::decode_attention_kernel<D><<<dim3(unsigned(B), unsigned(H), unsigned(splits)), 128, 0, stream>>>(a);
+    const auto launch = [&](auto gc) {
+      constexpr int G = decltype(gc)::value;
+      const dim3 grid(unsigned(B), unsigned(H / G), unsigned(splits));
+      detail::decode_attention_kernel<D, G><<<grid, 128, 0, stream>>>(a);
+    };
+    if (group == 8) launch(std::integral_constant<int, 8>{});
+    else if (group == 4) launch(std::integral_constant<int, 4>{});
+    else if (group == 2) launch(std::integral_constant<int, 2>{});
+    else launch(std::integral_constant<int, 1>{});
     if (splits > 1) detail::decode_combine_kernel<D><<<dim3(unsigned(B), unsigned(H)), D, 0, stream>>>(a);
   });
   PYRAMIDINFER_CUDA_CHECK_LAUNCH("decode_attention_kernel");

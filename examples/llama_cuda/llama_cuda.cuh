@@ -1086,7 +1086,7 @@ class PagedEngine {
       const attn::PagedLayer c{cache_->kv(), l, dslots_.get()};
       const int max_len = batch_cap_[std::size_t(l)];
       attn::decode_attention(q_.get(), dpos_.get(), B, c, max_len, H, d, attn_scale(),
-                             attn::decode_splits(B, H, max_len, sms_, kMaxSplits), part_.get(), att_.get(),
+                             attn::decode_splits(B, H, Hkv, max_len, sms_, kMaxSplits), part_.get(), att_.get(),
                              ring ? dlse_.get() : nullptr, stream_);
       if (ring) pc_.decode_set_lse(l, *cache_, all, lv, stream_);
       layer_finish(l, B);

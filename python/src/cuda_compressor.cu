@@ -559,6 +559,7 @@ void bind_compressor(nb::module_& m) {
           "packed_positions",
           [batch](C& c, const Array& seqs, const Array& dst, std::uintptr_t stream) {
             const char* fn = "cuda.PyramidCompressor.packed_positions";
+            PYRAMIDINFER_REQUIRE(c.cache.is_valid(), fn, "state", "not attached", "needs attach() first");
             const auto s = batch(seqs, fn);
             const std::int64_t rows = c.impl->packed_rows(seq_list(s));
             check_array<std::int32_t>(dst, fn, "dst", Place{c.device});
