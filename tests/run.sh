@@ -6,7 +6,8 @@
 #      GPU tests run when a GPU is present and say SKIPPED otherwise
 #   3. install + a consumer project using find_package(pyramidinfer)
 #   4. the host tests again under AddressSanitizer + UndefinedBehaviorSanitizer
-#   5. the Python package: `pip install .` (CPU binding) in a venv, then pytest
+#   5. the Python package: `pip install .` in a venv (the CPU binding, and the
+#      CUDA module when nvcc exists; its tests skip without a GPU), then pytest
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${PYRAMIDINFER_BUILD_DIR:-$root/build-ci}"
@@ -55,7 +56,7 @@ cmake -S . -B "$build/asan" -DCMAKE_BUILD_TYPE=Debug -DPYRAMIDINFER_ENABLE_CUDA=
 cmake --build "$build/asan" -j "$jobs"
 (cd "$build/asan" && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure)
 
-echo "== 5. Python package: pip install . (CPU binding, numpy) and pytest tests/python"
+echo "== 5. Python package: pip install . (CPU binding; CUDA module with nvcc) and pytest tests/python"
 py=python3
 if ! "$py" -c 'import ensurepip, os, sys, sysconfig, venv
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
@@ -66,5 +67,5 @@ rm -rf "$build/pyenv"
 "$py" -m venv "$build/pyenv"
 "$build/pyenv/bin/pip" install -q --disable-pip-version-check numpy pytest
 "$build/pyenv/bin/pip" install -q --disable-pip-version-check "$root"  # scikit-build-core + nanobind, isolated
-(cd tests/python && "$build/pyenv/bin/python" -m pytest -q -p no:cacheprovider)
+(cd tests/python && "$build/pyenv/bin/python" -m pytest -q -rs -p no:cacheprovider)
 echo "== all test stages passed"

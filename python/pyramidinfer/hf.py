@@ -34,8 +34,8 @@ Any :class:`pyramidinfer.PyramidCompressor` keyword overrides the preset.
 
 Limits: batch size 1 (token dropping gives each sequence its own token set),
 one token per forward after the prompt, float32 on the CPU, greedy/sampling
-generation (no beam search). Attention reads a contiguous copy of each
-layer's pages (transformers' attention takes contiguous K and V). With token
+generation (no beam search). Attention reads a gathered copy of each
+layer's pages (transformers' attention takes one K and V tensor a layer). With token
 dropping a prefill forward returns logits for the rows the last layer
 computed (``cache.rows``): the last row is always the prompt's last token.
 Hooks are added to the model once (:func:`detach` removes them); they do
