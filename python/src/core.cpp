@@ -24,6 +24,7 @@
 
 #include "arrays.hpp"
 #include "policies.hpp"
+#include "score_args.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -44,29 +45,8 @@ nb::ndarray<nb::numpy, float> window_attention_scores(const Array& keys, const A
   const char* fn = "window_attention_scores";
   const bool batched = keys.ndim() == 4;
   const pi::Granularity g = parse_granularity(granularity, fn);
-  pi::ScoreProblem<float> p;
-  p.keys = view<const float, 4>(keys, fn, "keys", Place::cpu(), true);
-  p.queries = view<const float, 4>(queries, fn, "queries", Place::cpu(), true);
-  if (int(queries.ndim()) != int(keys.ndim()))
-    fail(fn, "queries", "array of shape " + shape_str(queries),
-         "must have as many dimensions as keys " + shape_str(keys));
+  pi::ScoreProblem<float> p = score_views<float>(keys, queries, lse, scale, Place::cpu());
   const std::int64_t B = p.keys.shape[0], n = p.keys.shape[2], w = p.queries.shape[2];
-  if (p.queries.shape[0] != B) fail(fn, "queries", "array of shape " + shape_str(queries), "must have keys' batch size");
-  if (p.queries.shape[3] != p.keys.shape[3])
-    fail(fn, "queries", "array of shape " + shape_str(queries),
-         "must have keys' head_dim " + std::to_string(p.keys.shape[3]) + " on its last axis");
-  if (w < 1 || w > n)
-    fail(fn, "queries", "array of shape " + shape_str(queries),
-         "must hold a window of 1 to keys' n = " + std::to_string(n) + " rows");
-  if (p.keys.shape[1] < 1 || p.queries.shape[1] % p.keys.shape[1] != 0)
-    fail(fn, "queries", "array of shape " + shape_str(queries), "must have a multiple of keys' kv_heads query heads");
-  if (n > INT32_MAX || B > INT32_MAX) fail(fn, "keys", "array of shape " + shape_str(keys), "is too large");
-  if (lse) {
-    p.lse = view<const float, 3>(*lse, fn, "lse", Place::cpu(), true);
-    if (int(lse->ndim()) + 1 != int(keys.ndim()) || p.lse.shape[0] != B || p.lse.shape[1] != p.queries.shape[1] ||
-        p.lse.shape[2] != w)
-      fail(fn, "lse", "array of shape " + shape_str(*lse), "must be queries' shape without head_dim");
-  }
   const std::int32_t len = std::int32_t(n), zero = 0, count = std::int32_t(n - w);
   std::vector<std::int32_t> ring_start(static_cast<std::size_t>(B), 0), window(static_cast<std::size_t>(B), std::int32_t(w));
   p.kv_len = {&len, {B, p.keys.shape[1]}, {0, 0}};
@@ -74,8 +54,6 @@ nb::ndarray<nb::numpy, float> window_attention_scores(const Array& keys, const A
   p.score_count = {&count, {B, p.keys.shape[1]}, {0, 0}};
   p.ring_start = ring_start.data();
   p.window_len = window.data();
-  if (!(scale >= 0.f) || !std::isfinite(scale)) fail(fn, "scale", std::to_string(scale), "must be finite and >= 0");
-  p.scale = scale > 0.f ? scale : 1.0f / std::sqrt(float(p.keys.shape[3]));
   const std::size_t groups = g == pi::Granularity::shared ? 1 : std::size_t(p.keys.shape[1]);
   auto out = new_array<float>(batched ? std::vector<std::size_t>{std::size_t(B), groups, std::size_t(count)}
                                       : std::vector<std::size_t>{groups, std::size_t(count)});

@@ -34,6 +34,7 @@
 #include <string>
 
 #include "cuda_common.cuh"
+#include "score_args.hpp"
 
 namespace pyramidinfer::python {
 namespace {
@@ -190,35 +191,13 @@ ScoreCall<T> score_call(const Array& keys, const Array& queries, const OptArray&
   c.g = parse_granularity(granularity, fn);
   c.batched = keys.ndim() == 4;
   ScoreProblem<T>& p = c.p;
-  p.keys = view<const T, 4>(keys, fn, "keys", Place{device}, true);
-  p.queries = view<const T, 4>(queries, fn, "queries", Place{device}, true);
-  if (int(queries.ndim()) != int(keys.ndim()))
-    fail(fn, "queries", "array of shape " + shape_str(queries),
-         "must have as many dimensions as keys " + shape_str(keys));
+  p = score_views<T>(keys, queries, lse, scale, Place{device});
   const std::int64_t B = p.keys.shape[0], n = p.keys.shape[2], w = p.queries.shape[2];
-  if (p.queries.shape[0] != B) fail(fn, "queries", "array of shape " + shape_str(queries), "must have keys' batch size");
-  if (p.queries.shape[3] != p.keys.shape[3])
-    fail(fn, "queries", "array of shape " + shape_str(queries),
-         "must have keys' head_dim " + std::to_string(p.keys.shape[3]) + " on its last axis");
-  if (w < 1 || w > n)
-    fail(fn, "queries", "array of shape " + shape_str(queries),
-         "must hold a window of 1 to keys' n = " + std::to_string(n) + " rows");
-  if (p.keys.shape[1] < 1 || p.queries.shape[1] % p.keys.shape[1] != 0)
-    fail(fn, "queries", "array of shape " + shape_str(queries), "must have a multiple of keys' kv_heads query heads");
-  if (n > INT32_MAX) fail(fn, "keys", "array of shape " + shape_str(keys), "is too large");
   // The CUDA grids put the batch and the heads on grid axes y and z.
   if (B > 65535 || p.keys.shape[1] > 65535 || p.queries.shape[1] > 65535)
     fail(fn, "queries", "array of shape " + shape_str(queries),
          "must have at most 65535 sequences and 65535 query heads on CUDA");
-  if (lse) {
-    p.lse = view<const float, 3>(*lse, fn, "lse", Place{device}, true);
-    if (int(lse->ndim()) + 1 != int(keys.ndim()) || p.lse.shape[0] != B || p.lse.shape[1] != p.queries.shape[1] ||
-        p.lse.shape[2] != w)
-      fail(fn, "lse", "array of shape " + shape_str(*lse), "must be queries' shape without head_dim");
-  }
-  if (!(scale >= 0.f) || !std::isfinite(scale)) fail(fn, "scale", std::to_string(scale), "must be finite and >= 0");
   if (!std::isfinite(distance_weight)) fail(fn, "distance_weight", std::to_string(distance_weight), "must be finite");
-  p.scale = scale > 0.f ? scale : 1.0f / std::sqrt(float(p.keys.shape[3]));
   c.batch = B, c.n = n, c.w = w, c.ctx = n - w;
   c.groups = c.g == Granularity::shared ? 1 : p.keys.shape[1];
   // Header: kv_len, score_begin, score_count, (w); ring_start[B]; window_len[B].
