@@ -15,6 +15,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -50,6 +52,14 @@ struct ElemOf<PagedKVCache<T>> {
 };
 template <class C>
 using elem_t = typename ElemOf<std::remove_const_t<std::remove_reference_t<C>>>::type;
+
+/// An argument that must be an array (any DLPack or buffer-protocol object).
+Array as_array(nb::handle h, const char* fn, const char* name) {
+  Array a;
+  if (!nb::try_cast(h, a, false))
+    fail(fn, name, std::string("a ") + nb::inst_name(h).c_str() + " object", "must be a CUDA array (DLPack)");
+  return a;
+}
 
 /// A CUDA array on `device` whose elements are adjacent (any dtype), `bytes` of it at least.
 void check_block(const Array& a, int device, std::size_t bytes, std::size_t align, const char* fn, const char* name) {
@@ -150,8 +160,9 @@ DeviceCache* make_cache(int num_layers, int kv_heads, int head_dim, int num_page
   c->shape = cache_shape(num_layers, kv_heads, head_dim, num_pages, max_seqs, max_seq_len, page_size, dtype,
                          granularity, fn);
   c->layout = parse_layout(layout, fn);
-  const Array k = nb::cast<Array>(k_pool), v = nb::cast<Array>(v_pool);
-  const Array fp = nb::cast<Array>(free_pages), fc = nb::cast<Array>(free_count), st = nb::cast<Array>(state);
+  const Array k = as_array(k_pool, fn, "k_pool"), v = as_array(v_pool, fn, "v_pool");
+  const Array fp = as_array(free_pages, fn, "free_pages"), fc = as_array(free_count, fn, "free_count");
+  const Array st = as_array(state, fn, "state");
   c->device = cuda_device_of(k, fn, "k_pool");
   check_array<std::int32_t>(fp, fn, "free_pages", c->place());
   check_array<std::int32_t>(fc, fn, "free_count", c->place());
@@ -159,7 +170,8 @@ DeviceCache* make_cache(int num_layers, int kv_heads, int head_dim, int num_page
   check_block(fc, c->device, 4, 4, fn, "free_count");
   check_block(st, c->device, c->shape.state_bytes(), 16, fn, "state");
   const FreePageList free{static_cast<std::int32_t*>(const_cast<void*>(fp.data())),
-                          static_cast<std::int32_t*>(const_cast<void*>(fc.data())), std::int32_t(nbytes(fp) / 4)};
+                          static_cast<std::int32_t*>(const_cast<void*>(fc.data())),
+                          std::int32_t(std::min<std::size_t>(nbytes(fp) / 4, INT32_MAX))};
   void* state_mem = const_cast<void*>(st.data());
   DeviceGuard guard(c->device);
   const PagedCacheShape& s = c->shape;
@@ -514,7 +526,7 @@ void bind_compressor(nb::module_& m) {
           [](C& c, nb::object cache_obj, std::int64_t rows, nb::object memory, std::uintptr_t stream) {
             const char* fn = "cuda.PyramidCompressor.attach";
             DeviceCache& cache = nb::cast<DeviceCache&>(cache_obj);
-            const Array mem = nb::cast<Array>(memory);
+            const Array mem = as_array(memory, fn, "memory");
             const std::size_t need = c.impl->state_bytes(cache, rows);
             check_block(mem, cache.device, need, 256, fn, "memory");
             DeviceGuard guard(cache.device);
