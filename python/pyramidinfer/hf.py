@@ -349,6 +349,8 @@ class PyramidCache(Cache):
         self._mask: Optional[torch.Tensor] = None
         self._prefill_positions: list = []  # per layer: (held, position heads) positions after its prefill
         self._pos_step: Optional[torch.Tensor] = None  # the decode step's position (device int32)
+        self._stream = 0  # the decode step's CUDA stream (torch's current one)
+        self._seqs = np.zeros(1, dtype=np.int32)  # the one sequence slot, as the compressors take it
 
     @property
     def on_cuda(self) -> bool:
@@ -513,7 +515,9 @@ class PyramidCache(Cache):
         q = q[:, rows]
         q = q.view(1, q.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         cos, sin = tables[0][:, rows], tables[1][:, rows]
-        q, _ = self._hooks.rope(q, q, cos, sin)
+        # The model's own RoPE; its key input is an empty slice (no heads), so
+        # that nothing is computed twice.
+        q, _ = self._hooks.rope(q, q[:, :0], cos, sin)
         return q.detach()
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs: Optional[dict] = None):
@@ -566,10 +570,11 @@ class PyramidCache(Cache):
         pc, pos = self.compressor, self.seen
         if l == 0:
             self._check_decode_position(pos, cache_kwargs)
-        seqs = [0] if self.on_cuda else np.zeros(1, dtype=np.int32)
-        pc.decode_append(l, self.pages, seqs, k, v, self._pos_step, self._rope_queries(l, slice(None), cache_kwargs))
+        q = self._rope_queries(l, slice(None), cache_kwargs)
+        on = dict(stream=self._stream) if self.on_cuda else {}  # torch's current stream, looked up once a step
+        pc.decode_append(l, self.pages, self._seqs, k, v, self._pos_step, q, **on)
         keys, values = self.held(l)  # a gather, so compression below leaves it as it is
-        pc.decode_compress(l, self.pages, seqs)
+        pc.decode_compress(l, self.pages, self._seqs, **on)
         if l == self.num_layers - 1:
             self.seen += 1
         return keys, values
@@ -584,6 +589,8 @@ class PyramidCache(Cache):
             raise Error(f"pyramidinfer.hf.PyramidCache: token {pos - self.prompt_len + 1} after the prompt is "
                         f"past max_new_tokens = {self.max_new_tokens}; make the cache with a larger one")
         self._pos_step = torch.tensor([pos], dtype=torch.int32, device=self.device)
+        if self.on_cuda:
+            self._stream = torch.cuda.current_stream(self.device).cuda_stream
 
     def _fill_head_mask(self, l: int, tokens: torch.Tensor):
         """Per-KV-head token dropping: head h of layer l stores only its own
