@@ -8,9 +8,10 @@ compute fewer tokens), and in decode each layer evicts as the paper does. The
 positions kept come from the library's C++ compressor (``pyramidinfer._core``),
 the same code the C++ engines run; tensors reach it through DLPack, in place.
 A model on a CUDA device (float16, bfloat16 or float32) runs the CUDA
-compressor (``pyramidinfer.cuda``) over a paged cache in device memory, with
-no host synchronisation in a step; a model on the CPU runs the host
-compressor in float32.
+compressor (``pyramidinfer.cuda``) over a paged cache in device memory whose
+lengths the host tracks (no read-back of the cache in a step; the forward's
+cache_position and mask are checked once per forward, which reads them); a
+model on the CPU runs the host compressor in float32.
 
 Quickstart (from the repository root, after examples/fetch_model.sh):
 

@@ -54,6 +54,8 @@ def rounded(x, dtype):
 
 
 def prefill_both(hc, hcache, dc, dcache, n, rng, dtype="float32"):
+    """Prefills both; returns the window and each layer's keys as stored (float32 copies)."""
+    stored = []
     hc.begin(hcache, 0, n)
     dc.begin(dcache, 0, n)
     w = hc.window(0)
@@ -63,6 +65,7 @@ def prefill_both(hc, hcache, dc, dcache, n, rng, dtype="float32"):
         assert dc.token_count(0) == rows
         k, v = (rounded(rng.standard_normal((KV, rows, D), dtype=np.float32), dtype) for _ in range(2))
         q = rounded(rng.standard_normal((H, w, D), dtype=np.float32), dtype)
+        stored.append(k)
         hc.prefill_store(l, hcache, 0, k, v)
         dev = [torch.from_numpy(x).to(TORCH[dtype]).cuda() for x in (k, v, q)]
         dc.prefill_store(l, dcache, 0, dev[0], dev[1])
@@ -72,7 +75,7 @@ def prefill_both(hc, hcache, dc, dcache, n, rng, dtype="float32"):
         assert total == dc.token_count(0)
         if dtype == "float32":
             np.testing.assert_array_equal(got, nxt, err_msg=f"layer {l}")
-    return w
+    return w, stored
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -112,12 +115,15 @@ def test_prefill_and_decode_keep_the_hosts_positions(policy):
 def test_half_precision_stores_the_rows_it_keeps(dtype):
     rng = np.random.default_rng(SEED + 1)
     hc, hcache, dc, dcache = pair("paper", dtype)
-    prefill_both(hc, hcache, dc, dcache, 300, rng, dtype)
+    w, stored = prefill_both(hc, hcache, dc, dcache, 300, rng, dtype)
     trace = hc.trace(300, 0)["prefill_len"]
     for l in range(L):
         assert dcache.length(l, 0) == trace[l]  # top-k counts are score-free
         pos = dcache.positions(l, 0)
-        assert np.all(np.diff(pos) > 0) and pos[-hc.window(0):].tolist() == list(range(300 - hc.window(0), 300))
+        assert np.all(np.diff(pos) > 0) and pos[-w:].tolist() == list(range(300 - w, 300))
+        assert pos[:4].tolist() == [0, 1, 2, 3]  # the sinks
+        # Token dropping stores every row layer l computes: the inputs, in the cache's dtype.
+        np.testing.assert_array_equal(dcache.keys(l, 0), stored[l], err_msg=f"layer {l}")
 
 
 def test_cache_over_callers_memory_and_views():
