@@ -774,8 +774,13 @@ class PagedEngine {
   /// One greedy decode step of these prefilled slots, in any order (no host
   /// sync; replayed as a CUDA graph per batch size and firing pattern, see
   /// decode_device). A new list is uploaded first (pinned staging, enqueued).
-  void decode_slots(const std::vector<std::int32_t>& slots) {
+  /// `offer_compression` false skips decode compression in this step (the
+  /// due sequences fire at the next step that offers it): a server that
+  /// offers it every k-th step makes a continuous batch's sequences fire
+  /// together, and k - 1 of k steps launch no eviction (examples/serve).
+  void decode_slots(const std::vector<std::int32_t>& slots, bool offer_compression = true) {
     set_batch(slots);
+    offer_compression_ = offer_compression;
     const int B = B_;
     run_step([&] {
       kernels::gather_slots_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dslots_.get(), B, tok_slot_.get(),
@@ -849,6 +854,7 @@ class PagedEngine {
   /// only changes arguments; an update that still fails (e.g. another number
   /// of attention splits) instantiates the graph again.
   void decode_device(const std::int32_t* ids) {
+    offer_compression_ = true;  // only decode_slots' caller may skip a step's compression
     run_step([&] { decode_step(ids); });
   }
 
@@ -1090,7 +1096,7 @@ class PagedEngine {
                              ring ? dlse_.get() : nullptr, stream_);
       if (ring) pc_.decode_set_lse(l, *cache_, all, lv, stream_);
       layer_finish(l, B);
-      if (ring) {
+      if (ring && offer_compression_) {
         timed([&] { pc_.decode_compress(l, *cache_, all, stream_); });
         if (pc_.decode_fired() != 0) fired_[std::size_t(l)] = '1';  // -1 (device trigger): always launches
       }
@@ -1265,6 +1271,7 @@ class PagedEngine {
   // decode graphs: one executable per batch size and firing pattern (a '0'/'1' per layer)
   std::map<std::string, cudaGraphExec_t> graphs_;
   std::string fired_;
+  bool offer_compression_ = true;  // the step being recorded calls decode_compress (set by each entry point)
   long long decode_steps_ = 0;
   std::vector<int> batch_cap_;  ///< per layer: a host bound of the decode batch's lengths
   // continuous batching (open_pool)

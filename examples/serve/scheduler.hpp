@@ -46,20 +46,42 @@ struct PageCurve {
   std::int64_t peak() const { return pages.empty() ? 0 : *std::max_element(pages.begin(), pages.end()); }
 };
 
+/// When the engine offers decode compression (calls decode_compress): every
+/// step (every = 1, the paper), or, for a continuous batch, only on steps
+/// whose iteration is a multiple of `every`, so that the due sequences of the
+/// whole batch fire together and the other every - 1 steps launch no eviction
+/// at all. A request admitted in iteration t0 runs decode step k in iteration
+/// t0 + k: its `phase` is t0 % every. A due sequence waits up to every - 1
+/// steps (its layers hold that many more tokens meanwhile); every <= the
+/// decode segment keeps the backlog bounded (one firing per offered step).
+struct FireSchedule {
+  int every = 1;
+  int phase = 0;
+  bool offered(int step) const { return (phase + step) % every == 0; }
+};
+
 /// Per layer, its length right after decode step k's append (what attention
 /// reads, the layer's most in step k) and after the step's compression,
 /// following the CUDA compressor's host trigger (compressor_cuda.cuh,
-/// decode_compress): a layer fires when `segment` tokens lie between its
-/// compressed part and its window, keeps `keep_count` of them, and the
-/// boundary moves past the kept ones. The boundary starts at the last slot of
-/// the prefilled layer. Entry [k - 1][l] for k = 1 .. steps.
+/// decode_compress): on a step where compression is offered, a layer fires
+/// when at least `segment` tokens lie between its compressed part and its
+/// window, keeps `keep_count` of the oldest `segment`, and the boundary moves
+/// past the kept ones. The boundary starts at the last slot of the prefilled
+/// layer. Entry [k - 1][l] for k = 1 .. steps.
 struct DecodeLengths {
   std::vector<std::vector<int>> before, after;
 };
 
+inline void check_fire_schedule(const FireSchedule& f, const char* fn) {
+  if (f.every < 1 || f.phase < 0 || f.phase >= f.every)
+    throw std::invalid_argument(std::string(fn) + ": fire schedule every = " + std::to_string(f.every) +
+                                ", phase = " + std::to_string(f.phase) + " (need every >= 1, 0 <= phase < every)");
+}
+
 template <class Compressor>
-DecodeLengths decode_lengths(const Compressor& pc, int prompt_len, int steps) {
+DecodeLengths decode_lengths(const Compressor& pc, int prompt_len, int steps, FireSchedule fire = {}) {
   if (steps < 0) throw std::invalid_argument("decode_lengths: steps = " + std::to_string(steps) + " must be >= 0");
+  check_fire_schedule(fire, "decode_lengths");
   const CompressorConfig& cfg = pc.config();
   const LayerTrace t = pc.trace(prompt_len, steps);
   const int L = cfg.num_layers, w = window_length(prompt_len, cfg.recent_ratio);
@@ -74,7 +96,7 @@ DecodeLengths decode_lengths(const Compressor& pc, int prompt_len, int steps) {
       int& b = bound[std::size_t(l)];
       ++n;
       before[std::size_t(l)] = n;
-      if (cfg.compress_decode && n - w - b >= seg) {
+      if (cfg.compress_decode && fire.offered(k) && n - w - b >= seg) {
         const int keep = pc.decode_schedule().keep_count(l, L);
         n += keep - seg;
         b += keep;
@@ -88,12 +110,12 @@ DecodeLengths decode_lengths(const Compressor& pc, int prompt_len, int steps) {
 }
 
 /// The request's PageCurve for `output_len` generated tokens (output_len - 1
-/// decode steps). The prefill entry is the most the request holds while its
-/// layers are filled one by one: every layer at its prefilled length, plus the
-/// largest transient of one layer (layer-local mode stores the whole prompt in
-/// a layer before compacting it).
+/// decode steps) under `fire`. The prefill entry is the most the request holds
+/// while its layers are filled one by one: every layer at its prefilled
+/// length, plus the largest transient of one layer (layer-local mode stores
+/// the whole prompt in a layer before compacting it).
 template <class Compressor>
-PageCurve page_curve(const Compressor& pc, int prompt_len, int output_len, int page_size) {
+PageCurve page_curve(const Compressor& pc, int prompt_len, int output_len, int page_size, FireSchedule fire = {}) {
   if (output_len < 1) throw std::invalid_argument("page_curve: output_len = " + std::to_string(output_len) + " must be >= 1");
   if (page_size < 1) throw std::invalid_argument("page_curve: page_size = " + std::to_string(page_size) + " must be >= 1");
   const int steps = output_len - 1;
@@ -108,7 +130,7 @@ PageCurve page_curve(const Compressor& pc, int prompt_len, int output_len, int p
   }
   c.pages.push_back(held + transient);
   c.kv_slots.push_back(0);
-  const DecodeLengths d = decode_lengths(pc, prompt_len, steps);
+  const DecodeLengths d = decode_lengths(pc, prompt_len, steps, fire);
   for (const std::vector<int>& before : d.before) {
     std::int64_t p = 0, s = 0;
     for (int n : before) p += pages(n), s += n;
@@ -153,6 +175,7 @@ struct SchedulerOptions {
   int max_seqs = 256;                 ///< engine slots (concurrent sequences)
   std::int64_t pool_pages = 0;        ///< the KV page pool
   int max_prefill_tokens = 16384;     ///< prompt tokens per prefill iteration (one request at least)
+  int fire_every = 1;                 ///< decode compression offered in iterations that are multiples of this (FireSchedule)
 };
 
 /// A live request: which workload entry, its slot, and where in its life it is.
@@ -161,6 +184,7 @@ struct Running {
   int slot = 0;
   long long admitted = 0;  ///< iteration
   int generated = 0;       ///< tokens so far
+  int phase = 0;           ///< admitted % fire_every: which of the request's curves applies
 };
 
 /// What one iteration does: the requests to prefill (new slots) and the
@@ -169,6 +193,7 @@ struct Iteration {
   long long index = 0;
   std::vector<int> prefill;       ///< indices into running()
   std::vector<std::int32_t> decode_slots;
+  bool offer_compression = true;  ///< whether the decode step offers decode compression (FireSchedule)
 };
 
 /// FIFO continuous batching. Per iteration: plan(now, fits) admits arrived
@@ -179,34 +204,43 @@ struct Iteration {
 /// request got one token, and those that reached their length leave.
 class Scheduler {
  public:
-  using CurveFn = std::function<PageCurve(const Request&)>;
+  /// A request's page curve when it is admitted in an iteration of this fire schedule's phase.
+  using CurveFn = std::function<PageCurve(const Request&, FireSchedule)>;
 
-  Scheduler(const SchedulerOptions& o, std::vector<Request> workload, const CurveFn& curve)
-      : opt_(o), books_(o.pool_pages), reqs_(std::move(workload)) {
+  Scheduler(const SchedulerOptions& o, std::vector<Request> workload, CurveFn curve_fn)
+      : opt_(o), books_(o.pool_pages), reqs_(std::move(workload)), curve_fn_(std::move(curve_fn)) {
     if (o.max_seqs < 1) throw std::invalid_argument("Scheduler: max_seqs = " + std::to_string(o.max_seqs) + " must be >= 1");
     if (o.max_prefill_tokens < 1)
       throw std::invalid_argument("Scheduler: max_prefill_tokens = " + std::to_string(o.max_prefill_tokens) + " must be >= 1");
+    if (o.fire_every < 1) throw std::invalid_argument("Scheduler: fire_every = " + std::to_string(o.fire_every) + " must be >= 1");
     for (std::size_t i = 1; i < reqs_.size(); ++i)
       if (reqs_[i].arrival_s < reqs_[i - 1].arrival_s)
         throw std::invalid_argument("Scheduler: request " + std::to_string(i) + " arrives before request " +
                                     std::to_string(i - 1) + " (the workload must be in arrival order)");
-    for (const Request& r : reqs_) {
-      curves_.push_back(curve(r));
-      if (std::int64_t(curves_.back().pages.size()) != r.output_len)
-        throw std::invalid_argument("Scheduler: the curve of request " + std::to_string(r.id) + " has " +
-                                    std::to_string(curves_.back().pages.size()) + " entries, not output_len = " +
-                                    std::to_string(r.output_len));
-      if (curves_.back().peak() > o.pool_pages)
-        throw std::invalid_argument("Scheduler: request " + std::to_string(r.id) + " (prompt " +
-                                    std::to_string(r.prompt_len) + ", output " + std::to_string(r.output_len) +
-                                    ") needs " + std::to_string(curves_.back().peak()) +
-                                    " pages at its peak, more than the pool's " + std::to_string(o.pool_pages));
-    }
+    curves_.resize(reqs_.size(), std::vector<PageCurve>(std::size_t(o.fire_every)));
+    for (std::size_t i = 0; i < reqs_.size(); ++i) curve(int(i), 0);  // checks every request before the run (phase 0)
     for (int s = opt_.max_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
   }
 
   const std::vector<Request>& requests() const { return reqs_; }
-  const PageCurve& curve(int request) const { return curves_.at(std::size_t(request)); }
+  /// A request's curve when admitted in an iteration of this phase (computed
+  /// once, checked: one entry per output token, a peak within the pool).
+  const PageCurve& curve(int request, int phase) const {
+    PageCurve& c = curves_.at(std::size_t(request)).at(std::size_t(phase));
+    if (!c.pages.empty()) return c;
+    const Request& r = reqs_[std::size_t(request)];
+    c = curve_fn_(r, FireSchedule{opt_.fire_every, phase});
+    if (std::int64_t(c.pages.size()) != r.output_len)
+      throw std::invalid_argument("Scheduler: the curve of request " + std::to_string(r.id) + " has " +
+                                  std::to_string(c.pages.size()) + " entries, not output_len = " +
+                                  std::to_string(r.output_len));
+    if (c.peak() > opt_.pool_pages)
+      throw std::invalid_argument("Scheduler: request " + std::to_string(r.id) + " (prompt " +
+                                  std::to_string(r.prompt_len) + ", output " + std::to_string(r.output_len) +
+                                  ") needs " + std::to_string(c.peak()) + " pages at its peak, more than the pool's " +
+                                  std::to_string(opt_.pool_pages));
+    return c;
+  }
   const std::vector<Running>& running() const { return running_; }
   const PageBooks& books() const { return books_; }
   long long iteration() const { return iter_; }
@@ -226,12 +260,14 @@ class Scheduler {
   Iteration plan(double now, const std::function<bool(const Request&, int slot)>& engine_fits) {
     Iteration it;
     it.index = iter_;
+    const int phase = int(iter_ % opt_.fire_every);
+    it.offer_compression = phase == 0;
     for (const Running& r : running_) it.decode_slots.push_back(r.slot);  // admitted earlier: decode
     int tokens = 0;
     while (next_ < int(reqs_.size()) && !free_slots_.empty()) {
       const Request& r = reqs_[std::size_t(next_)];
-      const PageCurve& c = curves_[std::size_t(next_)];
       if (r.arrival_s > now) break;
+      const PageCurve& c = curve(next_, phase);
       if (!it.prefill.empty() && tokens + r.prompt_len > opt_.max_prefill_tokens) break;
       if (!books_.fits(c)) break;
       const int slot = free_slots_.back();
@@ -240,7 +276,7 @@ class Scheduler {
       books_.add(c);
       tokens += r.prompt_len;
       it.prefill.push_back(int(running_.size()));
-      running_.push_back(Running{next_, slot, iter_, 0});
+      running_.push_back(Running{next_, slot, iter_, 0, phase});
       ++next_;
     }
     return it;
@@ -270,13 +306,13 @@ class Scheduler {
   /// tests check the two agree).
   std::int64_t live_pages() const {
     std::int64_t p = 0;
-    for (const Running& r : running_) p += curves_[std::size_t(r.request)].pages[std::size_t(iter_ - r.admitted)];
+    for (const Running& r : running_) p += curve(r.request, r.phase).pages[std::size_t(iter_ - r.admitted)];
     return p;
   }
   /// Tokens the live requests' attention reads in this iteration's decode step.
   std::int64_t live_kv_slots() const {
     std::int64_t s = 0;
-    for (const Running& r : running_) s += curves_[std::size_t(r.request)].kv_slots[std::size_t(iter_ - r.admitted)];
+    for (const Running& r : running_) s += curve(r.request, r.phase).kv_slots[std::size_t(iter_ - r.admitted)];
     return s;
   }
 
@@ -284,7 +320,8 @@ class Scheduler {
   SchedulerOptions opt_;
   PageBooks books_;
   std::vector<Request> reqs_;
-  std::vector<PageCurve> curves_;
+  CurveFn curve_fn_;
+  mutable std::vector<std::vector<PageCurve>> curves_;  ///< [request][phase], filled when first needed
   std::vector<Running> running_;
   std::vector<int> free_slots_;
   int next_ = 0, finished_ = 0;

@@ -178,7 +178,7 @@ struct LoopEngine {
     for (const Request* r : reqs) prompts.push_back(prompt_tokens(*r, vocab_));
     e.prefill_begun(slots, prompts);
   }
-  void decode(const std::vector<std::int32_t>& slots) { e.decode_slots(slots); }
+  void decode(const std::vector<std::int32_t>& slots, bool offer_compression) { e.decode_slots(slots, offer_compression); }
   void end(int slot) { e.end(slot); }
   void request_free_pages(int k) { e.free_pages_async(counts.get() + k); }
   std::int64_t free_pages(int k) const { return counts.get()[k]; }
@@ -200,7 +200,10 @@ ServeSummary run_workload(Engine& e, const CudaModel& m, const std::vector<Reque
   const int page_size = e.options().page_size;
   SchedulerOptions so;
   so.max_seqs = e.plan().shape.max_seqs, so.pool_pages = pool, so.max_prefill_tokens = o.prefill_tokens;
-  Scheduler sched(so, reqs, [&](const Request& r) { return page_curve(e.compressor(), r.prompt_len, r.output_len, page_size); });
+  so.fire_every = o.fire_every;
+  Scheduler sched(so, reqs, [&](const Request& r, FireSchedule f) {
+    return page_curve(e.compressor(), r.prompt_len, r.output_len, page_size, f);
+  });
   LoopEngine<Engine> le(e, s.vocab);
   CudaTimeline tl(e.stream());
   const ServeSummary sum = run_loop(le, tl, sched, pool, st);
@@ -292,6 +295,7 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
         ",\"pool_pages\":" + std::to_string(spec.num_pages) + ",\"page_size\":" + std::to_string(o.page_size) +
         ",\"ring_rows\":" + std::to_string(spec.ring_rows) + ",\"compressor_bytes\":" + std::to_string(e.compressor_bytes()) +
         ",\"max_seqs\":" + std::to_string(o.max_seqs) + ",\"prefill_tokens\":" + std::to_string(o.prefill_tokens) +
+        ",\"fire_every\":" + std::to_string(o.fire_every) +
         ",\"graph\":" + (o.graph ? "true" : "false") + ",\"output_tokens\":" + std::to_string(r.output_tokens) +
         ",\"makespan_s\":" + num(r.makespan_s) + ",\"req_per_s\":" + num(r.requests_per_s) +
         ",\"out_tok_per_s\":" + num(r.output_tokens_per_s) + ",\"ttft_p50_s\":" + num(r.ttft_p50) +
@@ -314,118 +318,177 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
 
 // ---- selfcheck ------------------------------------------------------------------
 
-/// Continuous batching on a tiny model, every policy: at every iteration the
-/// device's free-page count and every live layer's length equal what the
-/// host predicts (page_curve / decode_lengths: exact for these score-free
-/// selections), and every request's greedy tokens equal the same request run
-/// alone through the static-batch API.
-bool selfcheck() {
-  const CudaModel model = CudaModel::random(named_shape("tiny"), 11);
-  const int vocab = model.shape().vocab, L = model.shape().n_layers;
-  bool all_ok = true;
-  for (const std::string& name : llama::policy_names()) {
-    llama::PolicyOptions po;
-    po.name = name;
-    if (llama::is_layer_local(name)) po.ratio = 0.5;
-    EngineOptions eo;
-    eo.prefill_chunk_rows = 512;
-    with_cuda_engine(model, eo, po, [&](auto& e) {
-      using E = std::decay_t<decltype(e)>;
-      WorkloadOptions w;
-      w.requests = 10, w.prompt_median = 150, w.prompt_sigma = 0.6, w.prompt_min = 20, w.prompt_cap = 320;
-      w.output_min = 8, w.output_max = 48, w.seed = 5;
-      const std::vector<Request> reqs = make_workload(w);
-      const int page = eo.page_size;
-      PoolSpec spec;
-      spec.num_pages = 3 * L * ((320 + 48) / page + 1);  // about three requests at a time: slots are reused
-      spec.max_seqs = 4, spec.max_seq_len = 320 + 48, spec.ring_rows = 4 * 320;
-      e.open_pool(spec);
-      SchedulerOptions so;
-      so.max_seqs = spec.max_seqs, so.pool_pages = spec.num_pages, so.max_prefill_tokens = 400;
-      Scheduler sched(so, reqs, [&](const Request& r) { return page_curve(e.compressor(), r.prompt_len, r.output_len, page); });
-      std::vector<std::vector<std::int32_t>> got(reqs.size());
-      PinnedBuf<std::int32_t> fc;
-      fc.resize(1);
-      bool ok = true;
-      int max_live = 0;
-      auto pages = [&](int n) { return (n + page - 1) / page; };
-      while (!sched.done() && ok) {
-        const Iteration it = sched.plan(1e30, [&](const Request& r, int slot) {
-          if (!e.can_begin(r.prompt_len)) return false;
-          e.begin(slot, r.prompt_len, r.output_len);
-          return true;
-        });
-        max_live = std::max(max_live, int(sched.running().size()));
-        if (!it.prefill.empty()) {
-          std::vector<std::int32_t> slots;
-          std::vector<std::vector<std::int32_t>> prompts;
-          for (int i : it.prefill) {
-            slots.push_back(sched.running()[std::size_t(i)].slot);
-            prompts.push_back(prompt_tokens(reqs[std::size_t(sched.running()[std::size_t(i)].request)], vocab));
-          }
-          e.prefill_begun(slots, prompts);
-        }
-        if (!it.decode_slots.empty()) e.decode_slots(it.decode_slots);
-        e.free_pages_async(fc.get());
-        LC_CUDA(cudaStreamSynchronize(e.stream()));
-        std::int64_t expect = 0;
-        for (const Running& r : sched.running()) {
-          const Request& q = reqs[std::size_t(r.request)];
-          const long long k = sched.iteration() - r.admitted;  // 0: prefilled now, else decode step k
-          const LayerTrace t = e.compressor().trace(q.prompt_len, q.output_len - 1);
-          const DecodeLengths dl = decode_lengths(e.compressor(), q.prompt_len, int(k));
-          for (int l = 0; l < L; ++l) {
-            const int n = k == 0 ? t.prefill_len[std::size_t(l)] : dl.after[std::size_t(k - 1)][std::size_t(l)];
-            expect += pages(n);
-            if (e.length_sync(l, r.slot) != n) {
-              std::printf("selfcheck %s: request %d layer %d holds %d tokens at iteration %lld, expected %d\n",
-                          name.c_str(), q.id, l, e.length_sync(l, r.slot), sched.iteration(), n);
-              ok = false;
-            }
-          }
-          got[std::size_t(r.request)].push_back(e.next_token_sync(r.slot));
-        }
-        if (spec.num_pages - fc.get()[0] != expect) {
-          std::printf("selfcheck %s: %lld pages in use on the device at iteration %lld, the books say %lld\n",
-                      name.c_str(), (long long)(spec.num_pages - fc.get()[0]), sched.iteration(), (long long)expect);
+/// The selfcheck's small workload and pool (about three requests at a time: slots are reused).
+struct CheckSetup {
+  std::vector<Request> reqs;
+  PoolSpec spec;
+  int page = 16;
+};
+
+CheckSetup check_setup(int layers, int page) {
+  WorkloadOptions w;
+  w.requests = 10, w.prompt_median = 150, w.prompt_sigma = 0.6, w.prompt_min = 20, w.prompt_cap = 320;
+  w.output_min = 8, w.output_max = 48, w.seed = 5;
+  CheckSetup c;
+  c.reqs = make_workload(w);
+  c.page = page;
+  c.spec.num_pages = 3 * layers * ((320 + 48) / page + 1);
+  c.spec.max_seqs = 4, c.spec.max_seq_len = 320 + 48, c.spec.ring_rows = 4 * 320;
+  return c;
+}
+
+/// Continuous batching of the setup's requests on `e` (pool opened here),
+/// compression offered every `every` iterations. At every iteration the
+/// device's free-page count and every live layer's length must equal the
+/// host's prediction (page_curve / decode_lengths under the request's fire
+/// schedule). Fills each request's greedy tokens and admission iteration.
+template <class Engine>
+bool check_batched(Engine& e, const LlamaShape& shape, const CheckSetup& c, int every, const std::string& name,
+                   std::vector<std::vector<std::int32_t>>& got, std::vector<long long>& admitted, int& max_live) {
+  const int vocab = shape.vocab, L = shape.n_layers, page = c.page;
+  e.open_pool(c.spec);
+  SchedulerOptions so;
+  so.max_seqs = c.spec.max_seqs, so.pool_pages = c.spec.num_pages, so.max_prefill_tokens = 400, so.fire_every = every;
+  Scheduler sched(so, c.reqs, [&](const Request& r, FireSchedule f) {
+    return page_curve(e.compressor(), r.prompt_len, r.output_len, page, f);
+  });
+  got.assign(c.reqs.size(), {});
+  admitted.assign(c.reqs.size(), -1);
+  PinnedBuf<std::int32_t> fc;
+  fc.resize(1);
+  bool ok = true;
+  auto pages = [&](int n) { return (n + page - 1) / page; };
+  while (!sched.done() && ok) {
+    const Iteration it = sched.plan(1e30, [&](const Request& r, int slot) {
+      if (!e.can_begin(r.prompt_len)) return false;
+      e.begin(slot, r.prompt_len, r.output_len);
+      return true;
+    });
+    max_live = std::max(max_live, int(sched.running().size()));
+    if (!it.prefill.empty()) {
+      std::vector<std::int32_t> slots;
+      std::vector<std::vector<std::int32_t>> prompts;
+      for (int i : it.prefill) {
+        const Running& r = sched.running()[std::size_t(i)];
+        slots.push_back(r.slot);
+        prompts.push_back(prompt_tokens(c.reqs[std::size_t(r.request)], vocab));
+        admitted[std::size_t(r.request)] = it.index;
+      }
+      e.prefill_begun(slots, prompts);
+    }
+    if (!it.decode_slots.empty()) e.decode_slots(it.decode_slots, it.offer_compression);
+    e.free_pages_async(fc.get());
+    LC_CUDA(cudaStreamSynchronize(e.stream()));
+    std::int64_t expect = 0;
+    for (const Running& r : sched.running()) {
+      const Request& q = c.reqs[std::size_t(r.request)];
+      const long long k = sched.iteration() - r.admitted;  // 0: prefilled now, else decode step k
+      const LayerTrace t = e.compressor().trace(q.prompt_len, q.output_len - 1);
+      const DecodeLengths dl = decode_lengths(e.compressor(), q.prompt_len, int(k), FireSchedule{every, r.phase});
+      for (int l = 0; l < L; ++l) {
+        const int n = k == 0 ? t.prefill_len[std::size_t(l)] : dl.after[std::size_t(k - 1)][std::size_t(l)];
+        expect += pages(n);
+        if (e.length_sync(l, r.slot) != n) {
+          std::printf("selfcheck %s: request %d layer %d holds %d tokens at iteration %lld, expected %d\n",
+                      name.c_str(), q.id, l, e.length_sync(l, r.slot), sched.iteration(), n);
           ok = false;
         }
-        for (const Running& r : sched.finish()) e.end(r.slot);
       }
-      e.free_pages_async(fc.get());
-      LC_CUDA(cudaStreamSynchronize(e.stream()));
-      if (fc.get()[0] != spec.num_pages) {
-        std::printf("selfcheck %s: %d of %lld pages free at the end\n", name.c_str(), fc.get()[0], (long long)spec.num_pages);
-        ok = false;
-      }
-      e.check();
-      // The same requests alone, static batches of one, greedy on the host.
-      int same = 0;
-      E ref(model, eo, e.compressor());
-      for (std::size_t i = 0; i < reqs.size() && ok; ++i) {
-        std::vector<float> logits = ref.prefill({prompt_tokens(reqs[i], vocab)}, reqs[i].output_len);
-        std::vector<std::int32_t> toks;
-        for (int g = 0; g < reqs[i].output_len; ++g) {
-          const std::int32_t t = std::int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
-          toks.push_back(t);
-          if (g + 1 < reqs[i].output_len) logits = ref.decode({t});
-        }
-        if (toks == got[i]) {
-          ++same;
-        } else {  // where they part (a near-tie of two logits can flip with the batch's GEMM shapes)
-          std::size_t at = 0;
-          while (at < toks.size() && at < got[i].size() && toks[at] == got[i][at]) ++at;
-          std::printf("selfcheck %s: request %zu (prompt %d): token %zu of %zu differs from running it alone\n",
-                      name.c_str(), i, reqs[i].prompt_len, at, toks.size());
-        }
-      }
-      ok &= same == int(reqs.size());
-      std::printf("selfcheck serve %s: %zu requests, up to %d at a time, books == device pages and lengths, "
-                  "%d/%zu token streams equal to running alone: %s\n",
-                  name.c_str(), reqs.size(), max_live, same, reqs.size(), ok ? "OK" : "FAIL");
-      all_ok &= ok;
-    });
+      got[std::size_t(r.request)].push_back(e.next_token_sync(r.slot));
+    }
+    if (c.spec.num_pages - fc.get()[0] != expect) {
+      std::printf("selfcheck %s: %lld pages in use on the device at iteration %lld, the books say %lld\n",
+                  name.c_str(), (long long)(c.spec.num_pages - fc.get()[0]), sched.iteration(), (long long)expect);
+      ok = false;
+    }
+    for (const Running& r : sched.finish()) e.end(r.slot);
   }
+  e.free_pages_async(fc.get());
+  LC_CUDA(cudaStreamSynchronize(e.stream()));
+  if (fc.get()[0] != c.spec.num_pages) {
+    std::printf("selfcheck %s: %d of %lld pages free at the end\n", name.c_str(), fc.get()[0], (long long)c.spec.num_pages);
+    ok = false;
+  }
+  e.check();
+  return ok;
+}
+
+/// A request alone through the static-batch API (compression offered every step), greedy on the host.
+template <class Engine>
+std::vector<std::int32_t> alone_static(Engine& ref, const Request& q, int vocab) {
+  std::vector<float> logits = ref.prefill({prompt_tokens(q, vocab)}, q.output_len);
+  std::vector<std::int32_t> toks;
+  for (int g = 0; g < q.output_len; ++g) {
+    const std::int32_t t = std::int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    toks.push_back(t);
+    if (g + 1 < q.output_len) logits = ref.decode({t});
+  }
+  return toks;
+}
+
+/// A request alone in slot 0 of `ref`'s open pool, compression offered on the
+/// steps where the batched run offered it (it was admitted in iteration t0).
+template <class Engine>
+std::vector<std::int32_t> alone_paged(Engine& ref, const Request& q, int vocab, long long t0, int every) {
+  ref.begin(0, q.prompt_len, q.output_len);
+  ref.prefill_begun({0}, {prompt_tokens(q, vocab)});
+  std::vector<std::int32_t> toks{ref.next_token_sync(0)};
+  for (int k = 1; k < q.output_len; ++k) {
+    ref.decode_slots({0}, (t0 + k) % every == 0);
+    toks.push_back(ref.next_token_sync(0));
+  }
+  ref.end(0);
+  return toks;
+}
+
+/// Continuous batching on a tiny model, every policy with compression offered
+/// every step, and the compressing ones again offered every 5th iteration: at
+/// every iteration the device's free-page count and every live layer's length
+/// equal what the host predicts (page_curve / decode_lengths: exact for these
+/// score-free selections), and every request's greedy tokens equal the same
+/// request run alone (through the static-batch API; for every 5th, alone in
+/// the pool with the same steps offered).
+bool selfcheck() {
+  const CudaModel model = CudaModel::random(named_shape("tiny"), 11);
+  const int vocab = model.shape().vocab;
+  bool all_ok = true;
+  for (const int every : {1, 5})
+    for (const std::string& name : llama::policy_names()) {
+      if (every > 1 && name == "full") continue;  // nothing to fire
+      llama::PolicyOptions po;
+      po.name = name;
+      if (llama::is_layer_local(name)) po.ratio = 0.5;
+      EngineOptions eo;
+      eo.prefill_chunk_rows = 512;
+      with_cuda_engine(model, eo, po, [&](auto& e) {
+        using E = std::decay_t<decltype(e)>;
+        const CheckSetup c = check_setup(model.shape().n_layers, eo.page_size);
+        std::vector<std::vector<std::int32_t>> got;
+        std::vector<long long> admitted;
+        int max_live = 0;
+        bool ok = check_batched(e, model.shape(), c, every, name, got, admitted, max_live);
+        int same = 0;
+        E ref(model, eo, e.compressor());
+        if (every > 1) ref.open_pool(c.spec);
+        for (std::size_t i = 0; i < c.reqs.size() && ok; ++i) {
+          const std::vector<std::int32_t> toks =
+              every == 1 ? alone_static(ref, c.reqs[i], vocab) : alone_paged(ref, c.reqs[i], vocab, admitted[i], every);
+          if (toks == got[i]) {
+            ++same;
+          } else {  // where they part (a near-tie of two logits can flip with the batch's GEMM shapes)
+            std::size_t at = 0;
+            while (at < toks.size() && at < got[i].size() && toks[at] == got[i][at]) ++at;
+            std::printf("selfcheck %s: request %zu (prompt %d): token %zu of %zu differs from running it alone\n",
+                        name.c_str(), i, c.reqs[i].prompt_len, at, toks.size());
+          }
+        }
+        ok &= same == int(c.reqs.size());
+        std::printf("selfcheck serve %s, compression offered every %d: %zu requests, up to %d at a time, books == "
+                    "device pages and lengths, %d/%zu token streams equal to running alone: %s\n",
+                    name.c_str(), every, c.reqs.size(), max_live, same, c.reqs.size(), ok ? "OK" : "FAIL");
+        all_ok &= ok;
+      });
+    }
   std::printf("selfcheck %s\n", all_ok ? "PASSED" : "FAILED");
   return all_ok;
 }

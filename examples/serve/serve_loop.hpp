@@ -12,7 +12,7 @@
 // Engine (what serve.cu's adapter and the tests' fake provide):
 //   bool can_begin(int prompt_len); void begin(int slot, int prompt_len, int max_new);
 //   void prefill(const std::vector<std::int32_t>& slots, const std::vector<const Request*>& reqs);
-//   void decode(const std::vector<std::int32_t>& slots); void end(int slot);
+//   void decode(const std::vector<std::int32_t>& slots, bool offer_compression); void end(int slot);
 //   void request_free_pages(int k);  // the device's free-page count after the work so far, into cell k
 //   std::int64_t free_pages(int k);   // cell k (valid once a marker recorded after the request is waited for)
 // Timeline:
@@ -146,7 +146,7 @@ ServeSummary run_loop(Engine& e, Timeline& tl, Scheduler& sched, std::int64_t po
     }
     tl.record(f.prefilled);
     if (f.decode) {
-      e.decode(it.decode_slots);
+      e.decode(it.decode_slots, it.offer_compression);
       ++st.decode_steps;
     }
     e.request_free_pages(int(f.index % kInflight));  // before `done`: waiting for done covers the copy

@@ -29,6 +29,10 @@ struct ServeOptions {
   int max_seqs = 256;
   int prefill_tokens = 8192;  ///< prompt tokens per prefill iteration (one request at least)
   int page_size = 16;
+  /// Decode compression offered every this many iterations (scheduler.hpp, FireSchedule): 1 fires each
+  /// sequence as soon as its segment fills (the paper); 16 fires a continuous batch's due sequences
+  /// together, and 15 of 16 decode steps launch no eviction.
+  int fire_every = 1;
   int warmup = 8;             ///< requests run (short outputs) before measuring, not reported
   bool graph = true;
   std::string out, steps_out;  ///< JSON lines: one per run, one per iteration ("" = none / stdout for out)
@@ -63,6 +67,9 @@ inline std::string serve_usage() {
          "  --pool-gb G          KV page pool in GiB (default 40); --ring-gb G window-query pool (default pool/4)\n"
          "  --max-seqs N         concurrent sequences (default 256); --prefill-tokens N per iteration (8192)\n"
          "  --page-size N        tokens per page, a power of two (default 16)\n"
+         "  --fire-every N       offer decode compression every N iterations, in [1, 64] (default 1: each\n"
+         "                       sequence fires when its segment fills, as in the paper; 16: the batch's due\n"
+         "                       sequences fire together, 15 of 16 steps launch no eviction)\n"
          "  --warmup N           warm-up requests before measuring (default 8)\n"
          "  --no-graph           decode steps launched eagerly\n"
          "  --out FILE           append the run summaries (JSON lines; default stdout)\n"
@@ -104,6 +111,7 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
       .value("--prefill-tokens",
              [&](const std::string& v) { o.prefill_tokens = int(parse_int("--prefill-tokens", v, 1, 1 << 20)); })
       .value("--page-size", [&](const std::string& v) { o.page_size = int(parse_int("--page-size", v, 1, 1 << 16)); })
+      .value("--fire-every", [&](const std::string& v) { o.fire_every = int(parse_int("--fire-every", v, 1, 64)); })
       .value("--warmup", [&](const std::string& v) { o.warmup = int(parse_int("--warmup", v, 0, 100000)); })
       .value("--out", [&](const std::string& v) { o.out = v; })
       .value("--steps-out", [&](const std::string& v) { o.steps_out = v; })

@@ -56,11 +56,13 @@ struct FakeEngine {
   std::map<int, Live> live;
   std::int64_t cells[kInflight] = {};
   int steps_in_iteration = 0;
+  int fire_every = 1;
+  long long iteration = 0;  ///< counted here (one free-page request per iteration), not read from the scheduler
 
   bool can_begin(int) const { return !refuse_all; }
   void begin(int slot, int prompt, int max_new) {
     REQUIRE(live.count(slot) == 0);
-    live[slot] = Live{page_curve(pc, prompt, max_new, 16), 0};
+    live[slot] = Live{page_curve(pc, prompt, max_new, 16, FireSchedule{fire_every, int(iteration % fire_every)}), 0};
   }
   void prefill(const std::vector<std::int32_t>& slots, const std::vector<const Request*>& reqs) {
     REQUIRE(slots.size() == reqs.size());
@@ -73,7 +75,8 @@ struct FakeEngine {
     sim.enqueue(per_token * tokens);
     sim.host = sim.device;  // the engine synchronises at the end of a prefill
   }
-  void decode(const std::vector<std::int32_t>& slots) {
+  void decode(const std::vector<std::int32_t>& slots, bool offer_compression) {
+    REQUIRE(offer_compression == (iteration % fire_every == 0));
     for (std::int32_t s : slots) ++live.at(s).k;
     sim.enqueue(step);
   }
@@ -81,6 +84,7 @@ struct FakeEngine {
     std::int64_t used = 0;
     for (const auto& kv : live) used += kv.second.curve.pages[std::size_t(kv.second.k)];
     cells[cell] = pool - used;
+    ++iteration;
   }
   std::int64_t free_pages(int cell) const { return cells[cell]; }
   void end(int slot) { REQUIRE(live.erase(slot) == 1); }
@@ -103,7 +107,8 @@ LoopRun run_fake(const char* name, const std::vector<Request>& w, const Schedule
     FakeEngine<std::decay_t<decltype(pc)>> e(sim, pc);
     e.pool = so.pool_pages;
     e.refuse_all = refuse;
-    Scheduler sched(so, w, [&](const Request& r) { return page_curve(pc, r.prompt_len, r.output_len, 16); });
+    e.fire_every = so.fire_every;
+    Scheduler sched(so, w, [&](const Request& r, FireSchedule f) { return page_curve(pc, r.prompt_len, r.output_len, 16, f); });
     out.summary = run_loop(e, tl, sched, so.pool_pages, out.stats);
     REQUIRE(e.live.empty());
   });
@@ -147,27 +152,30 @@ TEST_CASE("run_loop: a saturated pool: every request finishes, device pages matc
   };
   WorkloadOptions wo;
   wo.requests = 40, wo.prompt_median = 900, wo.seed = 21;
-  for (const char* name : {"full", "pyramid45", "snapkv"}) {
-    INFO(name);
-    Sim sim;
-    CountingTimeline tl(sim);
-    const LoopRun r = run_fake(name, make_workload(wo), SchedulerOptions{32, 30000, 4096}, sim, tl);
-    const LoopStats& st = r.stats;
-    CHECK(r.summary.requests == 40);
-    CHECK(tl.waited == st.iterations);  // every iteration retired once
-    CHECK(tl.recorded == 3 * st.iterations);
-    CHECK(tl.max_ahead == kInflight - 1);  // the host runs ahead, but no further
-    REQUIRE(st.steps.size() == std::size_t(st.iterations));
-    for (std::size_t i = 0; i < st.steps.size(); ++i) {
-      REQUIRE(st.steps[i].iteration == (long long)i);
-      REQUIRE(st.steps[i].pages_device == st.steps[i].pages_booked);  // the cell of the right iteration
-      REQUIRE(st.steps[i].pages_booked <= 30000);
-      if (i > 0) REQUIRE(st.steps[i].t_s >= st.steps[i - 1].t_s);
+  // compression offered every step, or every 16th (the batch's due sequences fire together)
+  for (int every : {1, 16}) {
+    for (const char* name : {"full", "pyramid45", "snapkv"}) {
+      INFO(name << ", compression offered every " << every << " iterations");
+      Sim sim;
+      CountingTimeline tl(sim);
+      const LoopRun r = run_fake(name, make_workload(wo), SchedulerOptions{32, 30000, 4096, every}, sim, tl);
+      const LoopStats& st = r.stats;
+      CHECK(r.summary.requests == 40);
+      CHECK(tl.waited == st.iterations);  // every iteration retired once
+      CHECK(tl.recorded == 3 * st.iterations);
+      CHECK(tl.max_ahead == kInflight - 1);  // the host runs ahead, but no further
+      REQUIRE(st.steps.size() == std::size_t(st.iterations));
+      for (std::size_t i = 0; i < st.steps.size(); ++i) {
+        REQUIRE(st.steps[i].iteration == (long long)i);
+        REQUIRE(st.steps[i].pages_device == st.steps[i].pages_booked);  // the cell of the right iteration
+        REQUIRE(st.steps[i].pages_booked <= 30000);
+        if (i > 0) REQUIRE(st.steps[i].t_s >= st.steps[i - 1].t_s);
+      }
+      CHECK(st.books_violations == 0);
+      CHECK(st.peak_concurrent >= 2);
+      CHECK(r.summary.ttft_p99 >= r.summary.ttft_p50);
+      CHECK(r.summary.tpot_p50 >= 0.02 - 1e-12);  // a decode step, or longer when prefills interleave
     }
-    CHECK(st.books_violations == 0);
-    CHECK(st.peak_concurrent >= 2);
-    CHECK(r.summary.ttft_p99 >= r.summary.ttft_p50);
-    CHECK(r.summary.tpot_p50 >= 0.02 - 1e-12);  // a decode step, or longer when prefills interleave
   }
 }
 

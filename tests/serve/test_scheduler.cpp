@@ -63,41 +63,51 @@ TEST_CASE("decode_lengths: each layer's peak is the planner's capacity", "[serve
 TEST_CASE("page_curve: the host compressor's real cache holds exactly the predicted pages", "[serve][scheduler]") {
   constexpr int L = 4, H = 4, Hkv = 2, d = 8, page = 16;
   const llama::LlamaConfig c = shape(L, H, Hkv, d);
-  for (const std::string& name : llama::policy_names())
-    for (int prompt : {40, 230}) {
-      const int steps = 70;  // several decode compressions per layer
-      llama::with_policy(c, policy(name), [&](const auto& pc) {
-        INFO(name << " prompt " << prompt);
-        auto comp = pc;
-        const pit::TokenData D(L, H, Hkv, d, prompt + steps, 1234u + unsigned(prompt));
-        pit::TestCache<float> tc(comp, {1, prompt + steps, page});
-        const int total = tc.free_pages();
-        const PageCurve curve = page_curve(comp, prompt, steps + 1, page);
-        const DecodeLengths dl = decode_lengths(comp, prompt, steps);
-        const LayerTrace t = comp.trace(prompt, steps);
-        pit::start(comp, tc.cache(), 0, prompt, D);
-        std::int64_t after_prefill = 0;
-        for (int l = 0; l < L; ++l) {
-          REQUIRE(tc.len(l, 0) == t.prefill_len[std::size_t(l)]);
-          after_prefill += (t.prefill_len[std::size_t(l)] + page - 1) / page;
-        }
-        REQUIRE(total - tc.free_pages() == after_prefill);
-        REQUIRE(after_prefill <= curve.pages[0]);
-        for (int k = 1; k <= steps; ++k) {
-          pit::decode_step(comp, tc.cache(), D, {pit::DecodeToken{0, prompt + k - 1, prompt + k - 1}});
-          std::int64_t used = 0, read = 0;
+  // compression offered every step (the paper), or every 16th / 5th step at some phase (a server's aligned firing)
+  for (const FireSchedule fire : {FireSchedule{1, 0}, FireSchedule{16, 7}, FireSchedule{5, 3}}) {
+    for (const std::string& name : llama::policy_names())
+      for (int prompt : {40, 230}) {
+        const int steps = 100;  // several decode compressions per layer, at every fire schedule
+        llama::with_policy(c, policy(name), [&](const auto& pc) {
+          INFO(name << " prompt " << prompt << ", offered every " << fire.every << " steps, phase " << fire.phase);
+          auto comp = pc;
+          const pit::TokenData D(L, H, Hkv, d, prompt + steps, 1234u + unsigned(prompt));
+          pit::TestCache<float> tc(comp, {1, prompt + steps, page});
+          const int total = tc.free_pages();
+          const PageCurve curve = page_curve(comp, prompt, steps + 1, page, fire);
+          const DecodeLengths dl = decode_lengths(comp, prompt, steps, fire);
+          const LayerTrace t = comp.trace(prompt, steps);
+          pit::start(comp, tc.cache(), 0, prompt, D);
+          std::int64_t after_prefill = 0;
           for (int l = 0; l < L; ++l) {
-            INFO("step " << k << " layer " << l);
-            REQUIRE(tc.len(l, 0) == dl.after[std::size_t(k - 1)][std::size_t(l)]);
-            used += pit::pages_held(tc.cache(), l, 0);
-            read += dl.before[std::size_t(k - 1)][std::size_t(l)];
+            REQUIRE(tc.len(l, 0) == t.prefill_len[std::size_t(l)]);
+            after_prefill += (t.prefill_len[std::size_t(l)] + page - 1) / page;
           }
-          REQUIRE(total - tc.free_pages() == used);
-          REQUIRE(used <= curve.pages[std::size_t(k)]);
-          REQUIRE(read == curve.kv_slots[std::size_t(k)]);
-        }
-      });
-    }
+          REQUIRE(total - tc.free_pages() == after_prefill);
+          REQUIRE(after_prefill <= curve.pages[0]);
+          int fired = 0;
+          for (int k = 1; k <= steps; ++k) {
+            const std::vector<pit::DecodeToken> tok{pit::DecodeToken{0, prompt + k - 1, prompt + k - 1}};
+            const std::int32_t seq = 0;
+            for (int l = 0; l < L; ++l) {
+              pit::decode_append_layer(comp, tc.cache(), l, D, tok);
+              if (fire.offered(k)) fired += comp.decode_compress(l, tc.cache(), SeqList{&seq, 1});
+            }
+            std::int64_t used = 0, read = 0;
+            for (int l = 0; l < L; ++l) {
+              INFO("step " << k << " layer " << l);
+              REQUIRE(tc.len(l, 0) == dl.after[std::size_t(k - 1)][std::size_t(l)]);
+              used += pit::pages_held(tc.cache(), l, 0);
+              read += dl.before[std::size_t(k - 1)][std::size_t(l)];
+            }
+            REQUIRE(total - tc.free_pages() == used);
+            REQUIRE(used <= curve.pages[std::size_t(k)]);
+            REQUIRE(read == curve.kv_slots[std::size_t(k)]);
+          }
+          if (comp.config().compress_decode) CHECK(fired > 0);
+        });
+      }
+  }
 }
 
 TEST_CASE("PageBooks: a curve is admitted only if it fits in every future iteration", "[serve][scheduler]") {
@@ -132,7 +142,7 @@ struct SimResult {
 template <class Compressor>
 SimResult simulate(const Compressor& pc, const std::vector<Request>& w, const SchedulerOptions& o, double dt,
                    int refuse_every) {
-  Scheduler s(o, w, [&](const Request& r) { return page_curve(pc, r.prompt_len, r.output_len, 16); });
+  Scheduler s(o, w, [&](const Request& r, FireSchedule f) { return page_curve(pc, r.prompt_len, r.output_len, 16, f); });
   SimResult out;
   std::vector<int> generated(w.size(), 0), slot_of(w.size(), -1);
   std::set<int> slots_in_use;
@@ -141,6 +151,7 @@ SimResult simulate(const Compressor& pc, const std::vector<Request>& w, const Sc
     const double now = double(s.iteration()) * dt;
     const Iteration it = s.plan(now, [&](const Request&, int) { return refuse_every == 0 || ++calls % refuse_every != 0; });
     REQUIRE(it.index == s.iteration());
+    REQUIRE(it.offer_compression == (it.index % o.fire_every == 0));
     // never over-committed: the live requests' real footprint is what the books hold, within the pool
     REQUIRE(s.live_pages() == s.books().in_use());
     REQUIRE(s.live_pages() <= o.pool_pages);
@@ -195,6 +206,9 @@ TEST_CASE("Scheduler: never over-commits, FIFO, everything admitted finishes at 
         CHECK(b.iterations >= a.iterations);
         // determinism: the same inputs give the same schedule
         CHECK(simulate(pc, w, o, 0.02, 0).admissions == a.admissions);
+        SchedulerOptions aligned = o;  // the batch fires together every 16 iterations: the same invariants
+        aligned.fire_every = 16;
+        CHECK(simulate(pc, w, aligned, 0.02, 0).peak_concurrent >= 2);
       });
     }
 }
@@ -220,7 +234,7 @@ TEST_CASE("Scheduler: compression turns freed pages into more concurrent request
 TEST_CASE("Scheduler: bad input is refused with a clear error", "[serve][scheduler]") {
   const llama::LlamaConfig c = shape(32, 32, 32, 128);
   llama::with_policy(c, policy("full"), [&](const auto& pc) {
-    auto curve = [&](const Request& r) { return page_curve(pc, r.prompt_len, r.output_len, 16); };
+    auto curve = [&](const Request& r, FireSchedule f) { return page_curve(pc, r.prompt_len, r.output_len, 16, f); };
     SchedulerOptions o;
     o.pool_pages = 100;  // a 2000-token prompt needs 32 * 125 pages
     CHECK_THROWS_WITH(Scheduler(o, {Request{0, 2000, 64, 0}}, curve), Catch::Contains("more than the pool"));
@@ -230,5 +244,9 @@ TEST_CASE("Scheduler: bad input is refused with a clear error", "[serve][schedul
     o.max_seqs = 0;
     CHECK_THROWS_WITH(Scheduler(o, {Request{0, 20, 64, 0}}, curve), Catch::Contains("max_seqs"));
     CHECK_THROWS_WITH(page_curve(pc, 20, 0, 16), Catch::Contains("output_len"));
+    o.max_seqs = 4, o.fire_every = 0;
+    CHECK_THROWS_WITH(Scheduler(o, {Request{0, 20, 64, 0}}, curve), Catch::Contains("fire_every = 0"));
+    CHECK_THROWS_WITH(page_curve(pc, 20, 8, 16, FireSchedule{4, 4}), Catch::Contains("phase = 4"));
+    CHECK_THROWS_WITH(decode_lengths(pc, 20, 8, FireSchedule{0, 0}), Catch::Contains("every = 0"));
   });
 }
