@@ -23,6 +23,9 @@
 //                       its decode step 128 (for `ncu --profile-from-start off`);
 //                       prints no JSON
 //
+//   e2e-bench attn-floor
+//     The paged decode attention alone against its HBM floor (attn_floor.cuh).
+//
 //   e2e-bench selfcheck
 //     On random data: the engine's prefill attention (tensor-core, over the
 //     chunk's packed K/V) and decode attention (split, over a paged cache:
@@ -42,6 +45,7 @@
 
 #define PYRAMIDINFER_LLAMA_CUDA_NO_GGUF
 #include "llama_cuda/llama_cuda.cuh"
+#include "attn_floor.cuh"
 
 using namespace pyramidinfer;
 using namespace pyramidinfer::llama_cuda;
@@ -397,10 +401,18 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  if (argc == 2 && std::strcmp(argv[1], "attn-floor") == 0) {
+    try {
+      return attn_floor::run();
+    } catch (const std::exception& ex) {
+      std::fprintf(stderr, "e2e-bench attn-floor: %s\n", ex.what());
+      return 1;
+    }
+  }
   if (argc < 6) {
     std::fprintf(stderr,
                  "usage: e2e-bench SHAPE full|pyramid|pyramid45 BATCH|fit PROMPT GEN [--comp-share] [--device-trigger] "
-                 "[--no-graph] [--page-size N] [--profile prefill|decode]\n       e2e-bench selfcheck\n");
+                 "[--no-graph] [--page-size N] [--profile prefill|decode]\n       e2e-bench selfcheck | attn-floor\n");
     return 2;
   }
   try {
