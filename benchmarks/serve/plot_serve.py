@@ -32,7 +32,7 @@ COLORS = {"full": (31, 119, 180), "pyramid": (255, 127, 14), "pyramid45": (44, 1
 
 
 def color(policy):
-    return COLORS.get(policy, (100, 100, 100))
+    return COLORS.get(policy.split("/")[0], (100, 100, 100))  # a fire schedule keeps its policy's colour
 
 
 def load(path):
@@ -175,8 +175,16 @@ def plot_bars(path, title, groups, policies, values):
     plt.close(fig)
 
 
+def label(r):
+    """A run's policy, with its fire schedule when decode compression is not offered every step."""
+    every = r.get("fire_every", 1)
+    return r["policy"] if every == 1 or r["policy"] == "full" else f"{r['policy']}/fire{every}"
+
+
 def main():
     runs, steps, out = load(sys.argv[1]), load(sys.argv[2]), sys.argv[3]
+    for r in runs + steps:
+        r["policy"] = label(r)
     os.makedirs(out, exist_ok=True)
     G = 1 << 30
     for median in sorted({r["prompt_median"] for r in runs}):

@@ -16,6 +16,8 @@
 # counts and limits are environment variables:
 #   REQ512=384 REQ2K=100 POLICIES=full,pyramid,pyramid45,snapkv POOL_GB=40
 #   SHAPE=llama2-7b CUDA_ARCH=90 BUDGET_S=450 (seconds for build + runs)
+#   MODE=both (saturation | poisson | both) MAX_SEQS=256 FIRE_EVERY=1 (16: decode
+#   compression offered every 16th iteration, the batch fires together) EXTRA="" (more flags)
 #   WORKLOADS="512 2048" (prompt medians; WORKLOADS="" builds and selfchecks only). Fewer requests than these leave the
 #   compressed policies limited by the request count, not the pool (they admit
 #   everything at once); at these counts one workload takes a call:
@@ -70,9 +72,10 @@ run_workload() {  # median requests percent_of_the_budget_left
   local median=$1 requests=$2 share=$3
   local t=$(( $(left) * share / 100 ))
   if [ "$t" -lt 30 ]; then echo "== skipping median $median: ${t}s left"; return; fi
-  echo "== workload median $median: $requests requests, policies $POLICIES, saturation + Poisson at 0.7 (limit ${t}s)"
+  echo "== workload median $median: $requests requests, policies $POLICIES, mode ${MODE:-both} (Poisson at 0.7), fire every ${FIRE_EVERY:-1} (limit ${t}s)"
   timeout "$t" "$BIN" --shape "$SHAPE" --policies "$POLICIES" --prompt-median "$median" --requests "$requests" \
-    --mode both --load 0.7 --pool-gb "$POOL_GB" ${MODEL:+--model "$MODEL"} ${PROMPT_CAP:+--prompt-cap "$PROMPT_CAP"} \
+    --mode "${MODE:-both}" --load 0.7 --pool-gb "$POOL_GB" --max-seqs "${MAX_SEQS:-256}" --fire-every "${FIRE_EVERY:-1}" \
+    ${MODEL:+--model "$MODEL"} ${PROMPT_CAP:+--prompt-cap "$PROMPT_CAP"} ${EXTRA:-} \
     --out "$OUT/serve.jsonl" --steps-out "$OUT/serve_steps.jsonl" \
     > "$OUT/serve_$median.log" 2>&1
   echo "rc=$? after $(( $(date +%s) - START )) s"; tail -4 "$OUT/serve_$median.log"

@@ -214,7 +214,8 @@ ServeSummary run_workload(Engine& e, const CudaModel& m, const std::vector<Reque
     const double floor_ms = r.decode_ms > 0 ? (double(m.weight_bytes()) + double(r.kv_slots) * kv_slot_bytes) / copy_bw * 1e3 : 0;
     if (r.decode_ms > 0) floor_fraction.push_back(floor_ms / r.decode_ms), decode_ms.push_back(r.decode_ms);
     if (steps)
-      steps->line("{\"policy\":" + str(info.policy) + ",\"mode\":" + str(info.mode) + ",\"prompt_median\":" +
+      steps->line("{\"policy\":" + str(info.policy) + ",\"fire_every\":" + std::to_string(o.fire_every) +
+                  ",\"mode\":" + str(info.mode) + ",\"prompt_median\":" +
                   num(o.workload.prompt_median) + ",\"iter\":" + std::to_string(r.iteration) + ",\"t_s\":" +
                   num(r.t_s) + ",\"prefill_reqs\":" + std::to_string(r.prefill_requests) + ",\"prefill_ms\":" +
                   num(r.prefill_ms) + ",\"batch\":" + std::to_string(r.batch) + ",\"decode_ms\":" +
