@@ -540,6 +540,7 @@ class PagedEngine {
   ~PagedEngine() {
     cudaStreamSynchronize(stream_);
     if (stage_event_) cudaEventDestroy(stage_event_);
+    if (prefill_staged_) cudaEventDestroy(prefill_staged_);
     for (auto& g : graphs_) cudaGraphExecDestroy(g.second);
     for (auto& e : events_) cudaEventDestroy(e);
     cublasDestroy(blas_);
@@ -741,9 +742,11 @@ class PagedEngine {
 
   /// Prefills begun slots (their prompts, in the same order), in chunks of
   /// up to prefill_chunk_rows rows. Each slot's first token (greedy) and
-  /// position stay on the device for decode_slots. Synchronises at its end:
-  /// its pinned staging is reused by the next call (a prefill is long beside
-  /// one host round trip).
+  /// position stay on the device for decode_slots. Does not wait for the
+  /// device (one chunk): the next prefill waits, before it rewrites the pinned
+  /// staging, until the device has read this one's; so the decode step that
+  /// follows is captured while the prefill runs. More than one chunk
+  /// synchronises between chunks (they share the staging).
   void prefill_begun(const std::vector<std::int32_t>& slots, const std::vector<std::vector<std::int32_t>>& prompts) {
     const char* fn = "PagedEngine::prefill_begun";
     if (slot_cap_.empty()) throw std::logic_error(std::string(fn) + ": open_pool() first");
@@ -768,7 +771,6 @@ class PagedEngine {
                                                                         stage_dev_.get() + B, tok_slot_.get(),
                                                                         pos_slot_.get());
     LC_CUDA(cudaEventRecord(stage_event_, stream_));
-    LC_CUDA(cudaStreamSynchronize(stream_));
   }
 
   /// One greedy decode step of these prefilled slots, in any order (no host
@@ -994,6 +996,9 @@ class PagedEngine {
       max_rows = std::max(max_rows, rows);
     }
     chunk_begin.push_back(B);
+    // The last prefill's uploads from the pinned staging must have run before it is rewritten (or regrown).
+    if (prefill_staged_) LC_CUDA(cudaEventSynchronize(prefill_staged_));
+    else LC_CUDA(cudaEventCreateWithFlags(&prefill_staged_, cudaEventDisableTiming));
     reserve_rows(std::max(max_rows, B));
     lse_rows_.resize(std::size_t(std::max(max_rows, B)) * H);
     logits_.resize(std::size_t(B) * s.vocab);
@@ -1065,6 +1070,7 @@ class PagedEngine {
                               stream_));
       rmsnorm(h_.get(), m_.output_norm(), nb, xl_.get() + std::size_t(b0) * s.dim, last_rows_.get() + b0);
     }
+    LC_CUDA(cudaEventRecord(prefill_staged_, stream_));  // every upload from pinned_ is enqueued
     gemm(xl_.get(), B, s.dim, m_.output(), s.vocab, logits_.get(), 0.f);
     comp_list_.assign(slots.begin() + chunk_begin[n_chunks - 1], slots.end()), comp_list_known_ = true;
   }
@@ -1280,6 +1286,7 @@ class PagedEngine {
   PinnedBuf<std::int32_t> stage_slots_;      ///< [prefill slots | prefill positions | decode slots], max_seqs each
   DBuf<std::int32_t> stage_dev_;             ///< the prefill's slots and positions on the device
   cudaEvent_t stage_event_ = nullptr;        ///< after the last upload from stage_slots_
+  cudaEvent_t prefill_staged_ = nullptr;     ///< after the last prefill's last upload from pinned_
   std::size_t comp_bytes_ = 0;
   long long graph_builds_ = 0;
   std::vector<std::int32_t> comp_list_;  ///< the slot list of the compressor's last call (if known)

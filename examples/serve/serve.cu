@@ -29,9 +29,11 @@
 // Measurement (serve_loop.hpp). The host runs at most three iterations
 // ahead of the GPU; CUDA events around each prefill and decode step give the
 // times (no sync per step), the device's free-page count is copied back
-// asynchronously after every step. A prefill synchronises at its end (the
-// engine reuses its pinned staging). graph_builds counts decode graphs
-// instantiated (the rest were replayed after updating their arguments). Per decode step the physical floor is (weights + the KV
+// asynchronously after every step. A prefill does not wait for the device
+// either (the next one waits until its pinned staging was read), so the decode
+// step after it is captured while it runs. graph_builds counts decode graphs
+// instantiated (the rest were replayed after updating their arguments). Per
+// decode step the physical floor is (weights + the KV
 // bytes the step's attention reads) / the copy bandwidth measured in the same
 // process (a device-to-device cudaMemcpy: it reads and writes, so the
 // bandwidth is 2 x bytes / time).

@@ -38,8 +38,8 @@ struct FakeTimeline {
   double seconds(Marker& m) const { return m.t; }
 };
 
-/// Prefill costs `per_token` per prompt token and synchronises (as the CUDA
-/// engine's does); a decode step costs `step`. Pages held: each live
+/// Prefill costs `per_token` per prompt token and, like a decode step
+/// (`step`), is only enqueued (the CUDA engine waits for neither). Pages held: each live
 /// request's curve at its iteration, so the loop must report exactly the books.
 template <class Compressor>
 struct FakeEngine {
@@ -73,7 +73,6 @@ struct FakeEngine {
       tokens += reqs[i]->prompt_len;
     }
     sim.enqueue(per_token * tokens);
-    sim.host = sim.device;  // the engine synchronises at the end of a prefill
   }
   void decode(const std::vector<std::int32_t>& slots, bool offer_compression) {
     REQUIRE(offer_compression == (iteration % fire_every == 0));
