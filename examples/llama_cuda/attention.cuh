@@ -14,9 +14,10 @@
 //     K/V element (kv head g, packed row r, e) at k[r * row_stride + g * head_stride + e].
 //   decode_splits(B, H, Hkv, max_len, sms, max_splits) -> splits (host only)
 //   decode_attention(q, qpos, B, PagedLayer{cache.kv(), layer, seqs}, max_len, H, d, scale,
-//                    splits, part, out, lse, stream)
+//                    splits, part, out, lse, stream, keys_in_flight = kDecodeKeysInFlight)
 //     q [B, H d], qpos [B], seqs [B] slots, part [B, H, splits, d + 2], out [B, H d], lse [B, H] or nullptr;
-//     max_len: a host upper bound of the batch's lengths in `layer` (sizes the key splits).
+//     max_len: a host upper bound of the batch's lengths in `layer` (sizes the key splits);
+//     keys_in_flight: 2 or 4 keys a thread loads per step.
 //   reference_attention(q, qpos, B, PagedLayer, H, d, scale, out, lse, stream)          (decode form)
 //   reference_attention(q, qpos, off, nb, rows, PackedKV, H, d, scale, out, lse, stream) (prefill form)
 //
@@ -34,7 +35,7 @@
 //    positions, per KV head when selection is per head; NHD or HND pool,
 //    separate or interleaved), split over the key axis (flash-decoding) so
 //    that small batches still fill the card; 16-byte loads (head_dim is
-//    contiguous in every pool layout), two keys in flight per thread, the
+//    contiguous in every pool layout), two (or four) keys in flight per thread, the
 //    next step's page ids loaded with this step's keys; a combine kernel
 //    merges splits. Device state is not trusted: a length is clamped to
 //    [0, max_pages << page_shift], a slot outside [0, max_seqs) or a page id
@@ -452,9 +453,14 @@ __device__ __forceinline__ void decode_block_merge(const DecodeArgs& a, int b, i
 /// one memory latency a step. G = 1: 10 blocks per SM at 48 registers (no
 /// spills with CUDA 13 at sm_80/sm_90), the occupancy the contiguous kernel
 /// had; larger G keep G softmax states a thread: G = 2 and 4 run 4 blocks
-/// per SM (93 and 128 registers), G = 8 two (no spills).
-template <int D, int G>
-__global__ void __launch_bounds__(128, G == 1 ? 10 : G == 8 ? 2 : 4) decode_attention_kernel(DecodeArgs a) {
+/// per SM (93 and 128 registers), G = 8 two (no spills). NK = 4 keeps four
+/// keys a thread in flight (twice the bytes per memory latency, fewer blocks
+/// per SM: decode_min_blocks).
+constexpr int decode_min_blocks(int G, int NK) {
+  return NK == 2 ? (G == 1 ? 10 : G == 8 ? 2 : 4) : (G == 1 ? 6 : G == 8 ? 1 : 3);
+}
+template <int D, int G, int NK>
+__global__ void __launch_bounds__(128, decode_min_blocks(G, NK)) decode_attention_kernel(DecodeArgs a) {
   constexpr int TPK = D / 8;          // lanes per key
   constexpr int KPS = 128 / TPK;      // keys per block step
   const int b = blockIdx.x, h0 = blockIdx.y * G, split = blockIdx.z;
@@ -544,19 +550,37 @@ __global__ void __launch_bounds__(128, G == 1 ? 10 : G == 8 ? 2 : 4) decode_atte
   auto pos_of = [&](bool ok, int page, int j) {  // its original position
     return __ldg(kpos + (ok ? ((std::int64_t(page) << shift) + (j & mask)) * pos_heads : 0));
   };
-  int pa = page_of(begin + slot), pb = page_of(begin + slot + KPS);
+  int pg[NK];  // page of this thread's key u in the next step
+#pragma unroll
+  for (int u = 0; u < NK; ++u) pg[u] = page_of(begin + slot + u * KPS);
   // The trip count is uniform over the block (the shuffles need whole warps).
-  for (int j0 = begin; j0 < end; j0 += 2 * KPS) {
-    const int ja = j0 + slot, jb = ja + KPS;
-    const bool va = present(ja, pa), vb = present(jb, pb);  // an id outside the pool: empty
-    const std::int64_t ea = elem_of(va, pa, ja), eb = elem_of(vb, pb, jb);
-    const uint4 ka = ld16(kg + ea), kb = ld16(kg + eb), vva = ld16(vg + ea), vvb = ld16(vg + eb);
-    const int posa = pos_of(va, pa, ja), posb = pos_of(vb, pb, jb);
-    pa = page_of(ja + 2 * KPS), pb = page_of(jb + 2 * KPS);
-    float sa[G], sb[G];
-    dot(ka, sa), dot(kb, sb);
-    update(va && posa <= qp, sa, vva);
-    update(vb && posb <= qp, sb, vvb);
+  for (int j0 = begin; j0 < end; j0 += NK * KPS) {
+    // Every load of the step first (one memory latency), in the order K, V,
+    // positions, next pages: with this order G = 1, NK = 2 stays at 48
+    // registers without spills.
+    bool ok[NK];
+    std::int64_t e[NK];
+    uint4 kk[NK], vv[NK];
+    int pos[NK];
+#pragma unroll
+    for (int u = 0; u < NK; ++u) {
+      const int j = j0 + slot + u * KPS;
+      ok[u] = present(j, pg[u]);  // an id outside the pool: empty
+      e[u] = elem_of(ok[u], pg[u], j);
+    }
+#pragma unroll
+    for (int u = 0; u < NK; ++u) kk[u] = ld16(kg + e[u]);
+#pragma unroll
+    for (int u = 0; u < NK; ++u) vv[u] = ld16(vg + e[u]);
+#pragma unroll
+    for (int u = 0; u < NK; ++u) pos[u] = pos_of(ok[u], pg[u], j0 + slot + u * KPS);
+#pragma unroll
+    for (int u = 0; u < NK; ++u) pg[u] = page_of(j0 + slot + u * KPS + NK * KPS);
+    float sc[NK][G];
+#pragma unroll
+    for (int u = 0; u < NK; ++u) dot(kk[u], sc[u]);
+#pragma unroll
+    for (int u = 0; u < NK; ++u) update(ok[u] && pos[u] <= qp, sc[u], vv[u]);
   }
   decode_block_merge<D, G, KPS>(a, b, h0, split, sub, slot, m, l, acc);
 }
@@ -717,6 +741,9 @@ inline void prefill_attention(const __half* q, const std::int32_t* qpos, const s
 
 /// Query heads one decode block computes: the whole GQA group when it is 2,
 /// 4 or 8 heads (its K/V read once), else 1.
+/// Keys a decode thread loads per step unless told otherwise (2 or 4).
+constexpr int kDecodeKeysInFlight = 2;
+
 inline int decode_group(int H, int kv_heads) {
   const int g = kv_heads > 0 && H % kv_heads == 0 ? H / kv_heads : 1;
   return g == 2 || g == 4 || g == 8 ? g : 1;
@@ -739,10 +766,11 @@ inline int decode_splits(int B, int H, int kv_heads, std::int64_t max_len, int s
 /// decode_splits; unused when 1).
 inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, const PagedLayer& c,
                              std::int64_t max_len, int H, int d, float scale, int splits, float* part, __half* out,
-                             float* lse, cudaStream_t stream) {
+                             float* lse, cudaStream_t stream, int keys_in_flight = kDecodeKeysInFlight) {
   if (B <= 0) return;
   detail::check_paged(c, H, d, "decode_attention");
   detail::require(splits >= 1 && (splits == 1 || part), "decode_attention", "splits must be >= 1 (part set when > 1)");
+  detail::require(keys_in_flight == 2 || keys_in_flight == 4, "decode_attention", "keys_in_flight must be 2 or 4");
   // No sequence holds more than its table row addresses.
   const std::int64_t cap = std::int64_t(c.kv.max_pages) << c.kv.page_shift;
   const std::int64_t n = std::max<std::int64_t>(1, std::min(max_len, cap));
@@ -754,7 +782,8 @@ inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, c
     const auto launch = [&](auto gc) {
       constexpr int G = decltype(gc)::value;
       const dim3 grid(unsigned(B), unsigned(H / G), unsigned(splits));
-      detail::decode_attention_kernel<D, G><<<grid, 128, 0, stream>>>(a);
+      if (keys_in_flight == 4) detail::decode_attention_kernel<D, G, 4><<<grid, 128, 0, stream>>>(a);
+      else detail::decode_attention_kernel<D, G, 2><<<grid, 128, 0, stream>>>(a);
     };
     if (group == 8) launch(std::integral_constant<int, 8>{});
     else if (group == 4) launch(std::integral_constant<int, 4>{});
