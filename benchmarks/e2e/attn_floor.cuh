@@ -3,7 +3,9 @@
 // shape (LLaMA-2-7B's 32/32 heads and Llama-3-8B's 32/8, head dim 128, pages
 // of 16 tokens in shuffled order, fp16), the bytes the kernel must read (K, V
 // and the keys' positions of every live token) divided by the device-to-device
-// copy bandwidth (a 1 GiB cudaMemcpy, read + write counted), over the
+// copy bandwidth (a 1 GiB cudaMemcpy, read + write counted: what HBM moves per
+// second, which a read-only kernel can also reach; the floor of pyramid-serve's
+// decode steps uses the same number), over the
 // kernel's time (best of 20 launches after 3 warm-ups, CUDA events), with
 // two and with four keys in flight per thread. One JSON line per shape and
 // variant. Included by e2e_bench.cu.
@@ -97,7 +99,7 @@ inline void run_shape(const Shape& s, double copy_bw, int sms) {
   DBuf<float> part(std::size_t(s.B) * s.H * 16 * (D + 2)), lse(std::size_t(s.B) * s.H);
   const float scale = 1.f / std::sqrt(float(D));
   const double bytes = double(tokens) * (2.0 * s.Hkv * D * sizeof(__half) + sizeof(std::int32_t));
-  const double floor_ms = bytes / (copy_bw / 2) * 1e3;  // the kernel only reads: half the copy's traffic per second
+  const double floor_ms = bytes / copy_bw * 1e3;
   for (int keys : {2, 4}) {  // keys a thread keeps in flight (the engine's default first)
     const float ms = best_ms([&] {
       attn::decode_attention(q.get(), dq.get(), s.B, c, max_len, s.H, D, scale, splits, part.get(), out.get(),
