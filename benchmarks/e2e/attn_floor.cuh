@@ -12,8 +12,12 @@
 #pragma once
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace attn_floor {
@@ -113,7 +117,18 @@ inline void run_shape(const Shape& s, double copy_bw, int sms) {
   }
 }
 
-inline int run() {
+/// A shape index from the command line: digits only, checked.
+inline int parse_index(const char* text) {
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(text, &end, 10);
+  if (end == text || *end != '\0' || errno != 0 || v < 0 || v > 1000)
+    throw std::invalid_argument(std::string("attn-floor: shape index '") + text + "' is not a number in [0, 1000]");
+  return int(v);
+}
+
+/// Every shape, or only shapes[only] (e.g. under ncu).
+inline int run(int only = -1) {
   cudaDeviceProp prop{};
   LC_CUDA(cudaGetDeviceProperties(&prop, 0));
   const double bw = copy_bandwidth();
@@ -124,7 +139,11 @@ inline int run() {
       {"llama2-7b", 8, 4096, 32, 32, false},  {"llama3-8b", 32, 768, 32, 8, false},
       {"llama3-8b", 450, 768, 32, 8, true},   {"llama3-8b", 4, 8192, 32, 8, false},
   };
-  for (const Shape& s : shapes) run_shape(s, bw, prop.multiProcessorCount);
+  const int n = int(sizeof(shapes) / sizeof(shapes[0]));
+  if (only >= n) throw std::invalid_argument("attn-floor: shape index " + std::to_string(only) + " is not in [0, " +
+                                             std::to_string(n) + ")");
+  for (int i = 0; i < n; ++i)
+    if (only < 0 || i == only) run_shape(shapes[i], bw, prop.multiProcessorCount);
   return 0;
 }
 

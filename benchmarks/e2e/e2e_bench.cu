@@ -23,8 +23,9 @@
 //                       its decode step 128 (for `ncu --profile-from-start off`);
 //                       prints no JSON
 //
-//   e2e-bench attn-floor
-//     The paged decode attention alone against its HBM floor (attn_floor.cuh).
+//   e2e-bench attn-floor [I]
+//     The paged decode attention alone against its HBM floor (attn_floor.cuh);
+//     I: only the I-th shape of its list (for a profiler).
 //
 //   e2e-bench selfcheck
 //     On random data: the engine's prefill attention (tensor-core, over the
@@ -402,9 +403,9 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  if (argc == 2 && std::strcmp(argv[1], "attn-floor") == 0) {
+  if ((argc == 2 || argc == 3) && std::strcmp(argv[1], "attn-floor") == 0) {
     try {
-      return attn_floor::run();
+      return attn_floor::run(argc == 3 ? attn_floor::parse_index(argv[2]) : -1);
     } catch (const std::exception& ex) {
       std::fprintf(stderr, "e2e-bench attn-floor: %s\n", ex.what());
       return 1;
