@@ -247,6 +247,10 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
                        : policy == "pyramid-late" ? llama::PyramidLate::final_ratio
                                                   : po.ratio;
   const LlamaShape& s = m.shape();
+  const int segment = e.compressor().decode_schedule().segment;
+  if (e.compressor().config().compress_decode && o.fire_every > segment)  // one firing per offer: the backlog would grow
+    throw std::invalid_argument("--fire-every " + std::to_string(o.fire_every) + " exceeds policy " + policy +
+                                "'s decode segment of " + std::to_string(segment) + " tokens");
   const std::size_t page_bytes = e.page_bytes();
   PoolSpec spec;
   spec.num_pages = std::int64_t(o.pool_gb * double(1ull << 30) / double(page_bytes));
