@@ -103,6 +103,8 @@ inline GenerateOptions parse_generate_options(int argc, const char* const* argv,
   if (o.device != "cpu" && o.device != "cuda") throw UsageError("--device " + in_quotes(o.device) + ": cpu or cuda");
   if (o.device == "cuda" && !cuda_built)
     throw UsageError("--device 'cuda': this build runs on cpu only (configure with CUDA for cuda)");
+  if (o.device == "cuda" && o.policy.fire_every != 1)
+    throw UsageError("--policy " + in_quotes(o.policy.label()) + ": fire=N runs with --device cpu");
   // Every named policy has device hooks (policy/device_hooks.cuh): --device cuda runs them all
   // (examples/llama_cuda/policy_engine.cuh), so the policy needs no check here beyond is_policy.
   const std::string why = ratio_ignored_because(o.policy.name);
@@ -223,9 +225,11 @@ inline EvalOptions parse_eval_options(int argc, const char* const* argv, bool cu
              [&](const std::string& v) {
                o.policies.clear();
                for (const std::string& spec : parse_list("--policies", v)) {
+                 const PolicyOptions parsed = parse_policy_spec("--policies", spec);
                  for (const PolicyOptions& p : o.policies)
-                   if (p.label() == spec) throw UsageError("--policies " + in_quotes(v) + ": " + in_quotes(spec) + " twice");
-                 o.policies.push_back(parse_policy_spec("--policies", spec));
+                   if (p.label() == parsed.label())
+                     throw UsageError("--policies " + in_quotes(v) + ": " + in_quotes(spec) + " twice");
+                 o.policies.push_back(parsed);
                }
              })
       .value("--fractions",
@@ -249,6 +253,11 @@ inline EvalOptions parse_eval_options(int argc, const char* const* argv, bool cu
                        "--fractions 1,0.5)");
   if (o.passages == 0 && o.passkey_trials == 0)
     throw UsageError("--passages 0 and --passkey-trials 0: nothing to evaluate");
+  if (o.device == "cuda")
+    for (const auto& p : o.policies)
+      if (p.fire_every != 1)
+        throw UsageError("--policies " + in_quotes(p.label()) +
+                         ": fire=N runs with --device cpu (the CUDA evaluator offers decode compression every step)");
   return o;
 }
 

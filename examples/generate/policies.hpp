@@ -27,6 +27,11 @@ struct PolicyOptions {
   int min_context = 64;
   float distance_weight = 1.2f;
   bool compress_decode = true;
+  /// Decode compression is offered every this many decode steps (spec key
+  /// fire=N; PyramidEngine::set_fire_schedule, examples/serve's --fire-every):
+  /// 1 is the paper's trigger. Not a compressor setting: it changes when the
+  /// engine calls decode_compress.
+  int fire_every = 1;
   /// Changes a policy spec made to the named policy ("pyramid:start=8:select=head",
   /// parse_policy_spec). A policy with any runs through with_policy's recipe path.
   struct Tweaks {
@@ -40,8 +45,10 @@ struct PolicyOptions {
     float dw = -1;       ///< the window scoring's distance weight
   } tweaks;
 
-  /// The spec as written: the name and its changes.
-  std::string label() const { return name + tweaks.text; }
+  /// The spec: the name, its changes and the fire schedule.
+  std::string label() const {
+    return name + tweaks.text + (fire_every != 1 ? ":fire=" + std::to_string(fire_every) : std::string());
+  }
 };
 
 inline const std::vector<std::string>& policy_names() {
@@ -275,7 +282,7 @@ void with_policy(const LlamaConfig& c, const PolicyOptions& o, F&& f) {
 
 inline std::string policy_spec_keys() {
   return "score=window|expected|position|knorm, select=shared|head, shape=cosine|linear|geometric|uniform, "
-         "start=K, mode=drop|local, decode=paper|flat|off, window=F, sinks=N, min=N, dw=F";
+         "start=K, mode=drop|local, decode=paper|flat|off, window=F, sinks=N, min=N, dw=F, fire=N";
 }
 
 /// Parses a policy spec: a name of policy_names(), optionally followed by
@@ -287,7 +294,8 @@ inline std::string policy_spec_keys() {
 ///   mode=drop|local                        token dropping, or each layer on its own
 ///   decode=paper|flat|off                  decode compression (PolicyRecipe::decode)
 ///   window=F  sinks=N  min=N  dw=F         recent-window share, sinks, min_context, distance weight
-/// full, pyramid45 and pyramid-late take no changes. Errors name `flag` and the spec.
+///   fire=N                                 decode compression offered every N decode steps (fire_every)
+/// full takes no changes, pyramid45 and pyramid-late only fire. Errors name `flag` and the spec.
 inline PolicyOptions parse_policy_spec(const std::string& flag, const std::string& spec) {
   using cli::UsageError;
   const std::string at = flag + " " + cli::in_quotes(spec) + ": ";
@@ -296,9 +304,6 @@ inline PolicyOptions parse_policy_spec(const std::string& flag, const std::strin
   o.name = spec.substr(0, colon);
   if (!is_policy(o.name)) throw UsageError(at + "unknown policy " + cli::in_quotes(o.name) + "; one of: " + policy_help());
   if (colon == std::string::npos) return o;
-  if (o.name == "full" || o.name == "pyramid45" || o.name == "pyramid-late")
-    throw UsageError(at + "policy " + cli::in_quotes(o.name) + " takes no changes");
-  o.tweaks.text = spec.substr(colon);
   std::vector<std::string> seen;
   std::size_t pos = colon;
   while (pos != std::string::npos) {
@@ -310,6 +315,15 @@ inline PolicyOptions parse_policy_spec(const std::string& flag, const std::strin
     if (eq == std::string::npos || value.empty()) throw UsageError(at + cli::in_quotes(item) + " is not key=value");
     if (std::find(seen.begin(), seen.end(), key) != seen.end()) throw UsageError(at + cli::in_quotes(key) + " twice");
     seen.push_back(key);
+    const std::string what = flag + " " + cli::in_quotes(spec) + " " + key;
+    if (key == "fire") {  // when the engine offers compression, not what the compressor is
+      if (o.name == "full") throw UsageError(at + "policy 'full' compresses nothing: fire does not apply");
+      o.fire_every = int(cli::parse_int(what, value, 1, 64));
+      continue;
+    }
+    if (o.name == "full" || o.name == "pyramid45" || o.name == "pyramid-late")
+      throw UsageError(at + "policy " + cli::in_quotes(o.name) + " takes no changes" + (o.name == "full" ? "" : " but fire"));
+    o.tweaks.text += ":" + item;
     const auto one_of = [&](std::string& dst, std::initializer_list<const char*> allowed) {
       std::string list;
       for (const char* a : allowed) {
@@ -318,7 +332,6 @@ inline PolicyOptions parse_policy_spec(const std::string& flag, const std::strin
       }
       throw UsageError(at + key + "=" + cli::in_quotes(value) + ": one of " + list);
     };
-    const std::string what = flag + " " + cli::in_quotes(spec) + " " + key;
     if (key == "score") one_of(o.tweaks.score, {"window", "expected", "position", "knorm"});
     else if (key == "select") one_of(o.tweaks.select, {"shared", "head"});
     else if (key == "shape") one_of(o.tweaks.shape, {"cosine", "linear", "geometric", "uniform"});

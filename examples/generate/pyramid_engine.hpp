@@ -45,6 +45,7 @@ class PyramidEngine {
     make_storage(prompts, max_new_tokens);
     next_position_.clear();
     compression_seconds_ = 0.0;
+    steps_ = 0;
     const LlamaConfig& c = model_.config();
     Matrix last(prompts.size(), c.dim);
     for (std::size_t b = 0; b < prompts.size(); ++b) {
@@ -57,10 +58,25 @@ class PyramidEngine {
     return model_.logits(last);
   }
 
+  /// Offers decode compression only on the decode steps k (1, 2, ... since
+  /// the last prefill) where phase + k is a multiple of `every`, as a server
+  /// that fires a continuous batch together does (examples/serve, FireSchedule);
+  /// every = 1 (the default) is the paper's trigger. `every` may not exceed
+  /// the decode segment (one firing per offered step).
+  void set_fire_schedule(int every, int phase) {
+    const int seg = pc_.decode_schedule().segment;
+    if (every < 1 || every > std::max(1, seg) || phase < 0 || phase >= every)
+      throw std::invalid_argument("PyramidEngine::set_fire_schedule: every = " + std::to_string(every) + ", phase = " +
+                                  std::to_string(phase) + " (need 1 <= every <= the decode segment " +
+                                  std::to_string(seg) + ", 0 <= phase < every)");
+    fire_every_ = every, fire_phase_ = phase;
+  }
+
   /// One decode step: tokens[b] is sequence b's next input token. Returns
   /// the logits after it, [batch x vocab].
   Matrix decode(const std::vector<std::int32_t>& tokens) {
     const LlamaConfig& c = model_.config();
+    const bool offered = (fire_phase_ + ++steps_) % fire_every_ == 0;
     const int B = int(tokens.size()), H = int(c.n_heads), Hkv = int(c.n_kv_heads), d = int(c.head_dim);
     Matrix hidden = model_.embed(tokens);
     const std::vector<std::int32_t> positions = next_position_;
@@ -75,7 +91,7 @@ class PyramidEngine {
       const KVView<const float> q{qkv.q.data.data(), {B, H, 1, d}, {H * d, d, d, 1}};
       timed([&] { pc_.decode_append(l, cache(), batch, k, v, positions.data(), q); });
       for (int b = 0; b < B; ++b) attend_row(l, b, hidden, qkv.q, positions[std::size_t(b)]);
-      timed([&] { pc_.decode_compress(l, cache(), batch); });
+      if (offered) timed([&] { pc_.decode_compress(l, cache(), batch); });
     }
     for (auto& p : next_position_) ++p;
     return model_.logits(hidden);
@@ -200,6 +216,8 @@ class PyramidEngine {
   std::vector<std::int32_t> gathered_pos_;
   std::vector<std::int32_t> next_position_;
   double compression_seconds_ = 0.0;
+  int fire_every_ = 1, fire_phase_ = 0;  // set_fire_schedule
+  int steps_ = 0;                        // decode steps since the last prefill
 };
 
 }  // namespace pyramidinfer::llama

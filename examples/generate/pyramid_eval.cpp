@@ -311,6 +311,7 @@ PolicyOutcome run_cpu(const Model& model, const Tokenizer& tok, const std::vecto
     double nll = 0;
     for (std::size_t i = 0; i < passages.size(); ++i) {
       double kvp = 0, kve = 0;
+      engine.set_fire_schedule(policy.fire_every, int(i % std::size_t(policy.fire_every)));  // phases spread over passages
       const double sum =
           continuation_nll(engine, passage_tokens(texts, passages[i], o), o.prefill, o.cont, kvp, kve, full_slots);
       out.compress_seconds += engine.compression_seconds();  // each prefill restarts the engine's count
@@ -324,6 +325,7 @@ PolicyOutcome run_cpu(const Model& model, const Tokenizer& tok, const std::vecto
     }
     for (int k = 0; k < o.passkey_trials; ++k) {
       const LookupPrompt prompt = lookup_prompt(tok, texts, o.prefill, k);
+      engine.set_fire_schedule(policy.fire_every, k % policy.fire_every);
       const bool ok = lookup_found(engine, tok, prompt);
       out.compress_seconds += engine.compression_seconds();
       out.lookups.push_back({prompt.depth, ok});

@@ -72,6 +72,7 @@ void run(const Model& model, const Tokenizer& tok, const Options& o, Compressor 
   check_context(model.config(), prompt.size(), o.max_tokens);
   const std::int32_t stop = o.raw ? tok.eos_id() : tok.token_id("<|im_end|>");
   PyramidEngine<Compressor> engine(model, std::move(pc));
+  engine.set_fire_schedule(o.policy.fire_every, 0);
 
   const auto t0 = Clock::now();
   Matrix logits = engine.prefill({prompt}, o.max_tokens);

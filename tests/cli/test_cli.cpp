@@ -257,6 +257,29 @@ TEST_CASE("policy specs: a name and key=value changes, each checked", "[parser]"
   CHECK(has(gen_error({"--policy", "h2o:select=all"}), "--policy 'h2o:select=all': select='all'"));
 }
 
+TEST_CASE("policy specs: fire=N is when the engine offers decode compression, not a compressor change", "[parser]") {
+  const PolicyOptions p = parse_policy_spec("--policy", "pyramid:fire=16");
+  CHECK(p.fire_every == 16);
+  CHECK(p.tweaks.text.empty());  // the named compressor, not the recipe path
+  CHECK(p.label() == "pyramid:fire=16");
+  CHECK(parse_policy_spec("--policy", "pyramid:dw=1:fire=4").label() == "pyramid:dw=1:fire=4");
+  CHECK(parse_policy_spec("--policy", "pyramid45:fire=8").fire_every == 8);  // takes fire, no other change
+  CHECK(parse_policy_spec("--policy", "pyramid").fire_every == 1);
+  const auto err = [](const std::string& spec) { return error_of([&] { parse_policy_spec("--policies", spec); }); };
+  CHECK(has(err("full:fire=4"), "'full' compresses nothing"));
+  CHECK(has(err("pyramid45:fire=4:dw=1"), "'pyramid45' takes no changes but fire"));
+  CHECK(has(err("pyramid:fire=0"), "fire '0'"));
+  CHECK(has(err("pyramid:fire=65"), "fire '65'"));
+  CHECK(has(err("pyramid:fire=4:fire=8"), "'fire' twice"));
+  // the rows are told apart, a repeat is refused, and the CUDA evaluator (every step) refuses them
+  CHECK(labels(eval({"--policies", "full,pyramid,pyramid:fire=16"}).policies) ==
+        std::vector<std::string>{"full", "pyramid", "pyramid:fire=16"});
+  CHECK(has(eval_error({"--policies", "pyramid:fire=16,pyramid:fire=16"}), "twice"));
+  CHECK(has(eval_error({"--policies", "full,pyramid:fire=16", "--device", "cuda"}, true), "--device cpu"));
+  CHECK(has(gen_error({"--policy", "pyramid:fire=16", "--device", "cuda"}, true), "--device cpu"));
+  CHECK(gen({"--policy", "pyramid:fire=16"}).policy.fire_every == 16);
+}
+
 // -------------------------------------------------------------------- fuzz
 
 namespace {
@@ -269,6 +292,7 @@ const std::vector<std::string> kPieces = {
     "99999999999999999999", "1e999", "0x10", "", " ", ",", ",,", "1,0.5", "0,2", "full", "pyramid", "pyramid45",
     "h2o", "snapkv", "streaming", "pyramid-perhead", "full,pyramid", "cpu", "cuda", "gpu", "hello", "\xff\xfe",
     "pyramid:start=4", "snapkv:mode=drop:shape=cosine", ":", "pyramid:", "pyramid:start", "full:dw=1", "pyramid:x=1",
+    "pyramid:fire=16", "pyramid45:fire=0", "full:fire=2",
     "/nonexistent/x", "out/x"};
 
 std::string random_arg(std::mt19937& rng) {
