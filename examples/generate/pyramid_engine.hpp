@@ -62,7 +62,8 @@ class PyramidEngine {
   /// the last prefill) where phase + k is a multiple of `every`, as a server
   /// that fires a continuous batch together does (examples/serve, FireSchedule);
   /// every = 1 (the default) is the paper's trigger. `every` may not exceed
-  /// the decode segment (one firing per offered step).
+  /// the decode segment (one firing per offered step). Set it before
+  /// prefill: the pool is sized with room for the steps a segment waits.
   void set_fire_schedule(int every, int phase) {
     const int seg = pc_.decode_schedule().segment;
     if (every < 1 || every > std::max(1, seg) || phase < 0 || phase >= every)
@@ -185,10 +186,14 @@ class PyramidEngine {
     s.page_size = page_size_;
     s.max_seqs = int(prompts.size());
     std::int64_t pages = 0, full = 0;
+    // A due segment may wait up to fire_every_ - 1 steps (set_fire_schedule): each layer then holds up to
+    // that many tokens more than the planner's peak, never more than the uncompressed length.
+    const std::int64_t slack = std::int64_t(s.num_layers) * ((fire_every_ - 1 + page_size_ - 1) / page_size_);
     for (const auto& p : prompts) {
       const int n = int(p.size());
-      pages += pc_.pages(n, max_new_tokens, page_size_).total_peak;
-      full += std::int64_t(s.num_layers) * ((n + max_new_tokens + page_size_ - 1) / page_size_);
+      const std::int64_t uncompressed = std::int64_t(s.num_layers) * ((n + max_new_tokens + page_size_ - 1) / page_size_);
+      pages += std::min(pc_.pages(n, max_new_tokens, page_size_).total_peak + slack, uncompressed);
+      full += uncompressed;
       s.max_seq_len = std::max(s.max_seq_len, n + max_new_tokens);
     }
     PYRAMIDINFER_REQUIRE(pages <= INT32_MAX, "PyramidEngine::prefill", "pages", pages, "must fit a 32-bit page id");
