@@ -6,8 +6,8 @@
 // copy bandwidth (a 1 GiB cudaMemcpy, read + write counted: what HBM moves per
 // second, which a read-only kernel can also reach; the floor of pyramid-serve's
 // decode steps uses the same number), over the
-// kernel's time (best of 20 launches after 3 warm-ups, CUDA events), with
-// two and with four keys in flight per thread. One JSON line per shape and
+// kernel's time (best of 20 launches after 3 warm-ups, CUDA events), on CUDA
+// cores and (GQA shapes) on tensor cores. One JSON line per shape and
 // variant. Included by e2e_bench.cu.
 #pragma once
 
@@ -104,15 +104,17 @@ inline void run_shape(const Shape& s, double copy_bw, int sms) {
   const float scale = 1.f / std::sqrt(float(D));
   const double bytes = double(tokens) * (2.0 * s.Hkv * D * sizeof(__half) + sizeof(std::int32_t));
   const double floor_ms = bytes / copy_bw * 1e3;
-  for (int keys : {2, 4}) {  // keys a thread keeps in flight (the engine's default first)
+  for (attn::DecodeMath math : {attn::DecodeMath::cuda_cores, attn::DecodeMath::tensor_cores}) {
+    if (math == attn::DecodeMath::tensor_cores && s.H == s.Hkv) continue;  // MHA: CUDA cores only
     const float ms = best_ms([&] {
       attn::decode_attention(q.get(), dq.get(), s.B, c, max_len, s.H, D, scale, splits, part.get(), out.get(),
-                             lse.get(), 0, keys);
+                             lse.get(), 0, math);
     });
     std::printf("{\"bench\":\"attn-floor\",\"shape\":\"%s\",\"batch\":%d,\"len\":%d,\"ragged\":%s,\"heads\":%d,"
-                "\"kv_heads\":%d,\"splits\":%d,\"keys_in_flight\":%d,\"kv_bytes\":%.0f,\"ms\":%.4f,\"floor_ms\":%.4f,"
+                "\"kv_heads\":%d,\"splits\":%d,\"math\":\"%s\",\"kv_bytes\":%.0f,\"ms\":%.4f,\"floor_ms\":%.4f,"
                 "\"floor_fraction\":%.3f,\"copy_bytes_per_s\":%.4g}\n",
-                s.name, s.B, s.len, s.ragged ? "true" : "false", s.H, s.Hkv, splits, keys, bytes, ms, floor_ms,
+                s.name, s.B, s.len, s.ragged ? "true" : "false", s.H, s.Hkv, splits,
+                math == attn::DecodeMath::tensor_cores ? "tensor_cores" : "cuda_cores", bytes, ms, floor_ms,
                 floor_ms / ms, copy_bw);
   }
 }

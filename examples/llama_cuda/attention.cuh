@@ -14,10 +14,10 @@
 //     K/V element (kv head g, packed row r, e) at k[r * row_stride + g * head_stride + e].
 //   decode_splits(B, H, Hkv, max_len, sms, max_splits) -> splits (host only)
 //   decode_attention(q, qpos, B, PagedLayer{cache.kv(), layer, seqs}, max_len, H, d, scale,
-//                    splits, part, out, lse, stream, keys_in_flight = kDecodeKeysInFlight)
+//                    splits, part, out, lse, stream, math = DecodeMath::cuda_cores)
 //     q [B, H d], qpos [B], seqs [B] slots, part [B, H, splits, d + 2], out [B, H d], lse [B, H] or nullptr;
 //     max_len: a host upper bound of the batch's lengths in `layer` (sizes the key splits);
-//     keys_in_flight: 2 or 4 keys a thread loads per step.
+//     math: tensor_cores computes a GQA group (2, 4 or 8 query heads) as the rows of mma tiles.
 //   reference_attention(q, qpos, B, PagedLayer, H, d, scale, out, lse, stream)          (decode form)
 //   reference_attention(q, qpos, off, nb, rows, PackedKV, H, d, scale, out, lse, stream) (prefill form)
 //
@@ -35,9 +35,11 @@
 //    positions, per KV head when selection is per head; NHD or HND pool,
 //    separate or interleaved), split over the key axis (flash-decoding) so
 //    that small batches still fill the card; 16-byte loads (head_dim is
-//    contiguous in every pool layout), two (or four) keys in flight per thread, the
+//    contiguous in every pool layout), two keys in flight per thread, the
 //    next step's page ids loaded with this step's keys; a combine kernel
-//    merges splits. Device state is not trusted: a length is clamped to
+//    merges splits. GQA: a block computes the whole group from each K/V tile,
+//    on CUDA cores or (DecodeMath::tensor_cores) with mma.sync, the group's
+//    heads as the rows of a 16-row tile and K/V tiles staged by cp.async. Device state is not trusted: a length is clamped to
 //    [0, max_pages << page_shift], a slot outside [0, max_seqs) or a page id
 //    outside [0, num_pages) reads as empty.
 //  * reference_attention: one thread per (row, head), fp32, two passes. Only
@@ -76,6 +78,11 @@ struct PagedLayer {
   int layer;
   const std::int32_t* seqs;  // [B], device
 };
+
+/// How decode_attention computes a GQA group's scores and outputs: on CUDA
+/// cores (the default), or on tensor cores (mma.sync, the group's heads as
+/// tile rows; MHA always takes the CUDA-core kernel).
+enum class DecodeMath { cuda_cores, tensor_cores };
 
 namespace detail {
 
@@ -170,14 +177,14 @@ struct RowState {
   float l = 0.f;        // this thread's part of the sum of 2^(x - m)
 };
 
-/// Masks (when kMasked) and log2-scales one row's 16 logits of the tile (s[nt][e0], s[nt][e0 + 1]),
+/// Masks (when kMasked) and log2-scales one row's 2 NT logits of the tile (s[nt][e0], s[nt][e0 + 1]),
 /// exponentiates them against the updated max and returns the factor that rescales the old state.
-template <bool kMasked>
-__device__ __forceinline__ float softmax_update(float (&s)[kKeys / 8][4], int e0, int qp, const int* kp, int tig,
+template <bool kMasked, int NT>
+__device__ __forceinline__ float softmax_update(float (&s)[NT][4], int e0, int qp, const int* kp, int tig,
                                                 float scale_log2, RowState& st) {
   float mx = -INFINITY;
 #pragma unroll
-  for (int nt = 0; nt < kKeys / 8; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int key = nt * 8 + tig * 2 + e;
@@ -190,7 +197,7 @@ __device__ __forceinline__ float softmax_update(float (&s)[kKeys / 8][4], int e0
   const float corr = exp2f(st.m - base);
   float sum = 0.f;
 #pragma unroll
-  for (int nt = 0; nt < kKeys / 8; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const float p = exp2f(s[nt][e0 + e] - base);
@@ -453,14 +460,12 @@ __device__ __forceinline__ void decode_block_merge(const DecodeArgs& a, int b, i
 /// one memory latency a step. G = 1: 10 blocks per SM at 48 registers (no
 /// spills with CUDA 13 at sm_80/sm_90), the occupancy the contiguous kernel
 /// had; larger G keep G softmax states a thread: G = 2 and 4 run 4 blocks
-/// per SM (93 and 128 registers), G = 8 two (no spills). NK = 4 keeps four
-/// keys a thread in flight (twice the bytes per memory latency, fewer blocks
-/// per SM: decode_min_blocks).
-constexpr int decode_min_blocks(int G, int NK) {
-  return NK == 2 ? (G == 1 ? 10 : G == 8 ? 2 : 4) : (G == 1 ? 6 : G == 8 ? 1 : 3);
-}
-template <int D, int G, int NK>
-__global__ void __launch_bounds__(128, decode_min_blocks(G, NK)) decode_attention_kernel(DecodeArgs a) {
+/// per SM (93 and 128 registers), G = 8 two (no spills). Each thread keeps
+/// NK = 2 keys in flight (4 was measured: no faster, RESULTS.md "Fourth
+/// device run").
+template <int D, int G>
+__global__ void __launch_bounds__(128, G == 1 ? 10 : G == 8 ? 2 : 4) decode_attention_kernel(DecodeArgs a) {
+  constexpr int NK = 2;               // keys a thread loads per step
   constexpr int TPK = D / 8;          // lanes per key
   constexpr int KPS = 128 / TPK;      // keys per block step
   const int b = blockIdx.x, h0 = blockIdx.y * G, split = blockIdx.z;
@@ -583,6 +588,173 @@ __global__ void __launch_bounds__(128, decode_min_blocks(G, NK)) decode_attentio
     for (int u = 0; u < NK; ++u) update(ok[u] && pos[u] <= qp, sc[u], vv[u]);
   }
   decode_block_merge<D, G, KPS>(a, b, h0, split, sub, slot, m, l, acc);
+}
+
+// ---- decode on tensor cores: a GQA group's heads as the rows of an mma tile ----
+
+constexpr int kDecKeys = 64;  // keys per tile: 16 per warp
+
+template <int D>
+constexpr int decode_mma_smem_bytes() {
+  return 2 * 2 * kDecKeys * (D + 8) * 2 + 2 * kDecKeys * 4;  // 2 stages x (K, V) + 2 stages of key positions
+}
+
+/// The merge area (per warp: max, sum and the outputs of up to 8 rows) must fit in the stages it reuses.
+static_assert(kWarps * 8 * (128 + 2) * 4 <= 2 * 2 * kDecKeys * (128 + 8) * 2, "decode mma merge area");
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeArgs a, int G);
+
+template <int D>
+bool allow_decode_mma_smem() {
+  PYRAMIDINFER_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_mma_kernel<D>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, decode_mma_smem_bytes<D>()));
+  return true;
+}
+
+/// Block (b, group y, split): the group's G <= 8 query heads are rows 0..G-1
+/// of a 16-row Q tile (the rest zero). The block streams the split's keys in
+/// tiles of 64 through a 2-stage cp.async ring (K, V and positions; a key
+/// past the length, or on a page id outside the pool, is zero-filled and
+/// masked); warp w scores keys 16w..16w+15 of each tile with mma (S = Q K^T,
+/// 16 x 16), runs the prefill kernel's online softmax on them and adds P V
+/// (16 x D). The four warps' states merge through shared memory at the end,
+/// into the split's partial result or the output, as the CUDA-core kernel does.
+template <int D>
+__global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeArgs a, int G) {
+  constexpr int LD = D + 8;   // padded rows (ldmatrix phases hit distinct banks)
+  constexpr int VEC = D / 8;  // 16-byte vectors per row
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* ks = reinterpret_cast<__half*>(smem);  // [2][kDecKeys][LD]
+  __half* vs = ks + 2 * kDecKeys * LD;            // [2][kDecKeys][LD]
+  int* kps = reinterpret_cast<int*>(vs + 2 * kDecKeys * LD);  // [2][kDecKeys]
+
+  const int b = blockIdx.x, h0 = blockIdx.y * G, split = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const PagePool<half_t>& pool = a.c.kv.pool;
+  const int g = h0 / (a.H / pool.kv_heads);
+  const int qp = a.qpos[b];
+  const SeqPages sp = seq_pages(a.c, b);
+  const int begin = split * a.split_len;
+  const int stop = split + 1 == a.splits ? sp.reach : min(sp.reach, begin + a.split_len);
+  const int end = min(sp.len, stop);
+  const int tiles = end > begin ? (end - begin + kDecKeys - 1) / kDecKeys : 0;
+  const int shift = a.c.kv.page_shift, mask = (1 << shift) - 1;
+  const __half* kg = as_half(pool.k) + std::int64_t(g) * pool.head_stride;
+  const __half* vg = as_half(pool.v) + std::int64_t(g) * pool.head_stride;
+  const int pos_heads = a.c.kv.pos_heads;
+  const std::int32_t* kpos = a.c.kv.positions + (pos_heads > 1 ? g : 0);
+
+  auto load_tile = [&](int t, int buf) {
+    __half* kd = ks + buf * kDecKeys * LD;
+    __half* vd = vs + buf * kDecKeys * LD;
+    for (int i = threadIdx.x; i < kDecKeys * VEC; i += kThreads) {
+      const int r = i / VEC, c = (i % VEC) * 8, j = begin + t * kDecKeys + r;
+      const int page = j < end ? __ldg(sp.table + (j >> shift)) : -1;
+      const bool ok = j < end && unsigned(page) < unsigned(pool.num_pages);
+      const std::int64_t e = ok ? std::int64_t(page) * pool.page_stride + std::int64_t(j & mask) * pool.slot_stride + c : 0;
+      cp_async16(kd + r * LD + c, kg + e, ok);
+      cp_async16(vd + r * LD + c, vg + e, ok);
+    }
+    if (threadIdx.x < kDecKeys) {
+      const int j = begin + t * kDecKeys + threadIdx.x;
+      const int page = j < end ? __ldg(sp.table + (j >> shift)) : -1;
+      const bool ok = j < end && unsigned(page) < unsigned(pool.num_pages);
+      kps[buf * kDecKeys + threadIdx.x] = ok ? __ldg(kpos + ((std::int64_t(page) << shift) + (j & mask)) * pos_heads)
+                                             : INT_MAX;  // masked: after every query
+    }
+  };
+
+  // Q fragments straight from global memory: rows gid and gid + 8 (zero past the group).
+  std::uint32_t qf[D / 16][4];
+  const __half* qrow = a.q + std::int64_t(b) * a.H * D + std::int64_t(h0) * D + tig * 2;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    qf[kk][0] = gid < G ? ld32(qrow + gid * D + kk * 16) : 0u;
+    qf[kk][1] = gid + 8 < G ? ld32(qrow + (gid + 8) * D + kk * 16) : 0u;
+    qf[kk][2] = gid < G ? ld32(qrow + gid * D + kk * 16 + 8) : 0u;
+    qf[kk][3] = gid + 8 < G ? ld32(qrow + (gid + 8) * D + kk * 16 + 8) : 0u;
+  }
+  const float scale_log2 = a.scale * kLog2e;
+  float o[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  RowState sa;  // row gid (rows gid + 8 are past every group of <= 8 heads)
+
+  if (tiles > 0) load_tile(0, 0);
+  cp_async_commit();
+  for (int t = 0; t < tiles; ++t) {
+    const int buf = t & 1;
+    if (t + 1 < tiles) load_tile(t + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but tile t + 1
+    __syncthreads();
+    const __half* kt = ks + (buf * kDecKeys + warp * 16) * LD;
+    const __half* vt = vs + (buf * kDecKeys + warp * 16) * LD;
+    const int* kp = kps + buf * kDecKeys + warp * 16;
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // matrices: (keys +0..7, dims +0..7), (+0..7, +8..15), (keys +8..15, dims +0..7), (+8..15, +8..15)
+    const __half* krow = kt + ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      std::uint32_t kb[4];
+      ldmatrix_x4(kb, krow + kk * 16);
+      mma16816(sc[0], qf[kk], kb[0], kb[1]);
+      mma16816(sc[1], qf[kk], kb[2], kb[3]);
+    }
+    const float corr = softmax_update<true, 2>(sc, 0, qp, kp, tig, scale_log2, sa);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) o[dt][0] *= corr, o[dt][1] *= corr;
+    // P in A-fragment order (rows gid + 8 are zero-weighted: their Q is zero, their outputs unused)
+    const std::uint32_t pa[4] = {pack_half2(sc[0][0], sc[0][1]), pack_half2(sc[0][2], sc[0][3]),
+                                 pack_half2(sc[1][0], sc[1][1]), pack_half2(sc[1][2], sc[1][3])};
+    // matrices: (keys +0..7, cols dt), (keys +8..15, cols dt), (+0..7, dt + 1), (+8..15, dt + 1)
+    const __half* vrow = vt + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt += 2) {
+      std::uint32_t vb[4];
+      ldmatrix_x4_trans(vb, vrow + dt * 8);
+      mma16816(o[dt], pa, vb[0], vb[1]);
+      mma16816(o[dt + 1], pa, vb[2], vb[3]);
+    }
+    __syncthreads();  // tile t's buffer is refilled at step t + 1
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Merge the warps' rows 0..G-1 through the (now idle) stages: per warp and row its max, sum and D outputs.
+  float* wm = reinterpret_cast<float*>(smem);  // [kWarps][8]
+  float* wl = wm + kWarps * 8;                 // [kWarps][8]
+  float* wo = wl + kWarps * 8;                 // [kWarps][8][D]
+  const float la = quad_sum(sa.l);
+  if (gid < G) {
+    if (tig == 0) wm[warp * 8 + gid] = sa.m, wl[warp * 8 + gid] = la;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      wo[(warp * 8 + gid) * D + dt * 8 + tig * 2] = o[dt][0], wo[(warp * 8 + gid) * D + dt * 8 + tig * 2 + 1] = o[dt][1];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += kThreads) {
+    const int row = i / D, col = i % D, h = h0 + row;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w * 8 + row]);
+    float L = 0.f, out = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float c = wm[w * 8 + row] == -INFINITY ? 0.f : exp2f(wm[w * 8 + row] - M);
+      L += wl[w * 8 + row] * c;
+      out += wo[(w * 8 + row) * D + col] * c;
+    }
+    if (a.splits > 1) {
+      float* p = a.part + ((std::int64_t(b) * a.H + h) * a.splits + split) * (D + 2);
+      p[col] = out;
+      if (col == 0) p[D] = M, p[D + 1] = L;
+      continue;
+    }
+    a.out[std::int64_t(b) * a.H * D + h * D + col] = __float2half(L > 0.f ? out / L : 0.f);
+    if (a.lse && col == 0) a.lse[std::int64_t(b) * a.H + h] = M * kLn2 + logf(L);
+  }
 }
 
 /// Merges the splits of one (b, h): D threads.
@@ -741,9 +913,6 @@ inline void prefill_attention(const __half* q, const std::int32_t* qpos, const s
 
 /// Query heads one decode block computes: the whole GQA group when it is 2,
 /// 4 or 8 heads (its K/V read once), else 1.
-/// Keys a decode thread loads per step unless told otherwise (2 or 4).
-constexpr int kDecodeKeysInFlight = 2;
-
 inline int decode_group(int H, int kv_heads) {
   const int g = kv_heads > 0 && H % kv_heads == 0 ? H / kv_heads : 1;
   return g == 2 || g == 4 || g == 8 ? g : 1;
@@ -766,11 +935,10 @@ inline int decode_splits(int B, int H, int kv_heads, std::int64_t max_len, int s
 /// decode_splits; unused when 1).
 inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, const PagedLayer& c,
                              std::int64_t max_len, int H, int d, float scale, int splits, float* part, __half* out,
-                             float* lse, cudaStream_t stream, int keys_in_flight = kDecodeKeysInFlight) {
+                             float* lse, cudaStream_t stream, DecodeMath math = DecodeMath::cuda_cores) {
   if (B <= 0) return;
   detail::check_paged(c, H, d, "decode_attention");
   detail::require(splits >= 1 && (splits == 1 || part), "decode_attention", "splits must be >= 1 (part set when > 1)");
-  detail::require(keys_in_flight == 2 || keys_in_flight == 4, "decode_attention", "keys_in_flight must be 2 or 4");
   // No sequence holds more than its table row addresses.
   const std::int64_t cap = std::int64_t(c.kv.max_pages) << c.kv.page_shift;
   const std::int64_t n = std::max<std::int64_t>(1, std::min(max_len, cap));
@@ -782,10 +950,15 @@ inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, c
     const auto launch = [&](auto gc) {
       constexpr int G = decltype(gc)::value;
       const dim3 grid(unsigned(B), unsigned(H / G), unsigned(splits));
-      if (keys_in_flight == 4) detail::decode_attention_kernel<D, G, 4><<<grid, 128, 0, stream>>>(a);
-      else detail::decode_attention_kernel<D, G, 2><<<grid, 128, 0, stream>>>(a);
+      detail::decode_attention_kernel<D, G><<<grid, 128, 0, stream>>>(a);
     };
-    if (group == 8) launch(std::integral_constant<int, 8>{});
+    if (math == DecodeMath::tensor_cores && group > 1) {
+      static const bool sized = detail::allow_decode_mma_smem<D>();  // once per head dim (not a stream op)
+      (void)sized;
+      const dim3 grid(unsigned(B), unsigned(H / group), unsigned(splits));
+      detail::decode_attention_mma_kernel<D><<<grid, detail::kThreads, detail::decode_mma_smem_bytes<D>(), stream>>>(
+          a, group);
+    } else if (group == 8) launch(std::integral_constant<int, 8>{});
     else if (group == 4) launch(std::integral_constant<int, 4>{});
     else if (group == 2) launch(std::integral_constant<int, 2>{});
     else launch(std::integral_constant<int, 1>{});

@@ -226,10 +226,10 @@ class Scheduler {
   /// A request's curve when admitted in an iteration of this phase (computed
   /// once, checked: one entry per output token, a peak within the pool).
   const PageCurve& curve(int request, int phase) const {
-    PageCurve& c = curves_.at(std::size_t(request)).at(std::size_t(phase));
-    if (!c.pages.empty()) return c;
+    PageCurve& cached = curves_.at(std::size_t(request)).at(std::size_t(phase));
+    if (!cached.pages.empty()) return cached;
     const Request& r = reqs_[std::size_t(request)];
-    c = curve_fn_(r, FireSchedule{opt_.fire_every, phase});
+    PageCurve c = curve_fn_(r, FireSchedule{opt_.fire_every, phase});
     if (std::int64_t(c.pages.size()) != r.output_len)
       throw std::invalid_argument("Scheduler: the curve of request " + std::to_string(r.id) + " has " +
                                   std::to_string(c.pages.size()) + " entries, not output_len = " +
@@ -239,7 +239,7 @@ class Scheduler {
                                   std::to_string(r.prompt_len) + ", output " + std::to_string(r.output_len) +
                                   ") needs " + std::to_string(c.peak()) + " pages at its peak, more than the pool's " +
                                   std::to_string(opt_.pool_pages));
-    return c;
+    return cached = std::move(c);  // kept only once checked
   }
   const std::vector<Running>& running() const { return running_; }
   const PageBooks& books() const { return books_; }
