@@ -209,6 +209,25 @@ __device__ __forceinline__ float softmax_update(float (&s)[NT][4], int e0, int q
   return corr;
 }
 
+/// o (16 rows x D, mma accumulators) += P V for 16 keys: P from the score
+/// accumulators of keys 0..7 (s0) and 8..15 (s1), rounded to fp16 (they are
+/// already in A-fragment order), V the 16 rows at vt (row stride LD, in shared memory).
+template <int D, int LD>
+__device__ __forceinline__ void mma_pv16(float (&o)[D / 8][4], const float (&s0)[4], const float (&s1)[4],
+                                         const __half* vt, int lane) {
+  const std::uint32_t pa[4] = {pack_half2(s0[0], s0[1]), pack_half2(s0[2], s0[3]), pack_half2(s1[0], s1[1]),
+                               pack_half2(s1[2], s1[3])};
+  // matrices: (keys +0..7, cols dt), (keys +8..15, cols dt), (+0..7, dt + 1), (+8..15, dt + 1)
+  const __half* vrow = vt + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+#pragma unroll
+  for (int dt = 0; dt < D / 8; dt += 2) {
+    std::uint32_t b[4];
+    ldmatrix_x4_trans(b, vrow + dt * 8);
+    mma16816(o[dt], pa, b[0], b[1]);
+    mma16816(o[dt + 1], pa, b[2], b[3]);
+  }
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillArgs a) {
   constexpr int LD = D + 8;  // padded rows: the 8 rows an mma/ldmatrix phase touches hit distinct banks
@@ -341,22 +360,8 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillArgs
       }
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) o[dt][0] *= ca, o[dt][1] *= ca, o[dt][2] *= cb, o[dt][3] *= cb;
-      // P (the S accumulators, rounded to fp16) is already in A-fragment order.
 #pragma unroll
-      for (int k2 = 0; k2 < kKeys / 16; ++k2) {
-        const std::uint32_t pa[4] = {pack_half2(s[2 * k2][0], s[2 * k2][1]), pack_half2(s[2 * k2][2], s[2 * k2][3]),
-                                     pack_half2(s[2 * k2 + 1][0], s[2 * k2 + 1][1]),
-                                     pack_half2(s[2 * k2 + 1][2], s[2 * k2 + 1][3])};
-        // matrices: (keys +0..7, cols dt), (keys +8..15, cols dt), (+0..7, dt + 1), (+8..15, dt + 1)
-        const __half* vrow = vt + (k2 * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt += 2) {
-          std::uint32_t b[4];
-          ldmatrix_x4_trans(b, vrow + dt * 8);
-          mma16816(o[dt], pa, b[0], b[1]);
-          mma16816(o[dt + 1], pa, b[2], b[3]);
-        }
-      }
+      for (int k2 = 0; k2 < kKeys / 16; ++k2) mma_pv16<D, LD>(o, s[2 * k2], s[2 * k2 + 1], vt + k2 * 16 * LD, lane);
     }
     __syncthreads();  // tile t's buffer is refilled at step t + 1
   }
@@ -705,18 +710,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeAr
     const float corr = softmax_update<true, 2>(sc, 0, qp, kp, tig, scale_log2, sa);
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) o[dt][0] *= corr, o[dt][1] *= corr;
-    // P in A-fragment order (rows gid + 8 are zero-weighted: their Q is zero, their outputs unused)
-    const std::uint32_t pa[4] = {pack_half2(sc[0][0], sc[0][1]), pack_half2(sc[0][2], sc[0][3]),
-                                 pack_half2(sc[1][0], sc[1][1]), pack_half2(sc[1][2], sc[1][3])};
-    // matrices: (keys +0..7, cols dt), (keys +8..15, cols dt), (+0..7, dt + 1), (+8..15, dt + 1)
-    const __half* vrow = vt + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; dt += 2) {
-      std::uint32_t vb[4];
-      ldmatrix_x4_trans(vb, vrow + dt * 8);
-      mma16816(o[dt], pa, vb[0], vb[1]);
-      mma16816(o[dt + 1], pa, vb[2], vb[3]);
-    }
+    mma_pv16<D, LD>(o, sc[0], sc[1], vt, lane);  // rows gid + 8 carry raw zero scores: unused
     __syncthreads();  // tile t's buffer is refilled at step t + 1
   }
   cp_async_wait<0>();
