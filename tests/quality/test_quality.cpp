@@ -13,6 +13,7 @@
 #include "generate/pyramid_engine.hpp"
 #include "llama/generate.hpp"
 #include "llama/tokenizer.hpp"
+#include "serve/scheduler.hpp"
 
 namespace {
 
@@ -123,5 +124,41 @@ TEST_CASE("greedy answers through the pyramid engine are pinned") {
     const std::string answer = f.tok.decode(out);
     INFO(name << ": " << answer);
     CHECK(answer.rfind(kPinnedAnswer, 0) == 0);
+  }
+}
+
+TEST_CASE("fire=N: the engine compresses only on offered steps, each layer as the serving books predict") {
+  const Fixture& f = Fixture::get();
+  constexpr int kPrompt = 80, kSteps = 70;  // window 16: a layer's first segment is due at step 31
+  const std::vector<std::int32_t> prompt(f.text.begin(), f.text.begin() + kPrompt);
+  PolicyOptions pyramid;
+  std::vector<std::vector<int>> lengths[2];  // [every 1, every 4][step][layer]
+  with_policy(f.model.config(), pyramid, [&](auto pc) {
+    PyramidEngine<decltype(pc)> engine(f.model, pc);
+    // Bad schedules are refused before anything changes.
+    CHECK_THROWS_WITH(engine.set_fire_schedule(17, 0), Catch::Contains("every = 17"));
+    CHECK_THROWS_WITH(engine.set_fire_schedule(4, 4), Catch::Contains("phase = 4"));
+    CHECK_THROWS_WITH(engine.set_fire_schedule(0, 0), Catch::Contains("every = 0"));
+    const serve::FireSchedule schedules[2] = {{1, 0}, {4, 1}};
+    for (int s = 0; s < 2; ++s) {
+      engine.set_fire_schedule(schedules[s].every, schedules[s].phase);
+      const serve::DecodeLengths want = serve::decode_lengths(pc, kPrompt, kSteps, schedules[s]);
+      Matrix logits = engine.prefill({prompt}, kSteps);
+      for (int k = 1; k <= kSteps; ++k) {
+        logits = engine.decode({argmax(logits.row(0), logits.cols)});
+        std::vector<int> now;
+        for (int l = 0; l < engine.cache().kv().num_layers; ++l) now.push_back(engine.cache().kv().len(l, 0));
+        INFO("every " << schedules[s].every << " step " << k);
+        REQUIRE(now == want.after[std::size_t(k - 1)]);
+        lengths[s].push_back(now);
+      }
+    }
+  });
+  CHECK(lengths[0] != lengths[1]);  // the offers changed when layers fired
+  for (const auto& run : lengths) {   // and both fired: some step left a layer shorter than one append would
+    int firings = 0;
+    for (std::size_t k = 1; k < run.size(); ++k)
+      for (std::size_t l = 0; l < run[k].size(); ++l) firings += run[k][l] < run[k - 1][l] + 1;
+    CHECK(firings > 0);
   }
 }
