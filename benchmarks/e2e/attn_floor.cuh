@@ -12,9 +12,7 @@
 #pragma once
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
-#include <cstdlib>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -117,16 +115,6 @@ inline void run_shape(const Shape& s, double copy_bw, int sms) {
                 math == attn::DecodeMath::tensor_cores ? "tensor_cores" : "cuda_cores", bytes, ms, floor_ms,
                 floor_ms / ms, copy_bw);
   }
-}
-
-/// A shape index from the command line: digits only, checked.
-inline int parse_index(const char* text) {
-  char* end = nullptr;
-  errno = 0;
-  const long v = std::strtol(text, &end, 10);
-  if (end == text || *end != '\0' || errno != 0 || v < 0 || v > 1000)
-    throw std::invalid_argument(std::string("attn-floor: shape index '") + text + "' is not a number in [0, 1000]");
-  return int(v);
 }
 
 /// Every shape, or only shapes[only] (e.g. under ncu).

@@ -36,6 +36,8 @@
 //     model decoded with and without CUDA graphs (logits must agree). Prints
 //     one line per check and exits 1 if any fails.
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
 #include <chrono>
 #include <ctime>
 #include <random>
@@ -394,6 +396,17 @@ static int selfcheck() {
   return ok ? 0 : 1;
 }
 
+/// A whole decimal number in [lo, hi] from the command line, or an error naming `what` and the text.
+static int parse_int_arg(const char* text, const char* what, long lo, long hi) {
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(text, &end, 10);
+  if (end == text || *end != '\0' || errno != 0 || v < lo || v > hi)
+    throw std::invalid_argument(std::string(what) + " '" + text + "': a whole number in [" + std::to_string(lo) + ", " +
+                                std::to_string(hi) + "]");
+  return int(v);
+}
+
 int main(int argc, char** argv) {
   if (argc == 2 && std::strcmp(argv[1], "selfcheck") == 0) {
     try {
@@ -405,7 +418,7 @@ int main(int argc, char** argv) {
   }
   if ((argc == 2 || argc == 3) && std::strcmp(argv[1], "attn-floor") == 0) {
     try {
-      return attn_floor::run(argc == 3 ? attn_floor::parse_index(argv[2]) : -1);
+      return attn_floor::run(argc == 3 ? parse_int_arg(argv[2], "attn-floor shape index", 0, 1000) : -1);
     } catch (const std::exception& ex) {
       std::fprintf(stderr, "e2e-bench attn-floor: %s\n", ex.what());
       return 1;
@@ -419,7 +432,7 @@ int main(int argc, char** argv) {
   }
   try {
     const std::string shape = argv[1], policy = argv[2], batch_arg = argv[3];
-    const int prompt = std::atoi(argv[4]), gen = std::atoi(argv[5]);
+    const int prompt = parse_int_arg(argv[4], "PROMPT", 1, 1 << 20), gen = parse_int_arg(argv[5], "GEN", 1, 1 << 20);
     bool comp = false, device_trigger = false, graph = true;
     int page_size = EngineOptions{}.page_size;
     std::string profile;
@@ -428,11 +441,13 @@ int main(int argc, char** argv) {
       else if (std::strcmp(argv[i], "--profile") == 0 && i + 1 < argc) profile = argv[++i];
       else if (std::strcmp(argv[i], "--device-trigger") == 0) device_trigger = true;
       else if (std::strcmp(argv[i], "--no-graph") == 0) graph = false;
-      else if (std::strcmp(argv[i], "--page-size") == 0 && i + 1 < argc) page_size = std::atoi(argv[++i]);
+      else if (std::strcmp(argv[i], "--page-size") == 0 && i + 1 < argc)
+        page_size = parse_int_arg(argv[++i], "--page-size", 1, 1 << 20);
       else throw std::runtime_error(std::string("unknown flag ") + argv[i]);
     }
     if (!profile.empty() && profile != "prefill" && profile != "decode")
       throw std::runtime_error("--profile must be prefill or decode, got '" + profile + "'");
+    const int fixed_batch = batch_arg == "fit" ? 0 : parse_int_arg(batch_arg.c_str(), "BATCH (or fit)", 1, 1 << 20);
     const LlamaShape s = shape_of(shape);
     const CudaModel model = CudaModel::random(s, 42);
     auto go = [&](auto& e, double r) {
@@ -451,7 +466,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "fit: budget %zu, fixed %zu, %zu KV + %zu other bytes per sequence -> batch %d\n", budget,
                      fixed, one.total_bytes, per - one.total_bytes, batch);
       } else {
-        batch = std::atoi(batch_arg.c_str());
+        batch = fixed_batch;
       }
       run(shape.c_str(), policy.c_str(), model, e, batch, prompt, gen, comp, r, profile);
     };
