@@ -209,6 +209,27 @@ __device__ __forceinline__ float softmax_update(float (&s)[NT][4], int e0, int q
   return corr;
 }
 
+/// Streams `tiles` tiles through a 2-stage cp.async ring, block-wide:
+/// load(t, stage) issues tile t's copies into a stage (every thread may take
+/// part), body(t, stage) runs once tile t has landed for the whole block; a
+/// stage is refilled only after every thread is done with it. Returns with
+/// every copy complete and the block synchronised (the stages may be reused).
+template <class Load, class Body>
+__device__ __forceinline__ void stream_tiles(int tiles, Load&& load, Body&& body) {
+  if (tiles > 0) load(0, 0);
+  cp_async_commit();
+  for (int t = 0; t < tiles; ++t) {
+    const int buf = t & 1;
+    if (t + 1 < tiles) load(t + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but tile t + 1
+    __syncthreads();
+    body(t, buf);
+    __syncthreads();  // tile t's stage is refilled at step t + 1
+  }
+  cp_async_wait<0>();
+}
+
 /// o (16 rows x D, mma accumulators) += P V for 16 keys: P from the score
 /// accumulators of keys 0..7 (s0) and 8..15 (s1), rounded to fp16 (they are
 /// already in A-fragment order), V the 16 rows at vt (row stride LD, in shared memory).
@@ -310,14 +331,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillArgs
   for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
   RowState sa, sb;
 
-  if (tiles > 0) load_tile(0, 0);
-  cp_async_commit();
-  for (int t = 0; t < tiles; ++t) {
-    const int buf = t & 1;
-    if (t + 1 < tiles) load_tile(t + 1, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // everything but tile t + 1
-    __syncthreads();
+  stream_tiles(tiles, load_tile, [&](int t, int buf) {
     if (t == 0) {
       const __half* qa = qs + (warp * 16 + gid) * LD + tig * 2;
 #pragma unroll
@@ -363,9 +377,7 @@ __global__ void __launch_bounds__(kThreads) prefill_attention_kernel(PrefillArgs
 #pragma unroll
       for (int k2 = 0; k2 < kKeys / 16; ++k2) mma_pv16<D, LD>(o, s[2 * k2], s[2 * k2 + 1], vt + k2 * 16 * LD, lane);
     }
-    __syncthreads();  // tile t's buffer is refilled at step t + 1
-  }
-  cp_async_wait<0>();
+  });
 
   const float la = quad_sum(sa.l), lb = quad_sum(sb.l);
   const float ia = la > 0.f ? 1.f / la : 0.f, ib = lb > 0.f ? 1.f / lb : 0.f;
@@ -412,9 +424,39 @@ __device__ __forceinline__ SeqPages seq_pages(const PagedLayer& c, int b) {
   return {c.kv.pages(c.layer, s), reach, max(0, min(c.kv.len(c.layer, s), reach))};
 }
 
+/// The keys split `split` of batch entry b reads: [begin, end), the page
+/// table read up to `stop` (the split's reach). The last split also takes
+/// any keys past splits * split_len (a host bound that fell short).
+struct SplitKeys {
+  SeqPages sp;
+  int begin, stop, end;
+};
+__device__ __forceinline__ SplitKeys split_keys(const DecodeArgs& a, int b, int split) {
+  const SeqPages sp = seq_pages(a.c, b);
+  const int begin = split * a.split_len;
+  const int stop = split + 1 == a.splits ? sp.reach : min(sp.reach, begin + a.split_len);
+  return {sp, begin, stop, min(sp.len, stop)};
+}
+
 __device__ __forceinline__ const __half* as_half(const half_t* p) { return reinterpret_cast<const __half*>(p); }
 
 __device__ __forceinline__ uint4 ld16(const __half* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+/// One column of a decode block's merged result for (b, h): the split's
+/// partial (unnormalised output, and at col 0 its max and sum) when the keys
+/// are split, else the output and (col 0) the row's LSE.
+template <int D>
+__device__ __forceinline__ void decode_write(const DecodeArgs& a, int b, int h, int split, int col, float M, float L,
+                                             float o) {
+  if (a.splits > 1) {
+    float* p = a.part + ((std::int64_t(b) * a.H + h) * a.splits + split) * (D + 2);
+    p[col] = o;
+    if (col == 0) p[D] = M, p[D + 1] = L;
+    return;
+  }
+  a.out[std::int64_t(b) * a.H * D + h * D + col] = __float2half(L > 0.f ? o / L : 0.f);
+  if (a.lse && col == 0) a.lse[std::int64_t(b) * a.H + h] = M * kLn2 + logf(L);
+}
 
 /// The end of decode_attention_kernel: merges the block's KPS lane groups
 /// per head through shared memory and writes the split's partial result (or
@@ -443,14 +485,7 @@ __device__ __forceinline__ void decode_block_merge(const DecodeArgs& a, int b, i
       L += sl[s][i] * c;
       o += sacc[s][i][col] * c;
     }
-    if (a.splits > 1) {
-      float* p = a.part + ((std::int64_t(b) * a.H + h) * a.splits + split) * (D + 2);
-      p[col] = o;
-      if (col == 0) p[D] = M, p[D + 1] = L;
-      continue;
-    }
-    a.out[std::int64_t(b) * a.H * D + h * D + col] = __float2half(L > 0.f ? o / L : 0.f);
-    if (a.lse && col == 0) a.lse[std::int64_t(b) * a.H + h] = M * kLn2 + logf(L);
+    decode_write<D>(a, b, h, split, col, M, L, o);
   }
 }
 
@@ -478,11 +513,9 @@ __global__ void __launch_bounds__(128, G == 1 ? 10 : G == 8 ? 2 : 4) decode_atte
   const PagePool<half_t>& pool = a.c.kv.pool;
   const int g = h0 / (a.H / pool.kv_heads);
   const int qp = a.qpos[b];
-  const SeqPages sp = seq_pages(a.c, b);
-  // The last split also takes any keys past splits * split_len (a host bound that fell short).
-  const int begin = split * a.split_len;
-  const int stop = split + 1 == a.splits ? sp.reach : min(sp.reach, begin + a.split_len);
-  const int end = min(sp.len, stop);
+  const SplitKeys range = split_keys(a, b, split);
+  const SeqPages& sp = range.sp;
+  const int begin = range.begin, stop = range.stop, end = range.end;
   const int shift = a.c.kv.page_shift, mask = (1 << shift) - 1;
   const std::int64_t head0 = std::int64_t(g) * pool.head_stride + sub * 8;
   const __half* kg = as_half(pool.k) + head0;
@@ -604,9 +637,6 @@ constexpr int decode_mma_smem_bytes() {
   return 2 * 2 * kDecKeys * (D + 8) * 2 + 2 * kDecKeys * 4;  // 2 stages x (K, V) + 2 stages of key positions
 }
 
-/// The merge area (per warp: max, sum and the outputs of up to 8 rows) must fit in the stages it reuses.
-static_assert(kWarps * 8 * (128 + 2) * 4 <= 2 * 2 * kDecKeys * (128 + 8) * 2, "decode mma merge area");
-
 template <int D>
 __global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeArgs a, int G);
 
@@ -629,6 +659,8 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeArgs a, int G) {
   constexpr int LD = D + 8;   // padded rows (ldmatrix phases hit distinct banks)
   constexpr int VEC = D / 8;  // 16-byte vectors per row
+  // The final merge (per warp: max, sum and the outputs of up to 8 rows) reuses the stages.
+  static_assert(kWarps * 8 * (D + 2) * 4 <= decode_mma_smem_bytes<D>(), "decode mma merge area");
   extern __shared__ __align__(16) unsigned char smem[];
   __half* ks = reinterpret_cast<__half*>(smem);  // [2][kDecKeys][LD]
   __half* vs = ks + 2 * kDecKeys * LD;            // [2][kDecKeys][LD]
@@ -639,10 +671,9 @@ __global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeAr
   const PagePool<half_t>& pool = a.c.kv.pool;
   const int g = h0 / (a.H / pool.kv_heads);
   const int qp = a.qpos[b];
-  const SeqPages sp = seq_pages(a.c, b);
-  const int begin = split * a.split_len;
-  const int stop = split + 1 == a.splits ? sp.reach : min(sp.reach, begin + a.split_len);
-  const int end = min(sp.len, stop);
+  const SplitKeys range = split_keys(a, b, split);
+  const SeqPages& sp = range.sp;
+  const int begin = range.begin, end = range.end;
   const int tiles = end > begin ? (end - begin + kDecKeys - 1) / kDecKeys : 0;
   const int shift = a.c.kv.page_shift, mask = (1 << shift) - 1;
   const __half* kg = as_half(pool.k) + std::int64_t(g) * pool.head_stride;
@@ -686,14 +717,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeAr
   for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
   RowState sa;  // row gid (rows gid + 8 are past every group of <= 8 heads)
 
-  if (tiles > 0) load_tile(0, 0);
-  cp_async_commit();
-  for (int t = 0; t < tiles; ++t) {
-    const int buf = t & 1;
-    if (t + 1 < tiles) load_tile(t + 1, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // everything but tile t + 1
-    __syncthreads();
+  stream_tiles(tiles, load_tile, [&](int t, int buf) {
     const __half* kt = ks + (buf * kDecKeys + warp * 16) * LD;
     const __half* vt = vs + (buf * kDecKeys + warp * 16) * LD;
     const int* kp = kps + buf * kDecKeys + warp * 16;
@@ -711,10 +735,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeAr
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) o[dt][0] *= corr, o[dt][1] *= corr;
     mma_pv16<D, LD>(o, sc[0], sc[1], vt, lane);  // rows gid + 8 carry raw zero scores: unused
-    __syncthreads();  // tile t's buffer is refilled at step t + 1
-  }
-  cp_async_wait<0>();
-  __syncthreads();
+  });
 
   // Merge the warps' rows 0..G-1 through the (now idle) stages: per warp and row its max, sum and D outputs.
   float* wm = reinterpret_cast<float*>(smem);  // [kWarps][8]
@@ -740,14 +761,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeAr
       L += wl[w * 8 + row] * c;
       out += wo[(w * 8 + row) * D + col] * c;
     }
-    if (a.splits > 1) {
-      float* p = a.part + ((std::int64_t(b) * a.H + h) * a.splits + split) * (D + 2);
-      p[col] = out;
-      if (col == 0) p[D] = M, p[D + 1] = L;
-      continue;
-    }
-    a.out[std::int64_t(b) * a.H * D + h * D + col] = __float2half(L > 0.f ? out / L : 0.f);
-    if (a.lse && col == 0) a.lse[std::int64_t(b) * a.H + h] = M * kLn2 + logf(L);
+    decode_write<D>(a, b, h, split, col, M, L, out);
   }
 }
 
@@ -947,7 +961,8 @@ inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, c
       detail::decode_attention_kernel<D, G><<<grid, 128, 0, stream>>>(a);
     };
     if (math == DecodeMath::tensor_cores && group > 1) {
-      static const bool sized = detail::allow_decode_mma_smem<D>();  // once per head dim (not a stream op)
+      // Once per head dim and process, before any capture (the engines drive one device).
+      static const bool sized = detail::allow_decode_mma_smem<D>();
       (void)sized;
       const dim3 grid(unsigned(B), unsigned(H / group), unsigned(splits));
       detail::decode_attention_mma_kernel<D><<<grid, detail::kThreads, detail::decode_mma_smem_bytes<D>(), stream>>>(

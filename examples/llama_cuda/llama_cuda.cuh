@@ -782,12 +782,11 @@ class PagedEngine {
   /// together, and k - 1 of k steps launch no eviction (examples/serve).
   void decode_slots(const std::vector<std::int32_t>& slots, bool offer_compression = true) {
     set_batch(slots);
-    offer_compression_ = offer_compression;
     const int B = B_;
     run_step([&] {
       kernels::gather_slots_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dslots_.get(), B, tok_slot_.get(),
                                                                          pos_slot_.get(), ids_.get(), dpos_.get());
-      decode_step(ids_.get());
+      decode_step(ids_.get(), offer_compression);
       kernels::argmax_kernel<<<B, kernels::kArgmaxThreads, 0, stream_>>>(logits_.get(), m_.shape().vocab, ids_.get());
       kernels::scatter_slots_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dslots_.get(), B, ids_.get(), dpos_.get(),
                                                                           tok_slot_.get(), pos_slot_.get());
@@ -856,8 +855,7 @@ class PagedEngine {
   /// only changes arguments; an update that still fails (e.g. another number
   /// of attention splits) instantiates the graph again.
   void decode_device(const std::int32_t* ids) {
-    offer_compression_ = true;  // only decode_slots' caller may skip a step's compression
-    run_step([&] { decode_step(ids); });
+    run_step([&] { decode_step(ids, true); });
   }
 
   const float* device_logits() const { return logits_.get(); }
@@ -1079,8 +1077,8 @@ class PagedEngine {
   /// Per layer: rmsnorm, QKV GEMM, RoPE split, cache append (2), ring push,
   /// attention (+ combine when split), set LSE, O GEMM (+ residual), rmsnorm,
   /// gate/up GEMM, SwiGLU, down GEMM (+ residual); the eviction chain only
-  /// when the layer fires.
-  void decode_step(const std::int32_t* ids) {
+  /// when the layer fires (and the step offers compression, decode_slots).
+  void decode_step(const std::int32_t* ids, bool offer_compression) {
     const LlamaShape& s = m_.shape();
     const int B = B_, H = s.n_heads, Hkv = s.n_kv_heads, d = s.head_dim;
     kernels::embed_kernel<<<B, 256, 0, stream_>>>(m_.embedding(), ids, s.dim, h_.get());
@@ -1102,7 +1100,7 @@ class PagedEngine {
                              ring ? dlse_.get() : nullptr, stream_);
       if (ring) pc_.decode_set_lse(l, *cache_, all, lv, stream_);
       layer_finish(l, B);
-      if (ring && offer_compression_) {
+      if (ring && offer_compression) {
         timed([&] { pc_.decode_compress(l, *cache_, all, stream_); });
         if (pc_.decode_fired() != 0) fired_[std::size_t(l)] = '1';  // -1 (device trigger): always launches
       }
@@ -1277,7 +1275,6 @@ class PagedEngine {
   // decode graphs: one executable per batch size and firing pattern (a '0'/'1' per layer)
   std::map<std::string, cudaGraphExec_t> graphs_;
   std::string fired_;
-  bool offer_compression_ = true;  // the step being recorded calls decode_compress (set by each entry point)
   long long decode_steps_ = 0;
   std::vector<int> batch_cap_;  ///< per layer: a host bound of the decode batch's lengths
   // continuous batching (open_pool)

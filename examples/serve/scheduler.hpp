@@ -184,7 +184,6 @@ struct Running {
   int slot = 0;
   long long admitted = 0;  ///< iteration
   int generated = 0;       ///< tokens so far
-  int phase = 0;           ///< admitted % fire_every: which of the request's curves applies
 };
 
 /// What one iteration does: the requests to prefill (new slots) and the
@@ -242,6 +241,8 @@ class Scheduler {
     return cached = std::move(c);  // kept only once checked
   }
   const std::vector<Running>& running() const { return running_; }
+  /// The fire schedule a live request follows (its phase: the iteration it was admitted in, mod fire_every).
+  FireSchedule fire_schedule(const Running& r) const { return FireSchedule{opt_.fire_every, phase_of(r)}; }
   const PageBooks& books() const { return books_; }
   long long iteration() const { return iter_; }
   /// Requests admitted so far (the next to admit is this index).
@@ -276,7 +277,7 @@ class Scheduler {
       books_.add(c);
       tokens += r.prompt_len;
       it.prefill.push_back(int(running_.size()));
-      running_.push_back(Running{next_, slot, iter_, 0, phase});
+      running_.push_back(Running{next_, slot, iter_, 0});
       ++next_;
     }
     return it;
@@ -306,13 +307,13 @@ class Scheduler {
   /// tests check the two agree).
   std::int64_t live_pages() const {
     std::int64_t p = 0;
-    for (const Running& r : running_) p += curve(r.request, r.phase).pages[std::size_t(iter_ - r.admitted)];
+    for (const Running& r : running_) p += curve(r.request, phase_of(r)).pages[std::size_t(iter_ - r.admitted)];
     return p;
   }
   /// Tokens the live requests' attention reads in this iteration's decode step.
   std::int64_t live_kv_slots() const {
     std::int64_t s = 0;
-    for (const Running& r : running_) s += curve(r.request, r.phase).kv_slots[std::size_t(iter_ - r.admitted)];
+    for (const Running& r : running_) s += curve(r.request, phase_of(r)).kv_slots[std::size_t(iter_ - r.admitted)];
     return s;
   }
 
@@ -326,6 +327,8 @@ class Scheduler {
   std::vector<int> free_slots_;
   int next_ = 0, finished_ = 0;
   long long iter_ = 0;
+
+  int phase_of(const Running& r) const { return int(r.admitted % opt_.fire_every); }
 };
 
 }  // namespace pyramidinfer::serve

@@ -391,7 +391,7 @@ bool check_batched(Engine& e, const LlamaShape& shape, const CheckSetup& c, int 
       const Request& q = c.reqs[std::size_t(r.request)];
       const long long k = sched.iteration() - r.admitted;  // 0: prefilled now, else decode step k
       const LayerTrace t = e.compressor().trace(q.prompt_len, q.output_len - 1);
-      const DecodeLengths dl = decode_lengths(e.compressor(), q.prompt_len, int(k), FireSchedule{every, r.phase});
+      const DecodeLengths dl = decode_lengths(e.compressor(), q.prompt_len, int(k), sched.fire_schedule(r));
       for (int l = 0; l < L; ++l) {
         const int n = k == 0 ? t.prefill_len[std::size_t(l)] : dl.after[std::size_t(k - 1)][std::size_t(l)];
         expect += pages(n);

@@ -69,6 +69,9 @@ std::string gen_error(const std::vector<std::string>& args, bool cuda = false) {
 std::string eval_error(const std::vector<std::string>& args, bool cuda = false) {
   return error_of([&] { eval(args, cuda); });
 }
+std::string spec_error(const std::string& spec) {
+  return error_of([&] { parse_policy_spec("--policies", spec); });
+}
 
 struct Exit {
   bool exited = false;  ///< false: killed by a signal
@@ -239,20 +242,19 @@ TEST_CASE("policy specs: a name and key=value changes, each checked", "[parser]"
   CHECK(p.min_context == 8);
   CHECK(p.tweaks.dw == 1.5f);
   CHECK(parse_policy_spec("--policy", "snapkv").tweaks.text.empty());
-  const auto err = [](const std::string& spec) { return error_of([&] { parse_policy_spec("--policies", spec); }); };
-  CHECK(has(err("bogus:start=1"), "unknown policy 'bogus'"));
-  CHECK(has(err("full:start=1"), "'full' takes no changes"));
-  CHECK(has(err("pyramid45:dw=1"), "'pyramid45' takes no changes"));
-  CHECK(has(err("pyramid-late:start=3"), "'pyramid-late' takes no changes"));
-  CHECK(has(err("pyramid:"), "'' is not key=value"));
-  CHECK(has(err("pyramid:start"), "'start' is not key=value"));
-  CHECK(has(err("pyramid:start="), "'start=' is not key=value"));
-  CHECK(has(err("pyramid:start=1:start=2"), "'start' twice"));
-  CHECK(has(err("pyramid:shape=square"), "shape='square': one of cosine, linear, geometric, uniform"));
-  CHECK(has(err("pyramid:start=-1"), "--policies 'pyramid:start=-1' start '-1': out of range"));
-  CHECK(has(err("pyramid:window=1"), "window '1'"));
-  CHECK(has(err("pyramid:dw=nan"), "dw 'nan'"));
-  CHECK(has(err("pyramid:colour=red"), "unknown key 'colour'"));
+  CHECK(has(spec_error("bogus:start=1"), "unknown policy 'bogus'"));
+  CHECK(has(spec_error("full:start=1"), "'full' takes no changes"));
+  CHECK(has(spec_error("pyramid45:dw=1"), "'pyramid45' takes no changes"));
+  CHECK(has(spec_error("pyramid-late:start=3"), "'pyramid-late' takes no changes"));
+  CHECK(has(spec_error("pyramid:"), "'' is not key=value"));
+  CHECK(has(spec_error("pyramid:start"), "'start' is not key=value"));
+  CHECK(has(spec_error("pyramid:start="), "'start=' is not key=value"));
+  CHECK(has(spec_error("pyramid:start=1:start=2"), "'start' twice"));
+  CHECK(has(spec_error("pyramid:shape=square"), "shape='square': one of cosine, linear, geometric, uniform"));
+  CHECK(has(spec_error("pyramid:start=-1"), "--policies 'pyramid:start=-1' start '-1': out of range"));
+  CHECK(has(spec_error("pyramid:window=1"), "window '1'"));
+  CHECK(has(spec_error("pyramid:dw=nan"), "dw 'nan'"));
+  CHECK(has(spec_error("pyramid:colour=red"), "unknown key 'colour'"));
   CHECK(gen({"--policy", "snapkv:mode=drop:shape=cosine", "--ratio", "0.5"}).policy.ratio == 0.5);
   CHECK(has(gen_error({"--policy", "h2o:select=all"}), "--policy 'h2o:select=all': select='all'"));
 }
@@ -265,12 +267,11 @@ TEST_CASE("policy specs: fire=N is when the engine offers decode compression, no
   CHECK(parse_policy_spec("--policy", "pyramid:dw=1:fire=4").label() == "pyramid:dw=1:fire=4");
   CHECK(parse_policy_spec("--policy", "pyramid45:fire=8").fire_every == 8);  // takes fire, no other change
   CHECK(parse_policy_spec("--policy", "pyramid").fire_every == 1);
-  const auto err = [](const std::string& spec) { return error_of([&] { parse_policy_spec("--policies", spec); }); };
-  CHECK(has(err("full:fire=4"), "'full' compresses nothing"));
-  CHECK(has(err("pyramid45:fire=4:dw=1"), "'pyramid45' takes no changes but fire"));
-  CHECK(has(err("pyramid:fire=0"), "fire '0'"));
-  CHECK(has(err("pyramid:fire=65"), "fire '65'"));
-  CHECK(has(err("pyramid:fire=4:fire=8"), "'fire' twice"));
+  CHECK(has(spec_error("full:fire=4"), "'full' compresses nothing"));
+  CHECK(has(spec_error("pyramid45:fire=4:dw=1"), "'pyramid45' takes no changes but fire"));
+  CHECK(has(spec_error("pyramid:fire=0"), "fire '0'"));
+  CHECK(has(spec_error("pyramid:fire=65"), "fire '65'"));
+  CHECK(has(spec_error("pyramid:fire=4:fire=8"), "'fire' twice"));
   // the rows are told apart, a repeat is refused, and the CUDA evaluator (every step) refuses them
   CHECK(labels(eval({"--policies", "full,pyramid,pyramid:fire=16"}).policies) ==
         std::vector<std::string>{"full", "pyramid", "pyramid:fire=16"});
