@@ -642,6 +642,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeAr
 
 template <int D>
 bool allow_decode_mma_smem() {
+  // The kernel's final merge (per warp: max, sum and the outputs of up to 8 rows) reuses the stages.
+  static_assert(kWarps * 8 * (D + 2) * 4 <= decode_mma_smem_bytes<D>(), "decode mma merge area");
   PYRAMIDINFER_CUDA_CHECK(cudaFuncSetAttribute(decode_attention_mma_kernel<D>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, decode_mma_smem_bytes<D>()));
   return true;
@@ -659,8 +661,6 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) decode_attention_mma_kernel(DecodeArgs a, int G) {
   constexpr int LD = D + 8;   // padded rows (ldmatrix phases hit distinct banks)
   constexpr int VEC = D / 8;  // 16-byte vectors per row
-  // The final merge (per warp: max, sum and the outputs of up to 8 rows) reuses the stages.
-  static_assert(kWarps * 8 * (D + 2) * 4 <= decode_mma_smem_bytes<D>(), "decode mma merge area");
   extern __shared__ __align__(16) unsigned char smem[];
   __half* ks = reinterpret_cast<__half*>(smem);  // [2][kDecKeys][LD]
   __half* vs = ks + 2 * kDecKeys * LD;            // [2][kDecKeys][LD]
