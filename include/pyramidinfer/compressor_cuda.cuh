@@ -188,6 +188,13 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   /// Ring-pool rows a sequence with this prompt holds from begin() to end().
   std::int64_t ring_rows_for(int prompt_len) const { return window_length(prompt_len, config().recent_ratio); }
 
+  /// Device bytes one ring-pool row adds to state_bytes() (for an engine that
+  /// splits one memory budget between KV pages and the ring).
+  template <class T>
+  std::size_t ring_row_bytes() const {
+    return std::size_t(ring_layers()) * std::size_t(config().num_heads) * (std::size_t(config().head_dim) * sizeof(T) + sizeof(float));
+  }
+
   /// Device bytes attach() takes for this cache and a ring pool of ring_rows rows.
   template <class T>
   std::size_t state_bytes(const PagedKVCache<T>& cache, std::int64_t ring_rows) const {
