@@ -1,8 +1,10 @@
 // pyramid-serve: a serving benchmark with continuous batching on the paged core.
 // Random fp16 weights in a LLaMA shape (or a GGUF model's real weights,
 // --model), the CUDA engine of examples/llama_cuda (PagedEngine over one KV
-// page pool of a fixed byte size), any named policy
-// of examples/generate/policies.hpp, and a seeded synthetic workload.
+// page pool), any named policy of examples/generate/policies.hpp, and a
+// seeded synthetic workload. Every policy gets the same KV budget (--pool-gb):
+// pages + the paged cache's state + the compressor's state (the window-query
+// ring, whose part is --ring-gb or the workload's share: memory_split.hpp).
 //
 //   pyramid-serve --shape llama2-7b --policies full,pyramid45 --requests 128 --prompt-median 512 --mode both
 //   pyramid-serve selfcheck
@@ -51,6 +53,7 @@
 #include <vector>
 
 #include "llama_cuda/policy_engine.cuh"
+#include "serve/memory_split.hpp"
 #include "serve/metrics.hpp"
 #include "serve/scheduler.hpp"
 #include "serve/serve_loop.hpp"
@@ -236,6 +239,74 @@ std::string date_utc() {
   return d;
 }
 
+/// The warm-up's requests (short outputs, another seed), run before measuring.
+std::vector<Request> warmup_workload(const ServeOptions& o) {
+  if (o.warmup == 0) return {};
+  WorkloadOptions w = o.workload;
+  w.requests = o.warmup, w.output_min = w.output_max = std::min(32, o.workload.output_max), w.seed += 1000, w.rate = 0;
+  return make_workload(w);
+}
+
+/// Where a policy's KV budget (--pool-gb) went, in bytes; compressor includes ring.
+struct KvBudget {
+  std::uint64_t budget = 0, pages = 0, cache_state = 0, compressor = 0, ring = 0;
+  std::string ring_from;  ///< "--ring-gb" or the workload's share
+};
+
+/// What e's open pool takes of the budget: pages, the cache's state, the compressor's (ring included).
+template <class Engine>
+std::uint64_t kv_total(const Engine& e) {
+  return std::uint64_t(e.plan().total_bytes) + e.plan().shape.state_bytes() + e.compressor_bytes();
+}
+
+/// The ring rows of e's compressor within `budget` bytes: --ring-gb's, or the
+/// workload's share (memory_split.hpp; page curves under the run's fire
+/// schedule); at least the rows of the largest request, warm-up included.
+template <class Engine>
+std::int64_t budget_ring_rows(const Engine& e, const ServeOptions& o, std::uint64_t budget, std::string& from) {
+  const auto& pc = e.compressor();
+  const std::size_t row_bytes = pc.template ring_row_bytes<__half>();
+  // the measured runs' requests (the same at any rate) and the warm-up's
+  const std::vector<Request> reqs = make_workload(o.workload), warm = warmup_workload(o);
+  std::int64_t largest = 0;
+  for (const std::vector<Request>* list : {&reqs, &warm})
+    for (const Request& r : *list) largest = std::max(largest, pc.ring_rows_for(r.prompt_len));
+  if (o.ring_gb > 0) {
+    from = "--ring-gb";
+    return ring_rows_of_bytes(gib_bytes(o.ring_gb, "--ring-gb"), budget, row_bytes, largest);
+  }
+  const FireSchedule fire{o.fire_every, 0};
+  const int page_size = e.options().page_size;
+  const double share = ring_share(
+      reqs, [&](int prompt_len) { return pc.ring_rows_for(prompt_len); },
+      [&](const Request& r) { return page_curve(pc, r.prompt_len, r.output_len, page_size, fire).peak(); }, row_bytes,
+      e.page_bytes());
+  from = "the workload's share " + num(share);
+  return ring_rows_of_share(share, budget, row_bytes, largest);
+}
+
+/// Opens e's pool (spec's slots and lengths given) within --pool-gb: the
+/// ring's rows first, the rest in pages; opened once to measure the states,
+/// then again with the excess taken off the pages.
+template <class Engine>
+KvBudget open_within_budget(Engine& e, const ServeOptions& o, PoolSpec& spec) {
+  KvBudget kv;
+  kv.budget = gib_bytes(o.pool_gb, "--pool-gb");
+  spec.ring_rows = budget_ring_rows(e, o, kv.budget, kv.ring_from);
+  kv.ring = std::uint64_t(spec.ring_rows) * e.compressor().template ring_row_bytes<__half>();
+  spec.num_pages = pages_beside(kv.budget, kv.ring, e.page_bytes());
+  e.open_pool(spec);
+  const std::int64_t fewer = pages_within(spec.num_pages, kv_total(e), kv.budget, e.page_bytes());
+  if (fewer != spec.num_pages) spec.num_pages = fewer, e.open_pool(spec);
+  kv.pages = e.plan().total_bytes, kv.cache_state = e.plan().shape.state_bytes(), kv.compressor = e.compressor_bytes();
+  if (kv_total(e) > kv.budget)
+    throw std::runtime_error("KV budget of " + std::to_string(kv.budget) + " bytes exceeded: " +
+                             std::to_string(spec.num_pages) + " pages " + std::to_string(kv.pages) +
+                             " + cache state " + std::to_string(kv.cache_state) + " + compressor state " +
+                             std::to_string(kv.compressor) + " = " + std::to_string(kv_total(e)) + " bytes");
+  return kv;
+}
+
 /// Every run of one policy: warm-up, then saturation and/or Poisson.
 template <class Engine>
 void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const llama::PolicyOptions& po,
@@ -246,30 +317,24 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
                        : policy == "pyramid45"    ? llama::Pyramid45::final_ratio
                        : policy == "pyramid-late" ? llama::PyramidLate::final_ratio
                                                   : po.ratio;
-  const LlamaShape& s = m.shape();
   const int segment = e.compressor().decode_schedule().segment;
   if (e.compressor().config().compress_decode && o.fire_every > segment)  // one firing per offer: the backlog would grow
     throw std::invalid_argument("--fire-every " + std::to_string(o.fire_every) + " exceeds policy " + policy +
                                 "'s decode segment of " + std::to_string(segment) + " tokens");
-  const std::size_t page_bytes = e.page_bytes();
   PoolSpec spec;
-  spec.num_pages = std::int64_t(o.pool_gb * double(1ull << 30) / double(page_bytes));
   spec.max_seqs = o.max_seqs;
   spec.max_seq_len = o.workload.prompt_cap + o.workload.output_max;
-  // A ring row holds one window query of every ring layer and head (queries fp16, LSE fp32).
-  const int ring_layers = e.compressor().config().compress_decode ? s.n_layers : 1;
-  const double row_bytes = double(ring_layers) * s.n_heads * (2.0 * s.head_dim + 4);
-  const double ring_gb = o.ring_gb > 0 ? o.ring_gb : o.pool_gb / 4;
-  spec.ring_rows = std::max<std::int64_t>(1, std::int64_t(ring_gb * double(1ull << 30) / row_bytes));
-  e.open_pool(spec);
-  std::fprintf(stderr, "serve %s: pool %lld pages of %zu bytes, ring %lld rows, compressor state %zu bytes\n",
-               policy.c_str(), (long long)spec.num_pages, page_bytes, (long long)spec.ring_rows, e.compressor_bytes());
+  const KvBudget kv = open_within_budget(e, o, spec);
+  std::fprintf(stderr,
+               "serve %s: KV budget %llu bytes = %lld pages of %zu bytes (%llu) + cache state %llu + compressor "
+               "state %llu (ring %lld rows, %llu bytes, %s)\n",
+               policy.c_str(), (unsigned long long)kv.budget, (long long)spec.num_pages, e.page_bytes(),
+               (unsigned long long)kv.pages, (unsigned long long)kv.cache_state, (unsigned long long)kv.compressor,
+               (long long)spec.ring_rows, (unsigned long long)kv.ring, kv.ring_from.c_str());
   if (o.warmup > 0) {
-    WorkloadOptions w = o.workload;
-    w.requests = o.warmup, w.output_min = w.output_max = std::min(32, o.workload.output_max), w.seed += 1000, w.rate = 0;
     LoopStats ignore;
     std::vector<double> f, d;
-    run_workload(e, m, make_workload(w), o, RunInfo{o.shape, policy, "warmup"}, copy_bw, nullptr, ignore, f, d);
+    run_workload(e, m, warmup_workload(o), o, RunInfo{o.shape, policy, "warmup"}, copy_bw, nullptr, ignore, f, d);
   }
   double saturation_rate = 0;
   std::vector<std::string> modes;
@@ -300,7 +365,9 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
         ",\"output_min\":" + std::to_string(w.output_min) + ",\"output_max\":" + std::to_string(w.output_max) +
         ",\"seed\":" + std::to_string(w.seed) + ",\"pool_bytes\":" + std::to_string(e.plan().total_bytes) +
         ",\"pool_pages\":" + std::to_string(spec.num_pages) + ",\"page_size\":" + std::to_string(o.page_size) +
-        ",\"ring_rows\":" + std::to_string(spec.ring_rows) + ",\"compressor_bytes\":" + std::to_string(e.compressor_bytes()) +
+        ",\"budget_bytes\":" + std::to_string(kv.budget) + ",\"pages_bytes\":" + std::to_string(kv.pages) +
+        ",\"cache_state_bytes\":" + std::to_string(kv.cache_state) + ",\"ring_rows\":" + std::to_string(spec.ring_rows) +
+        ",\"ring_bytes\":" + std::to_string(kv.ring) + ",\"compressor_bytes\":" + std::to_string(kv.compressor) +
         ",\"max_seqs\":" + std::to_string(o.max_seqs) + ",\"prefill_tokens\":" + std::to_string(o.prefill_tokens) +
         ",\"fire_every\":" + std::to_string(o.fire_every) +
         ",\"graph\":" + (o.graph ? "true" : "false") + ",\"output_tokens\":" + std::to_string(r.output_tokens) +

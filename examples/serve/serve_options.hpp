@@ -24,8 +24,8 @@ struct ServeOptions {
   std::string match_budget = "pyramid45";
   double rate = 0;            ///< poisson mode: requests/s (0: load x a saturation run's rate)
   double load = 0.7;
-  double pool_gb = 40;        ///< KV page pool, GiB
-  double ring_gb = 0;         ///< window-query ring pool, GiB (0: a quarter of the page pool)
+  double pool_gb = 40;        ///< the whole KV budget, GiB: pages + the cache's and the compressor's state
+  double ring_gb = 0;         ///< the window-query ring's part of it, GiB (0: the workload's share, memory_split.hpp)
   int max_seqs = 256;
   int prefill_tokens = 8192;  ///< prompt tokens per prefill iteration (one request at least)
   int page_size = 16;
@@ -64,7 +64,10 @@ inline std::string serve_usage() {
          "  --mode M             saturation | poisson | both (default both: Poisson at --load x saturation)\n"
          "  --rate R             poisson: requests/s (default: --load x a saturation run's rate)\n"
          "  --load X             in (0, 2]: Poisson rate as a share of saturation (default 0.7)\n"
-         "  --pool-gb G          KV page pool in GiB (default 40); --ring-gb G window-query pool (default pool/4)\n"
+         "  --pool-gb G          the whole KV budget in GiB, the same for every policy: pages + the paged\n"
+         "                       cache's and the compressor's state (default 40)\n"
+         "  --ring-gb G          the compressor's window-query ring's part of it, < --pool-gb (default: the\n"
+         "                       workload's share: ring rows and peak pages in the proportion its requests need)\n"
          "  --max-seqs N         concurrent sequences (default 256); --prefill-tokens N per iteration (8192)\n"
          "  --page-size N        tokens per page, a power of two (default 16)\n"
          "  --fire-every N       offer decode compression every N iterations, 1 to the policy's decode segment\n"
@@ -138,6 +141,9 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
     throw UsageError("--mode " + in_quotes(o.mode) + ": saturation, poisson or both");
   if (o.rate > 0 && o.mode != "poisson")
     throw UsageError("--rate " + std::to_string(o.rate) + " needs --mode poisson (both measures the rate first)");
+  if (o.ring_gb >= o.pool_gb)
+    throw UsageError("--ring-gb " + std::to_string(o.ring_gb) + ": must be below --pool-gb " +
+                     std::to_string(o.pool_gb) + " (the ring is part of the KV budget)");
   if ((o.page_size & (o.page_size - 1)) != 0)
     throw UsageError("--page-size " + std::to_string(o.page_size) + ": must be a power of two");
   if (w.prompt_cap < w.prompt_min)

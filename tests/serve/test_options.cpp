@@ -66,6 +66,9 @@ TEST_CASE("serve options: bad input names the flag and the value", "[serve][opti
   CHECK_THAT(error_of({"--rate", "2"}), Catch::Contains("needs --mode poisson"));
   CHECK_THAT(error_of({"--page-size", "24"}), Catch::Contains("power of two"));
   CHECK_THAT(error_of({"--pool-gb", "0"}), Catch::Contains("--pool-gb '0'"));
+  CHECK_THAT(error_of({"--pool-gb", "2", "--ring-gb", "2"}), Catch::Contains("--ring-gb 2.000000: must be below"));
+  CHECK_THAT(error_of({"--ring-gb", "41"}), Catch::Contains("--pool-gb 40.000000"));
+  CHECK(parse({"--pool-gb", "2", "--ring-gb", "0.5"}).ring_gb == 0.5);
   CHECK_THAT(error_of({"--output-min", "100", "--output-max", "50"}), Catch::Contains("--output-max 50"));
   CHECK_THAT(error_of({"--prompt-cap", "8"}), Catch::Contains("--prompt-cap 8"));
   CHECK_THAT(error_of({"--bogus"}), Catch::Contains("unknown option '--bogus'"));
