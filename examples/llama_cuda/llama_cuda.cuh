@@ -614,7 +614,7 @@ class PagedEngine {
   std::size_t extra_bytes_per_sequence(int prompt_len, int max_new) const {
     const LlamaShape& s = m_.shape();
     const std::size_t ints = std::size_t(prompt_len + max_new) * 4 * 16;  // token lists and scratch per slot
-    const std::size_t ring = std::size_t(pc_.ring_rows_for(prompt_len)) * s.n_layers * s.n_heads * (s.head_dim * 2 + 4);
+    const std::size_t ring = std::size_t(pc_.decode_rows_for(prompt_len)) * pc_.template ring_row_bytes<half_t>();
     return ring + ints + std::size_t(s.vocab) * 4 + std::size_t(s.n_heads) * kMaxSplits * (s.head_dim + 2) * 4 +
            std::size_t(s.dim) * 64;
   }
@@ -1093,6 +1093,7 @@ class PagedEngine {
     for (int l = 0; l < s.n_layers; ++l) {
       layer_qkv(l, B, dpos_.get());
       pc_.decode_append(l, *cache_, all, kv, vv, dpos_.get(), qv, TensorView<const float, 2>{}, stream_);
+      if (ring && pc_.decode_flushed() != 0) fired_[std::size_t(l)] = '2';  // a stash flush: launches of its own
       const attn::PagedLayer c{cache_->kv(), l, dslots_.get()};
       const int max_len = batch_cap_[std::size_t(l)];
       attn::decode_attention(q_.get(), dpos_.get(), B, c, max_len, H, d, attn_scale(),
@@ -1102,11 +1103,12 @@ class PagedEngine {
       layer_finish(l, B);
       if (ring && offer_compression) {
         timed([&] { pc_.decode_compress(l, *cache_, all, stream_); });
-        if (pc_.decode_fired() != 0) fired_[std::size_t(l)] = '1';  // -1 (device trigger): always launches
+        if (pc_.decode_fired() != 0) fired_[std::size_t(l)] += 1;  // -1 (device trigger): always launches
       }
     }
     // the compressor's last list: the batch, or (host trigger, last layer fired) the sequences that fired
-    comp_list_known_ = !(ring && fired_.back() == '1' && pc_.decode_trigger() == DecodeTrigger::host);
+    const bool last_fired = (fired_.back() - '0') & 1;
+    comp_list_known_ = !(ring && last_fired && pc_.decode_trigger() == DecodeTrigger::host);
     if (comp_list_known_) comp_list_ = slots_;
     kernels::inc_kernel<<<(B + 127) / 128, 128, 0, stream_>>>(dpos_.get(), B);
     rmsnorm(h_.get(), m_.output_norm(), B, x_.get());
@@ -1272,7 +1274,8 @@ class PagedEngine {
   int rope_rows_ = 0;
   DBuf<unsigned char> blas_ws_;
   int sms_ = 1;
-  // decode graphs: one executable per batch size and firing pattern (a '0'/'1' per layer)
+  // decode graphs: one executable per batch size and launch pattern: a char per layer, '0' + 1 if its
+  // compression fired + 2 if decode_append flushed a stash (accumulated decode scores)
   std::map<std::string, cudaGraphExec_t> graphs_;
   std::string fired_;
   long long decode_steps_ = 0;

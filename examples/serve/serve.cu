@@ -277,8 +277,9 @@ std::int64_t budget_ring_rows(const Engine& e, const ServeOptions& o, std::uint6
   }
   const FireSchedule fire{o.fire_every, 0};
   const int page_size = e.options().page_size;
+  // From its prefill on a request holds decode_rows_for (its window, or less when decode scores accumulate).
   const double share = ring_share(
-      reqs, [&](int prompt_len) { return pc.ring_rows_for(prompt_len); },
+      reqs, [&](int prompt_len) { return pc.decode_rows_for(prompt_len); },
       [&](const Request& r) { return page_curve(pc, r.prompt_len, r.output_len, page_size, fire).peak(); }, row_bytes,
       e.page_bytes());
   from = "the workload's share " + num(share);

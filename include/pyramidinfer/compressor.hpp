@@ -11,10 +11,15 @@
 // Decode, per layer, for any list of live, prefilled slots:
 //   decode_append(...) before attention, decode_compress(...) after it.
 //
-// The compressor keeps each layer's recent-window queries (and their softmax
-// log-sum-exp) in a ring per sequence, so scoring never needs attention
-// weights from the engine: it works with FlashAttention-style kernels. Its
-// per-sequence state exists once (Seq). This is the host backend, the
+// Scoring never needs attention weights from the engine, so it works with
+// FlashAttention-style kernels: prefill scoring takes the window's queries
+// (and their softmax log-sum-exp, if the engine has it). Decode scoring of a
+// window attention (RecentWindowScoring, the paper's) is accumulated: each
+// decode query adds its weighted attention to the keys of the segments whose
+// scoring window it belongs to, as it runs, so a layer keeps a few floats per
+// recent key instead of its window's queries (policy/scoring.hpp). Other
+// policies that need queries keep the last window of them in a ring per
+// layer. The compressor's per-sequence state exists once (Seq). This is the host backend, the
 // reference; the CUDA backend (compressor_cuda.cuh) takes the same calls plus
 // a stream, and batches of sequences in one call.
 #pragma once
@@ -180,10 +185,14 @@ class PyramidCompressor {
     for (int i = 0; i < prompt_len; ++i) s.tokens[std::size_t(i)] = i;
     s.head_tokens.assign(std::size_t(head_sets()), s.tokens);
     s.boundary.assign(std::size_t(cfg_.num_layers), 0);
-    s.ring.assign(std::size_t(cfg_.num_layers), RingState{});
+    s.ring.assign(std::size_t(ring_layers()), RingState{});
     const std::size_t rows = std::size_t(cfg_.num_heads) * std::size_t(s.window);
-    s.ring_q.assign(std::size_t(cfg_.num_layers), std::vector<float>(Scoring::needs_queries ? rows * cfg_.head_dim : 0));
-    s.ring_lse.assign(std::size_t(cfg_.num_layers), std::vector<float>(rows, 0.f));
+    s.ring_q.assign(std::size_t(ring_layers()), std::vector<float>(Scoring::needs_queries ? rows * cfg_.head_dim : 0));
+    s.ring_lse.assign(std::size_t(ring_layers()), std::vector<float>(rows, 0.f));
+    if (accumulating()) {
+      s.acc.assign(std::size_t(cfg_.num_layers), std::vector<double>(std::size_t(acc_rows(s.window)) * head_sets(), 0.0));
+      s.fired.assign(std::size_t(cfg_.num_layers), 0);
+    }
     if (std::size_t(seq) >= seqs_.size()) seqs_.resize(std::size_t(cache.shape().max_seqs));
     seqs_[std::size_t(seq)] = std::move(s);
   }
@@ -307,12 +316,18 @@ class PyramidCompressor {
       detail::check_dim(q, 1, cfg_.num_heads, fn, "q");
       detail::check_dim(q, 3, cfg_.head_dim, fn, "q");
     }
+    if (accumulating())
+      for (int i = 0; i < B; ++i) check_acc_room(layer, cache, batch.seqs[i], fn);
     AppendSource<T> src;  // begin and count null: the decode form, row i to entry i
     src.k = {k.data, {k.shape[0], k.shape[1], k.shape[3]}, {k.stride[0], k.stride[1], k.stride[3]}};
     src.v = {v.data, {v.shape[0], v.shape[1], v.shape[3]}, {v.stride[0], v.stride[1], v.stride[3]}};
     src.pos = pos;
     host::paged_append(cache.kv(), layer, batch, src);  // validates (pages, length), then writes
-    for (int i = 0; i < B; ++i) push_decode_query(seqs_[std::size_t(batch.seqs[i])], layer, i, q, lse);
+    if (!cfg_.compress_decode) return;  // queries serve decode compression only
+    for (int i = 0; i < B; ++i) {
+      if (accumulating()) accumulate_query(layer, cache, batch.seqs[i], i, q, lse);
+      else push_decode_query(seqs_[std::size_t(batch.seqs[i])], layer, i, q, lse);
+    }
   }
 
   /// Decode, after attention: compresses each listed sequence whose layer has
@@ -360,13 +375,26 @@ class PyramidCompressor {
     std::vector<std::vector<std::int32_t>> head_tokens;  ///< per head set (size 1 when shared)
     std::vector<std::int32_t> next_index;                ///< last prefill_select's answer
     std::vector<int> boundary;                           ///< [layer] end of the compressed part
-    std::vector<RingState> ring;                         ///< [layer]
-    std::vector<std::vector<float>> ring_q;              ///< [layer][q_head, ring row, d]
-    std::vector<std::vector<float>> ring_lse;            ///< [layer][q_head, ring row]
+    std::vector<RingState> ring;                         ///< [ring layer]
+    std::vector<std::vector<float>> ring_q;              ///< [ring layer][q_head, ring row, d]
+    std::vector<std::vector<float>> ring_lse;            ///< [ring layer][q_head, ring row]
+    /// Accumulating policies: [layer][acc row, head set], the scores being
+    /// built of the keys of acc_rows(window) / segment segments in a ring
+    /// (segment m in block m % blocks), and the segments compressed so far.
+    std::vector<std::vector<double>> acc;
+    std::vector<int> fired;                              ///< [layer]
   };
 
   bool per_head() const { return selection_.granularity == Granularity::per_kv_head; }
   int head_sets() const { return per_head() ? cfg_.kv_heads : 1; }
+  bool accumulating() const { return accumulates_decode_v<Scoring> && cfg_.compress_decode; }
+  /// Layers with a window-query ring: every layer when decode scores from
+  /// it, else one, reused by each layer's prefill selection in turn.
+  int ring_layers() const { return cfg_.compress_decode && !accumulating() ? cfg_.num_layers : 1; }
+  std::size_t rl(int layer) const { return std::size_t(ring_layers() > 1 ? layer : 0); }
+  /// Accumulator blocks and rows of a sequence with this window, per layer (planner.hpp).
+  int acc_blocks(int window) const { return decode_acc_blocks(window, decode_.segment); }
+  int acc_rows(int window) const { return acc_blocks(window) * decode_.segment; }
 
   const Seq& live_seq(int seq, const char* fn) const {
     PYRAMIDINFER_REQUIRE(live(seq), fn, "seq", seq, "is not a live sequence: begin() it first");
@@ -400,16 +428,14 @@ class PyramidCompressor {
   }
 
   float* ring_q(Seq& s, int layer, int qh, int row) {
-    return s.ring_q[std::size_t(layer)].data() + (std::size_t(qh) * s.window + row) * cfg_.head_dim;
+    return s.ring_q[rl(layer)].data() + (std::size_t(qh) * s.window + row) * cfg_.head_dim;
   }
-  float& ring_lse(Seq& s, int layer, int qh, int row) {
-    return s.ring_lse[std::size_t(layer)][std::size_t(qh) * s.window + row];
-  }
+  float& ring_lse(Seq& s, int layer, int qh, int row) { return s.ring_lse[rl(layer)][std::size_t(qh) * s.window + row]; }
 
   template <class T>
   void push_window(Seq& s, int layer, TensorView<const T, 3> q, TensorView<const float, 2> lse) {
     const int w = s.window;
-    s.ring[std::size_t(layer)] = {0, w, lse.data ? 0 : w};
+    s.ring[rl(layer)] = {0, w, lse.data ? 0 : w};
     for (int qh = 0; qh < cfg_.num_heads; ++qh)
       for (int row = 0; row < w; ++row) {
         if (Scoring::needs_queries)
@@ -422,7 +448,7 @@ class PyramidCompressor {
 
   template <class T>
   void push_decode_query(Seq& s, int layer, int i, KVView<const T> q, TensorView<const float, 2> lse) {
-    RingState& r = s.ring[std::size_t(layer)];
+    RingState& r = s.ring[rl(layer)];
     const int w = s.window;
     // The window slides: the oldest query leaves once the ring holds a window.
     const int row = (r.start + r.count) % w;
@@ -448,9 +474,9 @@ class PyramidCompressor {
     ScoreProblem<T> p;
   };
 
+  /// The problem's keys, lengths and scored range; queries are the caller's.
   template <class T>
-  void make_problem(int layer, const PagedKVCache<T>& cache, int seq, SeqProblem<T>& sp) {
-    Seq& s = seqs_[std::size_t(seq)];
+  void key_problem(int layer, const PagedKVCache<T>& cache, int seq, SeqProblem<T>& sp) const {
     const PagedKV<T>& c = cache.kv();
     const std::int64_t slots = std::int64_t(c.max_pages) << c.page_shift;
     ScoreProblem<T>& p = sp.p;
@@ -459,17 +485,6 @@ class PyramidCompressor {
                    {std::int64_t(c.page_size()) * c.pos_heads, c.pos_heads > 1 ? 1 : 0, c.pos_heads}};
     p.pages = {c.pages(layer, seq), 0, c.page_shift};
     p.kv_len = {&c.len(layer, seq), {1, cfg_.kv_heads}, {0, 0}};
-    if (Scoring::needs_queries) {
-      const std::vector<float>& src = s.ring_q[std::size_t(layer)];
-      sp.q.resize(src.size());
-      for (std::size_t i = 0; i < src.size(); ++i) sp.q[i] = from_float<T>(src[i]);
-      p.queries = make_contiguous<const T>(sp.q.data(), 1, cfg_.num_heads, s.window, cfg_.head_dim);
-    } else {
-      p.queries = {};
-    }
-    p.lse = make_contiguous<const float>(s.ring_lse[std::size_t(layer)].data(), 1, cfg_.num_heads, s.window);
-    sp.ring_start = s.ring[std::size_t(layer)].start;
-    sp.window = s.window;
     p.ring_start = &sp.ring_start;
     p.window_len = &sp.window;
     p.score_begin = {&sp.begin, {1, cfg_.kv_heads}, {0, 0}};
@@ -478,13 +493,117 @@ class PyramidCompressor {
     p.parallel = parallel_ ? &parallel_ : nullptr;
   }
 
+  /// The problem with the ring's window queries.
+  template <class T>
+  void make_problem(int layer, const PagedKVCache<T>& cache, int seq, SeqProblem<T>& sp) {
+    Seq& s = seqs_[std::size_t(seq)];
+    key_problem(layer, cache, seq, sp);
+    ScoreProblem<T>& p = sp.p;
+    if (Scoring::needs_queries) {
+      const std::vector<float>& src = s.ring_q[rl(layer)];
+      sp.q.resize(src.size());
+      for (std::size_t i = 0; i < src.size(); ++i) sp.q[i] = from_float<T>(src[i]);
+      p.queries = make_contiguous<const T>(sp.q.data(), 1, cfg_.num_heads, s.window, cfg_.head_dim);
+    } else {
+      p.queries = {};
+    }
+    p.lse = make_contiguous<const float>(s.ring_lse[rl(layer)].data(), 1, cfg_.num_heads, s.window);
+    sp.ring_start = s.ring[rl(layer)].start;
+    sp.window = s.window;
+  }
+
+  // ---- accumulated decode scoring (accumulating() policies) ----------------------
+  //
+  // A layer's decode candidates come in segments of `segment` keys from its
+  // decode start (the slot `boundary` had after prefill): segment m holds the
+  // keys appended m * segment ... (m + 1) * segment - 1 steps after it. The
+  // trigger fires segment m once the window has moved past it, and the paper
+  // scores it with the window then: the `window` queries that follow it,
+  // query (m + 1) * segment + r weighted distance_row_weight(r, window). Each
+  // decode query adds its share to the segments whose window it is in, so
+  // the scores are complete when the segment fires (bit-for-bit the ring's
+  // up to summation order; firing later than due scores with the same window).
+
+  /// Decode steps of `seq`'s layer since its decode start, its newest key's:
+  /// `len` keys, `fired` segments compressed to what they kept.
+  std::int64_t decode_step_of(const Seq& s, int layer, int len) const {
+    return std::int64_t(len) - 1 - s.boundary[std::size_t(layer)] +
+           std::int64_t(decode_.segment) * s.fired[std::size_t(layer)];
+  }
+
+  /// Refuses (changing nothing) an append that would reuse the accumulator
+  /// block of a segment still waiting for decode_compress.
+  template <class T>
+  void check_acc_room(int layer, const PagedKVCache<T>& cache, int seq, const char* fn) const {
+    const Seq& s = seqs_[std::size_t(seq)];
+    const std::int64_t x = decode_step_of(s, layer, cache.kv().len(layer, seq) + 1), seg = decode_.segment;
+    const std::int64_t live = x / seg - s.fired[std::size_t(layer)];
+    PYRAMIDINFER_REQUIRE(live <= acc_blocks(s.window), fn, "seqs[i]", seq,
+                         "has " + std::to_string(live) + " decode segments unfired in layer " + std::to_string(layer) +
+                             ": call decode_compress at least every " + std::to_string(seg) + " decode steps");
+  }
+
+  /// Adds the newest query of `seq`'s layer (batch row i of q; its LSE from
+  /// `lse`, else computed over the slots it sees) to the scores of every
+  /// segment whose window it is in.
+  template <class T>
+  void accumulate_query(int layer, const PagedKVCache<T>& cache, int seq, int i, KVView<const T> q,
+                        TensorView<const float, 2> lse) {
+    Seq& s = seqs_[std::size_t(seq)];
+    const int n = cache.kv().len(layer, seq), seg = decode_.segment, w = s.window, fired = s.fired[std::size_t(layer)];
+    const std::int64_t x = decode_step_of(s, layer, n);
+    const std::int64_t hi = x / seg - 1, lo = std::max<std::int64_t>(fired, x >= w ? (x - w) / seg : 0);
+    if (hi < lo) return;
+    SeqProblem<T> sp;
+    sp.begin = s.boundary[std::size_t(layer)] + int(lo - fired) * seg;
+    sp.count = int(hi - lo + 1) * seg;
+    sp.window = 1;  // the query alone, at slot n - 1: it sees [0, n)
+    key_problem(layer, cache, seq, sp);
+    sp.p.queries = {q.data + std::int64_t(i) * q.stride[0], {1, cfg_.num_heads, 1, cfg_.head_dim},
+                    {0, q.stride[1], q.stride[2], q.stride[3]}};
+    std::vector<float> own_lse(std::size_t(cfg_.num_heads));
+    if (lse.data) {
+      for (int h = 0; h < cfg_.num_heads; ++h) own_lse[std::size_t(h)] = natural_lse(lse(i, h));
+      sp.p.lse = make_contiguous<const float>(own_lse.data(), 1, cfg_.num_heads, 1);
+    }
+    const int units = head_sets();
+    std::vector<float> attn(std::size_t(units) * sp.count);  // head-averaged softmax of the query over the band
+    host::window_attention_scores(sp.p, selection_.granularity, 1.0f,
+                                  make_contiguous(attn.data(), 1, units, sp.count));
+    std::vector<double>& acc = s.acc[std::size_t(layer)];
+    const int blocks = acc_blocks(w);
+    if (x % seg == 0)  // the first query of segment hi's window
+      std::fill_n(acc.begin() + std::size_t(hi % blocks) * seg * units, std::size_t(seg) * units, 0.0);
+    float dw = 1.0f;
+    if constexpr (accumulates_decode_v<Scoring>) dw = scoring_.decode_distance_weight();
+    for (std::int64_t m = lo; m <= hi; ++m) {
+      const double weight = host::distance_row_weight(int(x - (m + 1) * seg), w, dw);
+      double* block = acc.data() + std::size_t(m % blocks) * seg * units;
+      for (int t = 0; t < seg; ++t)
+        for (int u = 0; u < units; ++u)
+          block[std::size_t(t) * units + u] += weight * attn[std::size_t(u) * sp.count + std::size_t(m - lo) * seg + t];
+    }
+  }
+
+  /// The scores of the segment due to fire: [head set][segment key].
+  std::vector<float> accumulated_scores(const Seq& s, int layer) const {
+    const int seg = decode_.segment, units = head_sets();
+    const double* block = s.acc[std::size_t(layer)].data() +
+                          std::size_t(s.fired[std::size_t(layer)] % acc_blocks(s.window)) * seg * units;
+    std::vector<float> scores(std::size_t(units) * seg);
+    for (int u = 0; u < units; ++u)
+      for (int t = 0; t < seg; ++t)
+        scores[std::size_t(u) * seg + t] = float(block[std::size_t(t) * units + u] / s.window);
+    return scores;
+  }
+
   /// Computes the LSE of window queries that do not have one yet, over the
   /// slots they see now (nothing they saw has been evicted since they ran).
   template <class T>
   void settle_pending_lse(Seq& s, int layer, SeqProblem<T>& sp) {
-    RingState& r = s.ring[std::size_t(layer)];
+    RingState& r = s.ring[rl(layer)];
     if (!Scoring::needs_queries || r.pending == 0) return;
-    TensorView<float, 3> out = make_contiguous(s.ring_lse[std::size_t(layer)].data(), 1, cfg_.num_heads, s.window);
+    TensorView<float, 3> out = make_contiguous(s.ring_lse[rl(layer)].data(), 1, cfg_.num_heads, s.window);
     host::window_query_lse(sp.p, 0, sp.window - r.pending, out);
     r.pending = 0;
   }
@@ -504,13 +623,13 @@ class PyramidCompressor {
     const int ctx = sp.count, width = std::max(ctx, 1);
     // When every window row lacks its LSE (a prefill without the engine's),
     // the scoring computes the rows once and leaves their LSE in the ring.
-    RingState& r = s.ring[std::size_t(layer)];
+    RingState& r = s.ring[rl(layer)];
     const bool fuse = Scoring::needs_queries && ctx > 0 && r.pending == s.window;
     if (fuse) {
-      std::fill(s.ring_lse[std::size_t(layer)].begin(), s.ring_lse[std::size_t(layer)].end(),
+      std::fill(s.ring_lse[rl(layer)].begin(), s.ring_lse[rl(layer)].end(),
                 std::numeric_limits<float>::quiet_NaN());
       sp.p.lse = {};
-      sp.p.lse_out = make_contiguous(s.ring_lse[std::size_t(layer)].data(), 1, cfg_.num_heads, s.window);
+      sp.p.lse_out = make_contiguous(s.ring_lse[rl(layer)].data(), 1, cfg_.num_heads, s.window);
     } else {
       settle_pending_lse(s, layer, sp);
     }
@@ -531,10 +650,10 @@ class PyramidCompressor {
   template <class T>
   void reclaim_lse_rows(Seq& s, int layer, SeqProblem<T>& sp) {
     bool filled = true;
-    for (float x : s.ring_lse[std::size_t(layer)]) filled = filled && !std::isnan(x);
-    sp.p.lse = make_contiguous<const float>(s.ring_lse[std::size_t(layer)].data(), 1, cfg_.num_heads, s.window);
+    for (float x : s.ring_lse[rl(layer)]) filled = filled && !std::isnan(x);
+    sp.p.lse = make_contiguous<const float>(s.ring_lse[rl(layer)].data(), 1, cfg_.num_heads, s.window);
     sp.p.lse_out = {};
-    if (filled) s.ring[std::size_t(layer)].pending = 0;
+    if (filled) s.ring[rl(layer)].pending = 0;
     else settle_pending_lse(s, layer, sp);
   }
 
@@ -594,14 +713,8 @@ class PyramidCompressor {
     int& bound = s.boundary[std::size_t(layer)];
     const int seg = decode_.segment, n = cache.kv().len(layer, seq);
     if (n - s.window - bound < seg) return false;
-    SeqProblem<T> sp;
-    sp.begin = bound;
-    sp.count = seg;
-    make_problem(layer, cache, seq, sp);
-    settle_pending_lse(s, layer, sp);
     const int heads = head_sets();
-    std::vector<float> scores(std::size_t(heads) * seg);
-    scoring_.score(sp.p, selection_.granularity, make_contiguous(scores.data(), 1, heads, seg));
+    const std::vector<float> scores = decode_scores(layer, cache, seq);
     const int k = decode_.keep_count(layer, cfg_.num_layers);
     std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(heads));
     for (int h = 0; h < heads; ++h) {
@@ -612,7 +725,25 @@ class PyramidCompressor {
     }
     compact(layer, cache, seq, kept, bound + seg, n);
     bound += k;
+    if (accumulating()) ++s.fired[std::size_t(layer)];
     return true;
+  }
+
+  /// The scores of the segment [boundary, boundary + segment) of a layer due
+  /// to fire: accumulated, or scored now with the ring's window.
+  template <class T>
+  std::vector<float> decode_scores(int layer, const PagedKVCache<T>& cache, int seq) {
+    Seq& s = seqs_[std::size_t(seq)];
+    if (accumulating()) return accumulated_scores(s, layer);
+    const int seg = decode_.segment, heads = head_sets();
+    SeqProblem<T> sp;
+    sp.begin = s.boundary[std::size_t(layer)];
+    sp.count = seg;
+    make_problem(layer, cache, seq, sp);
+    settle_pending_lse(s, layer, sp);
+    std::vector<float> scores(std::size_t(heads) * seg);
+    scoring_.score(sp.p, selection_.granularity, make_contiguous(scores.data(), 1, heads, seg));
+    return scores;
   }
 
   CompressorConfig cfg_;

@@ -6,10 +6,15 @@
 // Memory is the caller's (CUB style): state_bytes(cache, ring_rows) sizes
 // it, attach(cache, ring_rows, memory, bytes, stream) takes it. It holds
 //   * the window-query ring: a pool of `ring_rows` rows, each a window query
-//     of every layer (queries in T, LSE in fp32). begin() takes a sequence's
-//     window(prompt_len) rows from the pool on the host (ring_rows_for() says
-//     how many; can_begin() whether they are free), end() gives them back. So
-//     every sequence holds exactly its own window, never the longest's;
+//     of every ring layer (queries in T, LSE in fp32). begin() takes a
+//     sequence's rows from the pool on the host (ring_rows_for() says how
+//     many: its window; can_begin() whether they are free), end() gives them
+//     back, so every sequence holds exactly its own window, never the
+//     longest's. Window-attention policies (the paper's) accumulate their
+//     decode scores (compressor.hpp): after its prefill a sequence keeps only
+//     decode_rows_for() rows, a stash of one segment's queries and the
+//     accumulators of its recent keys (kernels/cuda/decode_accum.cuh), and
+//     gives the rest back;
 //   * per slot: ring and decode state, and the prefill token lists (ints,
 //     max_seq_len of them per list: 4 + 4 * head sets ints per token of
 //     capacity, small beside the KV pages a token needs);
@@ -67,6 +72,7 @@
 #include "core/cuda_check.cuh"
 #include "core/workspace.hpp"
 #include "kernels/cuda/compact.cuh"
+#include "kernels/cuda/decode_accum.cuh"
 #include "kernels/cuda/decode_ring.cuh"
 #include "kernels/cuda/paged.cuh"
 #include "kernels/cuda/prefill_batch.cuh"
@@ -169,6 +175,10 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   /// Host mode: sequences whose compression fired in the last decode_compress
   /// (-1 in device mode, where only the device knows).
   int decode_fired() const { return trigger_ == DecodeTrigger::host ? last_fired_ : -1; }
+  /// Host mode, accumulated decode scores: sequences whose full stash the last
+  /// decode_append flushed (launches that a captured step also freezes; -1 in
+  /// device mode, where the flush is always launched).
+  int decode_flushed() const { return trigger_ == DecodeTrigger::host ? last_flushed_ : -1; }
   /// How many times decode_compress launched the eviction chain since attach().
   long long evict_launches() const { return evict_launches_; }
   /// Tokens `layer` of `seq` holds, as the host tracks them (host trigger
@@ -185,8 +195,16 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
 
   // ---- memory -------------------------------------------------------------
 
-  /// Ring-pool rows a sequence with this prompt holds from begin() to end().
-  std::int64_t ring_rows_for(int prompt_len) const { return window_length(prompt_len, config().recent_ratio); }
+  /// Ring-pool rows a sequence with this prompt takes at begin() (its window).
+  std::int64_t ring_rows_for(int prompt_len) const {
+    const int w = window_length(prompt_len, config().recent_ratio);
+    return std::max<std::int64_t>(w, decode_rows(w));
+  }
+  /// Ring-pool rows it keeps from the end of its prefill to end(): all of
+  /// them, or, when decode scores accumulate, the stash and the accumulators.
+  std::int64_t decode_rows_for(int prompt_len) const {
+    return accumulating() ? decode_rows(window_length(prompt_len, config().recent_ratio)) : ring_rows_for(prompt_len);
+  }
 
   /// Device bytes one ring-pool row adds to state_bytes() (for an engine that
   /// splits one memory budget between KV pages and the ring).
@@ -219,9 +237,11 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     seqs_.assign(std::size_t(shape_.max_seqs), Seq{});
     hlen_.assign(std::size_t(shape_.num_layers) * shape_.max_seqs, 0);
     hbound_.assign(hlen_.size(), -1);
+    hcount_.assign(hlen_.size(), 0);
+    hsegs_.assign(hlen_.size(), 0);
     ring_.reset(ring_rows);
     uploaded_.clear();
-    last_fired_ = 0;
+    last_fired_ = last_flushed_ = 0;
     evict_launches_ = 0;
     PYRAMIDINFER_CUDA_CHECK(cudaMemsetAsync(memory, 0, need, stream));
   }
@@ -249,24 +269,30 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
                          "must be <= the pool's num_pages * page_size = " + std::to_string(pool_slots));
     PYRAMIDINFER_REQUIRE(!seqs_[std::size_t(seq)].live, fn, "seq", seq, "is already live: end() it first");
     const int w = window_length(prompt_len, config().recent_ratio);
-    const std::int64_t base = ring_.take(w);
+    const std::int64_t base = ring_.take(ring_rows_for(prompt_len));
     PYRAMIDINFER_REQUIRE(base >= 0, fn, "prompt_len", prompt_len,
-                         "needs " + std::to_string(w) + " free ring rows (pool of " + std::to_string(ring_.rows()) +
+                         "needs " + std::to_string(ring_rows_for(prompt_len)) + " free ring rows (pool of " +
+                             std::to_string(ring_.rows()) +
                              "): end() a sequence or attach a larger pool (can_begin() asks first)");
     Seq s;
     s.live = true;
     s.prompt = prompt_len;
     s.window = w;
     s.ring_base = base;
+    s.ring_rows = ring_rows_for(prompt_len);
     s.n = s.stored_count = prompt_len;
     seqs_[std::size_t(seq)] = s;
-    for (int l = 0; l < shape_.num_layers; ++l) hlen_[hidx(l, seq)] = 0, hbound_[hidx(l, seq)] = -1;
+    for (int l = 0; l < shape_.num_layers; ++l) {
+      const std::size_t e = hidx(l, seq);
+      hlen_[e] = hcount_[e] = hsegs_[e] = 0, hbound_[e] = -1;
+    }
     cuda::detail::BeginArgs a;
     a.s = state();
     a.window = m_.window;
     a.ring_base = m_.ring_base;
     a.bound = m_.bound;
     a.ring_start = m_.ring_start, a.ring_count = m_.ring_count, a.pending = m_.pending;
+    a.segs = m_.segs;
     a.slot = seq, a.prompt = prompt_len, a.win = w, a.base = int(base);
     a.layers = shape_.num_layers, a.slots_total = shape_.max_seqs;
     const int n = std::max(prompt_len, shape_.num_layers);
@@ -284,7 +310,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     const std::int32_t one = seq;
     const SeqList list{upload_slots(SeqList{&one, 1}, stream), 1};
     cuda::paged_release(cache.kv(), list, m_.paged_ws, m_.paged_ws_bytes, stream);
-    ring_.give(seqs_[std::size_t(seq)].ring_base, seqs_[std::size_t(seq)].window);
+    ring_.give(seqs_[std::size_t(seq)].ring_base, seqs_[std::size_t(seq)].ring_rows);
     seqs_[std::size_t(seq)] = Seq{};
   }
 
@@ -473,8 +499,10 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     const char* fn = "PyramidCompressor<CudaBackend>::decode_append";
     check_decode(layer, cache, batch, fn);
     check_decode_views(batch.batch, k, v, pos, q, lse, fn);
+    if (accumulating()) check_backlog(layer, batch, fn);
     // Validated: from here on nothing throws on user input.
     const std::int32_t* slots = upload_slots(batch, stream);
+    if (accumulating()) flush_full_stashes<T>(layer, cache, batch, slots, stream);
     AppendSource<T> src;
     src.k = {k.data, {k.shape[0], k.shape[1], k.shape[3]}, {k.stride[0], k.stride[1], k.stride[3]}};
     src.v = {v.data, {v.shape[0], v.shape[1], v.shape[3]}, {v.stride[0], v.stride[1], v.stride[3]}};
@@ -486,6 +514,13 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
       if (n + 1 <= cap) ++n;  // the append's rule (a refused append leaves the length)
     }
     if (!config().compress_decode) return;  // the ring serves decode compression only
+    if (accumulating()) {
+      cuda::detail::acc_stash_kernel<T><<<unsigned(batch.batch), 256, 0, stream>>>(acc_args<T>(layer, cache), slots, q,
+                                                                                   lse, cache.kv().status);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_stash_kernel");
+      for (int i = 0; i < batch.batch; ++i) ++hcount_[hidx(layer, batch.seqs[i])];
+      return;
+    }
     cuda::detail::comp_push_decode_kernel<T><<<unsigned(batch.batch), 512, 0, stream>>>(ring<T>(layer), slots, q, lse);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_decode_kernel");
   }
@@ -504,6 +539,11 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     pyramidinfer::detail::check_dim(lse, 1, config().num_heads, fn, "lse");
     if (!config().compress_decode) return;
     const std::int32_t* slots = upload_slots(batch, stream);
+    if (accumulating()) {
+      cuda::detail::acc_set_lse_kernel<T><<<unsigned(batch.batch), 64, 0, stream>>>(acc_args<T>(layer, cache), slots, lse);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_set_lse_kernel");
+      return;
+    }
     cuda::detail::comp_set_lse_kernel<T><<<unsigned(batch.batch), 64, 0, stream>>>(ring<T>(layer), slots, lse);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_set_lse_kernel");
   }
@@ -529,6 +569,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
         firing.push_back(b);
         hlen_[e] += keep - seg;
         hbound_[e] += keep;
+        hcount_[e] = 0, ++hsegs_[e];  // the firing flushes the stash
         width = std::max(width, hlen_[e]);
       }
       last_fired_ = int(firing.size());
@@ -558,7 +599,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   struct Seq {
     bool live = false;
     int prompt = 0, window = 0;
-    std::int64_t ring_base = 0;
+    std::int64_t ring_base = 0, ring_rows = 0;  ///< the rows it holds
     int n = 0;             ///< |T_l|
     int prev_n = 0;        ///< |T_l| of the last prefill_select (0: none yet)
     int stored_count = 0;  ///< tokens every head set stores at the current layer
@@ -572,6 +613,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     std::int32_t *ring_base = nullptr, *window = nullptr;                           ///< [S]
     std::int32_t *ring_start = nullptr, *ring_count = nullptr, *pending = nullptr;  ///< [L][S]
     std::int32_t* bound = nullptr;                                                  ///< [L][S]
+    std::int32_t* segs = nullptr;  ///< [L][S] decode segments fired (accumulated decode scores)
     // Prefill state (kernels/cuda/prefill_batch.cuh).
     std::int32_t *n = nullptr, *prev_n = nullptr, *cur = nullptr, *head_len = nullptr, *next_count = nullptr;  ///< [S]
     std::int32_t* tok[2] = {nullptr, nullptr};   ///< [S][P]
@@ -596,6 +638,12 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   std::size_t hidx(int layer, int seq) const { return std::size_t(layer) * shape_.max_seqs + std::size_t(seq); }
   int ring_layer(int layer) const { return config().compress_decode ? layer : 0; }
   int ring_layers() const { return config().compress_decode ? config().num_layers : 1; }
+  bool accumulating() const { return accumulates_decode_v<Scoring> && config().compress_decode; }
+  /// Rows a sequence with this window keeps for accumulated decode scores
+  /// (decode_stash_rows, planner.hpp); 0 when not accumulating.
+  std::int64_t decode_rows(int w) const {
+    return accumulating() ? decode_stash_rows(host_.model_shape(DType::f16), w, decode_schedule().segment) : 0;
+  }
   /// The factor that turns the engine's LSE into natural log (the host's, so the bytes agree).
   float lse_scale() const { return config().lse_base == LseBase::base2 ? 0.69314718055994531f : 1.f; }
   int slot_capacity() const { return int(std::int64_t(shape_.max_pages()) << shape_.page_shift()); }
@@ -822,6 +870,79 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_push_window_kernel");
   }
 
+  // ---- accumulated decode scores (accumulating()) ------------------------------
+
+  /// Layer `layer`'s stash and accumulators (kernels/cuda/decode_accum.cuh).
+  template <class T>
+  cuda::detail::AccArgs<T> acc_args(int layer, const PagedKVCache<T>& cache) const {
+    static_assert(sizeof(T) >= 2, "accumulators are laid over rows of at least 2-byte elements (decode_rows)");
+    const cuda::detail::RingArgs<T> r = ring<T>(layer);
+    cuda::detail::AccArgs<T> a;
+    a.q = r.q, a.lse = r.lse, a.base = r.base, a.window = m_.window;
+    a.count = r.count, a.pending = r.pending;
+    a.segs = m_.segs + hidx(layer, 0);
+    a.bound = m_.bound + hidx(layer, 0);
+    a.len = cache.kv().length + hidx(layer, 0);
+    a.segment = decode_schedule().segment;
+    a.d = config().head_dim, a.q_heads = config().num_heads, a.kv_heads = config().kv_heads;
+    a.scale = scale(), a.lse_scale = lse_scale();
+    if constexpr (accumulates_decode_v<Scoring>) a.distance_weight = scoring().decode_distance_weight();
+    return a;
+  }
+
+  /// Host trigger mode: refuses (before any launch) an append that would
+  /// start a stash past the accumulator blocks of the unfired segments.
+  template <class Batch>
+  void check_backlog(int layer, const Batch& batch, const char* fn) const {
+    if (trigger_ != DecodeTrigger::host) return;  // the device flags it (kPagedDecodeBacklog)
+    const int seg = decode_schedule().segment;
+    for (int i = 0; i < batch.batch; ++i) {
+      const int b = batch.seqs[i];
+      const std::size_t e = hidx(layer, b);
+      const std::int64_t x = std::int64_t(hlen_[e]) - hbound_[e] + std::int64_t(seg) * hsegs_[e];  // the new query's step
+      PYRAMIDINFER_REQUIRE(x / seg - hsegs_[e] <= decode_acc_blocks(seqs_[std::size_t(b)].window, seg), fn,
+                           "seqs[i]", b,
+                           "has " + std::to_string(x / seg - hsegs_[e]) + " decode segments unfired in layer " +
+                               std::to_string(layer) + ": call decode_compress at least every " + std::to_string(seg) +
+                               " decode steps");
+    }
+  }
+
+  /// Before an append: flushes the listed stashes that hold a whole segment
+  /// (host trigger mode launches nothing when none does).
+  template <class T>
+  void flush_full_stashes(int layer, const PagedKVCache<T>& cache, const SeqList& batch, const std::int32_t* slots,
+                          cudaStream_t stream) {
+    if (trigger_ == DecodeTrigger::host) {
+      last_flushed_ = 0;
+      for (int i = 0; i < batch.batch; ++i) {
+        int& c = hcount_[hidx(layer, batch.seqs[i])];
+        if (c >= decode_schedule().segment) ++last_flushed_, c = 0;
+      }
+      if (last_flushed_ == 0) return;
+    }
+    cuda::detail::FlushWhen full;
+    full.full_only = true;
+    flush<T>(layer, cache, batch, slots, full, stream);
+  }
+
+  /// LSE of the stashed queries that lack it, then the flush, then the
+  /// stashes emptied, for the listed sequences `when` passes.
+  template <class T>
+  void flush(int layer, const PagedKVCache<T>& cache, const SeqList& list, const std::int32_t* slots,
+             cuda::detail::FlushWhen when, cudaStream_t stream) {
+    const cuda::detail::AccArgs<T> a = acc_args<T>(layer, cache);
+    const unsigned nb = unsigned(list.batch);
+    const dim3 lse_grid(unsigned((a.segment + 3) / 4), unsigned(a.q_heads), nb);
+    cuda::detail::acc_lse_kernel<T><<<lse_grid, 128, 0, stream>>>(cache.kv(), layer, a, slots, when);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_lse_kernel");
+    cuda::detail::acc_flush_kernel<T><<<dim3(nb, unsigned(a.kv_heads)), 128, 0, stream>>>(cache.kv(), layer, a, slots,
+                                                                                          when);
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_flush_kernel");
+    cuda::detail::acc_clear_kernel<T><<<(nb + 127) / 128, 128, 0, stream>>>(a, slots, when, int(nb));
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_clear_kernel");
+  }
+
   /// Settles the pending LSE rows of the listed sequences that `trig` passes.
   template <class T>
   void settle(int layer, const PagedKVCache<T>& cache, const SeqList& list, const std::int32_t* slots,
@@ -936,6 +1057,8 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     a.keep = m_.topk_k;
     a.nb = batch.batch;
     a.drop_tokens = drop;
+    if (accumulating())  // the layer's ring rows become its empty decode stash
+      a.stash_count = m_.ring_count + hidx(layer, 0), a.stash_pending = m_.pending + hidx(layer, 0);
     cuda::detail::comp_finish_select_kernel<<<unsigned((batch.batch + 127) / 128), 128, 0, stream>>>(a);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_finish_select_kernel");
   }
@@ -968,8 +1091,19 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
       s.stored = false;
       ++s.prefilled;
       out.rows += s.n;
+      if (s.prefilled == config().num_layers) keep_decode_rows(s);
     }
     return out;
+  }
+
+  /// After its prefill, a sequence with accumulated decode scores needs only
+  /// its decode rows: the rest of its window goes back to the pool (later
+  /// work on the stream that reads them runs after this prefill's).
+  void keep_decode_rows(Seq& s) {
+    const std::int64_t keep = decode_rows(s.window);
+    if (!accumulating() || s.ring_rows <= keep) return;
+    ring_.give(s.ring_base + keep, s.ring_rows - keep);
+    s.ring_rows = keep;
   }
 
   // ---- decode eviction ---------------------------------------------------------------
@@ -995,11 +1129,24 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     a.kept_count = m_.kept_count;
     a.nb = nb, a.slots_total = S, a.ph = ph, a.kv_heads = config().kv_heads;
     a.segment = seg, a.keep = keep, a.cap = width;
-    settle<T>(layer, cache, list, slots, a.trig, stream);
+    if (accumulating()) {
+      a.segs = m_.segs + hidx(layer, 0);
+      cuda::detail::FlushWhen firing;
+      firing.trig = a.trig;
+      flush<T>(layer, cache, list, slots, firing, stream);  // the firing segment's last queries
+    } else {
+      settle<T>(layer, cache, list, slots, a.trig, stream);
+    }
     cuda::detail::comp_evict_trigger_kernel<<<1, 256, 0, stream>>>(a);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_evict_trigger_kernel");
-    device_score(scoring(), problem<T>(layer, cache), selection().granularity, make_contiguous(m_.scores, S, ph, seg),
-                 m_.score_ws, m_.score_ws_bytes, stream);
+    if (accumulating()) {
+      cuda::detail::acc_scores_kernel<T><<<unsigned((nb + 127) / 128), 128, 0, stream>>>(
+          acc_args<T>(layer, cache), slots, a.trig, nb, ph, m_.scores);
+      PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_scores_kernel");
+    } else {
+      device_score(scoring(), problem<T>(layer, cache), selection().granularity, make_contiguous(m_.scores, S, ph, seg),
+                   m_.score_ws, m_.score_ws_bytes, stream);
+    }
     if (keep > 0)
       cuda::topk_indices(make_contiguous<const float>(m_.scores, S, ph, seg),
                          make_contiguous<const std::int32_t>(m_.topk_n, S, ph),
@@ -1040,6 +1187,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     m.ring_count = c.take<std::int32_t>(elems(fn, L, S));
     m.pending = c.take<std::int32_t>(elems(fn, L, S));
     m.bound = c.take<std::int32_t>(elems(fn, L, S));
+    m.segs = c.take<std::int32_t>(elems(fn, L, S));
     m.n = c.take<std::int32_t>(elems(fn, S));
     m.prev_n = c.take<std::int32_t>(elems(fn, S));
     m.cur = c.take<std::int32_t>(elems(fn, S));
@@ -1104,10 +1252,11 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   bool attached_ = false;
   std::vector<Seq> seqs_;           ///< by slot
   std::vector<int> hlen_, hbound_;  ///< host twin of lengths / boundaries [L][S]
+  std::vector<int> hcount_, hsegs_; ///< host twin of stash counts / segments fired [L][S] (accumulating, host trigger)
   detail::RowRanges ring_;
   std::vector<std::int32_t> uploaded_;  ///< the slot list m_.slots holds
   DecodeTrigger trigger_ = DecodeTrigger::host;
-  int last_fired_ = 0;
+  int last_fired_ = 0, last_flushed_ = 0;
   long long evict_launches_ = 0;
   Mem m_;
 };

@@ -173,8 +173,10 @@ class PyramidCompressor(_HostCompressor):
     def attach(self, cache: PagedCache, ring_rows: Optional[int] = None, memory=None, stream=None) -> None:
         """Takes ``memory`` (a CUDA array of ``state_bytes(cache, ring_rows)``
         bytes or more; torch allocates it when None) for ``cache``. ring_rows:
-        the window-query pool shared by live sequences (each holds
-        ``ring_rows_for(prompt_len)``); default: every slot at max_seq_len."""
+        the window-query pool shared by live sequences (each takes
+        ``ring_rows_for(prompt_len)`` at begin and keeps
+        ``decode_rows_for(prompt_len)`` after its prefill: fewer when the
+        policy's decode scores accumulate); default: every slot at max_seq_len."""
         if ring_rows is None:
             ring_rows = cache.max_seqs * self._c.ring_rows_for(cache.max_seq_len)
         if memory is None:
@@ -186,6 +188,14 @@ class PyramidCompressor(_HostCompressor):
 
     def state_bytes(self, cache: PagedCache, ring_rows: int) -> int:
         return self._c.state_bytes(cache._c, ring_rows)
+
+    def ring_rows_for(self, prompt_len: int) -> int:
+        """Ring-pool rows a sequence with this prompt takes at begin."""
+        return self._c.ring_rows_for(prompt_len)
+
+    def decode_rows_for(self, prompt_len: int) -> int:
+        """Ring-pool rows it keeps from the end of its prefill to end."""
+        return self._c.decode_rows_for(prompt_len)
 
     def _s(self, stream):
         return _stream_handle(stream, getattr(self, "_cache_device", None))

@@ -273,6 +273,7 @@ struct CudaCompressorBase {
   virtual std::size_t state_bytes(DeviceCache& c, std::int64_t ring_rows) = 0;
   virtual void attach(DeviceCache& c, std::int64_t ring_rows, void* mem, std::size_t bytes, cudaStream_t s) = 0;
   virtual std::int64_t ring_rows_for(int prompt_len) const = 0;
+  virtual std::int64_t decode_rows_for(int prompt_len) const = 0;
   virtual bool can_begin(int prompt_len) const = 0;
   virtual void begin(DeviceCache& c, int seq, int n, cudaStream_t s) = 0;
   virtual void end(DeviceCache& c, int seq, cudaStream_t s) = 0;
@@ -318,6 +319,7 @@ struct CudaCompressorImpl final : CudaCompressorBase {
     c.visit([&](auto& cache) { pc.attach(cache, rows, mem, bytes, s); });
   }
   std::int64_t ring_rows_for(int n) const override { return pc.ring_rows_for(n); }
+  std::int64_t decode_rows_for(int n) const override { return pc.decode_rows_for(n); }
   bool can_begin(int n) const override { return pc.can_begin(n); }
   void begin(DeviceCache& c, int seq, int n, cudaStream_t s) override {
     c.visit([&](auto& cache) { pc.begin(cache, seq, n, s); });
@@ -519,6 +521,7 @@ void bind_compressor(nb::module_& m) {
       .def("pages", [](const C& c, int n, int steps, int page) { return pages_dict(c.impl->pages(n, steps, page)); },
            "prompt_len"_a, "decode_steps"_a, "page_size"_a)
       .def("ring_rows_for", [](const C& c, int n) { return c.impl->ring_rows_for(n); }, "prompt_len"_a)
+      .def("decode_rows_for", [](const C& c, int n) { return c.impl->decode_rows_for(n); }, "prompt_len"_a)
       .def("state_bytes", [](C& c, DeviceCache& cache, std::int64_t rows) { return c.impl->state_bytes(cache, rows); },
            "cache"_a, "ring_rows"_a)
       .def(

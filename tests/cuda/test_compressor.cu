@@ -628,3 +628,42 @@ TEST_CASE("CUDA compressor begin refuses a prompt past the pool's pages and chan
   dcomp.begin(db.cache, 0, 128, st.s);  // the pool's size itself fits
   st.sync();
 }
+
+TEST_CASE("CUDA compressor with accumulated decode scores keeps only its decode rows after the prefill, and refuses "
+          "an append past an unfired segment",
+          "[cuda][compressor]") {
+  using T = half_t;
+  Case c{Granularity::shared, PrefillMode::drop_tokens, true, true, 120};
+  c.prompt_lo = c.prompt_hi = 220;  // windows of 45 rows; a sequence decodes with 18
+  Run<T, RecentWindowScoring> r(c, RecentWindowScoring{}, 16, pit::PoolKind::nhd);
+  auto& dc = r.dcomp;
+  const std::vector<std::int32_t> all{0, 1, 2};
+  const SeqList list{all.data(), 3};
+  REQUIRE(dc.decode_rows_for(220) < dc.ring_rows_for(220));
+  REQUIRE(dc.ring_rows_for(1) <= dc.ring_rows_for(220) - dc.decode_rows_for(220));
+  for (int s : all) r.begin(s, s);
+  CHECK_FALSE(dc.can_begin(1));  // the pool holds exactly the three windows
+  r.prefill(all);
+  CHECK(dc.can_begin(1));  // each sequence gave back what its window held beyond its decode rows
+  // Host trigger, decode_compress never called: segment m's window ends at
+  // step 16 (m + 1) + 44, so the 96th query would open a sixth live segment in
+  // acc_blocks(45) = 5 blocks.
+  typename Run<T, RecentWindowScoring>::Step x(3);
+  auto append = [&] {
+    r.fill_step(x, all);
+    const auto y = r.views(0, 3, x.k.ptr, x.v.ptr, x.q.ptr, x.lse.ptr);
+    dc.decode_append(0, r.db.cache, list, y.k, y.v, x.pos.ptr, y.q, y.lse, r.st.s);
+    for (int s : all) ++r.done[std::size_t(s)];
+  };
+  for (int step = 0; step < 95; ++step) append();
+  r.st.sync();
+  const std::vector<unsigned char> before = r.db.snapshot();
+  CHECK_THROWS_WITH(append(), Catch::Contains("decode_compress at least every 16"));
+  r.st.sync();
+  CHECK(r.db.snapshot() == before);
+  for (int s : all) --r.done[std::size_t(s)];
+  dc.decode_compress(0, r.db.cache, list, r.st.s);  // fires the oldest segment of each
+  CHECK(dc.decode_fired() == 3);
+  append();  // room again
+  r.st.sync();
+}

@@ -113,6 +113,29 @@ TEST_CASE("Decode cadence: fires when len - R - past_len >= 16, exact steps and 
   }
 }
 
+TEST_CASE("Accumulated decode scores: an append that would outrun decode_compress is refused, changing nothing",
+          "[compressor][decode][bad]") {
+  const int L = 2, n = 60;  // window 13: 16-key segments, ceil(13 / 16) + 2 = 3 accumulator blocks
+  CompressorConfig cfg{L, 4, 2, 8};
+  PyramidCompressor<> comp(cfg);
+  pit::TestCache<> tc(comp, {1, n + 200, 16});
+  auto& cache = tc.cache();
+  pit::TokenData D(L, 4, 2, 8, n + 200, 21);
+  pit::start(comp, cache, 0, n, D);
+  const std::int32_t one = 0;
+  // Never offered: segment m's window ends at step 16 (m + 1) + 12; the fourth
+  // live segment (m = 3, first query at step 64) would reuse segment 0's block.
+  int s = 0;
+  for (; s < 63; ++s) pit::decode_append_layer(comp, cache, 0, D, {{0, n + s, n + s}});
+  const std::vector<float> before = pit::cache_kv(cache, 0, 0, 1);
+  CHECK_THROWS_WITH(pit::decode_append_layer(comp, cache, 0, D, {{0, n + s, n + s}}),
+                    Catch::Contains("decode_compress at least every 16"));
+  CHECK(pit::cache_kv(cache, 0, 0, 1) == before);  // nothing appended
+  CHECK(comp.decode_compress(0, cache, SeqList{&one, 1}) == 1);  // fires segment 0 (one firing per call)
+  pit::decode_append_layer(comp, cache, 0, D, {{0, n + s, n + s}});  // room again
+  CHECK(comp.decode_compress(0, cache, SeqList{&one, 1}) == 1);  // segment 1 was due too
+}
+
 TEST_CASE("compress_decode = false never compresses during decode", "[compressor][decode]") {
   CompressorConfig cfg{3, 2, 2, 4};
   cfg.compress_decode = false;

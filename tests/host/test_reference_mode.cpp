@@ -45,6 +45,7 @@ std::vector<int> topk_set(const std::vector<double>& s, int k) {
 }
 
 struct Reference {
+  static constexpr int kMaxDelay = 15;  // offers at least every 16 steps
   const pit::TokenData& D;
   int L, H, Hkv, d, n, R, W;
   double scale;
@@ -121,22 +122,29 @@ struct Reference {
   }
 
   // One generated token at layer l; returns whether the layer compressed.
-  bool decode(int l, int token) {
+  // `offered`: whether the engine offers compression this step. The authors
+  // offer it every step; one offered later scores the segment that is due
+  // with the same window, the W rows that follow the segment (the library's
+  // definition: compressor.hpp), which the rows kept past the window hold.
+  bool decode(int l, int token, bool offered = true) {
     auto& pos = P[std::size_t(l)];
     auto& rw = rows[std::size_t(l)];
     pos.push_back(token);
     for (auto& r : rw) r.push_back(0.0);  // older rows: zero for the new column
     rw.push_back(attn_row(l, token, pos, int(pos.size())));
-    if (int(rw.size()) > W) rw.erase(rw.begin());
+    if (int(rw.size()) > W + kMaxDelay) rw.erase(rw.begin());
     const int len = int(pos.size());
-    if (len - R - past_len[std::size_t(l)] < 16) return false;
+    const int late = len - R - past_len[std::size_t(l)] - 16;  // steps since the segment was due
+    if (!offered || late < 0) return false;
+    REQUIRE(late <= kMaxDelay);
     const double gen_ratio = (1 - 0.1) * (std::cos(kPi * l / L) + 1) / 2 + 0.1;
     const int topk = std::max(int(16 * 0.9 * gen_ratio), 1);
-    const int start = len - W - 16;
+    const int start = len - W - 16 - late, first_row = int(rw.size()) - W - late;
     const std::vector<float> lin = linspace_f32(1.0f, 1.2f, W);
     std::vector<double> score(16, 0.0);
     for (int r = 0; r < W; ++r)
-      for (int j = 0; j < 16; ++j) score[std::size_t(j)] += rw[std::size_t(r)][std::size_t(start + j)] * double(lin[std::size_t(r)]);
+      for (int j = 0; j < 16; ++j)
+        score[std::size_t(j)] += rw[std::size_t(first_row + r)][std::size_t(start + j)] * double(lin[std::size_t(r)]);
     for (auto& s : score) s /= W;
     const std::vector<int> keep = topk_set(score, topk);
     std::vector<int> cols;
@@ -151,7 +159,7 @@ struct Reference {
       for (int c : cols) nr.push_back(r[std::size_t(c)]);
       r = nr;
     }
-    past_len[std::size_t(l)] = int(pos.size()) - R;
+    past_len[std::size_t(l)] = start + topk + 1;  // the next segment starts after what this one kept
     return true;
   }
 };
@@ -159,13 +167,15 @@ struct Reference {
 std::vector<int> as_int(const std::vector<std::int32_t>& v) { return std::vector<int>(v.begin(), v.end()); }
 
 /// `page_size` 0: one page per sequence (contiguous). The sequence sits in
-/// slot 1 of 2, so slot 0 being empty must not matter either.
+/// slot 1 of 2, so slot 0 being empty must not matter either. Compression is
+/// offered at the decode steps s with s % offer_every == 0.
 void run_reference_case(int L, int H, int Hkv, int n, int steps, std::uint32_t seed, bool full_matrix,
-                        int page_size, pit::PoolKind pool) {
+                        int page_size, pit::PoolKind pool, int offer_every = 1) {
   using namespace pyramidinfer;
   const int d = 16;
   INFO("L " << L << " H " << H << " Hkv " << Hkv << " n " << n << " seed " << seed << " page_size " << page_size
-            << " pool " << pit::pool_kind_name(pool) << " page seed " << pit::test_seed());
+            << " pool " << pit::pool_kind_name(pool) << " offer every " << offer_every << " page seed "
+            << pit::test_seed());
   pit::TokenData D(L, H, Hkv, d, n + steps, seed, 8, 1.5f);
   Reference ref(D, n);
   ref.full_matrix = full_matrix;
@@ -188,17 +198,22 @@ void run_reference_case(int L, int H, int Hkv, int n, int steps, std::uint32_t s
     compressed_layers += ref.T[std::size_t(l) + 1].size() < ref.T[std::size_t(l)].size() ? 1 : 0;
   }
   CHECK(compressed_layers >= L / 2);  // the schedule really compressed
-  int fires = 0;
+  int fires = 0, late = 0;
+  const std::int32_t one = seq;
   for (int s = 0; s < steps; ++s)
     for (int l = 0; l < L; ++l) {
-      const bool rf = ref.decode(l, n + s);
-      const int lf = pit::decode_layer(comp, cache, l, D, {{seq, n + s, n + s}});
+      const bool offered = s % offer_every == 0;
+      const bool rf = ref.decode(l, n + s, offered);
+      pit::decode_append_layer(comp, cache, l, D, {{seq, n + s, n + s}});
+      const int lf = offered ? comp.decode_compress(l, cache, SeqList{&one, 1}) : 0;
       INFO("decode step " << s << " layer " << l);
       REQUIRE(lf == (rf ? 1 : 0));
+      late += lf && s % 16 != (n / 5 + 15) % 16 ? 1 : 0;  // fired off the every-step cadence
       REQUIRE(as_int(pit::cache_positions(cache, l, seq)) == ref.P[std::size_t(l)]);
       fires += lf;
     }
   if (steps > 0) CHECK(fires >= L);  // generation-stage compression happened
+  if (offer_every > 1) CHECK(late >= L);  // and fired late, scoring with rows kept past the window
   tc.audit();
 }
 
@@ -214,6 +229,12 @@ TEST_CASE("Reference mode: GQA (H = 8, Hkv = 2) repeats KV heads", "[reference]"
 
 TEST_CASE("Reference mode: short prompt, long generation, many decode compressions", "[reference]") {
   run_reference_case(10, 8, 2, 120, 150, 3003, true, 64, pit::PoolKind::interleaved_nhd);
+}
+
+TEST_CASE("Reference mode: compression offered every 4th or 16th step scores each segment with its own window",
+          "[reference]") {
+  run_reference_case(8, 8, 2, 200, 160, 6006, false, 16, pit::PoolKind::nhd, 4);
+  run_reference_case(6, 4, 4, 150, 170, 7007, false, 32, pit::PoolKind::hnd, 16);
 }
 
 TEST_CASE("Reference mode: long prompts, prefill only", "[reference]") {

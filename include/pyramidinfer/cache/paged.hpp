@@ -102,6 +102,9 @@ enum PagedStatus : std::int32_t {
   kPagedBadSequence = 4,    ///< a slot id outside [0, max_seqs)
   kPagedBadIndex = 8,       ///< a kept index not ascending or outside the sequence
   kPagedFreeListFull = 16,  ///< a push found the free list at capacity (pages were shared or leaked)
+  /// The CUDA compressor's accumulated decode scores (compressor_cuda.cuh): decode_compress
+  /// was not called for more than `segment` steps, so a stashed query was not added.
+  kPagedDecodeBacklog = 32,
 };
 
 /// What the library's state memory is sized for.

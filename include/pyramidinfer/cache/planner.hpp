@@ -48,6 +48,31 @@ inline int window_length(int prompt_len, double recent_ratio) {
   return 1 + int(prompt_len * recent_ratio);  // < 1 + prompt_len: no overflow
 }
 
+/// Accumulated decode scores (compressor.hpp): accumulator blocks of one
+/// segment's keys a layer keeps for a window of `window` rows: the segments
+/// whose window is still running (ceil(window / segment) + 1 at most) and
+/// one that waits for its firing (decode_compress offered every `segment`
+/// steps or more often).
+PYRAMIDINFER_HOST_DEVICE inline int decode_acc_blocks(int window, int segment) {
+  return (window + segment - 1) / segment + 2;
+}
+
+/// Ring-pool rows the CUDA compressor keeps per sequence for accumulated
+/// decode scores (compressor_cuda.cuh): a stash of `segment` queries, then
+/// the accumulators (decode_acc_blocks * segment keys x kv_heads floats)
+/// laid over the rows' query bytes, counted at 2 bytes an element (f16 and
+/// bf16; f32 rows have room to spare).
+inline std::int64_t decode_stash_rows(const ModelShape& m, int window, int segment) {
+  const char* fn = "decode_stash_rows";
+  detail::check_model(m, fn);
+  PYRAMIDINFER_REQUIRE(window >= 1, fn, "window", window, "must be >= 1");
+  PYRAMIDINFER_REQUIRE(segment >= 1, fn, "segment", segment, "must be >= 1");
+  const std::int64_t acc_bytes = detail::checked_product(fn, "accumulator bytes", std::int64_t(decode_acc_blocks(window, segment)),
+                                                         std::int64_t(segment), std::int64_t(m.kv_heads), std::int64_t(4));
+  const std::int64_t row_bytes = std::int64_t(m.num_heads) * m.head_dim * 2;
+  return segment + (acc_bytes + row_bytes - 1) / row_bytes;
+}
+
 /// Per-layer slot counts of one sequence through prefill and `decode_steps`
 /// appended tokens. The decode rule follows the reference: a layer's
 /// compressed part ends one slot before its window at the end of prefill;

@@ -9,7 +9,16 @@
 //     template <class T>
 //     void score(const ScoreProblem<T>&, Granularity, ScoreView, cudaStream_t) const;
 // runs on the CUDA backend too. `needs_queries` says whether the compressor
-// must keep the window's queries (a ring of them per layer) for this policy.
+// needs the window's queries for this policy.
+//
+// Decode scoring. A policy with `float decode_distance_weight() const` is a
+// window attention (the row-weighted softmax of the window's queries, rows
+// weighted 1 for the oldest to that weight for the newest, averaged over the
+// heads): the compressor then builds a decode segment's scores query by query
+// as the decode steps run, from the `window` queries that follow the segment,
+// and keeps no window queries for decode (a few floats per cached key instead
+// of a query per head and window row; compressor.hpp). Any other policy that
+// needs queries scores from a ring of the last `window` queries of each layer.
 #pragma once
 
 #include <cmath>
@@ -32,6 +41,7 @@ struct RecentWindowScoring {
   void score(const ScoreProblem<T>& p, Granularity g, ScoreView out) const {
     host::window_attention_scores(p, g, distance_weight, out);
   }
+  float decode_distance_weight() const { return distance_weight; }
   /// The row weights run from 1 to distance_weight: a NaN, an infinity or a
   /// negative weight would make every score meaningless.
   void validate(const char* fn) const {
@@ -41,8 +51,8 @@ struct RecentWindowScoring {
 };
 
 /// H2O-style accumulated attention: the unweighted attention mass each token
-/// receives from the queries the compressor holds (size the window, or the
-/// ring, to choose how far back it accumulates).
+/// receives from the window's queries (size the window to choose how far
+/// back it accumulates).
 struct AccumulatedAttentionScoring {
   static constexpr bool needs_queries = true;
 
@@ -50,6 +60,7 @@ struct AccumulatedAttentionScoring {
   void score(const ScoreProblem<T>& p, Granularity g, ScoreView out) const {
     host::window_attention_scores(p, g, 1.0f, out);
   }
+  float decode_distance_weight() const { return 1.0f; }
 };
 
 /// Needs no queries at all: a small key norm predicts high attention.
@@ -111,5 +122,14 @@ struct is_scoring<S, std::void_t<decltype(std::declval<const S&>().score(
                      decltype(bool(S::needs_queries))>> : std::true_type {};
 template <class S>
 inline constexpr bool is_scoring_v = is_scoring<S>::value;
+
+/// Whether decode scores of S are accumulated query by query (see the top).
+template <class S, class = void>
+struct accumulates_decode : std::false_type {};
+template <class S>
+struct accumulates_decode<S, std::void_t<decltype(float(std::declval<const S&>().decode_distance_weight()))>>
+    : std::true_type {};
+template <class S>
+inline constexpr bool accumulates_decode_v = accumulates_decode<S>::value;
 
 }  // namespace pyramidinfer

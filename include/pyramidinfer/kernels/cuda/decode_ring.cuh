@@ -47,6 +47,7 @@ struct BeginArgs {
   std::int32_t* ring_base = nullptr;   ///< [S]
   std::int32_t* bound = nullptr;       ///< [L][S]
   std::int32_t *ring_start = nullptr, *ring_count = nullptr, *pending = nullptr;  ///< [L][S]
+  std::int32_t* segs = nullptr;        ///< [L][S] decode segments fired
   int slot = 0, prompt = 0, win = 0, base = 0, layers = 0, slots_total = 0;
 };
 
@@ -59,7 +60,7 @@ static __global__ void comp_begin_kernel(BeginArgs a) {
   if (i < a.layers) {
     const std::int64_t e = std::int64_t(i) * a.slots_total + b;
     a.bound[e] = -1;
-    a.ring_start[e] = a.ring_count[e] = a.pending[e] = 0;
+    a.ring_start[e] = a.ring_count[e] = a.pending[e] = a.segs[e] = 0;
   }
   if (i == 0) {
     a.window[b] = a.win;
@@ -173,6 +174,7 @@ struct EvictArgs {
   Trigger trig;
   const std::int32_t* slots = nullptr;
   std::int32_t* bound = nullptr;                      ///< the layer's [S]
+  std::int32_t* segs = nullptr;                       ///< the layer's [S] segments fired (accumulating), or null
   std::int32_t* fired = nullptr;                      ///< [nb]
   std::int32_t *begin = nullptr, *count = nullptr;    ///< [S][kv_heads] scored ranges
   std::int32_t *topk_n = nullptr, *topk_k = nullptr;  ///< [S][ph]
@@ -216,10 +218,13 @@ static __global__ void comp_evict_kept_kernel(EvictArgs a) {
   if (blockIdx.x == 0 && threadIdx.x == 0 && p == 0) a.kept_count[z] = cnt;
 }
 
-/// The boundary of every sequence that fired moves past what it kept. grid (ceil(nb / 128)).
+/// The boundary of every sequence that fired moves past what it kept (and
+/// its next segment is due). grid (ceil(nb / 128)).
 static __global__ void comp_evict_bound_kernel(EvictArgs a) {
   const int z = blockIdx.x * blockDim.x + threadIdx.x;
-  if (z < a.nb && a.fired[z]) a.bound[a.slots[z]] += a.keep;
+  if (z >= a.nb || !a.fired[z]) return;
+  a.bound[a.slots[z]] += a.keep;
+  if (a.segs) ++a.segs[a.slots[z]];
 }
 
 }  // namespace detail

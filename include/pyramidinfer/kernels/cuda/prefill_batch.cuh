@@ -312,6 +312,9 @@ struct FinishArgs {
   const std::int32_t* len = nullptr;  ///< the layer's lengths [S] after the selection
   std::int32_t* bound = nullptr;      ///< the layer's decode boundaries [S]
   const std::int32_t* keep = nullptr; ///< [S][ph]
+  /// The layer's [S] ring counts, or null: set, the layer's ring rows become
+  /// its empty decode stash (accumulated decode scores, decode_accum.cuh).
+  std::int32_t *stash_count = nullptr, *stash_pending = nullptr;
   int nb = 0;
   bool drop_tokens = true;
 };
@@ -326,6 +329,7 @@ static __global__ void comp_finish_select_kernel(FinishArgs a) {
   const PrefillState& s = a.s;
   const int b = a.slots[i], n = s.n[b], w = s.window[b];
   a.bound[b] = a.len[b] - 1;
+  if (a.stash_count) a.stash_count[b] = a.stash_pending[b] = 0;
   s.head_len[b] = a.drop_tokens ? a.keep[b * s.ph] + w : n;  // every head set keeps the same count
   s.prev_n[b] = n;
   s.n[b] = a.drop_tokens ? s.next_count[b] : n;
