@@ -482,7 +482,7 @@ struct PoolSpec {
   std::int64_t num_pages = 0;  ///< KV pages shared by every layer and sequence
   int max_seqs = 0;            ///< slots (concurrent sequences)
   int max_seq_len = 0;         ///< the longest prompt + output any sequence may reach
-  std::int64_t ring_rows = 0;  ///< the compressor's window-query pool (ring_rows_for each live prompt)
+  std::int64_t ring_rows = 0;  ///< the compressor's window-query pool (ring_rows_for each prefilling prompt, decode_rows_for each decoding one)
 };
 
 /// The engine over any PyramidCompressor<..., CudaBackend>: one model, one
@@ -690,7 +690,7 @@ class PagedEngine {
         std::size_t(pyramidinfer::detail::checked_mul(spec.num_pages, std::int64_t(plan_.page_bytes), fn, "pool bytes"));
     plan_.layer_pages.assign(std::size_t(s.n_layers), 0);
     plan_.layer_cap.assign(std::size_t(s.n_layers), spec.max_seq_len);
-    alloc_cache(sh, spec.ring_rows);
+    alloc_cache(sh, spec.ring_rows, /*exact=*/true);
     slots_.clear();
     B_ = 0;
     slot_cap_.assign(std::size_t(spec.max_seqs), std::vector<int>(std::size_t(s.n_layers), 0));
@@ -724,7 +724,7 @@ class PagedEngine {
   /// Bytes of the compressor's state for a cache of these slots and a ring pool of ring_rows (what open_pool takes besides the pages).
   std::size_t compressor_bytes() const { return comp_bytes_; }
 
-  /// Whether a sequence with this prompt finds its window rows in the ring pool now.
+  /// Whether a sequence with this prompt finds its ring rows (ring_rows_for) in the pool now.
   bool can_begin(int prompt_len) const { return pc_.can_begin(prompt_len); }
 
   /// Starts a request in a free slot of the open pool (host bookkeeping and
@@ -1074,7 +1074,7 @@ class PagedEngine {
   }
 
   /// The decode step's launches (eager, or recorded by decode_device's capture).
-  /// Per layer: rmsnorm, QKV GEMM, RoPE split, cache append (2), ring push,
+  /// Per layer: rmsnorm, QKV GEMM, RoPE split, cache append (2), query stash (or ring push),
   /// attention (+ combine when split), set LSE, O GEMM (+ residual), rmsnorm,
   /// gate/up GEMM, SwiGLU, down GEMM (+ residual); the eviction chain only
   /// when the layer fires (and the step offers compression, decode_slots).
@@ -1192,10 +1192,13 @@ class PagedEngine {
 
   /// A cache of shape `sh` in engine-owned memory: every page on the free
   /// list (popped 0, 1, ...), zeroed state, and the compressor attached with
-  /// a ring pool of `ring_rows`. Allocates and synchronises.
-  void alloc_cache(const PagedCacheShape& sh, std::int64_t ring_rows) {
+  /// a ring pool of `ring_rows`. Allocates and synchronises. `exact`: the page
+  /// pool and the compressor's state take exactly their size (open_pool: a
+  /// memory budget counts them), else buffers only grow (static batches).
+  void alloc_cache(const PagedCacheShape& sh, std::int64_t ring_rows, bool exact = false) {
     const std::size_t half = std::size_t(sh.num_pages) * sh.page_size * sh.kv_heads * sh.head_dim;
     cache_.reset();
+    if (exact) pool_.reset(), comp_mem_.reset();
     pool_.resize(2 * half);
     state_.resize(sh.state_bytes());
     std::vector<std::int32_t> free(std::size_t(sh.num_pages) + 1);

@@ -1,8 +1,8 @@
 // memory_split.hpp - one device budget for the KV cache (pyramid-serve's
 // --pool-gb): KV pages, the paged cache's state and the compressor's state,
 // whose largest part is the window-query ring. Every policy gets the same
-// budget, so a policy that needs the ring (decode scoring keeps the recent
-// window's queries) pays for it in pages.
+// budget, so a policy that needs the ring (its window's queries, or a stash
+// and accumulators when decode scores accumulate) pays for it in pages.
 //
 // The ring's part comes from the workload unless given (--ring-gb): each
 // request holds ring rows for its window and pages for its KV from admission
@@ -24,7 +24,7 @@
 
 namespace pyramidinfer::serve {
 
-/// Ring rows a request with this prompt holds (the compressor's ring_rows_for).
+/// Ring rows a request with this prompt holds (the compressor's decode_rows_for).
 using RowsOf = std::function<std::int64_t(int prompt_len)>;
 /// Pages a request holds at its peak (its page curve's peak()).
 using PagesOf = std::function<std::int64_t(const Request&)>;

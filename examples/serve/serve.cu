@@ -282,8 +282,11 @@ std::int64_t budget_ring_rows(const Engine& e, const ServeOptions& o, std::uint6
       reqs, [&](int prompt_len) { return pc.decode_rows_for(prompt_len); },
       [&](const Request& r) { return page_curve(pc, r.prompt_len, r.output_len, page_size, fire).peak(); }, row_bytes,
       e.page_bytes());
-  from = "the workload's share " + num(share);
-  return ring_rows_of_share(share, budget, row_bytes, largest);
+  // A prefill holds its requests' whole windows until its last layer (then
+  // keeps decode_rows_for): room for about one full prefill iteration's.
+  const std::int64_t transient = pc.ring_rows_for(o.prefill_tokens) - pc.decode_rows_for(o.prefill_tokens);
+  from = "the workload's share " + num(share) + " + " + std::to_string(transient) + " rows for a prefill's windows";
+  return ring_within(ring_rows_of_share(share, budget, row_bytes, largest) + transient, row_bytes, budget);
 }
 
 /// Opens e's pool (spec's slots and lengths given) within --pool-gb: the

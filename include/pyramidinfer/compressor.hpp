@@ -19,9 +19,9 @@
 // scoring window it belongs to, as it runs, so a layer keeps a few floats per
 // recent key instead of its window's queries (policy/scoring.hpp). Other
 // policies that need queries keep the last window of them in a ring per
-// layer. The compressor's per-sequence state exists once (Seq). This is the host backend, the
-// reference; the CUDA backend (compressor_cuda.cuh) takes the same calls plus
-// a stream, and batches of sequences in one call.
+// layer. The compressor's per-sequence state exists once (Seq). This is the
+// host backend, the reference; the CUDA backend (compressor_cuda.cuh) takes
+// the same calls plus a stream, and batches of sequences in one call.
 #pragma once
 
 #include <algorithm>
@@ -521,8 +521,10 @@ class PyramidCompressor {
   // scores it with the window then: the `window` queries that follow it,
   // query (m + 1) * segment + r weighted distance_row_weight(r, window). Each
   // decode query adds its share to the segments whose window it is in, so
-  // the scores are complete when the segment fires (bit-for-bit the ring's
-  // up to summation order; firing later than due scores with the same window).
+  // the scores are complete when the segment fires: the scores a ring of the
+  // window's queries gives, up to summation order. A segment that fires later
+  // than due (decode_compress not offered then) keeps that window, the one
+  // that follows it, where the ring would have used the newest queries.
 
   /// Decode steps of `seq`'s layer since its decode start, its newest key's:
   /// `len` keys, `fired` segments compressed to what they kept.
