@@ -181,6 +181,16 @@ def label(r):
     return r["policy"] if every == 1 or r["policy"] == "full" else f"{r['policy']}/fire{every}"
 
 
+def kv_budget(r):
+    """The run's KV memory: one budget (pages + cache and compressor state) since pyramid-serve
+    counted the ring; before, a page pool with the ring beside it."""
+    G = 1 << 30
+    if "budget_bytes" in r:
+        return (f"KV budget {r['budget_bytes'] / G:.1f} GiB: pages {r['pages_bytes'] / G:.1f}, "
+                f"ring {r['ring_bytes'] / G:.2f}")
+    return f"KV pool {r['pool_bytes'] / G:.1f} GiB (ring beside it, uncounted)"
+
+
 def main():
     runs, steps, out = load(sys.argv[1]), load(sys.argv[2]), sys.argv[3]
     for r in runs + steps:
@@ -195,7 +205,7 @@ def main():
         any_r = rs[0]
         print(f"\n### {any_r['shape']}, prompts log-normal median {median:g} (sigma {any_r['prompt_sigma']:g}, cap "
               f"{any_r['prompt_cap']}), outputs {any_r['output_min']}-{any_r['output_max']}, {any_r['requests']} "
-              f"requests, KV pool {any_r['pool_bytes'] / G:.1f} GiB ({any_r['pool_pages']} pages of "
+              f"requests, {kv_budget(any_r)} ({any_r['pool_pages']} pages of "
               f"{any_r['page_size']}), {any_r['device']}\n")
         print("| policy | sat. req/s (x full) | out tok/s | peak seqs | peak pages (dev / booked) | decode ms p50 | "
               "floor fraction p50 | Poisson rate | TTFT p50 / p99 s | TPOT p50 / p99 ms | books violations |")

@@ -190,8 +190,13 @@ class PyramidCompressor {
     s.ring_q.assign(std::size_t(ring_layers()), std::vector<float>(Scoring::needs_queries ? rows * cfg_.head_dim : 0));
     s.ring_lse.assign(std::size_t(ring_layers()), std::vector<float>(rows, 0.f));
     if (accumulating()) {
-      s.acc.assign(std::size_t(cfg_.num_layers), std::vector<double>(std::size_t(acc_rows(s.window)) * head_sets(), 0.0));
-      s.fired.assign(std::size_t(cfg_.num_layers), 0);
+      const std::size_t L = std::size_t(cfg_.num_layers), seg = std::size_t(decode_.segment);
+      s.acc.assign(L, std::vector<double>(std::size_t(acc_rows(s.window)) * head_sets(), 0.0));
+      s.fired.assign(L, 0);
+      s.stash_q.assign(L, std::vector<float>(seg * std::size_t(cfg_.num_heads) * std::size_t(cfg_.head_dim)));
+      s.stash_lse.assign(L, std::vector<float>(seg * std::size_t(cfg_.num_heads)));
+      s.stash_count.assign(L, 0);
+      s.stash_pending.assign(L, 0);
     }
     if (std::size_t(seq) >= seqs_.size()) seqs_.resize(std::size_t(cache.shape().max_seqs));
     seqs_[std::size_t(seq)] = std::move(s);
@@ -322,11 +327,16 @@ class PyramidCompressor {
     src.k = {k.data, {k.shape[0], k.shape[1], k.shape[3]}, {k.stride[0], k.stride[1], k.stride[3]}};
     src.v = {v.data, {v.shape[0], v.shape[1], v.shape[3]}, {v.stride[0], v.stride[1], v.stride[3]}};
     src.pos = pos;
+    if (accumulating())  // a full stash is added before the append (the keys its queries saw)
+      for (int i = 0; i < B; ++i)
+        if (seqs_[std::size_t(batch.seqs[i])].stash_count[std::size_t(layer)] == decode_.segment)
+          flush_stash(layer, cache, batch.seqs[i]);
     host::paged_append(cache.kv(), layer, batch, src);  // validates (pages, length), then writes
     if (!cfg_.compress_decode) return;  // queries serve decode compression only
     for (int i = 0; i < B; ++i) {
-      if (accumulating()) accumulate_query(layer, cache, batch.seqs[i], i, q, lse);
-      else push_decode_query(seqs_[std::size_t(batch.seqs[i])], layer, i, q, lse);
+      Seq& s = seqs_[std::size_t(batch.seqs[i])];
+      if (accumulating()) stash_query(s, layer, i, q, lse);
+      else push_decode_query(s, layer, i, q, lse);
     }
   }
 
@@ -383,6 +393,12 @@ class PyramidCompressor {
     /// (segment m in block m % blocks), and the segments compressed so far.
     std::vector<std::vector<double>> acc;
     std::vector<int> fired;                              ///< [layer]
+    /// Accumulating policies: [layer] the decode queries not added yet (at
+    /// most a segment; [row, q_head, d] and [row, q_head] LSE), how many, and
+    /// how many of the newest lack their LSE. Added a segment at a time, so
+    /// the LSE the engine did not give is computed for many rows at once.
+    std::vector<std::vector<float>> stash_q, stash_lse;
+    std::vector<int> stash_count, stash_pending;
   };
 
   bool per_head() const { return selection_.granularity == Granularity::per_kv_head; }
@@ -545,29 +561,67 @@ class PyramidCompressor {
                              ": call decode_compress at least every " + std::to_string(seg) + " decode steps");
   }
 
-  /// Adds the newest query of `seq`'s layer (batch row i of q; its LSE from
-  /// `lse`, else computed over the slots it sees) to the scores of every
-  /// segment whose window it is in.
+  /// Stashes the newest query of `seq`'s layer (batch row i of q) and its
+  /// LSE if given (natural log); the stash has room (flushed when full).
   template <class T>
-  void accumulate_query(int layer, const PagedKVCache<T>& cache, int seq, int i, KVView<const T> q,
-                        TensorView<const float, 2> lse) {
+  void stash_query(Seq& s, int layer, int i, KVView<const T> q, TensorView<const float, 2> lse) {
+    const std::size_t l = std::size_t(layer), QH = std::size_t(cfg_.num_heads), d = std::size_t(cfg_.head_dim);
+    int &c = s.stash_count[l], &pend = s.stash_pending[l];
+    float* row = s.stash_q[l].data() + std::size_t(c) * QH * d;
+    for (std::size_t h = 0; h < QH; ++h)
+      for (std::size_t k = 0; k < d; ++k) row[h * d + k] = to_float(q(i, int(h), 0, int(k)));
+    if (lse.data)
+      for (std::size_t h = 0; h < QH; ++h) s.stash_lse[l][std::size_t(c) * QH + h] = natural_lse(lse(i, int(h)));
+    pend = (lse.data && pend == 0) ? 0 : std::min(pend + 1, c + 1);  // the ring's rule (push_decode_query)
+    ++c;
+  }
+
+  /// Adds every stashed query of `seq`'s layer, oldest first, to the scores
+  /// of the segments whose window it is in, and empties the stash. Queries
+  /// without an LSE get it here, all together, over the slots each saw
+  /// (stash row r at slot len - count + r: nothing was evicted since, as a
+  /// firing flushes first).
+  template <class T>
+  void flush_stash(int layer, const PagedKVCache<T>& cache, int seq) {
     Seq& s = seqs_[std::size_t(seq)];
-    const int n = cache.kv().len(layer, seq), seg = decode_.segment, w = s.window, fired = s.fired[std::size_t(layer)];
-    const std::int64_t x = decode_step_of(s, layer, n);
+    const std::size_t l = std::size_t(layer);
+    const int c = s.stash_count[l], QH = cfg_.num_heads, d = cfg_.head_dim;
+    if (c == 0) return;
+    std::vector<T> q(std::size_t(c) * QH * d);
+    for (std::size_t k = 0; k < q.size(); ++k) q[k] = from_float<T>(s.stash_q[l][k]);
+    const TensorView<const T, 4> rows{q.data(), {1, QH, c, d}, {0, d, std::int64_t(QH) * d, 1}};
+    if (s.stash_pending[l] > 0) {
+      SeqProblem<T> sp;
+      sp.window = c;  // the stash as the window: row r at slot len - c + r
+      key_problem(layer, cache, seq, sp);
+      sp.p.queries = rows;
+      host::window_query_lse(sp.p, 0, c - s.stash_pending[l],
+                             TensorView<float, 3>{s.stash_lse[l].data(), {1, QH, c}, {0, 1, QH}});
+    }
+    const std::int64_t x0 = decode_step_of(s, layer, cache.kv().len(layer, seq) - c + 1);
+    for (int r = 0; r < c; ++r) {
+      const TensorView<const T, 4> one{q.data() + std::size_t(r) * QH * d, {1, QH, 1, d}, {0, d, std::int64_t(QH) * d, 1}};
+      add_query(layer, cache, seq, x0 + r, one, s.stash_lse[l].data() + std::size_t(r) * QH);
+    }
+    s.stash_count[l] = s.stash_pending[l] = 0;
+  }
+
+  /// Adds decode query `x` of `seq`'s layer (q: its (1, q_head, 1, d) row;
+  /// lse: its q_heads LSE) to the scores of every segment whose window it is in.
+  template <class T>
+  void add_query(int layer, const PagedKVCache<T>& cache, int seq, std::int64_t x, TensorView<const T, 4> q,
+                 const float* lse) {
+    Seq& s = seqs_[std::size_t(seq)];
+    const int seg = decode_.segment, w = s.window, fired = s.fired[std::size_t(layer)];
     const std::int64_t hi = x / seg - 1, lo = std::max<std::int64_t>(fired, x >= w ? (x - w) / seg : 0);
     if (hi < lo) return;
     SeqProblem<T> sp;
     sp.begin = s.boundary[std::size_t(layer)] + int(lo - fired) * seg;
     sp.count = int(hi - lo + 1) * seg;
-    sp.window = 1;  // the query alone, at slot n - 1: it sees [0, n)
+    sp.window = 1;  // (the range check: the band lies before the query)
     key_problem(layer, cache, seq, sp);
-    sp.p.queries = {q.data + std::int64_t(i) * q.stride[0], {1, cfg_.num_heads, 1, cfg_.head_dim},
-                    {0, q.stride[1], q.stride[2], q.stride[3]}};
-    std::vector<float> own_lse(std::size_t(cfg_.num_heads));
-    if (lse.data) {
-      for (int h = 0; h < cfg_.num_heads; ++h) own_lse[std::size_t(h)] = natural_lse(lse(i, h));
-      sp.p.lse = make_contiguous<const float>(own_lse.data(), 1, cfg_.num_heads, 1);
-    }
+    sp.p.queries = q;
+    sp.p.lse = {lse, {1, cfg_.num_heads, 1}, {0, 1, 1}};
     const int units = head_sets();
     std::vector<float> attn(std::size_t(units) * sp.count);  // head-averaged softmax of the query over the band
     host::window_attention_scores(sp.p, selection_.granularity, 1.0f,
@@ -736,7 +790,10 @@ class PyramidCompressor {
   template <class T>
   std::vector<float> decode_scores(int layer, const PagedKVCache<T>& cache, int seq) {
     Seq& s = seqs_[std::size_t(seq)];
-    if (accumulating()) return accumulated_scores(s, layer);
+    if (accumulating()) {
+      flush_stash(layer, cache, seq);  // the segment's last window queries
+      return accumulated_scores(s, layer);
+    }
     const int seg = decode_.segment, heads = head_sets();
     SeqProblem<T> sp;
     sp.begin = s.boundary[std::size_t(layer)];

@@ -518,7 +518,8 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
       cuda::detail::acc_stash_kernel<T><<<unsigned(batch.batch), 256, 0, stream>>>(acc_args<T>(layer, cache), slots, q,
                                                                                    lse, cache.kv().status);
       PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_stash_kernel");
-      for (int i = 0; i < batch.batch; ++i) ++hcount_[hidx(layer, batch.seqs[i])];
+      if (trigger_ == DecodeTrigger::host)
+        for (int i = 0; i < batch.batch; ++i) ++hcount_[hidx(layer, batch.seqs[i])];
       return;
     }
     cuda::detail::comp_push_decode_kernel<T><<<unsigned(batch.batch), 512, 0, stream>>>(ring<T>(layer), slots, q, lse);
