@@ -482,7 +482,8 @@ struct PoolSpec {
   std::int64_t num_pages = 0;  ///< KV pages shared by every layer and sequence
   int max_seqs = 0;            ///< slots (concurrent sequences)
   int max_seq_len = 0;         ///< the longest prompt + output any sequence may reach
-  std::int64_t ring_rows = 0;  ///< the compressor's window-query pool (ring_rows_for each prefilling prompt, decode_rows_for each decoding one)
+  /// The compressor's window-query pool: ring_rows_for each prompt in prefill, decode_rows_for each one decoding.
+  std::int64_t ring_rows = 0;
 };
 
 /// The engine over any PyramidCompressor<..., CudaBackend>: one model, one

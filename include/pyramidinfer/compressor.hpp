@@ -600,7 +600,8 @@ class PyramidCompressor {
     }
     const std::int64_t x0 = decode_step_of(s, layer, cache.kv().len(layer, seq) - c + 1);
     for (int r = 0; r < c; ++r) {
-      const TensorView<const T, 4> one{q.data() + std::size_t(r) * QH * d, {1, QH, 1, d}, {0, d, std::int64_t(QH) * d, 1}};
+      const TensorView<const T, 4> one{q.data() + std::size_t(r) * QH * d, {1, QH, 1, d},
+                                       {0, d, std::int64_t(QH) * d, 1}};
       add_query(layer, cache, seq, x0 + r, one, s.stash_lse[l].data() + std::size_t(r) * QH);
     }
     s.stash_count[l] = s.stash_pending[l] = 0;

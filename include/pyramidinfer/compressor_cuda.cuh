@@ -210,7 +210,8 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   /// splits one memory budget between KV pages and the ring).
   template <class T>
   std::size_t ring_row_bytes() const {
-    return std::size_t(ring_layers()) * std::size_t(config().num_heads) * (std::size_t(config().head_dim) * sizeof(T) + sizeof(float));
+    const std::size_t heads = std::size_t(ring_layers()) * std::size_t(config().num_heads);
+    return heads * (std::size_t(config().head_dim) * sizeof(T) + sizeof(float));
   }
 
   /// Device bytes attach() takes for this cache and a ring pool of ring_rows rows.
@@ -541,7 +542,8 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     if (!config().compress_decode) return;
     const std::int32_t* slots = upload_slots(batch, stream);
     if (accumulating()) {
-      cuda::detail::acc_set_lse_kernel<T><<<unsigned(batch.batch), 64, 0, stream>>>(acc_args<T>(layer, cache), slots, lse);
+      const auto a = acc_args<T>(layer, cache);
+      cuda::detail::acc_set_lse_kernel<T><<<unsigned(batch.batch), 64, 0, stream>>>(a, slots, lse);
       PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_set_lse_kernel");
       return;
     }

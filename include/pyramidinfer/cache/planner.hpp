@@ -67,8 +67,9 @@ inline std::int64_t decode_stash_rows(const ModelShape& m, int window, int segme
   detail::check_model(m, fn);
   PYRAMIDINFER_REQUIRE(window >= 1, fn, "window", window, "must be >= 1");
   PYRAMIDINFER_REQUIRE(segment >= 1, fn, "segment", segment, "must be >= 1");
-  const std::int64_t acc_bytes = detail::checked_product(fn, "accumulator bytes", std::int64_t(decode_acc_blocks(window, segment)),
-                                                         std::int64_t(segment), std::int64_t(m.kv_heads), std::int64_t(4));
+  const std::int64_t blocks = decode_acc_blocks(window, segment);
+  const std::int64_t acc_bytes = detail::checked_product(fn, "accumulator bytes", blocks, std::int64_t(segment),
+                                                         std::int64_t(m.kv_heads), std::int64_t(4));
   const std::int64_t row_bytes = std::int64_t(m.num_heads) * m.head_dim * 2;
   return segment + (acc_bytes + row_bytes - 1) / row_bytes;
 }
