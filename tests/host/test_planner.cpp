@@ -327,3 +327,21 @@ TEST_CASE("Planner capacity and pages per request are exactly the peak a long de
     CHECK(tc.free_pages() == pages);
   }
 }
+
+TEST_CASE("decode_stash_rows: a segment of query rows, then the accumulators laid over query bytes", "[planner]") {
+  // acc blocks: the segments whose window still runs (ceil(window / segment) + 1) and one waiting to fire
+  CHECK(decode_acc_blocks(1, 16) == 3);
+  CHECK(decode_acc_blocks(16, 16) == 3);
+  CHECK(decode_acc_blocks(17, 16) == 4);
+  CHECK(decode_acc_blocks(103, 16) == 9);
+  // Llama-3-8B: 9 blocks x 16 keys x 8 KV heads x 4 bytes = 4,608 bytes, one row of 32 x 128 x 2 bytes
+  const ModelShape gqa{32, 32, 8, 128, DType::f16};
+  CHECK(decode_stash_rows(gqa, 103, 16) == 16 + 1);
+  // LLaMA-2-7B: 9 x 16 x 32 x 4 = 18,432 bytes in rows of 8,192: three
+  const ModelShape mha{32, 32, 32, 128, DType::f16};
+  CHECK(decode_stash_rows(mha, 103, 16) == 16 + 3);
+  CHECK(decode_stash_rows(mha, 1639, 16) == 16 + 27);  // 105 blocks: 215,040 bytes in 26.25 rows
+  CHECK_THROWS_WITH(decode_stash_rows(mha, 0, 16), Catch::Contains("window"));
+  CHECK_THROWS_WITH(decode_stash_rows(mha, 10, 0), Catch::Contains("segment"));
+  CHECK_THROWS_WITH(decode_stash_rows(ModelShape{32, 30, 8, 128, DType::f16}, 10, 16), Catch::Contains("num_heads"));
+}
