@@ -14,7 +14,7 @@
 //     K/V element (kv head g, packed row r, e) at k[r * row_stride + g * head_stride + e].
 //   decode_splits(B, H, Hkv, max_len, sms, max_splits) -> splits (host only)
 //   decode_attention(q, qpos, B, PagedLayer{cache.kv(), layer, seqs}, max_len, H, d, scale,
-//                    splits, part, out, lse, stream, math = DecodeMath::cuda_cores)
+//                    splits, part, out, lse, stream, math = DecodeMath::tensor_cores)
 //     q [B, H d], qpos [B], seqs [B] slots, part [B, H, splits, d + 2], out [B, H d], lse [B, H] or nullptr;
 //     max_len: a host upper bound of the batch's lengths in `layer` (sizes the key splits);
 //     math: tensor_cores computes a GQA group (2, 4 or 8 query heads) as the rows of mma tiles.
@@ -38,8 +38,10 @@
 //    contiguous in every pool layout), two keys in flight per thread, the
 //    next step's page ids loaded with this step's keys; a combine kernel
 //    merges splits. GQA: a block computes the whole group from each K/V tile,
-//    on CUDA cores or (DecodeMath::tensor_cores) with mma.sync, the group's
-//    heads as the rows of a 16-row tile and K/V tiles staged by cp.async. Device state is not trusted: a length is clamped to
+//    by default with mma.sync (DecodeMath::tensor_cores: the group's heads as
+//    the rows of a 16-row tile, K/V tiles staged by cp.async; 1.2-1.7x the
+//    CUDA-core kernel on an H200, benchmarks/RESULTS.md), or on CUDA cores
+//    (DecodeMath::cuda_cores). Device state is not trusted: a length is clamped to
 //    [0, max_pages << page_shift], a slot outside [0, max_seqs) or a page id
 //    outside [0, num_pages) reads as empty.
 //  * reference_attention: one thread per (row, head), fp32, two passes. Only
@@ -79,9 +81,9 @@ struct PagedLayer {
   const std::int32_t* seqs;  // [B], device
 };
 
-/// How decode_attention computes a GQA group's scores and outputs: on CUDA
-/// cores (the default), or on tensor cores (mma.sync, the group's heads as
-/// tile rows; MHA always takes the CUDA-core kernel).
+/// How decode_attention computes a GQA group's scores and outputs: on tensor
+/// cores (the default: mma.sync, the group's heads as tile rows), or on CUDA
+/// cores. MHA always takes the CUDA-core kernel.
 enum class DecodeMath { cuda_cores, tensor_cores };
 
 namespace detail {
@@ -943,7 +945,7 @@ inline int decode_splits(int B, int H, int kv_heads, std::int64_t max_len, int s
 /// decode_splits; unused when 1).
 inline void decode_attention(const __half* q, const std::int32_t* qpos, int B, const PagedLayer& c,
                              std::int64_t max_len, int H, int d, float scale, int splits, float* part, __half* out,
-                             float* lse, cudaStream_t stream, DecodeMath math = DecodeMath::cuda_cores) {
+                             float* lse, cudaStream_t stream, DecodeMath math = DecodeMath::tensor_cores) {
   if (B <= 0) return;
   detail::check_paged(c, H, d, "decode_attention");
   detail::require(splits >= 1 && (splits == 1 || part), "decode_attention", "splits must be >= 1 (part set when > 1)");

@@ -4,7 +4,9 @@
 // every 16th step) and its rows of the CUDA compressor's ring pool from its
 // prefill to its end, before and after decode scores were accumulated (a
 // window of queries per layer against a stash of one segment and the
-// accumulators: decode_stash_rows, include/pyramidinfer/cache/planner.hpp).
+// accumulators: decode_stash_rows, include/pyramidinfer/cache/planner.hpp;
+// without decode compression, the full cache's case, a window of one layer
+// against none: the ring then serves the prefill alone).
 // Prints a Markdown table, per workload, shape and policy, of the means over
 // the requests, each also as a share of the full cache's KV.
 //
@@ -44,7 +46,7 @@ Ledger ledger(const Compressor& pc, const Shape& s, const std::vector<Request>& 
     const int w = window_length(r.prompt_len, pc.config().recent_ratio);
     g.kv += double(page_curve(pc, r.prompt_len, r.output_len, 16, FireSchedule{16, 0}).peak()) * page_bytes;
     g.window_rows += double(w) * row_bytes;
-    g.decode_rows += double(decode ? decode_stash_rows(m, w, seg) : w) * row_bytes;
+    g.decode_rows += double(decode ? decode_stash_rows(m, w, seg) : 0) * row_bytes;  // decode_rows_for
   }
   const double n = double(reqs.size());
   g.kv /= n, g.window_rows /= n, g.decode_rows /= n;
@@ -57,7 +59,7 @@ void table(double median) {
   const std::vector<Request> reqs = make_workload(wo);
   std::printf("\nWorkload: %d requests, prompt median %.0f (seed %llu), output %d-%d tokens\n\n", wo.requests, median,
               (unsigned long long)wo.seed, wo.output_min, wo.output_max);
-  std::printf("| shape | policy | KV pages at peak | ring: a window per layer | ring: stash + accumulators | "
+  std::printf("| shape | policy | KV pages at peak | ring: a window per layer | ring: stash + accumulators (decode_rows_for) | "
               "request's memory, window ring | request's memory, accumulated |\n|---|---|---|---|---|---|---|\n");
   const Shape shapes[] = {{"llama2-7b", 32, 32, 32, 128}, {"llama2-13b", 40, 40, 40, 128}, {"llama3-8b", 32, 32, 8, 128}};
   for (const Shape& s : shapes) {

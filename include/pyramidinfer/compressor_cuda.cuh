@@ -14,7 +14,7 @@
 //     decode scores (compressor.hpp): after its prefill a sequence keeps only
 //     decode_rows_for() rows, a stash of one segment's queries and the
 //     accumulators of its recent keys (kernels/cuda/decode_accum.cuh), and
-//     gives the rest back;
+//     gives the rest back; without decode compression it gives back all;
 //   * per slot: ring and decode state, and the prefill token lists (ints,
 //     max_seq_len of them per list: 4 + 4 * head sets ints per token of
 //     capacity, small beside the KV pages a token needs);
@@ -120,6 +120,7 @@ class RowRanges {
     return -1;
   }
   void give(std::int64_t start, std::int64_t n) {
+    if (n <= 0) return;  // an empty range would stay in the list
     auto it = std::lower_bound(free_.begin(), free_.end(), start,
                                [](const Range& r, std::int64_t s) { return r.start < s; });
     it = free_.insert(it, {start, n});
@@ -200,10 +201,11 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     const int w = window_length(prompt_len, config().recent_ratio);
     return std::max<std::int64_t>(w, decode_rows(w));
   }
-  /// Ring-pool rows it keeps from the end of its prefill to end(): all of
-  /// them, or, when decode scores accumulate, the stash and the accumulators.
+  /// Ring-pool rows it keeps from the end of its prefill to end(): its
+  /// window; when decode scores accumulate, the stash and the accumulators;
+  /// none without decode compression (the ring served the prefill alone).
   std::int64_t decode_rows_for(int prompt_len) const {
-    return accumulating() ? decode_rows(window_length(prompt_len, config().recent_ratio)) : ring_rows_for(prompt_len);
+    return rows_after_prefill(window_length(prompt_len, config().recent_ratio));
   }
 
   /// Device bytes one ring-pool row adds to state_bytes() (for an engine that
@@ -647,6 +649,9 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   std::int64_t decode_rows(int w) const {
     return accumulating() ? decode_stash_rows(host_.model_shape(DType::f16), w, decode_schedule().segment) : 0;
   }
+  std::int64_t rows_after_prefill(int w) const {
+    return !config().compress_decode ? 0 : accumulating() ? decode_rows(w) : std::int64_t(w);
+  }
   /// The factor that turns the engine's LSE into natural log (the host's, so the bytes agree).
   float lse_scale() const { return config().lse_base == LseBase::base2 ? 0.69314718055994531f : 1.f; }
   int slot_capacity() const { return int(std::int64_t(shape_.max_pages()) << shape_.page_shift()); }
@@ -936,12 +941,10 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
              cuda::detail::FlushWhen when, cudaStream_t stream) {
     const cuda::detail::AccArgs<T> a = acc_args<T>(layer, cache);
     const unsigned nb = unsigned(list.batch);
-    const dim3 lse_grid(unsigned((a.segment + 3) / 4), unsigned(a.q_heads), nb);
-    cuda::detail::acc_lse_kernel<T><<<lse_grid, 128, 0, stream>>>(cache.kv(), layer, a, slots, when);
+    cuda::detail::acc_lse_kernel<T><<<dim3(unsigned(a.q_heads), nb), 128, 0, stream>>>(cache.kv(), layer, a, slots,
+                                                                                       when);
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_lse_kernel");
-    cuda::detail::acc_flush_kernel<T><<<dim3(nb, unsigned(a.kv_heads)), 128, 0, stream>>>(cache.kv(), layer, a, slots,
-                                                                                          when);
-    PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_flush_kernel");
+    cuda::detail::acc_flush(cache.kv(), layer, a, slots, when, int(nb), max_window(), stream);
     cuda::detail::acc_clear_kernel<T><<<(nb + 127) / 128, 128, 0, stream>>>(a, slots, when, int(nb));
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("acc_clear_kernel");
   }
@@ -1099,12 +1102,12 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     return out;
   }
 
-  /// After its prefill, a sequence with accumulated decode scores needs only
-  /// its decode rows: the rest of its window goes back to the pool (later
-  /// work on the stream that reads them runs after this prefill's).
+  /// After its prefill a sequence keeps rows_after_prefill(): the rest of
+  /// its window goes back to the pool (later work on the stream that reads
+  /// them runs after this prefill's).
   void keep_decode_rows(Seq& s) {
-    const std::int64_t keep = decode_rows(s.window);
-    if (!accumulating() || s.ring_rows <= keep) return;
+    const std::int64_t keep = rows_after_prefill(s.window);
+    if (s.ring_rows <= keep) return;
     ring_.give(s.ring_base + keep, s.ring_rows - keep);
     s.ring_rows = keep;
   }

@@ -135,6 +135,8 @@ struct Case {
   bool base2 = false;    ///< the engine's LSE comes in base 2 (FlashInfer's)
   int min_context = 32;
   int prompt_lo = 120, prompt_hi = 220;  ///< prompt lengths, uniform
+  double recent = 0.2;                    ///< CompressorConfig::recent_ratio
+  bool decode = true;                     ///< CompressorConfig::compress_decode
 };
 
 template <class T, class Scoring>
@@ -177,6 +179,8 @@ struct Run {
   static CompressorConfig config(const Case& cs) {
     CompressorConfig x{L, QH, H, d};
     x.prefill_mode = cs.mode;
+    x.recent_ratio = cs.recent;
+    x.compress_decode = cs.decode;
     x.lse_base = cs.base2 ? LseBase::base2 : LseBase::natural;
     return x;
   }
@@ -556,6 +560,10 @@ TEMPLATE_TEST_CASE("CUDA compressor gives the host compressor's bytes through pr
   };
   int i = 0;
   for (const Case& c : cases) run_case<T>(c, RecentWindowScoring{}, paging(i++));
+  // Windows of ~240 rows: a flush spans several tiles of 128 keys (decode_accum.cuh).
+  Case wide{S, drop, true, true, 100, Ht, true, false};
+  wide.prompt_lo = 380, wide.prompt_hi = 400, wide.recent = 0.6;
+  run_case<T>(wide, RecentWindowScoring{}, paging(i++));
   run_case<T>({S, drop, false, false, 80, Ht, true, true}, AccumulatedAttentionScoring{}, paging(i++));
   run_case<T>({S, local, false, false, 80, Ht, true, true}, KeyNormScoring{}, paging(i++));
   run_case<T>({P, local, false, false, 80, Dt, true}, PositionScoring{}, paging(i++));
@@ -665,4 +673,25 @@ TEST_CASE("CUDA compressor with accumulated decode scores keeps only its decode 
   CHECK(dc.decode_fired() == 3);
   append();  // room again
   r.st.sync();
+}
+
+TEST_CASE("CUDA compressor without decode compression gives its whole window back after the prefill",
+          "[cuda][compressor]") {
+  using T = half_t;
+  Case c{Granularity::shared, PrefillMode::drop_tokens, true, true, 20};
+  c.prompt_lo = c.prompt_hi = 220;  // windows of 45 rows
+  c.decode = false;
+  Run<T, RecentWindowScoring> r(c, RecentWindowScoring{}, 16, pit::PoolKind::hnd);
+  auto& dc = r.dcomp;
+  CHECK(dc.decode_rows_for(220) == 0);
+  const std::vector<std::int32_t> all{0, 1, 2};
+  for (int s : all) r.begin(s, s);
+  CHECK_FALSE(dc.can_begin(1));  // the pool holds exactly the three windows
+  r.prefill(all);
+  CHECK(dc.can_begin(3 * 220));  // all three windows are back, as one range (a window of 133 rows fits)
+  long long firing_calls = 0;
+  for (int step = 0; step < c.steps; ++step) r.eager_step(all, firing_calls);  // decode reads no ring row
+  CHECK(firing_calls == 0);
+  for (int s : all) r.end(s);
+  CHECK(dc.can_begin(3 * 220));
 }

@@ -346,6 +346,12 @@ __device__ __forceinline__ void mma_tile(float (&acc)[kMT][kNT][4], const std::u
   }
 }
 
+/// Sum over a quad's 4 lanes (the lanes holding one accumulator row).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 /// 2^x on the MUFU unit (flush-to-zero: results below 2^-126 become 0).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -738,9 +744,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, 2) score_mma_kernel(ScoreArg
   for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      float s = part[mt][hf];
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      const float s = quad_sum(part[mt][hf]);
       const int jl = warp * kWarpRows + mt * 16 + g + hf * 8;
       if (tg == 0) {
         if (splits > 1) s_key[jl] = s;
@@ -1034,9 +1038,7 @@ __global__ void __launch_bounds__(kFusedThreads, 2) score_fused_kernel(ScoreArgs
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        float s = hp[0][mt][hf] + hp[1][mt][hf];
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        const float s = quad_sum(hp[0][mt][hf] + hp[1][mt][hf]);
         const int key = k_lo + t * kTileCols + mt * 16 + g + hf * 8;
         if (tg == 0 && key >= sb && key < se) {
           const int j = key - begin;
