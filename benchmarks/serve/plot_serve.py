@@ -183,12 +183,18 @@ def label(r):
 
 def kv_budget(r):
     """The run's KV memory: one budget (pages + cache and compressor state) since pyramid-serve
-    counted the ring; before, a page pool with the ring beside it."""
+    counted the ring, split per policy (the split column); before, a page pool with the ring
+    beside it."""
     G = 1 << 30
     if "budget_bytes" in r:
-        return (f"KV budget {r['budget_bytes'] / G:.1f} GiB: pages {r['pages_bytes'] / G:.1f}, "
-                f"ring {r['ring_bytes'] / G:.2f}")
-    return f"KV pool {r['pool_bytes'] / G:.1f} GiB (ring beside it, uncounted)"
+        return f"KV budget {r['budget_bytes'] / G:.1f} GiB per policy (pages of {r['page_size']})"
+    return f"KV pool {r['pool_bytes'] / G:.1f} GiB ({r['pool_pages']} pages of {r['page_size']}; ring beside it, uncounted)"
+
+
+def split(r):
+    """A policy's share of the budget: pages and ring, GiB."""
+    G = 1 << 30
+    return f"{r['pages_bytes'] / G:.1f} / {r['ring_bytes'] / G:.2f}" if "budget_bytes" in r else ""
 
 
 def main():
@@ -205,16 +211,16 @@ def main():
         any_r = rs[0]
         print(f"\n### {any_r['shape']}, prompts log-normal median {median:g} (sigma {any_r['prompt_sigma']:g}, cap "
               f"{any_r['prompt_cap']}), outputs {any_r['output_min']}-{any_r['output_max']}, {any_r['requests']} "
-              f"requests, {kv_budget(any_r)} ({any_r['pool_pages']} pages of "
-              f"{any_r['page_size']}), {any_r['device']}\n")
-        print("| policy | sat. req/s (x full) | out tok/s | peak seqs | peak pages (dev / booked) | decode ms p50 | "
-              "floor fraction p50 | Poisson rate | TTFT p50 / p99 s | TPOT p50 / p99 ms | books violations |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              f"requests, {kv_budget(any_r)}, {any_r['device']}\n")
+        print("| policy | pages / ring GiB | sat. req/s (x full) | out tok/s | peak seqs | peak pages (dev / booked) | "
+              "decode ms p50 | floor fraction p50 | Poisson rate | TTFT p50 / p99 s | TPOT p50 / p99 ms | "
+              "books violations |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         base = sat.get("full", {}).get("req_per_s")
         for p in pols:
             s, q = sat.get(p, {}), poi.get(p, {})
             x = f" ({s['req_per_s'] / base:.2f}x)" if s and base else ""
-            print(f"| {p} | {s.get('req_per_s', 0):.2f}{x} | {s.get('out_tok_per_s', 0):.0f} | "
+            print(f"| {p} | {split(s or q)} | {s.get('req_per_s', 0):.2f}{x} | {s.get('out_tok_per_s', 0):.0f} | "
                   f"{s.get('peak_concurrent', 0)} | {s.get('peak_pages_device', 0)} / {s.get('peak_pages_booked', 0)} | "
                   f"{s.get('decode_ms_p50', 0):.2f} | {s.get('floor_fraction_p50', 0):.2f} | "
                   f"{q.get('rate', 0):.2f} | {q.get('ttft_p50_s', 0):.2f} / {q.get('ttft_p99_s', 0):.2f} | "

@@ -528,7 +528,8 @@ void run_case(const Case& c, Scoring scoring, Paging pg) {
                << c.lse_late << " graph " << c.graph << " dtype " << dtype_name(DTypeOf<T>::value) << " pages "
                << pg.page_size << " " << pit::pool_kind_name(pg.kind));
   Case cc = c;
-  if (test::short_run()) cc.steps = std::min(cc.steps, 100);  // still two firings per sequence and layer
+  if (test::short_run())  // still two firings per sequence and layer
+    cc.steps = std::min(cc.steps, std::max(100, 48 + window_length(c.prompt_hi, c.recent)));
   Run<T, Scoring> r(cc, scoring, pg.page_size, pg.kind);
   r.run();
 }
@@ -560,9 +561,10 @@ TEMPLATE_TEST_CASE("CUDA compressor gives the host compressor's bytes through pr
   };
   int i = 0;
   for (const Case& c : cases) run_case<T>(c, RecentWindowScoring{}, paging(i++));
-  // Windows of ~240 rows: a flush spans several tiles of 128 keys (decode_accum.cuh).
-  Case wide{S, drop, true, true, 100, Ht, true, false};
-  wide.prompt_lo = 380, wide.prompt_hi = 400, wide.recent = 0.6;
+  // Windows of ~140 rows: a flush spans two tiles of 128 keys (decode_accum.cuh),
+  // and a segment fires only after 16 + 140 steps.
+  Case wide{S, drop, true, true, 230, Ht, true, false};
+  wide.prompt_lo = 190, wide.prompt_hi = 200, wide.recent = 0.7;
   run_case<T>(wide, RecentWindowScoring{}, paging(i++));
   run_case<T>({S, drop, false, false, 80, Ht, true, true}, AccumulatedAttentionScoring{}, paging(i++));
   run_case<T>({S, local, false, false, 80, Ht, true, true}, KeyNormScoring{}, paging(i++));
