@@ -8,7 +8,8 @@
 #   ROWS="llama3-8b:full:1:saturation:768:1024 llama3-8b:pyramid45:16:both:768:1024" \
 #     bash benchmarks/serve/run_rows_gpu.sh
 # Appends every summary to $OUT/serve.jsonl and every iteration to
-# $OUT/serve_steps.jsonl; prints the main numbers of each row; packs the logs
+# $OUT/serve_steps.jsonl; prints the main numbers of each row, then where
+# each row's time went (step_profile.py); packs the logs
 # and steps into $OUT/rows.tgz. A row is skipped once BUDGET_S is spent.
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
@@ -42,5 +43,6 @@ for line in sys.stdin:
           d["peak_concurrent"], d["decode_ms_p50"], d["floor_fraction_p50"], 1e3 * d["tpot_p50_s"], 1e3 * d["tpot_p99_s"],
           d["ttft_p50_s"], d["ttft_p99_s"], d["graph_builds"]))'
 done
+[ -s "$OUT/serve_steps.jsonl" ] && python3 benchmarks/serve/step_profile.py "$OUT/serve_steps.jsonl"
 (cd "$OUT" && tar czf rows.tgz --exclude rows.tgz -- row_*.log serve_steps.jsonl 2>/dev/null && rm -f row_*.log serve_steps.jsonl)
 echo "== total $(( $(date +%s) - START )) s"
