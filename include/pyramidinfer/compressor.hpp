@@ -470,10 +470,7 @@ class PyramidCompressor {
     const int row = (r.start + r.count) % w;
     if (r.count == w) r.start = (r.start + 1) % w;
     else ++r.count;
-    // Pending rows are always the newest ones. A query whose LSE the engine
-    // gives joins them if some are pending (recomputing it gives the same
-    // value: nothing was evicted since it ran), so the suffix stays intact.
-    r.pending = (lse.data && r.pending == 0) ? 0 : std::min(r.pending + 1, r.count);
+    r.pending = pending_after_push(lse.data != nullptr, r.pending, r.count);
     for (int qh = 0; qh < cfg_.num_heads; ++qh) {
       if (Scoring::needs_queries)
         for (int d = 0; d < cfg_.head_dim; ++d) ring_q(s, layer, qh, row)[d] = to_float(q(i, qh, 0, d));
@@ -572,7 +569,7 @@ class PyramidCompressor {
       for (std::size_t k = 0; k < d; ++k) row[h * d + k] = to_float(q(i, int(h), 0, int(k)));
     if (lse.data)
       for (std::size_t h = 0; h < QH; ++h) s.stash_lse[l][std::size_t(c) * QH + h] = natural_lse(lse(i, int(h)));
-    pend = (lse.data && pend == 0) ? 0 : std::min(pend + 1, c + 1);  // the ring's rule (push_decode_query)
+    pend = pending_after_push(lse.data != nullptr, pend, c + 1);
     ++c;
   }
 

@@ -66,6 +66,15 @@ PYRAMIDINFER_HOST_DEVICE inline RingSpan ring_span(const std::int32_t* base, con
   return s;
 }
 
+/// Newest window queries still without an LSE once one more query is pushed
+/// (the ring or stash then holds `count`). Pending rows stay the newest ones:
+/// a query whose LSE the engine gives joins them if some are pending
+/// (recomputing its LSE gives the same value, as nothing was evicted since it
+/// ran). Both backends' rings and stashes use this rule.
+PYRAMIDINFER_HOST_DEVICE inline int pending_after_push(bool has_lse, int pending, int count) {
+  return has_lse && pending == 0 ? 0 : (pending + 1 < count ? pending + 1 : count);
+}
+
 /// Everything a scoring policy may look at, for one layer of a batch.
 ///
 /// Slots are a head's cached tokens in original order. The last

@@ -83,7 +83,7 @@ __global__ void acc_stash_kernel(AccArgs<T> a, const std::int32_t* slots, KVView
   __syncthreads();  // everyone has read the state
   if (threadIdx.x == 0) {
     a.count[b] = r + 1;
-    a.pending[b] = (lse.data && pend == 0) ? 0 : min(pend + 1, r + 1);  // the ring's rule (decode_ring.cuh)
+    a.pending[b] = pending_after_push(lse.data != nullptr, pend, r + 1);
   }
 }
 
@@ -92,9 +92,7 @@ template <class T>
 __global__ void acc_set_lse_kernel(AccArgs<T> a, const std::int32_t* slots, TensorView<const float, 2> lse) {
   const int z = blockIdx.x, b = slots[z], c = a.count[b];
   if (c <= 0) return;
-  for (int h = threadIdx.x; h < a.q_heads; h += blockDim.x) a.stash_lse(b, c - 1)[h] = lse(z, h) * a.lse_scale;
-  __syncthreads();
-  if (threadIdx.x == 0 && a.pending[b] == 1) a.pending[b] = 0;  // older pending rows stay pending
+  set_newest_lse(a.stash_lse(b, c - 1), lse, z, a.q_heads, a.lse_scale, a.pending[b]);
 }
 
 /// LSE of the stashed queries that have none, over the slots each saw: stash
@@ -111,16 +109,8 @@ __global__ void __launch_bounds__(128) acc_lse_kernel(PagedKV<T> kv, int layer, 
   for (int r = max(c - pend, 0) + int(threadIdx.x / 32); r < c; r += 4) {
     const int last = a.len[b] - c + r;
     if (last < 0) continue;
-    const T* q = a.stash_q(b, r) + qh * a.d;
-    OnlineLse stats;
-    for (int j = lane; j <= last; j += 32) {
-      const T* k = kv.k_slot(layer, b, j, kvh);
-      float dot = 0.f;
-      for (int i = 0; i < a.d; ++i) dot = fmaf(to_float(q[i]), to_float(k[i]), dot);
-      stats.fold(dot * a.scale);
-    }
-    const float total = stats.warp_total();
-    if (lane == 0) a.stash_lse(b, r)[qh] = total;
+    const float lse = query_lse(kv, layer, b, kvh, a.stash_q(b, r) + qh * a.d, a.d, last, a.scale);
+    if (lane == 0) a.stash_lse(b, r)[qh] = lse;
   }
 }
 

@@ -103,8 +103,19 @@ __global__ void comp_push_decode_kernel(RingArgs<T> r, const std::int32_t* slots
     if (c == w) r.start[b] = (s + 1) % w;
     else nc = c + 1;
     r.count[b] = nc;
-    r.pending[b] = lse.data ? 0 : min(pend + 1, nc);
+    r.pending[b] = pending_after_push(lse.data != nullptr, pend, nc);
   }
+}
+
+/// decode_set_lse for one block's sequence b (batch entry z): the engine's
+/// LSE into the newest query's row `out` (natural log). pending counts the
+/// newest rows without LSE: only a lone newest one is cleared (older pending
+/// rows stay pending, and this row is then recomputed, harmlessly).
+__device__ inline void set_newest_lse(float* out, TensorView<const float, 2> lse, int z, int q_heads, float scale,
+                                      std::int32_t& pending) {
+  for (int qh = threadIdx.x; qh < q_heads; qh += blockDim.x) out[qh] = lse(z, qh) * scale;
+  __syncthreads();
+  if (threadIdx.x == 0 && pending == 1) pending = 0;
 }
 
 /// The newest ring row's LSE of every listed sequence (decode_set_lse). grid (nb).
@@ -112,12 +123,7 @@ template <class T>
 __global__ void comp_set_lse_kernel(RingArgs<T> r, const std::int32_t* slots, TensorView<const float, 2> lse) {
   const int z = blockIdx.x, b = slots[z], c = r.count[b];
   if (c <= 0) return;
-  const std::int64_t row = r.row(b, c - 1);
-  for (int qh = threadIdx.x; qh < r.q_heads; qh += blockDim.x) r.lse[row * r.q_heads + qh] = lse(z, qh) * r.lse_scale;
-  __syncthreads();
-  // pending counts the newest rows without LSE: only a lone newest one is cleared
-  // (older pending rows stay pending, and this row is then recomputed, harmlessly).
-  if (threadIdx.x == 0 && r.pending[b] == 1) r.pending[b] = 0;
+  set_newest_lse(r.lse + r.row(b, c - 1) * r.q_heads, lse, z, r.q_heads, r.lse_scale, r.pending[b]);
 }
 
 /// Whether slot b's decode compression fires now: the segment between its
@@ -136,6 +142,20 @@ struct Trigger {
   }
 };
 
+/// A warp's LSE of query q (d elements) over slots [0, last] of sequence b's
+/// KV head kvh in `layer`, scaled by `scale` (every lane gets it).
+template <class T>
+__device__ float query_lse(const PagedKV<T>& kv, int layer, int b, int kvh, const T* q, int d, int last, float scale) {
+  OnlineLse stats;
+  for (int j = int(threadIdx.x % 32); j <= last; j += 32) {
+    const T* k = kv.k_slot(layer, b, j, kvh);
+    float dot = 0.f;
+    for (int i = 0; i < d; ++i) dot = fmaf(to_float(q[i]), to_float(k[i]), dot);
+    stats.fold(dot * scale);
+  }
+  return stats.warp_total();
+}
+
 /// LSE of the pending ring rows [w - pending, w) over the slots each saw (host
 /// settle_pending_lse): window row r sits at slot n - w + r and sees [0, that].
 /// One warp per row; grid (ceil(max window / 4), q_heads, nb).
@@ -150,15 +170,7 @@ __global__ void __launch_bounds__(128) comp_settle_kernel(PagedKV<T> kv, int lay
   const int n = kv.len(layer, b), last = n - w + row;
   if (last < 0 || last >= (kv.max_pages << kv.page_shift)) return;
   const std::int64_t ring = r.row(b, row);
-  const T* q = r.q + (ring * r.q_heads + qh) * r.d;
-  OnlineLse stats;
-  for (int j = lane; j <= last; j += 32) {
-    const T* k = kv.k_slot(layer, b, j, kvh);
-    float acc = 0.f;
-    for (int i = 0; i < r.d; ++i) acc = fmaf(to_float(q[i]), to_float(k[i]), acc);
-    stats.fold(acc * scale);
-  }
-  const float lse = stats.warp_total();
+  const float lse = query_lse(kv, layer, b, kvh, r.q + (ring * r.q_heads + qh) * r.d, r.d, last, scale);
   if (lane == 0) r.lse[ring * r.q_heads + qh] = lse;
 }
 
