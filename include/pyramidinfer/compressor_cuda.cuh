@@ -1097,19 +1097,28 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
       s.stored = false;
       ++s.prefilled;
       out.rows += s.n;
-      if (s.prefilled == config().num_layers) keep_decode_rows(s);
+      if (s.prefilled == config().num_layers) keep_decode_rows(s, b, stream);
     }
     return out;
   }
 
-  /// After its prefill a sequence keeps rows_after_prefill(): the rest of
-  /// its window goes back to the pool (later work on the stream that reads
-  /// them runs after this prefill's).
-  void keep_decode_rows(Seq& s) {
+  /// After its prefill a sequence keeps rows_after_prefill(). When that is
+  /// fewer than its window, it gives the window back and takes its decode
+  /// rows anew (first fit, so they pack at the pool's start and leave long
+  /// ranges for the windows of prompts to come; keeping the window's head in
+  /// place left the pool cut into short gaps). Nothing moves with them: the
+  /// stash is empty and an accumulator block is written before it is read
+  /// (decode_accum.cuh). Later work on the stream that reads the rows runs
+  /// after this prefill's.
+  void keep_decode_rows(Seq& s, int b, cudaStream_t stream) {
     const std::int64_t keep = rows_after_prefill(s.window);
     if (s.ring_rows <= keep) return;
-    ring_.give(s.ring_base + keep, s.ring_rows - keep);
+    ring_.give(s.ring_base, s.ring_rows);
     s.ring_rows = keep;
+    if (keep == 0) return;
+    s.ring_base = ring_.take(keep);  // cannot fail: the window just given back holds keep rows
+    cuda::detail::comp_move_ring_kernel<<<1, 1, 0, stream>>>(m_.ring_base, b, int(s.ring_base));
+    PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_move_ring_kernel");
   }
 
   // ---- decode eviction ---------------------------------------------------------------

@@ -655,6 +655,10 @@ TEST_CASE("CUDA compressor with accumulated decode scores keeps only its decode 
   CHECK_FALSE(dc.can_begin(1));  // the pool holds exactly the three windows
   r.prefill(all);
   CHECK(dc.can_begin(1));  // each sequence gave back what its window held beyond its decode rows
+  // The decode rows (3 x 18) were taken anew at the pool's start, so the
+  // other 81 rows are one range: a window of 81 rows fits.
+  REQUIRE(dc.ring_rows_for(400) == 135 - 3 * dc.decode_rows_for(220));
+  CHECK(dc.can_begin(400));
   // Host trigger, decode_compress never called: segment m's window ends at
   // step 16 (m + 1) + 44, so the 96th query would open a sixth live segment in
   // acc_blocks(45) = 5 blocks.
