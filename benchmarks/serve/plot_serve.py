@@ -188,7 +188,8 @@ def kv_budget(r):
     G = 1 << 30
     if "budget_bytes" in r:
         return f"KV budget {r['budget_bytes'] / G:.1f} GiB per policy (pages of {r['page_size']})"
-    return f"KV pool {r['pool_bytes'] / G:.1f} GiB ({r['pool_pages']} pages of {r['page_size']}; ring beside it, uncounted)"
+    return (f"KV pool {r['pool_bytes'] / G:.1f} GiB ({r['pool_pages']} pages of {r['page_size']}; "
+            "ring beside it, uncounted)")
 
 
 def split(r):

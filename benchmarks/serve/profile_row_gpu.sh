@@ -9,7 +9,8 @@ set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/.out}
 BUILD=${BUILD_DIR:-build-profile}
-ARGS=${ARGS:---shape llama3-8b --policies pyramid45 --fire-every 16 --mode saturation --requests 384 --max-seqs 1024 --pool-gb 40}
+ARGS=${ARGS:---shape llama3-8b --policies pyramid45 --fire-every 16 --mode saturation --requests 384 \
+  --max-seqs 1024 --pool-gb 40}
 mkdir -p "$OUT" "$BUILD"
 NSYS=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/*/bin/nsys 2>/dev/null | head -1)
 [ -n "$NSYS" ] || { echo "no nsys on this machine"; exit 3; }

@@ -42,7 +42,8 @@ def main():
         print(f"| {policy} | {fire} | {mode} | {end:.1f} | {pre:.1f} | {dsum:.1f} | {end - pre - dsum:.1f} | "
               f"{len(dec)} | {batch:.0f} |")
     print("\nDecode steps without a prefill in their iteration, by batch: median step ms / median floor ms (steps)\n")
-    print("| policy | fire | mode | " + " | ".join(f"batch {b}-{b + BUCKET - 1}" for b in range(0, 7 * BUCKET, BUCKET)) + " |")
+    heads = [f"batch {b}-{b + BUCKET - 1}" for b in range(0, 7 * BUCKET, BUCKET)]
+    print("| policy | fire | mode | " + " | ".join(heads) + " |")
     print("|---|---|---|" + "---|" * 7)
     for (policy, fire, mode, _), st in runs.items():
         by = defaultdict(list)

@@ -59,7 +59,8 @@ void table(double median) {
   const std::vector<Request> reqs = make_workload(wo);
   std::printf("\nWorkload: %d requests, prompt median %.0f (seed %llu), output %d-%d tokens\n\n", wo.requests, median,
               (unsigned long long)wo.seed, wo.output_min, wo.output_max);
-  std::printf("| shape | policy | KV pages at peak | ring: a window per layer | ring: stash + accumulators (decode_rows_for) | "
+  std::printf("| shape | policy | KV pages at peak | ring: a window per layer | "
+              "ring: stash + accumulators (decode_rows_for) | "
               "request's memory, window ring | request's memory, accumulated |\n|---|---|---|---|---|---|---|\n");
   const Shape shapes[] = {{"llama2-7b", 32, 32, 32, 128}, {"llama2-13b", 40, 40, 40, 128}, {"llama3-8b", 32, 32, 8, 128}};
   for (const Shape& s : shapes) {

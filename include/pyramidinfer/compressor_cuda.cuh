@@ -13,8 +13,9 @@
 //     longest's. Window-attention policies (the paper's) accumulate their
 //     decode scores (compressor.hpp): after its prefill a sequence keeps only
 //     decode_rows_for() rows, a stash of one segment's queries and the
-//     accumulators of its recent keys (kernels/cuda/decode_accum.cuh), and
-//     gives the rest back; without decode compression it gives back all;
+//     accumulators of its recent keys (kernels/cuda/decode_accum.cuh), taken
+//     anew so that they pack at the pool's start, and gives its window back;
+//     without decode compression it gives back all;
 //   * per slot: ring and decode state, and the prefill token lists (ints,
 //     max_seq_len of them per list: 4 + 4 * head sets ints per token of
 //     capacity, small beside the KV pages a token needs);

@@ -526,7 +526,8 @@ void run_case(const Case& c, Scoring scoring, Paging pg) {
                << " prefill_lse " << c.prefill_lse << " decode_lse " << c.decode_lse << " trigger "
                << decode_trigger_name(c.trig) << " batched " << c.batched << " churn " << c.churn << " lse_late "
                << c.lse_late << " graph " << c.graph << " dtype " << dtype_name(DTypeOf<T>::value) << " pages "
-               << pg.page_size << " " << pit::pool_kind_name(pg.kind));
+               << pg.page_size << " " << pit::pool_kind_name(pg.kind) << " prompts " << c.prompt_lo << "-"
+               << c.prompt_hi << " recent " << c.recent);
   Case cc = c;
   if (test::short_run())  // still two firings per sequence and layer
     cc.steps = std::min(cc.steps, std::max(100, 48 + window_length(c.prompt_hi, c.recent)));

@@ -135,7 +135,9 @@ __device__ float acc_group_prob(const AccArgs<T>& a, int b, int r, int h, const 
 struct FlushRange {
   int x0, x1, lo, hi, w, blocks, keys, slot0;
   /// Accumulator row of key i (of `keys`): segment lo + i / segment's block.
-  __device__ std::int64_t acc_row(int i, int seg) const { return std::int64_t(((lo + i / seg) % blocks) * seg + i % seg); }
+  __device__ std::int64_t acc_row(int i, int seg) const {
+    return std::int64_t(((lo + i / seg) % blocks) * seg + i % seg);
+  }
 };
 
 /// Sequence b's flush range for its c stashed queries, or false when a stash
@@ -200,7 +202,8 @@ __global__ void __launch_bounds__(kFlushWarps * 32) acc_flush_mma_kernel(PagedKV
   __shared__ int xs[kFlushRows];
   const int b = slots[blockIdx.x], h = blockIdx.y, c = a.count[b];
   FlushRange f;
-  if (!when(b, c, a.segment) || !acc_flush_range(a, b, c, kv.status, f) || f.keys <= int(blockIdx.z) * kFlushKeys) return;
+  if (!when(b, c, a.segment) || !acc_flush_range(a, b, c, kv.status, f)) return;
+  if (f.keys <= int(blockIdx.z) * kFlushKeys) return;  // no tile of this block's
   const int group = a.q_heads / a.kv_heads, rows = c * group, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int row = warp; row < kFlushRows; row += kFlushWarps) {  // row = r * group + g
     const int r = row / group, qh = h * group + row % group;
@@ -241,7 +244,8 @@ __global__ void __launch_bounds__(kFlushWarps * 32) acc_flush_mma_kernel(PagedKV
             if (x < 0 || dx < 0 || dx >= f.w) continue;  // the exponential of a key newer than x may overflow
             const float wt = rw(dx);
 #pragma unroll
-            for (int hf = 0; hf < 2; ++hf) sum[mt][hf] = fmaf(wt, fast_exp2(fmaf(s[mt][nt][hf * 2 + e], sl2, -l2)), sum[mt][hf]);
+            for (int hf = 0; hf < 2; ++hf)
+              sum[mt][hf] = fmaf(wt, fast_exp2(fmaf(s[mt][nt][hf * 2 + e], sl2, -l2)), sum[mt][hf]);
           }
         }
     }
