@@ -176,7 +176,8 @@ class PyramidCompressor(_HostCompressor):
         the window-query pool shared by live sequences (each takes
         ``ring_rows_for(prompt_len)`` at begin and keeps
         ``decode_rows_for(prompt_len)`` after its prefill: fewer when the
-        policy's decode scores accumulate); default: every slot at max_seq_len."""
+        policy's decode scores accumulate, none without decode compression);
+        default: every slot at max_seq_len."""
         if ring_rows is None:
             ring_rows = cache.max_seqs * self._c.ring_rows_for(cache.max_seq_len)
         if memory is None:
