@@ -69,6 +69,7 @@
 #include <vector>
 
 #include "cache/paged.hpp"
+#include "cache/ring_pool.hpp"
 #include "compressor.hpp"
 #include "core/cuda_check.cuh"
 #include "core/workspace.hpp"
@@ -96,49 +97,6 @@ struct DevicePrefillBatch {
   std::int64_t stride = 0;
   int rows = 0;
 };
-
-namespace detail {
-
-/// First-fit ranges of a pool of rows, kept on the host (begin() and end()
-/// are host calls; nothing here touches the device).
-class RowRanges {
- public:
-  void reset(std::int64_t rows) { free_.assign(1, {0, rows}), rows_ = rows; }
-  std::int64_t rows() const { return rows_; }
-  bool fits(std::int64_t n) const {
-    for (const Range& r : free_) if (r.len >= n) return true;
-    return false;
-  }
-  /// Start of n rows, or -1 when no free range is that long.
-  std::int64_t take(std::int64_t n) {
-    for (std::size_t i = 0; i < free_.size(); ++i) {
-      if (free_[i].len < n) continue;
-      const std::int64_t at = free_[i].start;
-      free_[i].start += n, free_[i].len -= n;
-      if (free_[i].len == 0) free_.erase(free_.begin() + std::ptrdiff_t(i));
-      return at;
-    }
-    return -1;
-  }
-  void give(std::int64_t start, std::int64_t n) {
-    if (n <= 0) return;  // an empty range would stay in the list
-    auto it = std::lower_bound(free_.begin(), free_.end(), start,
-                               [](const Range& r, std::int64_t s) { return r.start < s; });
-    it = free_.insert(it, {start, n});
-    if (it + 1 != free_.end() && it->start + it->len == (it + 1)->start) it->len += (it + 1)->len, free_.erase(it + 1);
-    if (it != free_.begin() && (it - 1)->start + (it - 1)->len == it->start)
-      (it - 1)->len += it->len, free_.erase(it);
-  }
-
- private:
-  struct Range {
-    std::int64_t start, len;
-  };
-  std::vector<Range> free_;
-  std::int64_t rows_ = 0;
-};
-
-}  // namespace detail
 
 template <class Scoring, class Selection, class Schedule, class Decode>
 class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
@@ -197,24 +155,21 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
 
   // ---- memory -------------------------------------------------------------
 
+  /// How many ring rows a sequence holds (cache/ring_pool.hpp): the same rule
+  /// lets an engine or a planner size the pool on the host.
+  RingRule ring_rule() const { return ring_rule_of(host_); }
   /// Ring-pool rows a sequence with this prompt takes at begin() (its window).
-  std::int64_t ring_rows_for(int prompt_len) const {
-    const int w = window_length(prompt_len, config().recent_ratio);
-    return std::max<std::int64_t>(w, decode_rows(w));
-  }
+  std::int64_t ring_rows_for(int prompt_len) const { return ring_rule().rows(prompt_len).prefill; }
   /// Ring-pool rows it keeps from the end of its prefill to end(): its
   /// window; when decode scores accumulate, the stash and the accumulators;
   /// none without decode compression (the ring served the prefill alone).
-  std::int64_t decode_rows_for(int prompt_len) const {
-    return rows_after_prefill(window_length(prompt_len, config().recent_ratio));
-  }
+  std::int64_t decode_rows_for(int prompt_len) const { return ring_rule().rows(prompt_len).decode; }
 
   /// Device bytes one ring-pool row adds to state_bytes() (for an engine that
   /// splits one memory budget between KV pages and the ring).
   template <class T>
   std::size_t ring_row_bytes() const {
-    const std::size_t heads = std::size_t(ring_layers()) * std::size_t(config().num_heads);
-    return heads * (std::size_t(config().head_dim) * sizeof(T) + sizeof(float));
+    return ring_rule().row_bytes(sizeof(T));
   }
 
   /// Device bytes attach() takes for this cache and a ring pool of ring_rows rows.
@@ -643,16 +598,8 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   int head_sets() const { return per_head() ? config().kv_heads : 1; }
   std::size_t hidx(int layer, int seq) const { return std::size_t(layer) * shape_.max_seqs + std::size_t(seq); }
   int ring_layer(int layer) const { return config().compress_decode ? layer : 0; }
-  int ring_layers() const { return config().compress_decode ? config().num_layers : 1; }
+  int ring_layers() const { return ring_rule().layers(); }
   bool accumulating() const { return accumulates_decode_v<Scoring> && config().compress_decode; }
-  /// Rows a sequence with this window keeps for accumulated decode scores
-  /// (decode_stash_rows, planner.hpp); 0 when not accumulating.
-  std::int64_t decode_rows(int w) const {
-    return accumulating() ? decode_stash_rows(host_.model_shape(DType::f16), w, decode_schedule().segment) : 0;
-  }
-  std::int64_t rows_after_prefill(int w) const {
-    return !config().compress_decode ? 0 : accumulating() ? decode_rows(w) : std::int64_t(w);
-  }
   /// The factor that turns the engine's LSE into natural log (the host's, so the bytes agree).
   float lse_scale() const { return config().lse_base == LseBase::base2 ? 0.69314718055994531f : 1.f; }
   int slot_capacity() const { return int(std::int64_t(shape_.max_pages()) << shape_.page_shift()); }
@@ -1103,21 +1050,18 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     return out;
   }
 
-  /// After its prefill a sequence keeps rows_after_prefill(). When that is
-  /// fewer than its window, it gives the window back and takes its decode
-  /// rows anew (first fit, so they pack at the pool's start and leave long
-  /// ranges for the windows of prompts to come; keeping the window's head in
-  /// place left the pool cut into short gaps). Nothing moves with them: the
-  /// stash is empty and an accumulator block is written before it is read
+  /// After its prefill a sequence keeps its decode rows, taken anew
+  /// (RingPool::shrink: they pack at the pool's start and leave long ranges
+  /// for the windows of prompts to come). Nothing moves with them: the stash
+  /// is empty and an accumulator block is written before it is read
   /// (decode_accum.cuh). Later work on the stream that reads the rows runs
   /// after this prefill's.
   void keep_decode_rows(Seq& s, int b, cudaStream_t stream) {
-    const std::int64_t keep = rows_after_prefill(s.window);
+    const std::int64_t keep = ring_rule().rows(s.prompt).decode;
     if (s.ring_rows <= keep) return;
-    ring_.give(s.ring_base, s.ring_rows);
+    s.ring_base = ring_.shrink(s.ring_base, s.ring_rows, keep);
     s.ring_rows = keep;
     if (keep == 0) return;
-    s.ring_base = ring_.take(keep);  // cannot fail: the window just given back holds keep rows
     cuda::detail::comp_move_ring_kernel<<<1, 1, 0, stream>>>(m_.ring_base, b, int(s.ring_base));
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_move_ring_kernel");
   }
@@ -1269,7 +1213,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   std::vector<Seq> seqs_;           ///< by slot
   std::vector<int> hlen_, hbound_;  ///< host twin of lengths / boundaries [L][S]
   std::vector<int> hcount_, hsegs_; ///< host twin of stash counts / segments fired [L][S] (accumulating, host trigger)
-  detail::RowRanges ring_;
+  RingPool ring_;
   std::vector<std::int32_t> uploaded_;  ///< the slot list m_.slots holds
   DecodeTrigger trigger_ = DecodeTrigger::host;
   int last_fired_ = 0, last_flushed_ = 0;

@@ -19,4 +19,5 @@
 #include "cache/planner.hpp"
 #include "cache/paged.hpp"
 #include "cache/paged_storage.hpp"
+#include "cache/ring_pool.hpp"
 #include "compressor.hpp"
