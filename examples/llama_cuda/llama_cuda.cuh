@@ -52,6 +52,7 @@
 #include <pyramidinfer/pyramidinfer_cuda.cuh>
 
 #include "llama_cuda/attention.cuh"
+#include "llama_cuda/shapes.hpp"
 
 #ifndef PYRAMIDINFER_LLAMA_CUDA_NO_GGUF
 #include "llama/gguf.hpp"
@@ -67,20 +68,6 @@ namespace pyramidinfer::llama_cuda {
     if (st_ != CUBLAS_STATUS_SUCCESS)                                                                 \
       throw std::runtime_error(std::string("cuBLAS error ") + std::to_string(int(st_)) + " at " #x); \
   } while (0)
-
-struct LlamaShape {
-  int n_layers = 0, dim = 0, ffn_dim = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, rope_dims = 0, vocab = 0;
-  float rope_base = 10000.f, rms_eps = 1e-5f;
-};
-
-/// The benchmark shapes (random weights): llama2-7b, llama2-13b, llama3-8b, and tiny (for checks).
-inline LlamaShape named_shape(const std::string& n) {
-  if (n == "llama2-7b") return {32, 4096, 11008, 32, 32, 128, 128, 32000, 10000.f, 1e-5f};
-  if (n == "llama2-13b") return {40, 5120, 13824, 40, 40, 128, 128, 32000, 10000.f, 1e-5f};
-  if (n == "llama3-8b") return {32, 4096, 14336, 32, 8, 128, 128, 128256, 500000.f, 1e-5f};
-  if (n == "tiny") return {4, 256, 512, 4, 2, 64, 64, 1000, 10000.f, 1e-5f};
-  throw std::invalid_argument("unknown shape '" + n + "': llama2-7b, llama2-13b, llama3-8b or tiny");
-}
 
 /// A device buffer (cudaMalloc, freed on destruction).
 template <class T>
@@ -484,6 +471,8 @@ struct PoolSpec {
   int max_seq_len = 0;         ///< the longest prompt + output any sequence may reach
   /// The compressor's window-query pool: ring_rows_for each prompt in prefill, decode_rows_for each one decoding.
   std::int64_t ring_rows = 0;
+  /// Its top rows kept for the windows of prompts in prefill (set_ring_reserve; 0: none).
+  std::int64_t ring_reserve = 0;
 };
 
 /// The engine over any PyramidCompressor<..., CudaBackend>: one model, one
@@ -680,6 +669,8 @@ class PagedEngine {
     need(spec.max_seqs >= 1 && spec.max_seqs <= 65535, "max_seqs", spec.max_seqs, "must be in [1, 65535]");
     need(spec.max_seq_len >= 1, "max_seq_len", spec.max_seq_len, "must be >= 1");
     need(spec.ring_rows >= 1, "ring_rows", spec.ring_rows, "must be >= 1");
+    need(spec.ring_reserve >= 0 && spec.ring_reserve <= spec.ring_rows, "ring_reserve", spec.ring_reserve,
+         "must be in [0, ring_rows]");
     PagedCacheShape sh = cache_shape(spec.max_seqs, spec.max_seq_len);
     sh.num_pages = int(spec.num_pages);
     LC_CUDA(cudaStreamSynchronize(stream_));
@@ -692,6 +683,7 @@ class PagedEngine {
     plan_.layer_pages.assign(std::size_t(s.n_layers), 0);
     plan_.layer_cap.assign(std::size_t(s.n_layers), spec.max_seq_len);
     alloc_cache(sh, spec.ring_rows, /*exact=*/true);
+    pc_.set_ring_reserve(spec.ring_reserve);
     slots_.clear();
     B_ = 0;
     slot_cap_.assign(std::size_t(spec.max_seqs), std::vector<int>(std::size_t(s.n_layers), 0));

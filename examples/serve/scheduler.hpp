@@ -28,6 +28,7 @@
 #include <deque>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -44,6 +45,8 @@ struct PageCurve {
   std::vector<std::int64_t> pages;     ///< pages held, the most at any moment of the iteration
   std::vector<std::int64_t> kv_slots;  ///< tokens its attention reads in the iteration, summed over layers (0 at prefill)
   std::int64_t peak() const { return pages.empty() ? 0 : *std::max_element(pages.begin(), pages.end()); }
+  /// Pages summed over the iterations of its life.
+  std::int64_t sum() const { return std::accumulate(pages.begin(), pages.end(), std::int64_t(0)); }
 };
 
 /// When the engine offers decode compression (calls decode_compress): every
@@ -76,6 +79,17 @@ inline void check_fire_schedule(const FireSchedule& f, const char* fn) {
   if (f.every < 1 || f.phase < 0 || f.phase >= f.every)
     throw std::invalid_argument(std::string(fn) + ": fire schedule every = " + std::to_string(f.every) +
                                 ", phase = " + std::to_string(f.phase) + " (need every >= 1, 0 <= phase < every)");
+}
+
+/// Compression offered every `every` steps fires at most one segment per
+/// offer, so every > the decode segment would let the backlog grow: throws
+/// std::invalid_argument naming the policy.
+template <class Compressor>
+void check_fire_every(const Compressor& pc, int every, const std::string& policy) {
+  const int segment = pc.decode_schedule().segment;
+  if (pc.config().compress_decode && every > segment)
+    throw std::invalid_argument("--fire-every " + std::to_string(every) + " exceeds policy " + policy +
+                                "'s decode segment of " + std::to_string(segment) + " tokens");
 }
 
 template <class Compressor>
@@ -186,6 +200,16 @@ struct Running {
   int generated = 0;       ///< tokens so far
 };
 
+/// Why an iteration admitted no more requests: the queue is empty, the
+/// next request has not arrived, or it did not fit (a free slot, the
+/// prefill's token budget, the page books, the engine's own check).
+enum class AdmitStop { queue_empty, not_arrived, slots, prefill_tokens, pages, engine };
+constexpr int kAdmitStops = 6;
+inline const char* admit_stop_name(AdmitStop s) {
+  static const char* const names[kAdmitStops] = {"queue_empty", "not_arrived", "slots", "prefill_tokens", "pages", "engine"};
+  return names[int(s)];
+}
+
 /// What one iteration does: the requests to prefill (new slots) and the
 /// slots of one decode step, in that order.
 struct Iteration {
@@ -193,6 +217,7 @@ struct Iteration {
   std::vector<int> prefill;       ///< indices into running()
   std::vector<std::int32_t> decode_slots;
   bool offer_compression = true;  ///< whether the decode step offers decode compression (FireSchedule)
+  AdmitStop stop = AdmitStop::queue_empty;  ///< why admission stopped
 };
 
 /// FIFO continuous batching. Per iteration: plan(now, fits) admits arrived
@@ -265,14 +290,31 @@ class Scheduler {
     it.offer_compression = phase == 0;
     for (const Running& r : running_) it.decode_slots.push_back(r.slot);  // admitted earlier: decode
     int tokens = 0;
-    while (next_ < int(reqs_.size()) && !free_slots_.empty()) {
+    it.stop = AdmitStop::queue_empty;
+    while (next_ < int(reqs_.size())) {
       const Request& r = reqs_[std::size_t(next_)];
-      if (r.arrival_s > now) break;
+      if (r.arrival_s > now) {
+        it.stop = AdmitStop::not_arrived;
+        break;
+      }
+      if (free_slots_.empty()) {
+        it.stop = AdmitStop::slots;
+        break;
+      }
       const PageCurve& c = curve(next_, phase);
-      if (!it.prefill.empty() && tokens + r.prompt_len > opt_.max_prefill_tokens) break;
-      if (!books_.fits(c)) break;
+      if (!it.prefill.empty() && tokens + r.prompt_len > opt_.max_prefill_tokens) {
+        it.stop = AdmitStop::prefill_tokens;
+        break;
+      }
+      if (!books_.fits(c)) {
+        it.stop = AdmitStop::pages;
+        break;
+      }
       const int slot = free_slots_.back();
-      if (engine_fits && !engine_fits(r, slot)) break;
+      if (engine_fits && !engine_fits(r, slot)) {
+        it.stop = AdmitStop::engine;
+        break;
+      }
       free_slots_.pop_back();
       books_.add(c);
       tokens += r.prompt_len;

@@ -54,7 +54,9 @@
 
 #include "llama_cuda/policy_engine.cuh"
 #include "serve/memory_split.hpp"
+#include "serve/json_lines.hpp"
 #include "serve/metrics.hpp"
+#include "serve/plan.hpp"
 #include "serve/scheduler.hpp"
 #include "serve/serve_loop.hpp"
 #include "serve/serve_options.hpp"
@@ -66,35 +68,6 @@ using namespace pyramidinfer::serve;
 using Clock = std::chrono::steady_clock;
 
 namespace {
-
-/// An output file of JSON lines (appended), or stdout.
-class JsonLines {
- public:
-  explicit JsonLines(const std::string& path) : f_(path.empty() ? stdout : std::fopen(path.c_str(), "a")) {
-    if (!f_) throw std::runtime_error("cannot open '" + path + "' for appending");
-  }
-  ~JsonLines() {
-    if (f_ && f_ != stdout) std::fclose(f_);
-  }
-  JsonLines(const JsonLines&) = delete;
-  JsonLines& operator=(const JsonLines&) = delete;
-  void line(const std::string& s) {
-    std::fputs(s.c_str(), f_);
-    std::fputc('\n', f_);
-    std::fflush(f_);
-  }
-
- private:
-  std::FILE* f_;
-};
-
-std::string num(double v) {
-  if (!std::isfinite(v)) return "null";
-  char b[64];
-  std::snprintf(b, sizeof b, "%.6g", v);
-  return b;
-}
-std::string str(const std::string& s) { return "\"" + s + "\""; }
 
 /// Prompt tokens of a request: a fixed function of its id. The work does not
 /// depend on the values (outputs run to their set lengths), so a real model gets them too.
@@ -239,14 +212,6 @@ std::string date_utc() {
   return d;
 }
 
-/// The warm-up's requests (short outputs, another seed), run before measuring.
-std::vector<Request> warmup_workload(const ServeOptions& o) {
-  if (o.warmup == 0) return {};
-  WorkloadOptions w = o.workload;
-  w.requests = o.warmup, w.output_min = w.output_max = std::min(32, o.workload.output_max), w.seed += 1000, w.rate = 0;
-  return make_workload(w);
-}
-
 /// Where a policy's KV budget (--pool-gb) went, in bytes; compressor includes ring.
 struct KvBudget {
   std::uint64_t budget = 0, pages = 0, cache_state = 0, compressor = 0, ring = 0;
@@ -259,44 +224,17 @@ std::uint64_t kv_total(const Engine& e) {
   return std::uint64_t(e.plan().total_bytes) + e.plan().shape.state_bytes() + e.compressor_bytes();
 }
 
-/// The ring rows of e's compressor within `budget` bytes: --ring-gb's, or the
-/// workload's share (memory_split.hpp; page curves under the run's fire
-/// schedule); at least the rows of the largest request, warm-up included.
-template <class Engine>
-std::int64_t budget_ring_rows(const Engine& e, const ServeOptions& o, std::uint64_t budget, std::string& from) {
-  const auto& pc = e.compressor();
-  const std::size_t row_bytes = pc.template ring_row_bytes<__half>();
-  // the measured runs' requests (the same at any rate) and the warm-up's
-  const std::vector<Request> reqs = make_workload(o.workload), warm = warmup_workload(o);
-  std::int64_t largest = 0;
-  for (const std::vector<Request>* list : {&reqs, &warm})
-    for (const Request& r : *list) largest = std::max(largest, pc.ring_rows_for(r.prompt_len));
-  if (o.ring_gb > 0) {
-    from = "--ring-gb";
-    return ring_rows_of_bytes(gib_bytes(o.ring_gb, "--ring-gb"), budget, row_bytes, largest);
-  }
-  const FireSchedule fire{o.fire_every, 0};
-  const int page_size = e.options().page_size;
-  // From its prefill on a request holds decode_rows_for (its window, or less when decode scores accumulate).
-  const double share = ring_share(
-      reqs, [&](int prompt_len) { return pc.decode_rows_for(prompt_len); },
-      [&](const Request& r) { return page_curve(pc, r.prompt_len, r.output_len, page_size, fire).peak(); }, row_bytes,
-      e.page_bytes());
-  // A prefill holds its requests' whole windows until its last layer (then
-  // keeps decode_rows_for): room for about one full prefill iteration's.
-  const std::int64_t transient = pc.ring_rows_for(o.prefill_tokens) - pc.decode_rows_for(o.prefill_tokens);
-  from = "the workload's share " + num(share) + " + " + std::to_string(transient) + " rows for a prefill's windows";
-  return ring_within(ring_rows_of_share(share, budget, row_bytes, largest) + transient, row_bytes, budget);
-}
-
 /// Opens e's pool (spec's slots and lengths given) within --pool-gb: the
-/// ring's rows first, the rest in pages; opened once to measure the states,
-/// then again with the excess taken off the pages.
+/// ring's rows first (--ring-gb, or the split whose planned saturation run of
+/// the workload ends first: plan.hpp), the rest in pages; opened once to
+/// measure the states, then again with the excess taken off the pages.
 template <class Engine>
-KvBudget open_within_budget(Engine& e, const ServeOptions& o, PoolSpec& spec) {
+KvBudget open_within_budget(Engine& e, const LlamaShape& shape, const ServeOptions& o, PoolSpec& spec) {
   KvBudget kv;
   kv.budget = gib_bytes(o.pool_gb, "--pool-gb");
-  spec.ring_rows = budget_ring_rows(e, o, kv.budget, kv.ring_from);
+  const RingInputs in = ring_inputs(e.compressor(), o, e.page_bytes());
+  const RingSplit ring = planned_ring_split(e.compressor(), in, plan_limits(o, shape));
+  spec.ring_rows = ring.rows, spec.ring_reserve = ring.reserve, kv.ring_from = ring.from;
   kv.ring = std::uint64_t(spec.ring_rows) * e.compressor().template ring_row_bytes<__half>();
   spec.num_pages = pages_beside(kv.budget, kv.ring, e.page_bytes());
   e.open_pool(spec);
@@ -316,19 +254,12 @@ template <class Engine>
 void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const llama::PolicyOptions& po,
                   double copy_bw, JsonLines& out, JsonLines* steps) {
   const std::string& policy = po.name;
-  // The schedule's final ratio (pyramids) or each layer's share (layer-local); pyramid45's is fixed.
-  const double ratio = policy == "full"           ? 1.0
-                       : policy == "pyramid45"    ? llama::Pyramid45::final_ratio
-                       : policy == "pyramid-late" ? llama::PyramidLate::final_ratio
-                                                  : po.ratio;
-  const int segment = e.compressor().decode_schedule().segment;
-  if (e.compressor().config().compress_decode && o.fire_every > segment)  // one firing per offer: the backlog would grow
-    throw std::invalid_argument("--fire-every " + std::to_string(o.fire_every) + " exceeds policy " + policy +
-                                "'s decode segment of " + std::to_string(segment) + " tokens");
+  const double ratio = reported_ratio(po);
+  check_fire_every(e.compressor(), o.fire_every, policy);
   PoolSpec spec;
   spec.max_seqs = o.max_seqs;
   spec.max_seq_len = o.workload.prompt_cap + o.workload.output_max;
-  const KvBudget kv = open_within_budget(e, o, spec);
+  const KvBudget kv = open_within_budget(e, m.shape(), o, spec);
   std::fprintf(stderr,
                "serve %s: KV budget %llu bytes = %lld pages of %zu bytes (%llu) + cache state %llu + compressor "
                "state %llu (ring %lld rows, %llu bytes, %s)\n",
@@ -338,7 +269,8 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
   if (o.warmup > 0) {
     LoopStats ignore;
     std::vector<double> f, d;
-    run_workload(e, m, warmup_workload(o), o, RunInfo{o.shape, policy, "warmup"}, copy_bw, nullptr, ignore, f, d);
+    run_workload(e, m, warmup_workload(o.workload, o.warmup), o, RunInfo{o.shape, policy, "warmup"}, copy_bw, nullptr,
+                 ignore, f, d);
   }
   double saturation_rate = 0;
   std::vector<std::string> modes;
@@ -371,6 +303,7 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
         ",\"pool_pages\":" + std::to_string(spec.num_pages) + ",\"page_size\":" + std::to_string(o.page_size) +
         ",\"budget_bytes\":" + std::to_string(kv.budget) + ",\"pages_bytes\":" + std::to_string(kv.pages) +
         ",\"cache_state_bytes\":" + std::to_string(kv.cache_state) + ",\"ring_rows\":" + std::to_string(spec.ring_rows) +
+        ",\"ring_reserve\":" + std::to_string(spec.ring_reserve) +
         ",\"ring_bytes\":" + std::to_string(kv.ring) + ",\"compressor_bytes\":" + std::to_string(kv.compressor) +
         ",\"max_seqs\":" + std::to_string(o.max_seqs) + ",\"prefill_tokens\":" + std::to_string(o.prefill_tokens) +
         ",\"fire_every\":" + std::to_string(o.fire_every) +
@@ -385,7 +318,7 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
         std::to_string(x.decode_steps) + ",\"decode_ms_p50\":" +
         num(decode_ms.empty() ? 0 : percentile(decode_ms, 50)) + ",\"floor_fraction_mean\":" + num(fmean) +
         ",\"floor_fraction_p50\":" + num(floor_fraction.empty() ? 0 : percentile(floor_fraction, 50)) +
-        ",\"graph_builds\":" + std::to_string(e.graph_builds()) +
+        ",\"admit_stops\":" + admit_stops_json(x.stops) + ",\"graph_builds\":" + std::to_string(e.graph_builds()) +
         ",\"copy_bytes_per_s\":" + num(copy_bw) + ",\"weight_bytes\":" + std::to_string(m.weight_bytes()) +
         ",\"device\":" + str(prop.name) + ",\"date\":" + str(date_utc()) + "}");
     if (x.books_violations > 0)
@@ -627,17 +560,9 @@ int main(int argc, char** argv) {
     eo.decode_graph = o.graph;
     eo.prefill_chunk_rows = o.prefill_tokens;
     for (const std::string& policy : o.policies) {
-      llama::PolicyOptions po;
-      po.name = policy;
-      if (llama::is_layer_local(policy) && !o.match_budget.empty()) {  // equal memory: hold what the pyramid holds
-        llama::PolicyOptions pyramid;
-        pyramid.name = o.match_budget;
-        const llama::LlamaConfig c = policy_config(model.shape());
-        const int median = int(std::lround(o.workload.prompt_median));
-        po.ratio = llama::ratio_for_fraction(c, po, median, llama::prefill_kv_fraction(c, pyramid, median));
-        std::fprintf(stderr, "serve %s: ratio %.4f holds what %s holds after a %d-token prompt\n", policy.c_str(),
-                     po.ratio, o.match_budget.c_str(), median);
-      }
+      std::string note;
+      const llama::PolicyOptions po = run_policy(o, policy, policy_config(model.shape()), note);
+      if (!note.empty()) std::fprintf(stderr, "serve %s: %s\n", policy.c_str(), note.c_str());
       with_cuda_engine(model, eo, po, [&](auto& e) { serve_policy(e, model, o, po, bw, out, steps.get()); });
     }
     return 0;

@@ -57,8 +57,17 @@ struct LoopStats {
   std::int64_t peak_pages_booked = 0, peak_pages_device = 0;
   long long books_violations = 0;  ///< iterations where the device held more pages than the books
   long long iterations = 0, prefills = 0, decode_steps = 0;
+  std::array<long long, kAdmitStops> stops{};  ///< iterations by why admission stopped (AdmitStop)
   std::vector<StepRecord> steps;   ///< every iteration, in order
 };
+
+/// LoopStats::stops as a JSON object, {"queue_empty": n, ...}.
+inline std::string admit_stops_json(const std::array<long long, kAdmitStops>& stops) {
+  std::string j = "{";
+  for (int i = 0; i < kAdmitStops; ++i)
+    j += std::string(i ? "," : "") + "\"" + admit_stop_name(AdmitStop(i)) + "\":" + std::to_string(stops[std::size_t(i)]);
+  return j + "}";
+}
 
 constexpr int kInflight = 4;  ///< iterations whose markers may be outstanding (the host runs <= 3 ahead)
 
@@ -126,6 +135,7 @@ ServeSummary run_loop(Engine& e, Timeline& tl, Scheduler& sched, std::int64_t po
                                ") cannot start with nothing running: the engine refuses it (its window needs more "
                                "ring rows than the pool has: raise --ring-gb)");
     st.peak_concurrent = std::max(st.peak_concurrent, int(sched.running().size()));
+    ++st.stops[std::size_t(it.stop)];
     f.admitted.clear(), f.decoded.clear(), f.finished.clear();
     f.prefill = !it.prefill.empty(), f.decode = !it.decode_slots.empty();
     f.booked = sched.books().in_use();

@@ -3,11 +3,15 @@
 #pragma once
 
 #include <cmath>
+#include <cstdio>
 #include <string>
 #include <vector>
 
 #include "generate/cli.hpp"
 #include "generate/policies.hpp"
+#include "llama_cuda/policy_config.hpp"
+#include "serve/memory_split.hpp"
+#include "serve/scheduler.hpp"
 #include "serve/workload.hpp"
 
 namespace pyramidinfer::serve {
@@ -81,21 +85,66 @@ inline std::string serve_usage() {
          "                       {id, prompt_len, output_len}; - for stdout) and exit; needs no GPU\n";
 }
 
+/// Policy `name` as a run uses it on model `c`: a layer-local policy holds
+/// what --match-budget's pyramid holds after the median prompt, so that rows
+/// compare scoring at equal memory (`note` then says so; else it is emptied).
+inline llama::PolicyOptions run_policy(const ServeOptions& o, const std::string& name, const llama::LlamaConfig& c,
+                                       std::string& note) {
+  llama::PolicyOptions po;
+  po.name = name;
+  note.clear();
+  if (llama::is_layer_local(name) && !o.match_budget.empty()) {
+    llama::PolicyOptions pyramid;
+    pyramid.name = o.match_budget;
+    const int median = int(std::lround(o.workload.prompt_median));
+    po.ratio = llama::ratio_for_fraction(c, po, median, llama::prefill_kv_fraction(c, pyramid, median));
+    char b[160];
+    std::snprintf(b, sizeof b, "ratio %.4f holds what %s holds after a %d-token prompt", po.ratio,
+                  o.match_budget.c_str(), median);
+    note = b;
+  }
+  return po;
+}
+
+/// What sizes the ring of compressor `pc` within --pool-gb (memory_split.hpp):
+/// the runs' requests and the warm-up's, --ring-gb, the prefill's tokens,
+/// and each request's page curve under the run's fire schedule.
+template <class Compressor>
+RingInputs ring_inputs(const Compressor& pc, const ServeOptions& o, std::size_t page_bytes) {
+  RingInputs in;
+  in.rule = ring_rule_of(pc);
+  in.reqs = make_workload(o.workload), in.warmup = warmup_workload(o.workload, o.warmup);
+  in.budget = gib_bytes(o.pool_gb, "--pool-gb");
+  in.ring_bytes = o.ring_gb > 0 ? gib_bytes(o.ring_gb, "--ring-gb") : 0;
+  in.prefill_tokens = o.prefill_tokens;
+  in.page_iterations = [pc = &pc, fire = FireSchedule{o.fire_every, 0}, page = o.page_size](const Request& r) {
+    return page_curve(*pc, r.prompt_len, r.output_len, page, fire).sum();
+  };
+  in.page_bytes = page_bytes;
+  return in;
+}
+
+/// The ratio a run reports: a pyramid's final ratio, a layer-local policy's share, 1 for the full cache.
+inline double reported_ratio(const llama::PolicyOptions& po) {
+  return po.name == "full"           ? 1.0
+         : po.name == "pyramid45"    ? llama::Pyramid45::final_ratio
+         : po.name == "pyramid-late" ? llama::PyramidLate::final_ratio
+                                     : po.ratio;
+}
+
 /// A file name flag's value: "" would read as "not given" and run the benchmark instead.
 inline std::string non_empty(const std::string& flag, const std::string& v) {
   if (v.empty()) throw cli::UsageError(flag + " " + cli::in_quotes(v) + ": needs a file name (or - for stdout)");
   return v;
 }
 
-/// Parses pyramid-serve's command line; throws cli::UsageError naming the flag and the value.
-inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
+/// The flags pyramid-serve and pyramid-serve-plan share: shape, policies,
+/// workload, budget and engine limits.
+inline void add_shared_flags(cli::Parser& p, ServeOptions& o) {
   using namespace cli;
-  ServeOptions o;
   WorkloadOptions& w = o.workload;
   const std::int64_t kIntMax = 0x7fffffff;
-  Parser p("pyramid-serve");
   p.value("--shape", [&](const std::string& v) { o.shape = v; })
-      .value("--model", [&](const std::string& v) { o.model = v; })
       .value("--policies", [&](const std::string& v) { o.policies = parse_list("--policies", v); })
       .value("--requests", [&](const std::string& v) { w.requests = int(parse_int("--requests", v, 1, 1000000)); })
       .value("--prompt-median", [&](const std::string& v) { w.prompt_median = parse_real("--prompt-median", v, 1, 1e6); })
@@ -117,16 +166,14 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
       .value("--fire-every", [&](const std::string& v) { o.fire_every = int(parse_int("--fire-every", v, 1, 64)); })
       .value("--warmup", [&](const std::string& v) { o.warmup = int(parse_int("--warmup", v, 0, 100000)); })
       .value("--out", [&](const std::string& v) { o.out = v; })
-      .value("--steps-out", [&](const std::string& v) { o.steps_out = v; })
-      .value("--dump-requests", [&](const std::string& v) { o.dump_requests = non_empty("--dump-requests", v); })
-      .toggle("--no-graph", [&] { o.graph = false; })
       .toggle("--help", [&] { o.help = true; })
       .toggle("-h", [&] { o.help = true; });
-  const std::vector<std::string> words = p.parse(argc, argv, /*positional=*/true);
-  if (o.help) return o;
-  if (words.size() == 1 && words[0] == "selfcheck") o.selfcheck = true;
-  else if (!words.empty()) throw UsageError("unexpected argument " + in_quotes(words[0]) + " (only 'selfcheck')");
-  if (o.selfcheck && !o.dump_requests.empty()) throw UsageError("--dump-requests does not go with selfcheck");
+}
+
+/// Checks what the shared flags set; throws cli::UsageError naming the flag and the value.
+inline void check_shared_options(const ServeOptions& o) {
+  using namespace cli;
+  const WorkloadOptions& w = o.workload;
   bool known = false;
   for (const auto& s : serve_shapes()) known |= s == o.shape;
   if (!known) throw UsageError("--shape " + in_quotes(o.shape) + ": one of llama2-7b, llama2-13b, llama3-8b, tiny");
@@ -151,6 +198,72 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
   if (w.output_max < w.output_min)
     throw UsageError("--output-max " + std::to_string(w.output_max) + ": must be >= --output-min " +
                      std::to_string(w.output_min));
+}
+
+/// Parses pyramid-serve's command line; throws cli::UsageError naming the flag and the value.
+inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
+  using namespace cli;
+  ServeOptions o;
+  Parser p("pyramid-serve");
+  add_shared_flags(p, o);
+  p.value("--model", [&](const std::string& v) { o.model = v; })
+      .value("--steps-out", [&](const std::string& v) { o.steps_out = v; })
+      .value("--dump-requests", [&](const std::string& v) { o.dump_requests = non_empty("--dump-requests", v); })
+      .toggle("--no-graph", [&] { o.graph = false; });
+  const std::vector<std::string> words = p.parse(argc, argv, /*positional=*/true);
+  if (o.help) return o;
+  if (words.size() == 1 && words[0] == "selfcheck") o.selfcheck = true;
+  else if (!words.empty()) throw UsageError("unexpected argument " + in_quotes(words[0]) + " (only 'selfcheck')");
+  if (o.selfcheck && !o.dump_requests.empty()) throw UsageError("--dump-requests does not go with selfcheck");
+  check_shared_options(o);
+  return o;
+}
+
+/// pyramid-serve-plan's command line: pyramid-serve's shared flags, the
+/// pool of a device run to replay, and the cost model's rates.
+struct PlanOptions {
+  ServeOptions serve;
+  std::int64_t pages = 0, ring_rows = 0;  ///< the pool (0: from --pool-gb, as pyramid-serve splits it)
+  std::int64_t ring_reserve = 0;          ///< with --ring-rows: its rows kept for prefill windows
+  double hbm_gbps = 4500, gemm_tflops = 580, step_overhead_ms = 2.0;
+};
+
+inline std::string plan_usage() {
+  return "usage: pyramid-serve-plan [flags]   pyramid-serve's runs replayed on the host, no GPU: admissions\n"
+         "       and concurrency exact for the same pool, times from a cost model (JSON lines out)\n"
+         "  pyramid-serve's flags: --shape --policies --requests --prompt-median --prompt-sigma --prompt-cap\n"
+         "    --output-min --output-max --seed --mode --match-budget --rate --load --pool-gb --ring-gb\n"
+         "    --max-seqs --prefill-tokens --page-size --fire-every --warmup --out\n"
+         "  --pages N            the pool's KV pages (default: --pool-gb less the ring; the device also\n"
+         "                       takes the cache's and the compressor's state from it)\n"
+         "  --ring-rows N        the ring's rows (default: as pyramid-serve splits --pool-gb)\n"
+         "  --ring-reserve N     with --ring-rows: its top rows kept for prefill windows (default 0)\n"
+         "  --hbm-gbps X         cost model: weights and KV read at X GB/s (default 4500)\n"
+         "  --gemm-tflops X      cost model: GEMMs at X TFLOP/s (default 580)\n"
+         "  --step-overhead-ms X cost model: fixed time of a decode step (default 2.0)\n";
+}
+
+/// Parses pyramid-serve-plan's command line; throws cli::UsageError naming the flag and the value.
+inline PlanOptions parse_plan_options(int argc, const char* const* argv) {
+  using namespace cli;
+  PlanOptions o;
+  Parser p("pyramid-serve-plan");
+  add_shared_flags(p, o.serve);
+  p.value("--pages", [&](const std::string& v) { o.pages = parse_int("--pages", v, 1, 0x7fffffff); })
+      .value("--ring-rows", [&](const std::string& v) { o.ring_rows = parse_int("--ring-rows", v, 1, 0x7fffffff); })
+      .value("--ring-reserve",
+             [&](const std::string& v) { o.ring_reserve = parse_int("--ring-reserve", v, 0, 0x7fffffff); })
+      .value("--hbm-gbps", [&](const std::string& v) { o.hbm_gbps = parse_real("--hbm-gbps", v, 0, 1e6, Bounds::open_low); })
+      .value("--gemm-tflops",
+             [&](const std::string& v) { o.gemm_tflops = parse_real("--gemm-tflops", v, 0, 1e6, Bounds::open_low); })
+      .value("--step-overhead-ms",
+             [&](const std::string& v) { o.step_overhead_ms = parse_real("--step-overhead-ms", v, 0, 1e4); });
+  p.parse(argc, argv, /*positional=*/false);
+  if (o.serve.help) return o;
+  check_shared_options(o.serve);
+  if (o.ring_rows > 0 && o.serve.ring_gb > 0) throw UsageError("--ring-rows and --ring-gb: give one of them");
+  if (o.ring_reserve > 0 && o.ring_reserve > o.ring_rows)
+    throw UsageError("--ring-reserve " + std::to_string(o.ring_reserve) + ": needs --ring-rows, and at most that many");
   return o;
 }
 

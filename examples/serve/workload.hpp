@@ -11,6 +11,7 @@
 // the same workload with any compiler. Host only, no CUDA.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -100,6 +101,13 @@ inline std::vector<Request> make_workload(const WorkloadOptions& o) {
     out.push_back(r);
   }
   return out;
+}
+
+/// The warm-up's requests for a run of `w`: `n` of them, short outputs, another seed (none when n == 0).
+inline std::vector<Request> warmup_workload(WorkloadOptions w, int n) {
+  if (n == 0) return {};
+  w.requests = n, w.output_min = w.output_max = std::min(32, w.output_max), w.seed += 1000, w.rate = 0;
+  return make_workload(w);
 }
 
 /// The header line of workload_json_lines: the options that fix the requests.

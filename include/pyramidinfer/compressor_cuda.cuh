@@ -158,12 +158,26 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   /// How many ring rows a sequence holds (cache/ring_pool.hpp): the same rule
   /// lets an engine or a planner size the pool on the host.
   RingRule ring_rule() const { return ring_rule_of(host_); }
-  /// Ring-pool rows a sequence with this prompt takes at begin() (its window).
-  std::int64_t ring_rows_for(int prompt_len) const { return ring_rule().rows(prompt_len).prefill; }
+  /// Ring-pool rows a sequence with this prompt takes at begin(): its window,
+  /// and when decode scores accumulate the stash and accumulators beside it.
+  std::int64_t ring_rows_for(int prompt_len) const { return ring_rule().rows(prompt_len).at_begin(); }
   /// Ring-pool rows it keeps from the end of its prefill to end(): its
   /// window; when decode scores accumulate, the stash and the accumulators;
   /// none without decode compression (the ring served the prefill alone).
-  std::int64_t decode_rows_for(int prompt_len) const { return ring_rule().rows(prompt_len).decode; }
+  std::int64_t decode_rows_for(int prompt_len) const { return ring_rule().rows(prompt_len).held; }
+  /// The ring pool's free rows (host bookkeeping: RingPool::free_rows, longest_free).
+  const RingPool& ring_pool() const { return ring_; }
+  /// Keeps the ring's top `rows` for the windows sequences hold through
+  /// their prefill (RingPool::set_reserve): a serving engine passes one
+  /// prefill iteration's windows, so that the rows sequences hold to the end
+  /// never cut up the windows' space. After attach(), before any begin().
+  void set_ring_reserve(std::int64_t rows) {
+    const char* fn = "PyramidCompressor<CudaBackend>::set_ring_reserve";
+    PYRAMIDINFER_REQUIRE(attached_, fn, "state", "not attached", "needs attach() first");
+    PYRAMIDINFER_REQUIRE(ring_.free_rows() == ring_.rows(), fn, "rows", rows,
+                         "can be set only while no sequence holds ring rows");
+    ring_.set_reserve(rows);
+  }
 
   /// Device bytes one ring-pool row adds to state_bytes() (for an engine that
   /// splits one memory budget between KV pages and the ring).
@@ -209,7 +223,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
 
   /// Whether a sequence with this prompt finds its ring rows now.
   bool can_begin(int prompt_len) const {
-    return attached_ && prompt_len > 0 && ring_.fits(ring_rows_for(prompt_len));
+    return attached_ && prompt_len > 0 && ring_.fits(ring_rule().rows(prompt_len));
   }
 
   /// Starts sequence `seq` (a free slot of `cache`) with a prompt of
@@ -228,8 +242,8 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
                          "must be <= the pool's num_pages * page_size = " + std::to_string(pool_slots));
     PYRAMIDINFER_REQUIRE(!seqs_[std::size_t(seq)].live, fn, "seq", seq, "is already live: end() it first");
     const int w = window_length(prompt_len, config().recent_ratio);
-    const std::int64_t base = ring_.take(ring_rows_for(prompt_len));
-    PYRAMIDINFER_REQUIRE(base >= 0, fn, "prompt_len", prompt_len,
+    const RingHold hold = ring_.take(ring_rule().rows(prompt_len));
+    PYRAMIDINFER_REQUIRE(hold.prefill_base() >= 0, fn, "prompt_len", prompt_len,
                          "needs " + std::to_string(ring_rows_for(prompt_len)) + " free ring rows (pool of " +
                              std::to_string(ring_.rows()) +
                              "): end() a sequence or attach a larger pool (can_begin() asks first)");
@@ -237,8 +251,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     s.live = true;
     s.prompt = prompt_len;
     s.window = w;
-    s.ring_base = base;
-    s.ring_rows = ring_rows_for(prompt_len);
+    s.ring = hold;
     s.n = s.stored_count = prompt_len;
     seqs_[std::size_t(seq)] = s;
     for (int l = 0; l < shape_.num_layers; ++l) {
@@ -252,7 +265,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     a.bound = m_.bound;
     a.ring_start = m_.ring_start, a.ring_count = m_.ring_count, a.pending = m_.pending;
     a.segs = m_.segs;
-    a.slot = seq, a.prompt = prompt_len, a.win = w, a.base = int(base);
+    a.slot = seq, a.prompt = prompt_len, a.win = w, a.base = int(hold.prefill_base());
     a.layers = shape_.num_layers, a.slots_total = shape_.max_seqs;
     const int n = std::max(prompt_len, shape_.num_layers);
     cuda::detail::comp_begin_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(a);
@@ -269,7 +282,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     const std::int32_t one = seq;
     const SeqList list{upload_slots(SeqList{&one, 1}, stream), 1};
     cuda::paged_release(cache.kv(), list, m_.paged_ws, m_.paged_ws_bytes, stream);
-    ring_.give(seqs_[std::size_t(seq)].ring_base, seqs_[std::size_t(seq)].ring_rows);
+    ring_.give(seqs_[std::size_t(seq)].ring);
     seqs_[std::size_t(seq)] = Seq{};
   }
 
@@ -560,7 +573,7 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
   struct Seq {
     bool live = false;
     int prompt = 0, window = 0;
-    std::int64_t ring_base = 0, ring_rows = 0;  ///< the rows it holds
+    RingHold ring;         ///< the ring rows it holds
     int n = 0;             ///< |T_l|
     int prev_n = 0;        ///< |T_l| of the last prefill_select (0: none yet)
     int stored_count = 0;  ///< tokens every head set stores at the current layer
@@ -1050,19 +1063,16 @@ class PyramidCompressor<Scoring, Selection, Schedule, Decode, CudaBackend> {
     return out;
   }
 
-  /// After its prefill a sequence keeps its decode rows, taken anew
-  /// (RingPool::shrink: they pack at the pool's start and leave long ranges
-  /// for the windows of prompts to come). Nothing moves with them: the stash
-  /// is empty and an accumulator block is written before it is read
-  /// (decode_accum.cuh). Later work on the stream that reads the rows runs
-  /// after this prefill's.
+  /// After its prefill a sequence gives its transient window back and
+  /// decodes with its held rows (RingPool): the device's ring base moves to
+  /// them. Nothing moves with it: the stash is empty and an accumulator block
+  /// is written before it is read (decode_accum.cuh). Later work on the
+  /// stream that reads the rows runs after this prefill's.
   void keep_decode_rows(Seq& s, int b, cudaStream_t stream) {
-    const std::int64_t keep = ring_rule().rows(s.prompt).decode;
-    if (s.ring_rows <= keep) return;
-    s.ring_base = ring_.shrink(s.ring_base, s.ring_rows, keep);
-    s.ring_rows = keep;
-    if (keep == 0) return;
-    cuda::detail::comp_move_ring_kernel<<<1, 1, 0, stream>>>(m_.ring_base, b, int(s.ring_base));
+    if (s.ring.transient == 0) return;  // one range serves the prefill and the decode
+    ring_.end_prefill(s.ring);
+    if (s.ring.held == 0) return;  // without decode compression: nothing to decode with
+    cuda::detail::comp_move_ring_kernel<<<1, 1, 0, stream>>>(m_.ring_base, b, int(s.ring.held_base));
     PYRAMIDINFER_CUDA_CHECK_LAUNCH("comp_move_ring_kernel");
   }
 

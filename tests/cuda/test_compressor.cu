@@ -653,12 +653,15 @@ TEST_CASE("CUDA compressor with accumulated decode scores keeps only its decode 
   REQUIRE(dc.decode_rows_for(220) < dc.ring_rows_for(220));
   REQUIRE(dc.ring_rows_for(1) <= dc.ring_rows_for(220) - dc.decode_rows_for(220));
   for (int s : all) r.begin(s, s);
-  CHECK_FALSE(dc.can_begin(1));  // the pool holds exactly the three windows
+  CHECK_FALSE(dc.can_begin(1));  // the pool holds exactly the three sequences' windows and decode rows
+  CHECK(dc.ring_pool().free_rows() == 0);
   r.prefill(all);
-  CHECK(dc.can_begin(1));  // each sequence gave back what its window held beyond its decode rows
-  // The decode rows (3 x 18) were taken anew at the pool's start, so the
-  // other 81 rows are one range: a window of 81 rows fits.
-  REQUIRE(dc.ring_rows_for(400) == 135 - 3 * dc.decode_rows_for(220));
+  CHECK(dc.can_begin(1));  // each sequence gave its window back and kept its decode rows
+  // The decode rows (3 x 18) lie at the pool's bottom, the windows were at
+  // its top: the 135 rows given back are one range.
+  CHECK(dc.ring_pool().free_rows() == 3 * (dc.ring_rows_for(220) - dc.decode_rows_for(220)));
+  CHECK(dc.ring_pool().longest_free() == dc.ring_pool().free_rows());
+  REQUIRE(dc.ring_rows_for(400) <= dc.ring_pool().free_rows());
   CHECK(dc.can_begin(400));
   // Host trigger, decode_compress never called: segment m's window ends at
   // step 16 (m + 1) + 44, so the 96th query would open a sixth live segment in
@@ -695,6 +698,7 @@ TEST_CASE("CUDA compressor without decode compression gives its whole window bac
   for (int s : all) r.begin(s, s);
   CHECK_FALSE(dc.can_begin(1));  // the pool holds exactly the three windows
   r.prefill(all);
+  CHECK(dc.ring_pool().free_rows() == dc.ring_pool().rows());
   CHECK(dc.can_begin(3 * 220));  // all three windows are back, as one range (a window of 133 rows fits)
   long long firing_calls = 0;
   for (int step = 0; step < c.steps; ++step) r.eager_step(all, firing_calls);  // decode reads no ring row

@@ -6,49 +6,64 @@
 
 using namespace pyramidinfer;
 
-TEST_CASE("RingPool: first fit, merged on return", "[ring_pool]") {
+TEST_CASE("RingPool: first fit from the bottom, last fit from the top, merged on return", "[ring_pool]") {
   RingPool p;
   p.reset(100);
   CHECK(p.rows() == 100);
-  CHECK(p.take(30) == 0);
-  CHECK(p.take(30) == 30);
-  CHECK(p.take(30) == 60);
+  CHECK(p.take_first(30) == 0);
+  CHECK(p.take_first(30) == 30);
+  CHECK(p.take_last(30) == 70);  // the top 30
   CHECK(p.free_rows() == 10);
-  CHECK_FALSE(p.fits(11));
-  CHECK(p.take(11) == -1);
-  p.give(30, 30);  // a hole in the middle: first fit takes it before the tail
-  CHECK(p.longest_free() == 30);
-  CHECK(p.take(5) == 30);
-  p.give(30, 5);
-  p.give(0, 30);  // merges with [30, 60)
-  CHECK(p.longest_free() == 60);
-  p.give(60, 30);  // and with [90, 100): the whole pool again
+  CHECK(p.take_first(11) == -1);
+  CHECK(p.take_last(11) == -1);
+  p.give(30, 30);  // a hole below [60, 70): first fit takes it from its start, last fit from its end
+  CHECK(p.longest_free() == 40);
+  CHECK(p.take_first(5) == 30);
+  CHECK(p.take_last(5) == 65);
+  p.give(30, 5), p.give(65, 5);
+  p.give(0, 30);  // merges with [30, 70)
+  CHECK(p.longest_free() == 70);
+  p.give(70, 30);  // the whole pool again
   CHECK(p.longest_free() == 100);
   CHECK(p.free_rows() == 100);
   p.give(40, 0);  // an empty range changes nothing
   CHECK(p.longest_free() == 100);
-  CHECK(p.take(100) == 0);
+  CHECK(p.take_first(100) == 0);
   CHECK(p.free_rows() == 0);
+  CHECK_THROWS_WITH(p.reset(-1), Catch::Contains("rows"));
 }
 
-TEST_CASE("RingPool::shrink: the kept rows pack at the pool's start", "[ring_pool]") {
+TEST_CASE("RingPool: held rows pack at the bottom, windows come and go at the top", "[ring_pool]") {
   RingPool p;
   p.reset(100);
-  const std::int64_t a = p.take(40), b = p.take(40);  // two windows in prefill
-  // a keeps 5: taken anew at 0 (its own window's start)
-  CHECK(p.shrink(a, 40, 5) == 0);
-  // b keeps 5: first fit puts them right after a's, so [10, 100) is one range
-  CHECK(p.shrink(b, 40, 5) == 5);
-  CHECK(p.longest_free() == 90);
-  // keeping the heads in place would have left [5, 40) and [45, 100): no window of 60
-  CHECK(p.fits(60));
-  // keep 0: all given back
-  CHECK(p.shrink(0, 5, 0) == -1);
+  const RingRows seq{40, 5};  // a window of 40 through the prefill, 5 rows held to the end
+  CHECK(seq.at_begin() == 45);
+  RingHold a = p.take(seq), b = p.take(seq);
+  CHECK(a.held_base == 0);
+  CHECK(b.held_base == 5);
+  CHECK(a.transient_base == 60);
+  CHECK(b.transient_base == 20);
+  CHECK(a.prefill_base() == 60);  // the prefill writes the window
+  CHECK_FALSE(p.fits(seq));  // 10 rows left
+  CHECK(p.take(seq).prefill_base() == -1);  // neither range taken
+  CHECK(p.free_rows() == 10);
+  p.end_prefill(a), p.end_prefill(b);
+  CHECK(a.transient == 0);
+  CHECK(a.held_base == 0);
+  CHECK(p.longest_free() == 90);  // [10, 100): one range
+  p.give(a);  // a ends: a hole of 5 at the bottom, filled first by the next held rows
   CHECK(p.free_rows() == 95);
-  // keep > held throws and changes nothing
-  CHECK_THROWS_WITH(p.shrink(5, 5, 6), Catch::Contains("keep") && Catch::Contains("6"));
-  CHECK(p.free_rows() == 95);
-  CHECK_THROWS_WITH(p.reset(-1), Catch::Contains("rows"));
+  RingHold c = p.take(RingRows{10, 5});
+  CHECK(c.held_base == 0);
+  CHECK(c.transient_base == 90);
+  // a sequence whose rows serve both its prefill and its decode: one range, first fit
+  RingHold d = p.take(RingRows{0, 20});
+  CHECK(d.held_base == 10);
+  CHECK(d.prefill_base() == 10);
+  p.end_prefill(d);  // nothing transient: keeps its rows
+  CHECK(d.held == 20);
+  p.give(b), p.give(c), p.give(d);
+  CHECK(p.longest_free() == 100);
 }
 
 TEST_CASE("RingRule: rows of the window, the stash and accumulators, or none", "[ring_pool]") {
@@ -57,25 +72,28 @@ TEST_CASE("RingRule: rows of the window, the stash and accumulators, or none", "
   r.recent_ratio = 0.2, r.segment = 16;
   const int prompt = 512, w = window_length(prompt, 0.2);  // 103
   REQUIRE(w == 103);
-  SECTION("decode compression, a window of queries per segment") {
+  SECTION("decode compression, a window of queries per segment: the window, held") {
     r.compress_decode = true, r.accumulating = false;
-    CHECK(r.rows(prompt).prefill == w);
-    CHECK(r.rows(prompt).decode == w);
+    CHECK(r.rows(prompt).held == w);
+    CHECK(r.rows(prompt).transient == 0);
     CHECK(r.layers() == 32);
     CHECK(r.row_bytes(2) == std::size_t(32) * 32 * (128 * 2 + 4));
   }
-  SECTION("accumulated decode scores: the stash and accumulators after the prefill") {
+  SECTION("accumulated decode scores: the stash and accumulators held, the window transient") {
     r.compress_decode = true, r.accumulating = true;
-    CHECK(r.rows(prompt).prefill == w);
-    CHECK(r.rows(prompt).decode == decode_stash_rows(r.model, w, 16));
-    CHECK(r.rows(prompt).decode == 17);
-    // a prompt so short that the stash outgrows its window
-    CHECK(r.rows(20).prefill == decode_stash_rows(r.model, window_length(20, 0.2), 16));
+    CHECK(r.rows(prompt).held == decode_stash_rows(r.model, w, 16));
+    CHECK(r.rows(prompt).held == 17);
+    CHECK(r.rows(prompt).transient == w);
+    // a prompt so short that the stash outgrows its window: the stash's rows hold the window too
+    const std::int64_t stash = decode_stash_rows(r.model, window_length(20, 0.2), 16);
+    REQUIRE(stash > window_length(20, 0.2));
+    CHECK(r.rows(20).held == stash);
+    CHECK(r.rows(20).transient == 0);
   }
   SECTION("no decode compression: the window in one layer, for the prefill only") {
     r.compress_decode = false, r.accumulating = true;
-    CHECK(r.rows(prompt).prefill == w);
-    CHECK(r.rows(prompt).decode == 0);
+    CHECK(r.rows(prompt).transient == w);
+    CHECK(r.rows(prompt).held == 0);
     CHECK(r.layers() == 1);
     CHECK(r.row_bytes(4) == std::size_t(32) * (128 * 4 + 4));
   }
@@ -92,5 +110,5 @@ TEST_CASE("ring_rule_of: the compressor's config and whether its scoring accumul
   CHECK(acc.model.kv_heads == 2);
   const RingRule window = ring_rule_of(PyramidCompressor<KeyNormScoring>(c));
   CHECK_FALSE(window.accumulating);
-  CHECK(window.rows(100).decode == window_length(100, 0.3));
+  CHECK(window.rows(100).held == window_length(100, 0.3));
 }

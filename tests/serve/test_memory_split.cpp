@@ -1,6 +1,7 @@
 // One KV budget split between the ring and the pages ([serve][memory]):
-//   1. the ring's share is the workload's summed ring bytes over its summed
-//      ring and peak page bytes (not the mean of per-request shares), and a
+//   1. the ring's share is the workload's ring bytes over its ring and page
+//      bytes, each held over the requests' lives (rows x output length against
+//      page-iterations; a sum, not the mean of per-request shares), and a
 //      budget split by it holds the same requests in rows as in pages;
 //   2. ring rows: at least 1 and at least the largest request's, below the budget;
 //   3. pages: what the ring leaves, then shrunk by the measured excess;
@@ -26,9 +27,11 @@ Request req(int id, int prompt, int output) {
   return r;
 }
 
-/// Rows: a tenth of the prompt; pages: the output length (so that each comes from its own field).
+/// Rows: a tenth of the prompt; page-iterations: the id plus one, times the
+/// output length (one more page per id held over the whole life), so that
+/// each comes from its own field.
 std::int64_t tenth(int prompt_len) { return prompt_len / 10; }
-std::int64_t output_pages(const Request& r) { return r.output_len; }
+std::int64_t output_pages(const Request& r) { return std::int64_t(r.id + 1) * r.output_len; }
 
 std::string invalid_of(const std::function<void()>& f) {
   try {
@@ -41,28 +44,31 @@ std::string invalid_of(const std::function<void()>& f) {
 
 }  // namespace
 
-TEST_CASE("ring_share: summed ring bytes over summed ring and page bytes", "[serve][memory]") {
-  // rows 10 and 30 of 8 bytes = 320; pages 5 and 15 of 2 bytes = 40: 320 / 360
+TEST_CASE("ring_share: ring bytes over ring and page bytes, held over the requests' lives", "[serve][memory]") {
+  // rows 10 x 5 iterations and 30 x 15 of 8 bytes = 4,000; page-iterations 1 x 5 + 2 x 15 = 35 of 2 bytes = 70
   const std::vector<Request> two = {req(0, 100, 5), req(1, 300, 15)};
-  CHECK(ring_share(two, tenth, output_pages, 8, 2) == Approx(8.0 / 9.0));
-  // one request: 3 rows and 7 pages of 100 bytes
-  CHECK(ring_share({req(0, 30, 7)}, tenth, output_pages, 100, 100) == Approx(0.3));
+  CHECK(ring_share(two, tenth, output_pages, 8, 2) == Approx(4000.0 / 4070.0));
+  // one request: 3 rows and 1 page of 100 bytes, both held 7 iterations
+  CHECK(ring_share({req(0, 30, 7)}, tenth, output_pages, 100, 100) == Approx(0.75));
+  // a longer life weighs more: the same rows and pages held 3x as long count 3x
+  const std::vector<Request> lives = {req(0, 10, 1), req(0, 90, 3)};  // rows 1 x 1 + 9 x 3 = 28, pages 1 + 3 = 4
+  CHECK(ring_share(lives, tenth, output_pages, 1, 1) == Approx(28.0 / 32.0));
   // a sum, not a mean: shares 1/2 and 9/10 alone (mean 0.7) are 10/12 together
-  const std::vector<Request> mixed = {req(0, 10, 1), req(1, 90, 1)};
+  const std::vector<Request> mixed = {req(0, 10, 1), req(0, 90, 1)};
   CHECK(ring_share(mixed, tenth, output_pages, 1, 1) == Approx(10.0 / 12.0));
   // no ring rows (a full cache's window of 0): the pages get everything
   CHECK(ring_share(two, [](int) { return std::int64_t(0); }, output_pages, 8, 2) == 0.0);
 }
 
 TEST_CASE("ring_share: a budget split by it holds as many requests in rows as in pages", "[serve][memory]") {
-  // identical requests: 12 rows of 100 bytes, 30 pages of 64 bytes; a budget of 10 requests' worth
+  // identical requests: 12 rows of 100 bytes, 1 page of 64 bytes, over 30 iterations; a budget of 10 requests' worth
   const std::vector<Request> same(5, req(0, 120, 30));
   const std::size_t row = 100, page = 64;
-  const std::uint64_t budget = 10 * (12 * row + 30 * page);
+  const std::uint64_t budget = 10 * (12 * row + 1 * page);
   const double share = ring_share(same, tenth, output_pages, row, page);
   const std::int64_t rows = ring_rows_of_share(share, budget, row, 12);
   CHECK(rows == 10 * 12);
-  CHECK(pages_beside(budget, std::uint64_t(rows) * row, page) == 10 * 30);
+  CHECK(pages_beside(budget, std::uint64_t(rows) * row, page) == 10 * 1);
 }
 
 TEST_CASE("ring rows of a share: at least 1 and the largest request's, below the budget", "[serve][memory]") {

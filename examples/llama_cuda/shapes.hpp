@@ -1,0 +1,46 @@
+// shapes.hpp - the LLaMA shapes of the CUDA engine's benchmarks (random
+// weights) and what they weigh: parameters, weight bytes, GEMM FLOPs per
+// token. Host only, so that planners (examples/serve/serve_plan.cpp) use the
+// same table without CUDA.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace pyramidinfer::llama_cuda {
+
+struct LlamaShape {
+  int n_layers = 0, dim = 0, ffn_dim = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, rope_dims = 0, vocab = 0;
+  float rope_base = 10000.f, rms_eps = 1e-5f;
+};
+
+/// The benchmark shapes (random weights): llama2-7b, llama2-13b, llama3-8b, and tiny (for checks).
+inline LlamaShape named_shape(const std::string& n) {
+  if (n == "llama2-7b") return {32, 4096, 11008, 32, 32, 128, 128, 32000, 10000.f, 1e-5f};
+  if (n == "llama2-13b") return {40, 5120, 13824, 40, 40, 128, 128, 32000, 10000.f, 1e-5f};
+  if (n == "llama3-8b") return {32, 4096, 14336, 32, 8, 128, 128, 128256, 500000.f, 1e-5f};
+  if (n == "tiny") return {4, 256, 512, 4, 2, 64, 64, 1000, 10000.f, 1e-5f};
+  throw std::invalid_argument("unknown shape '" + n + "': llama2-7b, llama2-13b, llama3-8b or tiny");
+}
+
+/// Weights of one layer's GEMMs: q, k, v, o and the gated MLP's three.
+inline std::int64_t layer_gemm_params(const LlamaShape& s) {
+  const std::int64_t d = s.dim, q = std::int64_t(s.n_heads) * s.head_dim, kv = std::int64_t(s.n_kv_heads) * s.head_dim;
+  return d * (q + 2 * kv) + q * d + 3 * d * std::int64_t(s.ffn_dim);
+}
+
+/// GEMM FLOPs of one decode token: every layer and the output projection.
+inline double decode_flops_per_token(const LlamaShape& s) {
+  return 2.0 * (double(layer_gemm_params(s)) * s.n_layers + double(s.dim) * s.vocab);
+}
+
+/// GEMM FLOPs of one prompt token in one layer (the prefill's attention is not counted).
+inline double prefill_flops_per_token_layer(const LlamaShape& s) { return 2.0 * double(layer_gemm_params(s)); }
+
+/// fp16 bytes a decode step reads of the weights: every layer's GEMMs and the output projection.
+inline double decode_weight_bytes(const LlamaShape& s) {
+  return 2.0 * (double(layer_gemm_params(s)) * s.n_layers + double(s.dim) * s.vocab);
+}
+
+}  // namespace pyramidinfer::llama_cuda

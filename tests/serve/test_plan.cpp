@@ -1,0 +1,187 @@
+// pyramid-serve's runs replayed on the host ([serve][plan], plan.hpp):
+//   1. why admission stopped: each AdmitStop where it applies;
+//   2. the planned engine's ring: never over-committed (RingPool), every row
+//      back at the end, and a ring too small for the pages binds (engine
+//      stops, fewer sequences); at saturation the plan is a function of the
+//      pool alone, whatever the cost model;
+//   3. the cost model's step times follow their formula;
+//   4. the planned ring split is the fastest of those it tries;
+//   5. pyramid-serve-plan's flags: values and bad input named.
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <vector>
+
+#include "generate/policies.hpp"
+#include "serve/plan.hpp"
+
+using namespace pyramidinfer;
+using namespace pyramidinfer::serve;
+
+namespace {
+
+const llama_cuda::LlamaShape kShape = llama_cuda::named_shape("llama3-8b");
+
+std::vector<Request> saturation(int n, double median, std::uint64_t seed) {
+  WorkloadOptions w;
+  w.requests = n, w.prompt_median = median, w.seed = seed, w.prompt_cap = 4096, w.output_max = 200;
+  return make_workload(w);
+}
+
+PlanSetup setup(std::int64_t pages, std::int64_t ring) {
+  PlanSetup s;
+  s.pool_pages = pages, s.ring_rows = ring, s.max_seqs = 512, s.prefill_tokens = 4096, s.fire_every = 16;
+  s.cost = CostModel::for_shape(kShape, CostModel{});
+  return s;
+}
+
+template <class F>
+void with_pyramid(F&& f) {
+  llama::PolicyOptions po;
+  po.name = "pyramid";
+  llama::with_policy(llama_cuda::policy_config(kShape), po, f);
+}
+
+PlanOptions parse_plan(std::vector<std::string> args) {
+  args.insert(args.begin(), "plan");
+  std::vector<const char*> v;
+  for (const auto& a : args) v.push_back(a.c_str());
+  return parse_plan_options(int(v.size()), v.data());
+}
+std::string plan_error(std::vector<std::string> args) {
+  try {
+    parse_plan(std::move(args));
+  } catch (const cli::UsageError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("Scheduler::plan says why admission stopped", "[serve][plan]") {
+  std::vector<Request> w(3);
+  for (int i = 0; i < 3; ++i) w[std::size_t(i)] = Request{i, 100, 4, i == 2 ? 5.0 : 0.0};
+  auto flat = [](const Request& r, FireSchedule) {
+    PageCurve c;
+    c.pages.assign(std::size_t(r.output_len), 10);
+    c.kv_slots.assign(std::size_t(r.output_len), 0);
+    return c;
+  };
+  SchedulerOptions o;
+  o.max_seqs = 4, o.pool_pages = 100, o.max_prefill_tokens = 1000;
+  SECTION("the queue empties, then the next one has not arrived") {
+    Scheduler s(o, w, flat);
+    CHECK(s.plan(0, nullptr).stop == AdmitStop::not_arrived);
+    s.finish();
+    CHECK(s.plan(10, nullptr).stop == AdmitStop::queue_empty);
+  }
+  SECTION("no free slot") {
+    o.max_seqs = 1;
+    Scheduler s(o, w, flat);
+    CHECK(s.plan(0, nullptr).stop == AdmitStop::slots);
+  }
+  SECTION("the prefill's token budget") {
+    o.max_prefill_tokens = 150;
+    Scheduler s(o, w, flat);
+    CHECK(s.plan(0, nullptr).stop == AdmitStop::prefill_tokens);
+  }
+  SECTION("the page books") {
+    o.pool_pages = 15;
+    Scheduler s(o, w, flat);
+    const Iteration it = s.plan(0, nullptr);
+    CHECK(it.prefill.size() == 1);
+    CHECK(it.stop == AdmitStop::pages);
+  }
+  SECTION("the engine") {
+    Scheduler s(o, w, flat);
+    CHECK(s.plan(0, [](const Request&, int) { return false; }).stop == AdmitStop::engine);
+  }
+  CHECK(std::string(admit_stop_name(AdmitStop::prefill_tokens)) == "prefill_tokens");
+}
+
+TEST_CASE("plan_run: the ring binds when it is small, pages when it is not; the pool alone sets admissions",
+          "[serve][plan]") {
+  const std::vector<Request> w = saturation(120, 600, 5);
+  with_pyramid([&](const auto& pc) {
+    const RingRule rule = ring_rule_of(pc);
+    std::int64_t largest = 0;
+    for (const Request& r : w) largest = std::max(largest, rule.rows(r.prompt_len).at_begin());
+    // plan_run throws if a row is still held at the end; RingPool refuses what it cannot place
+    const PlanRun tight = plan_run(pc, setup(40000, largest + 40), w);
+    const PlanRun roomy = plan_run(pc, setup(40000, 200000), w);
+    CHECK(tight.stats.stops[std::size_t(AdmitStop::engine)] > 0);
+    CHECK(roomy.stats.stops[std::size_t(AdmitStop::engine)] == 0);
+    CHECK(roomy.stats.stops[std::size_t(AdmitStop::pages)] > 0);
+    CHECK(tight.stats.peak_concurrent < roomy.stats.peak_concurrent);
+    CHECK(tight.stats.iterations > roomy.stats.iterations);
+    CHECK(roomy.summary.requests == int(w.size()));
+    // at saturation the admissions do not depend on time: another cost model, the same schedule
+    PlanSetup slow = setup(40000, 200000);
+    slow.cost.gemm_flops_per_s /= 10, slow.cost.step_overhead_s *= 5;
+    const PlanRun again = plan_run(pc, slow, w);
+    CHECK(again.stats.iterations == roomy.stats.iterations);
+    CHECK(again.stats.peak_concurrent == roomy.stats.peak_concurrent);
+    CHECK(again.stats.peak_pages_booked == roomy.stats.peak_pages_booked);
+    CHECK(again.summary.makespan_s > roomy.summary.makespan_s);
+  });
+}
+
+TEST_CASE("CostModel: a decode step reads the weights and the KV, then runs its batch's GEMMs", "[serve][plan]") {
+  CostModel rates;
+  rates.hbm_bytes_per_s = 1e12, rates.gemm_flops_per_s = 1e14, rates.step_overhead_s = 1e-3;
+  const CostModel m = CostModel::for_shape(kShape, rates);
+  CHECK(m.weight_bytes == Approx(2.0 * (218103808.0 * 32 + 4096.0 * 128256)));  // Llama-3-8B, fp16
+  CHECK(m.decode_flops_per_token == Approx(m.weight_bytes));                     // 2 FLOPs per fp16 weight
+  CHECK(m.kv_bytes_per_slot == 2 * 8 * 128 * 2);
+  CHECK(m.decode_s(0, 0) == Approx(1e-3 + m.weight_bytes / 1e12));
+  CHECK(m.decode_s(10, 1000) ==
+        Approx(1e-3 + (m.weight_bytes + 1000 * m.kv_bytes_per_slot) / 1e12 + 10 * m.decode_flops_per_token / 1e14));
+  CHECK(m.prefill_s(32 * 100) == Approx(3200 * 2.0 * 218103808.0 / 1e14));
+}
+
+TEST_CASE("planned_ring_split: the fastest planned split, never smaller than the largest request", "[serve][plan]") {
+  WorkloadOptions wo;
+  wo.requests = 160, wo.prompt_median = 600, wo.seed = 9, wo.prompt_cap = 4096, wo.output_max = 200;
+  ServeOptions o;
+  o.workload = wo, o.pool_gb = 3, o.max_seqs = 512, o.prefill_tokens = 4096, o.fire_every = 16;
+  with_pyramid([&](const auto& pc) {
+    const std::size_t page_bytes = std::size_t(2) * 16 * kShape.n_kv_heads * kShape.head_dim * 2;
+    const RingInputs in = ring_inputs(pc, o, page_bytes);
+    const PlanSetup limits = plan_limits(o, kShape);
+    const RingSplit chosen = planned_ring_split(pc, in, limits);
+    CHECK(chosen.from.rfind("planned: ", 0) == 0);
+    auto makespan = [&](const RingSplit& r) {
+      PlanSetup s = limits;
+      s.ring_rows = r.rows, s.ring_reserve = r.reserve;
+      s.pool_pages = pages_beside(in.budget, std::uint64_t(r.rows) * in.rule.row_bytes(2), page_bytes);
+      return plan_run(pc, s, in.reqs).summary.makespan_s;
+    };
+    for (double scale : {1.0, 2.0, 4.0}) CHECK(makespan(chosen) <= makespan(budget_ring_rows(in, scale)));
+    for (const Request& r : in.reqs) CHECK(in.rule.rows(r.prompt_len).at_begin() <= chosen.rows);
+    CHECK(chosen.reserve <= chosen.rows);
+  });
+}
+
+TEST_CASE("pyramid-serve-plan options: the pool, the cost model, bad input named", "[serve][plan]") {
+  const PlanOptions d = parse_plan({});
+  CHECK(d.pages == 0);
+  CHECK(d.ring_rows == 0);
+  CHECK(d.hbm_gbps == 4500);
+  const PlanOptions p = parse_plan({"--shape", "llama3-8b", "--pages", "1000", "--ring-rows", "300", "--ring-reserve",
+                                    "50", "--gemm-tflops", "400", "--requests", "64"});
+  CHECK(p.serve.shape == "llama3-8b");
+  CHECK(p.pages == 1000);
+  CHECK(p.ring_rows == 300);
+  CHECK(p.ring_reserve == 50);
+  CHECK(p.gemm_tflops == 400);
+  CHECK(p.serve.workload.requests == 64);
+  CHECK_THAT(plan_error({"--pages", "0"}), Catch::Contains("--pages"));
+  CHECK_THAT(plan_error({"--gemm-tflops", "-1"}), Catch::Contains("--gemm-tflops"));
+  CHECK_THAT(plan_error({"--ring-rows", "10", "--ring-gb", "1"}), Catch::Contains("--ring-rows and --ring-gb"));
+  CHECK_THAT(plan_error({"--ring-reserve", "5"}), Catch::Contains("--ring-reserve 5"));
+  CHECK_THAT(plan_error({"--ring-rows", "10", "--ring-reserve", "11"}), Catch::Contains("--ring-reserve 11"));
+  CHECK_THAT(plan_error({"--no-graph"}), Catch::Contains("--no-graph"));  // a device flag
+  CHECK_THAT(plan_error({"selfcheck"}), Catch::Contains("selfcheck"));
+  CHECK_THAT(plan_error({"--shape", "llama9"}), Catch::Contains("--shape 'llama9'"));
+}
