@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "generate/policies.hpp"
+#include "llama_cuda/policy_config.hpp"
 #include "serve/scheduler.hpp"
 #include "serve/workload.hpp"
 
@@ -24,29 +25,22 @@ using namespace pyramidinfer::serve;
 
 namespace {
 
-struct Shape {
-  const char* name;
-  int layers, heads, kv_heads, head_dim;
-};
-
 /// Means over the requests, bytes.
 struct Ledger {
   double kv = 0, window_rows = 0, decode_rows = 0;
 };
 
 template <class Compressor>
-Ledger ledger(const Compressor& pc, const Shape& s, const std::vector<Request>& reqs) {
-  const double page_bytes = 2.0 * 16 * s.kv_heads * s.head_dim * 2;
-  const bool decode = pc.config().compress_decode;  // else the ring serves the prefill alone: one layer
-  const double row_bytes = double(decode ? s.layers : 1) * s.heads * (2.0 * s.head_dim + 4);
-  const ModelShape m{s.layers, s.heads, s.kv_heads, s.head_dim, DType::f16};
-  const int seg = pc.decode_schedule().segment;
+Ledger ledger(const Compressor& pc, const llama_cuda::LlamaShape& s, const std::vector<Request>& reqs) {
+  const double page_bytes = 2.0 * 16 * s.n_kv_heads * s.head_dim * 2;
+  const RingRule rule = ring_rule_of(pc);  // without decode compression the ring serves the prefill alone: one layer
+  const double row_bytes = double(rule.row_bytes(2));
   Ledger g;
   for (const Request& r : reqs) {
     const int w = window_length(r.prompt_len, pc.config().recent_ratio);
     g.kv += double(page_curve(pc, r.prompt_len, r.output_len, 16, FireSchedule{16, 0}).peak()) * page_bytes;
     g.window_rows += double(w) * row_bytes;
-    g.decode_rows += double(decode ? decode_stash_rows(m, w, seg) : 0) * row_bytes;  // decode_rows_for
+    g.decode_rows += double(rule.rows(r.prompt_len).held) * row_bytes;  // decode_rows_for
   }
   const double n = double(reqs.size());
   g.kv /= n, g.window_rows /= n, g.decode_rows /= n;
@@ -62,11 +56,9 @@ void table(double median) {
   std::printf("| shape | policy | KV pages at peak | ring: a window per layer | "
               "ring: stash + accumulators (decode_rows_for) | "
               "request's memory, window ring | request's memory, accumulated |\n|---|---|---|---|---|---|---|\n");
-  const Shape shapes[] = {{"llama2-7b", 32, 32, 32, 128}, {"llama2-13b", 40, 40, 40, 128}, {"llama3-8b", 32, 32, 8, 128}};
-  for (const Shape& s : shapes) {
-    llama::LlamaConfig c;
-    c.n_layers = std::size_t(s.layers), c.n_heads = std::size_t(s.heads), c.n_kv_heads = std::size_t(s.kv_heads);
-    c.head_dim = std::size_t(s.head_dim);
+  for (const char* shape : {"llama2-7b", "llama2-13b", "llama3-8b"}) {
+    const llama_cuda::LlamaShape s = llama_cuda::named_shape(shape);
+    const llama::LlamaConfig c = llama_cuda::policy_config(s);
     double full = 0;
     for (const std::string name : {"full", "pyramid", "pyramid45", "snapkv"}) {
       llama::PolicyOptions po;
@@ -80,7 +72,7 @@ void table(double median) {
         const Ledger g = ledger(pc, s, reqs);
         if (name == "full") full = g.kv;
         const double mib = 1.0 / (1 << 20);
-        std::printf("| %s | %s | %.1f MiB (%.3f) | %.1f MiB (%.3f) | %.2f MiB (%.3f) | %.3f | %.3f |\n", s.name,
+        std::printf("| %s | %s | %.1f MiB (%.3f) | %.1f MiB (%.3f) | %.2f MiB (%.3f) | %.3f | %.3f |\n", shape,
                     name.c_str(), g.kv * mib, g.kv / full, g.window_rows * mib, g.window_rows / full,
                     g.decode_rows * mib, g.decode_rows / full, (g.kv + g.window_rows) / full,
                     (g.kv + g.decode_rows) / full);

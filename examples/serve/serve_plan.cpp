@@ -54,7 +54,8 @@ std::string plan_line(const PlanOptions& p, const llama::PolicyOptions& po, cons
   const ServeSummary& m = r.summary;
   const LoopStats& x = r.stats;
   long long batch_sum = 0;
-  for (const StepRecord& st : x.steps) batch_sum += st.batch;
+  double prefill_ms = 0, decode_ms = 0;
+  for (const StepRecord& st : x.steps) batch_sum += st.batch, prefill_ms += st.prefill_ms, decode_ms += st.decode_ms;
   const double mean_batch = x.decode_steps ? double(batch_sum) / double(x.decode_steps) : 0;
   return "{\"bench\":\"serve\",\"engine\":\"plan\",\"shape\":" + str(p.serve.shape) + ",\"policy\":" + str(po.name) +
          ",\"ratio\":" + num(reported_ratio(po)) + ",\"mode\":" + str(mode) + ",\"rate\":" + num(w.rate) +
@@ -71,7 +72,8 @@ std::string plan_line(const PlanOptions& p, const llama::PolicyOptions& po, cons
          std::to_string(x.peak_pages_booked) + ",\"iterations\":" + std::to_string(x.iterations) +
          ",\"prefills\":" + std::to_string(x.prefills) + ",\"decode_steps\":" + std::to_string(x.decode_steps) +
          ",\"mean_batch\":" + num(mean_batch) + ",\"admit_stops\":" + admit_stops_json(x.stops) +
-         ",\"model_makespan_s\":" + num(m.makespan_s) + ",\"model_req_per_s\":" + num(m.requests_per_s) +
+         ",\"model_makespan_s\":" + num(m.makespan_s) + ",\"model_prefill_s\":" + num(prefill_ms * 1e-3) +
+         ",\"model_decode_s\":" + num(decode_ms * 1e-3) + ",\"model_req_per_s\":" + num(m.requests_per_s) +
          ",\"model_out_tok_per_s\":" + num(m.output_tokens_per_s) + ",\"model_ttft_p50_s\":" + num(m.ttft_p50) +
          ",\"model_ttft_p99_s\":" + num(m.ttft_p99) + ",\"model_tpot_p50_s\":" + num(m.tpot_p50) +
          ",\"model_tpot_p99_s\":" + num(m.tpot_p99) + ",\"hbm_gbps\":" + num(p.hbm_gbps) +
