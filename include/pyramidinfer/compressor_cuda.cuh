@@ -11,11 +11,12 @@
 //     many: its window; can_begin() whether they are free), end() gives them
 //     back, so every sequence holds exactly its own window, never the
 //     longest's. Window-attention policies (the paper's) accumulate their
-//     decode scores (compressor.hpp): after its prefill a sequence keeps only
-//     decode_rows_for() rows, a stash of one segment's queries and the
-//     accumulators of its recent keys (kernels/cuda/decode_accum.cuh), taken
-//     anew so that they pack at the pool's start, and gives its window back;
-//     without decode compression it gives back all;
+//     decode scores (compressor.hpp): a sequence holds decode_rows_for()
+//     rows to its end, a stash of one segment's queries and the accumulators
+//     of its recent keys (kernels/cuda/decode_accum.cuh), and its window only
+//     through its prefill, in a separate range; without decode compression
+//     it holds only the window. The rule and the first-fit pool are host code
+//     (cache/ring_pool.hpp): held rows from the bottom, windows from the top;
 //   * per slot: ring and decode state, and the prefill token lists (ints,
 //     max_seq_len of them per list: 4 + 4 * head sets ints per token of
 //     capacity, small beside the KV pages a token needs);
