@@ -8,9 +8,10 @@
 #   ROWS="llama3-8b:full:1:saturation:768:1024 llama3-8b:pyramid45:16:both:768:1024" \
 #     bash benchmarks/serve/run_rows_gpu.sh
 # Appends every summary to $OUT/serve.jsonl and every iteration to
-# $OUT/serve_steps.jsonl; prints the main numbers of each row, then where
-# each row's time went (step_profile.py); packs the logs
-# and steps into $OUT/rows.tgz. A row is skipped once BUDGET_S is spent.
+# $OUT/serve_steps.jsonl; prints the main numbers of each row, where each
+# row's time went (step_profile.py) and its host replay (compare_plan.py:
+# admissions equal to the device's, the cost model's rate beside the measured
+# one); packs the logs and steps into $OUT/rows.tgz. A row is skipped once BUDGET_S is spent.
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/.out}
@@ -44,5 +45,14 @@ for line in sys.stdin:
           d["ttft_p50_s"], d["ttft_p99_s"], d["graph_builds"]))'
 done
 [ -s "$OUT/serve_steps.jsonl" ] && python3 benchmarks/serve/step_profile.py "$OUT/serve_steps.jsonl"
+# The host replay of every saturation row: admissions must equal the device's (compare_plan.py).
+INC=""
+echo '#include <cblas.h>' | g++ -E -x c++ - > /dev/null 2>&1 || INC="-Ibenchmarks/no_blas"
+if g++ -std=c++17 -O2 -Iinclude -Iexamples $INC examples/serve/serve_plan.cpp -o "$BUILD/pyramid-serve-plan" \
+    > "$OUT/build_plan.log" 2>&1; then
+  python3 benchmarks/serve/compare_plan.py "$OUT/serve.jsonl" "$BUILD/pyramid-serve-plan"
+else
+  tail -5 "$OUT/build_plan.log"; echo "pyramid-serve-plan: BUILD FAILED"
+fi
 (cd "$OUT" && tar czf rows.tgz --exclude rows.tgz -- row_*.log serve_steps.jsonl 2>/dev/null && rm -f row_*.log serve_steps.jsonl)
 echo "== total $(( $(date +%s) - START )) s"
