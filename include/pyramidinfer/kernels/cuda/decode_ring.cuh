@@ -70,8 +70,8 @@ static __global__ void comp_begin_kernel(BeginArgs a) {
   }
 }
 
-/// Sequence b's ring rows start at `base` from now on (its decode rows, taken
-/// anew after its prefill). grid 1.
+/// Sequence b's ring rows start at `base` from now on (its held rows, after its
+/// prefill gave its window back: RingPool). grid 1.
 static __global__ void comp_move_ring_kernel(std::int32_t* ring_base, int b, int base) { ring_base[b] = base; }
 
 /// One decode query per listed sequence into its ring (the window slides).
