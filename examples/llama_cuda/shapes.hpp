@@ -1,7 +1,6 @@
 // shapes.hpp - the LLaMA shapes of the CUDA engine's benchmarks (random
-// weights) and what they weigh: parameters, weight bytes, GEMM FLOPs per
-// token. Host only, so that planners (examples/serve/serve_plan.cpp) use the
-// same table without CUDA.
+// weights) and the weights their GEMMs use per token. Host only, so that
+// planners (examples/serve/serve_plan.cpp) use the same table without CUDA.
 #pragma once
 
 #include <cstdint>
@@ -30,17 +29,10 @@ inline std::int64_t layer_gemm_params(const LlamaShape& s) {
   return d * (q + 2 * kv) + q * d + 3 * d * std::int64_t(s.ffn_dim);
 }
 
-/// GEMM FLOPs of one decode token: every layer and the output projection.
-inline double decode_flops_per_token(const LlamaShape& s) {
-  return 2.0 * (double(layer_gemm_params(s)) * s.n_layers + double(s.dim) * s.vocab);
-}
-
-/// GEMM FLOPs of one prompt token in one layer (the prefill's attention is not counted).
-inline double prefill_flops_per_token_layer(const LlamaShape& s) { return 2.0 * double(layer_gemm_params(s)); }
-
-/// fp16 bytes a decode step reads of the weights: every layer's GEMMs and the output projection.
-inline double decode_weight_bytes(const LlamaShape& s) {
-  return 2.0 * (double(layer_gemm_params(s)) * s.n_layers + double(s.dim) * s.vocab);
+/// Weights a decode step's GEMMs use: every layer's and the output projection's
+/// (2 bytes each in fp16; 2 FLOPs each per token).
+inline std::int64_t decode_gemm_params(const LlamaShape& s) {
+  return layer_gemm_params(s) * s.n_layers + std::int64_t(s.dim) * s.vocab;
 }
 
 }  // namespace pyramidinfer::llama_cuda

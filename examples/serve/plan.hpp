@@ -14,10 +14,9 @@
 // time, so a Poisson plan is modelled throughout. Host only.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <cstdio>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -28,8 +27,8 @@
 #include "serve/memory_split.hpp"
 #include "serve/metrics.hpp"
 #include "serve/scheduler.hpp"
-#include "serve/serve_options.hpp"
 #include "serve/serve_loop.hpp"
+#include "serve/serve_options.hpp"
 #include "serve/workload.hpp"
 
 namespace pyramidinfer::serve {
@@ -39,7 +38,8 @@ namespace pyramidinfer::serve {
 /// `gemm_flops_per_s`, one after the other, plus a fixed overhead; a prefill
 /// runs the GEMMs of the tokens each layer computes (its attention is not
 /// counted). The defaults were fitted to the CUDA engine's decode steps on an
-/// H200 (RESULTS, "Seventh run"); another card or engine needs its own.
+/// H200 (RESULTS, "After the sixth run"; step_profile.py fits a run's own);
+/// another card or engine needs its own.
 struct CostModel {
   double hbm_bytes_per_s = 4.5e12;
   double gemm_flops_per_s = 5.8e14;
@@ -49,9 +49,9 @@ struct CostModel {
 
   /// `rates` with the shape's bytes and FLOPs filled in.
   static CostModel for_shape(const llama_cuda::LlamaShape& s, CostModel rates) {
-    rates.weight_bytes = llama_cuda::decode_weight_bytes(s);
-    rates.decode_flops_per_token = llama_cuda::decode_flops_per_token(s);
-    rates.prefill_flops_per_token_layer = llama_cuda::prefill_flops_per_token_layer(s);
+    rates.weight_bytes = 2.0 * double(llama_cuda::decode_gemm_params(s));  // fp16
+    rates.decode_flops_per_token = 2.0 * double(llama_cuda::decode_gemm_params(s));
+    rates.prefill_flops_per_token_layer = 2.0 * double(llama_cuda::layer_gemm_params(s));
     rates.kv_bytes_per_slot = 2.0 * s.n_kv_heads * s.head_dim * 2;  // K and V, fp16, one layer
     return rates;
   }

@@ -206,7 +206,8 @@ struct Running {
 enum class AdmitStop { queue_empty, not_arrived, slots, prefill_tokens, pages, engine };
 constexpr int kAdmitStops = 6;
 inline const char* admit_stop_name(AdmitStop s) {
-  static const char* const names[kAdmitStops] = {"queue_empty", "not_arrived", "slots", "prefill_tokens", "pages", "engine"};
+  static const char* const names[kAdmitStops] = {"queue_empty",    "not_arrived", "slots",
+                                                 "prefill_tokens", "pages",       "engine"};
   return names[int(s)];
 }
 

@@ -1,7 +1,8 @@
 // Ring pool: the rows of the CUDA compressor's window-query ring, on the
 // host. RingRule says how many rows a sequence holds, from begin() to the
-// end of its prefill and from then to end(); RingPool hands them out first
-// fit. The CUDA compressor (compressor_cuda.cuh) keeps its ring with both,
+// end of its prefill and from then to end(); RingPool hands them out (the
+// rows held to the end first fit from the bottom, the prefill's window from
+// the top). The CUDA compressor (compressor_cuda.cuh) keeps its ring with both,
 // and a planner can replay a workload's admissions with the same rules and
 // no GPU (examples/serve/serve_plan.cpp). Host only.
 #pragma once
