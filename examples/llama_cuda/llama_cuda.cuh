@@ -710,10 +710,7 @@ class PagedEngine {
   }
 
   /// Bytes of one KV page (K and V, every KV head).
-  std::size_t page_bytes() const {
-    const LlamaShape& s = m_.shape();
-    return std::size_t(2) * opt_.page_size * s.n_kv_heads * s.head_dim * sizeof(__half);
-  }
+  std::size_t page_bytes() const { return llama_cuda::page_bytes(m_.shape(), opt_.page_size); }
   /// Bytes of the compressor's state for a cache of these slots and a ring pool of ring_rows (what open_pool takes besides the pages).
   std::size_t compressor_bytes() const { return comp_bytes_; }
 

@@ -3,6 +3,7 @@
 // planners (examples/serve/serve_plan.cpp) use the same table without CUDA.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -33,6 +34,11 @@ inline std::int64_t layer_gemm_params(const LlamaShape& s) {
 /// (2 bytes each in fp16; 2 FLOPs each per token).
 inline std::int64_t decode_gemm_params(const LlamaShape& s) {
   return layer_gemm_params(s) * s.n_layers + std::int64_t(s.dim) * s.vocab;
+}
+
+/// Bytes of one KV page of one layer: K and V of `page_size` tokens, fp16.
+inline std::size_t page_bytes(const LlamaShape& s, int page_size) {
+  return std::size_t(2) * std::size_t(page_size) * std::size_t(s.n_kv_heads) * std::size_t(s.head_dim) * 2;
 }
 
 }  // namespace pyramidinfer::llama_cuda

@@ -32,7 +32,7 @@ struct Ledger {
 
 template <class Compressor>
 Ledger ledger(const Compressor& pc, const llama_cuda::LlamaShape& s, const std::vector<Request>& reqs) {
-  const double page_bytes = 2.0 * 16 * s.n_kv_heads * s.head_dim * 2;
+  const double page_bytes = double(llama_cuda::page_bytes(s, 16));
   const RingRule rule = ring_rule_of(pc);  // without decode compression the ring serves the prefill alone: one layer
   const double row_bytes = double(rule.row_bytes(2));
   Ledger g;

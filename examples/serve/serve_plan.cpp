@@ -33,7 +33,7 @@ PlanSetup plan_setup(const Compressor& pc, const PlanOptions& p, const llama_cud
   rates.hbm_bytes_per_s = p.hbm_gbps * 1e9, rates.gemm_flops_per_s = p.gemm_tflops * 1e12;
   rates.step_overhead_s = p.step_overhead_ms * 1e-3;
   PlanSetup s = plan_limits(o, shape, rates);
-  const std::size_t page_bytes = std::size_t(2) * o.page_size * shape.n_kv_heads * shape.head_dim * 2;
+  const std::size_t page_bytes = llama_cuda::page_bytes(shape, o.page_size);
   const RingInputs in = ring_inputs(pc, o, page_bytes);
   if (p.ring_rows > 0) {
     s.ring_rows = p.ring_rows, s.ring_reserve = p.ring_reserve;

@@ -146,7 +146,7 @@ TEST_CASE("planned_ring_split: the fastest planned split, never smaller than the
   ServeOptions o;
   o.workload = wo, o.pool_gb = 3, o.max_seqs = 512, o.prefill_tokens = 4096, o.fire_every = 16;
   with_pyramid([&](const auto& pc) {
-    const std::size_t page_bytes = std::size_t(2) * 16 * kShape.n_kv_heads * kShape.head_dim * 2;
+    const std::size_t page_bytes = llama_cuda::page_bytes(kShape, 16);
     const RingInputs in = ring_inputs(pc, o, page_bytes);
     const PlanSetup limits = plan_limits(o, kShape);
     const RingSplit chosen = planned_ring_split(pc, in, limits);
