@@ -5,9 +5,12 @@
 //      budget split by it holds the same requests in rows as in pages;
 //   2. ring rows: at least 1 and at least the largest request's, below the budget;
 //   3. pages: what the ring leaves, then shrunk by the measured excess;
-//   4. bad inputs throw std::invalid_argument naming the value.
+//   4. bad inputs throw std::invalid_argument naming the value;
+//   5. budget_ring_rows: the share scaled (at most half the budget), one prefill
+//      iteration's windows on top and reserved, given bytes as they are.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -121,4 +124,42 @@ TEST_CASE("memory split: bad inputs throw naming the value", "[serve][memory]") 
   CHECK_THAT(invalid_of([] { ring_share({req(3, 10, 1)}, tenth, [](const Request&) { return std::int64_t(-1); }, 1, 1); }),
              Catch::Contains("request 3"));
   CHECK_THAT(invalid_of([] { ring_share({req(0, 5, 0)}, tenth, output_pages, 1, 1); }), Catch::Contains("no ring rows"));
+}
+
+TEST_CASE("budget_ring_rows: the share scaled, a prefill's windows on top and reserved for them", "[serve][memory]") {
+  RingInputs in;
+  in.rule.model = pyramidinfer::ModelShape{2, 4, 2, 8, pyramidinfer::DType::f16};
+  in.rule.recent_ratio = 0.25, in.rule.segment = 4, in.rule.compress_decode = true, in.rule.accumulating = true;
+  for (int i = 0; i < 20; ++i) in.reqs.push_back(req(i, 200 + 10 * i, 30));
+  in.budget = 1 << 24;
+  in.prefill_tokens = 400;
+  in.page_iterations = [](const Request& r) { return std::int64_t(r.output_len) * 20; };
+  in.page_bytes = 4096;
+  const std::size_t row = in.rule.row_bytes(2);
+  const std::int64_t windows = in.rule.rows(400).transient;
+  REQUIRE(windows == pyramidinfer::window_length(400, 0.25));
+  const RingSplit one = budget_ring_rows(in), two = budget_ring_rows(in, 2.0);
+  const double share = ring_share(
+      in.reqs, [&](int p) { return in.rule.rows(p).held; }, in.page_iterations, row, in.page_bytes);
+  CHECK(one.rows == ring_rows_of_share(share, in.budget, row, 0) + windows);
+  CHECK(two.rows == ring_rows_of_share(2 * share, in.budget, row, 0) + windows);
+  CHECK(one.reserve == windows);
+  CHECK_THAT(one.from, Catch::Contains("1 x the workload's share"));
+  // a scale past half the budget stops there
+  CHECK(budget_ring_rows(in, 1e9).rows == ring_rows_of_share(0.5, in.budget, row, 0) + windows);
+  // given bytes are taken as they are; the reserve still leaves the largest request's held rows below it
+  std::int64_t largest = 0, largest_held = 0;
+  for (const Request& r : in.reqs) {
+    largest = std::max(largest, in.rule.rows(r.prompt_len).at_begin());
+    largest_held = std::max(largest_held, in.rule.rows(r.prompt_len).held);
+  }
+  REQUIRE(largest - largest_held < windows);  // the smallest ring that starts every request: the reserve is cut
+  in.ring_bytes = std::uint64_t(row) * std::uint64_t(largest);
+  const RingSplit given = budget_ring_rows(in);
+  CHECK(given.rows == largest);
+  CHECK(given.reserve == largest - largest_held);
+  CHECK(given.from == "--ring-gb");
+  in.ring_bytes = 0;
+  CHECK_THAT(invalid_of([&] { budget_ring_rows(in, 0.0); }), Catch::Contains("scale = 0"));
+  CHECK_THAT(invalid_of([&] { budget_ring_rows(in, -1.0); }), Catch::Contains("scale = -1"));
 }
