@@ -27,7 +27,7 @@
 #
 # The model, models/SmolLM2-135M-Instruct.Q4_1.gguf (94 MiB), is over one
 # call's 64 MiB carry: when it is missing, run joins .model_parts/smol.0?
-# (benchmarks/quality/run_quality_gpu.sh split, here), checked against
+# (benchmarks/model_parts.sh split, here), checked against
 # .model_parts/smol.sha256. Two back-to-back calls (the machine, venv and
 # first part stay while it is warm):
 #   run(carry=[".whl/kvpress", ".model_parts/smol.01", ".model_parts/smol.sha256"],
@@ -46,7 +46,6 @@ VENV=${VENV:-build-kvpress/venv}
 WHEELS=${WHEELS:-.whl/kvpress}
 OUT=${OUT:-$PWD/.out}
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
-PARTS=.model_parts
 BUILD_DIR=${BUILD_DIR:-build-kvpress/skbuild}
 VPY=$VENV/bin/python
 export PYTHONUNBUFFERED=1
@@ -114,20 +113,6 @@ if not transformers.__version__.startswith("5.2."):
 EOF
 }
 
-join_model() {
-  [ -f "$MODEL" ] && return 0
-  [ -f "$PARTS/smol.00" ] && [ -f "$PARTS/smol.01" ] && [ -f "$PARTS/smol.sha256" ] ||
-    die "$MODEL is missing and so are its parts: carry $PARTS/smol.00 in one call and $PARTS/smol.01 + smol.sha256 in the next (split them here with benchmarks/quality/run_quality_gpu.sh split)"
-  mkdir -p models
-  cat "$PARTS"/smol.0? > "$MODEL.tmp"
-  if [ "$(sha256sum "$MODEL.tmp" | cut -d' ' -f1)" != "$(cat "$PARTS/smol.sha256")" ]; then
-    rm -f "$MODEL.tmp"
-    die "the joined model's sha256 does not match $PARTS/smol.sha256"
-  fi
-  mv "$MODEL.tmp" "$MODEL"
-  echo "== joined $MODEL from $PARTS"
-}
-
 setup() {
   mkdir -p "$OUT"
   # ";" not "&&": set -e stays on inside the functions (a function run as part of an && list ignores it)
@@ -137,7 +122,7 @@ setup() {
 
 compare() {
   [ -x "$VPY" ] || die "no venv at $VENV: run 'bash $0 setup' first (carrying $WHEELS)"
-  join_model
+  bash benchmarks/model_parts.sh join || die "no model (benchmarks/model_parts.sh)"
   mkdir -p "$OUT"
   local dev=${DEVICE:-cuda}
   local log=$OUT/kvpress_$dev.log

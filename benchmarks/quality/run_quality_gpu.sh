@@ -4,7 +4,7 @@
 # real SmolLM2 model. The model file (~100 MB) is over one call's carry
 # limit, so it travels in two parts, on back-to-back calls:
 #
-#   bash benchmarks/quality/run_quality_gpu.sh split     # here: .model_parts/smol.00, smol.01, smol.sha256
+#   bash benchmarks/quality/run_quality_gpu.sh split     # here: .model_parts/smol.00, smol.01, smol.sha256 (model_parts.sh)
 #   run(carry=[".model_parts/smol.00"], command="bash benchmarks/quality/run_quality_gpu.sh build")
 #   run(carry=[".model_parts/smol.01", ".model_parts/smol.sha256"],
 #       command="POLICIES=... bash benchmarks/quality/run_quality_gpu.sh eval")
@@ -21,18 +21,8 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/.out}
 mkdir -p "$OUT"
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
-PARTS=.model_parts
 BUILD=build-quality-gpu
 BIN=$BUILD/pyramid-eval
-
-split_model() {
-  [ -f "$MODEL" ] || bash examples/fetch_model.sh
-  mkdir -p "$PARTS"
-  rm -f "$PARTS"/smol.*
-  split -b 50M -d "$MODEL" "$PARTS/smol."
-  sha256sum "$MODEL" | cut -d' ' -f1 > "$PARTS/smol.sha256"
-  ls -l "$PARTS"
-}
 
 build() {
   # --device cuda never runs the CPU model: its BLAS calls get the stub (the device has no BLAS).
@@ -57,20 +47,8 @@ build() {
   echo "$sum" > "$BUILD/src.sha"
 }
 
-join_model() {
-  if [ -f "$MODEL" ]; then return 0; fi
-  [ -f "$PARTS/smol.00" ] && [ -f "$PARTS/smol.01" ] && [ -f "$PARTS/smol.sha256" ] || {
-    echo "model parts missing: carry $PARTS/smol.00 in one call and smol.01 + smol.sha256 in the next"; return 1; }
-  mkdir -p models
-  cat "$PARTS"/smol.0? > "$MODEL.tmp"
-  if [ "$(sha256sum "$MODEL.tmp" | cut -d' ' -f1)" != "$(cat "$PARTS/smol.sha256")" ]; then
-    echo "joined model: sha256 mismatch"; rm -f "$MODEL.tmp"; return 1
-  fi
-  mv "$MODEL.tmp" "$MODEL"
-}
-
 evaluate() {
-  join_model || return 1
+  bash benchmarks/model_parts.sh join || return 1
   build || return 1
   { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u +%Y-%m-%dT%H:%MZ; git log --oneline -1; } | tee "$OUT/gpu.txt"
   for n in ${PREFILL:-1024}; do
@@ -85,7 +63,7 @@ evaluate() {
 }
 
 case "${1:-}" in
-  split) split_model ;;
+  split) bash benchmarks/model_parts.sh split ;;
   build) build ;;
   eval) evaluate ;;
   *) echo "usage: $0 split|build|eval"; exit 2 ;;

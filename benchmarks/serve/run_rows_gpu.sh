@@ -21,6 +21,8 @@ POOL_GB=${POOL_GB:-40}
 BUDGET_S=${BUDGET_S:-500}
 START=$(date +%s)
 mkdir -p "$OUT"
+# MODEL (the SmolLM2 file) travels in two parts: join them when it is missing (benchmarks/model_parts.sh).
+if [ -n "${MODEL:-}" ] && [ ! -f "$MODEL" ]; then bash benchmarks/model_parts.sh join || exit 1; fi
 if [ ! -x "$BUILD/pyramid-serve" ]; then
   WORKLOADS= SELFCHECK=0 BUILD_DIR="$BUILD" OUT="$OUT" bash benchmarks/serve/run_serve_gpu.sh > "$OUT/build_rows.log" 2>&1 ||
     { tail -20 "$OUT/build_rows.log"; echo "BUILD FAILED"; exit 1; }
