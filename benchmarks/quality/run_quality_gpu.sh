@@ -4,7 +4,7 @@
 # real SmolLM2 model. The model file (~100 MB) is over one call's carry
 # limit, so it travels in two parts, on back-to-back calls:
 #
-#   bash benchmarks/quality/run_quality_gpu.sh split     # here: .model_parts/smol.00, smol.01, smol.sha256 (model_parts.sh)
+#   bash benchmarks/quality/run_quality_gpu.sh split     # here (model_parts.sh): .model_parts/smol.00, .01, .sha256
 #   run(carry=[".model_parts/smol.00"], command="bash benchmarks/quality/run_quality_gpu.sh build")
 #   run(carry=[".model_parts/smol.01", ".model_parts/smol.sha256"],
 #       command="POLICIES=... bash benchmarks/quality/run_quality_gpu.sh eval")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Device serving runs against their host replay (pyramid-serve-plan).
 
-For every saturation summary of pyramid-serve in SERVE_JSONL (random-weight
-shapes), runs pyramid-serve-plan with the same workload, limits and pool
+For every saturation summary of pyramid-serve in SERVE_JSONL (a named shape,
+or --model's file, which must be at the recorded path), runs pyramid-serve-plan with the same workload, limits and pool
 (--pages, --ring-rows, --ring-reserve) and prints both. At saturation every
 admission depends only on the pool, so iterations, prefills and peak
 concurrency must be equal: a difference means the device's books or ring
@@ -25,7 +25,8 @@ EXACT = ["iterations", "prefills", "peak_concurrent", "peak_pages_booked"]
 
 
 def replay(plan_binary, run):
-    args = [plan_binary, "--shape", run["shape"], "--policies", run["policy"], "--mode", "saturation"]
+    model = ["--model", run["model"]] if "model" in run else ["--shape", run["shape"]]
+    args = [plan_binary] + model + ["--policies", run["policy"], "--mode", "saturation"]
     for flag, key in FLAGS:
         if key in run:
             args += [flag, str(run[key])]
@@ -37,8 +38,7 @@ def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     runs = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-    runs = [r for r in runs if r.get("engine") == "ours" and r.get("mode") == "saturation" and
-            r["shape"] in ("llama2-7b", "llama2-13b", "llama3-8b", "tiny")]
+    runs = [r for r in runs if r.get("engine") == "ours" and r.get("mode") == "saturation"]
     same = True
     print("| shape | median | policy | iterations | prefills | peak seqs | peak pages | req/s measured / model |")
     print("|---|---|---|---|---|---|---|---|")

@@ -301,20 +301,11 @@ class CudaModel {
   static CudaModel from_gguf(const llama::GgufFile& f) {
     // The CPU model's checks first (architecture, block count, every tensor's
     // shape and type, nothing extra): the reads below trust them.
-    llama::check_llama_tensor_table(f, llama::LlamaConfig::from_gguf(f));
+    const llama::LlamaConfig c = llama::LlamaConfig::from_gguf(f);
+    llama::check_llama_tensor_table(f, c);
     CudaModel m;
-    LlamaShape& s = m.shape_;
-    auto ikey = [&](const std::string& k) { return int(f.at(k).ints.at(0)); };
-    s.n_layers = ikey("llama.block_count");
-    s.dim = ikey("llama.embedding_length");
-    s.ffn_dim = ikey("llama.feed_forward_length");
-    s.n_heads = ikey("llama.attention.head_count");
-    s.n_kv_heads = f.find("llama.attention.head_count_kv") ? ikey("llama.attention.head_count_kv") : s.n_heads;
-    s.head_dim = s.dim / s.n_heads;
-    s.rope_dims = f.find("llama.rope.dimension_count") ? ikey("llama.rope.dimension_count") : s.head_dim;
-    s.vocab = f.find("llama.vocab_size") ? ikey("llama.vocab_size") : int(f.at("tokenizer.ggml.tokens").strings.size());
-    if (f.find("llama.rope.freq_base")) s.rope_base = float(f.at("llama.rope.freq_base").as_float());
-    s.rms_eps = float(f.at("llama.attention.layer_norm_rms_epsilon").as_float());
+    m.shape_ = shape_of(c);
+    const LlamaShape& s = m.shape_;
     auto mat = [&](const std::string& name) { return f.tensor_as_float(f.tensor(name)); };
     m.upload_half(m.embedding_, mat("token_embd.weight"));
     if (f.find_tensor("output.weight")) m.upload_half(m.output_, mat("output.weight"));

@@ -24,6 +24,17 @@ inline LlamaShape named_shape(const std::string& n) {
   throw std::invalid_argument("unknown shape '" + n + "': llama2-7b, llama2-13b, llama3-8b or tiny");
 }
 
+/// The shape of a model's config (llama::LlamaConfig, read and checked from a
+/// GGUF file; a template so that this header needs no GGUF reader).
+template <class Config>
+LlamaShape shape_of(const Config& c) {
+  LlamaShape s;
+  s.n_layers = int(c.n_layers), s.dim = int(c.dim), s.ffn_dim = int(c.ffn_dim), s.n_heads = int(c.n_heads);
+  s.n_kv_heads = int(c.n_kv_heads), s.head_dim = int(c.head_dim), s.rope_dims = int(c.rope_dims);
+  s.vocab = int(c.vocab_size), s.rope_base = c.rope_base, s.rms_eps = c.rms_eps;
+  return s;
+}
+
 /// Weights of one layer's GEMMs: q, k, v, o and the gated MLP's three.
 inline std::int64_t layer_gemm_params(const LlamaShape& s) {
   const std::int64_t d = s.dim, q = std::int64_t(s.n_heads) * s.head_dim, kv = std::int64_t(s.n_kv_heads) * s.head_dim;

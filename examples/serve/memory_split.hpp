@@ -58,7 +58,8 @@ inline double ring_share(const std::vector<Request>& reqs, const RowsOf& rows_of
     const std::int64_t rows = rows_of(r.prompt_len), held = page_iterations(r);
     if (rows < 0 || held < 0)
       throw std::invalid_argument("ring_share: request " + std::to_string(r.id) + " holds " + std::to_string(rows) +
-                                  " ring rows and " + std::to_string(held) + " page-iterations (neither may be negative)");
+                                  " ring rows and " + std::to_string(held) +
+                                  " page-iterations (neither may be negative)");
     ring += double(rows) * double(r.output_len) * double(row_bytes);
     pages += double(held) * double(page_bytes);
   }
@@ -143,7 +144,7 @@ struct RingInputs {
   std::uint64_t budget = 0;
   std::uint64_t ring_bytes = 0;  ///< given (--ring-gb); 0: the workload's share
   int prefill_tokens = 1;        ///< prompt tokens of one prefill iteration
-  PagesOf page_iterations;       ///< a request's pages summed over its life (its page curve under the run's fire schedule)
+  PagesOf page_iterations;       ///< a request's pages summed over its life (page curve, the run's fire schedule)
   std::size_t page_bytes = 0;
 };
 

@@ -299,7 +299,8 @@ void serve_policy(Engine& e, const CudaModel& m, const ServeOptions& o, const ll
         ",\"requests\":" + std::to_string(r.requests) + ",\"prompt_median\":" + num(w.prompt_median) +
         ",\"prompt_sigma\":" + num(w.prompt_sigma) + ",\"prompt_cap\":" + std::to_string(w.prompt_cap) +
         ",\"output_min\":" + std::to_string(w.output_min) + ",\"output_max\":" + std::to_string(w.output_max) +
-        ",\"seed\":" + std::to_string(w.seed) + ",\"pool_bytes\":" + std::to_string(e.plan().total_bytes) +
+        ",\"seed\":" + std::to_string(w.seed) + (o.model.empty() ? "" : ",\"model\":" + str(o.model)) +
+        ",\"pool_bytes\":" + std::to_string(e.plan().total_bytes) +
         ",\"pool_pages\":" + std::to_string(spec.num_pages) + ",\"page_size\":" + std::to_string(o.page_size) +
         ",\"budget_bytes\":" + std::to_string(kv.budget) + ",\"pages_bytes\":" + std::to_string(kv.pages) +
         ",\"cache_state_bytes\":" + std::to_string(kv.cache_state) + ",\"ring_rows\":" + std::to_string(spec.ring_rows) +
@@ -504,17 +505,10 @@ bool selfcheck() {
   return all_ok;
 }
 
-/// The model of --model, after checking that every request fits its context
-/// (positions past llama.context_length were never trained). The run's
-/// "shape" becomes the file's name.
+/// The model of --model, after checking that every request fits its context (model_config).
 CudaModel load_model(ServeOptions& o) {
   const llama::GgufFile f = llama::GgufFile::open(o.model);
-  const llama::LlamaConfig c = llama::LlamaConfig::from_gguf(f);
-  const std::size_t longest = std::size_t(o.workload.prompt_cap) + std::size_t(o.workload.output_max);
-  if (longest > c.context_length)
-    throw std::invalid_argument("--model " + o.model + ": --prompt-cap + --output-max = " + std::to_string(longest) +
-                                " exceeds its llama.context_length " + std::to_string(c.context_length));
-  o.shape = o.model.substr(o.model.find_last_of('/') + 1);
+  model_config(o, f);
   return CudaModel::from_gguf(f);
 }
 

@@ -65,7 +65,8 @@ struct LoopStats {
 inline std::string admit_stops_json(const std::array<long long, kAdmitStops>& stops) {
   std::string j = "{";
   for (int i = 0; i < kAdmitStops; ++i)
-    j += std::string(i ? "," : "") + "\"" + admit_stop_name(AdmitStop(i)) + "\":" + std::to_string(stops[std::size_t(i)]);
+    j += std::string(i ? "," : "") + "\"" + admit_stop_name(AdmitStop(i)) + "\":" +
+         std::to_string(stops[std::size_t(i)]);
   return j + "}";
 }
 

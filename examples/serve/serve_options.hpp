@@ -106,6 +106,19 @@ inline llama::PolicyOptions run_policy(const ServeOptions& o, const std::string&
   return po;
 }
 
+/// --model's config, once every request is checked to fit its context
+/// (positions past llama.context_length were never trained); the run's
+/// "shape" label becomes the file's name.
+inline llama::LlamaConfig model_config(ServeOptions& o, const llama::GgufFile& f) {
+  const llama::LlamaConfig c = llama::LlamaConfig::from_gguf(f);
+  const std::size_t longest = std::size_t(o.workload.prompt_cap) + std::size_t(o.workload.output_max);
+  if (longest > c.context_length)
+    throw std::invalid_argument("--model " + o.model + ": --prompt-cap + --output-max = " + std::to_string(longest) +
+                                " exceeds its llama.context_length " + std::to_string(c.context_length));
+  o.shape = o.model.substr(o.model.find_last_of('/') + 1);
+  return c;
+}
+
 /// What sizes the ring of compressor `pc` within --pool-gb (memory_split.hpp):
 /// the runs' requests and the warm-up's, --ring-gb, the prefill's tokens,
 /// and each request's page curve under the run's fire schedule.
@@ -145,6 +158,7 @@ inline void add_shared_flags(cli::Parser& p, ServeOptions& o) {
   WorkloadOptions& w = o.workload;
   const std::int64_t kIntMax = 0x7fffffff;
   p.value("--shape", [&](const std::string& v) { o.shape = v; })
+      .value("--model", [&](const std::string& v) { o.model = v; })
       .value("--policies", [&](const std::string& v) { o.policies = parse_list("--policies", v); })
       .value("--requests", [&](const std::string& v) { w.requests = int(parse_int("--requests", v, 1, 1000000)); })
       .value("--prompt-median", [&](const std::string& v) { w.prompt_median = parse_real("--prompt-median", v, 1, 1e6); })
@@ -206,8 +220,7 @@ inline ServeOptions parse_serve_options(int argc, const char* const* argv) {
   ServeOptions o;
   Parser p("pyramid-serve");
   add_shared_flags(p, o);
-  p.value("--model", [&](const std::string& v) { o.model = v; })
-      .value("--steps-out", [&](const std::string& v) { o.steps_out = v; })
+  p.value("--steps-out", [&](const std::string& v) { o.steps_out = v; })
       .value("--dump-requests", [&](const std::string& v) { o.dump_requests = non_empty("--dump-requests", v); })
       .toggle("--no-graph", [&] { o.graph = false; });
   const std::vector<std::string> words = p.parse(argc, argv, /*positional=*/true);
@@ -231,7 +244,7 @@ struct PlanOptions {
 inline std::string plan_usage() {
   return "usage: pyramid-serve-plan [flags]   pyramid-serve's runs replayed on the host, no GPU: admissions\n"
          "       and concurrency exact for the same pool, times from a cost model (JSON lines out)\n"
-         "  pyramid-serve's flags: --shape --policies --requests --prompt-median --prompt-sigma --prompt-cap\n"
+         "  pyramid-serve's flags: --shape --model --policies --requests --prompt-median --prompt-sigma --prompt-cap\n"
          "    --output-min --output-max --seed --mode --match-budget --rate --load --pool-gb --ring-gb\n"
          "    --max-seqs --prefill-tokens --page-size --fire-every --warmup --out\n"
          "  --pages N            the pool's KV pages (default: --pool-gb less the ring; the device also\n"
@@ -253,7 +266,8 @@ inline PlanOptions parse_plan_options(int argc, const char* const* argv) {
       .value("--ring-rows", [&](const std::string& v) { o.ring_rows = parse_int("--ring-rows", v, 1, 0x7fffffff); })
       .value("--ring-reserve",
              [&](const std::string& v) { o.ring_reserve = parse_int("--ring-reserve", v, 0, 0x7fffffff); })
-      .value("--hbm-gbps", [&](const std::string& v) { o.hbm_gbps = parse_real("--hbm-gbps", v, 0, 1e6, Bounds::open_low); })
+      .value("--hbm-gbps",
+             [&](const std::string& v) { o.hbm_gbps = parse_real("--hbm-gbps", v, 0, 1e6, Bounds::open_low); })
       .value("--gemm-tflops",
              [&](const std::string& v) { o.gemm_tflops = parse_real("--gemm-tflops", v, 0, 1e6, Bounds::open_low); })
       .value("--step-overhead-ms",

@@ -8,6 +8,7 @@
 //
 //   pyramid-serve-plan --shape llama3-8b --policies full,pyramid45 --requests 768 --max-seqs 1024 --fire-every 16
 //   pyramid-serve-plan --shape llama3-8b --policies pyramid --pages 606162 --ring-rows 9263 --mode saturation ...
+//   pyramid-serve-plan --model models/SmolLM2-135M-Instruct.Q4_1.gguf --prompt-cap 7680 --pool-gb 2 ...
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -57,7 +58,9 @@ std::string plan_line(const PlanOptions& p, const llama::PolicyOptions& po, cons
   double prefill_ms = 0, decode_ms = 0;
   for (const StepRecord& st : x.steps) batch_sum += st.batch, prefill_ms += st.prefill_ms, decode_ms += st.decode_ms;
   const double mean_batch = x.decode_steps ? double(batch_sum) / double(x.decode_steps) : 0;
-  return "{\"bench\":\"serve\",\"engine\":\"plan\",\"shape\":" + str(p.serve.shape) + ",\"policy\":" + str(po.name) +
+  const std::string model = p.serve.model.empty() ? "" : ",\"model\":" + str(p.serve.model);
+  return "{\"bench\":\"serve\",\"engine\":\"plan\",\"shape\":" + str(p.serve.shape) + model +
+         ",\"policy\":" + str(po.name) +
          ",\"ratio\":" + num(reported_ratio(po)) + ",\"mode\":" + str(mode) + ",\"rate\":" + num(w.rate) +
          ",\"requests\":" + std::to_string(m.requests) + ",\"prompt_median\":" + num(w.prompt_median) +
          ",\"prompt_sigma\":" + num(w.prompt_sigma) + ",\"prompt_cap\":" + std::to_string(w.prompt_cap) +
@@ -120,8 +123,10 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    const llama_cuda::LlamaShape shape = llama_cuda::named_shape(p.serve.shape);
-    const llama::LlamaConfig c = llama_cuda::policy_config(shape);
+    const llama::LlamaConfig c = p.serve.model.empty()
+                                     ? llama_cuda::policy_config(llama_cuda::named_shape(p.serve.shape))
+                                     : model_config(p.serve, llama::GgufFile::open(p.serve.model));
+    const llama_cuda::LlamaShape shape = llama_cuda::shape_of(c);
     JsonLines out(p.serve.out);
     for (const std::string& policy : p.serve.policies) {
       std::string note;

@@ -6,9 +6,12 @@
 //      pool alone, whatever the cost model;
 //   3. the cost model's step times follow their formula;
 //   4. the planned ring split is the fastest of those it tries;
-//   5. pyramid-serve-plan's flags: values and bad input named.
+//   5. pyramid-serve-plan's flags: values and bad input named;
+//   6. --model: a GGUF file's shape, its context checked, planned.
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -40,6 +43,12 @@ void with_pyramid(F&& f) {
   llama::PolicyOptions po;
   po.name = "pyramid";
   llama::with_policy(llama_cuda::policy_config(kShape), po, f);
+}
+
+/// The test model (tests/model's, fetched by examples/fetch_model.sh; PYRAMIDINFER_MODEL overrides).
+std::string model_file() {
+  if (const char* env = std::getenv("PYRAMIDINFER_MODEL")) return env;
+  return std::string(PYRAMIDINFER_REPO_ROOT) + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
 PlanOptions parse_plan(std::vector<std::string> args) {
@@ -184,4 +193,36 @@ TEST_CASE("pyramid-serve-plan options: the pool, the cost model, bad input named
   CHECK_THAT(plan_error({"--no-graph"}), Catch::Contains("--no-graph"));  // a device flag
   CHECK_THAT(plan_error({"selfcheck"}), Catch::Contains("selfcheck"));
   CHECK_THAT(plan_error({"--shape", "llama9"}), Catch::Contains("--shape 'llama9'"));
+}
+
+TEST_CASE("model_config: --model's shape for the plan, its context checked", "[serve][plan]") {
+  ServeOptions o;
+  o.model = model_file();
+  if (!std::ifstream(o.model, std::ios::binary))
+    FAIL("model file " << o.model << " not found: run examples/fetch_model.sh");
+  o.workload.prompt_cap = 8192, o.workload.output_max = 512;  // past SmolLM2's 8,192 positions
+  CHECK_THROWS_WITH(model_config(o, llama::GgufFile::open(o.model)),
+                    Catch::Contains("--model") && Catch::Contains("8704") && Catch::Contains("context_length 8192"));
+  o.workload.prompt_cap = 7680;
+  const llama_cuda::LlamaShape s = llama_cuda::shape_of(model_config(o, llama::GgufFile::open(o.model)));
+  CHECK(o.shape == "SmolLM2-135M-Instruct.Q4_1.gguf");
+  CHECK(s.n_layers == 30);
+  CHECK(s.n_heads == 9);
+  CHECK(s.n_kv_heads == 3);
+  CHECK(s.head_dim == 64);
+  CHECK(s.vocab == 49152);
+  // the plan runs on it: admissions bound by pages or the ring, every row back at the end
+  o.workload.requests = 40, o.workload.prompt_cap = 2048, o.max_seqs = 64, o.pool_gb = 0.2, o.fire_every = 16;
+  llama::PolicyOptions po;
+  po.name = "pyramid45";
+  llama::with_policy(llama_cuda::policy_config(s), po, [&](const auto& pc) {
+    PlanSetup setup = plan_limits(o, s);
+    const RingInputs in = ring_inputs(pc, o, llama_cuda::page_bytes(s, 16));
+    const RingSplit ring = planned_ring_split(pc, in, setup);
+    setup.ring_rows = ring.rows, setup.ring_reserve = ring.reserve;
+    setup.pool_pages = pages_beside(in.budget, std::uint64_t(ring.rows) * in.rule.row_bytes(2), in.page_bytes);
+    const PlanRun run = plan_run(pc, setup, in.reqs);
+    CHECK(run.summary.requests == 40);
+    CHECK(run.stats.peak_concurrent >= 2);
+  });
 }
