@@ -2,6 +2,10 @@
 // sequence holds, and the first-fit pool the CUDA compressor takes them from.
 #include <catch2/catch.hpp>
 
+#include <cstdint>
+#include <random>
+#include <vector>
+
 #include <pyramidinfer/pyramidinfer.hpp>
 
 using namespace pyramidinfer;
@@ -111,4 +115,94 @@ TEST_CASE("ring_rule_of: the compressor's config and whether its scoring accumul
   const RingRule window = ring_rule_of(PyramidCompressor<KeyNormScoring>(c));
   CHECK_FALSE(window.accumulating);
   CHECK(window.rows(100).held == window_length(100, 0.3));
+}
+
+namespace {
+
+/// A bitmap model of the pool: the same placements, found the slow way.
+struct BitmapRing {
+  std::vector<char> used;
+  std::int64_t limit = 0;
+  /// Lowest start of n free rows wholly below `lim`, or -1.
+  std::int64_t first(std::int64_t n, std::int64_t lim) const {
+    for (std::int64_t s = 0; s + n <= lim; ++s) {
+      bool ok = true;
+      for (std::int64_t i = s; i < s + n && ok; ++i) ok = !used[std::size_t(i)];
+      if (ok) return s;
+    }
+    return -1;
+  }
+  /// Start of the top n rows of the highest free run that holds n, or -1.
+  std::int64_t last(std::int64_t n) const {
+    std::int64_t end = std::int64_t(used.size());
+    while (end > 0) {
+      while (end > 0 && used[std::size_t(end - 1)]) --end;  // the top of a free run
+      std::int64_t start = end;
+      while (start > 0 && !used[std::size_t(start - 1)]) --start;
+      if (end - start >= n) return end - n;
+      end = start;
+    }
+    return -1;
+  }
+  void mark(std::int64_t s, std::int64_t n, char v) {
+    for (std::int64_t i = s; i < s + n; ++i) {
+      REQUIRE(used[std::size_t(i)] != v);  // never taken twice, never given back twice
+      used[std::size_t(i)] = v;
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("RingPool: random begins, prefills and ends place rows where a bitmap says", "[ring_pool]") {
+  const std::uint64_t seed = 0x5eed0000u + std::uint64_t(Catch::rngSeed());
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (int trial = 0; trial < 20; ++trial) {
+    const std::int64_t rows = 50 + std::int64_t(rng() % 400), reserve = std::int64_t(rng() % (rows / 3));
+    RingPool p;
+    p.reset(rows);
+    p.set_reserve(reserve);
+    BitmapRing m{std::vector<char>(std::size_t(rows), 0), rows - reserve};
+    std::vector<RingHold> live;
+    for (int op = 0; op < 400; ++op) {
+      const int what = int(rng() % 3);
+      if (what == 0 || live.empty()) {  // begin
+        RingRows r;
+        r.held = std::int64_t(rng() % 20);
+        r.transient = rng() % 2 ? std::int64_t(1 + rng() % 60) : 0;
+        if (r.at_begin() == 0) continue;
+        const std::int64_t h = r.held > 0 ? m.first(r.held, m.limit) : -1;
+        if (h >= 0) m.mark(h, r.held, 1);
+        const std::int64_t t = r.transient > 0 ? m.last(r.transient) : -1;
+        if (h >= 0) m.mark(h, r.held, 0);  // the model places both before deciding
+        const bool expect = (r.held == 0 || h >= 0) && (r.transient == 0 || t >= 0);
+        REQUIRE(p.fits(r) == expect);
+        const RingHold got = p.take(r);
+        REQUIRE((got.prefill_base() >= 0) == expect);
+        if (!expect) continue;
+        REQUIRE(got.held_base == h);
+        REQUIRE(got.transient_base == t);
+        if (r.held > 0) m.mark(h, r.held, 1);
+        if (r.transient > 0) m.mark(t, r.transient, 1);
+        REQUIRE((r.held == 0 || h + r.held <= rows - reserve));  // held rows stay below the reserve
+        live.push_back(got);
+      } else {
+        RingHold& h = live[std::size_t(rng() % live.size())];
+        if (what == 1 && h.transient > 0) {  // its prefill ends
+          m.mark(h.transient_base, h.transient, 0);
+          p.end_prefill(h);
+        } else {  // it ends
+          if (h.transient > 0) m.mark(h.transient_base, h.transient, 0);
+          if (h.held > 0) m.mark(h.held_base, h.held, 0);
+          p.give(h);
+          h = live.back();
+          live.pop_back();
+        }
+      }
+      std::int64_t free = 0;
+      for (char u : m.used) free += !u;
+      REQUIRE(p.free_rows() == free);
+    }
+  }
 }
