@@ -1,5 +1,8 @@
 // The window-query ring's rows on the host (cache/ring_pool.hpp): how many a
-// sequence holds, and the first-fit pool the CUDA compressor takes them from.
+// sequence holds (RingRule), and the pool the CUDA compressor takes them from
+// (RingPool: held rows first fit from the bottom, below a reserve; windows
+// from the top), checked by hand and against a bitmap model on random
+// operations.
 #include <catch2/catch.hpp>
 
 #include <cstdint>
