@@ -176,18 +176,24 @@ PlanRun plan_run(const Compressor& pc, const PlanSetup& s, std::vector<Request> 
 /// the workload's share scaled by 1 to 4 (memory_split.hpp), the one whose
 /// planned saturation run of in.reqs ends first (`s`: the engine's limits
 /// and the cost model; the pages are what each ring leaves of the budget).
-/// Given bytes (--ring-gb) are taken as they are.
+/// Given bytes (--ring-gb) are taken as they are. A scale whose ring leaves
+/// too few pages for the largest request is skipped; if every one is, the
+/// share's own error is thrown.
 template <class Compressor>
 RingSplit planned_ring_split(const Compressor& pc, const RingInputs& in, PlanSetup s) {
   if (in.ring_bytes > 0) return budget_ring_rows(in);
   RingSplit best;
   double best_s = std::numeric_limits<double>::infinity();
   for (double scale : {1.0, 1.25, 1.5, 2.0, 3.0, 4.0}) {
-    RingSplit split = budget_ring_rows(in, scale);
-    s.ring_rows = split.rows, s.ring_reserve = split.reserve;
-    s.pool_pages = pages_beside(in.budget, std::uint64_t(split.rows) * in.rule.row_bytes(2), in.page_bytes);
-    const double makespan = plan_run(pc, s, in.reqs).summary.makespan_s;
-    if (makespan < best_s) best_s = makespan, best = split;
+    try {
+      RingSplit split = budget_ring_rows(in, scale);
+      s.ring_rows = split.rows, s.ring_reserve = split.reserve;
+      s.pool_pages = pages_beside(in.budget, std::uint64_t(split.rows) * in.rule.row_bytes(2), in.page_bytes);
+      const double makespan = plan_run(pc, s, in.reqs).summary.makespan_s;
+      if (makespan < best_s) best_s = makespan, best = split;
+    } catch (const std::invalid_argument&) {
+      if (scale == 1.0) throw;  // the share itself does not fit: say why
+    }
   }
   best.from = "planned: " + best.from;
   return best;
