@@ -436,6 +436,42 @@ TEST_CASE("pyramid-eval: bad command lines exit 2, an unwritable --out fails up 
   CHECK(!std::ifstream(dir + "/fresh.csv").good());
 }
 
+TEST_CASE("pyramid-serve-plan: bad command lines exit 2; a plan prints a JSON line per policy and mode", "[tools]") {
+  const struct {
+    std::vector<std::string> args;
+    std::string message;
+  } cases[] = {
+      {{"--pages", "0"}, "--pages '0'"},
+      {{"--ring-reserve", "5"}, "--ring-reserve 5: needs --ring-rows"},
+      {{"--gemm-tflops", "nan"}, "--gemm-tflops 'nan'"},
+      {{"--shape", "llama9"}, "--shape 'llama9'"},
+      {{"--no-graph"}, "unknown option '--no-graph'"},
+      {{"selfcheck"}, "'selfcheck'"},
+  };
+  for (const auto& c : cases) {
+    const Exit r = run_tool(PYRAMIDINFER_SERVE_PLAN_EXE, c.args, kNoModel);
+    INFO(r.output);
+    CHECK(r.exited);
+    CHECK(r.code == 2);
+    CHECK(has(r.output, c.message));
+  }
+  const Exit bad_model = run_tool(PYRAMIDINFER_SERVE_PLAN_EXE, {"--model", kNoModel}, kNoModel);
+  CHECK(bad_model.code == 1);
+  CHECK(has(bad_model.output, kNoModel));
+  const Exit r = run_tool(PYRAMIDINFER_SERVE_PLAN_EXE,
+                          {"--shape", "tiny", "--policies", "full,pyramid45", "--requests", "24", "--max-seqs", "8",
+                           "--pool-gb", "0.01", "--prompt-cap", "1024", "--mode", "both"},
+                          kNoModel);
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  int lines = 0;
+  const std::string line_start = "{\"bench\":\"serve\",\"engine\":\"plan\"";
+  for (std::size_t at = 0; (at = r.output.find(line_start, at)) != std::string::npos; ++at) ++lines;
+  CHECK(lines == 4);  // two policies, saturation and Poisson
+  CHECK(has(r.output, "\"admit_stops\":{\"queue_empty\":"));
+  CHECK(has(r.output, "\"policy\":\"pyramid45\""));
+}
+
 // ------------------------------------------------------------------- model
 
 TEST_CASE("huge sizes are clear errors on the real model; a short run works", "[model]") {
