@@ -47,14 +47,6 @@ for line in sys.stdin:
           d["ttft_p50_s"], d["ttft_p99_s"], d["graph_builds"]))'
 done
 [ -s "$OUT/serve_steps.jsonl" ] && python3 benchmarks/serve/step_profile.py "$OUT/serve_steps.jsonl"
-# The host replay of every saturation row: admissions must equal the device's (compare_plan.py).
-INC=""
-echo '#include <cblas.h>' | g++ -E -x c++ - > /dev/null 2>&1 || INC="-Ibenchmarks/no_blas"
-if g++ -std=c++17 -O2 -Iinclude -Iexamples $INC examples/serve/serve_plan.cpp -o "$BUILD/pyramid-serve-plan" \
-    > "$OUT/build_plan.log" 2>&1; then
-  python3 benchmarks/serve/compare_plan.py "$OUT/serve.jsonl" "$BUILD/pyramid-serve-plan"
-else
-  tail -5 "$OUT/build_plan.log"; echo "pyramid-serve-plan: BUILD FAILED"
-fi
+bash benchmarks/serve/replay_rows.sh "$OUT/serve.jsonl" "$BUILD" "$OUT"  # admissions must equal the device's
 (cd "$OUT" && tar czf rows.tgz --exclude rows.tgz -- row_*.log serve_steps.jsonl 2>/dev/null && rm -f row_*.log serve_steps.jsonl)
 echo "== total $(( $(date +%s) - START )) s"

@@ -24,13 +24,16 @@
 #   WORKLOADS=512, then WORKLOADS=2048 on the next call (the build is kept).
 #   SELFCHECK=1 (0 skips it)  BUILD_DIR=build-serve-gpu
 #   MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf (real weights instead of SHAPE's random
-#   ones; the file is ~100 MB, so it travels in two carries; its 8K context needs
+#   ones; the file is ~100 MB, so it travels in two carries and is joined here
+#   (benchmarks/model_parts.sh); its 8K context needs
 #   PROMPT_CAP=7680, and its small KV needs a small pool to be the limit, e.g. POOL_GB=2)
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/.out}
 BUILD=${BUILD_DIR:-build-serve-gpu}
 mkdir -p "$OUT" "$BUILD"
+# MODEL (the SmolLM2 file) travels in two parts: join them when it is missing (benchmarks/model_parts.sh).
+if [ -n "${MODEL:-}" ] && [ ! -f "$MODEL" ]; then bash benchmarks/model_parts.sh join || exit 1; fi
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-450}
 REQ512=${REQ512:-384}
@@ -90,6 +93,7 @@ done
 [ -s "$OUT/serve.jsonl" ] || { echo "== no workload ran (WORKLOADS='$WORKLOADS')"; exit 0; }
 echo "== results"
 python3 benchmarks/serve/plot_serve.py "$OUT/serve.jsonl" "$OUT/serve_steps.jsonl" "$OUT" | tee "$OUT/report.md"
+bash benchmarks/serve/replay_rows.sh "$OUT/serve.jsonl" "$BUILD" "$OUT" | tee -a "$OUT/report.md"  # host replay
 ls "$OUT"/*.png 2>/dev/null
 # The device hands back a few files per call: everything also goes in one archive.
 (cd "$OUT" && tar czf serve_all.tgz --exclude serve_all.tgz -- *.jsonl *.log *.md *.png *.txt 2>/dev/null)
