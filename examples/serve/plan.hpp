@@ -172,6 +172,11 @@ PlanRun plan_run(const Compressor& pc, const PlanSetup& s, std::vector<Request> 
   return run;
 }
 
+/// KV pages what in.budget leaves beside a ring of `ring_rows` (the states not counted).
+inline std::int64_t pages_left(const RingInputs& in, std::int64_t ring_rows) {
+  return pages_beside(in.budget, std::uint64_t(ring_rows) * in.rule.row_bytes(2), in.page_bytes);
+}
+
 /// The ring of `in` for a policy, chosen on the host: among the splits with
 /// the workload's share scaled by 1 to 4 (memory_split.hpp), the one whose
 /// planned saturation run of in.reqs ends first (`s`: the engine's limits
@@ -188,7 +193,7 @@ RingSplit planned_ring_split(const Compressor& pc, const RingInputs& in, PlanSet
     try {
       RingSplit split = budget_ring_rows(in, scale);
       s.ring_rows = split.rows, s.ring_reserve = split.reserve;
-      s.pool_pages = pages_beside(in.budget, std::uint64_t(split.rows) * in.rule.row_bytes(2), in.page_bytes);
+      s.pool_pages = pages_left(in, split.rows);
       const double makespan = plan_run(pc, s, in.reqs).summary.makespan_s;
       if (makespan < best_s) best_s = makespan, best = split;
     } catch (const std::invalid_argument&) {

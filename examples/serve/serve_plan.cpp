@@ -34,8 +34,7 @@ PlanSetup plan_setup(const Compressor& pc, const PlanOptions& p, const llama_cud
   rates.hbm_bytes_per_s = p.hbm_gbps * 1e9, rates.gemm_flops_per_s = p.gemm_tflops * 1e12;
   rates.step_overhead_s = p.step_overhead_ms * 1e-3;
   PlanSetup s = plan_limits(o, shape, rates);
-  const std::size_t page_bytes = llama_cuda::page_bytes(shape, o.page_size);
-  const RingInputs in = ring_inputs(pc, o, page_bytes);
+  const RingInputs in = ring_inputs(pc, o, llama_cuda::page_bytes(shape, o.page_size));
   if (p.ring_rows > 0) {
     s.ring_rows = p.ring_rows, s.ring_reserve = p.ring_reserve;
     pool_from = "--ring-rows";
@@ -44,8 +43,7 @@ PlanSetup plan_setup(const Compressor& pc, const PlanOptions& p, const llama_cud
     s.ring_rows = split.rows, s.ring_reserve = split.reserve;
     pool_from = split.from;
   }
-  const std::uint64_t ring_bytes = std::uint64_t(s.ring_rows) * in.rule.row_bytes(2);
-  s.pool_pages = p.pages > 0 ? p.pages : pages_beside(in.budget, ring_bytes, page_bytes);
+  s.pool_pages = p.pages > 0 ? p.pages : pages_left(in, s.ring_rows);
   pool_from += p.pages > 0 ? "; --pages" : "; pages: --pool-gb less the ring (the states not counted)";
   return s;
 }

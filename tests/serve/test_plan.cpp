@@ -155,15 +155,14 @@ TEST_CASE("planned_ring_split: the fastest planned split, never smaller than the
   ServeOptions o;
   o.workload = wo, o.pool_gb = 3, o.max_seqs = 512, o.prefill_tokens = 4096, o.fire_every = 16;
   with_pyramid([&](const auto& pc) {
-    const std::size_t page_bytes = llama_cuda::page_bytes(kShape, 16);
-    const RingInputs in = ring_inputs(pc, o, page_bytes);
+    const RingInputs in = ring_inputs(pc, o, llama_cuda::page_bytes(kShape, 16));
     const PlanSetup limits = plan_limits(o, kShape);
     const RingSplit chosen = planned_ring_split(pc, in, limits);
     CHECK(chosen.from.rfind("planned: ", 0) == 0);
     auto makespan = [&](const RingSplit& r) {
       PlanSetup s = limits;
       s.ring_rows = r.rows, s.ring_reserve = r.reserve;
-      s.pool_pages = pages_beside(in.budget, std::uint64_t(r.rows) * in.rule.row_bytes(2), page_bytes);
+      s.pool_pages = pages_left(in, r.rows);
       return plan_run(pc, s, in.reqs).summary.makespan_s;
     };
     for (double scale : {1.0, 2.0, 4.0}) CHECK(makespan(chosen) <= makespan(budget_ring_rows(in, scale)));
@@ -220,7 +219,7 @@ TEST_CASE("model_config: --model's shape for the plan, its context checked", "[s
     const RingInputs in = ring_inputs(pc, o, llama_cuda::page_bytes(s, 16));
     const RingSplit ring = planned_ring_split(pc, in, setup);
     setup.ring_rows = ring.rows, setup.ring_reserve = ring.reserve;
-    setup.pool_pages = pages_beside(in.budget, std::uint64_t(ring.rows) * in.rule.row_bytes(2), in.page_bytes);
+    setup.pool_pages = pages_left(in, ring.rows);
     const PlanRun run = plan_run(pc, setup, in.reqs);
     CHECK(run.summary.requests == 40);
     CHECK(run.stats.peak_concurrent >= 2);
