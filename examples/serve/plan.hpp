@@ -33,16 +33,48 @@
 
 namespace pyramidinfer::serve {
 
+/// What one prompt's prefill computes: the tokens its layers run through the
+/// GEMMs, its causal attention's FLOPs (QK^T and PV), and the window
+/// scoring's (the window's queries against the context, QK^T, at each layer
+/// whose selection can drop a token). Exact counts for the policy's schedule.
+struct PrefillWork {
+  std::int64_t token_layers = 0;
+  double attention_flops = 0, scoring_flops = 0;
+};
+
+template <class Compressor>
+PrefillWork prefill_work(const Compressor& pc, int prompt_len) {
+  const CompressorConfig& c = pc.config();
+  const int layers = c.num_layers, w = window_length(prompt_len, c.recent_ratio);
+  const double pair_flops = 2.0 * c.num_heads * c.head_dim;  // one query-key dot product over every head
+  const bool drop = c.prefill_mode == PrefillMode::drop_tokens;
+  PrefillWork out;
+  int n = prompt_len;  // the tokens layer l computes (and stores)
+  for (int l = 0; l < layers; ++l) {
+    out.token_layers += n;
+    out.attention_flops += 2.0 * pair_flops * double(n) * double(n + 1) / 2.0;
+    const int ctx = n - w, keep = pc.selection().max_keep(ctx, pc.schedule().keep_ratio(l, layers));
+    if (keep < ctx) out.scoring_flops += pair_flops * double(w) * double(ctx);
+    if (drop) n = keep + w;
+  }
+  return out;
+}
+
 /// Step times, seconds. A decode step reads the weights and the KV its
 /// attention reads at `hbm_bytes_per_s` and runs the GEMMs of its batch at
 /// `gemm_flops_per_s`, one after the other, plus a fixed overhead; a prefill
-/// runs the GEMMs of the tokens each layer computes (its attention is not
-/// counted). The defaults were fitted to the CUDA engine's decode steps on an
-/// H200 (RESULTS, "After the sixth run"; step_profile.py fits a run's own);
-/// another card or engine needs its own.
+/// runs the GEMMs of the tokens each layer computes at `gemm_flops_per_s`
+/// and its attention and window scoring (PrefillWork) at `attn_flops_per_s`.
+/// The decode defaults were fitted to the CUDA engine's decode steps on an
+/// H200 (RESULTS, "After the sixth run"; step_profile.py fits a run's own).
+/// `attn_flops_per_s` is what the same engine's one 32K-token LLaMA-2-7B
+/// prefill leaves for its attention once its GEMMs are counted at that rate
+/// (2.13 s in all; RESULTS, "Second device run"). Another card or engine
+/// needs its own.
 struct CostModel {
   double hbm_bytes_per_s = 4.5e12;
   double gemm_flops_per_s = 5.8e14;
+  double attn_flops_per_s = 2.0e14;
   double step_overhead_s = 2.0e-3;
   // the model's, from its shape
   double weight_bytes = 0, decode_flops_per_token = 0, prefill_flops_per_token_layer = 0, kv_bytes_per_slot = 0;
@@ -59,8 +91,9 @@ struct CostModel {
     return step_overhead_s + (weight_bytes + double(kv_slots) * kv_bytes_per_slot) / hbm_bytes_per_s +
            double(batch) * decode_flops_per_token / gemm_flops_per_s;
   }
-  double prefill_s(std::int64_t token_layers) const {
-    return double(token_layers) * prefill_flops_per_token_layer / gemm_flops_per_s;
+  double prefill_s(const PrefillWork& w) const {
+    return double(w.token_layers) * prefill_flops_per_token_layer / gemm_flops_per_s +
+           (w.attention_flops + w.scoring_flops) / attn_flops_per_s;
   }
 };
 
@@ -115,9 +148,9 @@ class PlanEngine {
   }
   /// The CUDA compressor gives a window back at each sequence's last prefill layer, in batch order.
   void prefill(const std::vector<std::int32_t>& slots, const std::vector<const Request*>& reqs) {
-    std::int64_t token_layers = 0;
-    for (const Request* r : reqs) token_layers += computed_token_layers(r->prompt_len);
-    clock_.advance(setup_.cost.prefill_s(token_layers));
+    double t = 0;
+    for (const Request* r : reqs) t += setup_.cost.prefill_s(prefill_work(pc_, r->prompt_len));
+    clock_.advance(t);
     for (std::int32_t slot : slots) ring_.end_prefill(held_.at(std::size_t(slot)));
   }
   void decode(const std::vector<std::int32_t>& slots, bool /*offer_compression*/) {
@@ -137,15 +170,6 @@ class PlanEngine {
   RingPool ring_;
   std::vector<RingHold> held_;  ///< by slot
   std::int64_t free_[kInflight] = {};
-
-  /// Tokens the prefill's layers compute: T_l when tokens drop, else the whole prompt in every layer.
-  std::int64_t computed_token_layers(int prompt_len) const {
-    if (pc_.config().prefill_mode != PrefillMode::drop_tokens)
-      return std::int64_t(prompt_len) * pc_.config().num_layers;
-    std::int64_t n = 0;
-    for (int t : pc_.trace(prompt_len, 0).prefill_len) n += t;
-    return n;
-  }
 };
 
 /// One planned run of `reqs` (in arrival order) with compressor `pc`.

@@ -238,7 +238,7 @@ struct PlanOptions {
   ServeOptions serve;
   std::int64_t pages = 0, ring_rows = 0;  ///< the pool (0: from --pool-gb, as pyramid-serve splits it)
   std::int64_t ring_reserve = 0;          ///< with --ring-rows: its rows kept for prefill windows
-  double hbm_gbps = 4500, gemm_tflops = 580, step_overhead_ms = 2.0;
+  double hbm_gbps = 4500, gemm_tflops = 580, attn_tflops = 200, step_overhead_ms = 2.0;
 };
 
 inline std::string plan_usage() {
@@ -253,6 +253,7 @@ inline std::string plan_usage() {
          "  --ring-reserve N     with --ring-rows: its top rows kept for prefill windows (default 0)\n"
          "  --hbm-gbps X         cost model: weights and KV read at X GB/s (default 4500)\n"
          "  --gemm-tflops X      cost model: GEMMs at X TFLOP/s (default 580)\n"
+         "  --attn-tflops X      cost model: the prefill's attention and window scoring at X TFLOP/s (default 200)\n"
          "  --step-overhead-ms X cost model: fixed time of a decode step (default 2.0)\n";
 }
 
@@ -270,6 +271,8 @@ inline PlanOptions parse_plan_options(int argc, const char* const* argv) {
              [&](const std::string& v) { o.hbm_gbps = parse_real("--hbm-gbps", v, 0, 1e6, Bounds::open_low); })
       .value("--gemm-tflops",
              [&](const std::string& v) { o.gemm_tflops = parse_real("--gemm-tflops", v, 0, 1e6, Bounds::open_low); })
+      .value("--attn-tflops",
+             [&](const std::string& v) { o.attn_tflops = parse_real("--attn-tflops", v, 0, 1e6, Bounds::open_low); })
       .value("--step-overhead-ms",
              [&](const std::string& v) { o.step_overhead_ms = parse_real("--step-overhead-ms", v, 0, 1e4); });
   p.parse(argc, argv, /*positional=*/false);

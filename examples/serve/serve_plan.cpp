@@ -32,6 +32,7 @@ PlanSetup plan_setup(const Compressor& pc, const PlanOptions& p, const llama_cud
   const ServeOptions& o = p.serve;
   CostModel rates;
   rates.hbm_bytes_per_s = p.hbm_gbps * 1e9, rates.gemm_flops_per_s = p.gemm_tflops * 1e12;
+  rates.attn_flops_per_s = p.attn_tflops * 1e12;
   rates.step_overhead_s = p.step_overhead_ms * 1e-3;
   PlanSetup s = plan_limits(o, shape, rates);
   const RingInputs in = ring_inputs(pc, o, llama_cuda::page_bytes(shape, o.page_size));
@@ -78,7 +79,8 @@ std::string plan_line(const PlanOptions& p, const llama::PolicyOptions& po, cons
          ",\"model_out_tok_per_s\":" + num(m.output_tokens_per_s) + ",\"model_ttft_p50_s\":" + num(m.ttft_p50) +
          ",\"model_ttft_p99_s\":" + num(m.ttft_p99) + ",\"model_tpot_p50_s\":" + num(m.tpot_p50) +
          ",\"model_tpot_p99_s\":" + num(m.tpot_p99) + ",\"hbm_gbps\":" + num(p.hbm_gbps) +
-         ",\"gemm_tflops\":" + num(p.gemm_tflops) + ",\"step_overhead_ms\":" + num(p.step_overhead_ms) + "}";
+         ",\"gemm_tflops\":" + num(p.gemm_tflops) + ",\"attn_tflops\":" + num(p.attn_tflops) +
+         ",\"step_overhead_ms\":" + num(p.step_overhead_ms) + "}";
 }
 
 /// Every mode of one policy: saturation, then Poisson at --load x the planned saturation rate (or --rate).

@@ -4,7 +4,8 @@
 //      back at the end, and a ring too small for the pages binds (engine
 //      stops, fewer sequences); at saturation the plan is a function of the
 //      pool alone, whatever the cost model;
-//   3. the cost model's step times follow their formula;
+//   3. the cost model's step times follow their formula, and a prefill's
+//      work (tokens, attention, window scoring) its policy's layers;
 //   4. the planned ring split is the fastest of those it tries;
 //   5. pyramid-serve-plan's flags: values and bad input named;
 //   6. --model: a GGUF file's shape, its context checked, planned.
@@ -146,7 +147,49 @@ TEST_CASE("CostModel: a decode step reads the weights and the KV, then runs its 
   CHECK(m.decode_s(0, 0) == Approx(1e-3 + m.weight_bytes / 1e12));
   CHECK(m.decode_s(10, 1000) ==
         Approx(1e-3 + (m.weight_bytes + 1000 * m.kv_bytes_per_slot) / 1e12 + 10 * m.decode_flops_per_token / 1e14));
-  CHECK(m.prefill_s(32 * 100) == Approx(3200 * 2.0 * 218103808.0 / 1e14));
+  PrefillWork work;
+  work.token_layers = 32 * 100, work.attention_flops = 1e12, work.scoring_flops = 5e11;
+  CHECK(m.prefill_s(work) == Approx(3200 * 2.0 * 218103808.0 / 1e14 + 1.5e12 / m.attn_flops_per_s));
+}
+
+TEST_CASE("prefill_work: the tokens, attention and window scoring each layer computes", "[serve][plan]") {
+  const llama::LlamaConfig c = llama_cuda::policy_config(kShape);
+  const double pair = 2.0 * 32 * 128;  // one query-key dot product over Llama-3-8B's 32 heads
+  const int n = 1000, layers = 32;
+  auto plan = [&](const std::string& name, auto&& check) {
+    llama::PolicyOptions po;
+    po.name = name;
+    llama::with_policy(c, po, [&](const auto& pc) { check(pc, prefill_work(pc, n)); });
+  };
+  plan("full", [&](const auto&, const PrefillWork& w) {  // every layer computes the prompt; nothing is scored
+    CHECK(w.token_layers == std::int64_t(layers) * n);
+    CHECK(w.attention_flops == Approx(layers * pair * n * (n + 1)));
+    CHECK(w.scoring_flops == 0);
+  });
+  plan("snapkv", [&](const auto& pc, const PrefillWork& w) {  // layer-local: every layer computes and scores all
+    const double win = window_length(n, pc.config().recent_ratio);
+    CHECK(w.token_layers == std::int64_t(layers) * n);
+    CHECK(w.attention_flops == Approx(layers * pair * n * (n + 1)));
+    CHECK(w.scoring_flops == Approx(layers * pair * win * (n - win)));
+  });
+  plan("pyramid", [&](const auto& pc, const PrefillWork& w) {  // dropping: T_l from the planner's trace
+    const std::vector<int> t = pc.trace(n, 0).prefill_len;
+    const double win = window_length(n, pc.config().recent_ratio);
+    std::int64_t tokens = 0;
+    double attention = 0, scored = 0;
+    for (int l = 0; l < layers; ++l) {
+      tokens += t[std::size_t(l)];
+      attention += pair * t[std::size_t(l)] * (t[std::size_t(l)] + 1.0);
+      if (l + 1 < layers && t[std::size_t(l) + 1] < t[std::size_t(l)]) scored += pair * win * (t[std::size_t(l)] - win);
+    }
+    CHECK(t.back() < n);  // the pyramid drops
+    CHECK(w.token_layers == tokens);
+    CHECK(w.attention_flops == Approx(attention));
+    // the last layer's selection is scored too when it can drop (the trace does not show it)
+    CHECK(w.scoring_flops >= scored * (1 - 1e-12));
+    CHECK(w.scoring_flops <= (scored + pair * win * (t.back() - win)) * (1 + 1e-12));
+    CHECK(scored > 0);
+  });
 }
 
 TEST_CASE("planned_ring_split: the fastest planned split, never smaller than the largest request", "[serve][plan]") {
@@ -177,15 +220,17 @@ TEST_CASE("pyramid-serve-plan options: the pool, the cost model, bad input named
   CHECK(d.ring_rows == 0);
   CHECK(d.hbm_gbps == 4500);
   const PlanOptions p = parse_plan({"--shape", "llama3-8b", "--pages", "1000", "--ring-rows", "300", "--ring-reserve",
-                                    "50", "--gemm-tflops", "400", "--requests", "64"});
+                                    "50", "--gemm-tflops", "400", "--attn-tflops", "150", "--requests", "64"});
   CHECK(p.serve.shape == "llama3-8b");
   CHECK(p.pages == 1000);
   CHECK(p.ring_rows == 300);
   CHECK(p.ring_reserve == 50);
   CHECK(p.gemm_tflops == 400);
+  CHECK(p.attn_tflops == 150);
   CHECK(p.serve.workload.requests == 64);
   CHECK_THAT(plan_error({"--pages", "0"}), Catch::Contains("--pages"));
   CHECK_THAT(plan_error({"--gemm-tflops", "-1"}), Catch::Contains("--gemm-tflops"));
+  CHECK_THAT(plan_error({"--attn-tflops", "0"}), Catch::Contains("--attn-tflops"));
   CHECK_THAT(plan_error({"--ring-rows", "10", "--ring-gb", "1"}), Catch::Contains("--ring-rows and --ring-gb"));
   CHECK_THAT(plan_error({"--ring-reserve", "5"}), Catch::Contains("--ring-reserve 5"));
   CHECK_THAT(plan_error({"--ring-rows", "10", "--ring-reserve", "11"}), Catch::Contains("--ring-reserve 11"));
