@@ -4,11 +4,14 @@
 //      back at the end, and a ring too small for the pages binds (engine
 //      stops, fewer sequences); at saturation the plan is a function of the
 //      pool alone, whatever the cost model;
-//   3. the cost model's step times follow their formula, and a prefill's
+//   3. random pools, limits and workloads (saturation and Poisson): every
+//      request ends, slots and pages never over-committed, the ring all
+//      back, every iteration says why its admission stopped;
+//   4. the cost model's step times follow their formula, and a prefill's
 //      work (tokens, attention, window scoring) its policy's layers;
-//   4. the planned ring split is the fastest of those it tries;
-//   5. pyramid-serve-plan's flags: values and bad input named;
-//   6. --model: a GGUF file's shape, its context checked, planned.
+//   5. the planned ring split is the fastest of those it tries;
+//   6. pyramid-serve-plan's flags: values and bad input named;
+//   7. --model: a GGUF file's shape, its context checked, planned.
 #include <catch2/catch.hpp>
 
 #include <cstdlib>
@@ -135,6 +138,78 @@ TEST_CASE("plan_run: the ring binds when it is small, pages when it is not; the 
     CHECK(again.stats.peak_pages_booked == roomy.stats.peak_pages_booked);
     CHECK(again.summary.makespan_s > roomy.summary.makespan_s);
   });
+}
+
+namespace {
+
+/// What the largest request of `w` needs of a pool under `pc`: its ring rows
+/// and held rows, and its page curve's peak over every fire phase.
+struct LargestNeeds {
+  std::int64_t at_begin = 0, held = 0, pages = 0;
+};
+template <class Compressor>
+LargestNeeds largest_needs(const Compressor& pc, const std::vector<Request>& w, int page_size, int fire_every) {
+  const RingRule rule = ring_rule_of(pc);
+  LargestNeeds n;
+  for (const Request& r : w) {
+    n.at_begin = std::max(n.at_begin, rule.rows(r.prompt_len).at_begin());
+    n.held = std::max(n.held, rule.rows(r.prompt_len).held);
+    for (int phase = 0; phase < fire_every; ++phase)
+      n.pages = std::max(n.pages,
+                         page_curve(pc, r.prompt_len, r.output_len, page_size, FireSchedule{fire_every, phase}).peak());
+  }
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("plan_run on random pools, limits and workloads: every request ends, nothing is over-committed",
+          "[serve][plan]") {
+  const std::uint64_t seed = 0x91a40000u + std::uint64_t(Catch::rngSeed());
+  INFO("seed " << seed);
+  SplitMix64 rng(seed);
+  const char* policies[] = {"full", "pyramid", "pyramid45", "snapkv"};
+  const int page_sizes[] = {1, 16, 64};
+  for (int trial = 0; trial < 120; ++trial) {
+    INFO("trial " << trial);
+    WorkloadOptions wo;
+    wo.requests = 1 + int(rng.next() % 40);
+    wo.prompt_median = 20 + double(rng.next() % 400);
+    wo.prompt_sigma = 0.2 + rng.open01();
+    wo.prompt_cap = 64 + int(rng.next() % 1000);
+    wo.output_min = 1 + int(rng.next() % 40);
+    wo.output_max = wo.output_min + int(rng.next() % 80);
+    wo.rate = rng.next() % 2 ? 0.0 : 1.0 + double(rng.next() % 200);
+    wo.seed = rng.next();
+    const std::vector<Request> w = make_workload(wo);
+    llama::PolicyOptions po;
+    po.name = policies[rng.next() % 4];
+    INFO("policy " << po.name << ", " << wo.requests << " requests, rate " << wo.rate);
+    llama::with_policy(llama_cuda::policy_config(llama_cuda::named_shape("tiny")), po, [&](const auto& pc) {
+      PlanSetup s;
+      s.page_size = page_sizes[rng.next() % 3];
+      s.fire_every = pc.config().compress_decode ? 1 + int(rng.next() % pc.decode_schedule().segment) : 1;
+      s.max_seqs = 1 + int(rng.next() % 24);
+      s.prefill_tokens = 1 + int(rng.next() % 1500);  // a request longer than it still prefills alone
+      const LargestNeeds need = largest_needs(pc, w, s.page_size, s.fire_every);
+      s.pool_pages = need.pages + std::int64_t(rng.next() % std::uint64_t(3 * need.pages + 1));
+      s.ring_rows = need.at_begin + std::int64_t(rng.next() % std::uint64_t(4 * need.at_begin + 1));
+      s.ring_reserve = std::int64_t(rng.next() % std::uint64_t(s.ring_rows - need.held + 1));
+      s.cost = CostModel::for_shape(llama_cuda::named_shape("tiny"), CostModel{});
+      INFO("pages " << s.pool_pages << ", ring " << s.ring_rows << " (reserve " << s.ring_reserve << "), slots "
+                    << s.max_seqs << ", prefill tokens " << s.prefill_tokens << ", page " << s.page_size
+                    << ", fire every " << s.fire_every);
+      const PlanRun r = plan_run(pc, s, w);  // throws if a ring row is still held, or a request never starts
+      REQUIRE(r.summary.requests == int(w.size()));
+      CHECK(r.stats.peak_concurrent >= 1);
+      CHECK(r.stats.peak_concurrent <= s.max_seqs);
+      CHECK(r.stats.peak_pages_booked <= s.pool_pages);
+      CHECK(r.stats.prefills >= 1);
+      long long stops = 0;
+      for (long long n : r.stats.stops) stops += n;
+      CHECK(stops == r.stats.iterations);  // every iteration says why its admission stopped
+    });
+  }
 }
 
 TEST_CASE("CostModel: a decode step reads the weights and the KV, then runs its batch's GEMMs", "[serve][plan]") {
