@@ -7,25 +7,14 @@
 #include <vector>
 
 #include "serve/serve_options.hpp"
+#include "command_line.hpp"
 
 using namespace pyramidinfer;
 using namespace pyramidinfer::serve;
 
 namespace {
-ServeOptions parse(std::vector<std::string> args) {
-  args.insert(args.begin(), "serve");
-  std::vector<const char*> v;
-  for (const auto& a : args) v.push_back(a.c_str());
-  return parse_serve_options(int(v.size()), v.data());
-}
-std::string error_of(std::vector<std::string> args) {
-  try {
-    parse(std::move(args));
-  } catch (const cli::UsageError& e) {
-    return e.what();
-  }
-  return "";
-}
+ServeOptions parse(std::vector<std::string> args) { return test::parse_args(parse_serve_options, std::move(args)); }
+std::string error_of(std::vector<std::string> args) { return test::usage_error(parse_serve_options, std::move(args)); }
 }  // namespace
 
 TEST_CASE("serve options: defaults and values", "[serve][options]") {

@@ -21,6 +21,7 @@
 
 #include "generate/policies.hpp"
 #include "serve/plan.hpp"
+#include "command_line.hpp"
 
 using namespace pyramidinfer;
 using namespace pyramidinfer::serve;
@@ -55,20 +56,8 @@ std::string model_file() {
   return std::string(PYRAMIDINFER_REPO_ROOT) + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
-PlanOptions parse_plan(std::vector<std::string> args) {
-  args.insert(args.begin(), "plan");
-  std::vector<const char*> v;
-  for (const auto& a : args) v.push_back(a.c_str());
-  return parse_plan_options(int(v.size()), v.data());
-}
-std::string plan_error(std::vector<std::string> args) {
-  try {
-    parse_plan(std::move(args));
-  } catch (const cli::UsageError& e) {
-    return e.what();
-  }
-  return "";
-}
+PlanOptions parse_plan(std::vector<std::string> args) { return test::parse_args(parse_plan_options, std::move(args)); }
+std::string plan_error(std::vector<std::string> args) { return test::usage_error(parse_plan_options, std::move(args)); }
 
 }  // namespace
 
